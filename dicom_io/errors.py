@@ -1,0 +1,7 @@
+"""DICOM input errors: each message names the file/series and the problem in one line."""
+
+from scoring.errors import InputError
+
+
+class DicomInputError(InputError):
+    """A DICOM file, series or SEG cannot be used as given."""

@@ -1,0 +1,232 @@
+"""The `sclc-node` command.  Wiring only: every step lives in a module of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from node.logs import configure_logging, get_logger
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL_ERROR = 3
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sclc-risk-node")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def load_clinical_file(path: Path):
+    """Every clinical record in a JSON (one object or a list) or CSV (one row per patient) file."""
+    from scoring.clinical import parse_clinical_csv, parse_clinical_json_many
+    from scoring.errors import ClinicalRecordError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ClinicalRecordError([f"clinical file {path} does not exist"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ClinicalRecordError([f"clinical file {path} cannot be read: {exc}"]) from None
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return parse_clinical_csv(text)
+    if suffix == ".json":
+        return parse_clinical_json_many(text)
+    raise ClinicalRecordError([f"clinical file {path.name}: unknown format {suffix!r} (expected .json or .csv)"])
+
+
+def result_as_json(scored) -> dict:
+    result = scored.result
+    return {
+        "risk_group": result.risk_group.value,
+        "risk_score": result.risk_score,
+        "risk_cutoff": result.risk_cutoff,
+        "radiomics_score": result.radiomics_score,
+        "radiomics_cutoff": result.radiomics_cutoff,
+        "radiomics_group": result.radiomics_group.value,
+        "pfs_probability": {str(months): p for months, p in sorted(result.pfs_probability.items())},
+        "features": dict(result.features.values),
+        "contributions": {
+            "radiomics": {t.name: t.contribution for t in result.radiomics_terms},
+            "integrated": {t.name: t.contribution for t in result.integrated_terms},
+        },
+        "model": {
+            "name": result.model.name,
+            "version": result.model.version,
+            "sha256": result.model.sha256,
+            "demonstration": result.model.demonstration,
+            "intended_use": result.model.intended_use,
+        },
+        "study_instance_uid": scored.ct.study_instance_uid,
+        "ct_series_instance_uid": scored.ct.series_instance_uid,
+        "seg_sop_instance_uid": str(scored.segment.segmentation.SOPInstanceUID),
+        "sr_sop_instance_uid": str(scored.sr.SOPInstanceUID),
+        "sr_series_instance_uid": str(scored.sr.SeriesInstanceUID),
+        "scoring_seconds": round(scored.scoring_seconds, 3),
+    }
+
+
+def format_summary(scored) -> str:
+    result = scored.result
+    model = result.model
+    lines = []
+    if model.demonstration:
+        lines.append("*** DEMONSTRATION MODEL — NOT FOR CLINICAL USE ***")
+    lines += [
+        f"Model:            {model.name} {model.version} (sha256 {model.sha256[:12]}…)",
+        f"Progression risk: {result.risk_group.value.upper()} "
+        f"(risk score {result.risk_score:.4f}, cut-off {result.risk_cutoff:.4f})",
+        f"Radiomics score:  {result.radiomics_score:.4f} (cut-off {result.radiomics_cutoff:.4f}, "
+        f"{result.radiomics_group.value})",
+    ]
+    for months, probability in sorted(result.pfs_probability.items()):
+        lines.append(f"PFS at {months:>2} months: {probability:.1%}")
+    lines.append("Integrated model terms:")
+    for term in result.integrated_terms:
+        lines.append(f"  {term.name:<40} {term.value:>10.4f} × {term.coefficient:>8.4f} = {term.contribution:>8.4f}")
+    lines.append(f"Features: {len(result.features.values)} ({scored.scoring_seconds:.1f} s)")
+    lines.append(f"SR: SOP Instance UID {scored.sr.SOPInstanceUID}")
+    return "\n".join(lines)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from node.scoring_job import default_model_path, load_model_file, score_files
+
+    model = load_model_file(args.model or default_model_path())
+    clinical_records = load_clinical_file(args.clinical)
+    scored = score_files(
+        args.ct,
+        args.seg,
+        clinical_records,
+        model,
+        series_instance_uid=args.series_uid,
+        segment_label=args.segment_label,
+    )
+    _write_outputs(scored, args.out, args.json)
+    print(format_summary(scored))
+    return EXIT_OK
+
+
+def _write_outputs(scored, sr_path: Path | None, json_path: Path | None) -> None:
+    if sr_path:
+        sr_path = Path(sr_path)
+        sr_path.parent.mkdir(parents=True, exist_ok=True)
+        scored.sr.save_as(sr_path, enforce_file_format=True)
+    if json_path:
+        json_path = Path(json_path)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result_as_json(scored), indent=2) + "\n", encoding="utf-8")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Write the bundled synthetic demo study to a folder and score it with the demonstration model."""
+    from node.demo_study import write_demo_study
+    from node.scoring_job import default_model_path, load_model_file, score_files
+
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sclc-node-demo-"))
+    study = write_demo_study(workdir)
+    model = load_model_file(default_model_path())
+    scored = score_files(study.ct_dir, study.seg_path, load_clinical_file(study.clinical_path), model)
+    _write_outputs(scored, workdir / "sr.dcm", workdir / "result.json")
+    print(f"Demo study written to {workdir} (CT, SEG, clinical.json, sr.dcm, result.json)")
+    print(format_summary(scored))
+    return EXIT_OK
+
+
+def cmd_model_verify(args: argparse.Namespace) -> int:
+    from node.scoring_job import default_model_path, load_model_file
+
+    model = load_model_file(args.file or default_model_path())
+    identity = model.identity
+    print(f"OK: {identity.name} {identity.version} sha256 {identity.sha256}")
+    print(f"demonstration: {identity.demonstration}")
+    print(f"intended use: {identity.intended_use}")
+    print(f"features: {len(model.feature_specs)}; pyradiomics {model.extraction.pyradiomics_version}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sclc-node",
+        description=(
+            "sclc-risk-node: peritumoral-radiomics + clinical progression-risk scoring for ES-SCLC "
+            "chest CT (after Zhao et al., J Immunother Cancer 2023). Runs whatever frozen model file "
+            "it is given; the shipped model is a DEMONSTRATION model, not for clinical use."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--log-level", default="WARNING", help="log level for JSON logs on stdout (default WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    score = sub.add_parser(
+        "score",
+        help="score one study from files and write a TID 1500 SR",
+        description="Score one study: CT series folder + tumour SEG + clinical record -> DICOM SR (+ JSON).",
+    )
+    score.add_argument("--ct", type=Path, required=True, metavar="DIR", help="folder of the CT series' DICOM files")
+    score.add_argument("--seg", type=Path, required=True, metavar="FILE", help="DICOM SEG of the tumour")
+    score.add_argument(
+        "--clinical", type=Path, required=True, metavar="FILE",
+        help="clinical record, .json or .csv (see docs/clinical-record.md)",
+    )
+    score.add_argument(
+        "--model", type=Path, metavar="FILE",
+        help="frozen model file (default: the shipped demonstration model)",
+    )
+    score.add_argument("--out", type=Path, required=True, metavar="SR.dcm", help="where to write the DICOM SR")
+    score.add_argument("--json", type=Path, metavar="RESULT.json", help="also write the result as JSON")
+    score.add_argument("--series-uid", metavar="UID", help="CT SeriesInstanceUID when the folder holds several series")
+    score.add_argument(
+        "--segment-label", metavar="LABEL",
+        help="choose the SEG segment by label (default: the one whose property type is SCT Neoplasm)",
+    )
+    score.set_defaults(handler=cmd_score)
+
+    demo = sub.add_parser(
+        "demo",
+        help="generate the bundled synthetic demo study and score it with the demonstration model",
+    )
+    demo.add_argument("--workdir", type=Path, metavar="DIR", help="where to write the demo study (default: a new temp dir)")
+    demo.set_defaults(handler=cmd_demo)
+
+    model = sub.add_parser("model", help="inspect frozen model files")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    verify = model_sub.add_parser("verify", help="check a model file's schema and sha256 and print its identity")
+    verify.add_argument("file", type=Path, nargs="?", help="model file (default: the shipped demonstration model)")
+    verify.set_defaults(handler=cmd_model_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from scoring.errors import InputError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level, stream=sys.stderr)
+    log = get_logger(stage="cli", command=args.command)
+    try:
+        return args.handler(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        log.warning("input_rejected", error_type=type(exc).__name__)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one readable line, details in the log
+        log.exception("internal_error")
+        print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

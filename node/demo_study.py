@@ -1,0 +1,51 @@
+"""The bundled demonstration study: a synthetic chest CT phantom, its tumour SEG and a clinical record.
+
+Generated on demand (nothing binary is shipped), deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_io.synthetic import SyntheticPatient, build_tumour_seg, synthetic_chest_phantom, write_ct_series
+
+DEMO_PATIENT = SyntheticPatient(
+    patient_id="DEMO-0001",
+    patient_name="Demo^Phantom",
+    accession_number="DEMOACC0001",
+    study_instance_uid="2.25.190210731848390187129387118409836041234",
+)
+
+DEMO_CLINICAL = {
+    "accession_number": DEMO_PATIENT.accession_number,
+    "study_instance_uid": DEMO_PATIENT.study_instance_uid,
+    "t_stage": "T3",
+    "n_stage": "N2",
+    "m_stage": "M1c",
+    "ecog": 1,
+    "anc": 5.1,
+    "wbc": 7.4,
+    "ldh": 310,
+    "ldh_uln": 250,
+}
+
+
+@dataclass(frozen=True)
+class DemoStudy:
+    ct_dir: Path
+    seg_path: Path
+    clinical_path: Path
+
+
+def write_demo_study(workdir: Path, *, seed: int = 7) -> DemoStudy:
+    workdir = Path(workdir)
+    ct_dir = workdir / "ct"
+    image, mask = synthetic_chest_phantom(seed=seed)
+    ct_datasets = write_ct_series(image, ct_dir, DEMO_PATIENT)
+    seg_path = workdir / "seg.dcm"
+    build_tumour_seg(ct_datasets, mask).save_as(seg_path, enforce_file_format=True)
+    clinical_path = workdir / "clinical.json"
+    clinical_path.write_text(json.dumps(DEMO_CLINICAL, indent=2) + "\n", encoding="utf-8")
+    return DemoStudy(ct_dir, seg_path, clinical_path)

@@ -1,0 +1,109 @@
+"""Score one study from files: the shared path of `sclc-node score` and the node's workers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import highdicom as hd
+
+from dicom_io.ct_series import read_ct_series
+from dicom_io.errors import DicomInputError
+from dicom_io.inputs import CtSeries, TumourSegment
+from dicom_io.seg import read_tumour_segment
+from dicom_io.sr_writer import build_risk_sr
+from scoring.clinical import ClinicalRecord
+from scoring.errors import InputError, ModelFileError
+from scoring.model import FrozenModel
+from scoring.pipeline import score_volume
+from scoring.types import RiskResult
+from sclc_risk_node_models import shipped_model_path
+
+DEMO_MODEL_FILENAME = "demo-integrated-cox-1.0.0.json"
+
+
+def default_model_path() -> Path:
+    """The shipped demonstration model (flagged `demonstration`; not for clinical use)."""
+    return shipped_model_path(DEMO_MODEL_FILENAME)
+
+
+def load_model_file(path: Path) -> FrozenModel:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ModelFileError(f"model file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"model file {path} cannot be read: {exc}") from None
+    try:
+        return FrozenModel.from_json(text)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{path.name}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ScoredStudy:
+    ct: CtSeries
+    segment: TumourSegment
+    result: RiskResult
+    sr: hd.sr.Comprehensive3DSR
+    scoring_seconds: float
+
+
+def select_record_for_study(records: Sequence[ClinicalRecord], ct: CtSeries) -> ClinicalRecord:
+    """The one record that belongs to this CT study.
+
+    A single record is taken if it names no other study; among several, the
+    one whose study_instance_uid or accession_number matches is taken.
+    """
+    if len(records) == 1:
+        check_record_matches_study(records[0], ct)
+        return records[0]
+    ct_accession = str(ct.headers[0].get("AccessionNumber", "") or "")
+    matching = [
+        r
+        for r in records
+        if r.study_instance_uid == ct.study_instance_uid
+        or (ct_accession and r.accession_number == ct_accession)
+    ]
+    if len(matching) != 1:
+        raise InputError(
+            f"{len(records)} clinical records given and {len(matching)} match study "
+            f"{ct.study_instance_uid} (by study_instance_uid or accession_number); expected exactly one"
+        )
+    check_record_matches_study(matching[0], ct)
+    return matching[0]
+
+
+def check_record_matches_study(clinical: ClinicalRecord, ct: CtSeries) -> None:
+    """A clinical record that names a different study must never be scored against this one."""
+    if clinical.study_instance_uid and clinical.study_instance_uid != ct.study_instance_uid:
+        raise InputError(
+            f"clinical record is for study {clinical.study_instance_uid}, "
+            f"but the CT series belongs to study {ct.study_instance_uid}"
+        )
+    ct_accession = str(ct.headers[0].get("AccessionNumber", "") or "")
+    if clinical.accession_number and ct_accession and clinical.accession_number != ct_accession:
+        raise InputError("clinical record's accession_number differs from the CT's AccessionNumber")
+
+
+def score_files(
+    ct_dir: Path,
+    seg_path: Path,
+    clinical_records: Sequence[ClinicalRecord],
+    model: FrozenModel,
+    *,
+    series_instance_uid: str | None = None,
+    segment_label: str | None = None,
+) -> ScoredStudy:
+    started = time.perf_counter()
+    ct = read_ct_series(Path(ct_dir), series_instance_uid)
+    clinical = select_record_for_study(clinical_records, ct)
+    if not Path(seg_path).is_file():
+        raise DicomInputError(f"SEG file {seg_path} does not exist")
+    segment = read_tumour_segment(Path(seg_path), ct, segment_label=segment_label)
+    result = score_volume(ct.image, segment.mask, clinical, model)
+    sr = build_risk_sr(ct, segment, clinical, result)
+    return ScoredStudy(ct, segment, result, sr, time.perf_counter() - started)
