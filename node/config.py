@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import ipaddress
 import math
 import os
@@ -316,7 +317,6 @@ class CallerRule(_Validated):
     ae_title: str = _key(_ae_title_or_any, normalise=_strip_padding)
     host: str = _key(_ip_network)
 
-
     @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         return ipaddress.ip_network(self.host, strict=True)
@@ -395,7 +395,6 @@ class ScpConfig(_Validated):
     check_called_ae: bool = _key()
     allowed_callers: tuple[CallerRule, ...] = _key()
     tls: ScpTlsConfig = _key()
-
 
     def _cross_checks(self) -> Iterator[tuple[str, str]]:
         if not self.allowed_callers:
@@ -586,21 +585,16 @@ class NodeConfig(_Validated):
 
 
 def _make_private_directory(directory: Path) -> None:
-    """mkdir -p with mode 0700 for every directory created (Path.mkdir gives parents the default mode)."""
+    """mkdir -p, but every directory it creates gets mode 0700 (Path.mkdir gives parents the default mode)."""
     missing = []
-    while not directory.exists():
-        missing.append(directory)
-        if directory.parent == directory:
-            break
-        directory = directory.parent
+    ancestor = directory
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        missing.append(ancestor)
+        ancestor = ancestor.parent
     for path in reversed(missing):
-        try:
-            path.mkdir(mode=0o700)
-        except FileExistsError:
-            if not path.is_dir():
-                raise
-    if not directory.is_dir() and not missing:
-        raise NotADirectoryError(20, "Not a directory", str(directory))
+        path.mkdir(mode=0o700, exist_ok=True)
+    if not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
 
 
 # --- loading -----------------------------------------------------------------------
