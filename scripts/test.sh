@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(orthanc dcmtk dicom3tools libpixelmed-java default-jre-headless)
+DEBIAN_PACKAGES=(orthanc dcmtk dicom3tools libpixelmed-java default-jre-headless systemd openssl)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
