@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify = model_sub.add_parser("verify", help="check a model file's schema and sha256 and print its identity")
     verify.add_argument("file", type=Path, nargs="?", help="model file (default: the shipped demonstration model)")
     verify.set_defaults(handler=cmd_model_verify)
+
+    from node.stats_cli import add_stats_parser
+
+    add_stats_parser(sub)
     return parser
 
 

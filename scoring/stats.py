@@ -12,7 +12,11 @@ R's defaults so that numbers can be compared one-to-one with ``summary(coxph())`
   Raphson on the Efron/Breslow partial likelihood).  scikit-survival gives no
   standard errors, so :func:`cox_information` computes the observed information
   matrix of the same partial likelihood at the fitted coefficients; its inverse
-  is the covariance matrix R reports (``fit$var``).  Wald z and two-sided p use
+  is the covariance matrix R reports (``fit$var``).  One extra Newton step with
+  that information and the score brings the estimate to R's precision, and R's
+  own test for an infinite coefficient (a Newton step that does not vanish at
+  convergence) turns a monotone likelihood into an error instead of a hazard
+  ratio of 1e10.  Wald z and two-sided p use
   scipy's normal distribution; 95% limits are ``exp(coef +/- qnorm(0.975) * se)``
   (1.959964, as R, rather than a rounded 1.96).  The concordance is Harrell's C
   of the linear predictor (scikit-survival's ``concordance_index_censored``),
@@ -272,6 +276,11 @@ def cox_information(x, time, event, beta, ties: str = "efron") -> np.ndarray:
     ``Ak = Sk - (l/d) Dk`` for Efron's approximation, or ``d [S2/S0 - (S1/S0)(S1/S0)']``
     for Breslow's.
     """
+    return _cox_score_information(x, time, event, beta, ties)[1]
+
+
+def _cox_score_information(x, time, event, beta, ties: str) -> tuple[np.ndarray, np.ndarray]:
+    """Score vector and observed information of the log partial likelihood (see cox_information)."""
     if ties not in ("efron", "breslow"):
         raise ValueError(f"ties must be 'efron' or 'breslow', not {ties!r}")
     x = np.asarray(x, dtype=float)
@@ -316,7 +325,16 @@ def cox_information(x, time, event, beta, ties: str = "efron") -> np.ndarray:
         mult = np.ones(kk.size)
     mean = a1 / a0[:, None]
     terms = a2 / a0[:, None, None] - mean[:, :, None] * mean[:, None, :]
-    return np.einsum("k,kij->ij", mult, terms)
+    score = x[event].sum(axis=0) - np.einsum("k,ki->i", mult, mean)
+    return score, np.einsum("k,kij->ij", mult, terms)
+
+
+def _score_and_covariance(x, time, event, beta, ties) -> tuple[np.ndarray, np.ndarray]:
+    score, info = _cox_score_information(x, time, event, beta, ties)
+    try:
+        return score, np.linalg.inv(info)
+    except np.linalg.LinAlgError:
+        raise CoxFitError("the information matrix is singular: the coefficients are not identifiable") from None
 
 
 def cox_fit(df: pd.DataFrame, time: str, event: str, covariates: Sequence[str], ties: str = "efron") -> CoxResult:
@@ -373,14 +391,27 @@ def cox_fit(df: pd.DataFrame, time: str, event: str, covariates: Sequence[str], 
             ) from None
     beta = np.asarray(model.coef_, dtype=float)
 
-    info = cox_information(centered, times, events, beta, ties=ties)
-    try:
-        covariance = np.linalg.inv(info)
-    except np.linalg.LinAlgError:
-        raise CoxFitError("the information matrix is singular: the coefficients are not identifiable") from None
+    # scikit-survival stops when the relative change of the log partial
+    # likelihood is < 1e-9, leaving steps of ~1e-9; one more Newton step with
+    # the same likelihood's score and information reaches R's precision, so the
+    # infinite-coefficient check below cannot misfire on a coefficient near 0.
+    score, covariance = _score_and_covariance(centered, times, events, beta, ties)
+    beta = beta + covariance @ score
+    score, covariance = _score_and_covariance(centered, times, events, beta, ties)
     se = np.sqrt(np.diag(covariance))
-    if not (np.all(np.isfinite(beta)) and np.all(np.isfinite(se))):
-        raise CoxFitError("the Cox model gave non-finite estimates; a covariate may separate events perfectly")
+    # R's coxph.fit check for a monotone likelihood: the Newton step still left at
+    # the converged estimate (|score %*% var|) is not negligible.
+    remaining = np.abs(score @ covariance)
+    infinite = (remaining > 1e-9) & (remaining > math.sqrt(1e-9) * np.abs(beta))
+    with np.errstate(over="ignore"):
+        limits_finite = np.all(np.isfinite(np.exp(np.abs(beta) + Z_95 * se)))
+    if infinite.any() or not (np.all(np.isfinite(beta)) and np.all(np.isfinite(se)) and limits_finite):
+        suspect = infinite if infinite.any() else ~np.isfinite(np.exp(np.abs(beta) + Z_95 * se))
+        name = covariates[int(np.argmax(suspect))]
+        raise CoxFitError(
+            f"covariate {name!r}: the coefficient may be infinite (monotone likelihood, "
+            "e.g. the covariate separates events from non-events)"
+        )
     z = beta / se
     p = 2.0 * sps.norm.sf(np.abs(z))
 

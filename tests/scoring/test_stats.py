@@ -411,6 +411,10 @@ def test_unestimable_models_raise_cox_fit_error():
         cox_fit(data.assign(e=0), "t", "e", ["a"])
     with pytest.raises(SurvivalDataError, match=r"'a' is listed more than once"):
         cox_fit(data, "t", "e", ["a", "a"])
+    # every event has x = 1 and every censored subject x = 0: R warns "coefficient may be infinite"
+    separated = pd.DataFrame({"t": [1, 2, 3, 4, 5, 6], "e": [1, 1, 1, 0, 0, 0], "x": [1, 1, 1, 0, 0, 0]})
+    with pytest.raises(CoxFitError, match=r"covariate 'x': the coefficient may be infinite"):
+        cox_fit(separated, "t", "e", ["x"])
 
 
 def test_all_messages_are_one_line(lung):
