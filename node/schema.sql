@@ -57,7 +57,8 @@ CREATE INDEX IF NOT EXISTS study_events_by_study ON study_events (study_instance
 CREATE TABLE IF NOT EXISTS instances (
     -- UNIQUE SOP Instance UID: a re-sent instance is recognised, never stored twice.
     sop_instance_uid            TEXT PRIMARY KEY,
-    study_instance_uid          TEXT NOT NULL REFERENCES studies (study_instance_uid),
+    -- checked at commit: the instance row is written before its study row may be created
+    study_instance_uid          TEXT NOT NULL REFERENCES studies (study_instance_uid) DEFERRABLE INITIALLY DEFERRED,
     series_instance_uid         TEXT NOT NULL,
     sop_class_uid               TEXT NOT NULL,
     modality                    TEXT NOT NULL,

@@ -1,0 +1,373 @@
+"""Radiomics features through pyradiomics, computing only what a model needs.
+
+``extract_model_features`` reproduces ``RadiomicsFeatureExtractor.execute``
+step by step (load and resample, check the mask, resegment, shape, filters,
+crop, feature classes) but enables only the feature classes and features the
+model names, and keeps only the filtered images it uses.  Each step is
+pyradiomics' own function with the settings pyradiomics would pass, so the
+values are those of a full run.
+
+``extract_all_features`` is the full run itself (for training).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import radiomics
+import SimpleITK as sitk
+from radiomics import getFeatureClasses, getImageTypes, imageoperations
+from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+from scoring.errors import FeatureExtractionError, MaskError
+from scoring.types import ExtractionSettings, FeatureSpec, FeatureVector
+
+
+def _quiet_pyradiomics() -> None:
+    # pyradiomics logs every step at INFO; our JSON logs want its warnings only.
+    logging.getLogger("radiomics").setLevel(logging.WARNING)
+    radiomics.setVerbosity(logging.WARNING)
+
+
+_quiet_pyradiomics()
+
+# pyradiomics' filter (the ``imageType`` key) that produces each image-type prefix.
+_SINGLE_IMAGE_FILTERS = {
+    "original": "Original",
+    "square": "Square",
+    "squareroot": "SquareRoot",
+    "logarithm": "Logarithm",
+    "exponential": "Exponential",
+    "gradient": "Gradient",
+    "lbp-2D": "LBP2D",
+}
+
+
+def installed_pyradiomics_version() -> str:
+    return _normalise_version(radiomics.__version__)
+
+
+def check_pyradiomics_version(settings: ExtractionSettings) -> None:
+    """Raise ``FeatureExtractionError`` unless the installed pyradiomics is the pinned one."""
+    pinned = _normalise_version(settings.pyradiomics_version)
+    installed = installed_pyradiomics_version()
+    if pinned != installed:
+        raise FeatureExtractionError(
+            f"the settings pin pyradiomics {pinned} but pyradiomics {installed} is installed; "
+            "feature values are only reproducible with the pinned version"
+        )
+
+
+def settings_hash(settings: ExtractionSettings) -> str:
+    """sha256 (hex) of the canonical JSON of pyradiomics version, settings, image types and ring."""
+    document = {
+        "pyradiomics_version": _normalise_version(settings.pyradiomics_version),
+        "settings": _canonical(settings.settings, "settings"),
+        "image_types": _canonical(settings.image_types, "image_types"),
+        "ring": {
+            "outward_mm": _canonical(settings.ring.outward_mm, "ring.outward_mm"),
+            "inward_mm": _canonical(settings.ring.inward_mm, "ring.inward_mm"),
+            "method": settings.ring.method,
+        },
+    }
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def extract_all_features(
+    image: sitk.Image,
+    mask: sitk.Image,
+    settings: ExtractionSettings,
+    feature_classes: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """A full pyradiomics run: every feature of ``feature_classes`` (default: all but shape2D) on every image type.
+
+    Keys are pyradiomics' (``wavelet-LLH_glcm_Correlation``), without the
+    ``diagnostics_*`` entries.  A feature pyradiomics could not compute is NaN
+    here (training decides what to do with it).
+    """
+    check_pyradiomics_version(settings)
+    _check_image_types(settings)
+    extractor = RadiomicsFeatureExtractor(**dict(settings.settings))
+    extractor.disableAllImageTypes()
+    extractor.enableImageTypes(**{name: dict(custom) for name, custom in settings.image_types.items()})
+    if feature_classes is not None:
+        known = getFeatureClasses()
+        extractor.disableAllFeatures()
+        for feature_class in feature_classes:
+            if feature_class not in known:
+                raise FeatureExtractionError(
+                    f"unknown pyradiomics feature class {feature_class!r} (known: {', '.join(sorted(known))})"
+                )
+            extractor.enableFeatureClassByName(feature_class)
+    _check_mask_labels(mask, "mask", extractor.settings.get("label", 1))
+    try:
+        result = extractor.execute(image, mask)
+    except ValueError as error:
+        # execute raises ValueError for unusable masks (single voxel, geometry, resegmentation).
+        raise MaskError(f"mask unusable for pyradiomics: {error}") from error
+    except Exception as error:
+        raise FeatureExtractionError(f"pyradiomics failed: {type(error).__name__}: {error}") from error
+    return {key: float(value) for key, value in result.items() if not key.startswith("diagnostics_")}
+
+
+def extract_model_features(
+    image: sitk.Image,
+    regions: Mapping[str, sitk.Image],
+    specs: Sequence[FeatureSpec],
+    settings: ExtractionSettings,
+) -> FeatureVector:
+    """The features named by ``specs``, equal to those of a full pyradiomics run with ``settings``.
+
+    ``regions`` maps region names (``tumour``, ``ring``) to 0/1 masks on the
+    image's grid.  Raises ``FeatureExtractionError`` for a feature class,
+    feature or image type pyradiomics does not have or the settings do not
+    enable, and for a NaN value; ``MaskError`` for a missing, empty or
+    too-small region.
+    """
+    check_pyradiomics_version(settings)
+    plans = _plan(specs, settings)
+    label = settings.settings.get("label", 1)
+    if label != 1:
+        raise FeatureExtractionError(f"region masks carry label 1, but the settings ask for label {label!r}")
+    for region in plans:
+        if region not in regions:
+            raise MaskError(f"no mask given for the {region} region (given: {', '.join(sorted(regions)) or 'none'})")
+        _check_mask_labels(regions[region], f"{region} region", label)
+
+    values: dict[str, float] = {}
+    for region, plan in plans.items():
+        computed = _extract_region(image, regions[region], region, plan, settings)
+        for key, value in computed.items():
+            values[f"{region}.{key}"] = value
+
+    ordered = {}
+    for spec in specs:
+        if spec.name not in values:
+            raise FeatureExtractionError(f"pyradiomics did not return feature {spec.name}")
+        value = values[spec.name]
+        if not math.isfinite(value):
+            raise FeatureExtractionError(f"feature {spec.name} is {value} (pyradiomics could not compute it)")
+        ordered[spec.name] = value
+    return FeatureVector(ordered)
+
+
+@dataclass
+class _RegionPlan:
+    """What to compute for one region: ``{image_type: {feature_class: [feature, ...]}}`` and the filters needed."""
+
+    by_image_type: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    def add(self, spec: FeatureSpec) -> None:
+        features = self.by_image_type.setdefault(spec.image_type, {}).setdefault(spec.feature_class, [])
+        if spec.feature not in features:
+            features.append(spec.feature)
+
+    def shape_features(self) -> dict[str, list[str]]:
+        original = self.by_image_type.get("original", {})
+        return {cls: names for cls, names in original.items() if _is_shape_class(cls)}
+
+    def texture_features(self, image_type: str) -> dict[str, list[str]]:
+        return {
+            cls: names for cls, names in self.by_image_type.get(image_type, {}).items() if not _is_shape_class(cls)
+        }
+
+    def image_types_for(self, filter_name: str) -> set[str]:
+        return {
+            image_type
+            for image_type in self.by_image_type
+            if _filter_for(image_type) == filter_name and self.texture_features(image_type)
+        }
+
+
+def _plan(specs: Sequence[FeatureSpec], settings: ExtractionSettings) -> dict[str, _RegionPlan]:
+    """Validate every spec against pyradiomics and the settings before computing anything."""
+    _check_image_types(settings)
+    classes = getFeatureClasses()
+    plans: dict[str, _RegionPlan] = {}
+    for spec in specs:
+        if spec.feature_class not in classes:
+            raise FeatureExtractionError(
+                f"{spec.name}: unknown pyradiomics feature class {spec.feature_class!r} "
+                f"(known: {', '.join(sorted(classes))})"
+            )
+        names = classes[spec.feature_class].getFeatureNames()
+        if spec.feature not in names:
+            raise FeatureExtractionError(
+                f"{spec.name}: pyradiomics class {spec.feature_class} has no feature {spec.feature!r}"
+            )
+        if names[spec.feature]:
+            raise FeatureExtractionError(
+                f"{spec.name}: feature {spec.feature_class}_{spec.feature} is deprecated in pyradiomics "
+                "and not computed by a full run"
+            )
+        if _is_shape_class(spec.feature_class) and spec.image_type != "original":
+            raise FeatureExtractionError(
+                f"{spec.name}: shape features exist only for the original image, not {spec.image_type!r}"
+            )
+        filter_name = _filter_for(spec.image_type)
+        if filter_name not in settings.image_types:
+            raise FeatureExtractionError(
+                f"{spec.name}: image type {spec.image_type!r} needs pyradiomics' {filter_name} filter, "
+                f"which the settings do not enable (enabled: {', '.join(settings.image_types) or 'none'})"
+            )
+        if filter_name == "LoG":
+            sigmas = settings.image_types["LoG"].get("sigma", settings.settings.get("sigma", []))
+            if spec.image_type not in {_log_image_type(sigma) for sigma in sigmas}:
+                raise FeatureExtractionError(
+                    f"{spec.name}: image type {spec.image_type!r} is not one of the configured LoG sigmas {list(sigmas)}"
+                )
+        plans.setdefault(spec.region, _RegionPlan()).add(spec)
+    return plans
+
+
+def _extract_region(
+    image: sitk.Image, mask: sitk.Image, region: str, plan: _RegionPlan, settings: ExtractionSettings
+) -> dict[str, float]:
+    """``RadiomicsFeatureExtractor.execute`` for one mask, restricted to ``plan``."""
+    extractor = RadiomicsFeatureExtractor(**dict(settings.settings))
+    run_settings = extractor.settings.copy()
+
+    try:
+        image, mask = extractor.loadImage(image, mask, None, **run_settings)
+        bounding_box, corrected = imageoperations.checkMask(image, mask, **run_settings)
+        if corrected is not None:
+            mask = corrected
+        resegmented = None
+        if run_settings.get("resegmentRange") is not None:
+            resegmented = imageoperations.resegmentMask(image, mask, **run_settings)
+            bounding_box, _ = imageoperations.checkMask(image, resegmented, **run_settings)
+    except ValueError as error:
+        raise MaskError(f"{region} region unusable for pyradiomics: {error}") from error
+
+    results: dict[str, float] = {}
+    resegment_shape = run_settings.get("resegmentShape", False)
+    if resegment_shape and resegmented is not None:
+        mask = resegmented
+    shape = plan.shape_features()
+    if shape:
+        extractor.enabledFeatures = shape
+        results.update(_guarded(lambda: extractor.computeShape(image, mask, bounding_box, **run_settings), region))
+    if not resegment_shape and resegmented is not None:
+        mask = resegmented
+
+    for filter_name, custom in settings.image_types.items():
+        wanted = plan.image_types_for(filter_name)
+        if not wanted:
+            continue
+        arguments = run_settings.copy()
+        arguments.update(custom)
+        if filter_name == "LoG":
+            # Each sigma is filtered separately, so only the needed ones are run.
+            arguments["sigma"] = [s for s in arguments.get("sigma", []) if _log_image_type(s) in wanted]
+        produced = set()
+        generator = getattr(imageoperations, f"get{filter_name}Image")(image, mask, **arguments)
+        for filtered, image_type, filter_arguments in _wanted_images(generator, wanted, region):
+            produced.add(image_type)
+            extractor.enabledFeatures = plan.texture_features(image_type)
+            cropped_image, cropped_mask = imageoperations.cropToTumorMask(filtered, mask, bounding_box, padDistance=0)
+            results.update(
+                _guarded(
+                    lambda: extractor.computeFeatures(cropped_image, cropped_mask, image_type, **filter_arguments),
+                    region,
+                )
+            )
+        missing = wanted - produced
+        if missing:
+            raise FeatureExtractionError(
+                f"pyradiomics' {filter_name} filter did not produce {', '.join(sorted(missing))} for the "
+                f"{region} region (image too small for the filter, or settings that name other images)"
+            )
+    return {key: float(value) for key, value in results.items()}
+
+
+def _wanted_images(generator, wanted: set[str], region: str):
+    """The filter's images that are wanted; the others are dropped as soon as they are made."""
+    while True:
+        try:
+            filtered, image_type, arguments = next(generator)
+        except StopIteration:
+            return
+        except Exception as error:
+            raise FeatureExtractionError(
+                f"pyradiomics filter failed on the {region} region: {type(error).__name__}: {error}"
+            ) from error
+        if image_type in wanted:
+            yield filtered, image_type, arguments
+
+
+def _guarded(compute, region: str):
+    try:
+        return compute()
+    except (FeatureExtractionError, MaskError):
+        raise
+    except Exception as error:
+        raise FeatureExtractionError(
+            f"pyradiomics failed on the {region} region: {type(error).__name__}: {error}"
+        ) from error
+
+
+def _filter_for(image_type: str) -> str:
+    if image_type in _SINGLE_IMAGE_FILTERS:
+        return _SINGLE_IMAGE_FILTERS[image_type]
+    if image_type.startswith("wavelet"):
+        return "Wavelet"
+    if image_type.startswith("log-sigma-") and image_type.endswith("-mm-3D"):
+        return "LoG"
+    if image_type.startswith("lbp-3D-"):
+        return "LBP3D"
+    raise FeatureExtractionError(f"unknown pyradiomics image type {image_type!r}")
+
+
+def _log_image_type(sigma) -> str:
+    # pyradiomics' own naming: sigma 2.0 -> "log-sigma-2-0-mm-3D", sigma 2 -> "log-sigma-2-mm-3D".
+    return "log-sigma-%s-mm-3D" % str(sigma).replace(".", "-")
+
+
+def _is_shape_class(feature_class: str) -> bool:
+    return feature_class.startswith("shape")
+
+
+def _check_image_types(settings: ExtractionSettings) -> None:
+    known = getImageTypes()
+    for name in settings.image_types:
+        if name not in known:
+            raise FeatureExtractionError(
+                f"unknown pyradiomics image type {name!r} in the settings (known: {', '.join(sorted(known))})"
+            )
+
+
+def _check_mask_labels(mask: sitk.Image, what: str, label) -> None:
+    if not isinstance(mask, sitk.Image):
+        raise MaskError(f"{what} must be a SimpleITK image, got {type(mask).__name__}")
+    if mask.GetNumberOfComponentsPerPixel() != 1:
+        raise MaskError(f"{what} must have scalar pixels, got a vector image")
+    if not np.any(sitk.GetArrayViewFromImage(mask) == label):
+        raise MaskError(f"{what} is empty: no voxel is labelled {label}")
+
+
+def _normalise_version(version: str) -> str:
+    version = str(version).strip()
+    return version[1:] if version[:1] in ("v", "V") else version
+
+
+def _canonical(value, where: str):
+    if isinstance(value, Mapping):
+        return {str(key): _canonical(item, f"{where}.{key}") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise FeatureExtractionError(f"{where} is {value}; settings must be finite numbers")
+        return value
+    raise FeatureExtractionError(f"{where} has a value of type {type(value).__name__} that cannot be hashed as JSON")
