@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from node.clinical_files import load_clinical_file
 from node.logs import configure_logging, get_logger
 
 EXIT_OK = 0
@@ -23,26 +24,6 @@ def _version() -> str:
         return version("sclc-risk-node")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-def load_clinical_file(path: Path):
-    """Every clinical record in a JSON (one object or a list) or CSV (one row per patient) file."""
-    from scoring.clinical import parse_clinical_csv, parse_clinical_json_many
-    from scoring.errors import ClinicalRecordError
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ClinicalRecordError([f"clinical file {path} does not exist"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ClinicalRecordError([f"clinical file {path} cannot be read: {exc}"]) from None
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return parse_clinical_csv(text)
-    if suffix == ".json":
-        return parse_clinical_json_many(text)
-    raise ClinicalRecordError([f"clinical file {path.name}: unknown format {suffix!r} (expected .json or .csv)"])
 
 
 def result_as_json(scored) -> dict:
@@ -155,6 +136,129 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _load_config(args: argparse.Namespace):
+    from node.config import load_config
+
+    return load_config(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.service import NodeService
+
+    config = _load_config(args)
+    configure_logging(args.log_level or config.logging.level)
+    NodeService(config).run_forever()
+    return EXIT_OK
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from node.service import open_spool_for_cli
+
+    config = _load_config(args)
+    with open_spool_for_cli(config) as spool:
+        studies = spool.list_studies(limit=-1 if args.all else 200)
+        now = time.time()
+        rows = []
+        for study in studies:
+            deliveries = spool.study_deliveries(study.study_instance_uid)
+            rows.append({
+                "study_instance_uid": study.study_instance_uid,
+                "state": str(study.state),
+                "age_s": round(now - study.created_at, 1),
+                "in_state_s": round(now - study.state_changed_at, 1),
+                "instances": study.instance_count,
+                "clinical_record": study.clinical_record_id is not None,
+                "failure_reason": study.failure_reason,
+                "deliveries": [
+                    {"destination": d.destination, "state": str(d.state), "attempts": d.attempts,
+                     "last_error": d.last_error}
+                    for d in deliveries
+                ],
+            })
+        counts = {str(k): v for k, v in spool.counts_by_state().items()}
+    if args.json:
+        print(json.dumps({"studies": rows, "counts": counts}, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no studies")
+    for row in rows:
+        line = (f"{row['study_instance_uid']:<64} {row['state']:<21} age {_age(row['age_s']):>5} "
+                f"(in state {_age(row['in_state_s'])}) instances {row['instances']}")
+        if row["failure_reason"]:
+            line += f"\n    reason: {row['failure_reason']}"
+        for d in row["deliveries"]:
+            line += f"\n    -> {d['destination']}: {d['state']} after {d['attempts']} attempt(s)"
+            if d["last_error"]:
+                line += f" ({d['last_error']})"
+        print(line)
+    print("totals: " + ", ".join(f"{state} {n}" for state, n in counts.items() if n) if any(counts.values()) else "")
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    import time
+
+    from node.service import open_spool_for_cli
+    from node.study_machine import StudyMachine
+
+    config = _load_config(args)
+    with open_spool_for_cli(config) as spool:
+        transition = StudyMachine(spool).retry(args.study, now=time.time(), reason="operator retry (sclc-node retry)")
+    print(f"{args.study}: {transition.from_state} -> {transition.to_state} ({transition.event})")
+    return EXIT_OK
+
+
+def cmd_clinical_import(args: argparse.Namespace) -> int:
+    import time
+
+    from node.clinical_inbox import import_clinical_file
+    from node.service import open_spool_for_cli
+
+    config = _load_config(args)
+    with open_spool_for_cli(config) as spool:
+        report = import_clinical_file(spool, args.file, now=time.time())
+    print(f"imported {report.records} record(s) from {args.file.name}; "
+          f"matched {len(report.matched_studies)} study(ies) already received")
+    for uid in report.matched_studies:
+        print(f"  {uid}")
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    print(f"OK: {config.source or 'embedded defaults'}; AE {config.scp.ae_title} on "
+          f"{config.scp.bind_address}:{config.scp.port}; state in {config.state_directory}; "
+          f"{len(config.destinations)} destination(s)")
+    return EXIT_OK
+
+
+def cmd_config_defaults(args: argparse.Namespace) -> int:
+    from node.config import default_config_text
+
+    sys.stdout.write(default_config_text())
+    return EXIT_OK
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE",
+        help="node configuration (TOML; default: the embedded defaults, see `sclc-node config defaults`)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sclc-node",
@@ -165,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    parser.add_argument("--log-level", default="WARNING", help="log level for JSON logs on stdout (default WARNING)")
+    parser.add_argument(
+        "--log-level", default=None,
+        help="log level of the JSON logs (default: WARNING for commands, the config's logging.level for serve)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     score = sub.add_parser(
@@ -205,6 +312,38 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("file", type=Path, nargs="?", help="model file (default: the shipped demonstration model)")
     verify.set_defaults(handler=cmd_model_verify)
 
+    serve = sub.add_parser("serve", help="run the node: DICOM receiver, scoring workers, outbox, HTTP status")
+    _add_config_option(serve)
+    serve.set_defaults(handler=cmd_serve)
+
+    status = sub.add_parser("status", help="every study with its state, age and failure reason")
+    _add_config_option(status)
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--all", action="store_true", help="all studies (default: the newest 200)")
+    status.set_defaults(handler=cmd_status)
+
+    retry = sub.add_parser(
+        "retry", help="resend a study's SR (failed or delivered study) or start it over (failed scoring, expired)"
+    )
+    _add_config_option(retry)
+    retry.add_argument("study", metavar="STUDY", help="StudyInstanceUID")
+    retry.set_defaults(handler=cmd_retry)
+
+    clinical = sub.add_parser("clinical", help="clinical records")
+    clinical_sub = clinical.add_subparsers(dest="clinical_command", required=True, metavar="ACTION")
+    clinical_import = clinical_sub.add_parser("import", help="validate and import a clinical JSON/CSV file")
+    _add_config_option(clinical_import)
+    clinical_import.add_argument("file", type=Path, metavar="FILE")
+    clinical_import.set_defaults(handler=cmd_clinical_import)
+
+    config = sub.add_parser("config", help="check or print the configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    config_check = config_sub.add_parser("check", help="validate a configuration file")
+    _add_config_option(config_check)
+    config_check.set_defaults(handler=cmd_config_check)
+    config_defaults = config_sub.add_parser("defaults", help="print the embedded default configuration")
+    config_defaults.set_defaults(handler=cmd_config_defaults)
+
     from node.stats_cli import add_stats_parser
 
     add_stats_parser(sub)
@@ -216,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level, stream=sys.stderr)
+    # Commands print results on stdout, so their logs go to stderr; `serve` logs to stdout for journald.
+    configure_logging(args.log_level or "WARNING", stream=sys.stderr)
     log = get_logger(stage="cli", command=args.command)
     try:
         return args.handler(args)

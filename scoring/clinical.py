@@ -191,6 +191,26 @@ class ClinicalRecord:
         if problems:
             raise ClinicalRecordError(problems)
 
+    def to_mapping(self) -> dict[str, object]:
+        """The record as documented input keys; `clinical_record_from_mapping` reads it back to an equal record."""
+        mapping: dict[str, object] = {
+            name: getattr(self, name) for name in IDENTIFIER_FIELDS if getattr(self, name) is not None
+        }
+        mapping.update(
+            t_stage=self.t_substage or self.t_stage,
+            n_stage=self.n_stage,
+            m_stage=self.m_stage,
+            ecog=self.ecog,
+        )
+        if "given" in self.lipi_source:
+            mapping["lipi"] = self.lipi.label
+        if self.labs is not None:
+            mapping.update(anc=self.labs.anc, wbc=self.labs.wbc, ldh=self.labs.ldh, ldh_uln=self.labs.ldh_uln)
+        for name in ("age", "sex", "brain_metastases", "liver_metastases"):
+            if getattr(self, name) is not None:
+                mapping[name] = getattr(self, name)
+        return mapping
+
     @property
     def stage_group(self) -> str:
         """AJCC 8th-edition stage group, as fine as the given T/N/M allow.

@@ -438,3 +438,21 @@ def test_clinical_record_doc_examples_parse_as_described():
     assert (parsed.lipi, parsed.lipi_source) == (Lipi.INTERMEDIATE, "labs")
     assert [(r.lipi, r.lipi_source) for r in parse_clinical_csv(csv_example)] == [
         (Lipi.GOOD, "given"), (Lipi.POOR, "labs"), (Lipi.INTERMEDIATE, "given")]
+
+
+@pytest.mark.parametrize(
+    "mapping",
+    [
+        {"accession_number": "A1", "t_stage": "T1a", "n_stage": "N2", "m_stage": "M1c", "ecog": 1, "lipi": "poor"},
+        {"patient_id": "P1", "study_instance_uid": "1.2.3", "t_stage": "T4", "n_stage": "N0", "m_stage": "M0",
+         "ecog": 0, "anc": 6.0, "wbc": 7.0, "ldh": 300, "ldh_uln": 250, "age": 61, "sex": "F",
+         "brain_metastases": False, "liver_metastases": False},
+        {"accession_number": "A2", "t_stage": "T3", "n_stage": "N3", "m_stage": "M1b", "ecog": 2, "lipi": 1,
+         "anc": 4.0, "wbc": 9.0, "ldh": 300, "ldh_uln": 250},
+    ],
+)
+def test_to_mapping_round_trips(mapping):
+    record = clinical_record_from_mapping(mapping)
+    again = clinical_record_from_mapping(record.to_mapping())
+    assert again == record
+    assert again.patient_id == record.patient_id and again.accession_number == record.accession_number

@@ -1,0 +1,140 @@
+"""Clinical records in: a watched inbox folder and `sclc-node clinical import`.
+
+A file is imported whole or not at all.  An accepted file moves to
+``accepted/``; a rejected one moves to ``rejected/`` beside a
+``<name>.error.txt`` that lists every problem (field, value, what is allowed).
+Records are matched to studies by the spool (AccessionNumber, else PatientID +
+StudyInstanceUID), whether the images came first or not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.clinical_files import CLINICAL_SUFFIXES, load_clinical_file
+from node.logs import get_logger, register_phi_values
+from scoring.errors import ClinicalRecordError, InputError
+
+ACCEPTED_DIR = "accepted"
+REJECTED_DIR = "rejected"
+#: A file younger than this may still be being written by the sender.
+SETTLE_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ImportReport:
+    file_name: str
+    records: int
+    matched_studies: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+
+    @property
+    def accepted(self) -> bool:
+        return not self.problems
+
+
+def import_clinical_file(spool, path: Path, *, now: float) -> ImportReport:
+    """Validate every record in ``path`` and store them in the spool; raises `ClinicalRecordError` if any is bad."""
+    records = load_clinical_file(path)
+    register_phi_values(value for r in records for value in (r.patient_id, r.accession_number))
+    matched: list[str] = []
+    for record in records:
+        spool.add_clinical_record(
+            json.dumps(record.to_mapping(), sort_keys=True),
+            accession_number=record.accession_number,
+            patient_id=record.patient_id,
+            study_instance_uid=record.study_instance_uid,
+            now=now,
+        )
+        matched += [
+            s.study_instance_uid
+            for s in spool.list_studies(limit=-1)
+            if s.clinical_record_id is not None and _matches(record, s)
+        ]
+    return ImportReport(Path(path).name, len(records), tuple(dict.fromkeys(matched)))
+
+
+def _matches(record, study) -> bool:
+    if record.accession_number and study.accession_number:
+        return record.accession_number == study.accession_number
+    return bool(record.study_instance_uid) and record.study_instance_uid == study.study_instance_uid
+
+
+class ClinicalInbox:
+    """Polls a folder for ``.json``/``.csv`` clinical files."""
+
+    def __init__(self, directory: Path, spool):
+        self.directory = Path(directory)
+        self.spool = spool
+        self._log = get_logger(stage="clinical_inbox")
+        for name in (ACCEPTED_DIR, REJECTED_DIR):
+            (self.directory / name).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def pending_files(self, *, now: float) -> list[Path]:
+        files = []
+        for entry in sorted(self.directory.iterdir()):
+            if not entry.is_file() or entry.name.startswith("."):
+                continue  # hidden files are senders' temporary files
+            if entry.suffix.lower() not in CLINICAL_SUFFIXES:
+                continue
+            if now - entry.stat().st_mtime < SETTLE_S:
+                continue
+            files.append(entry)
+        return files
+
+    def scan(self, *, now: float | None = None) -> list[ImportReport]:
+        now = time.time() if now is None else now
+        reports = []
+        for path in self.pending_files(now=now):
+            reports.append(self._import(path, now=now))
+        return reports
+
+    def _import(self, path: Path, *, now: float) -> ImportReport:
+        try:
+            report = import_clinical_file(self.spool, path, now=now)
+        except ClinicalRecordError as exc:
+            return self._reject(path, list(exc.problems))
+        except InputError as exc:
+            return self._reject(path, [str(exc)])
+        target = _unique_target(self.directory / ACCEPTED_DIR, path.name)
+        os.replace(path, target)
+        self._log.info(
+            "clinical_file_accepted",
+            file_ref=file_reference(path.name),
+            records=report.records,
+            matched_studies=len(report.matched_studies),
+        )
+        return report
+
+    def _reject(self, path: Path, problems: list[str]) -> ImportReport:
+        target = _unique_target(self.directory / REJECTED_DIR, path.name)
+        os.replace(path, target)
+        error_file = target.with_name(target.name + ".error.txt")
+        error_file.write_text(
+            f"{path.name} was rejected; nothing from it was imported.\n"
+            + "".join(f"- {problem}\n" for problem in problems),
+            encoding="utf-8",
+        )
+        self._log.warning(
+            "clinical_file_rejected", file_ref=file_reference(path.name), problems=len(problems), folder=str(target.parent)
+        )
+        return ImportReport(path.name, 0, problems=tuple(problems))
+
+
+def file_reference(name: str) -> str:
+    """A stable short tag for a file name; senders often name files after the patient, so the name is not logged."""
+    return hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
+
+
+def _unique_target(directory: Path, name: str) -> Path:
+    target = directory / name
+    counter = 1
+    while target.exists():
+        target = directory / f"{Path(name).stem}.{counter}{Path(name).suffix}"
+        counter += 1
+    return target

@@ -1,0 +1,269 @@
+"""Scoring in a bounded pool of worker processes.
+
+The dispatcher (a scheduler job in the service process) claims ready studies
+with a lease, hands each to a worker process, and records the outcome.  Only
+the service process touches the database: a worker gets file paths and the
+clinical record, and returns the SR bytes or a one-line reason.  A worker that
+dies (killed, out of memory) simply never answers; its lease runs out and the
+study is claimed again (`StudyMachine.reclaim_stale_leases`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import multiprocessing
+import os
+import queue
+import socket
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from pydicom.uid import CTImageStorage, SegmentationStorage
+
+from node.errors import InvalidTransition, NodeError
+from node.logs import get_logger
+from node.records import InstanceRecord
+from scoring.errors import InputError
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringTask:
+    """Everything a worker process needs, as plain picklable values."""
+
+    study_instance_uid: str
+    ct_series_dir: Path
+    ct_series_instance_uid: str
+    seg_path: Path
+    clinical_json: str
+    model_path: Path
+    segment_label: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringOutcome:
+    study_instance_uid: str
+    seconds: float
+    sr_sop_instance_uid: str | None = None
+    sr_bytes: bytes | None = None
+    result_json: str | None = None
+    error: str | None = None
+
+
+class StudyInputsError(InputError):
+    """The spool holds no usable CT + SEG pair for a study."""
+
+
+def choose_inputs(instances: Sequence[InstanceRecord]) -> tuple[InstanceRecord, str, Path]:
+    """The SEG to score (the newest) and the CT series it belongs to: (seg, ct series UID, ct folder).
+
+    The series is the one the SEG references; a SEG that only shares the frame
+    of reference is matched to the CT series in that frame.
+    """
+    segs = [i for i in instances if i.sop_class_uid == SegmentationStorage]
+    cts = [i for i in instances if i.sop_class_uid == CTImageStorage]
+    if not segs:
+        raise StudyInputsError("study has no SEG")
+    seg = max(segs, key=lambda i: (i.stored_at, i.sop_instance_uid))
+    ct_series = {i.series_instance_uid for i in cts}
+    candidates = [uid for uid in seg.referenced_series_instance_uids if uid in ct_series]
+    if not candidates:
+        candidates = sorted({i.series_instance_uid for i in cts if i.frame_of_reference_uid == seg.frame_of_reference_uid})
+    if len(candidates) != 1:
+        raise StudyInputsError(
+            f"SEG {seg.sop_instance_uid} matches {len(candidates)} CT series in the study; expected exactly one"
+        )
+    series_uid = candidates[0]
+    folder = next(i.path.parent for i in cts if i.series_instance_uid == series_uid)
+    return seg, series_uid, folder
+
+
+@functools.lru_cache(maxsize=4)
+def _load_model(model_path: str, mtime_ns: int):
+    from node.scoring_job import load_model_file
+
+    return load_model_file(Path(model_path))
+
+
+def run_scoring_task(task: ScoringTask) -> ScoringOutcome:
+    """Runs in a worker process.  Never raises for bad input: the reason comes back as text."""
+    from node.cli import result_as_json
+    from node.scoring_job import score_files
+    from scoring.clinical import clinical_record_from_mapping
+
+    started = time.perf_counter()
+    try:
+        model = _load_model(str(task.model_path), task.model_path.stat().st_mtime_ns)
+        clinical = clinical_record_from_mapping(json.loads(task.clinical_json))
+        scored = score_files(
+            task.ct_series_dir,
+            task.seg_path,
+            [clinical],
+            model,
+            series_instance_uid=task.ct_series_instance_uid,
+            segment_label=task.segment_label,
+        )
+        from pydicom.filebase import DicomBytesIO
+
+        buffer = DicomBytesIO()
+        scored.sr.save_as(buffer, enforce_file_format=True)
+        return ScoringOutcome(
+            task.study_instance_uid,
+            time.perf_counter() - started,
+            sr_sop_instance_uid=str(scored.sr.SOPInstanceUID),
+            sr_bytes=buffer.getvalue(),
+            result_json=json.dumps(result_as_json(scored)),
+        )
+    except InputError as exc:
+        return ScoringOutcome(task.study_instance_uid, time.perf_counter() - started, error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - a bug must fail one study, not the node
+        return ScoringOutcome(
+            task.study_instance_uid,
+            time.perf_counter() - started,
+            error=f"internal error while scoring: {type(exc).__name__}: {exc}",
+        )
+
+
+def _worker_initialiser() -> None:
+    from node.logs import configure_logging
+
+    configure_logging(os.environ.get("SCLC_NODE_LOG_LEVEL", "WARNING"))
+
+
+class ScoringDispatcher:
+    """Claims ready studies up to the pool size, runs them in worker processes and records the outcome."""
+
+    def __init__(self, spool, machine, *, workers: int, lease_s: float, model_path: Path,
+                 destinations: Sequence[str], segment_label: str | None, metrics=None):
+        self.spool = spool
+        self.machine = machine
+        self.workers = int(workers)
+        self.lease_s = float(lease_s)
+        self.model_path = Path(model_path)
+        self.destinations = tuple(destinations)
+        self.segment_label = segment_label or None
+        self.metrics = metrics
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._pool: ProcessPoolExecutor | None = None
+        self._in_flight: dict[str, Future] = {}
+        self._finished: queue.SimpleQueue[tuple[str, ScoringOutcome | BaseException]] = queue.SimpleQueue()
+        self._log = get_logger(stage="scoring")
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn: workers must not inherit the service's threads, sockets or SQLite handles.
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_initialiser,
+            )
+        return self._pool
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def dispatch(self, *, now: float) -> int:
+        """Record finished work, renew leases, reclaim dead workers' studies, and start new ones."""
+        self.collect(now=now)
+        for study_uid in list(self._in_flight):
+            try:
+                self.machine.renew_lease(study_uid, worker_id=self.worker_id, now=now, lease_s=self.lease_s)
+            except InvalidTransition:
+                self._log.warning("lease_lost", study_uid=study_uid)
+        self.machine.reclaim_stale_leases(now=now)
+        started = 0
+        while len(self._in_flight) < self.workers:
+            study = self.machine.claim_next(worker_id=self.worker_id, now=now, lease_s=self.lease_s)
+            if study is None:
+                break
+            self._start(study.study_instance_uid, now=now)
+            started += 1
+        return started
+
+    def _start(self, study_uid: str, *, now: float) -> None:
+        try:
+            task = self._task_for(study_uid)
+        except (InputError, NodeError) as exc:
+            self.machine.record_scoring_failed(study_uid, worker_id=self.worker_id, reason=str(exc), now=now)
+            return
+        try:
+            future = self._executor().submit(run_scoring_task, task)
+        except BrokenProcessPool:
+            self._pool = None
+            future = self._executor().submit(run_scoring_task, task)
+        self._in_flight[study_uid] = future
+        future.add_done_callback(lambda f, uid=study_uid: self._finished.put((uid, f.exception() or f.result())))
+        self._log.info("scoring_started", study_uid=study_uid)
+
+    def _task_for(self, study_uid: str) -> ScoringTask:
+        record_row = self.spool.clinical_record_for(study_uid)
+        if record_row is None:
+            raise StudyInputsError("study has no clinical record")
+        seg, series_uid, folder = choose_inputs(self.spool.study_instances(study_uid))
+        return ScoringTask(
+            study_instance_uid=study_uid,
+            ct_series_dir=folder,
+            ct_series_instance_uid=series_uid,
+            seg_path=seg.path,
+            clinical_json=record_row.record_json,
+            model_path=self.model_path,
+            segment_label=self.segment_label,
+        )
+
+    def collect(self, *, now: float) -> int:
+        """Record every outcome that has arrived; returns how many."""
+        recorded = 0
+        while True:
+            try:
+                study_uid, outcome = self._finished.get_nowait()
+            except queue.Empty:
+                return recorded
+            self._in_flight.pop(study_uid, None)
+            recorded += 1
+            try:
+                self._record(study_uid, outcome, now=now)
+            except InvalidTransition as exc:
+                # The lease ran out and someone else owns the study now; their result counts.
+                self._log.warning("outcome_discarded", study_uid=study_uid, reason=str(exc))
+
+    def _record(self, study_uid: str, outcome: ScoringOutcome | BaseException, *, now: float) -> None:
+        if isinstance(outcome, BaseException):
+            # The worker process died (BrokenProcessPool) or could not run the task.
+            self._pool = None if isinstance(outcome, BrokenProcessPool) else self._pool
+            reason = f"worker process failed: {type(outcome).__name__}: {outcome}"
+            self.machine.record_scoring_failed(study_uid, worker_id=self.worker_id, reason=reason, now=now)
+            return
+        if outcome.error:
+            self.machine.record_scoring_failed(study_uid, worker_id=self.worker_id, reason=outcome.error, now=now)
+            self._log.warning("scoring_failed", study_uid=study_uid, reason=outcome.error)
+            return
+        self.machine.record_scored(
+            study_uid,
+            worker_id=self.worker_id,
+            sr_sop_instance_uid=outcome.sr_sop_instance_uid,
+            sr_bytes=outcome.sr_bytes,
+            destinations=self.destinations,
+            now=now,
+        )
+        if self.metrics is not None:
+            self.metrics.scoring_finished(outcome.seconds)
+        result = json.loads(outcome.result_json)
+        self._log.info(
+            "study_scored",
+            study_uid=study_uid,
+            sr_uid=outcome.sr_sop_instance_uid,
+            risk_group=result["risk_group"],
+            model=result["model"]["name"],
+            model_version=result["model"]["version"],
+            seconds=round(outcome.seconds, 2),
+        )
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=wait, cancel_futures=True)
+            self._pool = None

@@ -1,0 +1,116 @@
+"""The clinical inbox and `clinical import`: real files, a real spool."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from node.clinical_inbox import ClinicalInbox, file_reference, import_clinical_file
+from node.spool import Spool
+from scoring.clinical import clinical_record_from_mapping
+from scoring.errors import ClinicalRecordError
+
+RECORD = {
+    "accession_number": "ACC-77",
+    "patient_id": "PAT-SECRET-1",
+    "t_stage": "T4",
+    "n_stage": "N3",
+    "m_stage": "M1c",
+    "ecog": 1,
+    "anc": 6.0,
+    "wbc": 7.0,
+    "ldh": 300,
+    "ldh_uln": 250,
+}
+
+
+@pytest.fixture
+def spool(tmp_path):
+    with Spool.open(tmp_path / "spool", min_free_bytes=0) as spool:
+        yield spool
+
+
+def _age(path, seconds=5):
+    past = time.time() - seconds
+    os.utime(path, (past, past))
+
+
+def test_valid_json_is_imported_and_moved_to_accepted(tmp_path, spool):
+    inbox_dir = tmp_path / "inbox"
+    inbox = ClinicalInbox(inbox_dir, spool)
+    path = inbox_dir / "record.json"
+    path.write_text(json.dumps(RECORD))
+    _age(path)
+    reports = inbox.scan(now=time.time())
+    assert [r.accepted for r in reports] == [True]
+    assert not path.exists()
+    assert (inbox_dir / "accepted" / "record.json").exists()
+    # the stored JSON reads back as the same record (LIPI computed from the labs: dNLR 6 > 3, LDH > ULN -> poor)
+    with spool.transaction(write=False) as tx:
+        stored = tx.one("clinical_record_by_id", record_id=1)
+    record = clinical_record_from_mapping(json.loads(stored["record_json"]))
+    assert record == clinical_record_from_mapping(RECORD)
+    assert record.lipi.label == "poor"
+
+
+def test_invalid_file_is_moved_aside_with_every_problem_named(tmp_path, spool):
+    inbox_dir = tmp_path / "inbox"
+    inbox = ClinicalInbox(inbox_dir, spool)
+    bad = dict(RECORD, ecog=7, t_stage="T9")
+    path = inbox_dir / "bad.json"
+    path.write_text(json.dumps(bad))
+    _age(path)
+    [report] = inbox.scan(now=time.time())
+    assert not report.accepted
+    error_text = (inbox_dir / "rejected" / "bad.json.error.txt").read_text()
+    assert "ecog" in error_text and "7" in error_text
+    assert "t_stage" in error_text and "T9" in error_text
+    assert (inbox_dir / "rejected" / "bad.json").exists()
+    with spool.transaction(write=False) as tx:
+        assert tx.one("clinical_record_by_id", record_id=1) is None
+
+
+def test_a_file_still_being_written_waits(tmp_path, spool):
+    inbox_dir = tmp_path / "inbox"
+    inbox = ClinicalInbox(inbox_dir, spool)
+    path = inbox_dir / "fresh.json"
+    path.write_text(json.dumps(RECORD))
+    assert inbox.scan(now=time.time()) == []
+    assert path.exists()
+    hidden = inbox_dir / ".partial.json"
+    hidden.write_text("{")
+    _age(hidden)
+    assert inbox.scan(now=time.time() + 10)[0].file_name == "fresh.json"
+    assert hidden.exists()
+
+
+def test_csv_with_one_bad_row_imports_nothing(tmp_path, spool):
+    path = tmp_path / "records.csv"
+    path.write_text(
+        "accession_number,t_stage,n_stage,m_stage,ecog,lipi\n"
+        "A1,T3,N2,M1c,1,good\n"
+        "A2,T3,N2,M1c,9,good\n"
+    )
+    with pytest.raises(ClinicalRecordError) as excinfo:
+        import_clinical_file(spool, path, now=time.time())
+    assert "ecog" in str(excinfo.value)
+    with spool.transaction(write=False) as tx:
+        assert tx.one("clinical_record_by_id", record_id=1) is None
+
+
+def test_logs_name_no_patient_identifier(tmp_path, spool, capsys):
+    from node.logs import configure_logging
+
+    configure_logging("INFO")
+    inbox_dir = tmp_path / "inbox"
+    inbox = ClinicalInbox(inbox_dir, spool)
+    path = inbox_dir / "PAT-SECRET-1.json"
+    path.write_text(json.dumps(RECORD))
+    _age(path)
+    inbox.scan(now=time.time())
+    out = capsys.readouterr().out
+    assert file_reference("PAT-SECRET-1.json") in out
+    assert "PAT-SECRET-1" not in out
