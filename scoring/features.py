@@ -128,7 +128,7 @@ def extract_model_features(
     ``regions`` maps region names (``tumour``, ``ring``) to 0/1 masks on the
     image's grid.  Raises ``FeatureExtractionError`` for a feature class,
     feature or image type pyradiomics does not have or the settings do not
-    enable, and for a NaN value; ``MaskError`` for a missing, empty or
+    enable, and for a NaN or infinite value; ``MaskError`` for a missing, empty or
     too-small region.
     """
     check_pyradiomics_version(settings)
@@ -153,7 +153,9 @@ def extract_model_features(
             raise FeatureExtractionError(f"pyradiomics did not return feature {spec.name}")
         value = values[spec.name]
         if not math.isfinite(value):
-            raise FeatureExtractionError(f"feature {spec.name} is {value} (pyradiomics could not compute it)")
+            raise FeatureExtractionError(
+                f"feature {spec.name} is not finite ({value}): pyradiomics could not compute it"
+            )
         ordered[spec.name] = value
     return FeatureVector(ordered)
 
@@ -221,7 +223,8 @@ def _plan(specs: Sequence[FeatureSpec], settings: ExtractionSettings) -> dict[st
             sigmas = settings.image_types["LoG"].get("sigma", settings.settings.get("sigma", []))
             if spec.image_type not in {_log_image_type(sigma) for sigma in sigmas}:
                 raise FeatureExtractionError(
-                    f"{spec.name}: image type {spec.image_type!r} is not one of the configured LoG sigmas {list(sigmas)}"
+                    f"{spec.name}: image type {spec.image_type!r} is not one of the configured "
+                    f"LoG sigmas {list(sigmas)}"
                 )
         plans.setdefault(spec.region, _RegionPlan()).add(spec)
     return plans

@@ -6,28 +6,30 @@ signed Euclidean distance to the tumour surface, in mm, lies in
 distance is physical, the ring is the same at 0.7 mm and at 5 mm slices,
 where a 2 mm morphological radius would be 0 voxels in z.
 
-The surface is not the voxel staircase: distances to voxel centres or voxel
-faces are off by up to half a voxel, direction-dependently on anisotropic
-grids, which on a 4 mm shell means errors of 10-35 % in ring volume.  So the
-surface is reconstructed first and distances are measured to it:
+The surface is not the voxel staircase: distances between voxel centres
+are off by up to half a voxel, direction-dependently on anisotropic grids,
+which on a 4 mm shell means ring volumes 10-35 % too small.  So a smooth
+surface is reconstructed from the mask and distances are measured to it:
 
-1. Per slice (along the coarsest axis), a 2-D signed distance map to the
-   mid-point between tumour and background voxel centres.  Slices with no
-   tumour get a value extrapolated from the neighbouring tumour slices, so
-   the tumour's top and bottom follow the curvature of the slices below
-   instead of ending flat at a voxel face.
-2. A light Gaussian smoothing removes the voxel staircase (only along axes
-   whose spacing is fine; thick slices carry no staircase worth smoothing).
-3. Cubic (Catmull-Rom) interpolation across slices and linear interpolation
-   in-plane onto a ~0.35 mm grid; the zero crossings of that function are
-   points on the surface.
-4. The exact distance from each voxel centre near the border to the nearest
-   surface point (k-d tree) decides ring membership.
+1. Per slice (along the coarsest axis), the 2-D signed distance to the tumour
+   outline, which runs half-way between tumour and background voxel centres.
+   A light Gaussian smoothing removes the voxel staircase (not across thick
+   slices, which carry no staircase worth smoothing).
+2. Between two tumour slices, the blend of their distance maps (shape-based
+   interpolation), shifted so that the cross-section area follows a cubic
+   through the neighbouring slices' areas; a plain blend cuts straight
+   chords through a curved surface, which at 5 mm slices costs several %.
+3. Beyond the last tumour slice, the outline shrinks until the extrapolated
+   area reaches zero (``_closing_area``), so a sphere's cap ends near where
+   the sphere does, not flat at the voxel face.
+4. Points on the surface are sampled on a ~0.35 mm grid; a voxel's distance
+   is the distance to the tangent plane at the nearest surface point.
 
-Measured against analytic sphere shells (see ``tests/scoring/test_ring.py``)
-the ring volume is within ~2 % on isotropic grids.  With 5 mm slices the ring
-is sampled once per 5 mm in z, so even exact distances give volumes that
-depend on where the sphere sits between slices (up to +-8 % for r = 8 mm).
+Measured on analytic sphere shells (``tests/scoring/test_ring.py``) the ring
+volume is within 2 % on 0.7 and 1 mm isotropic grids.  With 5 mm slices the
+ring is sampled once per 5 mm in z, so even exact distances give volumes that
+depend on where the sphere sits between slices (-5 % to +3 % for r = 8 mm);
+the ring follows those exact-distance volumes to within ~2 %.
 
 A tumour touching the image edge is assumed to continue beyond the field of
 view (the mask is extended by edge replication), so no ring is drawn along
@@ -86,8 +88,9 @@ def peritumoral_ring(tumour_mask: sitk.Image, ring: RingDefinition) -> sitk.Imag
     ring_array = _signed_distance_ring(tumour, spacing_mm, ring.outward_mm, ring.inward_mm)
     if not ring_array.any():
         raise MaskError(
-            f"peritumoral ring is empty ({describe_ring(ring)}): the tumour is too small for "
-            f"this ring on a {_format_spacing(tumour_mask.GetSpacing())} mm grid"
+            f"peritumoral ring is empty ({describe_ring(ring)}): no voxel centre of the "
+            f"{_format_spacing(tumour_mask.GetSpacing())} mm grid lies in it (ring too thin for the grid, "
+            "or no tumour border inside the image)"
         )
     result = sitk.GetImageFromArray(ring_array.astype(np.uint8))
     result.CopyInformation(tumour_mask)
@@ -114,9 +117,9 @@ def _tumour_array(tumour_mask: sitk.Image) -> np.ndarray:
         raise MaskError("tumour mask direction cosines are not orthonormal")
 
     values = sitk.GetArrayViewFromImage(tumour_mask)
-    labels = np.unique(values)
-    if not set(labels.tolist()) <= {0, 1}:
-        raise MaskError(f"tumour mask must hold only 0 and 1, found labels {labels.tolist()}")
+    if values.min() < 0 or values.max() > 1:
+        labels = np.unique(values).tolist()
+        raise MaskError(f"tumour mask must hold only 0 and 1, found labels {labels[:10]}")
     tumour = values == 1
     if not tumour.any():
         raise MaskError("tumour mask is empty: no voxel is labelled 1")
@@ -142,16 +145,22 @@ def _signed_distance_ring(
     lower, upper = _padded_box(tumour_sl, spacing_sl, margin_mm)
     work = _crop_with_edge_replication(tumour_sl, lower, upper)
 
-    level, caps = _surface_function(work, spacing_sl)
-    points_mm = _surface_points_mm(level, caps, work.any(axis=(1, 2)), spacing_sl)
+    level, areas_mm2, caps = _surface_function(work, spacing_sl)
+    points_mm, normals = _surface_points_mm(level, areas_mm2, caps, spacing_sl)
 
     ring_work = np.zeros(work.shape, dtype=bool)
     if len(points_mm):
-        near = _near_border(work, spacing_sl, max(outward_mm, inward_mm) + 2 * float(np.linalg.norm(spacing_sl)))
+        # The surface passes within a voxel diagonal of a tumour voxel centre
+        # (plus a little for the smoothing), so ring voxels lie within this reach.
+        reach_mm = max(outward_mm, inward_mm) + float(np.linalg.norm(spacing_sl) + spacing_sl[1:].max())
+        near = _near_border(work, spacing_sl, reach_mm)
         index = np.nonzero(near)
         centres_mm = np.stack(index, axis=1) * spacing_sl
-        distance_mm, _ = cKDTree(points_mm).query(centres_mm)
-        signed_mm = np.where(level[index] < 0, -distance_mm, distance_mm)
+        distance_mm = _distance_to_surface_mm(
+            centres_mm, points_mm, normals, max(outward_mm, inward_mm) + float(spacing_sl.max())
+        )
+        # The mask decides the side, so the ring is exactly "grown minus shrunk" as sets.
+        signed_mm = np.where(work[index], -distance_mm, distance_mm)
         ring_work[index] = (signed_mm > -inward_mm) & (signed_mm <= outward_mm)
 
     ring_sl = np.zeros(tumour_sl.shape, dtype=bool)
@@ -159,6 +168,25 @@ def _signed_distance_ring(
     from_work = tuple(slice(s.start - lo, s.stop - lo) for s, lo in zip(inside, lower))
     ring_sl[inside] = ring_work[from_work]
     return np.transpose(ring_sl, np.argsort(order))
+
+
+def _distance_to_surface_mm(
+    centres_mm: np.ndarray, points_mm: np.ndarray, normals: np.ndarray, up_to_mm: float
+) -> np.ndarray:
+    """Distance from each centre to the surface: to the tangent plane at the nearest surface point.
+
+    The plane, rather than the point, removes the bias of a sampled surface:
+    the nearest sample is usually a little to the side of the foot of the
+    perpendicular, which would make every distance slightly too long.
+    """
+    distance_mm, nearest = cKDTree(points_mm).query(centres_mm, distance_upper_bound=up_to_mm)
+    far = ~np.isfinite(distance_mm)
+    nearest[far] = 0  # farther than any ring reaches; the value below is discarded
+    normal = normals[nearest]
+    length = np.linalg.norm(normal, axis=1)
+    usable = length > 1e-9
+    along_normal = np.abs(np.einsum("ij,ij->i", centres_mm - points_mm[nearest], normal))
+    return np.where(far, np.inf, np.where(usable, along_normal / np.where(usable, length, 1.0), distance_mm))
 
 
 def _padded_box(tumour: np.ndarray, spacing_mm: np.ndarray, margin_mm: float) -> tuple[list[int], list[int]]:
@@ -181,31 +209,41 @@ def _crop_with_edge_replication(array: np.ndarray, lower: list[int], upper: list
 
 @dataclass(frozen=True)
 class _Cap:
-    """How the tumour closes beyond the last slice of a run of tumour slices.
+    """How the tumour closes beyond the last slice (``end``) of a run of tumour slices, going ``step``.
 
-    Near a smooth top the cross-section area shrinks linearly with height
-    (a paraboloid), over a sphere or an ellipsoid exactly quadratically.  So
-    the last areas, extrapolated, say where the tumour ends between this
-    slice and the next, empty one; in between, the end slice's outline is
-    eroded so that its area falls linearly to zero there.
+    The cross-section area is extrapolated by ``area_at`` (a polynomial in
+    slices beyond ``end``) until it reaches zero ``length_mm`` beyond.
     """
 
     end: int
     step: int
     length_mm: float
-    radius_mm: float
+    area_polynomial: tuple[float, float, float]  # a + b t + c t^2, t in slices
+    slice_mm: float
+
+    def area_mm2(self, beyond_slices: float) -> float:
+        a, b, c = self.area_polynomial
+        return a + b * beyond_slices + c * beyond_slices**2
 
     def level(self, end_level: np.ndarray, beyond_mm: float, floor_mm: float) -> np.ndarray:
+        # The end slice's outline, shrunk uniformly until its area is the extrapolated one.
+        end_radius = _equivalent_radius_mm(self.area_mm2(0.0))
         if beyond_mm < self.length_mm:
-            return end_level + self.radius_mm * (1.0 - math.sqrt(1.0 - beyond_mm / self.length_mm))
-        return np.maximum(end_level + self.radius_mm, floor_mm) + (beyond_mm - self.length_mm)
+            radius = _equivalent_radius_mm(self.area_mm2(beyond_mm / self.slice_mm))
+            return end_level + (end_radius - radius)
+        return np.maximum(end_level + end_radius, floor_mm) + (beyond_mm - self.length_mm)
 
 
-def _surface_function(tumour: np.ndarray, spacing_mm: np.ndarray) -> tuple[np.ndarray, list[_Cap]]:
-    """Negative inside, positive outside, zero on the reconstructed surface, on the native grid (axis 0 = slices)."""
+def _equivalent_radius_mm(area_mm2: float) -> float:
+    return math.sqrt(max(area_mm2, 0.0) / math.pi)
+
+
+def _surface_function(tumour: np.ndarray, spacing_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[_Cap]]:
+    """The per-slice signed distance (smoothed; empty slices filled from the caps), slice areas and caps."""
     level = _per_slice_signed_distance_mm(tumour, spacing_mm)
-    caps = _caps(tumour, spacing_mm)
-    occupied = tumour.any(axis=(1, 2))
+    areas_mm2 = tumour.sum(axis=(1, 2)) * float(spacing_mm[1] * spacing_mm[2])
+    caps = _caps(areas_mm2, float(spacing_mm[0]))
+    occupied = areas_mm2 > 0
     floor_mm = _floor_mm(spacing_mm)
     _fill_empty_slices(level, occupied, caps, float(spacing_mm[0]), floor_mm)
 
@@ -219,10 +257,13 @@ def _surface_function(tumour: np.ndarray, spacing_mm: np.ndarray) -> tuple[np.nd
         sitk.DiscreteGaussian(image, variance=[s * s for s in sigmas[::-1]], maximumKernelWidth=64,
                               maximumError=0.001, useImageSpacing=True)
     ).astype(np.float64)
+    if not (smoothed[occupied] < 0).any():
+        # A tumour of a voxel or two has no staircase to smooth, and smoothing would erase it.
+        smoothed = level
     # The caps follow the smoothed end slices; smoothing must not pull the
     # surface into a slice that holds no tumour.
     _fill_empty_slices(smoothed, occupied, caps, float(spacing_mm[0]), floor_mm)
-    return smoothed, caps
+    return smoothed, areas_mm2, caps
 
 
 def _floor_mm(spacing_mm: np.ndarray) -> float:
@@ -233,11 +274,13 @@ def _floor_mm(spacing_mm: np.ndarray) -> float:
 def _per_slice_signed_distance_mm(tumour: np.ndarray, spacing_mm: np.ndarray) -> np.ndarray:
     # A huge slice spacing turns ITK's 3-D Maurer transform into independent 2-D ones.
     spacing = (float(spacing_mm[2]), float(spacing_mm[1]), _FAR_MM)
-    outside = _distance_to_nearest_mm(tumour, spacing)
-    inside = _distance_to_nearest_mm(~tumour, spacing)
-    # Distances between voxel centres: the border lies half-way between an
-    # inside and an outside centre, which this difference puts at zero.
-    return np.clip(outside - inside, -_FAR_MM, _FAR_MM)
+    to_tumour = _distance_to_nearest_mm(tumour, spacing)
+    to_background = _distance_to_nearest_mm(~tumour, spacing)
+    # These are distances between voxel centres; the border lies half-way
+    # between an inside and an outside centre, so half a voxel closer.
+    half_voxel_mm = 0.5 * float(spacing_mm[1:].min())
+    signed = np.where(tumour, half_voxel_mm - to_background, to_tumour - half_voxel_mm)
+    return np.clip(signed, -_FAR_MM, _FAR_MM)
 
 
 def _distance_to_nearest_mm(targets: np.ndarray, spacing_xyz: tuple[float, float, float]) -> np.ndarray:
@@ -252,8 +295,7 @@ def _distance_to_nearest_mm(targets: np.ndarray, spacing_xyz: tuple[float, float
     return np.maximum(sitk.GetArrayFromImage(distance).astype(np.float64), 0.0)
 
 
-def _caps(tumour: np.ndarray, spacing_mm: np.ndarray) -> list[_Cap]:
-    areas_mm2 = tumour.sum(axis=(1, 2)) * float(spacing_mm[1] * spacing_mm[2])
+def _caps(areas_mm2: np.ndarray, slice_mm: float) -> list[_Cap]:
     occupied = areas_mm2 > 0
     caps = []
     for step in (+1, -1):
@@ -261,29 +303,35 @@ def _caps(tumour: np.ndarray, spacing_mm: np.ndarray) -> list[_Cap]:
             run = [end]
             while len(run) < 3 and 0 <= run[-1] - step < len(occupied) and occupied[run[-1] - step]:
                 run.append(run[-1] - step)
-            fraction = _closing_fraction([float(areas_mm2[i]) for i in run])
-            caps.append(_Cap(end, step, fraction * float(spacing_mm[0]), math.sqrt(areas_mm2[end] / math.pi)))
+            polynomial, fraction = _closing_area([float(areas_mm2[i]) for i in run])
+            caps.append(_Cap(end, step, fraction * slice_mm, polynomial, slice_mm))
     return caps
 
 
-def _closing_fraction(areas: list[float]) -> float:
-    """Where, in slices beyond the first of ``areas`` (end slice first), the extrapolated area reaches zero.
+def _closing_area(areas: list[float]) -> tuple[tuple[float, float, float], float]:
+    """Area model beyond the end slice (``areas`` end slice first) and where the tumour ends, in slices.
 
-    A parabola through three areas, else a line through two; without a root
-    in (0, 1] the border is put half a slice beyond, where the voxels end.
+    Near a smooth top the cross-section area shrinks linearly with height,
+    over a sphere or an ellipsoid exactly quadratically: so a parabola
+    through three areas, else a line through two.  Where the model reaches
+    zero within the slice gap, the tumour ends there.  Where it does not,
+    the next slice still shows the tumour ended abruptly in between: half a
+    slice beyond (where the voxels end) when the area is not shrinking,
+    moving towards the next slice as the model's area there approaches zero.
     """
-    candidates = []
+    a0 = areas[0]
+    if len(areas) == 1 or a0 <= 0:
+        return (a0, -2 * a0, 0.0), 0.5
     if len(areas) == 3:
-        a0, a1, a2 = areas
-        c = (a0 - 2 * a1 + a2) / 2
-        b = a0 - a1 + c
-        candidates.append(_smallest_root_in_unit_interval(c, b, a0))
-    if len(areas) >= 2:
-        candidates.append(_smallest_root_in_unit_interval(0.0, areas[0] - areas[1], areas[0]))
-    for root in candidates:
-        if root is not None:
-            return root
-    return 0.5
+        c = (a0 - 2 * areas[1] + areas[2]) / 2
+        b = a0 - areas[1] + c
+    else:
+        c, b = 0.0, a0 - areas[1]
+    root = _smallest_root_in_unit_interval(c, b, a0)
+    if root is not None:
+        return (a0, b, c), root
+    left_at_next_slice = min(max((a0 + b + c) / a0, 0.0), 1.0)
+    return (a0, b, c), 1.0 - 0.5 * left_at_next_slice
 
 
 def _smallest_root_in_unit_interval(c: float, b: float, a: float) -> float | None:
@@ -334,7 +382,7 @@ def _block_ends(occupied: np.ndarray, step: int) -> list[int]:
 
 
 def _surface_points_mm(
-    level: np.ndarray, caps: list[_Cap], occupied: np.ndarray, spacing_mm: np.ndarray
+    level: np.ndarray, areas_mm2: np.ndarray, caps: list[_Cap], spacing_mm: np.ndarray
 ) -> np.ndarray:
     """Points where the interpolated ``level`` crosses zero, in mm from voxel centre (0, 0, 0)."""
     extent_mm = np.array(level.shape) * spacing_mm
@@ -344,7 +392,7 @@ def _surface_points_mm(
     # Fine voxels subdivide native ones, so the fine grid starts half a native voxel early.
     fine_origin = -0.5 * spacing_mm + 0.5 * fine_spacing
 
-    across = _across_slices(level, caps, occupied, int(factors[0]), float(spacing_mm[0]), _floor_mm(spacing_mm))
+    across = _across_slices(level, areas_mm2, caps, int(factors[0]), float(spacing_mm[0]), _floor_mm(spacing_mm))
     stack = sitk.GetImageFromArray(across)
     stack.SetSpacing((float(spacing_mm[2]), float(spacing_mm[1]), float(fine_spacing[0])))
     stack.SetOrigin((0.0, 0.0, float(fine_origin[0])))
@@ -355,60 +403,89 @@ def _surface_points_mm(
         sitk.Resample(stack, reference, sitk.Transform(), sitk.sitkLinear, float(_FAR_MM), sitk.sitkFloat32)
     )
 
-    points = []
+    points, normals = [], []
     for axis in range(3):
         before = np.moveaxis(fine, axis, 0)[:-1]
         after = np.moveaxis(fine, axis, 0)[1:]
         crossing = np.nonzero((before < 0) != (after < 0))
         a, b = before[crossing], after[crossing]
         fraction = a / (a - b)
-        index = [c.astype(np.float64) for c in crossing]
-        index[0] = index[0] + fraction
         # moveaxis put `axis` first and kept the others in order.
         other = [x for x in range(3) if x != axis]
-        ordered = [None, None, None]
-        ordered[axis] = index[0]
-        ordered[other[0]], ordered[other[1]] = index[1], index[2]
-        points.append(np.stack(ordered, axis=1) * fine_spacing + fine_origin)
-    return np.concatenate(points) if points else np.empty((0, 3))
+        low = [None, None, None]
+        low[axis] = crossing[0]
+        low[other[0]], low[other[1]] = crossing[1], crossing[2]
+        high = list(low)
+        high[axis] = low[axis] + 1
+        position = np.stack(low, axis=1).astype(np.float64)
+        position[:, axis] += fraction
+        points.append(position * fine_spacing + fine_origin)
+        normals.append(_gradient_at(fine, low, fine_spacing) + _gradient_at(fine, high, fine_spacing))
+    return np.concatenate(points), np.concatenate(normals)
+
+
+def _gradient_at(values: np.ndarray, index: list[np.ndarray], spacing_mm: np.ndarray) -> np.ndarray:
+    """Central-difference gradient of ``values`` at the voxels ``index`` (one array per axis)."""
+    gradient = np.empty((len(index[0]), 3))
+    for axis in range(3):
+        forward, backward = list(index), list(index)
+        forward[axis] = np.minimum(index[axis] + 1, values.shape[axis] - 1)
+        backward[axis] = np.maximum(index[axis] - 1, 0)
+        gradient[:, axis] = (values[tuple(forward)] - values[tuple(backward)]) / (
+            (forward[axis] - backward[axis]) * spacing_mm[axis]
+        )
+    return gradient
 
 
 def _across_slices(
-    level: np.ndarray, caps: list[_Cap], occupied: np.ndarray, factor: int, slice_mm: float, floor_mm: float
+    level: np.ndarray, areas_mm2: np.ndarray, caps: list[_Cap], factor: int, slice_mm: float, floor_mm: float
 ) -> np.ndarray:
-    """``level`` at ``factor`` sub-slices per slice: cubic between tumour slices, the caps beyond them."""
-    across = _catmull_rom_along_axis0(level, factor)
-    position = (np.arange(len(across)) + 0.5) / factor - 0.5  # in slices
-    in_gap = np.zeros(len(across), dtype=bool)
-    capped = np.full(across.shape, np.inf)
+    """``level`` at ``factor`` sub-slices per slice.
+
+    Between two tumour slices: the linear blend of their distance maps
+    (shape-based interpolation), shifted so that the cross-section's
+    equivalent radius follows a cubic through the neighbouring slices' areas;
+    a plain blend would cut straight chords through a curved surface.
+    Beyond the last tumour slice: the cap.
+    """
+    n_slices = len(level)
+    occupied = areas_mm2 > 0
+    position = (np.arange(n_slices * factor) + 0.5) / factor - 0.5  # in slices
+    lower = np.clip(np.floor(position).astype(int), 0, n_slices - 1)
+    across = level[lower].copy()  # the margins beyond the first/last slice centre
+
+    capped = {}
     for cap in caps:
         reach = len(_slices_beyond(cap, occupied)) + 1
         beyond = (position - cap.end) * cap.step
         for j in np.nonzero((beyond > 0) & (beyond < reach))[0]:
-            in_gap[j] = True
-            capped[j] = np.minimum(capped[j], cap.level(level[cap.end], beyond[j] * slice_mm, floor_mm))
-    across[in_gap] = capped[in_gap]
+            value = cap.level(level[cap.end], beyond[j] * slice_mm, floor_mm)
+            capped[j] = value if j not in capped else np.minimum(capped[j], value)
+
+    # One slice beyond a run of tumour slices, its cap's area model stands in
+    # for the missing neighbour, so the cubic below sees where the tumour ends.
+    virtual_area = {(cap.end, cap.step): cap.area_mm2(1.0) for cap in caps}
+    radius = [_equivalent_radius_mm(area) for area in areas_mm2]
+    for j, z in enumerate(position):
+        if j in capped:
+            across[j] = capped[j]
+            continue
+        a = int(math.floor(z))
+        if a < 0 or a + 1 >= n_slices or not (occupied[a] and occupied[a + 1]):
+            continue
+        s = z - a
+        before = areas_mm2[a - 1] if a >= 1 and occupied[a - 1] else virtual_area[(a, -1)]
+        after = areas_mm2[a + 2] if a + 2 < n_slices and occupied[a + 2] else virtual_area[(a + 1, +1)]
+        area = _catmull_rom(before, areas_mm2[a], areas_mm2[a + 1], after, s)
+        blended_radius = (1 - s) * radius[a] + s * radius[a + 1]
+        across[j] = (1 - s) * level[a] + s * level[a + 1] + (blended_radius - _equivalent_radius_mm(area))
     return across.astype(np.float32)
 
 
-def _catmull_rom_along_axis0(values: np.ndarray, factor: int) -> np.ndarray:
-    """Cubic interpolation through the slices at ``factor`` sub-slices per slice (edge slices repeated)."""
-    n = values.shape[0]
-    if factor == 1:
-        return values
-    position = (np.arange(n * factor) + 0.5) / factor - 0.5
-    base = np.floor(position).astype(int)
-    t = (position - base)[:, None, None]
-
-    def take(offset: int) -> np.ndarray:
-        return values[np.clip(base + offset, 0, n - 1)]
-
-    p0, p1, p2, p3 = take(-1), take(0), take(1), take(2)
+def _catmull_rom(p0: float, p1: float, p2: float, p3: float, t: float) -> float:
+    """Cubic through p1 (t=0) and p2 (t=1) with tangents from the neighbours; exact for quadratics."""
     return 0.5 * (
-        2 * p1
-        + (p2 - p0) * t
-        + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2
-        + (3 * p1 - p0 - 3 * p2 + p3) * t**3
+        2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2 + (3 * p1 - p0 - 3 * p2 + p3) * t**3
     )
 
 

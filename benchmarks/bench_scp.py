@@ -1,0 +1,120 @@
+"""Receive throughput of the node's SCP against DCMTK's storescp, on loopback.
+
+    python benchmarks/bench_scp.py [--slices 48] [--size 512] [--repeats 3] [--pdu 16384] [--spool DIR]
+
+One synthetic CT series (default 48 slices of 512×512, ~25 MB) is sent with
+DCMTK's ``storescu`` to each receiver in turn, ``--repeats`` times, and the
+median MB/s (file bytes / wall time of the storescu run) is printed, with the
+ratio to storescp.  All receivers run with ``TCP_NODELAY=1`` and the same
+maximum PDU.  A ratio, not an absolute: the node fsyncs every file and its
+folder and commits a SQLite row (``synchronous=FULL``) before answering,
+while storescp only writes; ``storescp +B`` also skips re-encoding, as the
+node does.  ``--spool`` puts the node's spool on another file system (the
+default is a temp folder, like storescp's output folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dicom_io.synthetic import synthetic_chest_phantom, write_ct_series  # noqa: E402
+from node.config import CallerRule, ScpConfig, ScpTlsConfig  # noqa: E402
+from node.logs import configure_logging  # noqa: E402
+from node.scp import DicomReceiver  # noqa: E402
+from node.spool import Spool  # noqa: E402
+from tests.node.dicom_tools import LOOPBACK, storescu  # noqa: E402
+from tests.node.peers import start_storescp  # noqa: E402
+
+NODE_AE = "SCLC_NODE"
+
+
+def node_config(pdu_bytes: int) -> ScpConfig:
+    return ScpConfig(
+        ae_title=NODE_AE,
+        bind_address=LOOPBACK,
+        port=0,
+        max_pdu_bytes=pdu_bytes,
+        max_associations=4,
+        acse_timeout_s=30.0,
+        dimse_timeout_s=30.0,
+        network_timeout_s=60.0,
+        check_called_ae=True,
+        allowed_callers=(CallerRule(ae_title="*", host="127.0.0.1"),),
+        tls=ScpTlsConfig(enabled=False, cert_file=None, key_file=None, ca_file=None, require_client_cert=False),
+    )
+
+
+def timed_send(port: int, called_ae: str, series: Path) -> float:
+    started = time.perf_counter()
+    result = storescu(LOOPBACK, port, [series], called_ae=called_ae, calling_ae="BENCH", timeout_s=600)
+    elapsed = time.perf_counter() - started
+    if not result.ok or "Store Failed" in result.output or "Refused" in result.output:
+        raise SystemExit(f"storescu failed:\n{result.output[-2000:]}")
+    return elapsed
+
+
+def bench_node(series: Path, spool_root: Path, pdu: int, repeats: int) -> list[float]:
+    times = []
+    for run in range(repeats):
+        spool = Spool.open(spool_root / f"run{run}", min_free_bytes=0)
+        receiver = DicomReceiver(node_config(pdu), spool)
+        receiver.start()
+        try:
+            times.append(timed_send(receiver.port, NODE_AE, series))
+        finally:
+            receiver.stop()
+            spool.close()
+    return times
+
+
+def bench_storescp(series: Path, out_root: Path, pdu: int, repeats: int, *, bit_preserving: bool) -> list[float]:
+    times = []
+    for run in range(repeats):
+        directory = out_root / f"storescp{'-B' if bit_preserving else ''}-{run}"
+        with start_storescp(directory, ae_title="STORESCP", bit_preserving=bit_preserving, extra_args=["-pdu", str(pdu)]) as peer:
+            times.append(timed_send(peer.port, "STORESCP", series))
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=48)
+    parser.add_argument("--size", type=int, default=512, help="rows = columns")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pdu", type=int, default=16384, help="maximum PDU of every receiver (node default: 16384)")
+    parser.add_argument("--spool", type=Path, default=None, help="parent folder for the node's spool")
+    args = parser.parse_args()
+    configure_logging("WARNING")  # per-instance debug lines would be part of the measurement
+
+    with tempfile.TemporaryDirectory(prefix="bench-scp-") as temp:
+        root = Path(temp)
+        image, _mask = synthetic_chest_phantom(size=(args.size, args.size, args.slices))
+        series = root / "series"
+        write_ct_series(image, series)
+        total_mb = sum(p.stat().st_size for p in series.glob("*.dcm")) / 1e6
+        print(f"series: {args.slices} slices of {args.size}x{args.size}, {total_mb:.1f} MB, Explicit VR LE; "
+              f"max PDU {args.pdu}; median of {args.repeats}")
+
+        results = {
+            "sclc-node SCP (fsync + SQLite commit)": bench_node(series, args.spool or root / "spool", args.pdu, args.repeats),
+            "DCMTK storescp": bench_storescp(series, root, args.pdu, args.repeats, bit_preserving=False),
+            "DCMTK storescp +B (bit-preserving)": bench_storescp(series, root, args.pdu, args.repeats, bit_preserving=True),
+        }
+        rates = {name: total_mb / statistics.median(times) for name, times in results.items()}
+        for name, times in results.items():
+            runs = ", ".join(f"{total_mb / t:.0f}" for t in times)
+            print(f"  {name:<40} {rates[name]:7.1f} MB/s   (runs: {runs})")
+        node = rates["sclc-node SCP (fsync + SQLite commit)"]
+        print(f"ratio node / storescp:    {node / rates['DCMTK storescp']:.2f}")
+        print(f"ratio node / storescp +B: {node / rates['DCMTK storescp +B (bit-preserving)']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,642 @@
+"""node.scp: the storage SCP on loopback, driven by real peers (DCMTK storescu/echoscu, pynetdicom SCU).
+
+Every receiver writes into a real `Spool` under ``tmp_path``.  "Stored as
+received" is checked on the data set bytes after the file meta group: the
+preamble and file meta never travel over DIMSE (pynetdicom writes its own meta
+for the stored file), while the data set bytes are exactly what the peer sent.
+DCMTK's storescu sends a file in its own transfer syntax unchanged, so these
+bytes must equal the source file's.
+"""
+
+from __future__ import annotations
+
+import struct
+from concurrent.futures import ThreadPoolExecutor
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import structlog
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    MRImageStorage,
+    RLELossless,
+    SegmentationStorage,
+    generate_uid,
+)
+from pynetdicom import AE, _config as pynetdicom_config
+from pynetdicom.sop_class import Verification
+
+from dicom_io.synthetic import build_tumour_seg, synthetic_chest_phantom, write_ct_series, write_datasets
+from node import scp
+from node.config import CallerRule, ConfigError, ScpConfig, ScpTlsConfig
+from node.errors import NotPart10, SpoolBusy, SpoolFull, SpoolIOError, UnsafeUid
+from node.http_status import NodeMetrics
+from node.scp import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_SUCCESS,
+    DicomReceiver,
+    SopClassMismatch,
+    UnreadableInstance,
+    read_received_dataset,
+    status_for_error,
+)
+from node.records import InstanceRecord
+from node.spool import Spool
+from tests.node.dicom_tools import LOOPBACK, PROPOSE, echoscu, requires_dcmtk, storescu
+
+NODE_AE = "SCLC_NODE"
+PACS_AE = "PACS"
+PATIENT_ID = "SYNTH-0001"  # dicom_io.synthetic.SyntheticPatient defaults: must never reach a log line
+PATIENT_NAME = "Synthetic^Phantom"
+
+# --- fixtures -------------------------------------------------------------------------
+
+
+def scp_config(**overrides) -> ScpConfig:
+    values = dict(
+        ae_title=NODE_AE,
+        bind_address=LOOPBACK,
+        port=0,
+        max_pdu_bytes=16384,
+        max_associations=4,
+        acse_timeout_s=5.0,
+        dimse_timeout_s=10.0,
+        network_timeout_s=10.0,
+        check_called_ae=True,
+        allowed_callers=(CallerRule(ae_title=PACS_AE, host="127.0.0.1"), CallerRule(ae_title="ECHOSCU", host="127.0.0.1")),
+        tls=ScpTlsConfig(enabled=False, cert_file=None, key_file=None, ca_file=None, require_client_cert=False),
+    )
+    values.update(overrides)
+    return ScpConfig(**values)
+
+
+class Node:
+    """A running receiver over a real spool, with its metrics."""
+
+    def __init__(self, root: Path, config: ScpConfig, *, min_free_bytes: int = 0) -> None:
+        self.spool = Spool.open(root / "spool", min_free_bytes=min_free_bytes)
+        self.metrics = NodeMetrics(studies_by_state=dict, outbox_depth=lambda: 0, process_metrics=False)
+        self.receiver = DicomReceiver(config, self.spool, self.metrics)
+        self.receiver.start()
+
+    @property
+    def port(self) -> int:
+        return self.receiver.port
+
+    def received(self, sop_class: str, outcome: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "sclc_instances_received_total", {"sop_class": sop_class, "outcome": outcome}
+        )
+        return value or 0.0
+
+    def instances(self) -> dict[str, InstanceRecord]:
+        """Every indexed instance, by SOP Instance UID."""
+        return {
+            record.sop_instance_uid: record
+            for study in self.spool.list_studies(limit=-1)
+            for record in self.spool.study_instances(study.study_instance_uid)
+        }
+
+    def stop(self) -> None:
+        self.receiver.stop(grace_s=1.0)
+        self.spool.close()
+
+
+@pytest.fixture
+def start_node(tmp_path):
+    started: list[Node] = []
+
+    def start(*, min_free_bytes: int = 0, **overrides) -> Node:
+        node = Node(tmp_path / f"node{len(started)}", scp_config(**overrides), min_free_bytes=min_free_bytes)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+@pytest.fixture
+def node(start_node) -> Node:
+    return start_node()
+
+
+class Phantom:
+    """A small synthetic CT series (48×48×8) and its tumour SEG, as files; compressed copies on demand."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.image, self.mask = synthetic_chest_phantom(size=(48, 48, 8))
+        self.ct_datasets = write_ct_series(self.image, root / "ct")
+        self.ct_dir = root / "ct"
+        self.seg_dir = root / "seg"
+        self.seg_dir.mkdir()
+        self.seg = build_tumour_seg(self.ct_datasets, self.mask)
+        self.seg_path = self.seg_dir / "seg.dcm"
+        self.seg.save_as(self.seg_path)
+        self._compressed: dict[str, Path] = {}
+
+    @property
+    def ct_files(self) -> list[Path]:
+        return sorted(self.ct_dir.glob("*.dcm"))
+
+    @property
+    def ct_uids(self) -> set[str]:
+        return {str(ds.SOPInstanceUID) for ds in self.ct_datasets}
+
+    def compressed_dir(self, transfer_syntax: str) -> Path:
+        """The same series (same UIDs) re-encoded in ``transfer_syntax``."""
+        if transfer_syntax not in self._compressed:
+            folder = self.root / f"ct-{transfer_syntax}"
+            write_datasets(self.ct_datasets, folder, transfer_syntax_uid=transfer_syntax)
+            self._compressed[transfer_syntax] = folder
+        return self._compressed[transfer_syntax]
+
+    def variant(self, name: str, edit) -> Path:
+        """A copy of the first CT slice with a new SOP Instance UID, edited by ``edit(ds)``; its path.
+
+        The file meta is written as ``edit`` left it (pynetdicom's raw sending
+        takes the C-STORE's SOP class and instance from it), not re-derived.
+        """
+        ds = pydicom.dcmread(self.ct_files[0])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        edit(ds)
+        path = self.root / "variants" / f"{name}.dcm"
+        path.parent.mkdir(exist_ok=True)
+        ds.save_as(path, enforce_file_format=False)
+        return path
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Phantom:
+    return Phantom(tmp_path_factory.mktemp("phantom"))
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def dataset_bytes(part10: bytes) -> bytes:
+    """The bytes after the file meta group (what travelled over DIMSE)."""
+    assert part10[128:132] == b"DICM"
+    tag, vr, length = struct.unpack("<I2sH", part10[132:140])
+    assert (tag, vr, length) == (0x00000002, b"UL", 4), "file meta must start with its group length"
+    (group_length,) = struct.unpack("<I", part10[140:144])
+    return part10[144 + group_length :]
+
+
+def scu(*, ae_title: str = PACS_AE) -> AE:
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    for sop_class in (CTImageStorage, SegmentationStorage):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.add_requested_context(Verification)
+    return ae
+
+
+def send(node: Node, items, *, ae_title: str = PACS_AE, raw_files: bool = False, monkeypatch=None) -> list[int]:
+    """C-STORE each dataset or file over one pynetdicom association; the statuses.
+
+    ``raw_files`` sends files byte for byte without parsing them (pynetdicom's
+    chunked sending, enabled only for this call), so truncated and garbage
+    payloads reach the SCP as they are.
+    """
+    if raw_files:
+        monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    assoc = scu(ae_title=ae_title).associate(LOOPBACK, node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(item).Status) for item in items]
+    finally:
+        assoc.release()
+        if raw_files:
+            monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", False)
+
+
+def rewrite(path: Path, new_path: Path, transform) -> Path:
+    new_path.write_bytes(transform(path.read_bytes()))
+    return new_path
+
+
+# --- echo and the happy path -----------------------------------------------------------
+
+
+@pytest.mark.external
+@requires_dcmtk
+def test_echoscu_succeeds(node):
+    result = echoscu(LOOPBACK, node.port, called_ae=NODE_AE)
+    assert result.ok, result.output
+
+
+@pytest.mark.external
+@requires_dcmtk
+def test_storescu_ct_and_seg_are_indexed_and_stored_as_received(node, phantom):
+    result = storescu(LOOPBACK, node.port, [phantom.ct_dir, phantom.seg_dir], called_ae=NODE_AE, calling_ae=PACS_AE)
+    assert result.ok, result.output
+
+    instances = node.instances()
+    assert set(instances) == phantom.ct_uids | {str(phantom.seg.SOPInstanceUID)}
+    sources = {p.stem: p for p in phantom.ct_files} | {str(phantom.seg.SOPInstanceUID): phantom.seg_path}
+    for uid, record in instances.items():
+        stored = record.path.read_bytes()
+        assert dataset_bytes(stored) == dataset_bytes(sources[uid].read_bytes()), uid
+        assert pydicom.dcmread(record.path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    seg = instances[str(phantom.seg.SOPInstanceUID)]
+    assert seg.is_segmentation
+    assert set(seg.referenced_sop_instance_uids) == phantom.ct_uids
+    assert (node.received("ct", "stored"), node.received("seg", "stored")) == (8, 1)
+
+
+@pytest.mark.external
+@requires_dcmtk
+@pytest.mark.parametrize(
+    "transfer_syntax",
+    [RLELossless, JPEGLSLossless, JPEG2000Lossless, DeflatedExplicitVRLittleEndian],
+    ids=lambda uid: uid.name,
+)
+def test_compressed_series_is_stored_in_its_own_transfer_syntax(node, phantom, transfer_syntax):
+    folder = phantom.compressed_dir(transfer_syntax)
+    result = storescu(LOOPBACK, node.port, [folder], called_ae=NODE_AE, calling_ae=PACS_AE, propose=PROPOSE[transfer_syntax])
+    assert result.ok, result.output
+
+    instances = node.instances()
+    assert set(instances) == {p.stem for p in folder.glob("*.dcm")}  # pydicom's compress() gives new UIDs
+    originals = {int(ds.InstanceNumber): ds.pixel_array for ds in phantom.ct_datasets}
+    for uid, record in instances.items():
+        assert dataset_bytes(record.path.read_bytes()) == dataset_bytes((folder / f"{uid}.dcm").read_bytes())
+        stored = pydicom.dcmread(record.path)
+        assert stored.file_meta.TransferSyntaxUID == transfer_syntax
+        assert np.array_equal(stored.pixel_array, originals[int(stored.InstanceNumber)])
+
+
+@pytest.mark.external
+@requires_dcmtk
+def test_sending_twice_is_idempotent(node, phantom):
+    first = storescu(LOOPBACK, node.port, [phantom.ct_dir], called_ae=NODE_AE, calling_ae=PACS_AE)
+    stamps = {uid: (r.path.stat().st_mtime_ns, r.sha256) for uid, r in node.instances().items()}
+    second = storescu(LOOPBACK, node.port, [phantom.ct_dir], called_ae=NODE_AE, calling_ae=PACS_AE)
+
+    assert first.ok and second.ok, second.output
+    assert {uid: (r.path.stat().st_mtime_ns, r.sha256) for uid, r in node.instances().items()} == stamps
+    assert (node.received("ct", "stored"), node.received("ct", "duplicate")) == (8, 8)
+
+
+@pytest.mark.external
+@requires_dcmtk
+def test_ct_and_seg_on_concurrent_associations(node, phantom):
+    # As Orthanc sends a study: one association per SOP class, at the same time.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = [
+            pool.submit(storescu, LOOPBACK, node.port, [folder], called_ae=NODE_AE, calling_ae=PACS_AE)
+            for folder in (phantom.ct_dir, phantom.seg_dir)
+        ]
+        results = [run.result() for run in runs]
+    assert all(result.ok for result in results), [r.output for r in results]
+    assert set(node.instances()) == phantom.ct_uids | {str(phantom.seg.SOPInstanceUID)}
+    assert len(node.spool.list_studies()) == 1
+
+
+# --- who may associate ----------------------------------------------------------------
+
+
+@pytest.mark.external
+@requires_dcmtk
+def test_unknown_calling_ae_is_rejected_and_nothing_is_stored(node, phantom):
+    with structlog.testing.capture_logs() as logs:
+        result = storescu(LOOPBACK, node.port, [phantom.ct_dir], called_ae=NODE_AE, calling_ae="EVIL")
+
+    assert not result.ok and result.association_rejected, result.output
+    assert "Calling AE Title Not Recognized" in result.output
+    assert node.instances() == {}
+    rejected = [e for e in logs if e["event"] == "association_rejected"]
+    assert rejected and rejected[0]["calling_ae"] == "EVIL" and rejected[0]["peer_ip"] == "127.0.0.1"
+
+
+@pytest.mark.external
+@requires_dcmtk
+@pytest.mark.parametrize("check_called_ae", [True, False])
+def test_wrong_called_ae_is_rejected_only_when_checked(start_node, check_called_ae):
+    node = start_node(check_called_ae=check_called_ae)
+    result = echoscu(LOOPBACK, node.port, called_ae="SOMEONE_ELSE")
+    if check_called_ae:
+        assert result.association_rejected and "Called AE Title Not Recognized" in result.output, result.output
+    else:
+        assert result.ok, result.output
+
+
+def test_source_address_outside_the_allow_list_is_rejected(start_node):
+    node = start_node(allowed_callers=(CallerRule(ae_title=PACS_AE, host="127.0.0.1"),))
+    outsider = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, bind_address=("127.0.0.2", 0))
+    assert outsider.is_rejected
+    primitive = outsider.acceptor.primitive
+    assert (primitive.result, primitive.result_source, primitive.diagnostic) == (
+        scp.REJECT_PERMANENT,
+        scp.REJECT_SOURCE_SERVICE_USER,
+        scp.REJECT_CALLING_AE_NOT_RECOGNISED,
+    )
+
+    insider = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, bind_address=("127.0.0.1", 0))
+    assert insider.is_established
+    assert insider.send_c_echo().Status == STATUS_SUCCESS
+    insider.release()
+
+
+def test_a_failing_caller_check_rejects(start_node, monkeypatch):
+    node = start_node()
+
+    def broken(self, calling_ae_title, address):
+        raise RuntimeError("allow-list unreadable")
+
+    monkeypatch.setattr(ScpConfig, "caller_allowed", broken)
+    assoc = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE)
+    assert assoc.is_rejected
+
+
+def test_association_limit_rejects_transiently_until_one_ends(start_node):
+    node = start_node(max_associations=1)
+    first = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE)
+    assert first.is_established
+    second = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE)
+    assert second.is_rejected
+    assert (second.acceptor.primitive.result, second.acceptor.primitive.diagnostic) == (
+        scp.REJECT_TRANSIENT,
+        scp.REJECT_LOCAL_LIMIT_EXCEEDED,
+    )
+    first.release()
+    deadline = time.monotonic() + 5
+    while node.receiver.active_associations and time.monotonic() < deadline:
+        time.sleep(0.02)
+    third = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE)
+    assert third.is_established
+    third.release()
+
+
+@pytest.mark.external
+@requires_dcmtk
+def test_mr_image_storage_gets_no_presentation_context(node, phantom):
+    def as_mr(ds):
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.Modality = "MR"
+
+    result = storescu(LOOPBACK, node.port, [phantom.variant("mr", as_mr)], called_ae=NODE_AE, calling_ae=PACS_AE)
+    assert not result.ok and result.no_presentation_context, result.output
+    assert node.instances() == {}
+
+
+# --- what arrives ---------------------------------------------------------------------
+
+
+def test_corrupt_instances_get_cannot_understand_and_the_rest_is_stored(node, phantom, tmp_path, monkeypatch):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    fresh = lambda name: phantom.variant(name, lambda ds: None)  # noqa: E731 - new SOP Instance UID each
+    truncated = rewrite(fresh("t"), bad / "truncated.dcm", lambda b: b[:-1000])
+    garbage = rewrite(fresh("g"), bad / "garbage.dcm", lambda b: b + bytes(range(256)))
+    not_dicom = rewrite(fresh("n"), bad / "not-dicom.dcm", lambda b: b[:300] + b"\xff" * 16 + b"garbage" * 40)
+    files = [truncated, *phantom.ct_files[:4], garbage, not_dicom, *phantom.ct_files[4:]]
+
+    statuses = send(node, files, raw_files=True, monkeypatch=monkeypatch)
+
+    assert statuses == [STATUS_CANNOT_UNDERSTAND, *[STATUS_SUCCESS] * 4, STATUS_CANNOT_UNDERSTAND, STATUS_CANNOT_UNDERSTAND, *[STATUS_SUCCESS] * 4]
+    assert set(node.instances()) == phantom.ct_uids
+    assert (node.received("ct", "stored"), node.received("ct", "rejected")) == (8, 3)
+
+
+def test_short_pixel_data_is_refused(node, phantom):
+    ds = pydicom.dcmread(phantom.variant("short", lambda ds: None))
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    assert send(node, [ds]) == [STATUS_CANNOT_UNDERSTAND]
+    assert node.instances() == {}
+
+
+def test_unsafe_uid_is_refused(node, phantom, tmp_path, monkeypatch):
+    # Same length as the UID it replaces, so the encoding stays valid; only the value is hostile.
+    path = phantom.variant("unsafe", lambda ds: setattr(ds, "SeriesInstanceUID", "1.2.3.44444444"))
+    hostile = rewrite(path, tmp_path / "hostile.dcm", lambda b: b.replace(b"1.2.3.44444444", b"1.2/../../etc/"))
+    with structlog.testing.capture_logs() as logs:
+        assert send(node, [hostile], raw_files=True, monkeypatch=monkeypatch) == [STATUS_CANNOT_UNDERSTAND]
+    assert [e["error_type"] for e in logs if e["event"] == "instance_refused"] == ["UnsafeUid"]
+    assert node.instances() == {}
+    assert not list((node.spool.directory / "instances").rglob("*"))
+
+
+def test_dataset_that_does_not_match_its_sop_class_gets_0xA900(node, phantom, tmp_path, monkeypatch):
+    def ct_sent_as_seg(ds):
+        ds.file_meta.MediaStorageSOPClassUID = SegmentationStorage  # pynetdicom picks the context from the meta
+
+    def mr_in_ct(ds):
+        ds.Modality = "MR"
+
+    def other_instance(ds):
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+
+    files = [phantom.variant(name, edit) for name, edit in [("as-seg", ct_sent_as_seg), ("mr-in-ct", mr_in_ct), ("uid", other_instance)]]
+    statuses = send(node, files, raw_files=True, monkeypatch=monkeypatch)
+    assert statuses == [STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS] * 3
+    assert node.instances() == {}
+    assert (node.received("seg", "rejected"), node.received("ct", "rejected")) == (1, 2)
+
+
+def test_seg_without_referenced_series_sequence_is_stored(node, phantom):
+    seg = pydicom.dcmread(phantom.seg_path)
+    del seg.ReferencedSeriesSequence
+    seg.SOPInstanceUID = seg.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    assert send(node, [seg]) == [STATUS_SUCCESS]
+    record = node.instances()[str(seg.SOPInstanceUID)]
+    assert record.is_segmentation and record.referenced_series_instance_uids == ()
+
+
+def test_disk_guard_answers_out_of_resources(start_node, phantom):
+    node = start_node(min_free_bytes=2**62)
+    assert send(node, phantom.ct_files[:2]) == [STATUS_OUT_OF_RESOURCES] * 2
+    assert node.instances() == {}
+    assert node.received("ct", "rejected") == 2
+
+
+@pytest.mark.external
+@requires_dcmtk
+def test_storescu_reports_out_of_resources(start_node, phantom):
+    node = start_node(min_free_bytes=2**62)
+    result = storescu(LOOPBACK, node.port, phantom.ct_files[:1], called_ae=NODE_AE, calling_ae=PACS_AE)
+    # storescu exits 0 after a refused store; its verbose log carries the status.
+    assert "Received Store Response (Refused: OutOfResources)" in result.output, result.output
+
+
+def test_unexpected_error_answers_0xC211_and_the_association_goes_on(node, phantom, monkeypatch):
+    real_store = node.spool.store_instance
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("bug")
+        return real_store(*args, **kwargs)
+
+    monkeypatch.setattr(node.spool, "store_instance", flaky)
+    assert send(node, phantom.ct_files[:2]) == [STATUS_PROCESSING_FAILURE, STATUS_SUCCESS]
+    assert len(node.instances()) == 1
+
+
+def test_logs_name_uids_and_reasons_but_no_patient_identity(start_node, phantom, tmp_path, monkeypatch):
+    with structlog.testing.capture_logs() as logs:
+        node = start_node()
+        bad = rewrite(phantom.variant("bad", lambda ds: None), tmp_path / "bad.dcm", lambda b: b[:-100])
+        statuses = send(node, [phantom.ct_files[0], bad], raw_files=True, monkeypatch=monkeypatch)
+        mr = phantom.variant("mr", lambda ds: setattr(ds, "Modality", "MR"))
+        statuses += send(node, [mr])
+    assert statuses == [STATUS_SUCCESS, STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS]
+    text = repr(logs)
+    assert PATIENT_ID not in text and PATIENT_NAME not in text and "19600101" not in text
+    refused = [e for e in logs if e["event"] == "instance_refused"]
+    assert [e["status"] for e in refused] == ["0xC000", "0xA900"]
+    assert all(e["sop_uid"] and e["assoc_id"] and e["calling_ae"] == PACS_AE for e in refused)
+
+
+class BrokenLog:
+    """A log sink that fails on every call (say, stdout closed under us)."""
+
+    def bind(self, **fields):
+        return self
+
+    def __getattr__(self, level):
+        def fail(*args, **kwargs):
+            raise ValueError("I/O operation on closed file")
+
+        return fail
+
+
+def test_a_failing_log_sink_changes_no_status_and_admits_no_one(tmp_path, phantom):
+    spool = Spool.open(tmp_path / "spool", min_free_bytes=0)
+    receiver = DicomReceiver(scp_config(), spool, log=BrokenLog())
+    receiver.start()
+    try:
+        node = type("N", (), {"port": receiver.port})()
+        assert send(node, phantom.ct_files[:1]) == [STATUS_SUCCESS]
+        assert scu(ae_title="EVIL").associate(LOOPBACK, receiver.port, ae_title=NODE_AE).is_rejected
+    finally:
+        receiver.stop()
+        spool.close()
+
+
+# --- TLS and lifecycle ----------------------------------------------------------------
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "node.crt", directory / "node.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+@pytest.mark.skipif(not Path("/usr/bin/openssl").is_file(), reason="openssl not installed")
+def test_tls_listener_answers_tls_callers_only(start_node, tmp_path):
+    import ssl
+
+    cert, key = self_signed_certificate(tmp_path)
+    tls = ScpTlsConfig(enabled=True, cert_file=cert, key_file=key, ca_file=None, require_client_cert=False)
+    node = start_node(tls=tls)
+    client = ssl.create_default_context(cafile=str(cert))
+    client.check_hostname = False
+    secure = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, tls_args=(client, None))
+    assert secure.is_established
+    assert secure.send_c_echo().Status == STATUS_SUCCESS
+    secure.release()
+    plain = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE)
+    assert not plain.is_established
+    again = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, tls_args=(client, None))
+    assert again.is_established  # a failed handshake does not take the listener down
+    again.release()
+
+
+def test_port_zero_binds_a_free_port_and_stop_aborts_lingering_associations(start_node):
+    node = start_node()
+    assert node.receiver.running and node.port > 0
+    lingering = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE)
+    assert lingering.is_established
+    node.receiver.stop(grace_s=0.2)
+    assert not node.receiver.running
+    lingering.join(timeout=5)
+    assert lingering.is_aborted or not lingering.is_established
+    node.receiver.stop()  # idempotent
+
+
+def test_a_busy_port_names_the_config_key(start_node, tmp_path):
+    node = start_node()
+    spool = Spool.open(tmp_path / "other", min_free_bytes=0)
+    with pytest.raises(ConfigError, match=r"scp\.port: .* already in use"):
+        DicomReceiver(scp_config(port=node.port), spool).start()
+    spool.close()
+
+
+# --- pure units -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (SpoolFull("disk"), STATUS_OUT_OF_RESOURCES),
+        (SpoolBusy("locked"), STATUS_OUT_OF_RESOURCES),
+        (SpoolIOError("eio"), STATUS_OUT_OF_RESOURCES),
+        (UnsafeUid("bad uid"), STATUS_CANNOT_UNDERSTAND),
+        (UnreadableInstance("truncated"), STATUS_CANNOT_UNDERSTAND),
+        (SopClassMismatch("MR in CT"), STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS),
+        (NotPart10("our bug"), STATUS_PROCESSING_FAILURE),
+        (RuntimeError("bug"), STATUS_PROCESSING_FAILURE),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else f"0x{v:04X}",
+)
+def test_status_for_error(error, status):
+    assert status_for_error(error) == status
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b[:-1000],  # native pixel data cut short
+        lambda b: b + b"\x13\x37" * 50,  # garbage read as one more element
+        lambda b: b[:500],  # cut inside the header
+    ],
+    ids=["truncated-pixels", "trailing-garbage", "truncated-header"],
+)
+def test_read_received_dataset_refuses_damaged_native_data(phantom, damage):
+    encoded = phantom.ct_files[0].read_bytes()
+    assert read_received_dataset(encoded).SOPInstanceUID == phantom.ct_files[0].stem
+    with pytest.raises(UnreadableInstance):
+        read_received_dataset(damage(encoded))
+
+
+def test_read_received_dataset_refuses_truncated_encapsulated_pixel_data(phantom):
+    encoded = sorted(phantom.compressed_dir(RLELossless).glob("*.dcm"))[0].read_bytes()
+    read_received_dataset(encoded)
+    with pytest.raises(UnreadableInstance, match="no Pixel Data"):
+        read_received_dataset(encoded[:-300])
+
+
+def test_negotiated_transfer_syntaxes_are_the_decodable_ones():
+    syntaxes = scp.decodable_transfer_syntaxes()
+    assert syntaxes[:2] == (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    assert {RLELossless, JPEGLSLossless, JPEG2000Lossless} <= set(syntaxes)
+    assert all(pydicom.pixels.get_decoder(uid).is_available for uid in syntaxes)
+
+
+def test_ipv6_listener_and_allow_list(start_node):
+    node = start_node(bind_address="::1", allowed_callers=(CallerRule(ae_title=PACS_AE, host="::1"),))
+    assoc = scu().associate("::1", node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == STATUS_SUCCESS
+    assoc.release()
+    assert scu(ae_title="OTHER").associate("::1", node.port, ae_title=NODE_AE).is_rejected
