@@ -266,6 +266,8 @@ def synthetic_chest_phantom(
     spacing_mm: tuple[float, float, float] = (0.8, 0.8, 2.5),
     tumour_radii_mm: tuple[float, float, float] = (14.0, 11.0, 12.0),
     texture_hu: float = 60.0,
+    halo_hu: float = 0.0,
+    halo_mm: float = 3.0,
     seed: int = 0,
 ) -> tuple[sitk.Image, sitk.Image]:
     """A lung-like CT volume (HU) with one textured ellipsoidal tumour, and its mask.
@@ -273,6 +275,8 @@ def synthetic_chest_phantom(
     ``size`` and ``spacing_mm`` are in SimpleITK (x, y, z) order.  The lung
     parenchyma is about -850 HU with noise; the tumour is soft tissue
     (~40 HU) with smoothed Gaussian texture of ``texture_hu`` amplitude.
+    ``halo_hu`` adds a ground-glass halo of that many HU over the lung within
+    ``halo_mm`` outside the tumour, fading linearly (peritumoral infiltration).
     """
     rng = np.random.default_rng(seed)
     nx, ny, nz = size
@@ -292,6 +296,12 @@ def synthetic_chest_phantom(
     texture = texture / (texture.std() or 1.0)
     tumour = 40.0 + texture_hu * texture
     hu = np.where(inside, tumour, lung)
+    if halo_hu:
+        # Distance outside the ellipsoid, approximated by scaling the normalised radius (exact on a sphere).
+        radius = np.sqrt((x / rx) ** 2 + (y / ry) ** 2 + (z / rz) ** 2)
+        outside_mm = (radius - 1.0) * (rx * ry * rz) ** (1 / 3)
+        fade = np.clip(1.0 - outside_mm / halo_mm, 0.0, 1.0)
+        hu = np.where(inside, hu, hu + halo_hu * fade)
     image = sitk.GetImageFromArray(hu.astype(np.int16))
     image.SetSpacing(spacing_mm)
     image.SetOrigin((-(nx - 1) / 2 * sx, -(ny - 1) / 2 * sy, -(nz - 1) / 2 * sz))

@@ -53,9 +53,33 @@ def drop_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str
     return event_dict
 
 
+class _CurrentStream:
+    """Writes to whatever ``sys.stdout``/``sys.stderr`` is at the time of writing.
+
+    Loggers outlive redirections (pytest's capture, a daemon's re-opened
+    stdout); binding the stream object at configuration time would leave
+    them writing to a closed file.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return getattr(sys, self.name).write(text)
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
+
+
 def configure_logging(level: str = "INFO", stream=None) -> None:
-    """JSON lines with ISO timestamps; stdlib logging (pynetdicom, apscheduler) routed through the same renderer."""
-    stream = stream or sys.stdout
+    """JSON lines with ISO timestamps; stdlib logging (pynetdicom, apscheduler) routed through the same renderer.
+
+    ``stream`` defaults to the process's current stdout (journald under systemd).
+    """
+    if stream is None or stream is sys.stdout:
+        stream = _CurrentStream("stdout")
+    elif stream is sys.stderr:
+        stream = _CurrentStream("stderr")
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
