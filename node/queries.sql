@@ -41,6 +41,11 @@ SELECT s.*, 0 AS instance_count
  WHERE s.state IN (SELECT value FROM json_each(:states))
    AND s.purged_at IS NULL
    AND s.state_changed_at <= :changed_before
+   -- a scored study is finished only when nothing is left to send (a node with no destinations)
+   AND (s.state != 'scored'
+        OR NOT EXISTS (SELECT 1 FROM outbox o
+                        WHERE o.study_instance_uid = s.study_instance_uid
+                          AND o.state IN ('pending', 'sending', 'failed')))
  ORDER BY s.state_changed_at;
 
 -- name: create_study
@@ -94,7 +99,12 @@ UPDATE studies
 UPDATE studies
    SET purged_at = :now
  WHERE study_instance_uid = :study_uid
-   AND state IN (SELECT value FROM json_each(:states))
+   AND (state IN (SELECT value FROM json_each(:states))
+        -- scored with nothing left to send: a node without destinations
+        OR (state = 'scored'
+            AND NOT EXISTS (SELECT 1 FROM outbox o
+                             WHERE o.study_instance_uid = studies.study_instance_uid
+                               AND o.state IN ('pending', 'sending', 'failed'))))
    AND purged_at IS NULL;
 
 -- name: link_clinical_record

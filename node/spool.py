@@ -868,8 +868,10 @@ class Spool:
 
         Age counts from the last state change.  Call once per retention
         period, e.g. ``states={DELIVERED}`` and ``states={FAILED, EXPIRED}``.
+        ``scored`` may be asked for too (a node with no destinations): only
+        studies with no pending or in-flight delivery are returned.
         """
-        unfinished = set(states) - FINISHED_STATES
+        unfinished = set(states) - FINISHED_STATES - {StudyState.SCORED}
         if unfinished:
             raise ValueError(f"only finished studies may be cleaned up, not {sorted(map(str, unfinished))}")
         with self.transaction(write=False) as tx:

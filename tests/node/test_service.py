@@ -1,0 +1,123 @@
+"""The service's own jobs, in process: retention clean-up, disk guard, health, sd_notify, start/stop."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+
+import pytest
+
+from node.config import load_config
+from node.service import NodeService, sd_notify
+from node.states import StudyState
+from tests.node.dicom_tools import echoscu
+from tests.node.test_spool import T0, ct_instance
+from tests.node.test_study_machine import drive_to
+
+S = StudyState
+
+
+def make_service(tmp_path, *, destinations: bool = True, min_free_bytes: int = 0) -> NodeService:
+    destination = """
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 1
+""" if destinations else ""
+    config_path = tmp_path / "node.toml"
+    config_path.write_text(f"""
+[scp]
+port = 0
+[spool]
+directory = "{tmp_path}/spool"
+database = "{tmp_path}/node.sqlite3"
+min_free_bytes = {min_free_bytes}
+retention_after_delivery_s = 0
+retention_failed_s = 0
+[clinical]
+inbox_directory = "{tmp_path}/inbox"
+[http]
+port = 0
+{destination}
+""")
+    return NodeService(load_config(config_path))
+
+
+def files_of(service: NodeService, study) -> list:
+    return [i.path for i in service.spool.study_instances(study.study_uid, include_purged=True) if i.path.exists()]
+
+
+def test_retention_removes_files_of_finished_studies_only(tmp_path):
+    service = make_service(tmp_path)
+    try:
+        studies = {state: drive_to(service.spool, state) for state in (S.DELIVERED, S.FAILED, S.SCORED, S.RECEIVING)}
+        assert all(files_of(service, study) for study in studies.values())
+        service.clean_up()
+        assert files_of(service, studies[S.DELIVERED]) == []
+        assert files_of(service, studies[S.FAILED]) == []
+        assert files_of(service, studies[S.SCORED]), "a scored study still waits for its delivery"
+        assert files_of(service, studies[S.RECEIVING])
+        for state, study in studies.items():
+            record = service.spool.get_study(study.study_uid)
+            assert record.state is state, "clean-up keeps the study's history"
+        assert service.spool.get_study(studies[S.DELIVERED].study_uid).purged_at is not None
+    finally:
+        service.spool.close()
+
+
+def test_without_destinations_scored_is_final_and_cleaned(tmp_path):
+    service = make_service(tmp_path, destinations=False)
+    try:
+        scored = drive_to(service.spool, S.READY)
+        uid = scored.study_uid
+        service.machine.claim(uid, worker_id="w1", now=T0 + 3, lease_s=60)
+        sr_bytes, _ = ct_instance(uid, f"{uid}.3", f"{uid}.3.1")
+        service.machine.record_scored(
+            uid, worker_id="w1", sr_sop_instance_uid=f"{uid}.3.1", sr_bytes=sr_bytes, destinations=[], now=T0 + 4
+        )
+        assert service.spool.get_study(uid).state is S.SCORED
+        service.clean_up()
+        assert files_of(service, scored) == []
+    finally:
+        service.spool.close()
+
+
+def test_disk_guard_reports_unhealthy_below_the_threshold(tmp_path):
+    service = make_service(tmp_path, min_free_bytes=2**62)
+    try:
+        service.guard_disk()
+        report = service.health()
+        assert report.checks["disk"] is False and report.healthy is False
+    finally:
+        service.spool.close()
+
+
+def test_sd_notify_sends_a_datagram(tmp_path, monkeypatch):
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(address)
+        monkeypatch.setenv("NOTIFY_SOCKET", address)
+        assert sd_notify("READY=1") is True
+        assert listener.recv(64) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert sd_notify("READY=1") is False
+
+
+def test_started_service_answers_echo_and_healthz_then_stops(tmp_path):
+    service = make_service(tmp_path)
+    service.start()
+    try:
+        assert echoscu("127.0.0.1", service.receiver.port, called_ae="SCLC_NODE").ok
+        with urllib.request.urlopen(service.http.url + "/healthz", timeout=5) as response:
+            assert response.status == 200
+            body = json.loads(response.read())
+        assert body["status"] == "ok"
+        with urllib.request.urlopen(service.http.url + "/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        assert 'sclc_studies{state="receiving"} 0.0' in metrics
+    finally:
+        service.stop()
+    assert not service.receiver.running
+    assert not service.scheduler.running
