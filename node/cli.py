@@ -15,6 +15,8 @@ from node.logs import configure_logging, get_logger
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL_ERROR = 3
+#: sysexits' EX_TEMPFAIL: the same command may succeed later (e.g. the database was busy).
+EXIT_TRY_AGAIN = 75
 
 
 def _version() -> str:
@@ -174,6 +176,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows = []
         for study in studies:
             deliveries = spool.study_deliveries(study.study_instance_uid)
+            waiting_for = _waiting_for(spool, study)
             rows.append({
                 "study_instance_uid": study.study_instance_uid,
                 "state": str(study.state),
@@ -182,6 +185,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "instances": study.instance_count,
                 "clinical_record": study.clinical_record_id is not None,
                 "failure_reason": study.failure_reason,
+                "waiting_for": waiting_for,
                 "deliveries": [
                     {"destination": d.destination, "state": str(d.state), "attempts": d.attempts,
                      "last_error": d.last_error}
@@ -199,13 +203,31 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"(in state {_age(row['in_state_s'])}) instances {row['instances']}")
         if row["failure_reason"]:
             line += f"\n    reason: {row['failure_reason']}"
+        for missing in row["waiting_for"]:
+            line += f"\n    waiting for: {missing}"
         for d in row["deliveries"]:
+            if d["state"] == "delivered":
+                line += f"\n    -> {d['destination']}: delivered"
+                continue
             line += f"\n    -> {d['destination']}: {d['state']} after {d['attempts']} attempt(s)"
             if d["last_error"]:
                 line += f" ({d['last_error']})"
         print(line)
     print("totals: " + ", ".join(f"{state} {n}" for state, n in counts.items() if n) if any(counts.values()) else "")
     return EXIT_OK
+
+
+def _waiting_for(spool, study) -> list[str]:
+    """What an incomplete study still lacks, in the words the expiry reason would use."""
+    from node.completion import assess_images
+    from node.states import StudyState
+
+    if study.state not in (StudyState.RECEIVING, StudyState.WAITING_FOR_CLINICAL):
+        return []
+    _, gaps = assess_images(spool.study_snapshot(study.study_instance_uid))
+    if study.clinical_record_id is None:
+        gaps.append("no clinical record")
+    return gaps
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -351,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from scoring.errors import InputError
+    from scoring.errors import SclcNodeError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -360,10 +382,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = get_logger(stage="cli", command=args.command)
     try:
         return args.handler(args)
-    except InputError as exc:
+    except SclcNodeError as exc:
+        # Bad input, an unknown study, a transition that does not apply: one line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
-        log.warning("input_rejected", error_type=type(exc).__name__)
-        return EXIT_BAD_INPUT
+        return EXIT_TRY_AGAIN if exc.retryable else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - one readable line, details in the log

@@ -41,6 +41,14 @@ class ImportReport:
 def import_clinical_file(spool, path: Path, *, now: float) -> ImportReport:
     """Validate every record in ``path`` and store them in the spool; raises `ClinicalRecordError` if any is bad."""
     records = load_clinical_file(path)
+    unmatchable = [
+        f"record {n}: needs an accession_number, or a patient_id and a study_instance_uid, to be matched to a study"
+        for n, r in enumerate(records, start=1)
+        if not r.accession_number and not (r.patient_id and r.study_instance_uid)
+    ]
+    if unmatchable:
+        # Checked before storing anything, so a file is imported whole or not at all.
+        raise ClinicalRecordError(unmatchable)
     register_phi_values(value for r in records for value in (r.patient_id, r.accession_number))
     matched: list[str] = []
     for record in records:

@@ -142,8 +142,9 @@ STORAGE_CLASSES = {
     SegmentationStorage: StorageClass(SegmentationStorage, "seg", "SEG"),
 }
 
-#: Uncompressed syntaxes first (pynetdicom picks the first syntax of the
-#: *caller's* list that we support, so our order only documents).
+#: Uncompressed syntaxes first.  As acceptor, pynetdicom 3 picks the first
+#: syntax of *this* list that the caller also proposed, so the order is our
+#: preference: a caller offering both gets uncompressed.
 CANDIDATE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,

@@ -194,8 +194,12 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=240, help="simulated patients (default 240)")
     parser.add_argument("--seed", type=int, default=20231124)
     parser.add_argument("--out", type=Path, default=REPO / "models" / f"{MODEL_NAME}-{MODEL_VERSION}.json")
-    parser.add_argument("--card", type=Path, default=REPO / "docs" / "model-card-demo.md")
+    parser.add_argument("--card", type=Path, help="model card (default: docs/model-card-demo.md for the shipped "
+                        "model, else beside --out)")
     args = parser.parse_args(argv)
+    if args.card is None:
+        shipped = args.out.resolve() == (REPO / "models" / f"{MODEL_NAME}-{MODEL_VERSION}.json").resolve()
+        args.card = REPO / "docs" / "model-card-demo.md" if shipped else args.out.with_suffix(".md")
 
     rng = np.random.default_rng(args.seed)
     settings = ExtractionSettings(

@@ -114,3 +114,14 @@ def test_logs_name_no_patient_identifier(tmp_path, spool, capsys):
     out = capsys.readouterr().out
     assert file_reference("PAT-SECRET-1.json") in out
     assert "PAT-SECRET-1" not in out
+
+
+def test_a_file_with_an_unmatchable_record_imports_nothing(tmp_path, spool):
+    path = tmp_path / "records.json"
+    unmatchable = {k: v for k, v in RECORD.items() if k != "accession_number"}  # patient_id alone matches nothing
+    path.write_text(json.dumps([dict(RECORD, accession_number="ACC-1"), unmatchable]))
+    with pytest.raises(ClinicalRecordError) as excinfo:
+        import_clinical_file(spool, path, now=time.time())
+    assert "record 2" in str(excinfo.value) and "accession_number" in str(excinfo.value)
+    with spool.transaction(write=False) as tx:
+        assert tx.one("clinical_record_by_id", record_id=1) is None
