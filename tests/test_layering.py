@@ -42,3 +42,16 @@ def test_only_the_spool_imports_sqlite3():
         if "sqlite3" in imported_modules(path)
     )
     assert importers in ([], ["node/spool.py"])
+
+
+def test_every_python_package_is_installed():
+    """A package missing from pyproject's explicit list works in an editable install and breaks a real one."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for top in ("node", "dicom_io", "scoring")
+        for init in (REPO / top).rglob("__init__.py")
+    }
+    assert on_disk <= listed, f"add to pyproject [tool.setuptools] packages: {sorted(on_disk - listed)}"

@@ -1,0 +1,38 @@
+"""Fit, freeze and evaluate an integrated clinical + radiomics Cox model on a researcher's own cohort.
+
+* `scoring.training.spec` -- the TOML training specification (`TrainingSpec`);
+* `scoring.training.method` -- the method of Zhao et al. (JITC 2023) on a
+  training split (`fit_integrated_model` -> `FittedIntegratedModel`);
+* `scoring.training.evaluation` -- one split's evaluation of a frozen model
+  (`evaluate_split`): C-index, time-dependent AUC, Kaplan-Meier by risk group,
+  calibration and decision curves, for the radiomics score and the integrated
+  risk score side by side.
+
+Pure like the rest of `scoring`: arrays and tables in, plain values out.
+"""
+
+from scoring.training.evaluation import SplitEvaluation, evaluate_split
+from scoring.training.method import (
+    FittedIntegratedModel,
+    LassoCoxSelector,
+    NoFeatureSelectedError,
+    TrainingDataError,
+    fit_integrated_model,
+    variance_inflation_factors,
+)
+from scoring.training.spec import ClinicalCandidate, EvaluationSettings, TrainingSpec, TrainingSpecError
+
+__all__ = [
+    "ClinicalCandidate",
+    "EvaluationSettings",
+    "FittedIntegratedModel",
+    "LassoCoxSelector",
+    "NoFeatureSelectedError",
+    "SplitEvaluation",
+    "TrainingDataError",
+    "TrainingSpec",
+    "TrainingSpecError",
+    "evaluate_split",
+    "fit_integrated_model",
+    "variance_inflation_factors",
+]
