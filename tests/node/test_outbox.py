@@ -175,7 +175,8 @@ def spool(tmp_path):
 class PynetdicomScp:
     """A small pynetdicom storage SCP on an ephemeral loopback port; the C-STORE handler decides the status."""
 
-    def __init__(self, handler, *, ae_title="PACS1AE", sop_classes=(Comprehensive3DSRStorage,), require_calling=()):
+    def __init__(self, handler, *, ae_title="PACS1AE", sop_classes=(Comprehensive3DSRStorage,), require_calling=(),
+                 ssl_context=None):
         self.ae = AE(ae_title=ae_title)
         self.ae.require_called_aet = True
         if require_calling:
@@ -183,7 +184,7 @@ class PynetdicomScp:
         for sop_class in sop_classes:
             self.ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.server = self.ae.start_server(
-            (LOOPBACK, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)]
+            (LOOPBACK, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)], ssl_context=ssl_context
         )
         self.port = self.server.server_address[1]
 
@@ -586,3 +587,36 @@ def test_a_delivery_claimed_by_a_killed_sender_is_sent_after_its_hold_and_only_t
         assert outbox.run_once(now=NOW + 10 * hold_s) == 0
     [received] = scp.received_files()
     assert pydicom.dcmread(received).SOPInstanceUID == study.sr_uid
+
+
+@pytest.mark.skipif(not Path("/usr/bin/openssl").is_file(), reason="openssl not installed")
+def test_tls_destination_receives_the_sr_and_an_untrusted_one_is_a_failed_attempt(spool, tmp_path, pynetdicom_scp):
+    import ssl
+
+    from node.config import DestinationTlsConfig
+    from tests.node.test_scp import self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(str(cert), str(key))
+    received = []
+
+    def store(event):
+        received.append(event.dataset)
+        return 0x0000
+
+    scp = pynetdicom_scp(store, ssl_context=server_context)
+    trusted = dataclasses.replace(
+        destination(scp.port), host="localhost", tls=DestinationTlsConfig(enabled=True, ca_file=cert)
+    )
+    study = scored_study(spool, 91)
+    result = send_sr(trusted, study.sr_bytes, calling_ae="SCLC_NODE", timeouts=TIMEOUTS)
+    assert result.delivered, result.error
+    assert [str(ds.SOPInstanceUID) for ds in received] == [study.sr_uid]
+
+    # The system trust store does not know our self-signed certificate: no SR may leave unencrypted or unverified.
+    untrusted = dataclasses.replace(trusted, tls=DestinationTlsConfig(enabled=True))
+    result = send_sr(untrusted, study.sr_bytes, calling_ae="SCLC_NODE", timeouts=TIMEOUTS)
+    assert not result.delivered
+    assert "PACS1" in result.error
+    assert len(received) == 1
