@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -133,6 +134,15 @@ level = "INFO"
         )
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
+
+    def state_now(self, study_uid: str) -> str | None:
+        """The study's state straight from the database: fast enough to catch the short `scoring` window."""
+        database = self.state / "node.sqlite3"
+        if not database.exists():
+            return None
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
+            row = connection.execute("SELECT state FROM studies WHERE study_instance_uid = ?", (study_uid,)).fetchone()
+        return row[0] if row else None
 
     def study(self, study_uid: str) -> dict | None:
         return next((s for s in self.status()["studies"] if s["study_instance_uid"] == study_uid), None)
@@ -291,8 +301,7 @@ def test_kill9_while_scoring_gives_exactly_one_sr(tmp_path, peers, demo):
         sent = storescu("127.0.0.1", node.dicom_port, [demo.ct_dir, demo.seg_path], called_ae=NODE_AE)
         assert sent.ok, sent.output
         node.drop_clinical_record(DEMO_CLINICAL)
-        wait_for(lambda: (s := node.study(study_uid)) and s["state"] == "scoring", 60, "scoring to start", node,
-                 interval_s=0.05)
+        wait_for(lambda: node.state_now(study_uid) == "scoring", 60, "scoring to start", node, interval_s=0.01)
         node.kill9()
         assert node.study(study_uid)["state"] == "scoring"
 
