@@ -23,6 +23,7 @@ from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
+from scoring.strict_json import loads_strict
 from scoring.errors import ClinicalRecordError
 
 
@@ -631,21 +632,9 @@ def _duplicate_problems(labelled: list[tuple[str, ClinicalRecord]]) -> list[str]
     return problems
 
 
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not a number")
-
-
 def _load_json(text: str) -> object:
-    def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        result = {}
-        for key, value in pairs:
-            if key in result:
-                raise ValueError(f"key {key!r} appears twice in one object")
-            result[key] = value
-        return result
-
     try:
-        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=_reject_constant)
+        return loads_strict(text)
     except ValueError as exc:  # JSONDecodeError is a ValueError
         reason = str(exc).splitlines()[0]
         raise ClinicalRecordError([f"json: not valid JSON ({reason})"]) from None

@@ -37,6 +37,7 @@ from scoring.clinical import (
     ECOG_RANGE,
     ClinicalRecord,
 )
+from scoring.strict_json import loads_strict
 from scoring.errors import ClinicalRecordError, ModelFileError
 from scoring.types import ExtractionSettings, FeatureSpec, ModelIdentity, RingDefinition
 
@@ -347,32 +348,13 @@ def _check_seal(data: Mapping[str, Any]) -> None:
 
 
 def _load_json(text: str) -> Any:
-    def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result = {}
-        for key, value in pairs:
-            if key in result:
-                raise ValueError(f"key {key!r} appears twice in one object")
-            result[key] = value
-        return result
-
-    def finite_float(literal: str) -> float:
-        value = float(literal)
-        if not math.isfinite(value):
-            raise ValueError(f"number {literal} is out of range")
-        return value
-
-    def reject_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not a JSON number")
-
     if isinstance(text, (bytes, bytearray)):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ModelFileError(f"model file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        return json.loads(
-            text, object_pairs_hook=no_duplicate_keys, parse_float=finite_float, parse_constant=reject_constant
-        )
+        return loads_strict(text)
     except ValueError as exc:
         raise ModelFileError(f"model file is not valid JSON: {str(exc).splitlines()[0]}") from None
 
