@@ -247,7 +247,7 @@ def test_caller_may_pass_the_schema():
     ("text", "message"),
     [
         ("{", "model file is not valid JSON: Expecting property name"),
-        ('{"a": NaN}', "model file is not valid JSON: NaN is not a JSON number"),
+        ('{"a": NaN}', "model file is not valid JSON: NaN is not a number"),
         ('{"a": 1e999}', "model file is not valid JSON: number 1e999 is out of range"),
         ('{"a": 1, "a": 2}', "model file is not valid JSON: key 'a' appears twice in one object"),
         ("[1, 2]", "model file must hold a JSON object, not array"),
