@@ -128,10 +128,21 @@ def run_scoring_task(task: ScoringTask) -> ScoringOutcome:
         )
 
 
-def _worker_initialiser() -> None:
+def _exit_when_orphaned(parent_pid: int, poll_s: float = 1.0) -> None:
+    """A worker whose service was killed (-9) must not linger: it holds a CT volume and nobody will read its answer."""
+    while True:
+        time.sleep(poll_s)
+        if os.getppid() != parent_pid:
+            os._exit(0)
+
+
+def _worker_initialiser(parent_pid: int) -> None:
+    import threading
+
     from node.logs import configure_logging
 
     configure_logging(os.environ.get("SCLC_NODE_LOG_LEVEL", "WARNING"))
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True, name="orphan-watch").start()
 
 
 class ScoringDispatcher:
@@ -160,6 +171,7 @@ class ScoringDispatcher:
                 max_workers=self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_worker_initialiser,
+                initargs=(os.getpid(),),
             )
         return self._pool
 

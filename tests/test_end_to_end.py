@@ -161,6 +161,19 @@ level = "INFO"
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def worker_pids(parent_pid: int) -> list[int]:
+    """The node's child processes (its scoring workers, and spawn's resource tracker)."""
+    children = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(parent_pid):
+            children.append(int(status.parent.name))
+    return children
+
+
 def wait_for(condition, timeout_s: float, what: str, node: NodeProcess | None = None, interval_s: float = 0.2):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -302,8 +315,12 @@ def test_kill9_while_scoring_gives_exactly_one_sr(tmp_path, peers, demo):
         assert sent.ok, sent.output
         node.drop_clinical_record(DEMO_CLINICAL)
         wait_for(lambda: node.state_now(study_uid) == "scoring", 60, "scoring to start", node, interval_s=0.01)
+        workers = wait_for(lambda: worker_pids(node.process.pid), 30, "the scoring worker process", node,
+                           interval_s=0.01)
         node.kill9()
         assert node.study(study_uid)["state"] == "scoring"
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30,
+                 "the orphaned scoring workers to exit", node)
 
         node.start()
         wait_for(lambda: (s := node.study(study_uid)) and s["state"] == "delivered", 120, "delivery after restart",

@@ -93,7 +93,7 @@ class ExtractionFailure:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ExtractionResult:
     """Features per patient (index ``id``, cohort order, failed patients left out) and what happened.
 
@@ -171,8 +171,9 @@ def extract_cohort_features(
 
     order = [p.id for p in cohort]
     computed_ids = set(computed)
-    frame = pd.DataFrame.from_dict({pid: found[pid] for pid in order if pid in found}, orient="index", dtype=float)
-    frame.index.name = "id"
+    kept = [pid for pid in order if pid in found]
+    # Not DataFrame.from_dict: with rows of different columns it puts rows out of order.
+    frame = pd.DataFrame([found[pid] for pid in kept], index=pd.Index(kept, name="id"), dtype=float)
     return ExtractionResult(
         features=frame,
         failures=tuple(ExtractionFailure(pid, failures[pid]) for pid in order if pid in failures),
