@@ -367,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_defaults.set_defaults(handler=cmd_config_defaults)
 
     from node.stats_cli import add_stats_parser
+    from node.training_cli import add_training_parsers
 
+    add_training_parsers(sub)
     add_stats_parser(sub)
     return parser
 

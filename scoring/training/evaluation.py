@@ -141,10 +141,13 @@ def _harrell_c(time: np.ndarray, event: np.ndarray, score: np.ndarray) -> float 
     from sksurv.exceptions import NoComparablePairException
     from sksurv.metrics import concordance_index_censored
 
+    if not np.any(event):
+        return None  # every patient censored (e.g. a small bootstrap resample): C is undefined
     try:
-        return float(concordance_index_censored(event, time, score)[0])
+        value = float(concordance_index_censored(event, time, score)[0])
     except NoComparablePairException:
         return None
+    return value if np.isfinite(value) else None
 
 
 def bootstrap_c_index(

@@ -288,3 +288,17 @@ def test_missing_model_feature_is_named(model, cohort):
     dropped = features.drop(columns=[model.feature_names[0]])
     with pytest.raises(EvaluationDataError, match=f"lacks model feature: {model.feature_names[0]}"):
         evaluate_split(model, dropped, records, time, event, train_time=time, train_event=event, settings=SETTINGS)
+
+
+def test_bootstrap_survives_resamples_without_events_or_comparable_pairs():
+    from scoring.training.evaluation import bootstrap_c_index
+
+    time = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+    event = np.array([True, False, False, False, False, False, False, False, False])
+    score = np.linspace(1.0, 0.0, 9)
+    result = bootstrap_c_index(time, event, {"risk": score}, resamples=200, seed=3)["risk"]
+    assert result["estimate"] == 1.0
+    assert None in result["replicates"], "some resamples hold no event"
+    assert all(r is None or 0.0 <= r <= 1.0 for r in result["replicates"])
+    assert result["resamples_used"] == sum(r is not None for r in result["replicates"])
+    assert result["ci_low"] is not None and result["ci_low"] <= result["ci_high"]

@@ -1,0 +1,544 @@
+"""`sclc-node train` and `sclc-node simulate-cohort`: fit, freeze and report a model on a researcher's cohort.
+
+    sclc-node train --cohort COHORT.csv --spec SPEC.toml --out MODEL.json --report DIR
+                    [--cache DIR] [--scheduler tcp://HOST:8786] [--workers N] [--no-progress] [--force]
+    sclc-node simulate-cohort OUT_DIR [--seed N] [--scale F] [--no-progress]
+
+Wiring only: the cohort CSV is `node.training.cohort`, the features
+`node.training.extraction`, the method `scoring.training.method`, the
+evaluation `scoring.training.evaluation`, the report `node.training.report`
+and the model card `node.training.model_card` (docs/training.md walks
+through all of it).  `run_training` is the whole ``train`` command without
+argparse.  The lead's ``node/cli.py`` registers both commands with
+``add_training_parsers(sub)``; until then ``python -m node.training_cli ...``
+runs them with the same exit statuses (bad input: one line on stderr, 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+EXIT_OK = 0
+DEFAULT_CACHE_FOLDER = "feature-cache"
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What `run_training` produced: the model file (loaded back), the report data and its files."""
+
+    model_path: Path
+    model: Any  # scoring.model.FrozenModel
+    report: dict[str, Any]
+    files: Any  # node.training.report.ReportFiles
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready data: numpy scalars made Python, tuples made lists, non-finite floats made None."""
+    import numpy as np
+
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(item) for item in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    from scoring.errors import InputError
+
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{what}: {path} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"{what}: {path} is a folder, not a file") from None
+    except OSError as exc:
+        raise InputError(f"{what}: {path} cannot be read ({exc.strerror or exc})") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=".tmp", delete=False)
+    try:
+        with handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(handle.name, 0o666 & ~_umask())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sclc-risk-node")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _withhold(text: str, patient_id: str) -> str:
+    """``text`` without the patient's id (a failure reason may quote a path named after it)."""
+    return text.replace(patient_id, "(id withheld)") if len(patient_id) >= 3 else text
+
+
+def _warning_text(record: warnings.WarningMessage) -> str:
+    return f"{record.category.__name__}: {record.message} ({Path(record.filename).name}:{record.lineno})"
+
+
+class _Stages:
+    """Times each step and, with progress on, says on stderr what is running."""
+
+    def __init__(self, progress: bool):
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, message: str, function, *args, **kwargs):
+        if self.progress:
+            print(f"{message} …", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _check_outputs(model_path: Path, report_dir: Path, force: bool) -> None:
+    from scoring.errors import InputError
+
+    if model_path.is_dir():
+        raise InputError(f"--out: {model_path} is a folder (allowed: the path of the model file to write)")
+    if model_path.exists() and not force:
+        raise InputError(
+            f"--out: {model_path} exists; a frozen model file is never replaced silently "
+            "(give a new file name and model version, or pass --force)"
+        )
+    if report_dir.exists() and not report_dir.is_dir():
+        raise InputError(f"--report: {report_dir} is a file (allowed: a folder, created if missing)")
+
+
+def _patient_scores(model, features, patients) -> tuple[list[float], list[float]]:
+    from scoring.risk import apply_model
+    from scoring.types import FeatureVector
+
+    radiomics, risk = [], []
+    for patient in patients:
+        values = {name: float(features.at[patient.id, name]) for name in model.feature_names}
+        result = apply_model(model, FeatureVector(values), patient.clinical)
+        radiomics.append(result.radiomics_score)
+        risk.append(result.risk_score)
+    return radiomics, risk
+
+
+def _evaluate_split(split, cohort, features, failed, model, spec, train_time, train_event, notes):
+    import numpy as np
+
+    from node.training.report import at_risk_table, time_ticks
+    from scoring.errors import InputError
+    from scoring.training.evaluation import evaluate_split, risk_group_survival
+
+    patients = cohort.in_split(split)
+    used, excluded = [], []
+    for patient in patients:
+        if patient.id in failed:
+            excluded.append({"row": patient.row,
+                             "reason": f"feature extraction failed: {_withhold(failed[patient.id], patient.id)}"})
+            continue
+        missing = [name for name in model.feature_names
+                   if name not in features.columns or not math.isfinite(features.at[patient.id, name])]
+        if missing:
+            excluded.append({"row": patient.row,
+                             "reason": f"model feature{'s' if len(missing) > 1 else ''} not computed: "
+                                       + ", ".join(missing)})
+            continue
+        used.append(patient)
+    time_ = np.array([p.pfs_months for p in used], dtype=float)
+    event = np.array([p.pfs_event for p in used], dtype=bool)
+    entry: dict[str, Any] = {
+        "split": split, "n": len(patients), "n_used": len(used), "events": int(event.sum()) if used else None,
+        "excluded": excluded, "evaluation": None, "error": None, "at_risk": None, "overall_survival": None,
+    }
+    if len(used) < 2:
+        entry["error"] = f"{len(used)} patient{'s' if len(used) != 1 else ''} with the model's features (need 2)"
+        return entry
+    ids = [p.id for p in used]
+    try:
+        evaluation = evaluate_split(
+            model, features.loc[ids], [p.clinical for p in used], time_, event,
+            train_time=train_time, train_event=train_event, settings=spec.evaluation, split=split,
+        )
+    except InputError as exc:
+        entry["error"] = str(exc)
+        return entry
+    except ValueError as exc:  # raised by a library for data it cannot score (e.g. an all-censored resample)
+        entry["error"] = f"evaluation failed: {type(exc).__name__}: {exc}"
+        notes.append(f"split {split}: evaluation failed ({exc}); see docs/training.md, 'Small splits'")
+        return entry
+    entry["evaluation"] = evaluation.as_dict()
+    radiomics, risk = _patient_scores(model, features, used)
+    ticks = time_ticks(float(time_.max()))
+    entry["at_risk"] = {
+        "radiomics": at_risk_table(time_, np.array(radiomics) > model.radiomics_cutoff, ticks),
+        "integrated": at_risk_table(time_, np.array(risk) > model.risk_cutoff, ticks),
+    }
+    if all(p.os_months is not None for p in used):
+        os_time = np.array([p.os_months for p in used], dtype=float)
+        os_event = np.array([bool(p.os_event) for p in used], dtype=bool)
+        high = np.array(risk) > model.risk_cutoff
+        try:
+            groups = risk_group_survival(os_time, os_event, high)
+        except InputError as exc:
+            notes.append(f"split {split}: overall survival by risk group not computed ({exc})")
+        else:
+            entry["overall_survival"] = {
+                "n": len(used), "events": int(os_event.sum()), "risk_groups": _plain(groups),
+                "at_risk": at_risk_table(os_time, high, time_ticks(float(os_time.max()))),
+            }
+    return entry
+
+
+def run_training(
+    cohort_path: Path,
+    spec_path: Path,
+    model_path: Path,
+    report_dir: Path,
+    *,
+    cache_dir: Path | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> TrainingRun:
+    """Load, extract, fit on ``train``, freeze to ``model_path``, evaluate every split, write the report.
+
+    Raises an `InputError` (spec, cohort, extraction set-up, training data)
+    with a one-line message; extraction failures of single patients are
+    reported, not raised.
+    """
+    import numpy as np
+
+    from node.training.cohort import TRAIN_SPLIT, load_cohort
+    from node.training.extraction import extract_cohort_features
+    from node.training.report import REPORT_FORMAT, coefficient_path, write_report
+    from scoring.model import FrozenModel
+    from scoring.training.method import TrainingDataError, fit_integrated_model
+    from scoring.training.spec import TrainingSpec
+
+    started = time.perf_counter()
+    stages = _Stages(progress)
+    cohort_path, spec_path, model_path, report_dir = map(Path, (cohort_path, spec_path, model_path, report_dir))
+
+    # 1. inputs, checked before any long step
+    spec_bytes = _read_bytes(spec_path, "--spec")
+    spec = TrainingSpec.from_toml(spec_bytes)
+    cohort_bytes = _read_bytes(cohort_path, "--cohort")
+    cohort = stages.run("load_cohort", "reading the cohort", load_cohort, cohort_path)
+    _check_outputs(model_path, report_dir, force)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cache_dir) if cache_dir else report_dir / DEFAULT_CACHE_FOLDER
+    notes: list[str] = []
+
+    # 2. features
+    extraction = stages.run(
+        "extraction", f"extracting features of {len(cohort)} patients", extract_cohort_features,
+        cohort, spec.extraction_settings, feature_classes=spec.extraction.feature_classes,
+        regions=spec.extraction.regions, cache_dir=cache_dir, scheduler=scheduler, workers=workers,
+        progress=progress,
+    )
+    features = extraction.features
+    failed = {failure.patient_id: failure.reason for failure in extraction.failures}
+
+    # 3. fit on the training split
+    train = [p for p in cohort.in_split(TRAIN_SPLIT) if p.id not in failed]
+    if len(train) < 2:
+        raise TrainingDataError(
+            f"{len(train)} training patients have features ({len(failed)} extraction failures); nothing to fit"
+        )
+    train_time = np.array([p.pfs_months for p in train], dtype=float)
+    train_event = np.array([p.pfs_event for p in train], dtype=bool)
+    train_features = features.loc[[p.id for p in train]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted = stages.run(
+            "fit", f"fitting on {len(train)} training patients", fit_integrated_model,
+            train_features, [p.clinical for p in train], train_time, train_event, spec,
+            cohort=f"{cohort_path.name}, split '{TRAIN_SPLIT}': {len(train)} patients with features",
+        )
+        try:  # only a figure: its failure must not cost the researcher the fitted model
+            path, path_note = coefficient_path(train_features, train_time, train_event, spec.lasso,
+                                               fitted.diagnostics, fitted.model_mapping)
+        except Exception as exc:  # noqa: BLE001
+            path, path_note = None, f"the path could not be recomputed ({type(exc).__name__}: {exc})"
+
+    # 4. freeze: write, then load the file back exactly as the node will
+    sealed = fitted.sealed_mapping()
+    _write_atomically(model_path, json.dumps(sealed, indent=2, ensure_ascii=False) + "\n")
+    model = FrozenModel.from_json(model_path.read_text(encoding="utf-8"))
+    if model.identity.sha256 != sealed["sha256"]:
+        raise RuntimeError(f"{model_path} reads back with sha256 {model.identity.sha256}, written {sealed['sha256']}")
+
+    # 5. every split
+    splits: dict[str, Any] = {}
+    with warnings.catch_warnings(record=True) as caught_evaluation:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        for split in cohort.splits:
+            if progress:
+                print(f"evaluating {split} …", file=sys.stderr, flush=True)
+            splits[split] = _evaluate_split(split, cohort, features, failed, model, spec, train_time, train_event,
+                                            notes)
+        stages.seconds["evaluation"] = round(time.perf_counter() - start, 3)
+    warning_texts = list(dict.fromkeys(_warning_text(w) for w in [*caught, *caught_evaluation]))
+
+    # 6. report
+    summary = sealed["training_summary"]
+    diagnostics = _plain(fitted.diagnostics)
+    diagnostics["lasso"]["coefficient_path"] = _plain(path)
+    diagnostics["lasso"]["coefficient_path_note"] = path_note
+    import matplotlib
+
+    report: dict[str, Any] = {
+        "report_format": REPORT_FORMAT,
+        "created": _now(),
+        "software": {"sclc-risk-node": _version(), "python": sys.version.split()[0],
+                     "pyradiomics": sealed["extraction"]["pyradiomics_version"], **summary.get("software", {}),
+                     "matplotlib": matplotlib.__version__},
+        "inputs": {
+            "cohort": str(cohort_path), "cohort_sha256": hashlib.sha256(cohort_bytes).hexdigest(),
+            "spec": str(spec_path), "spec_sha256": hashlib.sha256(spec_bytes).hexdigest(),
+        },
+        "model": {
+            "file": str(model_path), "name": sealed["name"], "version": sealed["version"],
+            "sha256": sealed["sha256"], "demonstration": sealed["demonstration"],
+            "intended_use": sealed["intended_use"], "created": sealed["created"],
+        },
+        "spec": spec.to_mapping(),
+        "cohort": {
+            "file": str(cohort_path), "n": len(cohort),
+            "splits": {split: len(cohort.in_split(split)) for split in cohort.splits},
+            "os_available": all(p.os_months is not None for p in cohort),
+        },
+        "extraction": {
+            "cache_dir": str(cache_dir), "scheduler": scheduler, "workers": workers,
+            "seconds": stages.seconds["extraction"], "feature_columns": int(features.shape[1]),
+            "counts": {"computed": len(extraction.computed), "cached": len(extraction.cached),
+                       "precomputed": len(extraction.precomputed), "failed": len(extraction.failures)},
+            "failures": [
+                {"row": cohort.patient(f.patient_id).row, "split": cohort.patient(f.patient_id).split,
+                 "reason": _withhold(f.reason, f.patient_id)}
+                for f in extraction.failures
+            ],
+        },
+        "training": {
+            **diagnostics,
+            "candidate_features": summary["candidate_features"],
+            "selected_features": [
+                {"name": f"{f['region']}.{f['image_type']}_{f['feature_class']}_{f['feature']}",
+                 "coefficient": f["coefficient"], "mean": f["mean"], "sd": f["sd"]}
+                for f in sealed["radiomics"]["features"]
+            ],
+            "radiomics_score_coefficient": sealed["radiomics_score_coefficient"],
+            "clinical_covariates": sealed["clinical_covariates"],
+        },
+        "splits": splits,
+        "warnings": notes + warning_texts,
+        "timings_seconds": stages.seconds,
+    }
+    report = _plain(report)
+    start = time.perf_counter()
+    if progress:
+        print("writing the report …", file=sys.stderr, flush=True)
+    files = write_report(report_dir, report, model_mapping=sealed, timings_update=lambda: {
+        "report": round(time.perf_counter() - start, 3), "total": round(time.perf_counter() - started, 3)})
+    return TrainingRun(model_path=model_path, model=model, report=report, files=files)
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def _c_text(block: Mapping[str, Any]) -> str:
+    c = block["c_index"]
+    if c["estimate"] is None:
+        return "NA"
+    if c["ci_low"] is None:
+        return f"{c['estimate']:.3f} (CI NA)"
+    return f"{c['estimate']:.3f} ({c['ci_low']:.3f}–{c['ci_high']:.3f})"
+
+
+def format_training_summary(run: TrainingRun) -> str:
+    report = run.report
+    extraction = report["extraction"]
+    counts = extraction["counts"]
+    training = report["training"]
+    lasso = training["lasso"]
+    lines = []
+    if report["model"]["demonstration"]:
+        lines.append("*** DEMONSTRATION MODEL (demonstration: true) — NOT FOR CLINICAL USE ***")
+    splits = ", ".join(f"{split} {n}" for split, n in report["cohort"]["splits"].items())
+    lines.append(f"Cohort:    {Path(report['cohort']['file']).name}: {report['cohort']['n']} patients ({splits})")
+    lines.append(f"Features:  {extraction['feature_columns']} columns; computed {counts['computed']}, "
+                 f"from cache {counts['cached']}, precomputed {counts['precomputed']}, failed {counts['failed']} "
+                 f"({extraction['seconds']:.1f} s)")
+    for failure in extraction["failures"][:5]:
+        lines.append(f"  failed: CSV line {failure['row']} ({failure['split']}): {failure['reason']}")
+    if len(extraction["failures"]) > 5:
+        lines.append(f"  … {len(extraction['failures']) - 5} more failures in the report")
+    lines.append(f"LASSO-Cox: {lasso['selection']} rule, alpha {lasso['alpha']:.4g}: "
+                 f"{len(training['selected_features'])} of {training['candidate_features']} features")
+    width = max(len(f["name"]) for f in training["selected_features"])
+    for feature in training["selected_features"]:
+        lines.append(f"  {feature['name']:<{width}}  {feature['coefficient']:+.4f}")
+    lines.append(f"Clinical:  {', '.join(training['clinical']['selected']) or 'no candidate kept'} "
+                 f"(univariate p < {training['clinical']['univariate_p']:g}, "
+                 f"multivariate p < {training['clinical']['multivariate_p']:g})")
+    lines.append(f"C-index (95% CI)        {'radiomics':<22}integrated")
+    for split, entry in report["splits"].items():
+        label = f"  {split} (n={entry['n_used']})"
+        if entry["evaluation"]:
+            lines.append(f"{label:<24}{_c_text(entry['evaluation']['radiomics']):<22}"
+                         f"{_c_text(entry['evaluation']['integrated'])}")
+        else:
+            lines.append(f"{label:<24}not evaluated: {entry['error']}")
+    model = report["model"]
+    lines.append(f"Model:     {model['name']} {model['version']} sha256 {model['sha256'][:12]}… -> {run.model_path}")
+    lines.append(f"Report:    {run.files.html} (+ report.json, model-card.md, {len(run.files.figures)} figures in "
+                 f"{run.files.html.parent / 'figures'})")
+    if report["warnings"]:
+        lines.append(f"Warnings:  {len(report['warnings'])} (listed in the report)")
+    lines.append(f"Time:      {report['timings_seconds'].get('total', 0):.1f} s")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- handlers and parsers
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    run = run_training(
+        args.cohort, args.spec, args.out, args.report, cache_dir=args.cache, scheduler=args.scheduler,
+        workers=args.workers, progress=not args.no_progress, force=args.force,
+    )
+    print(format_training_summary(run))
+    return EXIT_OK
+
+
+def cmd_simulate_cohort(args: argparse.Namespace) -> int:
+    from node.training.simulate import simulate_cohort
+
+    csv_path = simulate_cohort(args.out_dir, seed=args.seed, scale=args.scale, progress=not args.no_progress)
+    print(csv_path)
+    return EXIT_OK
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def add_training_parsers(subparsers) -> None:
+    """Register ``train`` and ``simulate-cohort`` on an argparse sub-parser set (``node/cli.py``'s ``sub``)."""
+    train = subparsers.add_parser(
+        "train",
+        help="fit, freeze and evaluate an integrated model on your cohort (writes MODEL.json and a report)",
+        description=(
+            "Fit the integrated clinical + peritumoral-radiomics Cox model of Zhao et al. (JITC 2023) on the "
+            "cohort's train split, freeze it to a sealed model file, evaluate it on every split and write a "
+            "report (report.html, report.json, figures, model-card.md). See docs/training.md."
+        ),
+    )
+    train.add_argument("--cohort", type=Path, required=True, metavar="COHORT.csv",
+                       help="cohort CSV (columns: docs/training.md)")
+    train.add_argument("--spec", type=Path, required=True, metavar="SPEC.toml", help="training specification")
+    train.add_argument("--out", type=Path, required=True, metavar="MODEL.json", help="model file to write")
+    train.add_argument("--report", type=Path, required=True, metavar="DIR", help="report folder (created)")
+    train.add_argument("--cache", type=Path, metavar="DIR",
+                       help=f"feature cache, reused by later runs (default: DIR/{DEFAULT_CACHE_FOLDER})")
+    train.add_argument("--scheduler", metavar="ADDRESS",
+                       help="extract on this Dask cluster (tcp://HOST:8786) instead of local processes")
+    train.add_argument("--workers", type=_positive_int, metavar="N",
+                       help="local extraction processes (default: the CPU count)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar or step messages on stderr")
+    train.add_argument("--force", action="store_true", help="replace MODEL.json if it exists")
+    train.set_defaults(handler=cmd_train)
+
+    simulate = subparsers.add_parser(
+        "simulate-cohort",
+        help="write a SIMULATED cohort (phantom CTs, SEGs, cohort.csv) to try `train` on",
+        description=(
+            "Write a simulated cohort calibrated to Zhao et al. (JITC 2023): synthetic CT phantoms with tumour "
+            "SEGs, a cohort CSV and simulation_truth.json. Simulated data, not patients."
+        ),
+    )
+    simulate.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="new or empty folder")
+    simulate.add_argument("--seed", type=int, default=2023, help="random seed (default 2023)")
+    simulate.add_argument("--scale", type=float, default=1.0,
+                          help="fraction of the paper's split sizes 253/51/75/57 (default 1.0)")
+    simulate.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    simulate.set_defaults(handler=cmd_simulate_cohort)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m node.training_cli``: these two commands alone, with ``sclc-node``'s exit statuses."""
+    from node.cli import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_TRY_AGAIN
+    from scoring.errors import SclcNodeError
+
+    parser = argparse.ArgumentParser(prog="sclc-node")
+    add_training_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except SclcNodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_TRY_AGAIN if exc.retryable else EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one readable line
+        print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
