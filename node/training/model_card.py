@@ -5,8 +5,9 @@ mapping: identity, intended use, extraction, the radiomics score, the
 integrated Cox model, cut-offs, baseline survival and ``training_summary``.
 Both summary shapes are understood: the one `scoring.training.method` writes
 (``lasso``, ``clinical``, ``integrated_cox`` ...) and the flat one of the
-reduced fit in ``scripts/make_demo_model.py`` (``c_index_train_integrated``,
-``lasso_alpha`` ...); what a summary lacks is left out, never guessed.
+earlier demonstration model 1.0.0, fitted by a reduced script
+(``c_index_train_integrated``, ``lasso_alpha`` ...); what a summary lacks is
+left out, never guessed.
 ``splits`` (``report.json``'s ``splits``) adds the evaluation of every split.
 
     python -m node.training.model_card MODEL.json [--report report.json] [--out CARD.md]
