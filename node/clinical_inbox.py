@@ -102,6 +102,20 @@ class ClinicalInbox:
             reports.append(self._import(path, now=now))
         return reports
 
+    def remove_old_files(self, *, now: float, accepted_retention_s: float, rejected_retention_s: float) -> int:
+        """Delete imported and rejected files past their retention: they hold patient identifiers.
+
+        The records themselves live on in the spool; a rejected file (and its
+        ``.error.txt``) is kept as long as failed studies, for investigation.
+        """
+        removed = 0
+        for folder, retention_s in ((ACCEPTED_DIR, accepted_retention_s), (REJECTED_DIR, rejected_retention_s)):
+            for entry in (self.directory / folder).iterdir():
+                if entry.is_file() and now - entry.stat().st_mtime >= retention_s:
+                    entry.unlink()
+                    removed += 1
+        return removed
+
     def _import(self, path: Path, *, now: float) -> ImportReport:
         try:
             report = import_clinical_file(self.spool, path, now=now)

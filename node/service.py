@@ -127,9 +127,15 @@ class NodeService:
             states={StudyState.FAILED, StudyState.EXPIRED},
         )
         for study in due:
-            uid = study if isinstance(study, str) else study.study_instance_uid
-            removed = self.spool.remove_study_files(uid, now=now)
-            self.log.info("study_files_removed", study_uid=uid, files=removed)
+            removed = self.spool.remove_study_files(study.study_instance_uid, now=now)
+            self.log.info("study_files_removed", study_uid=study.study_instance_uid, files=removed)
+        removed = self.inbox.remove_old_files(
+            now=now,
+            accepted_retention_s=self.config.spool.retention_after_delivery_s,
+            rejected_retention_s=self.config.spool.retention_failed_s,
+        )
+        if removed:
+            self.log.info("clinical_files_removed", files=removed)
 
     def guard_disk(self) -> None:
         free = free_bytes(self.config.spool.directory)

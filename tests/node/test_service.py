@@ -121,3 +121,33 @@ def test_started_service_answers_echo_and_healthz_then_stops(tmp_path):
         service.stop()
     assert not service.receiver.running
     assert not service.scheduler.running
+
+
+def test_retention_removes_old_clinical_files_but_not_new_ones(tmp_path):
+    import os
+    import time
+
+    service = make_service(tmp_path)
+    try:
+        accepted = tmp_path / "inbox" / "accepted"
+        rejected = tmp_path / "inbox" / "rejected"
+        old = [accepted / "old.json", rejected / "old.csv", rejected / "old.csv.error.txt"]
+        for path in old:
+            path.write_text("{}")
+            past = time.time() - 10
+            os.utime(path, (past, past))
+        time.sleep(0.01)
+        service.clean_up()
+        assert not any(path.exists() for path in old)
+
+        (tmp_path / "second").mkdir()
+        fresh_config = make_service(tmp_path / "second")
+        fresh = tmp_path / "second" / "inbox" / "accepted" / "fresh.json"
+        fresh.write_text("{}")
+        future = time.time() + 3600
+        os.utime(fresh, (future, future))
+        fresh_config.clean_up()
+        assert fresh.exists()
+        fresh_config.spool.close()
+    finally:
+        service.spool.close()
