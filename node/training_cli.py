@@ -21,13 +21,13 @@ import datetime as dt
 import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from node.files import write_atomically
+from scoring.training.evaluation import plain_json
 from typing import Any, Mapping, Sequence
 
 EXIT_OK = 0
@@ -47,23 +47,6 @@ class TrainingRun:
 # --------------------------------------------------------------------------- helpers
 
 
-def _plain(value: Any) -> Any:
-    """JSON-ready data: numpy scalars made Python, tuples made lists, non-finite floats made None."""
-    import numpy as np
-
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_plain(item) for item in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
 def _read_bytes(path: Path, what: str) -> bytes:
     from scoring.errors import InputError
 
@@ -76,28 +59,6 @@ def _read_bytes(path: Path, what: str) -> bytes:
         raise InputError(f"{what}: {path} is a folder, not a file") from None
     except OSError as exc:
         raise InputError(f"{what}: {path} cannot be read ({exc.strerror or exc})") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(handle.name, 0o666 & ~_umask())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 def _now() -> str:
@@ -230,7 +191,7 @@ def _evaluate_split(split, cohort, features, failed, model, spec, train_time, tr
             notes.append(f"split {split}: overall survival by risk group not computed ({exc})")
         else:
             entry["overall_survival"] = {
-                "n": len(used), "events": int(os_event.sum()), "risk_groups": _plain(groups),
+                "n": len(used), "events": int(os_event.sum()), "risk_groups": plain_json(groups),
                 "at_risk": at_risk_table(os_time, high, time_ticks(float(os_time.max()))),
             }
     return entry
@@ -311,7 +272,7 @@ def run_training(
 
     # 4. freeze: write, then load the file back exactly as the node will
     sealed = fitted.sealed_mapping()
-    _write_atomically(model_path, json.dumps(sealed, indent=2, ensure_ascii=False) + "\n")
+    write_atomically(model_path, json.dumps(sealed, indent=2, ensure_ascii=False) + "\n")
     model = FrozenModel.from_json(model_path.read_text(encoding="utf-8"))
     if model.identity.sha256 != sealed["sha256"]:
         raise RuntimeError(f"{model_path} reads back with sha256 {model.identity.sha256}, written {sealed['sha256']}")
@@ -331,8 +292,8 @@ def run_training(
 
     # 6. report
     summary = sealed["training_summary"]
-    diagnostics = _plain(fitted.diagnostics)
-    diagnostics["lasso"]["coefficient_path"] = _plain(path)
+    diagnostics = plain_json(fitted.diagnostics)
+    diagnostics["lasso"]["coefficient_path"] = plain_json(path)
     diagnostics["lasso"]["coefficient_path_note"] = path_note
     import matplotlib
 
@@ -383,7 +344,7 @@ def run_training(
         "warnings": notes + warning_texts,
         "timings_seconds": stages.seconds,
     }
-    report = _plain(report)
+    report = plain_json(report)
     start = time.perf_counter()
     if progress:
         print("writing the report …", file=sys.stderr, flush=True)

@@ -45,7 +45,6 @@ import multiprocessing
 import os
 import socket
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -67,6 +66,7 @@ from scoring.errors import InputError, MaskError
 from scoring.features import check_pyradiomics_version, extract_all_features, settings_hash
 from scoring.ring import peritumoral_ring
 from scoring.types import REGIONS, ExtractionSettings, RingDefinition
+from node.files import write_atomically
 
 CACHE_FORMAT = 1
 DEFAULT_REGIONS = ("tumour", "ring")
@@ -349,7 +349,7 @@ class _Cache:
         self.folder.mkdir(parents=True, exist_ok=True)
         description = self.folder / "config.json"
         if not description.exists():
-            _write_atomically(description, json.dumps({**self.config, "settings": _plain_settings(settings)}, indent=2))
+            write_atomically(description, json.dumps({**self.config, "settings": _plain_settings(settings)}, indent=2))
         self._remove_stale_temp_files()
 
     def path(self, patient_id: str) -> Path:
@@ -381,7 +381,7 @@ class _Cache:
             # JSON has no NaN; null stands for "pyradiomics could not compute it".
             "features": {k: (None if math.isnan(v) else v) for k, v in outcome.features.items()},
         }
-        _write_atomically(self.path(outcome.patient_id), json.dumps(document, allow_nan=False))
+        write_atomically(self.path(outcome.patient_id), json.dumps(document, allow_nan=False))
 
     def _remove_stale_temp_files(self) -> None:
         now = time.time()
@@ -395,20 +395,6 @@ class _Cache:
 
 def _canonical_json(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------

@@ -43,10 +43,9 @@ import base64
 import html
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from node.files import write_atomically
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -963,25 +962,6 @@ def _render_html(report: Mapping[str, Any], folder: Path) -> str:
 # --------------------------------------------------------------------------- writing
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomically(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.chmod(handle.name, 0o666 & ~_umask())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report_dir: Path, report: dict[str, Any], *, model_mapping: Mapping[str, Any],
                  timings_update: Callable[[], Mapping[str, float]] | None = None) -> ReportFiles:
     """Draw the figures and write report.json, report.html and model-card.md into ``report_dir``.
@@ -1004,9 +984,9 @@ def write_report(report_dir: Path, report: dict[str, Any], *, model_mapping: Map
     files = {"json": "report.json", "html": "report.html", "model_card": "model-card.md"}
     report["files"] = dict(files)
     card = render_model_card(model_mapping, splits=report["splits"], report=report)
-    _write_atomically(report_dir / files["model_card"], card)
-    _write_atomically(report_dir / files["html"], _render_html(report, report_dir))
-    _write_atomically(report_dir / files["json"],
+    write_atomically(report_dir / files["model_card"], card)
+    write_atomically(report_dir / files["html"], _render_html(report, report_dir))
+    write_atomically(report_dir / files["json"],
                       json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return ReportFiles(
         json=report_dir / files["json"],

@@ -61,9 +61,7 @@ import functools
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -77,6 +75,7 @@ from dicom_io.synthetic import SyntheticPatient, build_tumour_seg, synthetic_che
 from node.errors import NodeError
 from scoring.clinical import clinical_record_from_mapping
 from scoring.errors import InputError
+from node.files import write_atomically
 
 PAPER_SPLIT_SIZES: Mapping[str, int] = MappingProxyType(
     {"train": 253, "validation_1": 51, "validation_2": 75, "control": 57}
@@ -521,12 +520,12 @@ def simulate_cohort(
     rows = []
     for patient in tqdm(patients, desc="writing phantoms", unit="patient", file=sys.stderr, disable=not progress):
         rows.append(_write_patient(out_dir, patient, image_size, spacing_mm))
-    _write_atomically(out_dir / "simulation_truth.json", json.dumps(
+    write_atomically(out_dir / "simulation_truth.json", json.dumps(
         _truth(patients, seed=seed, scale=scale, counts=counts, image_size=image_size, spacing_mm=spacing_mm),
         indent=2,
     ) + "\n")
     csv_path = out_dir / "cohort.csv"
-    _write_atomically(csv_path, _cohort_csv(rows))
+    write_atomically(csv_path, _cohort_csv(rows))
     return csv_path
 
 
@@ -592,20 +591,6 @@ def _cohort_csv(rows: Sequence[dict[str, object]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 def _truth(patients, *, seed, scale, counts, image_size, spacing_mm) -> dict[str, object]:

@@ -96,12 +96,12 @@ class EvaluationDataError(InputError):
 # --------------------------------------------------------------------------- plain JSON
 
 
-def _plain(value: Any) -> Any:
-    """Nested data with numpy scalars made Python and non-finite floats made None."""
+def plain_json(value: Any) -> Any:
+    """Nested data with numpy scalars made Python, tuples made lists and non-finite floats made None."""
     if isinstance(value, Mapping):
-        return {str(key): _plain(item) for key, item in value.items()}
+        return {str(key): plain_json(item) for key, item in value.items()}
     if isinstance(value, (list, tuple, np.ndarray)):
-        return [_plain(item) for item in value]
+        return [plain_json(item) for item in value]
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, np.integer)):
@@ -322,7 +322,7 @@ class SplitEvaluation:
     comparison: Mapping[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
-        return _plain({
+        return plain_json({
             "split": self.split, "n": self.n, "events": self.events,
             "median_follow_up_months": self.median_follow_up_months,
             "horizons_months": list(self.horizons_months), "model": self.model, "settings": self.settings,
@@ -479,7 +479,7 @@ def evaluate_split(
         model={"name": identity.name, "version": identity.version, "sha256": identity.sha256},
         settings={"bootstrap": settings.bootstrap, "seed": settings.seed,
                   "calibration_groups": calibration_group_count(n), "dca_thresholds": "0.01-0.99 by 0.01"},
-        radiomics=_plain(blocks["radiomics"]),
-        integrated=_plain(blocks["integrated"]),
-        comparison=_plain({"c_index_integrated_minus_radiomics": difference}),
+        radiomics=plain_json(blocks["radiomics"]),
+        integrated=plain_json(blocks["integrated"]),
+        comparison=plain_json({"c_index_integrated_minus_radiomics": difference}),
     )
