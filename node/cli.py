@@ -28,37 +28,6 @@ def _version() -> str:
         return "0+unknown"
 
 
-def result_as_json(scored) -> dict:
-    result = scored.result
-    return {
-        "risk_group": result.risk_group.value,
-        "risk_score": result.risk_score,
-        "risk_cutoff": result.risk_cutoff,
-        "radiomics_score": result.radiomics_score,
-        "radiomics_cutoff": result.radiomics_cutoff,
-        "radiomics_group": result.radiomics_group.value,
-        "pfs_probability": {str(months): p for months, p in sorted(result.pfs_probability.items())},
-        "features": dict(result.features.values),
-        "contributions": {
-            "radiomics": {t.name: t.contribution for t in result.radiomics_terms},
-            "integrated": {t.name: t.contribution for t in result.integrated_terms},
-        },
-        "model": {
-            "name": result.model.name,
-            "version": result.model.version,
-            "sha256": result.model.sha256,
-            "demonstration": result.model.demonstration,
-            "intended_use": result.model.intended_use,
-        },
-        "study_instance_uid": scored.ct.study_instance_uid,
-        "ct_series_instance_uid": scored.ct.series_instance_uid,
-        "seg_sop_instance_uid": str(scored.segment.segmentation.SOPInstanceUID),
-        "sr_sop_instance_uid": str(scored.sr.SOPInstanceUID),
-        "sr_series_instance_uid": str(scored.sr.SeriesInstanceUID),
-        "scoring_seconds": round(scored.scoring_seconds, 3),
-    }
-
-
 def format_summary(scored) -> str:
     result = scored.result
     model = result.model
@@ -108,6 +77,8 @@ def _write_outputs(scored, sr_path: Path | None, json_path: Path | None) -> None
     if json_path:
         json_path = Path(json_path)
         json_path.parent.mkdir(parents=True, exist_ok=True)
+        from node.scoring_job import result_as_json
+
         json_path.write_text(json.dumps(result_as_json(scored), indent=2) + "\n", encoding="utf-8")
 
 

@@ -107,3 +107,35 @@ def score_files(
     result = score_volume(ct.image, segment.mask, clinical, model)
     sr = build_risk_sr(ct, segment, clinical, result)
     return ScoredStudy(ct, segment, result, sr, time.perf_counter() - started)
+
+
+def result_as_json(scored: "ScoredStudy") -> dict:
+    """The documented JSON result of `sclc-node score --json` (also what workers hand back to the service)."""
+    result = scored.result
+    return {
+        "risk_group": result.risk_group.value,
+        "risk_score": result.risk_score,
+        "risk_cutoff": result.risk_cutoff,
+        "radiomics_score": result.radiomics_score,
+        "radiomics_cutoff": result.radiomics_cutoff,
+        "radiomics_group": result.radiomics_group.value,
+        "pfs_probability": {str(months): p for months, p in sorted(result.pfs_probability.items())},
+        "features": dict(result.features.values),
+        "contributions": {
+            "radiomics": {t.name: t.contribution for t in result.radiomics_terms},
+            "integrated": {t.name: t.contribution for t in result.integrated_terms},
+        },
+        "model": {
+            "name": result.model.name,
+            "version": result.model.version,
+            "sha256": result.model.sha256,
+            "demonstration": result.model.demonstration,
+            "intended_use": result.model.intended_use,
+        },
+        "study_instance_uid": scored.ct.study_instance_uid,
+        "ct_series_instance_uid": scored.ct.series_instance_uid,
+        "seg_sop_instance_uid": str(scored.segment.segmentation.SOPInstanceUID),
+        "sr_sop_instance_uid": str(scored.sr.SOPInstanceUID),
+        "sr_series_instance_uid": str(scored.sr.SeriesInstanceUID),
+        "scoring_seconds": round(scored.scoring_seconds, 3),
+    }

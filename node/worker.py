@@ -91,8 +91,7 @@ def _load_model(model_path: str, mtime_ns: int):
 
 def run_scoring_task(task: ScoringTask) -> ScoringOutcome:
     """Runs in a worker process.  Never raises for bad input: the reason comes back as text."""
-    from node.cli import result_as_json
-    from node.scoring_job import score_files
+    from node.scoring_job import result_as_json, score_files
     from scoring.clinical import clinical_record_from_mapping
 
     started = time.perf_counter()
