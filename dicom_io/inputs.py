@@ -30,6 +30,10 @@ class CtSeries:
     series_instance_uid: str
     frame_of_reference_uid: str
     source_paths: tuple[Path, ...]
+    #: True when any instance was lossy-compressed (a lossy transfer syntax, or
+    #: LossyImageCompression "01").  Such a series is refused unless the
+    #: configuration allows lossy input; then the SR and JSON carry this flag.
+    lossy_compression: bool = False
 
     @property
     def sop_instance_uids(self) -> tuple[str, ...]:

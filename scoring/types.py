@@ -147,6 +147,58 @@ class TermContribution:
         return self.coefficient * self.value
 
 
+class DomainStatus(str, enum.Enum):
+    """Whether a study lies inside the model's applicability domain (model file schema v2).
+
+    ``UNKNOWN`` is what a schema-v1 model (no recorded domain) gives.
+    """
+
+    IN_DOMAIN = "in_domain"
+    OUT_OF_DOMAIN = "out_of_domain"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class DomainViolation:
+    """One quantity outside the model's applicability domain.
+
+    ``name`` is a feature name (``FeatureSpec.name``) or ``radiomics_score`` /
+    ``risk_score``.  ``low``/``high`` are the accepted bounds the model's rule
+    gives (training range widened by the rule's margin); ``z`` is the value
+    standardised by the training mean and SD (NaN for the scores when the model
+    records no SD).
+    """
+
+    name: str
+    value: float
+    low: float
+    high: float
+    z: float
+
+
+@dataclass(frozen=True, slots=True)
+class Applicability:
+    """The applicability-domain verdict for one study.
+
+    ``rule`` is the model's documented rule in words, so a report can say why.
+    """
+
+    status: DomainStatus
+    violations: tuple[DomainViolation, ...] = ()
+    rule: str = ""
+
+    @property
+    def in_domain(self) -> bool | None:
+        """True / False, or None when the model records no domain (schema v1)."""
+        if self.status is DomainStatus.UNKNOWN:
+            return None
+        return self.status is DomainStatus.IN_DOMAIN
+
+
+#: The verdict for a model with no recorded applicability domain (schema v1).
+DOMAIN_UNKNOWN = Applicability(DomainStatus.UNKNOWN, (), "the model file records no applicability domain (schema v1)")
+
+
 @dataclass(frozen=True, slots=True)
 class RiskResult:
     """What a frozen integrated model says about one study.
@@ -155,6 +207,10 @@ class RiskResult:
     progression risk); ``risk_group`` compares it with ``risk_cutoff`` (the
     training median).  ``pfs_probability`` maps months (6, 12) to the
     predicted probability of being progression-free at that time.
+    ``applicability`` says whether the study lies inside the model's
+    applicability domain.  The result always carries every computed value;
+    whether a report withholds the risk group and PFS for an out-of-domain
+    study is the reporting side's decision (config ``scoring.report_out_of_domain``).
     """
 
     radiomics_score: float
@@ -167,6 +223,7 @@ class RiskResult:
     integrated_terms: tuple[TermContribution, ...]
     features: FeatureVector
     model: ModelIdentity
+    applicability: Applicability = DOMAIN_UNKNOWN
 
     @property
     def radiomics_group(self) -> RiskGroup:
