@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training_parsers(sub)
     add_stats_parser(sub)
+    from node.ibsi_cli import add_ibsi_parser
+
+    add_ibsi_parser(sub)
     return parser
 
 

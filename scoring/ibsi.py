@@ -548,7 +548,8 @@ def _ibsi_binning_class(base: type, lower_bound: float | None) -> type:
         self.coefficients["Ng"] = int(np.max(self.coefficients["grayLevels"]))
         return binned
 
-    return type(f"Ibsi{base.__name__}", (base,), {"_applyBinning": _applyBinning})
+    # pyradiomics names each class' logger after its module; keep it under "radiomics".
+    return type(f"Ibsi{base.__name__}", (base,), {"_applyBinning": _applyBinning, "__module__": base.__module__})
 
 
 def extract_ibsi(
