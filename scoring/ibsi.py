@@ -116,8 +116,7 @@ class IbsiConfiguration:
             "distances": [1],
             "gldm_a": 0,
             "symmetricalGLCM": True,
-            # Reference values use the intensities as given; pyradiomics would otherwise keep
-            # the ROI only if it spans >= 2 voxels in each dimension (fine here) and normalise nothing.
+            # The reference values are of the intensities as given (HU), never normalised.
             "normalize": False,
         }
         if self.bin_width is not None:
