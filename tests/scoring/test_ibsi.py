@@ -275,6 +275,21 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
 
 
 @needs_phantoms
+def test_cli_prints_the_digital_phantom_table_with_stock_mismatches(capsys):
+    status = main(["ibsi", "--configurations", "digital", "--method", "both", "--mismatches-only"])
+    assert status == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "== digital phantom (stock) — digital phantom: 3D, no processing, fixed bin size 1" in lines
+    header = next(line for line in lines if line.startswith("pyradiomics feature"))
+    assert header.split() == ["pyradiomics", "feature", "IBSI", "tag", "ours", "reference", "tolerance", "outcome"]
+    minor = next(line for line in lines if line.startswith("shape_MinorAxisLength"))
+    assert minor.split() == ["shape_MinorAxisLength", "morph_pca_min_axis", "9.245", "9.31", "0.06", "out-of-tolerance"]
+    assert not any(line.startswith("firstorder_Mean") for line in lines)  # matched rows are left out
+    assert "  digital  stock  100/102 matched (100 matched, 2 out-of-tolerance, 0 not-computed)" in lines
+    assert "  digital  ibsi   102/102 matched (102 matched, 0 out-of-tolerance, 0 not-computed)" in lines
+
+
+@needs_phantoms
 def test_cli_json_on_stdout_shows_stock_mismatches(capsys):
     status = main(["ibsi", "--data-dir", str(DATA_DIR), "--configurations", "digital", "--method", "both", "--json"])
     assert status == 0
