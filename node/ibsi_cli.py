@@ -7,7 +7,7 @@ and reads the phantoms, reads the reference values shipped with the node
 configuration, or JSON.
 
     sclc-node ibsi [--data-dir DIR] [--configurations digital,A,B,C,D,E]
-                   [--method ibsi|stock|both] [--mismatches-only] [--json [OUT]]
+                   [--method ibsi|stock|both] [--without ADJUSTMENT ...] [--mismatches-only] [--json [OUT]]
 
 The phantoms are CC BY-NC and are not part of the project: they are read from
 ``--data-dir``, else ``$SCLC_IBSI_DATA``, else ``shared/data/ibsi`` beside the
@@ -23,6 +23,7 @@ import logging
 import math
 import os
 from importlib import resources
+from collections.abc import Sequence
 from pathlib import Path
 
 EXIT_OK = 0
@@ -79,10 +80,16 @@ def read_phantom(data_dir: Path, data_set: str):
     return images[0], images[1]
 
 
-def run(data_dir: Path, configuration_names: list[str], methods: list[str]):
-    """Reports for every configuration and method, each phantom read once."""
+def run(data_dir: Path, configuration_names: list[str], methods: list[str], without: Sequence[str] = ()):
+    """Reports for every configuration and method, each phantom read once.
+
+    ``without`` names IBSI adjustments to switch off in the ``ibsi`` method (to measure what each one does).
+    """
     from scoring import ibsi
 
+    adjustments = ibsi.ALL_ADJUSTMENTS
+    for name in without:
+        adjustments = adjustments.without(name)
     references = load_references()
     phantoms: dict[str, tuple] = {}
     reports = []
@@ -92,7 +99,7 @@ def run(data_dir: Path, configuration_names: list[str], methods: list[str]):
             phantoms[configuration.data_set] = read_phantom(data_dir, configuration.data_set)
         image, mask = phantoms[configuration.data_set]
         for method in methods:
-            values = ibsi.extract(image, mask, configuration, ibsi.Method(method))
+            values = ibsi.extract(image, mask, configuration, ibsi.Method(method), adjustments)
             reports.append(ibsi.compare(values, references, configuration, ibsi.Method(method)))
     return reports
 
@@ -135,7 +142,7 @@ def _summary_line(report) -> str:
     return f"{report.configuration.name:<8} {report.method.value:<6} {report.count(Outcome.MATCHED)}/{total} matched ({counts})"
 
 
-def report_as_json(reports, data_dir: Path) -> dict:
+def report_as_json(reports, data_dir: Path, without: Sequence[str] = ()) -> dict:
     from scoring.ibsi import Outcome
     from scoring.features import installed_pyradiomics_version
 
@@ -147,6 +154,7 @@ def report_as_json(reports, data_dir: Path) -> dict:
         "data_dir": str(data_dir),
         "reference": "IBSI reference manual (Zwanenburg et al., Radiology 2020; arXiv:1612.07003)",
         "match_rule": "value rounded to 3 significant digits within the tolerance of the reference",
+        "ibsi_adjustments_off": list(without),
         "reports": [
             {
                 "configuration": report.configuration.name,
@@ -190,9 +198,10 @@ def cmd_ibsi(args: argparse.Namespace) -> int:
     logging.getLogger("radiomics").setLevel(logging.ERROR)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     methods = ["stock", "ibsi"] if args.method == "both" else [args.method]
-    reports = run(data_dir, args.configurations, methods)
+    without = list(dict.fromkeys(args.without))
+    reports = run(data_dir, args.configurations, methods, without)
     if args.json is not None:
-        payload = json.dumps(report_as_json(reports, data_dir), indent=2, allow_nan=False) + "\n"
+        payload = json.dumps(report_as_json(reports, data_dir, without), indent=2, allow_nan=False) + "\n"
         if args.json == "-":
             print(payload, end="")
             return EXIT_OK
@@ -202,6 +211,8 @@ def cmd_ibsi(args: argparse.Namespace) -> int:
     for report in reports:
         print(format_report(report, args.mismatches_only))
         print()
+    if without and "ibsi" in methods:
+        print(f"IBSI adjustments switched off: {', '.join(without)}")
     print("Summary (matched / features with a reference value):")
     for report in reports:
         print("  " + _summary_line(report))
@@ -210,7 +221,7 @@ def cmd_ibsi(args: argparse.Namespace) -> int:
 
 def add_ibsi_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``ibsi`` on the ``sclc-node`` sub-parser set."""
-    from scoring.ibsi import CONFIGURATIONS
+    from scoring.ibsi import CONFIGURATIONS, IbsiAdjustments
 
     parser = subparsers.add_parser(
         "ibsi",
@@ -232,6 +243,10 @@ def add_ibsi_parser(subparsers) -> argparse.ArgumentParser:
                         metavar="LIST", help=f"comma-separated, from {','.join(CONFIGURATIONS)} (default: all)")
     parser.add_argument("--method", choices=("ibsi", "stock", "both"), default="ibsi",
                         help="ibsi: with IBSI image processing (default); stock: pyradiomics settings only; both")
+    parser.add_argument("--without", action="append", default=[], metavar="ADJUSTMENT",
+                        choices=list(IbsiAdjustments.__dataclass_fields__),
+                        help="switch off one IBSI adjustment in the ibsi method (repeatable): "
+                        + ", ".join(IbsiAdjustments.__dataclass_fields__))
     parser.add_argument("--mismatches-only", action="store_true",
                         help="list only features that did not match (the summary still counts all)")
     parser.add_argument("--json", nargs="?", const="-", metavar="OUT",

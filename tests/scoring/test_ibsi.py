@@ -290,6 +290,22 @@ def test_cli_prints_the_digital_phantom_table_with_stock_mismatches(capsys):
 
 
 @needs_phantoms
+def test_cli_switches_off_an_ibsi_adjustment(capsys):
+    status = main(["ibsi", "--configurations", "digital", "--without", "sample_covariance_axes", "--json"])
+    assert status == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["ibsi_adjustments_off"] == ["sample_covariance_axes"]
+    report = document["reports"][0]
+    assert report["counts"] == {"matched": 100, "out-of-tolerance": 2, "not-computed": 0}
+
+
+def test_cli_rejects_an_unknown_adjustment(capsys):
+    with pytest.raises(SystemExit):
+        main(["ibsi", "--without", "rounding"])
+    assert "invalid choice: 'rounding'" in capsys.readouterr().err
+
+
+@needs_phantoms
 def test_cli_json_on_stdout_shows_stock_mismatches(capsys):
     status = main(["ibsi", "--data-dir", str(DATA_DIR), "--configurations", "digital", "--method", "both", "--json"])
     assert status == 0
