@@ -394,6 +394,13 @@ def parse_reference_csv(text: str) -> dict[tuple[str, str], ReferenceValue]:
 
 def prepare_phantom(image: sitk.Image, mask: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
     """The phantom as IBSI asks: intensities as 32-bit floats rounded to integers, mask as 0/1 ``UInt8``."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("the phantom image must be a 3D scalar image")
+    if mask.GetSize() != image.GetSize() or not np.allclose(mask.GetSpacing(), image.GetSpacing(), atol=1e-4):
+        raise MaskError(
+            f"the phantom mask grid (size {mask.GetSize()}, spacing {mask.GetSpacing()}) differs from the "
+            f"image grid (size {image.GetSize()}, spacing {image.GetSpacing()})"
+        )
     image = sitk.Round(sitk.Cast(image, sitk.sitkFloat32))
     mask = sitk.Cast(sitk.Round(sitk.Cast(mask, sitk.sitkFloat32)) > 0, sitk.sitkUInt8)
     mask.CopyInformation(image)

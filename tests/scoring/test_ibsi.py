@@ -189,11 +189,30 @@ def test_ibsi_binning_counts_bins_from_the_resegmentation_bound():
     assert configuration.bin_width == 25
 
 
+def test_phantom_mask_on_another_grid_is_refused():
+    image = sitk.Image(5, 4, 4, sitk.sitkInt16)
+    mask = sitk.Image(5, 4, 3, sitk.sitkUInt8)
+    with pytest.raises(ibsi.MaskError, match=r"mask grid \(size \(5, 4, 3\).*differs from the image grid \(size \(5, 4, 4\)"):
+        ibsi.prepare_phantom(image, mask)
+    with pytest.raises(ibsi.MaskError, match="the phantom mask is empty"):
+        ibsi.prepare_phantom(image, sitk.Image(5, 4, 4, sitk.sitkUInt8))
+
+
 def test_cli_names_the_missing_phantom_file(tmp_path, capsys):
     status = main(["ibsi", "--data-dir", str(tmp_path), "--configurations", "digital"])
     assert status == 2
     err = capsys.readouterr().err
     assert f"IBSI phantom file {tmp_path / 'digital_phantom' / 'image.nii.gz'} is missing" in err
+
+
+def test_cli_names_an_unreadable_phantom_file(tmp_path, capsys):
+    folder = tmp_path / "digital_phantom"
+    folder.mkdir()
+    (folder / "image.nii.gz").write_bytes(b"not a NIfTI file")
+    (folder / "mask.nii.gz").write_bytes(b"not a NIfTI file")
+    status = main(["ibsi", "--data-dir", str(tmp_path), "--configurations", "digital"])
+    assert status == 2
+    assert f"IBSI phantom file {folder / 'image.nii.gz'} cannot be read" in capsys.readouterr().err
 
 
 def test_cli_rejects_an_unknown_configuration(capsys):
