@@ -139,7 +139,8 @@ def _summary_line(report) -> str:
 
     total = len(report.comparisons)
     counts = ", ".join(f"{report.count(outcome)} {outcome.value}" for outcome in Outcome)
-    return f"{report.configuration.name:<8} {report.method.value:<6} {report.count(Outcome.MATCHED)}/{total} matched ({counts})"
+    matched = report.count(Outcome.MATCHED)
+    return f"{report.configuration.name:<8} {report.method.value:<6} {matched}/{total} matched ({counts})"
 
 
 def report_as_json(reports, data_dir: Path, without: Sequence[str] = ()) -> dict:
