@@ -9,7 +9,7 @@ configuration, or JSON.
     sclc-node ibsi [--data-dir DIR] [--configurations digital,A,B,C,D,E]
                    [--method ibsi|stock|both] [--without ADJUSTMENT ...] [--mismatches-only] [--json [OUT]]
 
-The phantoms are CC BY-NC and are not part of the project: they are read from
+The phantoms (the CT phantom is CC BY-NC) are not part of the project: they are read from
 ``--data-dir``, else ``$SCLC_IBSI_DATA``, else ``shared/data/ibsi`` beside the
 repository (``<repo>/../shared/data/ibsi``).  The command is a report: it exits
 0 whatever the agreement, and 2 when a phantom file is missing or unreadable.
