@@ -1,6 +1,6 @@
 """IBSI 1 mode: the phantoms through the extraction agree with the consensus values.
 
-The phantoms (CC BY-NC) are not in the repository: they are read from
+The phantoms (the CT phantom is CC BY-NC) are not in the repository: they are read from
 ``shared/data/ibsi`` beside it, or ``$SCLC_IBSI_DATA``.  Tests that need them
 skip, saying where they looked, when the folder is absent.
 """
