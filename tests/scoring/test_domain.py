@@ -225,3 +225,20 @@ def test_domain_from_training_records_numpy_statistics():
         domain_from_training({"f": values}, values[:-1], values)
     with pytest.raises(ValueError, match="at least two finite values"):
         TrainingDistribution.of([1.0, math.nan])
+
+
+def test_model_format_doc_example_domain_verdicts():
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "model-format.md").read_text(encoding="utf-8")
+    model = FrozenModel.from_json(re.findall(r"```json\n(.*?)```", doc, re.S)[-1])
+    assert model.schema_version == 2
+    clinical = {"patient_id": "X", "t_stage": "T2", "n_stage": "N1", "m_stage": "M1b", "ecog": 1, "lipi": 1}
+    features = {"ring.wavelet-LLH_glcm_Correlation": 0.53, "tumour.original_firstorder_Skewness": 0.35}
+    assert score(features, clinical, model).applicability.status is DomainStatus.IN_DOMAIN
+    out = score({**features, "ring.wavelet-LLH_glcm_Correlation": 0.95}, clinical, model).applicability
+    assert [v.name for v in out.violations] == ["ring.wavelet-LLH_glcm_Correlation", "radiomics_score"]
+    correlation, radiomics = out.violations
+    assert (correlation.low, correlation.high, correlation.z) == pytest.approx((0.011, 0.839, 4.5))
+    assert (radiomics.value, radiomics.low, radiomics.high) == pytest.approx((1.215, -0.257, 0.307))
