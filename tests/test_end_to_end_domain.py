@@ -10,6 +10,8 @@ Orthanc.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
 
 import pydicom
@@ -61,9 +63,6 @@ def test_out_of_domain_study_is_flagged_withheld_and_its_sr_reaches_orthanc(tmp_
         [sr_id] = sr_instances_in_pacs(orthanc)
         sr = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.instance_file(sr_id)))
         assert sr.SOPClassUID == SR_SOP_CLASS and sr.StudyInstanceUID == study_uid
-
-        import subprocess
-        import sys
 
         table = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(node.config_path)],
                                capture_output=True, text=True, timeout=60)
