@@ -248,3 +248,26 @@ def test_config_key_defaults_to_withholding(tmp_path):
     bad.write_text('[scoring]\nreport_out_of_domain = "yes"\n')
     with pytest.raises(ConfigError, match="scoring.report_out_of_domain: expected a boolean"):
         load_config(bad)
+
+
+# --- the worker: the config value reaches the scoring run --------------------------------
+
+
+@pytest.mark.parametrize("report_out_of_domain", [False, True])
+def test_worker_task_carries_the_config_value(base, demo, narrow_model_file, report_out_of_domain):
+    from node.demo_study import DEMO_CLINICAL
+    from node.worker import ScoringTask, run_scoring_task
+
+    task = ScoringTask(
+        study_instance_uid=base.ct.study_instance_uid, ct_series_dir=demo.ct_dir,
+        ct_series_instance_uid=base.ct.series_instance_uid, seg_path=demo.seg_path,
+        clinical_json=json.dumps(DEMO_CLINICAL), model_path=narrow_model_file, segment_label=None,
+        report_out_of_domain=report_out_of_domain,
+    )
+    outcome = run_scoring_task(task)
+    assert outcome.error is None
+    result = json.loads(outcome.result_json)
+    assert result["applicability"]["status"] == "out_of_domain"
+    assert result["withheld"] is (not report_out_of_domain)
+    assert (result["risk_group"] is None) is (not report_out_of_domain)
+    assert outcome.sr_bytes[128:132] == b"DICM"
