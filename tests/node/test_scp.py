@@ -10,6 +10,7 @@ bytes must equal the source file's.
 
 from __future__ import annotations
 
+import socket
 import struct
 from concurrent.futures import ThreadPoolExecutor
 import subprocess
@@ -335,16 +336,14 @@ def test_wrong_called_ae_is_rejected_only_when_checked(start_node, check_called_
         assert result.ok, result.output
 
 
-def test_source_address_outside_the_allow_list_is_rejected(start_node):
+def test_source_address_outside_the_allow_list_is_closed_at_accept_and_logged(start_node):
     node = start_node(allowed_callers=(CallerRule(ae_title=PACS_AE, host="127.0.0.1"),))
-    outsider = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, bind_address=("127.0.0.2", 0))
-    assert outsider.is_rejected
-    primitive = outsider.acceptor.primitive
-    assert (primitive.result, primitive.result_source, primitive.diagnostic) == (
-        scp.REJECT_PERMANENT,
-        scp.REJECT_SOURCE_SERVICE_USER,
-        scp.REJECT_CALLING_AE_NOT_RECOGNISED,
-    )
+    with structlog.testing.capture_logs() as logs:
+        outsider = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, bind_address=("127.0.0.2", 0))
+    # Closed before any A-ASSOCIATE exchange: no A-ASSOCIATE-RJ, no association, no thread.
+    assert not outsider.is_established and not outsider.is_rejected
+    assert [(e["peer_ip"], e["reason"]) for e in logs if e["event"] == "peer_refused"] == [("127.0.0.2", scp.REFUSED_ADDRESS)]
+    assert not [e for e in logs if e["event"].startswith("association_")]
 
     insider = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, bind_address=("127.0.0.1", 0))
     assert insider.is_established
@@ -380,6 +379,138 @@ def test_association_limit_rejects_transiently_until_one_ends(start_node):
     third = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE)
     assert third.is_established
     third.release()
+
+
+# --- unauthenticated connections cannot lock the PACS out ------------------------------
+
+#: Far above max_associations (4 in these tests) and preassociation_per_ip (4 by default).
+FLOOD_CONNECTIONS = 16
+FLOODER_IP = "127.0.0.2"  # Linux routes all of 127.0.0.0/8 to lo: a second host on loopback
+#: An A-ASSOCIATE-RQ PDU header announcing 2 GiB, then silence (a peer stalled mid-PDU).
+STALLED_PDU = b"\x01\x00" + struct.pack(">I", 0x7FFFFFF0) + b"\x00\x01"
+
+
+def open_flood(port: int, *, silent: int = 0, opened_and_closed: int = 0, stalled: int = 0) -> list[socket.socket]:
+    """TCP connections from FLOODER_IP to the node; the ones still open (the caller closes them)."""
+    held = []
+    for kind in ["closed"] * opened_and_closed + ["silent"] * silent + ["stalled"] * stalled:
+        try:
+            conn = socket.create_connection((LOOPBACK, port), timeout=5, source_address=(FLOODER_IP, 0))
+        except OSError:
+            continue  # the node may close or refuse it: that is the point
+        if kind == "closed":
+            conn.close()
+            continue
+        if kind == "stalled":
+            try:
+                conn.sendall(STALLED_PDU)
+            except OSError:
+                pass
+        held.append(conn)
+    return held
+
+
+def pacs_round_trip(node: Node, dataset) -> float:
+    """Seconds for the allowed PACS (127.0.0.1) to associate, C-ECHO, C-STORE ``dataset`` and release."""
+    start = time.monotonic()
+    assoc = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, bind_address=(LOOPBACK, 0))
+    assert assoc.is_established, "the allowed PACS could not associate" + (
+        f" (rejected: result {assoc.acceptor.primitive.result}, diagnostic {assoc.acceptor.primitive.diagnostic})"
+        if assoc.is_rejected
+        else ""
+    )
+    try:
+        assert assoc.send_c_echo().Status == STATUS_SUCCESS
+        assert assoc.send_c_store(dataset).Status == STATUS_SUCCESS
+    finally:
+        assoc.release()
+    return time.monotonic() - start
+
+
+def fresh_ct(phantom: Phantom, name: str):
+    return pydicom.dcmread(phantom.variant(name, lambda ds: None))
+
+
+def generous_bound_s(baseline_s: float) -> float:
+    # Not a speed test (those live in benchmarks/): only "not held up by the
+    # flood", which before the fix meant a rejection, or 30 s of acse_timeout.
+    return max(10 * baseline_s, baseline_s + 3.0)
+
+
+def test_silent_connections_from_an_unlisted_address_do_not_lock_out_the_pacs(start_node, phantom):
+    # Reproduction (issue 10.1): a dozen connections that send nothing took every
+    # association slot for acse_timeout (30 s) and left no log line.
+    node = start_node(allowed_callers=(CallerRule(ae_title=PACS_AE, host=LOOPBACK),), acse_timeout_s=30.0)
+    baseline_s = pacs_round_trip(node, fresh_ct(phantom, "baseline"))
+
+    with structlog.testing.capture_logs() as logs:
+        held = open_flood(node.port, opened_and_closed=FLOOD_CONNECTIONS // 2, silent=FLOOD_CONNECTIONS)
+        try:
+            during_s = pacs_round_trip(node, fresh_ct(phantom, "during"))
+        finally:
+            for conn in held:
+                conn.close()
+
+    assert during_s < generous_bound_s(baseline_s), (during_s, baseline_s)
+    refused = [e for e in logs if e["event"] == "peer_refused"]
+    assert refused and {(e["peer_ip"], e["reason"]) for e in refused} == {(FLOODER_IP, scp.REFUSED_ADDRESS)}
+    assert len(refused) == 1  # rate-limited: one line per (address, reason) per refused_log_interval_s
+    assert PATIENT_ID not in repr(logs)
+    assert not [e for e in logs if e["event"] == "association_aborted"]  # the flood made no associations
+
+
+def test_a_flood_from_an_allowed_network_is_held_to_its_per_address_budget(start_node, phantom):
+    # The flooder's address passes the allow-list (the shipped default admits
+    # 127.0.0.0/8), so only its pre-association budget stops it: silent and
+    # stalled connections never count against max_associations (4 here).
+    node = start_node(allowed_callers=(CallerRule(ae_title="*", host="127.0.0.0/8"),), acse_timeout_s=30.0)
+    baseline_s = pacs_round_trip(node, fresh_ct(phantom, "baseline"))
+
+    with structlog.testing.capture_logs() as logs:
+        held = open_flood(
+            node.port, opened_and_closed=FLOOD_CONNECTIONS // 2, silent=FLOOD_CONNECTIONS, stalled=FLOOD_CONNECTIONS // 2
+        )
+        try:
+            during_s = pacs_round_trip(node, fresh_ct(phantom, "during"))
+            second_s = pacs_round_trip(node, fresh_ct(phantom, "during-2"))
+        finally:
+            for conn in held:
+                conn.close()
+
+    assert max(during_s, second_s) < generous_bound_s(baseline_s), (during_s, second_s, baseline_s)
+    reasons = {e["reason"] for e in logs if e["event"] == "peer_refused" and e["peer_ip"] == FLOODER_IP}
+    assert scp.REFUSED_PER_IP in reasons, reasons
+    # The budget is handed back: every pending connection ends within preassociation_timeout_s.
+    deadline = time.monotonic() + node.receiver.config.preassociation_timeout_s + 5
+    while node.receiver.gate.pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.receiver.gate.pending == 0
+    assert len(node.instances()) == 3  # baseline, during, during-2
+
+
+def test_a_peer_stalled_inside_its_association_request_is_dropped_after_the_preassociation_timeout(start_node):
+    # pynetdicom reads a PDU with a blocking recv() until its declared length
+    # has arrived; without a socket timeout this peer held two threads forever.
+    node = start_node(allowed_callers=(CallerRule(ae_title="*", host="127.0.0.0/8"),))  # preassociation_timeout_s = 5
+    with structlog.testing.capture_logs() as logs:
+        [stalled] = open_flood(node.port, stalled=1)
+        try:
+            stalled.settimeout(20)
+            start = time.monotonic()
+            try:
+                answer = stalled.recv(1024)
+            except ConnectionResetError:
+                answer = b""
+            closed_after_s = time.monotonic() - start
+        finally:
+            stalled.close()
+        assert answer == b""  # closed by the node, without an association
+        assert closed_after_s < 5.0 + 5.0  # acse_timeout_s and network_timeout_s here are 5 and 10
+        deadline = time.monotonic() + 5
+        while (node.receiver.active_associations or node.receiver.gate.pending) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert node.receiver.active_associations == 0 and node.receiver.gate.pending == 0
+    assert [e["reason"] for e in logs if e["event"] == "peer_refused"] == [scp.REFUSED_NO_VALID_REQUEST]
 
 
 @pytest.mark.external
