@@ -15,6 +15,8 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import time
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -197,16 +199,25 @@ def dataset_bytes(part10: bytes) -> bytes:
     return part10[144 + group_length :]
 
 
-def scu(*, ae_title: str = PACS_AE) -> AE:
+def scu(*, ae_title: str = PACS_AE, transfer_syntaxes=(ExplicitVRLittleEndian, ImplicitVRLittleEndian)) -> AE:
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     for sop_class in (CTImageStorage, SegmentationStorage):
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        for transfer_syntax in transfer_syntaxes:  # one context each: the node, as acceptor, would pick its favourite
+            ae.add_requested_context(sop_class, [transfer_syntax])
     ae.add_requested_context(Verification)
     return ae
 
 
-def send(node: Node, items, *, ae_title: str = PACS_AE, raw_files: bool = False, monkeypatch=None) -> list[int]:
+def send(
+    node: Node,
+    items,
+    *,
+    ae_title: str = PACS_AE,
+    raw_files: bool = False,
+    monkeypatch=None,
+    transfer_syntaxes=(ExplicitVRLittleEndian, ImplicitVRLittleEndian),
+) -> list[int]:
     """C-STORE each dataset or file over one pynetdicom association; the statuses.
 
     ``raw_files`` sends files byte for byte without parsing them (pynetdicom's
@@ -215,7 +226,7 @@ def send(node: Node, items, *, ae_title: str = PACS_AE, raw_files: bool = False,
     """
     if raw_files:
         monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
-    assoc = scu(ae_title=ae_title).associate(LOOPBACK, node.port, ae_title=NODE_AE)
+    assoc = scu(ae_title=ae_title, transfer_syntaxes=transfer_syntaxes).associate(LOOPBACK, node.port, ae_title=NODE_AE)
     assert assoc.is_established
     try:
         return [int(assoc.send_c_store(item).Status) for item in items]
@@ -579,6 +590,87 @@ def test_dataset_that_does_not_match_its_sop_class_gets_0xA900(node, phantom, tm
     assert (node.received("seg", "rejected"), node.received("ct", "rejected")) == (1, 2)
 
 
+# --- resource limits (issue 10.4) --------------------------------------------------------
+
+BOMB_INFLATED_BYTES = 64 * 2**20
+
+
+def deflated_with_padding(source: Path, target: Path, padding_bytes: int) -> Path:
+    """``source`` (Explicit VR Little Endian) as a Deflated Explicit VR Little Endian file whose data set
+    ends in a Data Set Trailing Padding (FFFC,FFFC) of ``padding_bytes`` zeros.
+
+    Deflated in 1 MiB steps, so the test never holds the inflated data set:
+    64 MiB of zeros become about 64 KB on the wire.
+    """
+    part10 = source.read_bytes()
+    meta = pydicom.dcmread(source, stop_before_pixels=True).file_meta
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunks = [compressor.compress(dataset_bytes(part10))]
+    chunks.append(compressor.compress(struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, padding_bytes)))
+    step = bytes(2**20)
+    for _ in range(padding_bytes // len(step)):
+        chunks.append(compressor.compress(step))
+    chunks.append(compressor.flush())
+    buffer = pydicom.filebase.DicomBytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    pydicom.filewriter.write_file_meta_info(buffer, meta, enforce_standard=True)
+    target.write_bytes(buffer.getvalue() + b"".join(chunks))
+    return target
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated(node, phantom, tmp_path, monkeypatch):
+    # Reproduction (issue 10.4): a 132 KB deflated instance that inflates to
+    # 64 MB raised the service's memory by 224 MB.  Now it is inflated in 1 MiB
+    # steps against scp.max_inflated_bytes (32 MiB by default) and refused.
+    bomb = deflated_with_padding(phantom.variant("bomb", lambda ds: None), tmp_path / "bomb.dcm", BOMB_INFLATED_BYTES)
+    assert bomb.stat().st_size < 200_000
+    ordinary = phantom.variant("after-bomb", lambda ds: None)
+    syntaxes = (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian)
+
+    with structlog.testing.capture_logs() as logs:
+        tracemalloc.start()
+        try:
+            statuses = send(node, [bomb], raw_files=True, monkeypatch=monkeypatch, transfer_syntaxes=syntaxes)
+            _, peak_bytes = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        statuses += send(node, [ordinary], transfer_syntaxes=syntaxes)  # the node keeps serving
+
+    assert statuses == [STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS]
+    assert peak_bytes < 16 * 2**20, f"receiving the bomb allocated {peak_bytes / 2**20:.0f} MiB"
+    assert set(node.instances()) == {pydicom.dcmread(ordinary).SOPInstanceUID}  # nothing stored for the bomb
+    [refused] = [e for e in logs if e["event"] == "instance_refused"]
+    assert refused["status"] == "0xA700" and "scp.max_inflated_bytes" in refused["reason"]
+
+
+def test_a_header_announcing_a_huge_decoded_image_is_refused(node, phantom, tmp_path, monkeypatch):
+    # RLE keeps the fragments small whatever Rows x Columns claim; decoding
+    # 60000 x 60000 x 2 bytes (6.7 GiB) would happen in a scoring worker.
+    ds = pydicom.dcmread(sorted(phantom.compressed_dir(RLELossless).glob("*.dcm"))[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Rows = ds.Columns = 60000
+    huge = tmp_path / "huge.dcm"
+    ds.save_as(huge, enforce_file_format=True)
+    syntaxes = (RLELossless, ExplicitVRLittleEndian)
+
+    with structlog.testing.capture_logs() as logs:
+        statuses = send(node, [huge], raw_files=True, monkeypatch=monkeypatch, transfer_syntaxes=syntaxes)
+        statuses += send(node, phantom.ct_files[:1])
+
+    assert statuses == [STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS]
+    assert set(node.instances()) == {phantom.ct_files[0].stem}
+    [refused] = [e for e in logs if e["event"] == "instance_refused"]
+    assert refused["status"] == "0xA700" and "scp.max_decoded_bytes" in refused["reason"]
+    assert "7200000000 bytes" in refused["reason"]
+
+
+def test_instance_limits_come_from_the_config(start_node, phantom):
+    node = start_node(max_decoded_bytes=2**20)
+    assert node.receiver.limits == scp.InstanceLimits(max_decoded_bytes=2**20, max_inflated_bytes=32 * 2**20)
+    assert send(node, phantom.ct_files[:1]) == [STATUS_SUCCESS]  # 48 x 48 x 2 bytes
+
+
 def test_seg_without_referenced_series_sequence_is_stored(node, phantom):
     seg = pydicom.dcmread(phantom.seg_path)
     del seg.ReferencedSeriesSequence
@@ -771,3 +863,80 @@ def test_ipv6_listener_and_allow_list(start_node):
     assert assoc.send_c_echo().Status == STATUS_SUCCESS
     assoc.release()
     assert scu(ae_title="OTHER").associate("::1", node.port, ae_title=NODE_AE).is_rejected
+
+
+def deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+def test_check_inflated_size_caps_corrupt_truncated_and_trailing_streams():
+    stream = deflate(bytes(3 * 2**20))
+    assert scp.check_inflated_size(stream, 3 * 2**20) == 3 * 2**20
+    assert scp.check_inflated_size(stream + b"\0", 3 * 2**20) == 3 * 2**20  # PS3.5 A.5 even-length pad
+    with pytest.raises(scp.InstanceTooLarge, match=r"more than 3145727 bytes \(scp.max_inflated_bytes"):
+        scp.check_inflated_size(stream, 3 * 2**20 - 1)
+    with pytest.raises(UnreadableInstance, match="truncated"):
+        scp.check_inflated_size(stream[: len(stream) // 2], 2**30)
+    with pytest.raises(UnreadableInstance, match="bytes follow the end"):
+        scp.check_inflated_size(stream + b"garbage", 2**30)
+    with pytest.raises(UnreadableInstance, match="corrupt"):
+        scp.check_inflated_size(b"\xff" * 64, 2**30)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "expected"),
+    [
+        (dict(Rows=512, Columns=512, BitsAllocated=16), 512 * 512 * 2),
+        (dict(Rows=512, Columns=512, BitsAllocated=1, NumberOfFrames=600), 512 * 512 * 600),  # unpacked binary SEG
+        (dict(Rows=64, Columns=64, BitsAllocated=8, SamplesPerPixel=3, NumberOfFrames=2), 64 * 64 * 3 * 2),
+    ],
+    ids=["ct-slice", "binary-seg", "rgb"],
+)
+def test_decoded_pixel_bytes(attributes, expected):
+    ds = pydicom.Dataset()
+    for name, value in attributes.items():
+        setattr(ds, name, value)
+    assert scp.decoded_pixel_bytes(ds) == expected
+
+
+def test_decoded_pixel_bytes_names_missing_attributes():
+    ds = pydicom.Dataset()
+    ds.Rows = 512
+    with pytest.raises(UnreadableInstance, match="image pixel attributes are missing"):
+        scp.decoded_pixel_bytes(ds)
+
+
+def test_refusal_log_is_rate_limited_per_address_and_reason():
+    now = [1000.0]
+    with structlog.testing.capture_logs() as logs:
+        refusals = scp.RefusalLog(structlog.get_logger(), interval_s=60, max_keys=2, clock=lambda: now[0])
+        for _ in range(50):
+            refusals.refused("10.0.0.9", scp.REFUSED_ADDRESS)
+        refusals.refused("10.0.0.8", scp.REFUSED_ADDRESS)
+        now[0] += 61
+        refusals.refused("10.0.0.9", scp.REFUSED_ADDRESS)
+    assert [(e["peer_ip"], e["suppressed"]) for e in logs] == [("10.0.0.9", 0), ("10.0.0.8", 0), ("10.0.0.9", 49)]
+    assert all(e["event"] == "peer_refused" and e["log_level"] == "warning" for e in logs)
+
+
+def test_connection_gate_budgets_pending_connections_per_address_and_in_total():
+    config = scp_config(
+        allowed_callers=(CallerRule(ae_title="*", host="10.0.0.0/8"),), preassociation_per_ip=2, preassociation_total=3
+    )
+    with structlog.testing.capture_logs() as logs:
+        gate = scp.ConnectionGate(config, structlog.get_logger())
+        first, second = gate.open("10.0.0.1"), gate.open("::ffff:10.0.0.1")  # IPv4-mapped is the same address
+        assert first and second and gate.open("10.0.0.1") is None
+        third = gate.open("10.0.0.2")
+        assert third and gate.open("10.0.0.3") is None
+        assert gate.open("192.168.1.1") is None
+        gate.release(first)
+        gate.release(first)  # released once only
+        assert gate.pending == 2
+        assert gate.open("10.0.0.3") is not None
+    assert [(e["peer_ip"], e["reason"]) for e in logs] == [
+        ("10.0.0.1", scp.REFUSED_PER_IP),
+        ("10.0.0.3", scp.REFUSED_TOTAL),
+        ("192.168.1.1", scp.REFUSED_ADDRESS),
+    ]
