@@ -638,8 +638,7 @@ class GatedRequestHandler(RequestHandler):
             gate.attach(assoc, slot)
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
             assoc.start()
-            while assoc.is_alive() and not slot.done.wait(0.05):
-                pass
+            _hold_until_requested(assoc, slot)
             if not slot.done.is_set():
                 gate.refusals.refused(slot.peer_ip, REFUSED_NO_VALID_REQUEST)
         except Exception:  # noqa: BLE001 - never leave a socket or a slot behind
@@ -688,6 +687,34 @@ class GatedRequestHandler(RequestHandler):
         except OSError:
             server.shutdown_request(connection)
             return None
+
+
+def _hold_until_requested(assoc: Any, slot: PendingSlot) -> None:
+    """Wait until the A-ASSOCIATE-RQ arrived (slot released) or the association thread ended.
+
+    A connection that closes before its A-ASSOCIATE-RQ is complete makes
+    pynetdicom's DUL close its socket (AA-5, or AA-1/AA-2 after an invalid
+    PDU) but leaves the acceptor waiting
+    out its ACSE timeout; None in its queue is what that wait returns on a
+    timeout, so it ends now and the slot is free for the next connection.
+    """
+    woken = False
+    while assoc.is_alive() and not slot.done.wait(0.02):
+        if not woken and _transport_closed(assoc):
+            assoc.dul.to_user_queue.put(None)
+            woken = True
+
+
+def _transport_closed(assoc: Any) -> bool:
+    """The connection is gone, or pynetdicom's DUL thread has ended (it does so on a PDU it cannot decode)."""
+    dul = assoc.dul
+    if dul.ident is not None and not dul.is_alive():
+        return True
+    transport = getattr(dul, "socket", None)
+    if transport is None:
+        return False  # not set up yet
+    connection = transport.socket
+    return connection is None or connection.fileno() == -1
 
 
 def _readable(connection: socket.socket, deadline: float) -> bool:
