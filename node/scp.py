@@ -8,6 +8,15 @@
   other SOP class gets no presentation context (DCMTK's ``storescu`` sending
   MR Image Storage reports "No Acceptable Presentation Contexts").
 
+Who may connect.  Before an A-ASSOCIATE-RQ has been read a connection is
+unauthenticated: `GatedAssociationServer` (pynetdicom's ``make_server`` hook)
+closes it at TCP accept unless its source IP matches an ``allowed_callers``
+host and is within its budget of pending connections, and gives it
+``preassociation_timeout_s`` to deliver the request (`ConnectionGate`, see
+the section "admission before the A-ASSOCIATE-RQ").  Such connections never
+count against ``max_associations``; refusals are logged as ``peer_refused``,
+rate-limited.
+
 Who may associate.  An association is refused with A-ASSOCIATE-RJ before any
 presentation context is negotiated when
 
@@ -20,8 +29,8 @@ presentation context is negotiated when
 * ``check_called_ae`` is on and the Called AE title is not ours
   (pynetdicom's ``require_called_aet``: permanent, "called AE title not
   recognised");
-* ``max_associations`` are already running (pynetdicom's
-  ``maximum_associations``: transient, "local limit exceeded").
+* ``max_associations`` admitted associations are already running
+  (`ConnectionGate.admit`: transient, "local limit exceeded").
 
 Every acceptance and rejection is logged with the calling AE title, the IP and
 the reason (neither is PHI).
@@ -32,6 +41,9 @@ pynetdicom); it parses it only to check that it is whole and to read the
 header fields the spool indexes, then hands the bytes to `Spool.store_instance`,
 which fsyncs, renames and commits before it returns.  Only then is success
 answered.  Each failure has its own status (`STATUS_*`, see `status_for_error`).
+Resource limits come first (`InstanceLimits`): a deflated data set is inflated
+against a cap before pydicom inflates it whole, and the decoded pixel size the
+header announces is bounded; beyond either, 0xA700.
 
 Handlers get their dependencies through pynetdicom's binding
 (``(evt.EVT_C_STORE, handle_store, [spool, metrics, log, registry, clock])``), never from
