@@ -785,6 +785,30 @@ def test_tls_listener_answers_tls_callers_only(start_node, tmp_path):
     again.release()
 
 
+@pytest.mark.skipif(not Path("/usr/bin/openssl").is_file(), reason="openssl not installed")
+def test_a_silent_connection_to_the_tls_port_does_not_block_other_callers(start_node, tmp_path):
+    # pynetdicom does the TLS handshake in its one accepting thread: a peer that
+    # connects and never sends a ClientHello blocked every later caller.
+    import ssl
+
+    cert, key = self_signed_certificate(tmp_path)
+    tls = ScpTlsConfig(enabled=True, cert_file=cert, key_file=key, ca_file=None, require_client_cert=False)
+    node = start_node(tls=tls)
+    client = ssl.create_default_context(cafile=str(cert))
+    client.check_hostname = False
+    silent = socket.create_connection((LOOPBACK, node.port), timeout=5)
+    try:
+        time.sleep(0.2)  # let the node accept it first
+        start = time.monotonic()
+        assoc = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, tls_args=(client, None))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == STATUS_SUCCESS
+        assoc.release()
+        assert time.monotonic() - start < 3.0  # not a speed test: a blocked accept loop never answers
+    finally:
+        silent.close()
+
+
 def test_port_zero_binds_a_free_port_and_stop_aborts_lingering_associations(start_node):
     node = start_node()
     assert node.receiver.running and node.port > 0
