@@ -487,6 +487,11 @@ def _peer_fields(info: _AssociationInfo) -> dict[str, str]:
 
 #: PS3.8 9.3.1: the first byte of every PDU is its type; 0x01 is A-ASSOCIATE-RQ.
 PDU_TYPE_A_ASSOCIATE_RQ = 0x01
+#: Largest PDU read before the caller is admitted.  An A-ASSOCIATE-RQ proposing
+#: all 128 presentation contexts with 20 transfer syntaxes each is under 200 KiB.
+MAX_PREASSOCIATION_PDU_BYTES = 2**20
+#: Slack over the Maximum Length we announce (PS3.8 D.1), for senders that count it loosely.
+PDU_LENGTH_SLACK_BYTES = 1024
 
 REFUSED_ADDRESS = "source address matches no allowed_callers host"
 REFUSED_PER_IP = "too many connections from this address awaiting association (scp.preassociation_per_ip)"
@@ -495,6 +500,7 @@ REFUSED_TIMEOUT = "no A-ASSOCIATE-RQ within scp.preassociation_timeout_s"
 REFUSED_NOT_ASSOCIATE_RQ = "first PDU is not an A-ASSOCIATE-RQ"
 REFUSED_NO_VALID_REQUEST = "connection ended without a valid A-ASSOCIATE-RQ"
 REFUSED_TLS = "TLS handshake failed"
+REFUSED_PDU_TOO_LARGE = "PDU longer than the node accepts"
 REFUSED_INTERNAL = "connection check failed"
 
 
@@ -644,6 +650,7 @@ class GatedRequestHandler(RequestHandler):
                 return
             self.request = connection
             assoc = self._create_association()
+            _bound_pdu_length(assoc, gate, slot.peer_ip)
             # Bounds the wait for the rest of the A-ASSOCIATE-RQ (and the ARTIM
             # timer); handle_requested restores the configured timeouts.
             assoc.acse_timeout = max(0.1, deadline - time.monotonic())
@@ -699,6 +706,30 @@ class GatedRequestHandler(RequestHandler):
         except OSError:
             server.shutdown_request(connection)
             return None
+
+
+def _bound_pdu_length(assoc: Any, gate: ConnectionGate, peer_ip: str) -> None:
+    """Refuse to read a PDU longer than the node accepts (pynetdicom reads any announced length).
+
+    pynetdicom's DUL reads a PDU with one ``recv(length)`` for the length its
+    header announces, up to 4 GiB, into memory, before anything checks it.
+    Wrapping this association's socket ``recv`` lets such a request come back
+    empty: the DUL then treats the PDU as cut short and closes the connection.
+    The bound is `MAX_PREASSOCIATION_PDU_BYTES` until the caller is admitted,
+    then ``max_pdu_bytes`` (our announced Maximum Length) plus slack, or no
+    bound when that is 0 (unlimited).
+    """
+    transport = assoc.dul.socket
+    read = transport.recv
+
+    def bounded_recv(nr_bytes: int) -> bytearray:
+        limit = getattr(assoc, "_sclc_pdu_limit", MAX_PREASSOCIATION_PDU_BYTES)
+        if limit and nr_bytes > limit:
+            gate.refusals.refused(peer_ip, REFUSED_PDU_TOO_LARGE)
+            return bytearray()
+        return read(nr_bytes)
+
+    transport.recv = bounded_recv
 
 
 def _hold_until_requested(assoc: Any, slot: PendingSlot) -> None:
@@ -846,6 +877,7 @@ def handle_requested(
 def _restore_timeouts(assoc: Any, config: ScpConfig) -> None:
     """An admitted association leaves the short pre-association deadline for the configured timeouts."""
     assoc.acse_timeout = config.acse_timeout_s
+    assoc._sclc_pdu_limit = config.max_pdu_bytes + PDU_LENGTH_SLACK_BYTES if config.max_pdu_bytes else 0
     connection = getattr(assoc.dul.socket, "socket", None)
     if connection is not None:
         connection.settimeout(config.network_timeout_s)

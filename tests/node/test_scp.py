@@ -397,8 +397,8 @@ def test_association_limit_rejects_transiently_until_one_ends(start_node):
 #: Far above max_associations (4 in these tests) and preassociation_per_ip (4 by default).
 FLOOD_CONNECTIONS = 16
 FLOODER_IP = "127.0.0.2"  # Linux routes all of 127.0.0.0/8 to lo: a second host on loopback
-#: An A-ASSOCIATE-RQ PDU header announcing 2 GiB, then silence (a peer stalled mid-PDU).
-STALLED_PDU = b"\x01\x00" + struct.pack(">I", 0x7FFFFFF0) + b"\x00\x01"
+#: An A-ASSOCIATE-RQ PDU header announcing 64 KiB, then silence (a peer stalled mid-PDU).
+STALLED_PDU = b"\x01\x00" + struct.pack(">I", 2**16) + b"\x00\x01"
 
 
 def open_flood(port: int, *, silent: int = 0, opened_and_closed: int = 0, stalled: int = 0) -> list[socket.socket]:
@@ -591,6 +591,52 @@ def test_dataset_that_does_not_match_its_sop_class_gets_0xA900(node, phantom, tm
 
 
 # --- resource limits (issue 10.4) --------------------------------------------------------
+
+
+def bytes_accepted(conn: socket.socket, header: bytes, *, chunk_bytes: int = 2**20, up_to_bytes: int = 96 * 2**20) -> int:
+    """Send ``header`` then zeros until the node stops reading or ``up_to_bytes`` went out; the bytes sent."""
+    conn.settimeout(5)
+    sent = 0
+    chunk = bytes(chunk_bytes)
+    try:
+        conn.sendall(header)
+        while sent < up_to_bytes:
+            conn.sendall(chunk)
+            sent += chunk_bytes
+    except OSError:  # reset or broken pipe: the node closed the connection
+        pass
+    return sent
+
+
+def test_an_oversized_association_request_is_not_read(start_node):
+    # pynetdicom reads whatever length a PDU header announces (up to 4 GiB)
+    # into memory; before association that was open to any allowed address.
+    node = start_node(allowed_callers=(CallerRule(ae_title="*", host="127.0.0.0/8"),))
+    with structlog.testing.capture_logs() as logs:
+        conn = socket.create_connection((LOOPBACK, node.port), timeout=5, source_address=(FLOODER_IP, 0))
+        try:
+            sent = bytes_accepted(conn, b"\x01\x00" + struct.pack(">I", 512 * 2**20))
+        finally:
+            conn.close()
+    assert sent < 32 * 2**20, f"the node went on reading: {sent} bytes"
+    assert (FLOODER_IP, scp.REFUSED_PDU_TOO_LARGE) in {(e["peer_ip"], e["reason"]) for e in logs if e["event"] == "peer_refused"}
+
+
+def test_a_pdu_beyond_the_announced_maximum_length_aborts_the_association(start_node):
+    from tests.node.test_fuzz import associate_rq
+
+    node = start_node(allowed_callers=(CallerRule(ae_title="*", host="127.0.0.0/8"),))  # max_pdu_bytes = 16384
+    conn = socket.create_connection((LOOPBACK, node.port), timeout=5)
+    try:
+        conn.sendall(associate_rq(called=NODE_AE, calling=PACS_AE))
+        assert conn.recv(1) == b"\x02"  # A-ASSOCIATE-AC
+        sent = bytes_accepted(conn, b"\x04\x00" + struct.pack(">I", 512 * 2**20))  # a P-DATA-TF of 512 MiB
+    finally:
+        conn.close()
+    assert sent < 32 * 2**20, f"the node went on reading: {sent} bytes"
+    assert send(node, []) == []  # and it still serves
+
+
 
 BOMB_INFLATED_BYTES = 64 * 2**20
 
