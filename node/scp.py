@@ -492,6 +492,9 @@ PDU_TYPE_A_ASSOCIATE_RQ = 0x01
 MAX_PREASSOCIATION_PDU_BYTES = 2**20
 #: Slack over the Maximum Length we announce (PS3.8 D.1), for senders that count it loosely.
 PDU_LENGTH_SLACK_BYTES = 1024
+#: An encoded instance may exceed its decoded pixel data by its other attributes
+#: (a SEG's per-frame functional groups are about 1 KiB a frame).
+MESSAGE_HEADER_ALLOWANCE_BYTES = 16 * 2**20
 
 REFUSED_ADDRESS = "source address matches no allowed_callers host"
 REFUSED_PER_IP = "too many connections from this address awaiting association (scp.preassociation_per_ip)"
@@ -501,6 +504,7 @@ REFUSED_NOT_ASSOCIATE_RQ = "first PDU is not an A-ASSOCIATE-RQ"
 REFUSED_NO_VALID_REQUEST = "connection ended without a valid A-ASSOCIATE-RQ"
 REFUSED_TLS = "TLS handshake failed"
 REFUSED_PDU_TOO_LARGE = "PDU longer than the node accepts"
+REFUSED_MESSAGE_TOO_LARGE = "DIMSE message longer than scp.max_decoded_bytes allows"
 REFUSED_INTERNAL = "connection check failed"
 
 
@@ -721,15 +725,29 @@ def _bound_pdu_length(assoc: Any, gate: ConnectionGate, peer_ip: str) -> None:
     """
     transport = assoc.dul.socket
     read = transport.recv
+    message_limit = max(gate.config.max_decoded_bytes, gate.config.max_inflated_bytes) + MESSAGE_HEADER_ALLOWANCE_BYTES
+    assoc._sclc_message_bytes = 0
 
     def bounded_recv(nr_bytes: int) -> bytearray:
         limit = getattr(assoc, "_sclc_pdu_limit", MAX_PREASSOCIATION_PDU_BYTES)
         if limit and nr_bytes > limit:
             gate.refusals.refused(peer_ip, REFUSED_PDU_TOO_LARGE)
             return bytearray()
+        # pynetdicom gathers a whole DIMSE message (command + data set) in
+        # memory before any handler sees it; the handlers reset this count.
+        assoc._sclc_message_bytes += nr_bytes
+        if assoc._sclc_message_bytes > message_limit:
+            gate.refusals.refused(peer_ip, REFUSED_MESSAGE_TOO_LARGE)
+            return bytearray()
         return read(nr_bytes)
 
     transport.recv = bounded_recv
+
+
+def _message_handled(assoc: Any) -> None:
+    """A DIMSE message has been received whole: the next one starts its own byte count."""
+    if assoc is not None:
+        assoc._sclc_message_bytes = 0
 
 
 def _hold_until_requested(assoc: Any, slot: PendingSlot) -> None:
@@ -929,6 +947,7 @@ def handle_closed(event: evt.Event, registry: AssociationRegistry, log: Any) -> 
 
 def handle_echo(event: evt.Event) -> int:
     """EVT_C_ECHO: we are alive."""
+    _message_handled(event.assoc)
     return STATUS_SUCCESS
 
 
@@ -946,6 +965,7 @@ def handle_store(
     Never raises: every failure is logged (UIDs and reasons, no PHI) and
     answered with its status (`status_for_error`).
     """
+    _message_handled(event.assoc)
     request = event.request
     sop_class_uid = str(event.context.abstract_syntax)
     storage_class = STORAGE_CLASSES.get(UID(sop_class_uid))

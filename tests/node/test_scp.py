@@ -665,6 +665,36 @@ def deflated_with_padding(source: Path, target: Path, padding_bytes: int) -> Pat
     return target
 
 
+def test_a_dimse_message_beyond_the_instance_limits_is_not_gathered(start_node):
+    # pynetdicom gathers a whole message in memory before any handler runs:
+    # command fragments that never say "last" grew without bound.
+    from tests.node.test_fuzz import associate_rq, p_data
+
+    node = start_node(allowed_callers=(CallerRule(ae_title="*", host="127.0.0.0/8"),), max_decoded_bytes=2**20)
+    # limit: max(max_decoded_bytes 1 MiB, max_inflated_bytes 32 MiB) + 16 MiB = 48 MiB
+    fragment = p_data([(1, 0x01, bytes(16000))])  # command fragment, not the last
+    conn = socket.create_connection((LOOPBACK, node.port), timeout=5)
+    sent = 0
+    with structlog.testing.capture_logs() as logs:
+        try:
+            conn.sendall(associate_rq(called=NODE_AE, calling=PACS_AE))
+            assert conn.recv(1) == b"\x02"  # A-ASSOCIATE-AC
+            conn.settimeout(10)
+            while sent < 128 * 2**20:
+                conn.sendall(fragment * 64)
+                sent += len(fragment) * 64
+        except OSError:
+            pass  # the node aborted
+        finally:
+            conn.close()
+        deadline = time.monotonic() + 10
+        while node.receiver.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert sent < 80 * 2**20, f"the node went on reading: {sent} bytes"
+    assert scp.REFUSED_MESSAGE_TOO_LARGE in {e["reason"] for e in logs if e["event"] == "peer_refused"}
+    assert send(node, []) == []  # and it still serves
+
+
 def test_a_deflate_bomb_is_refused_before_it_is_inflated(node, phantom, tmp_path, monkeypatch):
     # Reproduction (issue 10.4): a 132 KB deflated instance that inflates to
     # 64 MB raised the service's memory by 224 MB.  Now it is inflated in 1 MiB
