@@ -46,7 +46,7 @@ against a cap before pydicom inflates it whole, and the decoded pixel size the
 header announces is bounded; beyond either, 0xA700.
 
 Handlers get their dependencies through pynetdicom's binding
-(``(evt.EVT_C_STORE, handle_store, [spool, metrics, log, registry, clock])``), never from
+(``(evt.EVT_C_STORE, handle_store, [spool, metrics, log, registry, clock, limits])``), never from
 module globals.  This module and ``outbox.py`` are the only importers of
 pynetdicom.
 """
@@ -58,7 +58,6 @@ import itertools
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 import weakref
