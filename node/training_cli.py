@@ -197,6 +197,53 @@ def _evaluate_split(split, cohort, features, failed, model, spec, train_time, tr
     return entry
 
 
+def stability_subsample(train, failed: Mapping[str, str], spec) -> list:
+    """The training patients re-extracted for the stability screen: with images, extracted, drawn with the seed."""
+    import numpy as np
+
+    eligible = [p for p in train if p.features is None and p.id not in failed]
+    if len(eligible) <= spec.stability.patients:
+        return eligible
+    rng = np.random.default_rng(spec.stability.seed)
+    chosen = set(rng.choice(len(eligible), size=spec.stability.patients, replace=False).tolist())
+    return [p for index, p in enumerate(eligible) if index in chosen]
+
+
+def _perturbed_extractions(cohort, train, failed, spec, stages, *, cache_dir, scheduler, workers, progress):
+    """(perturbation name -> features of the subsample, report entry) for the stability screen."""
+    from node.training.extraction import Perturbation, extract_cohort_features
+
+    stability = spec.stability
+    entry: dict[str, Any] = {"enabled": stability.enabled, "patients": 0, "rows": [], "seconds": 0.0,
+                             "counts": {}, "failures": []}
+    if not stability.enabled:
+        return None, entry
+    subsample = stability_subsample(train, failed, spec)
+    entry["patients"] = len(subsample)
+    entry["rows"] = [p.row for p in subsample]
+    if len(subsample) < 3:
+        return None, entry
+    tables = {}
+    start = time.perf_counter()
+    for kind in stability.perturbations:
+        perturbation = Perturbation(kind, noise_sd_hu=stability.noise_sd_hu if kind == "noise" else 0.0,
+                                    shift_voxels=stability.shift_voxels if kind == "shift" else 0.0,
+                                    seed=stability.seed)
+        result = stages.run(
+            f"stability_{kind}", f"re-extracting {len(subsample)} training patients under '{kind}'",
+            extract_cohort_features, subsample, spec.extraction_settings,
+            feature_classes=spec.extraction.feature_classes, regions=spec.extraction.regions, cache_dir=cache_dir,
+            scheduler=scheduler, workers=workers, progress=progress, perturbation=perturbation,
+        )
+        tables[kind] = result.features
+        entry["counts"][kind] = {"computed": len(result.computed), "cached": len(result.cached),
+                                 "failed": len(result.failures)}
+        entry["failures"] += [{"perturbation": kind, "row": cohort.patient(f.patient_id).row,
+                               "reason": _withhold(f.reason, f.patient_id)} for f in result.failures]
+    entry["seconds"] = round(time.perf_counter() - start, 3)
+    return tables, entry
+
+
 def run_training(
     cohort_path: Path,
     spec_path: Path,
@@ -257,12 +304,16 @@ def run_training(
     train_time = np.array([p.pfs_months for p in train], dtype=float)
     train_event = np.array([p.pfs_event for p in train], dtype=bool)
     train_features = features.loc[[p.id for p in train]]
+    perturbed, stability_entry = _perturbed_extractions(
+        cohort, train, failed, spec, stages, cache_dir=cache_dir, scheduler=scheduler, workers=workers,
+        progress=progress)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fitted = stages.run(
             "fit", f"fitting on {len(train)} training patients", fit_integrated_model,
             train_features, [p.clinical for p in train], train_time, train_event, spec,
             cohort=f"{cohort_path.name}, split '{TRAIN_SPLIT}': {len(train)} patients with features",
+            perturbed=perturbed,
         )
         try:  # only a figure: its failure must not cost the researcher the fitted model
             path, path_note = coefficient_path(train_features, train_time, train_event, spec.lasso,
@@ -328,6 +379,7 @@ def run_training(
                  "reason": _withhold(f.reason, f.patient_id)}
                 for f in extraction.failures
             ],
+            "stability": stability_entry,
         },
         "training": {
             **diagnostics,

@@ -163,7 +163,8 @@ def coefficient_path(features, time, event, lasso_spec, diagnostics: Mapping[str
 
     `scoring.training.method` keeps only the cross-validation curve, so the
     path is recomputed here the way the method computes it: the columns it
-    did not drop, z-scored with the training mean and sample SD, scikit-survival
+    did not drop (non-finite, constant, unstable), through their log transforms,
+    z-scored with the training mean and sample SD, scikit-survival
     ``CoxnetSurvivalAnalysis(l1_ratio=1)`` on the same alphas.  It is used only
     when it reproduces the model's coefficients at the chosen alpha (else the
     reason says so), so the figure cannot disagree with the model file.
@@ -175,13 +176,20 @@ def coefficient_path(features, time, event, lasso_spec, diagnostics: Mapping[str
     from sksurv.linear_model import CoxnetSurvivalAnalysis
     from sksurv.util import Surv
 
+    from scoring.domain import transform_array
+
     curve = diagnostics.get("lasso", {}).get("curve") or []
     if not curve:
         return None, "the fit reported no LASSO curve"
     dropped = diagnostics.get("dropped_features", {})
-    skip = set(dropped.get("non_finite", ())) | set(dropped.get("zero_variance", ()))
+    skip = (set(dropped.get("non_finite", ())) | set(dropped.get("zero_variance", ()))
+            | set(dropped.get("unstable", ())))
     names = [str(c) for c in features.columns if str(c) not in skip]
     x = features.loc[:, names].to_numpy(dtype=float)
+    transforms = diagnostics.get("transforms") or {}
+    for j, name in enumerate(names):
+        if transforms.get(name, "none") != "none":
+            x[:, j] = transform_array(transforms[name], x[:, j])
     if not np.isfinite(x).all():
         return None, "the training features are not all finite"
     z = (x - x.mean(axis=0)) / x.std(axis=0, ddof=1)

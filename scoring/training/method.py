@@ -340,6 +340,10 @@ class FittedIntegratedModel:
     radiomics_score: tuple[float, ...]
     risk_score: tuple[float, ...]
     diagnostics: Mapping[str, Any]
+    #: What internal validation refits on each bootstrap resample (`scoring.training.validation`):
+    #: ``x`` (training rows x LASSO candidates, transformed), ``names``, ``alphas`` (the path down to
+    #: the chosen alpha), ``clinical`` (encoded candidates), ``survivors`` (kept clinical terms).
+    design: Mapping[str, Any] | None = None
 
     @property
     def radiomics_cutoff(self) -> float:
@@ -794,6 +798,9 @@ def fit_integrated_model(
         radiomics_score=tuple(float(v) for v in radiomics_score),
         risk_score=tuple(float(v) for v in risk_score),
         diagnostics=diagnostics,
+        design={"x": x_lasso, "names": usable_names, "alphas": selector.alphas_[: selector.alpha_index_ + 1],
+                "clinical": encoded, "survivors": list(survivors), "time": time, "event": event,
+                "feature_names": names, "raw": raw},
     )
     fitted.frozen_model()  # refuse to hand back anything the node would refuse to load
     return fitted
