@@ -76,6 +76,12 @@ encoding = { kind = "ordinal", map = { good = 0, intermediate = 1, poor = 2 } }
 horizons_months = [6, 12]
 bootstrap = 100
 seed = 20231124
+
+[stability]
+patients = 8
+
+[validation]
+bootstrap = 20
 """
 EVALUATION_KEYS = {"split", "n", "events", "median_follow_up_months", "horizons_months", "model", "settings",
                    "radiomics", "integrated", "comparison"}
