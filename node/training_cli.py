@@ -217,7 +217,7 @@ def stability_subsample(train, failed: Mapping[str, str], spec) -> list:
 
 def _perturbed_extractions(cohort, train, failed, spec, stages, *, cache_dir, scheduler, workers, progress):
     """(perturbation name -> features of the subsample, report entry) for the stability screen."""
-    from node.training.extraction import Perturbation, extract_cohort_features
+    from node.training.extraction import Perturbation, extract_perturbed_features
 
     stability = spec.stability
     entry: dict[str, Any] = {"enabled": stability.enabled, "patients": 0, "rows": [], "seconds": 0.0,
@@ -229,18 +229,20 @@ def _perturbed_extractions(cohort, train, failed, spec, stages, *, cache_dir, sc
     entry["rows"] = [p.row for p in subsample]
     if len(subsample) < 3:
         return None, entry
-    tables = {}
+    perturbations = [Perturbation(kind, noise_sd_hu=stability.noise_sd_hu if kind == "noise" else 0.0,
+                                  shift_voxels=stability.shift_voxels if kind == "shift" else 0.0,
+                                  seed=stability.seed)
+                     for kind in stability.perturbations]
     start = time.perf_counter()
-    for kind in stability.perturbations:
-        perturbation = Perturbation(kind, noise_sd_hu=stability.noise_sd_hu if kind == "noise" else 0.0,
-                                    shift_voxels=stability.shift_voxels if kind == "shift" else 0.0,
-                                    seed=stability.seed)
-        result = stages.run(
-            f"stability_{kind}", f"re-extracting {len(subsample)} training patients under '{kind}'",
-            extract_cohort_features, subsample, spec.extraction_settings,
-            feature_classes=spec.extraction.feature_classes, regions=spec.extraction.regions, cache_dir=cache_dir,
-            scheduler=scheduler, workers=workers, progress=progress, perturbation=perturbation,
-        )
+    results = stages.run(
+        "stability_extraction",
+        f"re-extracting {len(subsample)} training patients under {', '.join(stability.perturbations)}",
+        extract_perturbed_features, subsample, spec.extraction_settings, perturbations,
+        feature_classes=spec.extraction.feature_classes, regions=spec.extraction.regions, cache_dir=cache_dir,
+        scheduler=scheduler, workers=workers, progress=progress,
+    )
+    tables = {}
+    for kind, result in results.items():
         tables[kind] = result.features
         entry["counts"][kind] = {"computed": len(result.computed), "cached": len(result.cached),
                                  "failed": len(result.failures)}

@@ -213,64 +213,115 @@ def extract_cohort_features(
     ``workers`` is ignored.  A patient that fails is listed in ``failures``
     with a one-line reason and the run goes on.
     """
+    return _extract(cohort, settings, [perturbation], feature_classes=feature_classes, regions=regions,
+                    cache_dir=cache_dir, scheduler=scheduler, workers=workers, progress=progress)[0]
+
+
+def extract_perturbed_features(
+    patients: Iterable,
+    settings: ExtractionSettings,
+    perturbations: Sequence[Perturbation],
+    *,
+    feature_classes: Sequence[str] | None = None,
+    regions: Sequence[str] = DEFAULT_REGIONS,
+    cache_dir: Path,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, ExtractionResult]:
+    """``{perturbation kind: result}``: every patient under every perturbation, in one pool of workers.
+
+    The same as one `extract_cohort_features` call per perturbation, but all
+    ``len(patients) x len(perturbations)`` extractions share one set of
+    worker processes (or one Dask submission), so none waits for a pool to
+    start or for the slowest patient of another perturbation.
+    """
+    kinds = [p.kind for p in perturbations]
+    if len(set(kinds)) != len(kinds):
+        raise ExtractionError(f"perturbations: {kinds!r} repeats a kind (allowed: each kind once)")
+    results = _extract(patients, settings, list(perturbations), feature_classes=feature_classes, regions=regions,
+                       cache_dir=cache_dir, scheduler=scheduler, workers=workers, progress=progress)
+    return dict(zip(kinds, results))
+
+
+def _extract(cohort, settings: ExtractionSettings, perturbations: list[Perturbation | None], *, feature_classes,
+             regions, cache_dir: Path, scheduler: str | None, workers: int | None,
+             progress: bool) -> list[ExtractionResult]:
     check_pyradiomics_version(settings)
     regions = _canonical_regions(regions)
     classes = _canonical_feature_classes(feature_classes)
     workers = _worker_count(workers)
-    cache = _Cache(Path(cache_dir), settings, classes, regions, perturbation)
     cohort = list(cohort)
-    plain_perturbation = perturbation.as_mapping() if perturbation is not None else None
+    plain_settings = _plain_settings(settings)
 
-    found: dict[str, dict[str, float]] = {}
-    failures: dict[str, str] = {}
-    precomputed, cached, computed = [], [], []
+    @dataclass
+    class _Run:
+        cache: _Cache
+        found: dict
+        failures: dict
+        precomputed: list
+        cached: list
+        computed: list
+
+    runs = [_Run(_Cache(Path(cache_dir), settings, classes, regions, perturbation), {}, {}, [], [], [])
+            for perturbation in perturbations]
     tasks = []
-    for patient in cohort:
-        if patient.features is not None:
-            if perturbation is not None:
+    for number, (perturbation, run) in enumerate(zip(perturbations, runs)):
+        plain_perturbation = perturbation.as_mapping() if perturbation is not None else None
+        for patient in cohort:
+            if patient.features is not None:
+                if perturbation is None:
+                    run.found[patient.id] = dict(patient.features)
+                    run.precomputed.append(patient.id)
                 continue
-            found[patient.id] = dict(patient.features)
-            precomputed.append(patient.id)
-            continue
-        try:
-            fingerprint = input_fingerprint(patient.images)
-        except OSError as exc:
-            failures[patient.id] = f"cannot read the input files: {exc.strerror or exc} ({exc.filename})"
-            continue
-        hit = cache.load(patient.id, fingerprint)
-        if hit is not None:
-            found[patient.id] = hit
-            cached.append(patient.id)
-        else:
-            tasks.append(_Task(patient.id, patient.images, fingerprint, _plain_settings(settings), classes, regions,
-                               plain_perturbation))
-
-    description = "extracting features" + (f" ({perturbation.kind})" if perturbation is not None else "")
-    with tqdm(total=len(tasks) + len(cached), initial=len(cached), desc=description, unit="patient",
-              file=sys.stderr, disable=not progress) as bar:
-        run = _run_on_dask(tasks, scheduler) if scheduler else _run_locally(tasks, workers)
-        for outcome in run:
-            if outcome.features is not None:
-                cache.store(outcome)
-                found[outcome.patient_id] = outcome.features
-                computed.append(outcome.patient_id)
+            try:
+                fingerprint = input_fingerprint(patient.images)
+            except OSError as exc:
+                run.failures[patient.id] = f"cannot read the input files: {exc.strerror or exc} ({exc.filename})"
+                continue
+            hit = run.cache.load(patient.id, fingerprint)
+            if hit is not None:
+                run.found[patient.id] = hit
+                run.cached.append(patient.id)
             else:
-                failures[outcome.patient_id] = outcome.reason
-                bar.set_postfix(failed=len(failures))
+                tasks.append(_Task(patient.id, patient.images, fingerprint, plain_settings, classes, regions,
+                                   plain_perturbation, number))
+
+    named = [p.kind for p in perturbations if p is not None]
+    description = "extracting features" + (f" ({', '.join(named)})" if named else "")
+    cached_total = sum(len(run.cached) for run in runs)
+    with tqdm(total=len(tasks) + cached_total, initial=cached_total, desc=description,
+              unit="extraction" if named else "patient",
+              file=sys.stderr, disable=not progress) as bar:
+        stream = _run_on_dask(tasks, scheduler) if scheduler else _run_locally(tasks, workers)
+        failed = 0
+        for outcome in stream:
+            run = runs[outcome.run]
+            if outcome.features is not None:
+                run.cache.store(outcome)
+                run.found[outcome.patient_id] = outcome.features
+                run.computed.append(outcome.patient_id)
+            else:
+                run.failures[outcome.patient_id] = outcome.reason
+                failed += 1
+                bar.set_postfix(failed=failed)
             bar.update(1)
 
     order = [p.id for p in cohort]
-    computed_ids = set(computed)
-    kept = [pid for pid in order if pid in found]
-    # Not DataFrame.from_dict: with rows of different columns it puts rows out of order.
-    frame = pd.DataFrame([found[pid] for pid in kept], index=pd.Index(kept, name="id"), dtype=float)
-    return ExtractionResult(
-        features=frame,
-        failures=tuple(ExtractionFailure(pid, failures[pid]) for pid in order if pid in failures),
-        computed=tuple(pid for pid in order if pid in computed_ids),
-        cached=tuple(cached),
-        precomputed=tuple(precomputed),
-    )
+    results = []
+    for run in runs:
+        computed_ids = set(run.computed)
+        kept = [pid for pid in order if pid in run.found]
+        # Not DataFrame.from_dict: with rows of different columns it puts rows out of order.
+        frame = pd.DataFrame([run.found[pid] for pid in kept], index=pd.Index(kept, name="id"), dtype=float)
+        results.append(ExtractionResult(
+            features=frame,
+            failures=tuple(ExtractionFailure(pid, run.failures[pid]) for pid in order if pid in run.failures),
+            computed=tuple(pid for pid in order if pid in computed_ids),
+            cached=tuple(run.cached),
+            precomputed=tuple(run.precomputed),
+        ))
+    return results
 
 
 def extract_patient_features(
@@ -512,6 +563,8 @@ class _Task:
     feature_classes: tuple[str, ...] | None
     regions: tuple[str, ...]
     perturbation: Mapping[str, object] | None = None
+    #: Which of the call's runs (one per perturbation) the task belongs to.
+    run: int = 0
 
 
 @dataclass(frozen=True)
@@ -521,6 +574,7 @@ class _Outcome:
     features: dict[str, float] | None = None
     reason: str | None = None
     seconds: float = 0.0
+    run: int = 0
 
 
 def _plain_settings(settings: ExtractionSettings) -> dict[str, object]:
@@ -554,10 +608,12 @@ def _extract_task(task: _Task) -> _Outcome:
             patient_id=task.patient_id,
         )
     except InputError as exc:
-        return _Outcome(task.patient_id, task.fingerprint, reason=_one_line(str(exc)))
+        return _Outcome(task.patient_id, task.fingerprint, reason=_one_line(str(exc)), run=task.run)
     except Exception as exc:  # a bug or a resource problem must not end the cohort's run either
-        return _Outcome(task.patient_id, task.fingerprint, reason=_one_line(f"{type(exc).__name__}: {exc}"))
-    return _Outcome(task.patient_id, task.fingerprint, features=features, seconds=time.perf_counter() - start)
+        return _Outcome(task.patient_id, task.fingerprint, reason=_one_line(f"{type(exc).__name__}: {exc}"),
+                        run=task.run)
+    return _Outcome(task.patient_id, task.fingerprint, features=features, seconds=time.perf_counter() - start,
+                    run=task.run)
 
 
 def _one_line(text: str) -> str:
@@ -597,7 +653,7 @@ def _run_locally(tasks: list[_Task], workers: int) -> Iterator[_Outcome]:
             try:
                 yield future.result()
             except BrokenProcessPool:
-                yield _Outcome(task.patient_id, task.fingerprint, reason=_WORKER_DIED)
+                yield _Outcome(task.patient_id, task.fingerprint, reason=_WORKER_DIED, run=task.run)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -623,7 +679,7 @@ def _run_on_dask(tasks: list[_Task], scheduler: str) -> Iterator[_Outcome]:
                 yield future.result()
             except Exception as exc:  # KilledWorker, a lost worker, a scheduler gone away
                 yield _Outcome(task.patient_id, task.fingerprint,
-                               reason=_one_line(f"Dask task failed: {type(exc).__name__}: {exc}"))
+                               reason=_one_line(f"Dask task failed: {type(exc).__name__}: {exc}"), run=task.run)
             finally:
                 future.release()
     finally:

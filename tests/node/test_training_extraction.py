@@ -318,9 +318,12 @@ def perturbed(cohort, baseline, tmp_path_factory):
         "dilation": Perturbation("dilation"), "erosion": Perturbation("erosion"),
         "noise": Perturbation("noise", noise_sd_hu=20.0, seed=3), "shift": Perturbation("shift", shift_voxels=0.5),
     }
-    results = {name: extract_cohort_features(patients, SETTINGS, feature_classes=CLASSES, cache_dir=cache,
-                                             progress=False, workers=2, perturbation=perturbation)
-               for name, perturbation in perturbations.items()}
+    from node.training.extraction import extract_perturbed_features
+
+    # All four perturbations in one pool of workers.
+    results = extract_perturbed_features(patients, SETTINGS, list(perturbations.values()), feature_classes=CLASSES,
+                                         cache_dir=cache, progress=False, workers=2)
+    assert list(results) == list(perturbations)
     return results, perturbations, patients, cache
 
 
@@ -355,6 +358,7 @@ def test_each_perturbation_has_its_own_cache_and_a_rerun_reads_it(cohort, pertur
     assert len(folders) == 4
     kinds = sorted(json.loads((f / "config.json").read_text())["perturbation"]["kind"] for f in folders)
     assert kinds == ["dilation", "erosion", "noise", "shift"]
+    # A single-perturbation run finds the same cache folder.
     again = extract_cohort_features(patients, SETTINGS, feature_classes=CLASSES, cache_dir=cache, progress=False,
                                     workers=1, perturbation=perturbations["noise"])
     assert again.computed == () and len(again.cached) == 2
