@@ -609,8 +609,11 @@ def add_training_parsers(subparsers) -> None:
         help="fit, freeze and evaluate an integrated model on your cohort (writes MODEL.json and a report)",
         description=(
             "Fit the integrated clinical + peritumoral-radiomics Cox model of Zhao et al. (JITC 2023) on the "
-            "cohort's train split, freeze it to a sealed model file, evaluate it on every split and write a "
-            "report (report.html, report.json, figures, model-card.md). See docs/training.md."
+            "cohort's train split (after a log transform of heavy-tailed features and a perturbation stability "
+            "screen), freeze it to a sealed model file, validate it internally (bootstrap optimism, calibration, "
+            "Brier score, proportional hazards), evaluate it on every split, compare treated risk groups with a "
+            "control split, and write a report (report.html, report.json, figures, model-card.md). "
+            "See docs/training.md."
         ),
     )
     train.add_argument("--cohort", type=Path, required=True, metavar="COHORT.csv",
