@@ -387,9 +387,18 @@ def run_training(
             path, path_note = None, f"the path could not be recomputed ({type(exc).__name__}: {exc})"
 
     # 3b. internal validation, recorded in the model's training summary (so the model card has it)
-    internal = stages.run("internal_validation",
-                          f"internal validation ({spec.validation.bootstrap} bootstrap refits, {spec.validation.refit})",
-                          _internal_validation, fitted, spec, train, train_time, train_event, notes)
+    with warnings.catch_warnings(record=True) as caught_internal:
+        warnings.simplefilter("always")
+        internal = stages.run(
+            "internal_validation",
+            f"internal validation ({spec.validation.bootstrap} bootstrap refits, {spec.validation.refit})",
+            _internal_validation, fitted, spec, train, train_time, train_event, notes)
+    if caught_internal:
+        # Overflow in a resample's Cox fit is expected now and then (a resample can nearly separate the
+        # events); the resample is skipped or its fit still converges, so one line says it, not hundreds.
+        distinct = list(dict.fromkeys(_warning_text(w) for w in caught_internal))
+        notes.append(f"internal validation: {len(caught_internal)} warnings from bootstrap refits, "
+                     f"e.g. {distinct[0]}")
 
     # 4. freeze: write, then load the file back exactly as the node will
     from scoring.model import seal
