@@ -166,7 +166,7 @@ class DomainRule:
         """The rule in words, for `Applicability.rule` (JSON, SR, CLI summary)."""
         text = (
             f"{self.kind}: every model feature, the radiomics score and the risk score must lie within"
-            f" the training range widened by {self.margin_fraction:.0%} of its width on each side"
+            f" the training range widened by {self.margin_fraction * 100:g}% of its width on each side"
             " (on the scale the model z-scores)"
         )
         if self.max_abs_z is not None:

@@ -7,6 +7,10 @@ features, shape features on filtered images, encodings that do not fit their
 clinical field, a non-monotone baseline survival ...).  Any failure is a
 `ModelFileError` with a one-line message.
 
+Schema v2 (written by training) adds the applicability domain
+(`scoring.domain`, checked against the model's features) and a per-feature
+``transform``; v1 files still load, with no domain (`DOMAIN_UNKNOWN` results).
+
 This module never opens user paths; the caller reads the file and passes its
 text.  The schema ships as package data and is read with importlib.resources.
 """

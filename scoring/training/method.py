@@ -60,6 +60,10 @@ The steps, in order (`fit_integrated_model`):
    stored in ``training_summary["radiomics_only_cox"]`` so that evaluation can
    draw calibration and decision curves for the radiomics model beside the
    integrated one (the paper's Figure 5E-F).  Scoring never reads it.
+7. **Applicability domain** (model file schema v2, `scoring.domain`): the
+   training min, max, mean, SD and 1/5/50/95/99 % quantiles of every model
+   feature (in its own units) and of both scores, with the rule
+   ``DOMAIN_RULE`` (training range widened by 10 % of its width on each side).
 
 Rows of the features table, the clinical records, ``time`` (months) and
 ``event`` are matched by position.  Nothing here reads or writes files.
@@ -81,8 +85,8 @@ from sklearn.model_selection import StratifiedKFold
 
 from scoring import stats
 from scoring.clinical import ClinicalRecord
-from scoring.domain import domain_from_training, transform_array
 from scoring.errors import ClinicalRecordError, InputError
+from scoring.domain import DomainRule, domain_from_training, transform_array
 from scoring.model import RADIOMICS_SCORE_TERM, REQUIRED_HORIZON_MONTHS, SCHEMA_VERSION, FrozenModel, seal
 # The model file's rule for which image types an extraction produces; reused so
 # training refuses a feature the frozen model could never be given.
@@ -107,6 +111,8 @@ STANDARDISATION = "z = (T(x) - training mean) / training sample SD (ddof=1), T =
 LOG_TRANSFORM = "signed_log1p"
 AUTO_LOG_RULE = ("signed_log1p when every training value is >= 0 and the sample skewness "
                  "(scipy.stats.skew, bias=False) exceeds {threshold:g}")
+#: The applicability-domain rule written into every model (docs/model-format.md says why).
+DOMAIN_RULE = DomainRule(margin_fraction=0.1, max_abs_z=None)
 
 
 class TrainingDataError(InputError):
@@ -544,6 +550,24 @@ def _software_versions() -> dict[str, str]:
             "scikit-learn": sklearn.__version__, "scikit-survival": sksurv.__version__}
 
 
+def _applicability_domain(
+    features: pd.DataFrame, mapping: Mapping[str, Any], radiomics_score: np.ndarray, risk_score: np.ndarray
+) -> dict[str, Any]:
+    """The model file's ``applicability_domain``: training distributions of each model feature and both scores.
+
+    Feature values are read from the input table, i.e. in their own units before
+    any ``transform`` (the domain states ranges as pyradiomics reports them; the
+    rule applies the margin on the model's scale, `scoring.domain`).
+    """
+    columns = {str(column): position for position, column in enumerate(features.columns)}
+    model_features = [FeatureSpec(f["region"], f["image_type"], f["feature_class"], f["feature"]).name
+                      for f in mapping["radiomics"]["features"]]
+    training = {
+        name: pd.to_numeric(features.iloc[:, columns[name]]).to_numpy(dtype=float) for name in model_features
+    }
+    return domain_from_training(training, radiomics_score, risk_score, DOMAIN_RULE).to_mapping()
+
+
 def fit_integrated_model(
     features: pd.DataFrame,
     clinical: Sequence[ClinicalRecord],
@@ -637,7 +661,6 @@ def fit_integrated_model(
         (feature_specs[names.index(name)], float(selector.mean_[j]), float(selector.scale_[j]), float(selector.coef_[j]))
         for j, name in enumerate(usable_names) if selector.coef_[j] != 0.0
     ]
-    selected_raw = {s.name: raw[:, names.index(s.name)] for s, _, _, _ in selected}
 
     # 3. clinical screening
     frame = pd.DataFrame({TIME: time, EVENT: event, RADIOMICS_SCORE_TERM: radiomics_score, **encoded})
@@ -767,9 +790,9 @@ def fit_integrated_model(
         "risk_cutoff": risk_cutoff,
         "baseline_survival": baseline,
         "training_summary": summary,
-        # Schema v2 requires a domain; the `domain` branch owns how it is computed (scoring.domain).
-        "applicability_domain": domain_from_training(selected_raw, radiomics_score, risk_score).to_mapping(),
     }
+    # 7. Applicability domain (schema v2, scoring.domain)
+    mapping["applicability_domain"] = _applicability_domain(features, mapping, radiomics_score, risk_score)
     diagnostics = {
         **{key: summary[key] for key in ("n", "events", "median_follow_up_months", "median_pfs_months",
                                           "dropped_features", "clinical", "spearman_radiomics_score", "vif",

@@ -123,8 +123,8 @@ def distribution(minimum: float, maximum: float, mean: float, sd: float) -> dict
 def model_content_v2(margin_fraction: float = 0.125, max_abs_z: float | None = None) -> dict[str, Any]:
     """The fixture as schema v2: the same model plus an applicability domain.
 
-    Accepted (margin 1/8 of the range): ring Mean [2.5, 17.5], radiomics score
-    [-4.5, 4.5] (training -4..4), risk score [-2.5, 7.5] (training -2..7).
+    Accepted (margin 1/8 of the range): ring Mean [2.5, 17.5] (training 4..16),
+    radiomics score [-5, 5] (training -4..4), risk score [-3.125, 8.125] (training -2..7).
     """
     content = model_content()
     content["schema_version"] = 2
