@@ -238,10 +238,11 @@ def test_study_routed_by_pacs_comes_back_as_an_sr(pacs_and_node, demo, tmp_path)
     content = read_risk_sr(sr)
     expected = reference_result(demo, tmp_path)
     assert content.risk_group.value == expected["risk_group"]
-    assert content.risk_score == pytest.approx(expected["risk_score"], rel=1e-12)
-    assert content.radiomics_score == pytest.approx(expected["radiomics_score"], rel=1e-12)
+    # The SR states scores to 3 decimals and PFS to 0.1 % (dicom_io.sr_writer rounding).
+    assert content.risk_score == round(expected["risk_score"], 3)
+    assert content.radiomics_score == round(expected["radiomics_score"], 3)
     assert {k: v for k, v in content.pfs_probability.items()} == pytest.approx(
-        {int(k): v for k, v in expected["pfs_probability"].items()}, rel=1e-12
+        {int(k): round(v, 3) for k, v in expected["pfs_probability"].items()}, abs=1e-9
     )
     assert content.model.demonstration is True
     assert str(sr.SOPInstanceUID) == expected["sr_sop_instance_uid"]
