@@ -66,6 +66,8 @@ OBSERVER_TYPE_DEVICE = Code("121007", "DCM", "Device")
 
 FINDING_NEOPLASM = Code("108369006", "SCT", "Neoplasm")
 FINDING_SITE_LUNG = Code("39607008", "SCT", "Lung")
+#: The tumour's cross-section on the key slice (TID 1410), in mm2.
+AREA = Code("42798000", "SCT", "Area")
 
 RISK_GROUP_VALUES: Mapping[str, Code] = MappingProxyType(
     {
@@ -80,6 +82,7 @@ NO = Code("373067005", "SCT", "No")
 
 UNIT_ONE = Code("1", "UCUM", "no units")
 UNIT_PERCENT = Code("%", "UCUM", "percent")
+UNIT_MM2 = Code("mm2", "UCUM", "square millimeter")
 
 # --- private concepts: model outputs -----------------------------------------
 

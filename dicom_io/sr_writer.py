@@ -65,6 +65,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 from dicom_io import codes
 from dicom_io.errors import DicomInputError
 from dicom_io.inputs import CtSeries, TumourSegment
+from dicom_io.key_slice import KeySlice, find_key_slice
 from scoring.clinical import ClinicalRecord, Lipi
 from dicom_io.header_values import sanitised_header
 from scoring.types import (
@@ -529,7 +530,7 @@ def build_risk_sr(
     result: RiskResult,
     *,
     report_out_of_domain: bool = False,
-    key_slice: "KeySlice | None" = None,
+    key_slice_roi: bool = True,
     series_number: int = 9001,
     instance_number: int = 1,
     manufacturer: str = SOFTWARE_NAME,
@@ -542,9 +543,10 @@ def build_risk_sr(
 
     Patient and study attributes are copied from the CT (the first header),
     sanitised (``dicom_io.header_values``).  The SEG is cited as evidence and
-    referenced by segment number.  ``key_slice`` (``dicom_io.key_slice``)
-    adds the TID 1410 planar ROI group with the tumour outline that OHIF
-    draws, and is the one image in the Image Library.
+    referenced by segment number.  ``key_slice_roi`` adds the TID 1410
+    planar ROI group with the tumour outline on the key slice
+    (``dicom_io.key_slice``) that OHIF draws; that image is then the one
+    image in the Image Library.
     ``report_out_of_domain`` decides whether an out-of-domain study's risk
     group and PFS are reported (see the module docstring).
     ``software_version`` defaults to the installed package version;
@@ -560,6 +562,7 @@ def build_risk_sr(
     model = result.model
     series_uid, sop_instance_uid = derive_sr_uids(ct.series_instance_uid, seg.SOPInstanceUID, model.sha256)
     header = document_header(ct)
+    key_slice = find_key_slice(ct, segment.mask) if key_slice_roi else None
     groups: list = [_volumetric_group(ct, segment, clinical, result, report_out_of_domain=report_out_of_domain)]
     if key_slice is not None:
         groups.append(_planar_group(ct, segment, result, key_slice, report_out_of_domain=report_out_of_domain))
@@ -600,8 +603,54 @@ def build_risk_sr(
     )
 
 
-def _planar_group(ct, segment, result, key_slice, *, report_out_of_domain):
-    raise NotImplementedError  # step 2
+def _planar_group(
+    ct: CtSeries, segment: TumourSegment, result: RiskResult, key_slice: KeySlice, *, report_out_of_domain: bool
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 on the key slice: the tumour outline, labelled with the result, for viewers that draw ROIs.
+
+    OHIF v3 draws SCOORD groups only and labels them from the Tracking
+    Identifier, the NUM items ("name: value unit") and the finding site, so
+    the risk group goes in the Tracking Identifier and PFS in NUMs.
+    """
+    if not key_slice.outlines_px:
+        raise ValueError(f"no tumour outline on key slice {key_slice.index}")
+    seg = segment.segmentation
+    withheld = withholds_estimates(result, report_out_of_domain)
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=key_slice.outlines_px[0],
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=key_slice.header.SOPClassUID,
+            referenced_sop_instance_uid=key_slice.sop_instance_uid,
+        ),
+    )
+    measurements = [hd.sr.Measurement(name=codes.AREA, value=round(key_slice.area_mm2, 1), unit=codes.UNIT_MM2)]
+    evaluations = []
+    if not withheld:
+        measurements = [
+            *(hd.sr.Measurement(name=codes.PFS_PROBABILITY[m], value=percent(p), unit=codes.UNIT_PERCENT)
+              for m, p in _checked_pfs(result).items()),
+            hd.sr.Measurement(name=codes.RISK_SCORE, value=rounded_score(result.risk_score), unit=codes.UNIT_ONE),
+            *measurements,
+        ]
+        evaluations.append(
+            _coded(codes.RISK_GROUP, _lookup(codes.RISK_GROUP_VALUES, RiskGroup(result.risk_group).value, "risk group"))
+        )
+    tracking = hd.sr.TrackingIdentifier(
+        uid=_derived_uid("tracking-key-slice", ct.series_instance_uid, seg.SOPInstanceUID, str(segment.segment_number)),
+        identifier=_tracking_text(segment, result, report_out_of_domain,
+                                  risk_label(result, report_out_of_domain=report_out_of_domain)),
+    )
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=region,
+        finding_type=codes.FINDING_NEOPLASM,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.FINDING_SITE_LUNG)],
+        measurements=measurements,
+        qualitative_evaluations=evaluations or None,
+    )
+    group[0].ContinuityOfContent = "SEPARATE"
+    return group
 
 
 def series_description(model: ModelIdentity) -> str:
