@@ -3,7 +3,10 @@
 ``OBJECT_KINDS`` names them as the configuration does (``objects = [...]``
 per destination).  ``build_result_objects`` builds the ones asked for from
 one key slice and one rendering, so they all agree; each has its own
-deterministic UIDs (``derive_object_uids``).
+deterministic UIDs (``derive_object_uids``).  The kind "sr" is two
+documents: the risk SR ("sr") and the key-slice ROI SR ("sr-roi") that
+OHIF draws (see ``build_key_slice_roi_sr``); ``object_kind`` maps a name
+to its kind.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pydicom.dataset import Dataset
 from dicom_io.inputs import CtSeries, TumourSegment
 from dicom_io.key_objects import build_key_object_selection
 from dicom_io.key_slice import find_key_slice
-from dicom_io.sr_writer import build_risk_sr, document_header
+from dicom_io.sr_writer import build_key_slice_roi_sr, build_risk_sr, document_header
 from dicom_io.summary import (
     build_encapsulated_pdf,
     build_secondary_capture,
@@ -28,6 +31,11 @@ from scoring.types import RingDefinition, RiskResult
 
 #: sr: TID 1500 Comprehensive 3D SR; kos: Key Object Selection; pdf: Encapsulated PDF; sc: Secondary Capture.
 OBJECT_KINDS = ("sr", "kos", "pdf", "sc")
+
+
+def object_kind(name: str) -> str:
+    """The configurable kind of a built object: "sr-roi" is an "sr"."""
+    return name.split("-", 1)[0]
 
 
 def check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
@@ -49,17 +57,26 @@ def build_result_objects(
     report_out_of_domain: bool = False,
     ring: RingDefinition = RingDefinition(),
     content_datetime: _dt.datetime | None = None,
+    include_risk_sr: bool = True,
 ) -> dict[str, Dataset]:
-    """kind -> dataset, for each kind asked for (in ``OBJECT_KINDS`` order)."""
+    """name -> dataset: "sr" and "sr-roi" for the kind "sr", then "kos", "pdf", "sc" as asked for.
+
+    ``include_risk_sr`` False leaves out the risk SR itself (the worker has
+    it already from `node.scoring_job.score_files`).
+    """
     kinds = check_kinds(kinds)
     objects: dict[str, Dataset] = {}
-    if "sr" in kinds:
-        objects["sr"] = build_risk_sr(
-            ct, segment, clinical, result, report_out_of_domain=report_out_of_domain, content_datetime=content_datetime
-        )
-    if not set(kinds) - {"sr"}:
-        return objects
     key_slice = find_key_slice(ct, segment.mask)
+    if "sr" in kinds:
+        if include_risk_sr:
+            objects["sr"] = build_risk_sr(
+                ct, segment, clinical, result, report_out_of_domain=report_out_of_domain,
+                content_datetime=content_datetime,
+            )
+        objects["sr-roi"] = build_key_slice_roi_sr(
+            ct, segment, result, key_slice, report_out_of_domain=report_out_of_domain,
+            content_datetime=content_datetime,
+        )
     if "kos" in kinds:
         objects["kos"] = build_key_object_selection(
             ct, segment, result, key_slice, report_out_of_domain=report_out_of_domain

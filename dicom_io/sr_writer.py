@@ -14,7 +14,7 @@ that mean something: scores 3 decimals, PFS 0.1 %, features 4 significant)::
       HAS CONCEPT MOD  Language = en-US
       HAS OBS CONTEXT  Observer Type = Device; the node and its version
       HAS CONCEPT MOD  Procedure reported = (25045-6, LN, "CT unspecified body region")
-      CONTAINS         Image Library: the key-slice CT image only (the one the ROI cites)
+      CONTAINS         Image Library: the key-slice CT image only (the one the ROI SR outlines)
       CONTAINS         CONTAINER Imaging Measurements
         CONTAINS       CONTAINER Measurement Group  TID 1411, SEPARATE
           Tracking Identifier, Tracking Unique Identifier (UIDREF)
@@ -32,10 +32,16 @@ that mean something: scores 3 decimals, PFS 0.1 %, features 4 significant)::
           TEXT  Intended use (the model's own statement, notice not repeated)
           Finding = Neoplasm, Finding Site = Lung, Algorithm Identification (TID 4019:
           model name, version, "sha256=<hex>"), Referenced Segment + Source Series
-        CONTAINS       CONTAINER Measurement Group  TID 1410 (when a key slice is given)
-          Tracking Identifier "Tumour: High risk ..." (OHIF's label), Tracking UID,
-          Finding, Finding Site, SCOORD POLYLINE tumour outline on the key CT image,
-          NUM PFS at 6 / 12 months [%] and the integrated risk score    [withheld]
+
+``build_key_slice_roi_sr`` writes a second TID 1500 SR (same series) for viewers
+that draw ROIs (OHIF)::
+
+    CONTAINER Imaging Measurement Report ... Image Library: the key slice
+      CONTAINS  CONTAINER Measurement Group  TID 1410, SEPARATE
+        Tracking Identifier "Tumour: High risk (DEMO)" (OHIF's label), Tracking UID,
+        Finding, Finding Site, SCOORD POLYLINE tumour outline on the key CT image,
+        NUM PFS at 6 / 12 months [%], integrated risk score [withheld], Area [mm2],
+        CODE Progression risk group [withheld]
 
 Withholding: when ``result.applicability`` is out of domain and
 ``report_out_of_domain`` is False, the risk group, the scores and cut-offs,
@@ -530,7 +536,6 @@ def build_risk_sr(
     result: RiskResult,
     *,
     report_out_of_domain: bool = False,
-    key_slice_roi: bool = True,
     series_number: int = 9001,
     instance_number: int = 1,
     manufacturer: str = SOFTWARE_NAME,
@@ -543,10 +548,8 @@ def build_risk_sr(
 
     Patient and study attributes are copied from the CT (the first header),
     sanitised (``dicom_io.header_values``).  The SEG is cited as evidence and
-    referenced by segment number.  ``key_slice_roi`` adds the TID 1410
-    planar ROI group with the tumour outline on the key slice
-    (``dicom_io.key_slice``) that OHIF draws; that image is then the one
-    image in the Image Library.
+    referenced by segment number; the Image Library holds one image, the key
+    slice (``dicom_io.key_slice``), which ``build_key_slice_roi_sr`` outlines.
     ``report_out_of_domain`` decides whether an out-of-domain study's risk
     group and PFS are reported (see the module docstring).
     ``software_version`` defaults to the installed package version;
@@ -558,14 +561,64 @@ def build_risk_sr(
     header that cannot be copied (an over-length PatientID).
     """
     seg = segment.segmentation
-    software_version = software_version_or_installed(software_version)
-    model = result.model
-    series_uid, sop_instance_uid = derive_sr_uids(ct.series_instance_uid, seg.SOPInstanceUID, model.sha256)
+    series_uid, sop_instance_uid = derive_sr_uids(ct.series_instance_uid, seg.SOPInstanceUID, result.model.sha256)
     header = document_header(ct)
-    key_slice = find_key_slice(ct, segment.mask) if key_slice_roi else None
-    groups: list = [_volumetric_group(ct, segment, clinical, result, report_out_of_domain=report_out_of_domain)]
-    if key_slice is not None:
-        groups.append(_planar_group(ct, segment, result, key_slice, report_out_of_domain=report_out_of_domain))
+    group = _volumetric_group(ct, segment, clinical, result, report_out_of_domain=report_out_of_domain)
+    return _sr_document(
+        [group], key_slice_header=find_key_slice(ct, segment.mask).header, evidence=[header, *ct.headers[1:], seg],
+        result=result, series_uid=series_uid, sop_instance_uid=sop_instance_uid, series_number=series_number,
+        instance_number=instance_number, manufacturer=manufacturer, software_version=software_version,
+        institution_name=institution_name, institutional_department_name=institutional_department_name,
+        content_datetime=content_datetime,
+    )
+
+
+def build_key_slice_roi_sr(
+    ct: CtSeries,
+    segment: TumourSegment,
+    result: RiskResult,
+    key_slice: KeySlice,
+    *,
+    report_out_of_domain: bool = False,
+    series_number: int = 9001,
+    instance_number: int = 2,
+    manufacturer: str = SOFTWARE_NAME,
+    software_version: str | None = None,
+    institution_name: str | None = None,
+    institutional_department_name: str | None = None,
+    content_datetime: _dt.datetime | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """A second TID 1500 SR, in the risk SR's series: the tumour outline on the key slice (TID 1410).
+
+    This is what OHIF draws: a planar ROI (SCOORD POLYLINE on the key CT
+    image) labelled with the risk group and PFS.  It is a document of its
+    own because a TID 1500 report holding both a 1410 and a 1411 group is
+    valid DICOM but fails PixelMed's validator, which applies the 1410
+    template to every measurement group once one group has an image region.
+    UIDs: the SR's series UID, instance ``derive_object_uids("sr-roi", ...)``.
+    """
+    seg = segment.segmentation
+    series_uid, _ = derive_sr_uids(ct.series_instance_uid, seg.SOPInstanceUID, result.model.sha256)
+    _, sop_instance_uid = derive_object_uids("sr-roi", ct.series_instance_uid, seg.SOPInstanceUID, result.model.sha256)
+    header = document_header(ct)
+    group = _planar_group(ct, segment, result, key_slice, report_out_of_domain=report_out_of_domain)
+    evidence = [header if h.SOPInstanceUID == header.SOPInstanceUID else h for h in (ct.headers[0], key_slice.header)]
+    evidence = list({str(h.SOPInstanceUID): h for h in evidence}.values())
+    return _sr_document(
+        [group], key_slice_header=key_slice.header, evidence=evidence,
+        result=result, series_uid=series_uid, sop_instance_uid=sop_instance_uid, series_number=series_number,
+        instance_number=instance_number, manufacturer=manufacturer, software_version=software_version,
+        institution_name=institution_name, institutional_department_name=institutional_department_name,
+        content_datetime=content_datetime,
+    )
+
+
+def _sr_document(
+    groups: list, *, key_slice_header: Dataset, evidence: list[Dataset], result: RiskResult, series_uid: str,
+    sop_instance_uid: str, series_number: int, instance_number: int, manufacturer: str, software_version: str | None,
+    institution_name: str | None, institutional_department_name: str | None, content_datetime: _dt.datetime | None,
+) -> hd.sr.Comprehensive3DSR:
+    software_version = software_version_or_installed(software_version)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device_observer(manufacturer, software_version)),
         procedure_reported=codes.PROCEDURE_REPORTED_CT,
@@ -574,12 +627,12 @@ def build_risk_sr(
         language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(
             hd.sr.CodedConcept.from_code(codes.LANGUAGE_ENGLISH)
         ),
-        # Only what the SR cites: the key slice the ROI is drawn on (OHIF needs the library to exist).
-        referenced_images=[key_slice.header] if key_slice is not None else [header],
+        # One image, the key slice: OHIF needs the library, a reader needs no list of every slice.
+        referenced_images=[key_slice_header],
     )
     when = content_datetime or _dt.datetime.now()
     return hd.sr.Comprehensive3DSR(
-        evidence=[header, *ct.headers[1:], seg],
+        evidence=evidence,
         content=report[0],
         series_instance_uid=series_uid,
         series_number=series_number,
@@ -593,7 +646,7 @@ def build_risk_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description=series_description(model),
+        series_description=series_description(result.model),
         coding_schemes=[codes.private_coding_scheme()],
         specific_character_set=SPECIFIC_CHARACTER_SET,
         content_date=when.date(),

@@ -42,7 +42,8 @@ class ScoringTask:
     clinical_json: str
     model_path: Path
     segment_label: str | None
-    #: The objects besides the SR to build (`dicom_io.result_objects.OBJECT_KINDS`: kos, pdf, sc).
+    #: The objects to build beside the risk SR (`dicom_io.result_objects.OBJECT_KINDS`; "sr" adds the
+    #: key-slice ROI SR).
     extra_object_kinds: tuple[str, ...] = ()
     #: Report an out-of-domain study's risk group and PFS (config `scoring.report_out_of_domain`).
     report_out_of_domain: bool = False
@@ -56,7 +57,7 @@ class ScoringOutcome:
     sr_bytes: bytes | None = None
     result_json: str | None = None
     error: str | None = None
-    #: (kind, SOP Instance UID, Part-10 bytes) of the KOS / PDF / SC built beside the SR.
+    #: (kind, SOP Instance UID, Part-10 bytes) of the key-slice ROI SR (kind "sr"), KOS, PDF and SC.
     extra_objects: tuple[tuple[str, str, bytes], ...] = ()
 
 
@@ -140,10 +141,10 @@ def _part10_bytes(dataset) -> bytes:
 
 
 def _extra_objects(scored, clinical, model, task: ScoringTask) -> tuple[tuple[str, str, bytes], ...]:
-    """The KOS / PDF / SC of a scored study, from the same key slice and result as its SR."""
+    """The ROI SR / KOS / PDF / SC of a scored study, from the same key slice and result as its SR."""
     if not task.extra_object_kinds:
         return ()
-    from dicom_io.result_objects import build_result_objects
+    from dicom_io.result_objects import build_result_objects, object_kind
 
     objects = build_result_objects(
         scored.ct,
@@ -153,8 +154,9 @@ def _extra_objects(scored, clinical, model, task: ScoringTask) -> tuple[tuple[st
         kinds=task.extra_object_kinds,
         report_out_of_domain=task.report_out_of_domain,
         ring=model.extraction.ring,
+        include_risk_sr=False,
     )
-    return tuple((kind, str(ds.SOPInstanceUID), _part10_bytes(ds)) for kind, ds in objects.items())
+    return tuple((object_kind(name), str(ds.SOPInstanceUID), _part10_bytes(ds)) for name, ds in objects.items())
 
 
 def _exit_when_orphaned(parent_pid: int, poll_s: float = 1.0) -> None:
@@ -174,16 +176,16 @@ def _worker_initialiser(parent_pid: int) -> None:
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True, name="orphan-watch").start()
 
 
-#: Every object kind besides the SR, in `dicom_io.result_objects.OBJECT_KINDS` order.
-EXTRA_OBJECT_KINDS = ("kos", "pdf", "sc")
+#: `dicom_io.result_objects.OBJECT_KINDS`, without importing highdicom into the service process.
+_ALL_OBJECT_KINDS = ("sr", "kos", "pdf", "sc")
 
 
 def _kinds_to_build(destinations: Sequence[str], destination_objects: Mapping[str, Sequence[str]] | None) -> tuple[str, ...]:
     """The kinds some destination takes; all of them when there is no destination (kept in the spool)."""
     if destination_objects is None or not destinations:
-        return EXTRA_OBJECT_KINDS
+        return _ALL_OBJECT_KINDS
     wanted = {kind for name in destinations for kind in destination_objects.get(name, ())}
-    return tuple(kind for kind in EXTRA_OBJECT_KINDS if kind in wanted)
+    return tuple(kind for kind in _ALL_OBJECT_KINDS if kind in wanted)
 
 
 class ScoringDispatcher:

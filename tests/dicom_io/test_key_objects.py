@@ -11,7 +11,14 @@ from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from dicom_io.key_objects import build_key_object_selection
 from dicom_io.key_slice import find_key_slice, mask_outlines_px
-from dicom_io.sr_writer import DEMONSTRATION_NOTICE, build_risk_sr, derive_object_uids, read_risk_sr
+from dicom_io.sr_writer import (
+    DEMONSTRATION_NOTICE,
+    build_key_slice_roi_sr,
+    build_risk_sr,
+    derive_object_uids,
+    derive_sr_uids,
+    read_risk_sr,
+)
 from tests.dicom_io.test_sr_writer import (  # noqa: F401 - the module-scoped study fixture
     DCIODVFY,
     OUT_OF_DOMAIN,
@@ -78,10 +85,22 @@ def sr_path(study, tmp_path_factory):
                  tmp_path_factory.mktemp("sr") / "SR.dcm")
 
 
-def test_sr_draws_the_outline_on_the_key_slice_and_labels_it(study, sr_path):
+@pytest.fixture(scope="module")
+def roi_sr_path(study, tmp_path_factory):
     ct, segment = study
     key = find_key_slice(ct, segment.mask)
-    sr = hd.sr.srread(sr_path)
+    return write(build_key_slice_roi_sr(ct, segment, make_result(), key, content_datetime=WHEN),
+                 tmp_path_factory.mktemp("sr") / "ROI.dcm")
+
+
+def test_roi_sr_draws_the_outline_on_the_key_slice_and_labels_it(study, roi_sr_path, sr_path):
+    ct, segment = study
+    key = find_key_slice(ct, segment.mask)
+    roi = pydicom.dcmread(roi_sr_path)
+    series_uid, sr_uid = derive_sr_uids(ct.series_instance_uid, segment.segmentation.SOPInstanceUID, make_result().model.sha256)
+    assert roi.SeriesInstanceUID == series_uid and roi.SOPInstanceUID != sr_uid and roi.InstanceNumber == 2
+    assert roi.ConceptNameCodeSequence[0].CodeValue == "126000"  # OHIF loads TID 1500 only
+    sr = hd.sr.srread(roi_sr_path)
     [planar] = sr.content.get_planar_roi_measurement_groups()
     region = planar.roi
     assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
@@ -94,22 +113,22 @@ def test_sr_draws_the_outline_on_the_key_slice_and_labels_it(study, sr_path):
     assert labels["Progression-free survival at 12 months"] == (27.2, "%")
     assert labels["Area"][1] == "mm2"
     assert [site.value.value for site in planar.finding_sites] == ["39607008"]
-    content = read_risk_sr(pydicom.dcmread(sr_path))
-    assert content.key_slice_sop_instance_uid == key.sop_instance_uid
-    # The Image Library holds exactly the image the ROI is drawn on.
-    library = [i for i in pydicom.dcmread(sr_path).ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
-    refs = [
-        image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        for group in library[0].ContentSequence
-        for image in group.ContentSequence
-    ]
-    assert refs == [key.sop_instance_uid]
+    # Both SRs' Image Library hold exactly the key slice (not one entry per CT slice).
+    for path in (roi_sr_path, sr_path):
+        library = [i for i in pydicom.dcmread(path).ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
+        refs = [
+            image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for group in library[0].ContentSequence
+            for image in group.ContentSequence
+        ]
+        assert refs == [key.sop_instance_uid]
+    assert read_risk_sr(pydicom.dcmread(sr_path)).key_slice_sop_instance_uid is None  # the ROI is its own SR
 
 
 def test_out_of_domain_roi_carries_no_estimates(study, tmp_path):
     ct, segment = study
-    sr = build_risk_sr(ct, segment, make_clinical(), make_result(applicability=OUT_OF_DOMAIN))
-    path = write(sr, tmp_path / "SR.dcm")
+    key = find_key_slice(ct, segment.mask)
+    path = write(build_key_slice_roi_sr(ct, segment, make_result(applicability=OUT_OF_DOMAIN), key), tmp_path / "ROI.dcm")
     [planar] = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
     assert planar.tracking_identifier == "Tumour: outside applicability domain (DEMO)"
     assert [m.name.meaning for m in planar.get_measurements()] == ["Area"]
@@ -154,11 +173,31 @@ def test_kos_flags_the_key_slice_with_the_result(study, kos_path):
 
 
 @pytest.mark.external
-@pytest.mark.parametrize("which", ["sr_path", "kos_path"])
-def test_dciodvfy_reports_no_errors_on_sr_with_roi_and_kos(which, request):
+@pytest.mark.parametrize("which", ["roi_sr_path", "kos_path"])
+def test_dciodvfy_reports_no_errors_on_roi_sr_and_kos(which, request):
     _require(DCIODVFY)
     path = request.getfixturevalue(which)
     run = _run([DCIODVFY, "-new", path])
     lines = (run.stdout + run.stderr).splitlines()
     assert [line for line in lines if line.startswith("Error")] == []
     assert all("99SCLCRN" in line for line in lines if line.startswith("Warning"))
+
+
+@pytest.mark.external
+@pytest.mark.slow
+def test_pixelmed_finds_no_template_errors_in_the_roi_sr(roi_sr_path):
+    from tests.dicom_io.test_sr_writer import PIXELMED_JAR
+    import shutil
+
+    java = shutil.which("java")
+    if java is None or not PIXELMED_JAR.exists():
+        pytest.skip("java or PixelMed is not installed")
+    run = _run(
+        [java, "-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathTotalOpLimit=0",
+         "-cp", PIXELMED_JAR, "com.pixelmed.validate.DicomSRValidator", roi_sr_path],
+        timeout_s=300,
+    )
+    lines = (run.stdout + run.stderr).splitlines()
+    assert "IOD validation complete" in lines
+    assert "Found Root Template TID_1500 (MeasurementReport)" in lines
+    assert [line for line in lines if line.startswith("Error")] == []

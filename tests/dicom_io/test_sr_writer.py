@@ -479,7 +479,7 @@ def test_dsr2html_shows_each_value_under_its_label(demo_high_sr_path, tmp_path):
     assert text.index("Summary:") < text.index("Progression-free survival at 6 months:") < text.index(
         "Referenced Segment:"
     )
-    assert text.count("CT image") == 2  # the library's one image, and the ROI's "Selected from" it
+    assert text.count("CT image") == 1
     assert text.count(DEMONSTRATION_NOTICE) == 1
 
 

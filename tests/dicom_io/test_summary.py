@@ -104,16 +104,18 @@ def test_pdf_header_and_uids(paths, study):
     uids = {
         kind: derive_object_uids(kind, ct.series_instance_uid, segment.segmentation.SOPInstanceUID,
                                  make_model().sha256)
-        for kind in OBJECT_KINDS
+        for kind in (*OBJECT_KINDS, "sr-roi")
     }
     assert (pdf.SeriesInstanceUID, pdf.SOPInstanceUID) == uids["pdf"]
-    assert len({uid for pair in uids.values() for uid in pair}) == 2 * len(OBJECT_KINDS)  # all distinct
+    # Distinct UIDs per object; the ROI SR's instance lives in the risk SR's series.
+    assert len({uids[kind][1] for kind in uids}) == len(uids)
+    assert len({uids[kind][0] for kind in OBJECT_KINDS}) == len(OBJECT_KINDS)
 
 
 def test_objects_can_be_chosen(study):
     ct, segment = study
     only = build_result_objects(ct, segment, make_clinical(), make_result(), kinds=["kos", "sr"])
-    assert list(only) == ["sr", "kos"]
+    assert list(only) == ["sr", "sr-roi", "kos"]
     with pytest.raises(ValueError, match="unknown object kind.*html"):
         check_kinds(["sr", "html"])
 

@@ -625,14 +625,14 @@ def test_tls_destination_receives_the_sr_and_an_untrusted_one_is_a_failed_attemp
 # --- (7) every object of a study: SR, KOS, PDF, SC ---------------------------------------------------------------
 
 from dicom_io.inputs import CtSeries, TumourSegment  # noqa: E402
-from dicom_io.result_objects import OBJECT_KINDS, build_result_objects  # noqa: E402
+from dicom_io.result_objects import OBJECT_KINDS, build_result_objects, object_kind  # noqa: E402
 from dicom_io.synthetic import build_tumour_seg, synthetic_chest_phantom  # noqa: E402
 from node.config import RESULT_OBJECT_KINDS, ConfigError  # noqa: E402
 from tests.dicom_io.test_sr_writer import make_clinical, make_result  # noqa: E402
 
 
 def result_objects_for(study_uid: str) -> dict[str, bytes]:
-    """The four real objects (highdicom SR + KOS, Encapsulated PDF, SC) of a small synthetic study with this UID."""
+    """The real objects (risk SR, ROI SR, KOS, Encapsulated PDF, SC) of a small synthetic study with this UID."""
     image, mask = synthetic_chest_phantom(size=(32, 32, 8), tumour_radii_mm=(7.0, 6.0, 6.0))
     patient = dataclasses.replace(PATIENT, study_instance_uid=study_uid)
     datasets = ct_datasets_from_image(image, patient)
@@ -658,7 +658,7 @@ def result_objects_for(study_uid: str) -> dict[str, bytes]:
 @dataclasses.dataclass(frozen=True)
 class ScoredWithObjects:
     study_uid: str
-    uids: dict[str, str]  # kind -> SOP Instance UID
+    uids: dict[str, str]  # name (sr, sr-roi, kos, pdf, sc) -> SOP Instance UID
     encoded: dict[str, bytes]
 
 
@@ -674,7 +674,7 @@ def scored_study_with_objects(spool, number: int, destinations, destination_obje
     machine.record_scored(
         study.study_uid, worker_id="w1", sr_sop_instance_uid=uids["sr"], sr_bytes=encoded["sr"],
         destinations=destinations, now=T0 + 20,
-        extra_objects=[(kind, uids[kind], encoded[kind]) for kind in ("kos", "pdf", "sc")],
+        extra_objects=[(object_kind(name), uids[name], encoded[name]) for name in ("sr-roi", "kos", "pdf", "sc")],
         destination_objects=destination_objects,
     )
     return ScoredWithObjects(study.study_uid, uids, encoded)
@@ -700,8 +700,8 @@ def test_each_destination_gets_the_objects_it_is_configured_for(spool):
     queued = {(item.destination, item.sr_sop_instance_uid) for item in spool.study_deliveries(study.study_uid)}
     uids = study.uids
     assert queued == {
-        ("PACS1", uids["sr"]), ("PACS1", uids["kos"]),
-        ("VIEWER", uids["pdf"]), ("VIEWER", uids["sc"]), ("VIEWER", uids["sr"]),
+        ("PACS1", uids["sr"]), ("PACS1", uids["sr-roi"]), ("PACS1", uids["kos"]),
+        ("VIEWER", uids["pdf"]), ("VIEWER", uids["sc"]), ("VIEWER", uids["sr"]), ("VIEWER", uids["sr-roi"]),
     }
     # Every object is in the spool, whoever takes it.
     for kind, uid in uids.items():
@@ -713,7 +713,7 @@ def test_orthanc_gets_each_object_once_previews_the_sc_and_serves_the_pdf(spool,
     orthanc = peers.orthanc(tmp_path / "orthanc", ae_title="ORTHANC")
     study = scored_study_with_objects(spool, 1, ("ORTHANC1",))
     config = node_config(tmp_path, [destination(orthanc.dicom_port, name="ORTHANC1", ae_title="ORTHANC")])
-    assert make_outbox(spool, config).run_once(now=NOW) == 4
+    assert make_outbox(spool, config).run_once(now=NOW) == 5
     assert spool.get_study(study.study_uid).state is StudyState.DELIVERED
     assert sorted(orthanc.sop_instance_uids()) == sorted(study.uids.values())
 
@@ -786,18 +786,18 @@ def test_a_restart_during_delivery_leaves_exactly_one_copy_of_each_object_in_ort
             sender.wait(10)
         sender.stderr.close()
     states = sorted(str(item.state) for item in spool.study_deliveries(study.study_uid))
-    assert states == ["delivered", "pending", "pending", "sending"]
+    assert states == ["delivered", "pending", "pending", "pending", "sending"]
     assert len(orthanc.sop_instance_uids()) == 2
 
     config = node_config(tmp_path, [destination(orthanc.dicom_port, name="ORTHANC1", ae_title="ORTHANC")])
     with open_spool(spool.directory) as restarted:
         outbox = make_outbox(restarted, config)
-        assert outbox.run_once(now=NOW + 1) == 2  # the two never tried; the claimed one waits for its hold
+        assert outbox.run_once(now=NOW + 1) == 3  # the three never tried; the claimed one waits for its hold
         assert outbox.run_once(now=NOW + hold_s) == 1  # sent again: Orthanc already has it
         assert {str(item.state) for item in restarted.study_deliveries(study.study_uid)} == {"delivered"}
         assert restarted.get_study(study.study_uid).state is StudyState.DELIVERED
         assert outbox.run_once(now=NOW + 10 * hold_s) == 0
     in_orthanc = orthanc.sop_instance_uids()
-    assert sorted(in_orthanc) == sorted(study.uids.values())  # each of the four, once
+    assert sorted(in_orthanc) == sorted(study.uids.values())  # each of the five, once
     [orthanc_study] = orthanc.get("/studies")
-    assert len(orthanc.get(f"/studies/{orthanc_study}/instances")) == 4
+    assert len(orthanc.get(f"/studies/{orthanc_study}/instances")) == 5
