@@ -801,3 +801,41 @@ def test_a_restart_during_delivery_leaves_exactly_one_copy_of_each_object_in_ort
     assert sorted(in_orthanc) == sorted(study.uids.values())  # each of the five, once
     [orthanc_study] = orthanc.get("/studies")
     assert len(orthanc.get(f"/studies/{orthanc_study}/instances")) == 5
+
+
+def test_a_scoring_worker_builds_every_object_from_real_files(tmp_path):
+    """run_scoring_task on the bundled demo study (real pyradiomics, the shipped model): SR + the four others."""
+    import json
+
+    from node.demo_study import DEMO_CLINICAL, write_demo_study
+    from node.scoring_job import default_model_path
+    from node.worker import ScoringTask, run_scoring_task
+
+    demo = write_demo_study(tmp_path / "demo")
+    ct_series_uid = str(pydicom.dcmread(sorted(demo.ct_dir.iterdir())[0], stop_before_pixels=True).SeriesInstanceUID)
+    task = ScoringTask(
+        study_instance_uid=DEMO_CLINICAL["study_instance_uid"], ct_series_dir=demo.ct_dir,
+        ct_series_instance_uid=ct_series_uid, seg_path=demo.seg_path, clinical_json=json.dumps(DEMO_CLINICAL),
+        model_path=default_model_path(), segment_label=None, extra_object_kinds=("sr", "kos", "pdf", "sc"),
+    )
+    outcome = run_scoring_task(task)
+    assert outcome.error is None, outcome.error
+    assert [kind for kind, _, _ in outcome.extra_objects] == ["sr", "kos", "pdf", "sc"]
+    datasets = [pydicom.dcmread(io.BytesIO(data)) for _, _, data in outcome.extra_objects]
+    assert [str(ds.SOPInstanceUID) for ds in datasets] == [uid for _, uid, _ in outcome.extra_objects]
+    risk_sr = pydicom.dcmread(io.BytesIO(outcome.sr_bytes))
+    roi_sr, kos, pdf, sc = datasets
+    assert {str(ds.StudyInstanceUID) for ds in (risk_sr, *datasets)} == {DEMO_CLINICAL["study_instance_uid"]}
+    assert roi_sr.SeriesInstanceUID == risk_sr.SeriesInstanceUID and roi_sr.InstanceNumber == 2
+    assert (kos.Modality, pdf.Modality, sc.Modality) == ("KO", "DOC", "OT")
+    # One key slice for all: the ROI SR's outline, the KOS's key image and the page's source image.
+    key_image = str(kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+                    .ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    assert str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) == key_image
+    assert str(pdf.SourceInstanceSequence[0].ReferencedSOPInstanceUID) == key_image
+    report = hd.sr.MeasurementReport.from_sequence(hd.sr.Comprehensive3DSR.from_dataset(roi_sr).content)
+    [planar] = report.get_planar_roi_measurement_groups()
+    assert planar.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == key_image
+    # Building again gives the same objects (deterministic UIDs; the PDF bytes have no creation date).
+    again = run_scoring_task(task)
+    assert [uid for _, uid, _ in again.extra_objects] == [uid for _, uid, _ in outcome.extra_objects]
