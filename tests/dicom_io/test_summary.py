@@ -13,7 +13,7 @@ from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage
 from dicom_io.key_slice import find_key_slice
 from dicom_io.result_objects import OBJECT_KINDS, build_result_objects, check_kinds
 from dicom_io.sr_writer import DEMONSTRATION_NOTICE, derive_object_uids
-from dicom_io.summary import build_encapsulated_pdf, build_secondary_capture, render_summary
+from dicom_io.summary import render_summary
 from tests.dicom_io.test_sr_writer import (  # noqa: F401 - the module-scoped study fixture
     DCIODVFY,
     OUT_OF_DOMAIN,
