@@ -43,6 +43,7 @@ from dicom_io.sr_writer import (
     SPECIFIC_CHARACTER_SET,
     applicability_text,
     derive_object_uids,
+    intended_use_text,
     percent,
     risk_label,
     rounded_score,
@@ -193,7 +194,7 @@ def render_summary(
         identity = [
             f"Model: {model.name} {model.version} (sha256 {model.sha256[:16]}…)"
             + (", demonstration model" if model.demonstration else ""),
-            f"Intended use: {model.intended_use}" if model.intended_use else "",
+            f"Intended use: {intended_use_text(model)}" if intended_use_text(model) else "",
             f"Produced by {SOFTWARE_NAME}; a machine result for a radiologist to read, not a report.",
         ]
         _wrapped(fig, 0.05, 0.075, [line for line in identity if line], width=115, fontsize=7.5, color="#333333")
