@@ -112,6 +112,7 @@ def run_scoring_task(task: ScoringTask) -> ScoringOutcome:
             model,
             series_instance_uid=task.ct_series_instance_uid,
             segment_label=task.segment_label,
+            report_out_of_domain=task.report_out_of_domain,
         )
         extra_objects = _extra_objects(scored, clinical, model, task)
         return ScoringOutcome(
@@ -307,6 +308,8 @@ class ScoringDispatcher:
             self.machine.record_scoring_failed(study_uid, worker_id=self.worker_id, reason=outcome.error, now=now)
             self._log.warning("scoring_failed", study_uid=study_uid, reason=outcome.error)
             return
+        result = json.loads(outcome.result_json)
+        applicability = result["applicability"]["status"]
         self.machine.record_scored(
             study_uid,
             worker_id=self.worker_id,
@@ -314,17 +317,20 @@ class ScoringDispatcher:
             sr_bytes=outcome.sr_bytes,
             destinations=self.destinations,
             now=now,
+            applicability=applicability,
+            withheld=result["withheld"],
             extra_objects=outcome.extra_objects,
             destination_objects=self.destination_objects,
         )
         if self.metrics is not None:
             self.metrics.scoring_finished(outcome.seconds)
-        result = json.loads(outcome.result_json)
+            self.metrics.study_scored(applicability, withheld=result["withheld"])
         self._log.info(
             "study_scored",
             study_uid=study_uid,
             sr_uid=outcome.sr_sop_instance_uid,
             risk_group=result["risk_group"],
+            applicability=applicability,
             model=result["model"]["name"],
             model_version=result["model"]["version"],
             seconds=round(outcome.seconds, 2),
