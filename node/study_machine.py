@@ -27,7 +27,7 @@ wraps the common operations, each in a transaction of its own.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from node import completion
 from node.errors import InvalidTransition, LeaseLost, UnknownStudy
@@ -255,23 +255,40 @@ class StudyMachine:
         now: float,
         applicability: str | None = None,
         withheld: bool = False,
+        extra_objects: Sequence[tuple[str, str, bytes]] = (),
+        destination_objects: Mapping[str, Sequence[str]] | None = None,
     ) -> Transition:
-        """Store the SR, then in one transaction: scoring -> scored and one outbox row per destination.
+        """Store the SR (and the study's other objects), then in one transaction: scoring -> scored
+        and one outbox row per object and destination that takes it.
 
         ``applicability`` (a `scoring.types.DomainStatus` value) and ``withheld``
         go into the event's reason (`scored_reason`), where `sclc-node status` reads them.
-
-        The SR file is placed first (durably); if the transaction then fails
-        the lease runs out, the study is scored again, and the deterministic
-        SR UID finds the same file: no second SR.
+        ``extra_objects`` are (kind, SOP Instance UID, Part-10 bytes) of the
+        key-slice ROI SR, KOS, PDF and SC (`dicom_io.result_objects`);
+        ``destination_objects`` maps a destination to the kinds it takes
+        (None: every kind; the SR's kind is "sr").  The files are placed first
+        (durably); if the transaction then fails the lease runs out, the study
+        is scored again, and the deterministic UIDs find the same files: no
+        second copy.
         """
+
+        def takers(kind: str) -> list[str]:
+            if destination_objects is None:
+                return list(destinations)
+            return [d for d in destinations if kind in destination_objects.get(d, ())]
+
         sr_file = self.spool.write_sr_file(study_uid, sr_sop_instance_uid, sr_bytes)
+        extra_files = [
+            (kind, uid, self.spool.write_sr_file(study_uid, uid, data)) for kind, uid, data in extra_objects
+        ]
         with self.spool.transaction() as tx:
             transition = apply_event(
                 tx, study_uid, StudyEvent.SCORED, now=now, worker_id=worker_id,
                 reason=scored_reason(sr_sop_instance_uid, applicability, withheld),
             )
-            self.spool.enqueue_sr_in(tx, study_uid, sr_sop_instance_uid, sr_file, destinations, now=now)
+            self.spool.enqueue_sr_in(tx, study_uid, sr_sop_instance_uid, sr_file, takers("sr"), now=now)
+            for kind, uid, object_file in extra_files:
+                self.spool.enqueue_sr_in(tx, study_uid, uid, object_file, takers(kind), now=now)
         return transition
 
     def record_scoring_failed(self, study_uid: str, *, worker_id: str, reason: str, now: float) -> Transition:

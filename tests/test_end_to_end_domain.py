@@ -19,6 +19,7 @@ import pytest
 
 from node.clinical_files import load_clinical_file
 from node.demo_study import DEMO_CLINICAL
+from dicom_io.sr_writer import read_risk_sr
 from node.scoring_job import default_model_path, load_model_file, score_files
 from tests.domain_models import demo_model_v2_json
 from tests.node.dicom_tools import storescu
@@ -29,6 +30,7 @@ from tests.test_end_to_end import (
     SR_SOP_CLASS,
     NodeProcess,
     demo,  # noqa: F401 (fixture)
+    risk_sr_in_pacs,
     sr_instances_in_pacs,
     wait_for,
 )
@@ -60,9 +62,13 @@ def test_out_of_domain_study_is_flagged_withheld_and_its_sr_reaches_orthanc(tmp_
                          "delivery", node)
         assert study["applicability"] == "out_of_domain" and study["withheld"] is True
 
-        [sr_id] = sr_instances_in_pacs(orthanc)
+        assert len(sr_instances_in_pacs(orthanc)) == 2  # the risk SR and the key-slice ROI SR
+        [sr_id] = risk_sr_in_pacs(orthanc)
         sr = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.instance_file(sr_id)))
         assert sr.SOPClassUID == SR_SOP_CLASS and sr.StudyInstanceUID == study_uid
+        content = read_risk_sr(sr)
+        assert content.estimates_withheld is True and content.risk_group is None and not content.pfs_probability
+        assert "outside the model's applicability domain" in content.summary
 
         table = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(node.config_path)],
                                capture_output=True, text=True, timeout=60)
