@@ -209,7 +209,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
     config = _load_config(args)
     with open_spool_for_cli(config) as spool:
-        transition = StudyMachine(spool).retry(args.study, now=time.time(), reason="operator retry (sclc-node retry)")
+        transition = StudyMachine(spool).retry(
+            args.study, now=time.time(), reason="operator retry (sclc-node retry)",
+            service_running=spool.service_running(),
+        )
     print(f"{args.study}: {transition.from_state} -> {transition.to_state} ({transition.event})")
     return EXIT_OK
 
@@ -316,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=cmd_status)
 
     retry = sub.add_parser(
-        "retry", help="resend a study's SR (failed or delivered study) or start it over (failed scoring, expired)"
+        "retry",
+        help="resend a study's SR (failed or delivered study) or start it over (failed scoring, expired, "
+        "or left in scoring by a crash while no service runs)",
     )
     _add_config_option(retry)
     retry.add_argument("study", metavar="STUDY", help="StudyInstanceUID")

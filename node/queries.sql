@@ -35,6 +35,17 @@ SELECT study_instance_uid, claimed_by, lease_until, claim_attempts
  WHERE state = 'scoring' AND lease_until <= :now
  ORDER BY lease_until;
 
+-- name: scoring_claims
+SELECT study_instance_uid, claimed_by, lease_until, claim_attempts
+  FROM studies
+ WHERE state = 'scoring'
+ ORDER BY lease_until;
+
+-- name: release_delivery_holds
+-- At start-up, under the service lock: a 'sending' hold belongs to an instance that is gone.
+UPDATE outbox SET sending_until = :now, updated_at = :now
+ WHERE state = 'sending' AND sending_until > :now;
+
 -- name: studies_due_for_cleanup
 SELECT s.*, 0 AS instance_count
   FROM studies s

@@ -87,6 +87,7 @@ INSTANCES_DIR = "instances"
 SR_DIR = "sr"
 QUARANTINE_DIR = "quarantine"
 LOCKS_DIR = "locks"
+SERVICE_LOCK_FILENAME = "service.lock"
 #: Temp files are hidden and carry this suffix so recover() can tell them from spooled files.
 TEMP_SUFFIX = ".partial"
 #: Bounded number of lock files; two studies sharing a stripe only wait for each other briefly.
@@ -283,6 +284,7 @@ class Spool:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        self._service_lock_fd: int | None = None
 
     @classmethod
     def open(
@@ -404,6 +406,56 @@ class Spool:
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the flock
+
+    # --- the one service per spool ---
+
+    def lock_service(self, instance_id: str) -> None:
+        """Hold the spool's service lock for this process's lifetime; `SpoolBusy` if another service holds it.
+
+        An exclusive ``flock`` on ``locks/service.lock``: the kernel drops it
+        when the process dies, even by SIGKILL, so whoever holds it knows every
+        scoring claim or delivery hold of another instance is dead
+        (`StudyMachine.reclaim_previous_instances`, `release_delivery_holds`).
+        """
+        path = self.directory / LOCKS_DIR / SERVICE_LOCK_FILENAME
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise SpoolBusy(f"spool {self.directory} is already served by {holder}; one `sclc-node serve` per spool")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, instance_id.encode("utf-8"), 0)
+        self._service_lock_fd = fd
+
+    def unlock_service(self) -> None:
+        fd = self._service_lock_fd
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+            self._service_lock_fd = None
+
+    def service_running(self) -> bool:
+        """Whether some process holds the service lock (a `sclc-node serve` is running on this spool)."""
+        if self._service_lock_fd is not None:
+            return True
+        path = self.directory / LOCKS_DIR / SERVICE_LOCK_FILENAME
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def release_delivery_holds(self, *, now: float) -> int:
+        """Make every 'sending' delivery due now; only for the holder of the service lock, at start-up."""
+        with self.transaction() as tx:
+            return tx.execute("release_delivery_holds", now=now)
 
     # --- paths and disk ---
 

@@ -5,7 +5,10 @@ with a lease, hands each to a worker process, and records the outcome.  Only
 the service process touches the database: a worker gets file paths and the
 clinical record, and returns the SR bytes or a one-line reason.  A worker that
 dies (killed, out of memory) simply never answers; its lease runs out and the
-study is claimed again (`StudyMachine.reclaim_stale_leases`).
+study is claimed again (`StudyMachine.reclaim_stale_leases`), which counts
+toward ``max_claim_attempts``.  When the service itself dies, its claims are
+released by the next instance at start-up and do not count
+(`StudyMachine.reclaim_previous_instances`).
 """
 
 from __future__ import annotations
@@ -148,7 +151,8 @@ class ScoringDispatcher:
     """Claims ready studies up to the pool size, runs them in worker processes and records the outcome."""
 
     def __init__(self, spool, machine, *, workers: int, lease_s: float, model_path: Path,
-                 destinations: Sequence[str], segment_label: str | None, metrics=None):
+                 destinations: Sequence[str], segment_label: str | None, metrics=None,
+                 worker_id: str | None = None):
         self.spool = spool
         self.machine = machine
         self.workers = int(workers)
@@ -157,7 +161,9 @@ class ScoringDispatcher:
         self.destinations = tuple(destinations)
         self.segment_label = segment_label or None
         self.metrics = metrics
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        # The service's instance id (`node.service.new_instance_id`): claims name the run, not
+        # only host:pid, so a restart knows which claims are its predecessor's.
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._pool: ProcessPoolExecutor | None = None
         self._in_flight: dict[str, Future] = {}
         self._finished: queue.SimpleQueue[tuple[str, ScoringOutcome | BaseException]] = queue.SimpleQueue()

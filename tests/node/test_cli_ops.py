@@ -82,6 +82,31 @@ def test_retry_of_a_study_still_receiving_is_refused(config_path, spool):
     assert "receiving" in proc.stderr
 
 
+def test_retry_acts_on_a_study_left_in_scoring_by_a_crash(config_path, spool):
+    study = drive_to(spool, StudyState.SCORING)  # claimed by a service that is gone; no service runs now
+    proc = run("retry", study.study_uid, "--config", config_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "scoring -> receiving (retry)" in proc.stdout
+    assert spool.get_study(study.study_uid).state is StudyState.RECEIVING
+
+
+def test_retry_leaves_a_running_services_live_claim_alone(config_path, spool):
+    import time
+
+    from node.study_machine import StudyMachine
+
+    study = drive_to(spool, StudyState.READY)
+    StudyMachine(spool).claim(study.study_uid, worker_id="host:9:live", now=time.time(), lease_s=900)
+    spool.lock_service("host:9:live")  # as `serve` does
+    try:
+        proc = run("retry", study.study_uid, "--config", config_path)
+    finally:
+        spool.unlock_service()
+    assert proc.returncode == 2
+    assert "being scored by host:9:live" in proc.stderr
+    assert spool.get_study(study.study_uid).state is StudyState.SCORING
+
+
 def test_clinical_import_matches_a_received_study(config_path, spool, tmp_path):
     study = drive_to(spool, StudyState.WAITING_FOR_CLINICAL)
     record = tmp_path / "r.json"
