@@ -151,3 +151,17 @@ def test_retention_removes_old_clinical_files_but_not_new_ones(tmp_path):
         fresh_config.spool.close()
     finally:
         service.spool.close()
+
+
+def test_start_up_makes_an_sr_send_of_the_previous_instance_due_at_once(tmp_path):
+    import time
+
+    service = make_service(tmp_path)
+    study = drive_to(service.spool, S.SCORED)
+    [item] = service.spool.study_deliveries(study.study_uid)
+    now = time.time()
+    service.spool.start_delivery(item.item_id, now=now, hold_s=3600)  # the instance that is gone was sending it
+    assert service.spool.due_deliveries(now=now + 1) == []
+    service.resume_previous_instance_work()
+    assert [d.item_id for d in service.spool.due_deliveries(now=time.time())] == [item.item_id]
+    service.spool.close()
