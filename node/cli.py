@@ -63,6 +63,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         model,
         series_instance_uid=args.series_uid,
         segment_label=args.segment_label,
+        allow_lossy_ct=args.allow_lossy_ct,
     )
     _write_outputs(scored, args.out, args.json)
     print(format_summary(scored))
@@ -292,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--segment-label", metavar="LABEL",
         help="choose the SEG segment by label (default: the one whose property type is SCT Neoplasm)",
+    )
+    score.add_argument(
+        "--allow-lossy-ct", action="store_true",
+        help="score a lossy-compressed CT (JPEG baseline, lossy JPEG 2000, LossyImageCompression 01) instead of "
+        "refusing it; the JSON result then has lossy_compression = true",
     )
     score.set_defaults(handler=cmd_score)
 

@@ -449,6 +449,8 @@ class ScoringConfig(_Validated):
     lease_s: float = _key(_positive)
     #: None: the segment whose property type is SCT Neoplasm.
     segment_label: str | None = _key(_not_blank)
+    #: False: a lossy-compressed CT series fails scoring with a reason naming the transfer syntax.
+    allow_lossy_ct: bool = _key(default=False)
 
 
 @dataclass(frozen=True, slots=True)

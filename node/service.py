@@ -102,6 +102,7 @@ class NodeService:
             segment_label=config.scoring.segment_label,
             metrics=self.metrics,
             worker_id=self.instance_id,
+            allow_lossy_ct=config.scoring.allow_lossy_ct,
         )
         self.outbox = Outbox(self.spool, config, self.metrics)
         self.scheduler = BackgroundScheduler(

@@ -45,6 +45,7 @@ class ScoringTask:
     clinical_json: str
     model_path: Path
     segment_label: str | None
+    allow_lossy_ct: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,7 @@ def run_scoring_task(task: ScoringTask) -> ScoringOutcome:
             model,
             series_instance_uid=task.ct_series_instance_uid,
             segment_label=task.segment_label,
+            allow_lossy_ct=task.allow_lossy_ct,
         )
         from pydicom.filebase import DicomBytesIO
 
@@ -152,7 +154,7 @@ class ScoringDispatcher:
 
     def __init__(self, spool, machine, *, workers: int, lease_s: float, model_path: Path,
                  destinations: Sequence[str], segment_label: str | None, metrics=None,
-                 worker_id: str | None = None):
+                 worker_id: str | None = None, allow_lossy_ct: bool = False):
         self.spool = spool
         self.machine = machine
         self.workers = int(workers)
@@ -160,6 +162,7 @@ class ScoringDispatcher:
         self.model_path = Path(model_path)
         self.destinations = tuple(destinations)
         self.segment_label = segment_label or None
+        self.allow_lossy_ct = bool(allow_lossy_ct)
         self.metrics = metrics
         # The service's instance id (`node.service.new_instance_id`): claims name the run, not
         # only host:pid, so a restart knows which claims are its predecessor's.
@@ -230,6 +233,7 @@ class ScoringDispatcher:
             clinical_json=record_row.record_json,
             model_path=self.model_path,
             segment_label=self.segment_label,
+            allow_lossy_ct=self.allow_lossy_ct,
         )
 
     def collect(self, *, now: float) -> int:
