@@ -228,17 +228,29 @@ def cmd_clinical_import(args: argparse.Namespace) -> int:
     with open_spool_for_cli(config) as spool:
         report = import_clinical_file(spool, args.file, now=time.time())
     print(f"imported {report.records} record(s) from {args.file.name}; "
-          f"matched {len(report.matched_studies)} study(ies) already received")
+          f"attached to {len(report.matched_studies)} study(ies) already received")
     for uid in report.matched_studies:
         print(f"  {uid}")
+    for note in report.notes:
+        print(f"  {note}")
     return EXIT_OK
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    """Everything `serve` would refuse, checked without starting it or writing anything lasting."""
+    from node.config_check import check_for_serve
+
     config = _load_config(args)
-    print(f"OK: {config.source or 'embedded defaults'}; AE {config.scp.ae_title} on "
-          f"{config.scp.bind_address}:{config.scp.port}; state in {config.state_directory}; "
-          f"{len(config.destinations)} destination(s)")
+    report = check_for_serve(config)
+    print(f"configuration: {config.source or 'embedded defaults'}")
+    for label, value in report.facts:
+        print(f"  {label:<18} {value}")
+    for problem in report.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if report.problems:
+        print(f"NOT OK: `sclc-node serve` would refuse to start ({len(report.problems)} problem(s))", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print("OK: `sclc-node serve` would start with this configuration")
     return EXIT_OK
 
 
@@ -342,7 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="check or print the configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    config_check = config_sub.add_parser("check", help="validate a configuration file")
+    config_check = config_sub.add_parser(
+        "check",
+        help="validate a configuration file and check what `serve` would refuse (directories not writable, "
+        "an address not of this machine, a port in use, a damaged model); prints the real paths",
+    )
     _add_config_option(config_check)
     config_check.set_defaults(handler=cmd_config_check)
     config_defaults = config_sub.add_parser("defaults", help="print the embedded default configuration")

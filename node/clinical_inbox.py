@@ -45,8 +45,11 @@ MAX_CLINICAL_FILE_BYTES = 16 * 1024 * 1024
 class ImportReport:
     file_name: str
     records: int
+    #: Studies whose current clinical record now comes from this file.
     matched_studies: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
+    #: Why a record was not attached to any study (yet).
+    notes: tuple[str, ...] = ()
 
     @property
     def accepted(self) -> bool:
@@ -69,8 +72,7 @@ def import_clinical_records(spool, records: Sequence[ClinicalRecord], file_name:
         # Checked before storing anything, so a file is imported whole or not at all.
         raise ClinicalRecordError(unmatchable)
     register_phi_values(value for r in records for value in (r.patient_id, r.accession_number))
-    matched: list[str] = []
-    for record in records:
+    stored = [
         spool.add_clinical_record(
             json.dumps(record.to_mapping(), sort_keys=True),
             accession_number=record.accession_number,
@@ -78,18 +80,30 @@ def import_clinical_records(spool, records: Sequence[ClinicalRecord], file_name:
             study_instance_uid=record.study_instance_uid,
             now=now,
         )
-        matched += [
-            s.study_instance_uid
-            for s in spool.list_studies(limit=-1)
-            if s.clinical_record_id is not None and _matches(record, s)
-        ]
-    return ImportReport(file_name, len(records), tuple(dict.fromkeys(matched)))
+        for record in records
+    ]
+    # What the spool actually linked, read back: never what a record might match.
+    matched: list[str] = []
+    notes: list[str] = []
+    for number, (record, row) in enumerate(zip(records, stored), start=1):
+        linked = spool.studies_linked_to_record(row.record_id)
+        matched += linked
+        if not linked:
+            notes.append(f"record {number}: " + _why_not_attached(spool, record))
+    return ImportReport(file_name, len(records), tuple(dict.fromkeys(matched)), notes=tuple(notes))
 
 
-def _matches(record, study) -> bool:
-    if record.accession_number and study.accession_number:
-        return record.accession_number == study.accession_number
-    return bool(record.study_instance_uid) and record.study_instance_uid == study.study_instance_uid
+def _why_not_attached(spool, record: ClinicalRecord) -> str:
+    from node.states import CLINICAL_LINKABLE_STATES
+
+    named = spool.get_study(record.study_instance_uid) if record.study_instance_uid else None
+    if named is None:
+        return "no study received so far matches it; it is kept and attached when its study arrives"
+    if named.state not in CLINICAL_LINKABLE_STATES:
+        return (f"names study {named.study_instance_uid}, which is already {named.state}; "
+                "a later record is kept but not used for a study whose scoring has started")
+    return (f"names study {named.study_instance_uid}, which is in the spool but has a different "
+            "accession number or patient ID; not attached")
 
 
 class ClinicalInbox:

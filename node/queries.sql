@@ -173,22 +173,29 @@ SELECT * FROM clinical_records WHERE id = :record_id;
 -- name: newest_clinical_record_for_study
 -- Match by accession number when both sides have one; otherwise by patient ID
 -- and study instance UID together.  Newest record wins (a correction).
+-- A record that names a Study Instance UID never matches another study, even by
+-- accession number: scoring would refuse that pair anyway.
 SELECT id FROM clinical_records r
- WHERE (r.accession_number IS NOT NULL AND :accession_number IS NOT NULL
-        AND r.accession_number = :accession_number)
-    OR ((r.accession_number IS NULL OR :accession_number IS NULL)
-        AND :patient_id IS NOT NULL AND r.patient_id = :patient_id
-        AND r.study_instance_uid = :study_uid)
+ WHERE (r.study_instance_uid IS NULL OR r.study_instance_uid = :study_uid)
+   AND ((r.accession_number IS NOT NULL AND :accession_number IS NOT NULL
+         AND r.accession_number = :accession_number)
+        OR ((r.accession_number IS NULL OR :accession_number IS NULL)
+            AND :patient_id IS NOT NULL AND r.patient_id = :patient_id
+            AND r.study_instance_uid = :study_uid))
  ORDER BY r.id DESC
  LIMIT 1;
 
 -- name: studies_matching_clinical_record
 SELECT s.study_instance_uid
   FROM studies s
- WHERE (:accession_number IS NOT NULL AND s.accession_number = :accession_number)
-    OR ((:accession_number IS NULL OR s.accession_number IS NULL)
-        AND :patient_id IS NOT NULL AND s.patient_id = :patient_id
-        AND s.study_instance_uid = :study_uid);
+ WHERE (:study_uid IS NULL OR s.study_instance_uid = :study_uid)
+   AND ((:accession_number IS NOT NULL AND s.accession_number = :accession_number)
+        OR ((:accession_number IS NULL OR s.accession_number IS NULL)
+            AND :patient_id IS NOT NULL AND s.patient_id = :patient_id
+            AND s.study_instance_uid = :study_uid));
+
+-- name: studies_linked_to_record
+SELECT study_instance_uid FROM studies WHERE clinical_record_id = :record_id ORDER BY study_instance_uid;
 
 -- name: sr_by_uid
 SELECT * FROM sr_documents WHERE sr_sop_instance_uid = :sr_uid;

@@ -39,6 +39,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import threading
 import zlib
@@ -206,6 +207,31 @@ def place_file_atomically(final_path: Path, data: bytes, *, root: Path) -> None:
         raise _os_error(exc, f"cannot write {final_path.name}") from exc
 
 
+def _make_database_private(database: Path) -> None:
+    """Create the database file 0600 before SQLite does, and tighten it and its -wal/-shm if looser.
+
+    SQLite creates a new database with 0644 & ~umask, and gives the -wal and
+    -shm files the mode of the database file; so a 0600 database means 0600
+    companions whatever the umask.  They hold patient IDs and clinical values.
+    """
+    try:
+        fd = os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise _os_error(exc, f"cannot create the database {database}") from exc
+    for path in (database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")):
+        try:
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            if mode & 0o077:
+                os.chmod(path, mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            continue  # someone else's file (a CLI run as another user); SQLite will say if it cannot open it
+
+
 def _remove_empty_directories(directory: Path, stop_at: Path) -> None:
     while directory != stop_at and stop_at in directory.parents:
         try:
@@ -327,6 +353,7 @@ class Spool:
     def _connection(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
         if connection is None:
+            _make_database_private(self.database)
             try:
                 connection = sqlite3.connect(
                     self.database,
@@ -680,6 +707,11 @@ class Spool:
         state = StudyState(study["state"])
         if target_state(state, StudyEvent.CLINICAL_ATTACHED) is not None:
             apply_event(tx, study_uid, StudyEvent.CLINICAL_ATTACHED, now=now, reason=f"clinical record {match['id']}")
+
+    def studies_linked_to_record(self, record_id: int) -> list[str]:
+        """Study Instance UIDs whose current clinical record is ``record_id``."""
+        with self.transaction(write=False) as tx:
+            return [row["study_instance_uid"] for row in tx.all("studies_linked_to_record", record_id=record_id)]
 
     def clinical_record_for(self, study_uid: str) -> ClinicalRecordRow | None:
         with self.transaction(write=False) as tx:
