@@ -437,6 +437,8 @@ class ClinicalConfig(_Validated):
 
     inbox_directory: Path = _key(relative_to="state")
     poll_interval_s: float = _key(_positive)
+    #: A record no study uses (never matched, or superseded by a correction) is deleted this long after it arrived.
+    unmatched_record_retention_s: float = _key(_non_negative, default=2592000.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -163,6 +163,30 @@ SELECT sop_instance_uid, relative_path, purged_at FROM instances;
 UPDATE instances SET purged_at = :now
  WHERE study_instance_uid = :study_uid AND purged_at IS NULL;
 
+-- name: clinical_records_of_study
+-- Every record that is or was this study's: the linked one, and the records its keys match
+-- (superseded corrections).  Used when retention forgets the study's patient data.
+SELECT r.id FROM clinical_records r, studies s
+ WHERE s.study_instance_uid = :study_uid
+   AND (r.id = s.clinical_record_id
+        OR r.study_instance_uid = s.study_instance_uid
+        OR (s.accession_number IS NOT NULL AND r.accession_number = s.accession_number));
+
+-- name: forget_study_identifiers
+UPDATE studies SET patient_id = NULL, accession_number = NULL, clinical_record_id = NULL
+ WHERE study_instance_uid = :study_uid;
+
+-- name: delete_unlinked_clinical_records
+-- Only records no study points at any more (another study may share an accession number).
+DELETE FROM clinical_records
+ WHERE id IN (SELECT value FROM json_each(:ids))
+   AND id NOT IN (SELECT clinical_record_id FROM studies WHERE clinical_record_id IS NOT NULL);
+
+-- name: expire_unmatched_clinical_records
+DELETE FROM clinical_records
+ WHERE received_at <= :received_before
+   AND id NOT IN (SELECT clinical_record_id FROM studies WHERE clinical_record_id IS NOT NULL);
+
 -- name: insert_clinical_record
 INSERT INTO clinical_records (record_json, accession_number, patient_id, study_instance_uid, received_at)
 VALUES (:record_json, :accession_number, :patient_id, :study_uid, :now);

@@ -142,6 +142,9 @@ class NodeService:
         for study in due:
             removed = self.spool.remove_study_files(study.study_instance_uid, now=now)
             self.log.info("study_files_removed", study_uid=study.study_instance_uid, files=removed)
+        self.spool.expire_unmatched_clinical_records(
+            now=now, retention_s=self.config.clinical.unmatched_record_retention_s
+        )
         removed = self.inbox.remove_old_files(
             now=now,
             accepted_retention_s=self.config.spool.retention_after_delivery_s,

@@ -963,7 +963,12 @@ class Spool:
         return [StudyRecord.from_row(row) for row in rows]
 
     def remove_study_files(self, study_uid: str, *, now: float) -> int:
-        """Delete a finished study's instance and SR files; keep its rows, state and history.
+        """Delete a finished study's instance and SR files and forget its patient data; keep its state and history.
+
+        Patient data: the study row's Patient ID and Accession Number, and
+        the clinical records that were its (linked or superseded), unless
+        another study still uses one.  What stays is the Study Instance UID,
+        states, event history and file index rows (UIDs, sizes, hashes).
 
         Rows are marked purged first, files deleted after: a crash in between
         leaves purged rows with files, which `recover` deletes.  Raises
@@ -988,6 +993,10 @@ class Spool:
                 paths += [r["relative_path"] for r in tx.all("study_sr_files", study_uid=study_uid)]
                 tx.execute("mark_instances_purged", study_uid=study_uid, now=now)
                 tx.execute("mark_srs_purged", study_uid=study_uid, now=now)
+                # The patient data goes with the files: identifiers and clinical values.
+                record_ids = [r["id"] for r in tx.all("clinical_records_of_study", study_uid=study_uid)]
+                tx.execute("forget_study_identifiers", study_uid=study_uid)
+                records_deleted = tx.execute("delete_unlinked_clinical_records", ids=json.dumps(record_ids))
             removed = 0
             for relative_path in paths:
                 path = self.path_of(relative_path)
@@ -999,8 +1008,20 @@ class Spool:
             for relative_path in paths:
                 top = self.directory / relative_path.split("/", 1)[0]  # instances/ or sr/ stay
                 _remove_empty_directories(self.path_of(relative_path).parent, top)
-        _log().info("study_files_removed", study_uid=study_uid, files=removed)
+        _log().info("study_files_removed", study_uid=study_uid, files=removed, clinical_records_deleted=records_deleted)
         return removed
+
+    def expire_unmatched_clinical_records(self, *, now: float, retention_s: float) -> int:
+        """Delete clinical records no study uses that arrived more than ``retention_s`` ago; returns how many.
+
+        A record whose study never arrives (or that a correction superseded)
+        would otherwise keep a patient's identifiers and clinical values forever.
+        """
+        with self.transaction() as tx:
+            deleted = tx.execute("expire_unmatched_clinical_records", received_before=now - retention_s)
+        if deleted:
+            _log().info("clinical_records_expired", count=deleted)
+        return deleted
 
     # --- crash recovery ---
 
