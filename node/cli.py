@@ -205,6 +205,7 @@ def _waiting_for(spool, study) -> list[str]:
 def cmd_retry(args: argparse.Namespace) -> int:
     import time
 
+    from node.audit import local_user
     from node.service import open_spool_for_cli
     from node.study_machine import StudyMachine
 
@@ -212,7 +213,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     with open_spool_for_cli(config) as spool:
         transition = StudyMachine(spool).retry(
             args.study, now=time.time(), reason="operator retry (sclc-node retry)",
-            service_running=spool.service_running(),
+            service_running=spool.service_running(), who=local_user(),
         )
     print(f"{args.study}: {transition.from_state} -> {transition.to_state} ({transition.event})")
     return EXIT_OK
@@ -233,6 +234,18 @@ def cmd_clinical_import(args: argparse.Namespace) -> int:
         print(f"  {uid}")
     for note in report.notes:
         print(f"  {note}")
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """The audit trail as JSON lines, oldest first."""
+    from node.service import open_spool_for_cli
+
+    config = _load_config(args)
+    with open_spool_for_cli(config) as spool:
+        events = spool.audit_events(since=args.since, study_uid=args.study, limit=args.limit)
+    for event in events:
+        print(json.dumps(event.as_json(), sort_keys=True))
     return EXIT_OK
 
 
@@ -344,6 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(retry)
     retry.add_argument("study", metavar="STUDY", help="StudyInstanceUID")
     retry.set_defaults(handler=cmd_retry)
+
+    audit = sub.add_parser(
+        "audit",
+        help="print the append-only audit trail (instances received, SR sent, record imported, retry) as JSON lines",
+    )
+    _add_config_option(audit)
+    audit.add_argument("--since", type=float, default=0.0, metavar="EPOCH_S", help="only events at or after this time")
+    audit.add_argument("--study", metavar="UID", help="only events of this StudyInstanceUID")
+    audit.add_argument("--limit", type=int, default=-1, metavar="N", help="at most N events (default: all)")
+    audit.set_defaults(handler=cmd_audit)
 
     clinical = sub.add_parser("clinical", help="clinical records")
     clinical_sub = clinical.add_subparsers(dest="clinical_command", required=True, metavar="ACTION")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from node import audit
 from node.clinical_files import CLINICAL_SUFFIXES, load_clinical_file, parse_clinical_bytes
 from node.logs import get_logger, register_phi_values
 from scoring.clinical import ACCEPTED_FIELDS, ClinicalRecord
@@ -56,12 +57,19 @@ class ImportReport:
         return not self.problems
 
 
-def import_clinical_file(spool, path: Path, *, now: float) -> ImportReport:
-    """Validate every record in ``path`` and store them in the spool; raises `ClinicalRecordError` if any is bad."""
-    return import_clinical_records(spool, load_clinical_file(path), Path(path).name, now=now)
+def import_clinical_file(spool, path: Path, *, now: float, source: str | None = None) -> ImportReport:
+    """Validate every record in ``path`` and store them in the spool; raises `ClinicalRecordError` if any is bad.
+
+    ``source`` is who imports it, for the audit trail (default: the local user running this).
+    """
+    return import_clinical_records(
+        spool, load_clinical_file(path), Path(path).name, now=now, source=source or audit.local_user()
+    )
 
 
-def import_clinical_records(spool, records: Sequence[ClinicalRecord], file_name: str, *, now: float) -> ImportReport:
+def import_clinical_records(
+    spool, records: Sequence[ClinicalRecord], file_name: str, *, now: float, source: str | None = None
+) -> ImportReport:
     """Store validated records (all or none); raises `ClinicalRecordError` if any cannot be matched to a study."""
     unmatchable = [
         f"record {n}: needs an accession_number, or a patient_id and a study_instance_uid, to be matched to a study"
@@ -79,6 +87,7 @@ def import_clinical_records(spool, records: Sequence[ClinicalRecord], file_name:
             patient_id=record.patient_id,
             study_instance_uid=record.study_instance_uid,
             now=now,
+            source=source,
         )
         for record in records
     ]
@@ -161,7 +170,10 @@ class ClinicalInbox:
         except NotARegularFile as exc:
             return self._reject(path, [str(exc)])
         try:
-            report = import_clinical_records(self.spool, parse_clinical_bytes(path.name, data), path.name, now=now)
+            report = import_clinical_records(
+                self.spool, parse_clinical_bytes(path.name, data), path.name, now=now,
+                source=audit.clinical_inbox(file_reference(path.name)),
+            )
         except ClinicalRecordError as exc:
             return self._reject(path, list(exc.problems))
         except InputError as exc:

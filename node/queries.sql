@@ -304,3 +304,13 @@ UPDATE outbox
 
 -- name: outbox_depth
 SELECT count(*) AS n FROM outbox WHERE state != 'delivered';
+
+-- name: insert_audit_event
+INSERT INTO audit_events (at, event, atna_event_id, action, outcome, who, destination, study_instance_uid, counts_json)
+VALUES (:at, :event, :atna_event_id, :action, :outcome, :who, :destination, :study_uid, :counts_json);
+
+-- name: audit_events
+SELECT * FROM audit_events
+ WHERE at >= :since AND (:study_uid IS NULL OR study_instance_uid = :study_uid)
+ ORDER BY id
+ LIMIT :limit;

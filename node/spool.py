@@ -79,10 +79,11 @@ from node.states import (
     StudyState,
     target_state,
 )
+from node import audit
 from node.study_machine import apply_event
 from scoring.errors import InputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DATABASE_FILENAME = "node.sqlite3"
 INSTANCES_DIR = "instances"
 SR_DIR = "sr"
@@ -508,12 +509,16 @@ class Spool:
 
     # --- receiving ---
 
-    def store_instance(self, encoded_bytes: bytes, header: InstanceHeader, *, now: float) -> StoreOutcome:
+    def store_instance(
+        self, encoded_bytes: bytes, header: InstanceHeader, *, now: float, source: str | None = None
+    ) -> StoreOutcome:
         """Durably store one received instance (a Part-10 file as received) and index it.
 
         Returns only after the file is fsynced in place and its row committed:
         acknowledge the C-STORE after this returns, never before.  A SOP
         Instance UID already stored is not written again (see `StoreOutcome`).
+        ``source`` is who sent it (`node.audit.dicom_peer`), for the audit
+        event committed with the index row.
         """
         if encoded_bytes[128:132] != PART10_MAGIC:
             raise NotPart10(
@@ -531,7 +536,9 @@ class Spool:
             else:
                 place_file_atomically(self.path_of(relative_path), encoded_bytes, root=self.directory)
                 with self.transaction() as tx:
-                    outcome = self._index_instance(tx, header, relative_path, len(encoded_bytes), digest, now)
+                    outcome = self._index_instance(
+                        tx, header, relative_path, len(encoded_bytes), digest, now, source=source
+                    )
                 if outcome is not StoreOutcome.STORED:
                     # Lost a race with the same SOP Instance UID arriving under another study
                     # (another lock stripe): the first row wins, so our copy goes.
@@ -555,7 +562,15 @@ class Spool:
         return StoreOutcome.DUPLICATE_KEPT_FIRST
 
     def _index_instance(
-        self, tx: Transaction, header: InstanceHeader, relative_path: str, size_bytes: int, digest: str, now: float
+        self,
+        tx: Transaction,
+        header: InstanceHeader,
+        relative_path: str,
+        size_bytes: int,
+        digest: str,
+        now: float,
+        *,
+        source: str | None = None,
     ) -> StoreOutcome:
         inserted = tx.execute(
             "upsert_instance",
@@ -619,6 +634,13 @@ class Spool:
                     note="stored, but the study is not re-scored automatically",
                 )
         self._link_clinical_record_to_study(tx, study_uid, now=now)
+        audit.record_in(tx, audit.AuditEvent(
+            audit.AuditEventType.INSTANCES_RECEIVED,
+            who=source or "unknown sender",
+            at=now,
+            study_instance_uid=study_uid,
+            counts={"instances": 1},
+        ))
         return StoreOutcome.STORED
 
     def _remove_file(self, relative_path: str) -> None:
@@ -637,6 +659,7 @@ class Spool:
         patient_id: str | None,
         study_instance_uid: str | None,
         now: float,
+        source: str | None = None,
     ) -> ClinicalRecordRow:
         """Store a validated clinical record (JSON text) and attach it to every study it matches.
 
@@ -674,6 +697,15 @@ class Spool:
             ):
                 self._link_clinical_record_to_study(tx, row["study_instance_uid"], now=now)
             stored = tx.one("clinical_record_by_id", record_id=record_id)
+            linked = [r["study_instance_uid"] for r in tx.all("studies_linked_to_record", record_id=record_id)]
+            for study_uid in linked or [None]:
+                audit.record_in(tx, audit.AuditEvent(
+                    audit.AuditEventType.RECORD_IMPORTED,
+                    who=source or "unknown source",
+                    at=now,
+                    study_instance_uid=study_uid,
+                    counts={"records": 1, "studies_attached": len(linked)},
+                ))
         _log().info("clinical_record_stored", record_id=record_id)
         return ClinicalRecordRow.from_row(stored)
 
@@ -707,6 +739,14 @@ class Spool:
         state = StudyState(study["state"])
         if target_state(state, StudyEvent.CLINICAL_ATTACHED) is not None:
             apply_event(tx, study_uid, StudyEvent.CLINICAL_ATTACHED, now=now, reason=f"clinical record {match['id']}")
+
+    def audit_events(
+        self, *, since: float = 0.0, study_uid: str | None = None, limit: int = -1
+    ) -> list[audit.AuditEvent]:
+        """The audit trail, oldest first."""
+        with self.transaction(write=False) as tx:
+            rows = tx.all("audit_events", since=since, study_uid=study_uid, limit=limit)
+        return [audit.AuditEvent.from_row(row) for row in rows]
 
     def studies_linked_to_record(self, record_id: int) -> list[str]:
         """Study Instance UIDs whose current clinical record is ``record_id``."""
@@ -886,6 +926,10 @@ class Spool:
                 raise InvalidTransition(f"outbox item {item_id} is not pending or sending")
             item = tx.one("outbox_item", item_id=item_id)
             study_uid = item["study_instance_uid"]
+            audit.record_in(tx, audit.AuditEvent(
+                audit.AuditEventType.SR_SENT, who="sclc-node outbox", at=now, study_instance_uid=study_uid,
+                destination=item["destination"], counts={"sr": 1},
+            ))
             if tx.one("undelivered_count_for_study", study_uid=study_uid)["n"]:
                 return None
             study = tx.one("study_by_uid", study_uid=study_uid)
@@ -921,6 +965,11 @@ class Spool:
                 raise InvalidTransition(f"outbox item {item_id} is not pending or sending")
             if give_up:
                 study_uid = item["study_instance_uid"]
+                audit.record_in(tx, audit.AuditEvent(
+                    audit.AuditEventType.SR_SEND_GAVE_UP, who="sclc-node outbox", at=now, study_instance_uid=study_uid,
+                    destination=item["destination"], counts={"sr": 1, "attempts": attempts},
+                    outcome=audit.Outcome.SERIOUS_FAILURE,
+                ))
                 study = tx.one("study_by_uid", study_uid=study_uid)
                 if target_state(StudyState(study["state"]), StudyEvent.DELIVERY_FAILED) is not None:
                     apply_event(
@@ -1083,7 +1132,8 @@ class Spool:
             with self._study_lock(header.study_instance_uid):
                 with self.transaction() as tx:
                     outcome = self._index_instance(
-                        tx, header, relative_path, len(data), hashlib.sha256(data).hexdigest(), now
+                        tx, header, relative_path, len(data), hashlib.sha256(data).hexdigest(), now,
+                        source="spool recovery (a received file indexed at start-up)",
                     )
             if outcome is StoreOutcome.STORED:
                 reindexed.append(header.sop_instance_uid)

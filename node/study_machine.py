@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Sequence
 
-from node import completion
+from node import audit, completion
 from node.errors import InvalidTransition, LeaseLost, UnknownStudy
 from node.records import StudyRecord, Transition
 from node.states import (
@@ -311,7 +311,13 @@ class StudyMachine:
     # --- operator ---
 
     def retry(
-        self, study_uid: str, *, now: float, reason: str = "operator retry", service_running: bool = False
+        self,
+        study_uid: str,
+        *,
+        now: float,
+        reason: str = "operator retry",
+        service_running: bool = False,
+        who: str | None = None,
     ) -> Transition:
         """`sclc-node retry`: resend the SR if delivery is what failed, else start over.
 
@@ -342,4 +348,9 @@ class StudyMachine:
                 state is StudyState.FAILED and last_event == StudyEvent.DELIVERY_FAILED
             )
             event = StudyEvent.RESEND if resend else StudyEvent.RETRY
-            return apply_event(tx, study_uid, event, now=now, reason=reason)
+            transition = apply_event(tx, study_uid, event, now=now, reason=reason)
+            audit.record_in(tx, audit.AuditEvent(
+                audit.AuditEventType.RETRY, who=who or "unknown operator", at=now, study_instance_uid=study_uid,
+                counts={"resend": int(resend)},
+            ))
+            return transition
