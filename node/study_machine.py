@@ -49,6 +49,8 @@ if TYPE_CHECKING:  # spool imports this module; a runtime import would be circul
 #: A study whose worker lost its lease this many times is failed instead of
 #: re-queued: it probably kills its worker (out of memory, a crashing decoder).
 DEFAULT_MAX_CLAIM_ATTEMPTS = 3
+#: Events that end one particular claim: they apply only while ``claimed_by`` is the worker_id given.
+CLAIMANT_GUARDED_EVENTS = LEASE_HOLDER_EVENTS | {StudyEvent.WORKER_LOST, StudyEvent.SERVICE_RESTARTED}
 
 
 def apply_event(
@@ -88,11 +90,11 @@ def apply_event(
         raise ValueError("event claimed needs a worker_id and a positive lease_s")
 
     claims = target is StudyState.SCORING
-    if event is StudyEvent.SERVICE_RESTARTED and not worker_id:
-        raise ValueError("event service_restarted needs the worker_id of the instance that is gone")
+    if event in CLAIMANT_GUARDED_EVENTS and not worker_id:
+        raise ValueError(f"event {event} needs the worker_id of the claim it ends")
     # The claim that a service restart ended does not count toward max_claim_attempts.
     claim_increment = 1 if claims else (-1 if event is StudyEvent.SERVICE_RESTARTED else 0)
-    claimant_guarded = event in LEASE_HOLDER_EVENTS or event is StudyEvent.SERVICE_RESTARTED
+    claimant_guarded = event in CLAIMANT_GUARDED_EVENTS
     changed = tx.execute(
         "advance_study",
         study_uid=study_uid,
@@ -140,7 +142,7 @@ def apply_event(
 def _guard_failure(row: dict, current: StudyState, event: StudyEvent, worker_id: str | None, now: float) -> InvalidTransition:
     study_uid = row["study_instance_uid"]
     context = dict(study_uid=study_uid, state=str(current), event=str(event))
-    if (event in LEASE_HOLDER_EVENTS or event is StudyEvent.SERVICE_RESTARTED) and row["claimed_by"] != worker_id:
+    if event in CLAIMANT_GUARDED_EVENTS and row["claimed_by"] != worker_id:
         return LeaseLost(
             f"study {study_uid}: worker {worker_id} no longer holds the lease (held by {row['claimed_by']})", **context
         )
@@ -256,6 +258,28 @@ class StudyMachine:
 
     def record_scoring_failed(self, study_uid: str, *, worker_id: str, reason: str, now: float) -> Transition:
         return self.apply(study_uid, StudyEvent.SCORING_FAILED, now=now, reason=reason, worker_id=worker_id)
+
+    def record_worker_lost(
+        self, study_uid: str, *, worker_id: str, reason: str, now: float,
+        max_claim_attempts: int = DEFAULT_MAX_CLAIM_ATTEMPTS,
+    ) -> Transition:
+        """The worker process scoring the study died while the service lives: back to ready, or failed.
+
+        This claim counted toward ``max_claim_attempts`` when it was made;
+        once that many claims have lost their worker, the study probably
+        kills its worker (out of memory, a crashing decoder) and fails.
+        """
+        with self.spool.transaction() as tx:
+            row = tx.one("study_by_uid", study_uid=study_uid)
+            if row is None:
+                raise UnknownStudy(f"no study {study_uid} in the spool")
+            if row["claim_attempts"] >= max_claim_attempts:
+                return apply_event(
+                    tx, study_uid, StudyEvent.SCORING_FAILED, now=now, worker_id=worker_id,
+                    reason=f"scoring lost its worker {row['claim_attempts']} times (killed or out of memory?); "
+                    f"last: {reason}",
+                )
+            return apply_event(tx, study_uid, StudyEvent.WORKER_LOST, now=now, worker_id=worker_id, reason=reason)
 
     def reclaim_stale_leases(
         self, *, now: float, max_claim_attempts: int = DEFAULT_MAX_CLAIM_ATTEMPTS

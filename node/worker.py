@@ -253,9 +253,16 @@ class ScoringDispatcher:
                 self._log.warning("outcome_discarded", study_uid=study_uid, reason=str(exc))
 
     def _record(self, study_uid: str, outcome: ScoringOutcome | BaseException, *, now: float) -> None:
+        if isinstance(outcome, BrokenProcessPool):
+            # A worker process died (killed, out of memory) while we live: the study goes back to
+            # ready and is tried again; the claim counts, and the third lost worker fails it.
+            self._pool = None
+            reason = f"worker process died: {outcome}"
+            transition = self.machine.record_worker_lost(study_uid, worker_id=self.worker_id, reason=reason, now=now)
+            self._log.warning("worker_lost", study_uid=study_uid, to_state=str(transition.to_state))
+            return
         if isinstance(outcome, BaseException):
-            # The worker process died (BrokenProcessPool) or could not run the task.
-            self._pool = None if isinstance(outcome, BrokenProcessPool) else self._pool
+            # The worker could not run the task (e.g. it could not be pickled): a bug, fail the study.
             reason = f"worker process failed: {type(outcome).__name__}: {outcome}"
             self.machine.record_scoring_failed(study_uid, worker_id=self.worker_id, reason=reason, now=now)
             return
