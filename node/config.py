@@ -453,6 +453,8 @@ class ScoringConfig(_Validated):
     segment_label: str | None = _key(_not_blank)
     #: False: a lossy-compressed CT series fails scoring with a reason naming the transfer syntax.
     allow_lossy_ct: bool = _key(default=False)
+    #: False: an out-of-domain result withholds risk group and PFS (scoring.domain, docs/model-format.md).
+    report_out_of_domain: bool = _key(default=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,6 +103,7 @@ class NodeService:
             metrics=self.metrics,
             worker_id=self.instance_id,
             allow_lossy_ct=config.scoring.allow_lossy_ct,
+            report_out_of_domain=config.scoring.report_out_of_domain,
         )
         self.outbox = Outbox(self.spool, config, self.metrics)
         self.scheduler = BackgroundScheduler(

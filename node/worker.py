@@ -46,6 +46,7 @@ class ScoringTask:
     model_path: Path
     segment_label: str | None
     allow_lossy_ct: bool = False
+    report_out_of_domain: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,7 @@ def run_scoring_task(task: ScoringTask) -> ScoringOutcome:
             series_instance_uid=task.ct_series_instance_uid,
             segment_label=task.segment_label,
             allow_lossy_ct=task.allow_lossy_ct,
+            report_out_of_domain=task.report_out_of_domain,
         )
         from pydicom.filebase import DicomBytesIO
 
@@ -154,7 +156,8 @@ class ScoringDispatcher:
 
     def __init__(self, spool, machine, *, workers: int, lease_s: float, model_path: Path,
                  destinations: Sequence[str], segment_label: str | None, metrics=None,
-                 worker_id: str | None = None, allow_lossy_ct: bool = False):
+                 worker_id: str | None = None, allow_lossy_ct: bool = False,
+                 report_out_of_domain: bool = False):
         self.spool = spool
         self.machine = machine
         self.workers = int(workers)
@@ -167,6 +170,7 @@ class ScoringDispatcher:
         # The service's instance id (`node.service.new_instance_id`): claims name the run, not
         # only host:pid, so a restart knows which claims are its predecessor's.
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.report_out_of_domain = bool(report_out_of_domain)
         self._pool: ProcessPoolExecutor | None = None
         self._in_flight: dict[str, Future] = {}
         self._finished: queue.SimpleQueue[tuple[str, ScoringOutcome | BaseException]] = queue.SimpleQueue()
@@ -234,6 +238,7 @@ class ScoringDispatcher:
             model_path=self.model_path,
             segment_label=self.segment_label,
             allow_lossy_ct=self.allow_lossy_ct,
+            report_out_of_domain=self.report_out_of_domain,
         )
 
     def collect(self, *, now: float) -> int:
@@ -270,6 +275,8 @@ class ScoringDispatcher:
             self.machine.record_scoring_failed(study_uid, worker_id=self.worker_id, reason=outcome.error, now=now)
             self._log.warning("scoring_failed", study_uid=study_uid, reason=outcome.error)
             return
+        result = json.loads(outcome.result_json)
+        applicability = result["applicability"]["status"]
         self.machine.record_scored(
             study_uid,
             worker_id=self.worker_id,
@@ -277,15 +284,18 @@ class ScoringDispatcher:
             sr_bytes=outcome.sr_bytes,
             destinations=self.destinations,
             now=now,
+            applicability=applicability,
+            withheld=result["withheld"],
         )
         if self.metrics is not None:
             self.metrics.scoring_finished(outcome.seconds)
-        result = json.loads(outcome.result_json)
+            self.metrics.study_scored(applicability, withheld=result["withheld"])
         self._log.info(
             "study_scored",
             study_uid=study_uid,
             sr_uid=outcome.sr_sop_instance_uid,
             risk_group=result["risk_group"],
+            applicability=applicability,
             model=result["model"]["name"],
             model_version=result["model"]["version"],
             seconds=round(outcome.seconds, 2),
