@@ -92,6 +92,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         model,
         series_instance_uid=args.series_uid,
         segment_label=args.segment_label,
+        allow_lossy_ct=args.allow_lossy_ct,
         report_out_of_domain=args.report_out_of_domain,
     )
     _write_outputs(scored, args.out, args.json)
@@ -280,12 +281,16 @@ def _waiting_for(spool, study) -> list[str]:
 def cmd_retry(args: argparse.Namespace) -> int:
     import time
 
+    from node.audit import local_user
     from node.service import open_spool_for_cli
     from node.study_machine import StudyMachine
 
     config = _load_config(args)
     with open_spool_for_cli(config) as spool:
-        transition = StudyMachine(spool).retry(args.study, now=time.time(), reason="operator retry (sclc-node retry)")
+        transition = StudyMachine(spool).retry(
+            args.study, now=time.time(), reason="operator retry (sclc-node retry)",
+            service_running=spool.service_running(), who=local_user(),
+        )
     print(f"{args.study}: {transition.from_state} -> {transition.to_state} ({transition.event})")
     return EXIT_OK
 
@@ -300,17 +305,41 @@ def cmd_clinical_import(args: argparse.Namespace) -> int:
     with open_spool_for_cli(config) as spool:
         report = import_clinical_file(spool, args.file, now=time.time())
     print(f"imported {report.records} record(s) from {args.file.name}; "
-          f"matched {len(report.matched_studies)} study(ies) already received")
+          f"attached to {len(report.matched_studies)} study(ies) already received")
     for uid in report.matched_studies:
         print(f"  {uid}")
+    for note in report.notes:
+        print(f"  {note}")
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """The audit trail as JSON lines, oldest first."""
+    from node.service import open_spool_for_cli
+
+    config = _load_config(args)
+    with open_spool_for_cli(config) as spool:
+        events = spool.audit_events(since=args.since, study_uid=args.study, limit=args.limit)
+    for event in events:
+        print(json.dumps(event.as_json(), sort_keys=True))
     return EXIT_OK
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    """Everything `serve` would refuse, checked without starting it or writing anything lasting."""
+    from node.config_check import check_for_serve
+
     config = _load_config(args)
-    print(f"OK: {config.source or 'embedded defaults'}; AE {config.scp.ae_title} on "
-          f"{config.scp.bind_address}:{config.scp.port}; state in {config.state_directory}; "
-          f"{len(config.destinations)} destination(s)")
+    report = check_for_serve(config)
+    print(f"configuration: {config.source or 'embedded defaults'}")
+    for label, value in report.facts:
+        print(f"  {label:<18} {value}")
+    for problem in report.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if report.problems:
+        print(f"NOT OK: `sclc-node serve` would refuse to start ({len(report.problems)} problem(s))", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print("OK: `sclc-node serve` would start with this configuration")
     return EXIT_OK
 
 
@@ -371,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--segment-label", metavar="LABEL",
         help="choose the SEG segment by label (default: the one whose property type is SCT Neoplasm)",
     )
+    score.add_argument(
+        "--allow-lossy-ct", action="store_true",
+        help="score a lossy-compressed CT (JPEG baseline, lossy JPEG 2000, LossyImageCompression 01) instead of "
+        "refusing it; the JSON result then has lossy_compression = true",
+    )
     score.set_defaults(handler=cmd_score)
 
     demo = sub.add_parser(
@@ -399,11 +433,23 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=cmd_status)
 
     retry = sub.add_parser(
-        "retry", help="resend a study's SR (failed or delivered study) or start it over (failed scoring, expired)"
+        "retry",
+        help="resend a study's SR (failed or delivered study) or start it over (failed scoring, expired, "
+        "or left in scoring by a crash while no service runs)",
     )
     _add_config_option(retry)
     retry.add_argument("study", metavar="STUDY", help="StudyInstanceUID")
     retry.set_defaults(handler=cmd_retry)
+
+    audit = sub.add_parser(
+        "audit",
+        help="print the append-only audit trail (instances received, SR sent, record imported, retry) as JSON lines",
+    )
+    _add_config_option(audit)
+    audit.add_argument("--since", type=float, default=0.0, metavar="EPOCH_S", help="only events at or after this time")
+    audit.add_argument("--study", metavar="UID", help="only events of this StudyInstanceUID")
+    audit.add_argument("--limit", type=int, default=-1, metavar="N", help="at most N events (default: all)")
+    audit.set_defaults(handler=cmd_audit)
 
     clinical = sub.add_parser("clinical", help="clinical records")
     clinical_sub = clinical.add_subparsers(dest="clinical_command", required=True, metavar="ACTION")
@@ -414,7 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="check or print the configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    config_check = config_sub.add_parser("check", help="validate a configuration file")
+    config_check = config_sub.add_parser(
+        "check",
+        help="validate a configuration file and check what `serve` would refuse (directories not writable, "
+        "an address not of this machine, a port in use, a damaged model); prints the real paths",
+    )
     _add_config_option(config_check)
     config_check.set_defaults(handler=cmd_config_check)
     config_defaults = config_sub.add_parser("defaults", help="print the embedded default configuration")

@@ -20,13 +20,23 @@ def load_clinical_file(path: Path) -> list[ClinicalRecord]:
     if suffix not in CLINICAL_SUFFIXES:
         raise ClinicalRecordError([f"clinical file {path.name}: unknown format {suffix!r} (expected .json or .csv)"])
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ClinicalRecordError([f"clinical file {path} does not exist"]) from None
-    except UnicodeDecodeError as exc:
-        raise ClinicalRecordError([f"clinical file {path.name} is not UTF-8 text ({exc.reason})"]) from None
     except OSError as exc:
         raise ClinicalRecordError([f"clinical file {path.name} cannot be read: {exc.strerror}"]) from None
+    return parse_clinical_bytes(path.name, data)
+
+
+def parse_clinical_bytes(name: str, data: bytes) -> list[ClinicalRecord]:
+    """`load_clinical_file` for bytes already read (the inbox reads them itself, without following links)."""
+    suffix = Path(name).suffix.lower()
+    if suffix not in CLINICAL_SUFFIXES:
+        raise ClinicalRecordError([f"clinical file {name}: unknown format {suffix!r} (expected .json or .csv)"])
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ClinicalRecordError([f"clinical file {name} is not UTF-8 text ({exc.reason})"]) from None
     if suffix == ".csv":
         return parse_clinical_csv(text)
     return parse_clinical_json_many(text)

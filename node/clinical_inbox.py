@@ -2,45 +2,75 @@
 
 A file is imported whole or not at all.  An accepted file moves to
 ``accepted/``; a rejected one moves to ``rejected/`` beside a
-``<name>.error.txt`` that lists every problem (field, value, what is allowed).
+``<name>.error.txt`` that lists every problem by place, field and what is
+allowed, but never a value from the file (`withhold_content`): the note is a
+new file, and what the sender wrote stays only in the sender's file.
+`sclc-node clinical import FILE`, run by the operator, shows the values.
+
+The inbox reads only regular files, opened with ``O_NOFOLLOW``: a symbolic
+link (which could point at any file the service may read) or a FIFO, device
+or socket is moved to ``rejected/`` unread.
+
 Records are matched to studies by the spool (AccessionNumber, else PatientID +
 StudyInstanceUID), whether the images came first or not.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
-from node.clinical_files import CLINICAL_SUFFIXES, load_clinical_file
+from node import audit
+from node.clinical_files import CLINICAL_SUFFIXES, load_clinical_file, parse_clinical_bytes
 from node.logs import get_logger, register_phi_values
+from scoring.clinical import ACCEPTED_FIELDS, ClinicalRecord
 from scoring.errors import ClinicalRecordError, InputError
 
 ACCEPTED_DIR = "accepted"
 REJECTED_DIR = "rejected"
 #: A file younger than this may still be being written by the sender.
 SETTLE_S = 1.0
+#: Larger than any honest clinical file (a CSV of thousands of patients is a few MB).
+MAX_CLINICAL_FILE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class ImportReport:
     file_name: str
     records: int
+    #: Studies whose current clinical record now comes from this file.
     matched_studies: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
+    #: Why a record was not attached to any study (yet).
+    notes: tuple[str, ...] = ()
 
     @property
     def accepted(self) -> bool:
         return not self.problems
 
 
-def import_clinical_file(spool, path: Path, *, now: float) -> ImportReport:
-    """Validate every record in ``path`` and store them in the spool; raises `ClinicalRecordError` if any is bad."""
-    records = load_clinical_file(path)
+def import_clinical_file(spool, path: Path, *, now: float, source: str | None = None) -> ImportReport:
+    """Validate every record in ``path`` and store them in the spool; raises `ClinicalRecordError` if any is bad.
+
+    ``source`` is who imports it, for the audit trail (default: the local user running this).
+    """
+    return import_clinical_records(
+        spool, load_clinical_file(path), Path(path).name, now=now, source=source or audit.local_user()
+    )
+
+
+def import_clinical_records(
+    spool, records: Sequence[ClinicalRecord], file_name: str, *, now: float, source: str | None = None
+) -> ImportReport:
+    """Store validated records (all or none); raises `ClinicalRecordError` if any cannot be matched to a study."""
     unmatchable = [
         f"record {n}: needs an accession_number, or a patient_id and a study_instance_uid, to be matched to a study"
         for n, r in enumerate(records, start=1)
@@ -50,27 +80,39 @@ def import_clinical_file(spool, path: Path, *, now: float) -> ImportReport:
         # Checked before storing anything, so a file is imported whole or not at all.
         raise ClinicalRecordError(unmatchable)
     register_phi_values(value for r in records for value in (r.patient_id, r.accession_number))
-    matched: list[str] = []
-    for record in records:
+    stored = [
         spool.add_clinical_record(
             json.dumps(record.to_mapping(), sort_keys=True),
             accession_number=record.accession_number,
             patient_id=record.patient_id,
             study_instance_uid=record.study_instance_uid,
             now=now,
+            source=source,
         )
-        matched += [
-            s.study_instance_uid
-            for s in spool.list_studies(limit=-1)
-            if s.clinical_record_id is not None and _matches(record, s)
-        ]
-    return ImportReport(Path(path).name, len(records), tuple(dict.fromkeys(matched)))
+        for record in records
+    ]
+    # What the spool actually linked, read back: never what a record might match.
+    matched: list[str] = []
+    notes: list[str] = []
+    for number, (record, row) in enumerate(zip(records, stored), start=1):
+        linked = spool.studies_linked_to_record(row.record_id)
+        matched += linked
+        if not linked:
+            notes.append(f"record {number}: " + _why_not_attached(spool, record))
+    return ImportReport(file_name, len(records), tuple(dict.fromkeys(matched)), notes=tuple(notes))
 
 
-def _matches(record, study) -> bool:
-    if record.accession_number and study.accession_number:
-        return record.accession_number == study.accession_number
-    return bool(record.study_instance_uid) and record.study_instance_uid == study.study_instance_uid
+def _why_not_attached(spool, record: ClinicalRecord) -> str:
+    from node.states import CLINICAL_LINKABLE_STATES
+
+    named = spool.get_study(record.study_instance_uid) if record.study_instance_uid else None
+    if named is None:
+        return "no study received so far matches it; it is kept and attached when its study arrives"
+    if named.state not in CLINICAL_LINKABLE_STATES:
+        return (f"names study {named.study_instance_uid}, which is already {named.state}; "
+                "a later record is kept but not used for a study whose scoring has started")
+    return (f"names study {named.study_instance_uid}, which is in the spool but has a different "
+            "accession number or patient ID; not attached")
 
 
 class ClinicalInbox:
@@ -84,13 +126,18 @@ class ClinicalInbox:
             (self.directory / name).mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def pending_files(self, *, now: float) -> list[Path]:
+        """Entries named like clinical files and settled, links and special files included (they are rejected)."""
         files = []
         for entry in sorted(self.directory.iterdir()):
-            if not entry.is_file() or entry.name.startswith("."):
+            if entry.name.startswith(".") or entry.suffix.lower() not in CLINICAL_SUFFIXES:
                 continue  # hidden files are senders' temporary files
-            if entry.suffix.lower() not in CLINICAL_SUFFIXES:
+            try:
+                info = entry.lstat()  # the entry itself: never follow a link to judge it
+            except FileNotFoundError:
                 continue
-            if now - entry.stat().st_mtime < SETTLE_S:
+            if stat.S_ISDIR(info.st_mode):
+                continue
+            if stat.S_ISREG(info.st_mode) and now - info.st_mtime < SETTLE_S:
                 continue
             files.append(entry)
         return files
@@ -111,14 +158,22 @@ class ClinicalInbox:
         removed = 0
         for folder, retention_s in ((ACCEPTED_DIR, accepted_retention_s), (REJECTED_DIR, rejected_retention_s)):
             for entry in (self.directory / folder).iterdir():
-                if entry.is_file() and now - entry.stat().st_mtime >= retention_s:
+                info = entry.lstat()
+                if not stat.S_ISDIR(info.st_mode) and now - info.st_mtime >= retention_s:
                     entry.unlink()
                     removed += 1
         return removed
 
     def _import(self, path: Path, *, now: float) -> ImportReport:
         try:
-            report = import_clinical_file(self.spool, path, now=now)
+            data = read_regular_file(path)
+        except NotARegularFile as exc:
+            return self._reject(path, [str(exc)])
+        try:
+            report = import_clinical_records(
+                self.spool, parse_clinical_bytes(path.name, data), path.name, now=now,
+                source=audit.clinical_inbox(file_reference(path.name)),
+            )
         except ClinicalRecordError as exc:
             return self._reject(path, list(exc.problems))
         except InputError as exc:
@@ -137,15 +192,115 @@ class ClinicalInbox:
         target = _unique_target(self.directory / REJECTED_DIR, path.name)
         os.replace(path, target)
         error_file = target.with_name(target.name + ".error.txt")
-        error_file.write_text(
+        note = (
             f"{path.name} was rejected; nothing from it was imported.\n"
-            + "".join(f"- {problem}\n" for problem in problems),
-            encoding="utf-8",
+            + "".join(f"- {withhold_content(problem)}\n" for problem in problems)
+            + "Values from the file are not repeated here; `sclc-node clinical import FILE` shows them.\n"
         )
+        fd = os.open(error_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(note)
         self._log.warning(
             "clinical_file_rejected", file_ref=file_reference(path.name), problems=len(problems), folder=str(target.parent)
         )
         return ImportReport(path.name, 0, problems=tuple(problems))
+
+
+class NotARegularFile(InputError):
+    """An inbox entry that is a symbolic link, FIFO, device or socket, or too large: rejected unread."""
+
+
+def read_regular_file(path: Path, *, max_bytes: int = MAX_CLINICAL_FILE_BYTES) -> bytes:
+    """The bytes of ``path`` if it is a regular file, opened without following a symbolic link.
+
+    ``O_NOFOLLOW`` makes the open itself fail on a link (no check-then-open
+    race), ``O_NONBLOCK`` keeps a FIFO from blocking the scan, and ``fstat`` on
+    the open descriptor checks what was actually opened.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotARegularFile(f"{path.name}: is a symbolic link; only regular files are read (nothing was read)") from None
+        raise NotARegularFile(f"{path.name}: cannot be opened: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise NotARegularFile(f"{path.name}: is not a regular file (a FIFO, device or socket); nothing was read")
+        if info.st_size > max_bytes:
+            raise NotARegularFile(f"{path.name}: {info.st_size} bytes is more than the {max_bytes} a clinical file may have")
+        return handle.read(max_bytes + 1)
+
+
+#: Words a problem text may keep: the places and field names the parsers use.
+_PLACE = re.compile(r"(record|row|line|column) \d+|header|json|csv|labs|identifier|identifiers|record")
+_KNOWN_FIELDS = frozenset(ACCEPTED_FIELDS)
+#: What a problem says, in the parsers' own words (scoring.clinical), most specific first.
+_PROBLEM_KINDS = (
+    ("is a symbolic link", "is a symbolic link; only regular files are read (nothing was read)"),
+    ("is not a regular file", "is not a regular file; nothing was read"),
+    ("bytes is more than", "is larger than a clinical file may be"),
+    ("cannot be opened", "cannot be opened"),
+    ("not valid JSON", "not valid JSON"),
+    ("not valid CSV", "not valid CSV"),
+    ("is not UTF-8 text", "is not UTF-8 text"),
+    ("unknown format", "unknown format (expected .json or .csv)"),
+    ("looks semicolon-separated", "looks semicolon-separated"),
+    ("a header but no record rows", "a header but no record rows"),
+    ("cells but the header has", "has a different number of cells than the header has columns"),
+    ("appears twice", "a column appears twice"),
+    ("has no name", "a column has no name"),
+    ("unknown field", "unknown field"),
+    ("given more than once", "given more than once"),
+    ("same as", "same study as another record"),
+    ("records where one object was expected", "a list where one object was expected"),
+    ("is not an object", "is not an object"),
+    ("does not refine t_stage", "does not refine t_stage"),
+    ("does not match whether labs are present", "does not match whether labs are present"),
+    ("is not less than wbc", "is not less than wbc"),
+    ("but labs give", "disagrees with the LIPI the labs give"),
+    ("contradicts m_stage", "contradicts m_stage"),
+    ("is not an AJCC", "is not an AJCC 8th-edition stage"),
+    ("is not a LIPI class", "is not a LIPI class"),
+    ("is not a yes/no value", "is not a yes/no value"),
+    ("is not a DICOM UID", "is not a DICOM UID"),
+    ("contains a backslash or control character", "contains a backslash or control character"),
+    ("characters", "is too long"),
+    ("is not an integer", "is not an integer"),
+    ("is not a number", "is not a number"),
+    ("is a number", "is a number, not a string"),
+    ("is not text", "is not text"),
+    ("is not positive", "is not positive"),
+    ("is out of range", "is out of range"),
+    ("is not allowed", "is not allowed"),
+    ("missing", "missing"),
+    ("empty", "empty"),
+)
+
+
+def withhold_content(problem: str) -> str:
+    """A problem text rebuilt from the parsers' own words only: place, known field name, kind, allowed values.
+
+    Anything that came from the file (a value, an unknown column name, a
+    quoted key) is left out, so a rejection note never repeats file content,
+    whatever the file was (issue 10: a symlinked /etc file was quoted).
+    """
+    head, separator, allowed = problem.rpartition(" (allowed: ")
+    if not separator:
+        head, allowed = problem, ""
+    parts = head.split(": ")
+    kept = []
+    while parts and _PLACE.fullmatch(parts[0]):
+        kept.append(parts.pop(0))
+    if parts and parts[0] in _KNOWN_FIELDS:
+        kept.append(parts.pop(0))
+    rest = ": ".join(parts)
+    kind = next((text for phrase, text in _PROBLEM_KINDS if phrase in rest), "value not accepted")
+    line = ": ".join([*kept, kind])
+    # The allowed part is the parsers' fixed text, but only after a field or place we recognised.
+    if allowed and kept and allowed.endswith(")") and "'" not in allowed and '"' not in allowed:
+        line += f" (allowed: {allowed}"
+    return line
 
 
 def file_reference(name: str) -> str:

@@ -464,6 +464,8 @@ class ClinicalConfig(_Validated):
 
     inbox_directory: Path = _key(relative_to="state")
     poll_interval_s: float = _key(_positive)
+    #: A record no study uses (never matched, or superseded by a correction) is deleted this long after it arrived.
+    unmatched_record_retention_s: float = _key(_non_negative, default=2592000.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,6 +478,8 @@ class ScoringConfig(_Validated):
     lease_s: float = _key(_positive)
     #: None: the segment whose property type is SCT Neoplasm.
     segment_label: str | None = _key(_not_blank)
+    #: False: a lossy-compressed CT series fails scoring with a reason naming the transfer syntax.
+    allow_lossy_ct: bool = _key(default=False)
     #: False: an out-of-domain result withholds risk group and PFS (scoring.domain, docs/model-format.md).
     report_out_of_domain: bool = _key(default=False)
 

@@ -35,6 +35,17 @@ SELECT study_instance_uid, claimed_by, lease_until, claim_attempts
  WHERE state = 'scoring' AND lease_until <= :now
  ORDER BY lease_until;
 
+-- name: scoring_claims
+SELECT study_instance_uid, claimed_by, lease_until, claim_attempts
+  FROM studies
+ WHERE state = 'scoring'
+ ORDER BY lease_until;
+
+-- name: release_delivery_holds
+-- At start-up, under the service lock: a 'sending' hold belongs to an instance that is gone.
+UPDATE outbox SET sending_until = :now, updated_at = :now
+ WHERE state = 'sending' AND sending_until > :now;
+
 -- name: studies_due_for_cleanup
 SELECT s.*, 0 AS instance_count
   FROM studies s
@@ -152,6 +163,30 @@ SELECT sop_instance_uid, relative_path, purged_at FROM instances;
 UPDATE instances SET purged_at = :now
  WHERE study_instance_uid = :study_uid AND purged_at IS NULL;
 
+-- name: clinical_records_of_study
+-- Every record that is or was this study's: the linked one, and the records its keys match
+-- (superseded corrections).  Used when retention forgets the study's patient data.
+SELECT r.id FROM clinical_records r, studies s
+ WHERE s.study_instance_uid = :study_uid
+   AND (r.id = s.clinical_record_id
+        OR r.study_instance_uid = s.study_instance_uid
+        OR (s.accession_number IS NOT NULL AND r.accession_number = s.accession_number));
+
+-- name: forget_study_identifiers
+UPDATE studies SET patient_id = NULL, accession_number = NULL, clinical_record_id = NULL
+ WHERE study_instance_uid = :study_uid;
+
+-- name: delete_unlinked_clinical_records
+-- Only records no study points at any more (another study may share an accession number).
+DELETE FROM clinical_records
+ WHERE id IN (SELECT value FROM json_each(:ids))
+   AND id NOT IN (SELECT clinical_record_id FROM studies WHERE clinical_record_id IS NOT NULL);
+
+-- name: expire_unmatched_clinical_records
+DELETE FROM clinical_records
+ WHERE received_at <= :received_before
+   AND id NOT IN (SELECT clinical_record_id FROM studies WHERE clinical_record_id IS NOT NULL);
+
 -- name: insert_clinical_record
 INSERT INTO clinical_records (record_json, accession_number, patient_id, study_instance_uid, received_at)
 VALUES (:record_json, :accession_number, :patient_id, :study_uid, :now);
@@ -162,22 +197,29 @@ SELECT * FROM clinical_records WHERE id = :record_id;
 -- name: newest_clinical_record_for_study
 -- Match by accession number when both sides have one; otherwise by patient ID
 -- and study instance UID together.  Newest record wins (a correction).
+-- A record that names a Study Instance UID never matches another study, even by
+-- accession number: scoring would refuse that pair anyway.
 SELECT id FROM clinical_records r
- WHERE (r.accession_number IS NOT NULL AND :accession_number IS NOT NULL
-        AND r.accession_number = :accession_number)
-    OR ((r.accession_number IS NULL OR :accession_number IS NULL)
-        AND :patient_id IS NOT NULL AND r.patient_id = :patient_id
-        AND r.study_instance_uid = :study_uid)
+ WHERE (r.study_instance_uid IS NULL OR r.study_instance_uid = :study_uid)
+   AND ((r.accession_number IS NOT NULL AND :accession_number IS NOT NULL
+         AND r.accession_number = :accession_number)
+        OR ((r.accession_number IS NULL OR :accession_number IS NULL)
+            AND :patient_id IS NOT NULL AND r.patient_id = :patient_id
+            AND r.study_instance_uid = :study_uid))
  ORDER BY r.id DESC
  LIMIT 1;
 
 -- name: studies_matching_clinical_record
 SELECT s.study_instance_uid
   FROM studies s
- WHERE (:accession_number IS NOT NULL AND s.accession_number = :accession_number)
-    OR ((:accession_number IS NULL OR s.accession_number IS NULL)
-        AND :patient_id IS NOT NULL AND s.patient_id = :patient_id
-        AND s.study_instance_uid = :study_uid);
+ WHERE (:study_uid IS NULL OR s.study_instance_uid = :study_uid)
+   AND ((:accession_number IS NOT NULL AND s.accession_number = :accession_number)
+        OR ((:accession_number IS NULL OR s.accession_number IS NULL)
+            AND :patient_id IS NOT NULL AND s.patient_id = :patient_id
+            AND s.study_instance_uid = :study_uid));
+
+-- name: studies_linked_to_record
+SELECT study_instance_uid FROM studies WHERE clinical_record_id = :record_id ORDER BY study_instance_uid;
 
 -- name: sr_by_uid
 SELECT * FROM sr_documents WHERE sr_sop_instance_uid = :sr_uid;
@@ -262,3 +304,13 @@ UPDATE outbox
 
 -- name: outbox_depth
 SELECT count(*) AS n FROM outbox WHERE state != 'delivered';
+
+-- name: insert_audit_event
+INSERT INTO audit_events (at, event, atna_event_id, action, outcome, who, destination, study_instance_uid, counts_json)
+VALUES (:at, :event, :atna_event_id, :action, :outcome, :who, :destination, :study_uid, :counts_json);
+
+-- name: audit_events
+SELECT * FROM audit_events
+ WHERE at >= :since AND (:study_uid IS NULL OR study_instance_uid = :study_uid)
+ ORDER BY id
+ LIMIT :limit;

@@ -1,5 +1,6 @@
--- The node's whole persistent state (schema version 1).  Applied by node/spool.py
--- when PRAGMA user_version is 0; times are REAL epoch seconds (UTC).
+-- The node's whole persistent state (schema version 2).  Applied by node/spool.py when
+-- PRAGMA user_version is below that; every statement is IF NOT EXISTS, so on a version-1
+-- database (no audit_events) it only adds what is new.  Times are REAL epoch seconds (UTC).
 --
 -- Files live under the spool directory at the relative_path columns; a row is
 -- written only after its file is durable, so every row points at a complete file.
@@ -105,4 +106,28 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbox_by_study ON outbox (study_instance_uid);
 
-PRAGMA user_version = 1;
+-- Append-only audit trail (IHE ATNA / DICOM PS3.15 A.5 style): who sent what, what was
+-- sent where.  Written in the same transaction as the action it records, so an event
+-- exists exactly when its action committed, kill -9 or not.  No PHI beyond the Study
+-- Instance UID: "who" is an AE title and IP, a destination name or a local user;
+-- "what" is the study UID and counts.  Added in schema version 2.
+CREATE TABLE IF NOT EXISTS audit_events (
+    id                  INTEGER PRIMARY KEY,
+    at                  REAL NOT NULL,
+    event               TEXT NOT NULL,   -- node.audit.AuditEventType
+    atna_event_id       TEXT NOT NULL,   -- e.g. 'DCM 110104' (DICOM Instances Transferred)
+    action              TEXT NOT NULL CHECK (action IN ('C', 'R', 'U', 'D', 'E')),
+    outcome             INTEGER NOT NULL CHECK (outcome IN (0, 4, 8, 12)),
+    who                 TEXT NOT NULL,   -- the active participant that caused it
+    destination         TEXT,            -- where something was sent, if anything
+    study_instance_uid  TEXT,
+    counts_json         TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(counts_json))
+);
+CREATE INDEX IF NOT EXISTS audit_events_by_time ON audit_events (at);
+CREATE INDEX IF NOT EXISTS audit_events_by_study ON audit_events (study_instance_uid, id);
+CREATE TRIGGER IF NOT EXISTS audit_events_no_update BEFORE UPDATE ON audit_events
+BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_events_no_delete BEFORE DELETE ON audit_events
+BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+
+PRAGMA user_version = 2;

@@ -107,12 +107,14 @@ def score_files(
     *,
     series_instance_uid: str | None = None,
     segment_label: str | None = None,
+    allow_lossy_ct: bool = False,
     report_out_of_domain: bool = False,
 ) -> ScoredStudy:
     """Read, score and build the SR.  ``report_out_of_domain`` is config ``scoring.report_out_of_domain``:
-    False withholds the risk group and PFS of a study outside the model's applicability domain."""
+    False withholds the risk group and PFS of a study outside the model's applicability domain.  A
+    lossy-compressed CT is refused unless ``allow_lossy_ct`` (config ``scoring.allow_lossy_ct``)."""
     started = time.perf_counter()
-    ct = read_ct_series(Path(ct_dir), series_instance_uid)
+    ct = read_ct_series(Path(ct_dir), series_instance_uid, allow_lossy=allow_lossy_ct)
     clinical = select_record_for_study(clinical_records, ct)
     if not Path(seg_path).is_file():
         raise DicomInputError(f"SEG file {seg_path} does not exist")
@@ -190,6 +192,8 @@ def result_as_json(scored: "ScoredStudy") -> dict:
             "demonstration": result.model.demonstration,
             "intended_use": result.model.intended_use,
         },
+        # True only when scoring.allow_lossy_ct let a lossy-compressed CT through (see dicom_io.ct_series).
+        "lossy_compression": scored.ct.lossy_compression,
         "study_instance_uid": scored.ct.study_instance_uid,
         "ct_series_instance_uid": scored.ct.series_instance_uid,
         "seg_sop_instance_uid": str(scored.segment.segmentation.SOPInstanceUID),

@@ -99,6 +99,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from node.audit import dicom_peer
 from node.config import ConfigError, ScpConfig
 from node.config import client_address as normalised_ip
 from node.errors import NodeError, NotPart10, UnsafeUid
@@ -981,7 +982,8 @@ def handle_store(
         header = header_of(read_received_dataset(encoded, limits))
         bound = bound.bind(study_uid=header.study_instance_uid, series_uid=header.series_instance_uid)
         check_matches_request(header, sop_class_uid, str(request.AffectedSOPInstanceUID or ""))
-        outcome = spool.store_instance(encoded, header, now=clock())
+        source = dicom_peer(info.calling_ae_title, info.address) if info else None  # the audit trail's "who"
+        outcome = spool.store_instance(encoded, header, now=clock(), source=source)
     except Exception as exc:  # noqa: BLE001 - the boundary: every exception becomes a status
         status = status_for_error(exc)
         fields = dict(status=f"0x{status:04X}", error_type=type(exc).__name__)

@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 from apscheduler.executors.pool import ThreadPoolExecutor as SchedulerThreadPool
@@ -58,6 +59,15 @@ def sd_notify(message: str) -> bool:
     return True
 
 
+def new_instance_id() -> str:
+    """This run of the service: host, PID and a random part (PIDs repeat across restarts and reboots).
+
+    Scoring claims carry it (``claimed_by``), so a restart can tell the
+    claims of an instance that is gone from those of a worker that died.
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
 class NodeService:
     """Wires the parts together; `start()` returns once the node accepts associations."""
 
@@ -73,6 +83,7 @@ class NodeService:
             config.spool.directory, database=config.spool.database, min_free_bytes=config.spool.min_free_bytes
         )
         self.machine = StudyMachine(self.spool)
+        self.instance_id = new_instance_id()
         self.metrics = NodeMetrics(
             studies_by_state=lambda: {str(k): v for k, v in self.spool.counts_by_state().items()},
             outbox_depth=self.spool.outbox_depth,
@@ -91,6 +102,8 @@ class NodeService:
             segment_label=config.scoring.segment_label,
             metrics=self.metrics,
             destination_objects={d.name: d.objects for d in config.destinations},
+            worker_id=self.instance_id,
+            allow_lossy_ct=config.scoring.allow_lossy_ct,
             report_out_of_domain=config.scoring.report_out_of_domain,
         )
         self.outbox = Outbox(self.spool, config, self.metrics)
@@ -131,6 +144,9 @@ class NodeService:
         for study in due:
             removed = self.spool.remove_study_files(study.study_instance_uid, now=now)
             self.log.info("study_files_removed", study_uid=study.study_instance_uid, files=removed)
+        self.spool.expire_unmatched_clinical_records(
+            now=now, retention_s=self.config.clinical.unmatched_record_retention_s
+        )
         removed = self.inbox.remove_old_files(
             now=now,
             accepted_retention_s=self.config.spool.retention_after_delivery_s,
@@ -168,8 +184,10 @@ class NodeService:
     # --- lifecycle ---
 
     def start(self) -> None:
+        self.spool.lock_service(self.instance_id)
         report = self.spool.recover(now=time.time())
         self.log.info("spool_recovered", **_report_fields(report))
+        self.resume_previous_instance_work()
         self.guard_disk()
         jobs = (
             (self.check_completion, self.intervals.completion_s),
@@ -201,6 +219,23 @@ class NodeService:
             self.log.warning("demonstration_model", message="demonstration model — not for clinical use")
         sd_notify("READY=1")
 
+    def resume_previous_instance_work(self) -> None:
+        """Claims and delivery holds of the instance before us are dead (we hold the service lock): free them now.
+
+        Without this a restart waited out ``scoring.lease_s`` and the outbox
+        hold before anything resumed, and each restart during scoring counted
+        as a lost worker, failing the study after three.
+        """
+        now = time.time()
+        released = self.machine.reclaim_previous_instances(current_worker_id=self.instance_id, now=now)
+        holds = self.spool.release_delivery_holds(now=now)
+        if released or holds:
+            self.log.info(
+                "previous_instance_work_released",
+                studies=[t.study_instance_uid for t in released],
+                delivery_holds=holds,
+            )
+
     def stop(self) -> None:
         if self._stopped.is_set():
             return
@@ -211,6 +246,7 @@ class NodeService:
         self.dispatcher.shutdown(wait=False)  # in-flight studies keep their lease and are re-run after restart
         if self.http:
             self.http.stop()
+        self.spool.unlock_service()
         self.spool.close()
         self.log.info("node_stopped")
 

@@ -39,6 +39,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import threading
 import zlib
@@ -78,15 +79,17 @@ from node.states import (
     StudyState,
     target_state,
 )
+from node import audit
 from node.study_machine import apply_event
 from scoring.errors import InputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DATABASE_FILENAME = "node.sqlite3"
 INSTANCES_DIR = "instances"
 SR_DIR = "sr"
 QUARANTINE_DIR = "quarantine"
 LOCKS_DIR = "locks"
+SERVICE_LOCK_FILENAME = "service.lock"
 #: Temp files are hidden and carry this suffix so recover() can tell them from spooled files.
 TEMP_SUFFIX = ".partial"
 #: Bounded number of lock files; two studies sharing a stripe only wait for each other briefly.
@@ -205,6 +208,31 @@ def place_file_atomically(final_path: Path, data: bytes, *, root: Path) -> None:
         raise _os_error(exc, f"cannot write {final_path.name}") from exc
 
 
+def _make_database_private(database: Path) -> None:
+    """Create the database file 0600 before SQLite does, and tighten it and its -wal/-shm if looser.
+
+    SQLite creates a new database with 0644 & ~umask, and gives the -wal and
+    -shm files the mode of the database file; so a 0600 database means 0600
+    companions whatever the umask.  They hold patient IDs and clinical values.
+    """
+    try:
+        fd = os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise _os_error(exc, f"cannot create the database {database}") from exc
+    for path in (database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")):
+        try:
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            if mode & 0o077:
+                os.chmod(path, mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            continue  # someone else's file (a CLI run as another user); SQLite will say if it cannot open it
+
+
 def _remove_empty_directories(directory: Path, stop_at: Path) -> None:
     while directory != stop_at and stop_at in directory.parents:
         try:
@@ -283,6 +311,7 @@ class Spool:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        self._service_lock_fd: int | None = None
 
     @classmethod
     def open(
@@ -325,6 +354,7 @@ class Spool:
     def _connection(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
         if connection is None:
+            _make_database_private(self.database)
             try:
                 connection = sqlite3.connect(
                     self.database,
@@ -405,6 +435,56 @@ class Spool:
         finally:
             os.close(fd)  # closing the descriptor releases the flock
 
+    # --- the one service per spool ---
+
+    def lock_service(self, instance_id: str) -> None:
+        """Hold the spool's service lock for this process's lifetime; `SpoolBusy` if another service holds it.
+
+        An exclusive ``flock`` on ``locks/service.lock``: the kernel drops it
+        when the process dies, even by SIGKILL, so whoever holds it knows every
+        scoring claim or delivery hold of another instance is dead
+        (`StudyMachine.reclaim_previous_instances`, `release_delivery_holds`).
+        """
+        path = self.directory / LOCKS_DIR / SERVICE_LOCK_FILENAME
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise SpoolBusy(f"spool {self.directory} is already served by {holder}; one `sclc-node serve` per spool")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, instance_id.encode("utf-8"), 0)
+        self._service_lock_fd = fd
+
+    def unlock_service(self) -> None:
+        fd = self._service_lock_fd
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+            self._service_lock_fd = None
+
+    def service_running(self) -> bool:
+        """Whether some process holds the service lock (a `sclc-node serve` is running on this spool)."""
+        if self._service_lock_fd is not None:
+            return True
+        path = self.directory / LOCKS_DIR / SERVICE_LOCK_FILENAME
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def release_delivery_holds(self, *, now: float) -> int:
+        """Make every 'sending' delivery due now; only for the holder of the service lock, at start-up."""
+        with self.transaction() as tx:
+            return tx.execute("release_delivery_holds", now=now)
+
     # --- paths and disk ---
 
     @staticmethod
@@ -429,12 +509,16 @@ class Spool:
 
     # --- receiving ---
 
-    def store_instance(self, encoded_bytes: bytes, header: InstanceHeader, *, now: float) -> StoreOutcome:
+    def store_instance(
+        self, encoded_bytes: bytes, header: InstanceHeader, *, now: float, source: str | None = None
+    ) -> StoreOutcome:
         """Durably store one received instance (a Part-10 file as received) and index it.
 
         Returns only after the file is fsynced in place and its row committed:
         acknowledge the C-STORE after this returns, never before.  A SOP
         Instance UID already stored is not written again (see `StoreOutcome`).
+        ``source`` is who sent it (`node.audit.dicom_peer`), for the audit
+        event committed with the index row.
         """
         if encoded_bytes[128:132] != PART10_MAGIC:
             raise NotPart10(
@@ -452,7 +536,9 @@ class Spool:
             else:
                 place_file_atomically(self.path_of(relative_path), encoded_bytes, root=self.directory)
                 with self.transaction() as tx:
-                    outcome = self._index_instance(tx, header, relative_path, len(encoded_bytes), digest, now)
+                    outcome = self._index_instance(
+                        tx, header, relative_path, len(encoded_bytes), digest, now, source=source
+                    )
                 if outcome is not StoreOutcome.STORED:
                     # Lost a race with the same SOP Instance UID arriving under another study
                     # (another lock stripe): the first row wins, so our copy goes.
@@ -476,7 +562,15 @@ class Spool:
         return StoreOutcome.DUPLICATE_KEPT_FIRST
 
     def _index_instance(
-        self, tx: Transaction, header: InstanceHeader, relative_path: str, size_bytes: int, digest: str, now: float
+        self,
+        tx: Transaction,
+        header: InstanceHeader,
+        relative_path: str,
+        size_bytes: int,
+        digest: str,
+        now: float,
+        *,
+        source: str | None = None,
     ) -> StoreOutcome:
         inserted = tx.execute(
             "upsert_instance",
@@ -540,6 +634,13 @@ class Spool:
                     note="stored, but the study is not re-scored automatically",
                 )
         self._link_clinical_record_to_study(tx, study_uid, now=now)
+        audit.record_in(tx, audit.AuditEvent(
+            audit.AuditEventType.INSTANCES_RECEIVED,
+            who=source or "unknown sender",
+            at=now,
+            study_instance_uid=study_uid,
+            counts={"instances": 1},
+        ))
         return StoreOutcome.STORED
 
     def _remove_file(self, relative_path: str) -> None:
@@ -558,6 +659,7 @@ class Spool:
         patient_id: str | None,
         study_instance_uid: str | None,
         now: float,
+        source: str | None = None,
     ) -> ClinicalRecordRow:
         """Store a validated clinical record (JSON text) and attach it to every study it matches.
 
@@ -595,6 +697,15 @@ class Spool:
             ):
                 self._link_clinical_record_to_study(tx, row["study_instance_uid"], now=now)
             stored = tx.one("clinical_record_by_id", record_id=record_id)
+            linked = [r["study_instance_uid"] for r in tx.all("studies_linked_to_record", record_id=record_id)]
+            for study_uid in linked or [None]:
+                audit.record_in(tx, audit.AuditEvent(
+                    audit.AuditEventType.RECORD_IMPORTED,
+                    who=source or "unknown source",
+                    at=now,
+                    study_instance_uid=study_uid,
+                    counts={"records": 1, "studies_attached": len(linked)},
+                ))
         _log().info("clinical_record_stored", record_id=record_id)
         return ClinicalRecordRow.from_row(stored)
 
@@ -628,6 +739,19 @@ class Spool:
         state = StudyState(study["state"])
         if target_state(state, StudyEvent.CLINICAL_ATTACHED) is not None:
             apply_event(tx, study_uid, StudyEvent.CLINICAL_ATTACHED, now=now, reason=f"clinical record {match['id']}")
+
+    def audit_events(
+        self, *, since: float = 0.0, study_uid: str | None = None, limit: int = -1
+    ) -> list[audit.AuditEvent]:
+        """The audit trail, oldest first."""
+        with self.transaction(write=False) as tx:
+            rows = tx.all("audit_events", since=since, study_uid=study_uid, limit=limit)
+        return [audit.AuditEvent.from_row(row) for row in rows]
+
+    def studies_linked_to_record(self, record_id: int) -> list[str]:
+        """Study Instance UIDs whose current clinical record is ``record_id``."""
+        with self.transaction(write=False) as tx:
+            return [row["study_instance_uid"] for row in tx.all("studies_linked_to_record", record_id=record_id)]
 
     def clinical_record_for(self, study_uid: str) -> ClinicalRecordRow | None:
         with self.transaction(write=False) as tx:
@@ -802,6 +926,10 @@ class Spool:
                 raise InvalidTransition(f"outbox item {item_id} is not pending or sending")
             item = tx.one("outbox_item", item_id=item_id)
             study_uid = item["study_instance_uid"]
+            audit.record_in(tx, audit.AuditEvent(
+                audit.AuditEventType.SR_SENT, who="sclc-node outbox", at=now, study_instance_uid=study_uid,
+                destination=item["destination"], counts={"sr": 1},
+            ))
             if tx.one("undelivered_count_for_study", study_uid=study_uid)["n"]:
                 return None
             study = tx.one("study_by_uid", study_uid=study_uid)
@@ -837,6 +965,11 @@ class Spool:
                 raise InvalidTransition(f"outbox item {item_id} is not pending or sending")
             if give_up:
                 study_uid = item["study_instance_uid"]
+                audit.record_in(tx, audit.AuditEvent(
+                    audit.AuditEventType.SR_SEND_GAVE_UP, who="sclc-node outbox", at=now, study_instance_uid=study_uid,
+                    destination=item["destination"], counts={"sr": 1, "attempts": attempts},
+                    outcome=audit.Outcome.SERIOUS_FAILURE,
+                ))
                 study = tx.one("study_by_uid", study_uid=study_uid)
                 if target_state(StudyState(study["state"]), StudyEvent.DELIVERY_FAILED) is not None:
                     apply_event(
@@ -879,7 +1012,12 @@ class Spool:
         return [StudyRecord.from_row(row) for row in rows]
 
     def remove_study_files(self, study_uid: str, *, now: float) -> int:
-        """Delete a finished study's instance and SR files; keep its rows, state and history.
+        """Delete a finished study's instance and SR files and forget its patient data; keep its state and history.
+
+        Patient data: the study row's Patient ID and Accession Number, and
+        the clinical records that were its (linked or superseded), unless
+        another study still uses one.  What stays is the Study Instance UID,
+        states, event history and file index rows (UIDs, sizes, hashes).
 
         Rows are marked purged first, files deleted after: a crash in between
         leaves purged rows with files, which `recover` deletes.  Raises
@@ -904,6 +1042,10 @@ class Spool:
                 paths += [r["relative_path"] for r in tx.all("study_sr_files", study_uid=study_uid)]
                 tx.execute("mark_instances_purged", study_uid=study_uid, now=now)
                 tx.execute("mark_srs_purged", study_uid=study_uid, now=now)
+                # The patient data goes with the files: identifiers and clinical values.
+                record_ids = [r["id"] for r in tx.all("clinical_records_of_study", study_uid=study_uid)]
+                tx.execute("forget_study_identifiers", study_uid=study_uid)
+                records_deleted = tx.execute("delete_unlinked_clinical_records", ids=json.dumps(record_ids))
             removed = 0
             for relative_path in paths:
                 path = self.path_of(relative_path)
@@ -915,8 +1057,20 @@ class Spool:
             for relative_path in paths:
                 top = self.directory / relative_path.split("/", 1)[0]  # instances/ or sr/ stay
                 _remove_empty_directories(self.path_of(relative_path).parent, top)
-        _log().info("study_files_removed", study_uid=study_uid, files=removed)
+        _log().info("study_files_removed", study_uid=study_uid, files=removed, clinical_records_deleted=records_deleted)
         return removed
+
+    def expire_unmatched_clinical_records(self, *, now: float, retention_s: float) -> int:
+        """Delete clinical records no study uses that arrived more than ``retention_s`` ago; returns how many.
+
+        A record whose study never arrives (or that a correction superseded)
+        would otherwise keep a patient's identifiers and clinical values forever.
+        """
+        with self.transaction() as tx:
+            deleted = tx.execute("expire_unmatched_clinical_records", received_before=now - retention_s)
+        if deleted:
+            _log().info("clinical_records_expired", count=deleted)
+        return deleted
 
     # --- crash recovery ---
 
@@ -978,7 +1132,8 @@ class Spool:
             with self._study_lock(header.study_instance_uid):
                 with self.transaction() as tx:
                     outcome = self._index_instance(
-                        tx, header, relative_path, len(data), hashlib.sha256(data).hexdigest(), now
+                        tx, header, relative_path, len(data), hashlib.sha256(data).hexdigest(), now,
+                        source="spool recovery (a received file indexed at start-up)",
                     )
             if outcome is StoreOutcome.STORED:
                 reindexed.append(header.sop_instance_uid)

@@ -23,6 +23,11 @@ Rules that the table encodes (and `tests/node/test_states.py` checks):
   ``ready``: completion re-checks that the inputs are still all there.
 * ``resend`` (operator) re-queues an existing SR without re-scoring: from
   ``failed`` (a destination gave up) or ``delivered`` (send it again).
+* A claim of a service instance that is gone (``service_restarted``) goes
+  back to ``ready`` at once and does not count as a lost worker; only a worker
+  process that died (``worker_lost``) or a lease that ran out while its
+  service lived (``lease_expired``) does.  ``retry``
+  also applies to ``scoring``, for a study left claimed when no service runs.
 * ``ready`` never expires: it only waits for a worker, and receiving keeps
   going while scoring is down.
 """
@@ -59,6 +64,11 @@ class StudyEvent(enum.StrEnum):
     CLINICAL_ATTACHED = "clinical_attached"
     CLAIMED = "claimed"
     LEASE_EXPIRED = "lease_expired"
+    WORKER_LOST = "worker_lost"
+    """The worker process died under a live service (killed, out of memory): counts toward failure."""
+    SERVICE_RESTARTED = "service_restarted"
+    """The claim belonged to an earlier instance of the service (killed, crashed, restarted):
+    released at start-up, and not counted as a worker failure."""
     SCORED = "scored"
     SCORING_FAILED = "scoring_failed"
     DELIVERED = "delivered"
@@ -95,6 +105,9 @@ TRANSITIONS: Mapping[tuple[StudyState, StudyEvent], StudyState] = MappingProxyTy
         (S.SCORING, E.SCORED): S.SCORED,
         (S.SCORING, E.SCORING_FAILED): S.FAILED,
         (S.SCORING, E.LEASE_EXPIRED): S.READY,
+        (S.SCORING, E.SERVICE_RESTARTED): S.READY,
+        (S.SCORING, E.WORKER_LOST): S.READY,
+        (S.SCORING, E.RETRY): S.RECEIVING,
         (S.SCORED, E.DELIVERED): S.DELIVERED,
         (S.SCORED, E.DELIVERY_FAILED): S.FAILED,
         (S.DELIVERED, E.RESEND): S.SCORED,

@@ -16,6 +16,9 @@ Guards beyond the state:
   (``claimed_by``), so a worker whose lease was reclaimed cannot overwrite
   the outcome of the worker that took over;
 * ``lease_expired`` only once ``lease_until`` has passed;
+* ``service_restarted`` only for the claimant named (the instance that is
+  gone), and it takes back the claim's count in ``claim_attempts``: a
+  service that was killed is not a worker that died;
 * ``retry`` / ``resend`` only while the study's files are not purged, and
   ``resend`` only when an SR exists.
 
@@ -29,7 +32,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from node import completion
+from node import audit, completion
 from node.errors import InvalidTransition, LeaseLost, UnknownStudy
 from node.records import StudyRecord, Transition
 from node.states import (
@@ -46,6 +49,8 @@ if TYPE_CHECKING:  # spool imports this module; a runtime import would be circul
 #: A study whose worker lost its lease this many times is failed instead of
 #: re-queued: it probably kills its worker (out of memory, a crashing decoder).
 DEFAULT_MAX_CLAIM_ATTEMPTS = 3
+#: Events that end one particular claim: they apply only while ``claimed_by`` is the worker_id given.
+CLAIMANT_GUARDED_EVENTS = LEASE_HOLDER_EVENTS | {StudyEvent.WORKER_LOST, StudyEvent.SERVICE_RESTARTED}
 
 
 def apply_event(
@@ -85,6 +90,11 @@ def apply_event(
         raise ValueError("event claimed needs a worker_id and a positive lease_s")
 
     claims = target is StudyState.SCORING
+    if event in CLAIMANT_GUARDED_EVENTS and not worker_id:
+        raise ValueError(f"event {event} needs the worker_id of the claim it ends")
+    # The claim that a service restart ended does not count toward max_claim_attempts.
+    claim_increment = 1 if claims else (-1 if event is StudyEvent.SERVICE_RESTARTED else 0)
+    claimant_guarded = event in CLAIMANT_GUARDED_EVENTS
     changed = tx.execute(
         "advance_study",
         study_uid=study_uid,
@@ -94,10 +104,10 @@ def apply_event(
         failure_reason=reason if target in REASON_REQUIRED else None,
         claimed_by=worker_id if claims else None,
         lease_until=now + lease_s if claims else None,
-        claim_increment=1 if claims else 0,
+        claim_increment=claim_increment,
         reset_claim_attempts=target is StudyState.RECEIVING,
         clears_purge=event is StudyEvent.INSTANCE_STORED,
-        required_claimant=worker_id if event in LEASE_HOLDER_EVENTS else None,
+        required_claimant=worker_id if claimant_guarded else None,
         lease_expired_by=now if event is StudyEvent.LEASE_EXPIRED else None,
         requires_files=event in (StudyEvent.RETRY, StudyEvent.RESEND),
         requires_sr=event is StudyEvent.RESEND,
@@ -132,7 +142,7 @@ def apply_event(
 def _guard_failure(row: dict, current: StudyState, event: StudyEvent, worker_id: str | None, now: float) -> InvalidTransition:
     study_uid = row["study_instance_uid"]
     context = dict(study_uid=study_uid, state=str(current), event=str(event))
-    if event in LEASE_HOLDER_EVENTS and row["claimed_by"] != worker_id:
+    if event in CLAIMANT_GUARDED_EVENTS and row["claimed_by"] != worker_id:
         return LeaseLost(
             f"study {study_uid}: worker {worker_id} no longer holds the lease (held by {row['claimed_by']})", **context
         )
@@ -294,6 +304,28 @@ class StudyMachine:
     def record_scoring_failed(self, study_uid: str, *, worker_id: str, reason: str, now: float) -> Transition:
         return self.apply(study_uid, StudyEvent.SCORING_FAILED, now=now, reason=reason, worker_id=worker_id)
 
+    def record_worker_lost(
+        self, study_uid: str, *, worker_id: str, reason: str, now: float,
+        max_claim_attempts: int = DEFAULT_MAX_CLAIM_ATTEMPTS,
+    ) -> Transition:
+        """The worker process scoring the study died while the service lives: back to ready, or failed.
+
+        This claim counted toward ``max_claim_attempts`` when it was made;
+        once that many claims have lost their worker, the study probably
+        kills its worker (out of memory, a crashing decoder) and fails.
+        """
+        with self.spool.transaction() as tx:
+            row = tx.one("study_by_uid", study_uid=study_uid)
+            if row is None:
+                raise UnknownStudy(f"no study {study_uid} in the spool")
+            if row["claim_attempts"] >= max_claim_attempts:
+                return apply_event(
+                    tx, study_uid, StudyEvent.SCORING_FAILED, now=now, worker_id=worker_id,
+                    reason=f"scoring lost its worker {row['claim_attempts']} times (killed or out of memory?); "
+                    f"last: {reason}",
+                )
+            return apply_event(tx, study_uid, StudyEvent.WORKER_LOST, now=now, worker_id=worker_id, reason=reason)
+
     def reclaim_stale_leases(
         self, *, now: float, max_claim_attempts: int = DEFAULT_MAX_CLAIM_ATTEMPTS
     ) -> list[Transition]:
@@ -320,23 +352,74 @@ class StudyMachine:
                     )
             return list(tx.applied)
 
+    def reclaim_previous_instances(self, *, current_worker_id: str, now: float) -> list[Transition]:
+        """At service start-up: every claim not made by ``current_worker_id`` goes back to ready at once.
+
+        Only the process holding the service lock (`Spool.lock_service`) may
+        call this: then no other instance is alive, so every other claim
+        belongs to one that was killed or crashed.  Such a claim is released
+        without waiting for its lease and without counting as a lost worker
+        (``service_restarted``), so killing the service during scoring never
+        fails a study, and scoring resumes within a dispatch interval.
+        """
+        with self.spool.transaction() as tx:
+            for row in tx.all("scoring_claims"):
+                if row["claimed_by"] == current_worker_id:
+                    continue
+                apply_event(
+                    tx,
+                    row["study_instance_uid"],
+                    StudyEvent.SERVICE_RESTARTED,
+                    now=now,
+                    worker_id=row["claimed_by"],
+                    reason=f"service instance {row['claimed_by']} is gone; claim released at start-up "
+                    f"by {current_worker_id} (not counted as a worker failure)",
+                )
+            return list(tx.applied)
+
     # --- operator ---
 
-    def retry(self, study_uid: str, *, now: float, reason: str = "operator retry") -> Transition:
+    def retry(
+        self,
+        study_uid: str,
+        *,
+        now: float,
+        reason: str = "operator retry",
+        service_running: bool = False,
+        who: str | None = None,
+    ) -> Transition:
         """`sclc-node retry`: resend the SR if delivery is what failed, else start over.
 
         Resend (no re-scoring) for a delivered study and for a failed one whose
         failure was ``delivery_failed``; a study that failed scoring or expired
         goes back to receiving, where completion is judged again.
+
+        A study in ``scoring`` is started over only when its claim is dead: no
+        service runs (``service_running`` False, see `Spool.service_running`)
+        or its lease has run out.  A running service's own claim is left alone
+        (the service releases an earlier instance's claims itself at start-up).
         """
         with self.spool.transaction() as tx:
             row = tx.one("study_by_uid", study_uid=study_uid)
             if row is None:
                 raise UnknownStudy(f"no study {study_uid} in the spool")
             state = StudyState(row["state"])
+            if state is StudyState.SCORING and service_running and row["lease_until"] > now:
+                raise InvalidTransition(
+                    f"study {study_uid} is being scored by {row['claimed_by']} (lease until {row['lease_until']:.0f}); "
+                    "the running service finishes it or releases it when its lease runs out",
+                    study_uid=study_uid,
+                    state=str(state),
+                    event=str(StudyEvent.RETRY),
+                )
             last_event = tx.all("study_events", study_uid=study_uid)[-1]["event"]
             resend = state is StudyState.DELIVERED or (
                 state is StudyState.FAILED and last_event == StudyEvent.DELIVERY_FAILED
             )
             event = StudyEvent.RESEND if resend else StudyEvent.RETRY
-            return apply_event(tx, study_uid, event, now=now, reason=reason)
+            transition = apply_event(tx, study_uid, event, now=now, reason=reason)
+            audit.record_in(tx, audit.AuditEvent(
+                audit.AuditEventType.RETRY, who=who or "unknown operator", at=now, study_instance_uid=study_uid,
+                counts={"resend": int(resend)},
+            ))
+            return transition

@@ -5,7 +5,10 @@ with a lease, hands each to a worker process, and records the outcome.  Only
 the service process touches the database: a worker gets file paths and the
 clinical record, and returns the SR bytes or a one-line reason.  A worker that
 dies (killed, out of memory) simply never answers; its lease runs out and the
-study is claimed again (`StudyMachine.reclaim_stale_leases`).
+study is claimed again (`StudyMachine.reclaim_stale_leases`), which counts
+toward ``max_claim_attempts``.  When the service itself dies, its claims are
+released by the next instance at start-up and do not count
+(`StudyMachine.reclaim_previous_instances`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class ScoringTask:
     #: The objects to build beside the risk SR (`dicom_io.result_objects.OBJECT_KINDS`; "sr" adds the
     #: key-slice ROI SR).
     extra_object_kinds: tuple[str, ...] = ()
+    allow_lossy_ct: bool = False
     #: Report an out-of-domain study's risk group and PFS (config `scoring.report_out_of_domain`).
     report_out_of_domain: bool = False
 
@@ -112,6 +116,7 @@ def run_scoring_task(task: ScoringTask) -> ScoringOutcome:
             model,
             series_instance_uid=task.ct_series_instance_uid,
             segment_label=task.segment_label,
+            allow_lossy_ct=task.allow_lossy_ct,
             report_out_of_domain=task.report_out_of_domain,
         )
         extra_objects = _extra_objects(scored, clinical, model, task)
@@ -195,6 +200,7 @@ class ScoringDispatcher:
     def __init__(self, spool, machine, *, workers: int, lease_s: float, model_path: Path,
                  destinations: Sequence[str], segment_label: str | None, metrics=None,
                  destination_objects: Mapping[str, Sequence[str]] | None = None,
+                 worker_id: str | None = None, allow_lossy_ct: bool = False,
                  report_out_of_domain: bool = False):
         self.spool = spool
         self.machine = machine
@@ -209,8 +215,11 @@ class ScoringDispatcher:
         self.report_out_of_domain = bool(report_out_of_domain)
         self.extra_object_kinds = _kinds_to_build(self.destinations, self.destination_objects)
         self.segment_label = segment_label or None
+        self.allow_lossy_ct = bool(allow_lossy_ct)
         self.metrics = metrics
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        # The service's instance id (`node.service.new_instance_id`): claims name the run, not
+        # only host:pid, so a restart knows which claims are its predecessor's.
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._pool: ProcessPoolExecutor | None = None
         self._in_flight: dict[str, Future] = {}
         self._finished: queue.SimpleQueue[tuple[str, ScoringOutcome | BaseException]] = queue.SimpleQueue()
@@ -278,6 +287,7 @@ class ScoringDispatcher:
             model_path=self.model_path,
             segment_label=self.segment_label,
             extra_object_kinds=self.extra_object_kinds,
+            allow_lossy_ct=self.allow_lossy_ct,
             report_out_of_domain=self.report_out_of_domain,
         )
 
@@ -298,9 +308,16 @@ class ScoringDispatcher:
                 self._log.warning("outcome_discarded", study_uid=study_uid, reason=str(exc))
 
     def _record(self, study_uid: str, outcome: ScoringOutcome | BaseException, *, now: float) -> None:
+        if isinstance(outcome, BrokenProcessPool):
+            # A worker process died (killed, out of memory) while we live: the study goes back to
+            # ready and is tried again; the claim counts, and the third lost worker fails it.
+            self._pool = None
+            reason = f"worker process died: {outcome}"
+            transition = self.machine.record_worker_lost(study_uid, worker_id=self.worker_id, reason=reason, now=now)
+            self._log.warning("worker_lost", study_uid=study_uid, to_state=str(transition.to_state))
+            return
         if isinstance(outcome, BaseException):
-            # The worker process died (BrokenProcessPool) or could not run the task.
-            self._pool = None if isinstance(outcome, BrokenProcessPool) else self._pool
+            # The worker could not run the task (e.g. it could not be pickled): a bug, fail the study.
             reason = f"worker process failed: {type(outcome).__name__}: {outcome}"
             self.machine.record_scoring_failed(study_uid, worker_id=self.worker_id, reason=reason, now=now)
             return

@@ -352,8 +352,8 @@ def test_kill9_while_scoring_gives_exactly_one_sr(tmp_path, peers, demo):
         srs = sr_instances_in_pacs(orthanc)
         assert len(srs) == SR_DOCUMENTS_PER_STUDY
         assert sum(len(ids) for ids in node_instances_in_pacs(orthanc).values()) == NODE_OBJECTS_PER_STUDY
-        events = [line for line in node.log_path.read_text().splitlines() if "lease" in line]
-        assert events, "the restarted node should have reclaimed the dead worker's lease"
+        events = [line for line in node.log_path.read_text().splitlines() if "previous_instance_work_released" in line]
+        assert events, "the restarted node should have released the killed instance's claim at start-up"
     finally:
         node.stop()
 

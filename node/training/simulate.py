@@ -56,9 +56,7 @@ event is a progression), and OS is censored at the same time as PFS.
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 import math
 import sys
@@ -586,11 +584,9 @@ def _csv_value(value: object) -> object:
 
 
 def _cohort_csv(rows: Sequence[dict[str, object]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+    from node.csv_export import csv_text  # spreadsheet formula prefixes neutralised
+
+    return csv_text(rows, list(rows[0]))
 
 
 def _truth(patients, *, seed, scale, counts, image_size, spacing_mm) -> dict[str, object]:

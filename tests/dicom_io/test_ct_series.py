@@ -261,6 +261,99 @@ def test_explicit_big_endian_from_dcmtk_decodes_to_the_same_hu(image, datasets, 
     assert_dcmtk_conversion_keeps_hu(image, datasets, tmp_path, [str(DCMCONV), "+tb"], ExplicitVRBigEndian)
 
 
+# --- lossy compression (issue 10, item 3) -----------------------------------------------
+
+DCMDJPEG = Path("/usr/bin/dcmdjpeg")
+DCMODIFY = Path("/usr/bin/dcmodify")
+requires_dcmtk_jpeg = pytest.mark.skipif(
+    not (DCMCJPEG.exists() and DCMDJPEG.exists() and DCMODIFY.exists()), reason="DCMTK dcmcjpeg/dcmdjpeg/dcmodify missing"
+)
+
+
+def jpeg_baseline_series(datasets, tmp_path) -> Path:
+    """The synthetic series compressed by DCMTK to JPEG baseline, quality 60, SOP Instance UIDs kept."""
+    plain = write_datasets(datasets, tmp_path / "plain")
+    lossy = tmp_path / "jpeg-baseline"
+    lossy.mkdir()
+    for path in plain:
+        subprocess.run([str(DCMCJPEG), "+eb", "+q", "60", "+un", str(path), str(lossy / path.name)],
+                       check=True, capture_output=True)
+    return lossy
+
+
+@pytest.mark.external
+@requires_dcmtk_jpeg
+def test_jpeg_baseline_ct_is_refused_naming_the_compression(datasets, tmp_path):
+    lossy = jpeg_baseline_series(datasets, tmp_path)
+    header = pydicom.dcmread(next(lossy.iterdir()), stop_before_pixels=True)
+    assert header.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50" and header.LossyImageCompression == "01"
+
+    message = refusal(lossy)
+
+    assert message.startswith(f"series {datasets[0].SeriesInstanceUID}: lossy-compressed CT is refused (12 of 12 instances; ")
+    assert 'Lossy Image Compression (0028,2110) is "01"' in message
+    assert "scoring.allow_lossy_ct = true" in message
+
+
+@pytest.mark.external
+@requires_dcmtk_jpeg
+def test_jpeg_baseline_without_the_lossy_flag_is_refused_by_its_transfer_syntax(datasets, tmp_path):
+    lossy = jpeg_baseline_series(datasets, tmp_path)
+    for path in lossy.iterdir():  # a sender that dropped (0028,2110)
+        subprocess.run([str(DCMODIFY), "-nb", "-ea", "(0028,2110)", str(path)], check=True, capture_output=True)
+        assert "LossyImageCompression" not in pydicom.dcmread(path, stop_before_pixels=True)
+
+    assert "transfer syntax JPEG Baseline (Process 1) (1.2.840.10008.1.2.4.50) is lossy" in refusal(lossy)
+
+
+@pytest.mark.external
+@requires_dcmtk_jpeg
+def test_decompressed_jpeg_keeps_counting_as_lossy(datasets, tmp_path):
+    lossy = jpeg_baseline_series(datasets, tmp_path)
+    decompressed = tmp_path / "decompressed"
+    decompressed.mkdir()
+    for path in lossy.iterdir():
+        subprocess.run([str(DCMDJPEG), str(path), str(decompressed / path.name)], check=True, capture_output=True)
+
+    assert 'Lossy Image Compression (0028,2110) is "01"' in refusal(decompressed)
+
+
+@pytest.mark.external
+@requires_dcmtk_jpeg
+def test_lossy_ct_allowed_is_read_and_flagged(datasets, image, tmp_path):
+    ct = read_ct_series(jpeg_baseline_series(datasets, tmp_path), allow_lossy=True)
+
+    assert ct.lossy_compression is True
+    assert ct.image.GetSize() == image.GetSize()
+
+
+def test_lossless_and_uncompressed_series_are_not_flagged(datasets, tmp_path):
+    write_datasets(datasets, tmp_path / "plain")
+    write_datasets(datasets, tmp_path / "rle", transfer_syntax_uid=RLELossless)
+    assert read_ct_series(tmp_path / "plain").lossy_compression is False
+    assert read_ct_series(tmp_path / "rle").lossy_compression is False
+
+
+def test_jpeg2000_is_lossy_unless_the_header_says_lossless():
+    from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSNearLossless
+
+    from dicom_io.ct_series import lossy_compression_reason
+
+    def header(transfer_syntax, flag=None):
+        ds = Dataset()
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        if flag is not None:
+            ds.LossyImageCompression = flag
+        return ds
+
+    assert lossy_compression_reason(header(JPEG2000)) == "transfer syntax JPEG 2000 Image Compression (1.2.840.10008.1.2.4.91) is lossy"
+    assert lossy_compression_reason(header(JPEG2000, "00")) is None
+    assert lossy_compression_reason(header(JPEG2000Lossless)) is None
+    assert lossy_compression_reason(header(JPEGLSNearLossless, "00")) is not None  # near-lossless is lossy by definition
+    assert lossy_compression_reason(header(ExplicitVRLittleEndian, "01")) == 'Lossy Image Compression (0028,2110) is "01"'
+
+
 def assert_dcmtk_conversion_keeps_hu(image, datasets, tmp_path, command, transfer_syntax):
     plain = write_datasets(datasets, tmp_path / "plain")
     converted = tmp_path / "converted"

@@ -82,6 +82,31 @@ def test_retry_of_a_study_still_receiving_is_refused(config_path, spool):
     assert "receiving" in proc.stderr
 
 
+def test_retry_acts_on_a_study_left_in_scoring_by_a_crash(config_path, spool):
+    study = drive_to(spool, StudyState.SCORING)  # claimed by a service that is gone; no service runs now
+    proc = run("retry", study.study_uid, "--config", config_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "scoring -> receiving (retry)" in proc.stdout
+    assert spool.get_study(study.study_uid).state is StudyState.RECEIVING
+
+
+def test_retry_leaves_a_running_services_live_claim_alone(config_path, spool):
+    import time
+
+    from node.study_machine import StudyMachine
+
+    study = drive_to(spool, StudyState.READY)
+    StudyMachine(spool).claim(study.study_uid, worker_id="host:9:live", now=time.time(), lease_s=900)
+    spool.lock_service("host:9:live")  # as `serve` does
+    try:
+        proc = run("retry", study.study_uid, "--config", config_path)
+    finally:
+        spool.unlock_service()
+    assert proc.returncode == 2
+    assert "being scored by host:9:live" in proc.stderr
+    assert spool.get_study(study.study_uid).state is StudyState.SCORING
+
+
 def test_clinical_import_matches_a_received_study(config_path, spool, tmp_path):
     study = drive_to(spool, StudyState.WAITING_FOR_CLINICAL)
     record = tmp_path / "r.json"
@@ -100,3 +125,88 @@ def test_config_check_names_the_bad_key(tmp_path):
     assert proc.returncode == 2
     assert "scp.ae_title" in proc.stderr
     assert run("config", "check").returncode == 0
+
+
+# --- honest messages (issue 10, item 7) ---------------------------------------------------
+
+
+def test_clinical_import_does_not_claim_a_study_its_record_does_not_name(config_path, spool, tmp_path):
+    study = drive_to(spool, StudyState.WAITING_FOR_CLINICAL)
+    other_study_uid = "1.2.826.0.1.3680043.8.498.999999"
+    record = tmp_path / "r.json"
+    record.write_text(json.dumps({"accession_number": study.accession, "study_instance_uid": other_study_uid,
+                                  "t_stage": "T3", "n_stage": "N2", "m_stage": "M1c", "ecog": 1, "lipi": "good"}))
+    proc = run("clinical", "import", record, "--config", config_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "attached to 0 study(ies) already received" in proc.stdout
+    assert "record 1: no study received so far matches it" in proc.stdout
+    assert study.study_uid not in proc.stdout
+    record_after = spool.get_study(study.study_uid)
+    assert record_after.state is StudyState.WAITING_FOR_CLINICAL and record_after.clinical_record_id is None
+
+
+def test_config_check_prints_the_real_paths_and_model(config_path, tmp_path):
+    proc = run("config", "check", "--config", config_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"database           {tmp_path}/node.sqlite3" in proc.stdout
+    assert f"spool              {tmp_path}/spool" in proc.stdout
+    assert f"clinical inbox     {tmp_path}/inbox" in proc.stdout
+    assert "demo-integrated-cox" in proc.stdout and "DEMONSTRATION" in proc.stdout
+    assert not (tmp_path / "spool").exists()  # checking writes nothing lasting
+
+
+def test_config_check_finds_what_serve_would_refuse(tmp_path):
+    import socket
+
+    from node.scoring_job import default_model_path
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    tampered = tmp_path / "tampered-model.json"
+    model = json.loads(default_model_path().read_text())
+    model_text = default_model_path().read_text()
+    tampered.write_text(model_text.replace('"demonstration": true', '"demonstration": false', 1))
+    assert tampered.read_text() != model_text
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        busy_port = busy.getsockname()[1]
+        config = tmp_path / "node.toml"
+        config.write_text(f"""
+[scp]
+bind_address = "192.0.2.7"
+[spool]
+directory = "{blocker}/spool"
+database = "{tmp_path}/db/node.sqlite3"
+[clinical]
+inbox_directory = "{tmp_path}/inbox"
+[scoring]
+model_file = "{tampered}"
+[http]
+port = {busy_port}
+""")
+        proc = run("config", "check", "--config", config)
+    assert proc.returncode == 2, proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert f"error: spool.directory: '{blocker}/spool' cannot be created: '{blocker}' is not a directory" in errors
+    assert "error: scp.bind_address: 192.0.2.7 is not an address of this machine" in errors
+    assert f"error: http.port: 127.0.0.1:{busy_port} is already in use (by another program)" in errors
+    assert any(line.startswith("error: scoring.model_file: ") and "sha256" in line for line in errors), errors
+    assert "NOT OK" in proc.stderr and "would refuse" in proc.stderr
+    assert model  # the shipped file itself is untouched
+
+
+def test_database_and_its_wal_and_shm_are_0600_whatever_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0)
+    try:
+        with Spool.open(tmp_path / "spool", min_free_bytes=0) as spool:
+            drive_to(spool, StudyState.RECEIVING)  # a write: the -wal and -shm exist now
+            database = spool.database
+            companions = [database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")]
+            modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in companions}
+    finally:
+        os.umask(old)
+    assert modes == {"node.sqlite3": "0o600", "node.sqlite3-wal": "0o600", "node.sqlite3-shm": "0o600"}

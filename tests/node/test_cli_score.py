@@ -56,6 +56,7 @@ def test_score_writes_sr_and_json(scored_demo):
     assert set(result["pfs_probability"]) == {"6", "12"}
     assert 0 < result["pfs_probability"]["12"] <= result["pfs_probability"]["6"] < 1
     assert result["model"]["demonstration"] is True
+    assert result["lossy_compression"] is False
     assert len(result["model"]["sha256"]) == 64
     assert result["features"] and all(isinstance(v, float) for v in result["features"].values())
     # the group follows from the score and the model's cut-off

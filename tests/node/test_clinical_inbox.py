@@ -66,8 +66,10 @@ def test_invalid_file_is_moved_aside_with_every_problem_named(tmp_path, spool):
     [report] = inbox.scan(now=time.time())
     assert not report.accepted
     error_text = (inbox_dir / "rejected" / "bad.json.error.txt").read_text()
-    assert "ecog" in error_text and "7" in error_text
-    assert "t_stage" in error_text and "T9" in error_text
+    assert "- t_stage: is not an AJCC 8th-edition stage (allowed: " in error_text
+    assert "- ecog: is out of range (allowed: integer 0-4)" in error_text
+    # the note names places and fields, never a value from the file
+    assert "T9" not in error_text and "7 " not in error_text and "ACC-77" not in error_text
     assert (inbox_dir / "rejected" / "bad.json").exists()
     with spool.transaction(write=False) as tx:
         assert tx.one("clinical_record_by_id", record_id=1) is None
@@ -125,3 +127,59 @@ def test_a_file_with_an_unmatchable_record_imports_nothing(tmp_path, spool):
     assert "record 2" in str(excinfo.value) and "accession_number" in str(excinfo.value)
     with spool.transaction(write=False) as tx:
         assert tx.one("clinical_record_by_id", record_id=1) is None
+
+
+# --- links and special files (issue 10, item 6) -------------------------------------------
+
+
+def test_a_symlink_to_a_file_outside_the_inbox_is_rejected_unread(tmp_path, spool):
+    inbox_dir = tmp_path / "inbox"
+    inbox = ClinicalInbox(inbox_dir, spool)
+    outside = tmp_path / "elsewhere" / "secret.csv"
+    outside.parent.mkdir()
+    secret = "root-token-4f9a,other-secret\nvalue-one,value-two\n"
+    outside.write_text(secret)
+    link = inbox_dir / "innocent.csv"
+    link.symlink_to(outside)
+    old = time.time() - 60
+    os.utime(link, (old, old), follow_symlinks=False)
+
+    [report] = inbox.scan(now=time.time())
+
+    assert not report.accepted
+    assert report.problems == ("innocent.csv: is a symbolic link; only regular files are read (nothing was read)",)
+    moved = inbox_dir / "rejected" / "innocent.csv"
+    assert moved.is_symlink() and not link.exists() and not link.is_symlink()
+    assert outside.read_text() == secret  # the target is untouched
+    note = (inbox_dir / "rejected" / "innocent.csv.error.txt").read_text()
+    assert "symbolic link" in note
+    for word in ("root-token-4f9a", "other-secret", "value-one", str(outside)):
+        assert word not in note
+    with spool.transaction(write=False) as tx:
+        assert tx.one("clinical_record_by_id", record_id=1) is None
+
+
+def test_a_regular_files_foreign_content_is_not_quoted_in_the_note(tmp_path, spool):
+    inbox_dir = tmp_path / "inbox"
+    inbox = ClinicalInbox(inbox_dir, spool)
+    path = inbox_dir / "passwd.csv"
+    path.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
+    _age(path)
+    [report] = inbox.scan(now=time.time())
+    assert not report.accepted
+    note = (inbox_dir / "rejected" / "passwd.csv.error.txt").read_text()
+    assert "- header: unknown field (allowed: " in note
+    assert "root" not in note.replace("passwd.csv", "") and "/bin/bash" not in note and "daemon" not in note
+
+
+def test_a_fifo_is_rejected_without_blocking_the_scan(tmp_path, spool):
+    inbox_dir = tmp_path / "inbox"
+    inbox = ClinicalInbox(inbox_dir, spool)
+    fifo = inbox_dir / "pipe.json"
+    os.mkfifo(fifo)
+    good = inbox_dir / "record.json"
+    good.write_text(json.dumps(RECORD))
+    _age(good)
+    reports = {r.file_name: r for r in inbox.scan(now=time.time())}
+    assert reports["pipe.json"].problems == ("pipe.json: is not a regular file (a FIFO, device or socket); nothing was read",)
+    assert reports["record.json"].accepted

@@ -151,3 +151,76 @@ def test_retention_removes_old_clinical_files_but_not_new_ones(tmp_path):
         fresh_config.spool.close()
     finally:
         service.spool.close()
+
+
+def test_start_up_makes_an_sr_send_of_the_previous_instance_due_at_once(tmp_path):
+    import time
+
+    service = make_service(tmp_path)
+    study = drive_to(service.spool, S.SCORED)
+    [item] = service.spool.study_deliveries(study.study_uid)
+    now = time.time()
+    service.spool.start_delivery(item.item_id, now=now, hold_s=3600)  # the instance that is gone was sending it
+    assert service.spool.due_deliveries(now=now + 1) == []
+    service.resume_previous_instance_work()
+    assert [d.item_id for d in service.spool.due_deliveries(now=time.time())] == [item.item_id]
+    service.spool.close()
+
+
+# --- privacy retention (issue 10, item 8) -------------------------------------------------
+
+
+def _database_text(service) -> str:
+    """Every value in the database's tables, as one string, to search for identifiers."""
+    import sqlite3
+
+    with sqlite3.connect(service.spool.database) as connection:
+        tables = [name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return "\n".join(repr(row) for table in tables for row in connection.execute(f"SELECT * FROM {table}"))
+
+
+def test_retention_forgets_the_patient_data_of_a_purged_study(tmp_path):
+    service = make_service(tmp_path)
+    try:
+        purged = drive_to(service.spool, S.DELIVERED)
+        purged.clinical(service.spool, now=T0 + 1.5, patient_id="PAT-1")  # a superseded correction too
+        kept = drive_to(service.spool, S.SCORED)  # still waiting for delivery: keeps everything
+        before = _database_text(service)
+        assert purged.accession in before and kept.accession in before
+        service.clean_up()
+        after = _database_text(service)
+        assert purged.accession not in after, "the purged study's accession number must go"
+        record = service.spool.get_study(purged.study_uid)
+        assert record.state is S.DELIVERED and record.purged_at is not None  # state and history stay
+        assert record.accession_number is None and record.patient_id is None and record.clinical_record_id is None
+        assert kept.accession in after and service.spool.clinical_record_for(kept.study_uid) is not None
+        assert '"t_stage": "T2"' in after  # only the kept study's record remains
+        assert after.count('"t_stage": "T2"') == 1
+    finally:
+        service.spool.close()
+
+
+def test_unmatched_clinical_records_expire_after_the_configured_time(tmp_path):
+    import json
+    import time
+
+    service = make_service(tmp_path)
+    try:
+        now = time.time()
+        retention_s = service.config.clinical.unmatched_record_retention_s
+        assert retention_s == 2592000  # the documented default, 30 days
+        old = service.spool.add_clinical_record(
+            json.dumps({"ecog": 2}), accession_number="ACC-NEVER-CAME", patient_id="PAT-OLD",
+            study_instance_uid=None, now=now - retention_s - 1)
+        young = service.spool.add_clinical_record(
+            json.dumps({"ecog": 0}), accession_number="ACC-STILL-WAITING", patient_id=None,
+            study_instance_uid=None, now=now - 60)
+        linked = drive_to(service.spool, S.READY)  # its record is old (T0) but in use
+        service.clean_up()
+        text = _database_text(service)
+        assert "ACC-NEVER-CAME" not in text and "PAT-OLD" not in text
+        assert "ACC-STILL-WAITING" in text
+        assert service.spool.clinical_record_for(linked.study_uid) is not None
+        assert old.record_id != young.record_id
+    finally:
+        service.spool.close()

@@ -182,7 +182,7 @@ def test_open_uses_wal_full_sync_and_schema_version(spool):
     assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert connection.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
-    assert connection.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def test_reopening_keeps_data(tmp_path):

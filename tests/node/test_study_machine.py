@@ -206,6 +206,68 @@ def test_a_study_that_keeps_losing_its_worker_fails_instead_of_looping(spool):
     assert spool.get_study(study.study_uid).failure_reason == "scoring lost its worker 3 times (killed or out of memory?)"
 
 
+def test_claims_of_a_service_instance_that_is_gone_are_released_at_start_up_and_do_not_count(spool):
+    machine = StudyMachine(spool)
+    study = drive_to(spool, S.READY)
+    now = T0 + 10
+    for restart in range(5):  # more restarts than max_claim_attempts
+        machine.claim(study.study_uid, worker_id=f"host:1:run{restart}", now=now, lease_s=900)
+        now += 1  # the service is killed; the next one starts a second later, long before the lease ends
+        [transition] = machine.reclaim_previous_instances(current_worker_id=f"host:1:run{restart + 1}", now=now)
+        assert (transition.event, transition.to_state) == (E.SERVICE_RESTARTED, S.READY)
+        assert "not counted as a worker failure" in transition.reason
+    record = spool.get_study(study.study_uid)
+    assert record.state is S.READY and record.claim_attempts == 0 and record.claimed_by is None
+    assert machine.reclaim_stale_leases(now=now + 10_000) == []  # nothing left claimed
+
+
+def test_start_up_reclaim_keeps_the_current_instances_own_claims(spool):
+    machine = StudyMachine(spool)
+    study = drive_to(spool, S.READY)
+    machine.claim(study.study_uid, worker_id="host:2:me", now=T0 + 10, lease_s=900)
+    assert machine.reclaim_previous_instances(current_worker_id="host:2:me", now=T0 + 11) == []
+    assert spool.get_study(study.study_uid).state is S.SCORING
+
+
+def test_a_worker_that_died_under_a_live_service_still_counts(spool):
+    machine = StudyMachine(spool)
+    study = drive_to(spool, S.READY)
+    machine.claim(study.study_uid, worker_id="host:3:a", now=T0 + 10, lease_s=60)
+    machine.reclaim_previous_instances(current_worker_id="host:3:b", now=T0 + 11)  # a restart: not counted
+    machine.claim(study.study_uid, worker_id="host:3:b", now=T0 + 12, lease_s=60)
+    [transition] = machine.reclaim_stale_leases(now=T0 + 80)  # b lives, its worker did not answer
+    assert transition.event is E.LEASE_EXPIRED
+    assert spool.get_study(study.study_uid).claim_attempts == 1
+
+
+def test_retry_of_a_study_left_in_scoring_needs_a_dead_claim(spool):
+    machine = StudyMachine(spool)
+    study = drive_to(spool, S.SCORING)  # lease until T0 + 63
+    with pytest.raises(InvalidTransition, match="being scored by w1"):
+        machine.retry(study.study_uid, now=T0 + 10, service_running=True)
+    transition = machine.retry(study.study_uid, now=T0 + 10, service_running=False)
+    assert (transition.from_state, transition.to_state) == (S.SCORING, S.RECEIVING)
+    record = spool.get_study(study.study_uid)
+    assert record.claimed_by is None and record.claim_attempts == 0
+
+
+def test_only_one_service_may_hold_a_spool(spool, tmp_path):
+    from node.errors import SpoolBusy
+    from node.spool import Spool
+
+    assert not spool.service_running()
+    spool.lock_service("host:4:first")
+    try:
+        with Spool.open(spool.directory, database=spool.database, min_free_bytes=0) as other:
+            assert other.service_running()
+            with pytest.raises(SpoolBusy, match="already served by host:4:first"):
+                other.lock_service("host:4:second")
+    finally:
+        spool.unlock_service()
+    with Spool.open(spool.directory, database=spool.database, min_free_bytes=0) as other:
+        assert not other.service_running()
+
+
 # --- scoring results ---------------------------------------------------------------------
 
 
