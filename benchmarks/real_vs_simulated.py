@@ -1,0 +1,157 @@
+"""Where real lung CT falls in the simulated training cohort's feature distribution.
+
+Extracts the candidate features of a training spec (default: the demonstration
+model's) on real CT — pyradiomics' ``lung1`` and ``lung2`` cases
+(``tests/realdata.py``) — and on a sample of simulated patients (the phantoms
+of ``node.training.simulate``, generated in memory, not written as DICOM), and
+prints per feature where each real value falls: its percentile among the
+simulated values and its z-score (training mean and SD), then a summary: the
+share of features inside the simulated [min, max] and inside [1 %, 99 %].
+
+    python benchmarks/real_vs_simulated.py [--n 40] [--workers 2] [--spec SPEC] [--features-out sim.csv]
+
+Real features are cached in ``$SCLC_TEST_CACHE`` (``~/.cache/sclc-risk-node-tests``)
+per settings hash; simulated ones are recomputed unless ``--simulated-csv``
+gives a previous ``--features-out``.  SIMULATED DATA, NOT PATIENTS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from node.training.simulate import simulate_patients, split_sizes, phantom_images  # noqa: E402
+from scoring.features import extract_all_features, settings_hash  # noqa: E402
+from scoring.ring import peritumoral_ring  # noqa: E402
+from scoring.training.spec import TrainingSpec  # noqa: E402
+from tests.realdata import cache_dir, pyradiomics_case  # noqa: E402
+
+DEFAULT_SPEC = REPO / "models" / "training" / "demo-integrated-cox.spec.toml"
+REAL_CASES = ("lung1", "lung2")
+
+
+def region_features(image: sitk.Image, mask: sitk.Image, spec: TrainingSpec) -> dict[str, float]:
+    settings = spec.extraction_settings
+    masks = {"tumour": mask, "ring": peritumoral_ring(mask, settings.ring)}
+    out: dict[str, float] = {}
+    for region in spec.extraction.regions:
+        values = extract_all_features(image, masks[region], settings, list(spec.extraction.feature_classes))
+        out.update((f"{region}.{key}", value) for key, value in values.items())
+    return out
+
+
+def real_features(case: str, spec: TrainingSpec) -> dict[str, float]:
+    key = settings_hash(spec.extraction_settings) + "-" + "-".join(spec.extraction.feature_classes)
+    path = cache_dir() / "real-features" / f"{case}-{abs(hash(key)) % 10**12:012d}-{len(key)}.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored["key"] == key:
+            return stored["features"]
+    image_path, label_path = pyradiomics_case(case)
+    image = sitk.ReadImage(str(image_path))
+    label = sitk.Cast(sitk.ReadImage(str(label_path)) == 1, sitk.sitkUInt8)
+    features = region_features(image, label, spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "features": features}))
+    return features
+
+
+def _simulated_one(job: tuple[str, object, str]) -> tuple[str, dict[str, float], dict]:
+    patient_id, phantom, spec_text = job
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    spec = TrainingSpec.from_toml(spec_text)
+    image, mask, layout = phantom_images(phantom)
+    return patient_id, region_features(image, mask, spec), layout
+
+
+def simulated_features(n: int, seed: int, spec_text: str, workers: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    patients = [p for p in simulate_patients(split_sizes(1.0), seed=seed) if p.split == "train"][:n]
+    jobs = [(p.id, p.phantom, spec_text) for p in patients]
+    rows, layouts = {}, {}
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for patient_id, features, layout in pool.map(_simulated_one, jobs):
+            rows[patient_id] = features
+            layouts[patient_id] = layout
+            print(f"  {patient_id}: {layout}", file=sys.stderr, flush=True)
+    frame = pd.DataFrame.from_records([rows[p.id] for p in patients], index=[p.id for p in patients])
+    return frame, pd.DataFrame.from_records([layouts[p.id] for p in patients], index=[p.id for p in patients])
+
+
+def compare(real: dict[str, float], simulated: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for name in simulated.columns:
+        values = simulated[name].dropna().to_numpy(dtype=float)
+        value = real.get(name, np.nan)
+        if values.size < 2 or not np.isfinite(value):
+            continue
+        sd = values.std(ddof=1)
+        rows.append({
+            "feature": name,
+            "real": value,
+            "sim_min": values.min(),
+            "sim_max": values.max(),
+            "percentile": 100.0 * float(np.mean(values < value) + 0.5 * np.mean(values == value)),
+            "z": (value - values.mean()) / sd if sd > 0 else (0.0 if value == values.mean() else np.inf),
+            "in_range": bool(values.min() <= value <= values.max()),
+            "in_1_99": bool(np.percentile(values, 1) <= value <= np.percentile(values, 99)),
+        })
+    return pd.DataFrame(rows).set_index("feature")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC)
+    parser.add_argument("--n", type=int, default=40, help="simulated training patients (default 40)")
+    parser.add_argument("--seed", type=int, default=2023)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--features-out", type=Path, help="write the simulated features (CSV)")
+    parser.add_argument("--simulated-csv", type=Path, help="reuse simulated features written by --features-out")
+    parser.add_argument("--show", type=int, default=15, help="worst features printed per case")
+    parser.add_argument("--only", nargs="*", help="features to print in full (e.g. the model's)")
+    args = parser.parse_args(argv)
+
+    spec_text = args.spec.read_text(encoding="utf-8")
+    spec = TrainingSpec.from_toml(spec_text)
+    if args.simulated_csv:
+        simulated = pd.read_csv(args.simulated_csv, index_col=0)
+    else:
+        simulated, layouts = simulated_features(args.n, args.seed, spec_text, args.workers)
+        if args.features_out:
+            simulated.to_csv(args.features_out)
+            layouts.to_csv(args.features_out.with_suffix(".layout.csv"))
+    print(f"simulated: {len(simulated)} patients, {simulated.shape[1]} features (spec {args.spec.name})")
+    for case in REAL_CASES:
+        table = compare(real_features(case, spec), simulated)
+        outside = table[~table["in_range"]]
+        print(f"\n{case}: {int(table['in_range'].sum())}/{len(table)} features inside the simulated range "
+              f"({100 * table['in_range'].mean():.1f} %), {int(table['in_1_99'].sum())} inside [1 %, 99 %]; "
+              f"median |z| {table['z'].abs().median():.2f}, max |z| {table['z'].abs().max():.1f}")
+        by_region = table.groupby(table.index.str.split(".").str[0])["in_range"].mean()
+        print("  inside range by region: " + ", ".join(f"{r} {100 * v:.1f} %" for r, v in by_region.items()))
+        image_type = table.index.str.split(".").str[1].str.split("_").str[0]
+        by_type = table.groupby(image_type)["in_range"].mean()
+        print("  by image type: " + ", ".join(f"{t} {100 * v:.0f} %" for t, v in by_type.items()))
+        cls = table.index.str.split("_").str[1]
+        by_class = table.groupby(cls)["in_range"].mean()
+        print("  by class: " + ", ".join(f"{t} {100 * v:.0f} %" for t, v in by_class.items()))
+        worst = outside.reindex(outside["z"].abs().sort_values(ascending=False).index).head(args.show)
+        with pd.option_context("display.width", 200, "display.max_colwidth", 60):
+            print(worst[["real", "sim_min", "sim_max", "percentile", "z"]].to_string(float_format="%.4g"))
+            if args.only:
+                print(table.reindex(args.only)[["real", "sim_min", "sim_max", "percentile", "z"]]
+                      .to_string(float_format="%.4g"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
