@@ -18,6 +18,7 @@ gives a previous ``--features-out``.  SIMULATED DATA, NOT PATIENTS.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -52,7 +53,7 @@ def region_features(image: sitk.Image, mask: sitk.Image, spec: TrainingSpec) -> 
 
 def real_features(case: str, spec: TrainingSpec) -> dict[str, float]:
     key = settings_hash(spec.extraction_settings) + "-" + "-".join(spec.extraction.feature_classes)
-    path = cache_dir() / "real-features" / f"{case}-{abs(hash(key)) % 10**12:012d}-{len(key)}.json"
+    path = cache_dir() / "real-features" / f"{case}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.exists():
         stored = json.loads(path.read_text())
         if stored["key"] == key:

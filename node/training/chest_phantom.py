@@ -105,7 +105,9 @@ def chest_ct_phantom(
     # Thicker slices average more photons: less noise at the same dose and kernel.
     noise_sd = float(np.clip(rng.uniform(16.0, 36.0) * math.sqrt(2.0 / thickness), *NOISE_SD_RANGE_HU))
     fat_mm = rng.uniform(6.0, 22.0)
-    radii = np.array(axis_ratios, dtype=float) * radius_mm
+    # Tumours are often flattened or elongated along z (volume kept: the product of the factors is 1).
+    flat = rng.uniform(0.65, 1.2)
+    radii = np.array(axis_ratios, dtype=float) * radius_mm * np.array([flat**-0.5, flat**-0.5, flat])
     location, side, centre = _tumour_centre(rng, radius_mm, radii, fat_mm)
 
     # Fine grid: the output's in-plane spacing, slices subdivided to <= 1 mm.

@@ -18,16 +18,23 @@ stage: brain or liver metastases occur only in stage IV and make it M1b
 (one site) or M1c; stage III (M0) patients are N2-N3, so every patient is
 stage III or IV, as extensive-stage SCLC is.
 
-Images: a textured ellipsoidal tumour in lung-like background
-(``dicom_io.synthetic.synthetic_chest_phantom``).  Three phantom parameters
-drive the hazard, each uniform in the population and entering the log-hazard
-through its population z-score (``IMAGE_PARAMETERS``): the tumour's texture
-amplitude (heterogeneity), the ground-glass peritumoral halo density (the
-peritumoral signal the paper's ring captures) and the tumour's equivalent
-radius.  The axis ratios vary too but carry no signal (a nuisance the fitting
-should ignore).  Phantoms are small (64 × 64 × 32 voxels of 1 × 1 × 2 mm) so a
-full cohort writes and extracts quickly; their sizes are not to scale with T
-stage.
+Images (``phantom="chest-ct"``, the default): a cropped synthetic chest CT
+around the tumour (`node.training.chest_phantom`): chest wall with fat,
+muscle and ribs, mediastinum with heart, great vessels and trachea, lungs
+with branching vessels and bronchi, correlated CT noise and partial volume,
+and a lobulated heterogeneous tumour, most often hilar-mediastinal; each
+patient gets its own in-plane spacing (0.6-1.0 mm) and slice thickness
+(1-5 mm).  Three phantom parameters drive the hazard, each uniform in the
+population and entering the log-hazard through its population z-score
+(``IMAGE_PARAMETERS``): the tumour's texture amplitude (heterogeneity), the
+ground-glass peritumoral halo density (the peritumoral signal the paper's
+ring captures) and the tumour's equivalent radius (5-30 mm: 0.5-113 ml).
+Everything else the phantom draws (location, anatomy, spacing, noise,
+lobulation, necrosis, a part-solid rim, the axis ratios) carries no signal:
+nuisances the fitting should ignore, as real acquisitions vary.
+``phantom="box"`` (the default when ``image_size`` is given) is the former
+small lung box (``dicom_io.synthetic.synthetic_chest_phantom``) with the
+radius mapped onto 6-12 mm: fast, for tests of the plumbing only.
 
 PFS: proportional hazards with a piecewise-constant baseline hazard
 (breaks at 6, 7.1, 9 and 12 months; the 9-12 month hazard continues beyond).
@@ -56,12 +63,17 @@ event is a progression), and OS is censored at the same time as PFS.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import functools
+import multiprocessing
+import os
 import io
 import json
 import math
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -159,7 +171,7 @@ class ImageParameter:
 
 IMAGE_PARAMETERS: Mapping[str, ImageParameter] = MappingProxyType({
     "texture_hu": ImageParameter(
-        10.0, 90.0, 0.40, "texture_hu",
+        5.0, 90.0, 0.40, "texture_hu",
         "amplitude (HU, SD) of the tumour's spatially correlated density variation: intratumoral heterogeneity",
         ("tumour.original_firstorder_Variance", "tumour.original_firstorder_InterquartileRange"),
     ),
@@ -176,7 +188,7 @@ IMAGE_PARAMETERS: Mapping[str, ImageParameter] = MappingProxyType({
     ),
 })
 #: Each semi-axis is the radius times a ratio uniform on this range (normalised to geometric mean 1).
-AXIS_RATIO_RANGE = (0.8, 1.25)
+AXIS_RATIO_RANGE = (0.85, 1.15)
 HALO_MM = 3.0
 #: Phantom kinds: "chest-ct" (node.training.chest_phantom: anatomy, clinical spacings, the default) or
 #: "box" (the small lung box of dicom_io.synthetic on a fixed grid: fast, for tests of the plumbing).
@@ -525,6 +537,7 @@ def simulate_cohort(
     image_size: tuple[int, int, int] | None = None,
     spacing_mm: tuple[float, float, float] = DEFAULT_SPACING_MM,
     progress: bool = True,
+    workers: int | None = None,
 ) -> Path:
     """Write a simulated cohort into ``out_dir`` (new or empty); return the cohort CSV's path.
 
@@ -535,7 +548,8 @@ def simulate_cohort(
     ``phantom`` is "chest-ct" (the default: cropped chest CT with anatomy,
     spacings drawn per patient; `node.training.chest_phantom`) or "box" (the
     small lung box of ``image_size`` voxels of ``spacing_mm``; the default
-    when ``image_size`` is given).
+    when ``image_size`` is given).  ``workers`` processes write the
+    phantoms (default: the CPU count).
     """
     out_dir = Path(out_dir)
     kind = phantom or ("box" if image_size is not None else "chest-ct")
@@ -553,10 +567,24 @@ def simulate_cohort(
         _check_field_of_view(patients, image_size, spacing_mm)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, layouts = [], {}
-    for patient in tqdm(patients, desc="writing phantoms", unit="patient", file=sys.stderr, disable=not progress):
-        row, layout = _write_patient(out_dir, patient, kind, image_size, spacing_mm)
-        rows.append(row)
-        layouts[patient.id] = layout
+    # Plain dicts: read-only mapping proxies do not pickle to worker processes.
+    jobs = [(out_dir, dataclasses.replace(patient, clinical=dict(patient.clinical)), kind, image_size, spacing_mm)
+            for patient in patients]
+    workers = min(len(jobs), os.cpu_count() or 1) if workers is None else workers
+    if not (isinstance(workers, int) and workers >= 1):
+        raise SimulationError(f"workers: {workers!r} is not allowed (allowed: an integer >= 1)")
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            # Each phantom depends only on its own seed, so the order of work does not change the files.
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                           initializer=_one_itk_thread))
+            written = pool.map(_write_patient_job, jobs)
+        else:
+            written = map(_write_patient_job, jobs)
+        for patient, (row, layout) in zip(patients, tqdm(written, total=len(jobs), desc="writing phantoms",
+                                                         unit="patient", file=sys.stderr, disable=not progress)):
+            rows.append(row)
+            layouts[patient.id] = layout
     write_atomically(out_dir / "simulation_truth.json", json.dumps(
         _truth(patients, seed=seed, scale=scale, counts=counts, kind=kind, image_size=image_size,
                spacing_mm=spacing_mm, layouts=layouts),
@@ -597,6 +625,14 @@ def phantom_images(
         texture_hu=phantom.texture_hu, halo_hu=phantom.halo_hu, halo_mm=HALO_MM, seed=phantom.seed,
     )
     return image, mask, {"radii_mm": list(phantom.box_radii_mm)}
+
+
+def _one_itk_thread() -> None:
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def _write_patient_job(job) -> tuple[dict[str, object], dict[str, object]]:
+    return _write_patient(*job)
 
 
 def _write_patient(out_dir: Path, patient: SimulatedPatient, kind, image_size, spacing_mm):
