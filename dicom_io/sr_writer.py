@@ -264,6 +264,7 @@ def build_risk_sr(
     institution_name: str | None = None,
     institutional_department_name: str | None = None,
     content_datetime: _dt.datetime | None = None,
+    report_out_of_domain: bool = False,
 ) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 Comprehensive 3D SR for one scored study.
 

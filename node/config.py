@@ -449,6 +449,8 @@ class ScoringConfig(_Validated):
     lease_s: float = _key(_positive)
     #: None: the segment whose property type is SCT Neoplasm.
     segment_label: str | None = _key(_not_blank)
+    #: False: an out-of-domain result withholds risk group and PFS (scoring.domain, docs/model-format.md).
+    report_out_of_domain: bool = _key(default=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -147,6 +147,28 @@ def _guard_failure(row: dict, current: StudyState, event: StudyEvent, worker_id:
     return InvalidTransition(f"study {study_uid}: {event} was pre-empted by a concurrent change", **context)
 
 
+def scored_reason(sr_sop_instance_uid: str, applicability: str | None, withheld: bool) -> str:
+    """The ``scored`` event's reason: ``SR <uid>[; applicability <status>[; risk group and PFS withheld]]``."""
+    reason = f"SR {sr_sop_instance_uid}"
+    if applicability:
+        reason += f"; applicability {applicability}"
+        if withheld:
+            reason += f"; {WITHHELD_NOTE}"
+    return reason
+
+
+#: The words `scored_reason` uses for a withheld result.
+WITHHELD_NOTE = "risk group and PFS withheld"
+
+
+def applicability_from_reason(reason: str | None) -> tuple[str | None, bool]:
+    """(applicability status or None, withheld) from a ``scored`` event's reason."""
+    if not reason or "; applicability " not in reason:
+        return None, False
+    status = reason.split("; applicability ", 1)[1].split(";", 1)[0].strip()
+    return status, WITHHELD_NOTE in reason
+
+
 class StudyMachine:
     """Lifecycle operations on a `Spool`, each one transaction."""
 
@@ -231,8 +253,13 @@ class StudyMachine:
         sr_bytes: bytes,
         destinations: Sequence[str],
         now: float,
+        applicability: str | None = None,
+        withheld: bool = False,
     ) -> Transition:
         """Store the SR, then in one transaction: scoring -> scored and one outbox row per destination.
+
+        ``applicability`` (a `scoring.types.DomainStatus` value) and ``withheld``
+        go into the event's reason (`scored_reason`), where `sclc-node status` reads them.
 
         The SR file is placed first (durably); if the transaction then fails
         the lease runs out, the study is scored again, and the deterministic
@@ -241,7 +268,8 @@ class StudyMachine:
         sr_file = self.spool.write_sr_file(study_uid, sr_sop_instance_uid, sr_bytes)
         with self.spool.transaction() as tx:
             transition = apply_event(
-                tx, study_uid, StudyEvent.SCORED, now=now, worker_id=worker_id, reason=f"SR {sr_sop_instance_uid}"
+                tx, study_uid, StudyEvent.SCORED, now=now, worker_id=worker_id,
+                reason=scored_reason(sr_sop_instance_uid, applicability, withheld),
             )
             self.spool.enqueue_sr_in(tx, study_uid, sr_sop_instance_uid, sr_file, destinations, now=now)
         return transition

@@ -42,6 +42,7 @@ class ScoringTask:
     clinical_json: str
     model_path: Path
     segment_label: str | None
+    report_out_of_domain: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,7 @@ def run_scoring_task(task: ScoringTask) -> ScoringOutcome:
             model,
             series_instance_uid=task.ct_series_instance_uid,
             segment_label=task.segment_label,
+            report_out_of_domain=task.report_out_of_domain,
         )
         from pydicom.filebase import DicomBytesIO
 
@@ -148,7 +150,8 @@ class ScoringDispatcher:
     """Claims ready studies up to the pool size, runs them in worker processes and records the outcome."""
 
     def __init__(self, spool, machine, *, workers: int, lease_s: float, model_path: Path,
-                 destinations: Sequence[str], segment_label: str | None, metrics=None):
+                 destinations: Sequence[str], segment_label: str | None, metrics=None,
+                 report_out_of_domain: bool = False):
         self.spool = spool
         self.machine = machine
         self.workers = int(workers)
@@ -157,6 +160,7 @@ class ScoringDispatcher:
         self.destinations = tuple(destinations)
         self.segment_label = segment_label or None
         self.metrics = metrics
+        self.report_out_of_domain = bool(report_out_of_domain)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self._pool: ProcessPoolExecutor | None = None
         self._in_flight: dict[str, Future] = {}
@@ -224,6 +228,7 @@ class ScoringDispatcher:
             clinical_json=record_row.record_json,
             model_path=self.model_path,
             segment_label=self.segment_label,
+            report_out_of_domain=self.report_out_of_domain,
         )
 
     def collect(self, *, now: float) -> int:
@@ -253,6 +258,8 @@ class ScoringDispatcher:
             self.machine.record_scoring_failed(study_uid, worker_id=self.worker_id, reason=outcome.error, now=now)
             self._log.warning("scoring_failed", study_uid=study_uid, reason=outcome.error)
             return
+        result = json.loads(outcome.result_json)
+        applicability = result["applicability"]["status"]
         self.machine.record_scored(
             study_uid,
             worker_id=self.worker_id,
@@ -260,15 +267,18 @@ class ScoringDispatcher:
             sr_bytes=outcome.sr_bytes,
             destinations=self.destinations,
             now=now,
+            applicability=applicability,
+            withheld=result["withheld"],
         )
         if self.metrics is not None:
             self.metrics.scoring_finished(outcome.seconds)
-        result = json.loads(outcome.result_json)
+            self.metrics.study_scored(applicability, withheld=result["withheld"])
         self._log.info(
             "study_scored",
             study_uid=study_uid,
             sr_uid=outcome.sr_sop_instance_uid,
             risk_group=result["risk_group"],
+            applicability=applicability,
             model=result["model"]["name"],
             model_version=result["model"]["version"],
             seconds=round(outcome.seconds, 2),
