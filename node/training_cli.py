@@ -130,14 +130,8 @@ def _patient_scores(model, features, patients) -> tuple[list[float], list[float]
     return radiomics, risk
 
 
-def _evaluate_split(split, cohort, features, failed, model, spec, train_time, train_event, notes):
-    import numpy as np
-
-    from node.training.report import at_risk_table, time_ticks
-    from scoring.errors import InputError
-    from scoring.training.evaluation import evaluate_split, risk_group_survival
-
-    patients = cohort.in_split(split)
+def _usable(patients, features, failed, model) -> tuple[list, list[dict[str, Any]]]:
+    """(patients with every model feature, [{row, reason}] of the others)."""
     used, excluded = [], []
     for patient in patients:
         if patient.id in failed:
@@ -152,6 +146,18 @@ def _evaluate_split(split, cohort, features, failed, model, spec, train_time, tr
                                        + ", ".join(missing)})
             continue
         used.append(patient)
+    return used, excluded
+
+
+def _evaluate_split(split, cohort, features, failed, model, spec, train_time, train_event, notes):
+    import numpy as np
+
+    from node.training.report import at_risk_table, time_ticks
+    from scoring.errors import InputError
+    from scoring.training.evaluation import evaluate_split, risk_group_survival
+
+    patients = cohort.in_split(split)
+    used, excluded = _usable(patients, features, failed, model)
     time_ = np.array([p.pfs_months for p in used], dtype=float)
     event = np.array([p.pfs_event for p in used], dtype=bool)
     entry: dict[str, Any] = {
@@ -195,6 +201,112 @@ def _evaluate_split(split, cohort, features, failed, model, spec, train_time, tr
                 "at_risk": at_risk_table(os_time, high, time_ticks(float(os_time.max()))),
             }
     return entry
+
+
+def stability_subsample(train, failed: Mapping[str, str], spec) -> list:
+    """The training patients re-extracted for the stability screen: with images, extracted, drawn with the seed."""
+    import numpy as np
+
+    eligible = [p for p in train if p.features is None and p.id not in failed]
+    if len(eligible) <= spec.stability.patients:
+        return eligible
+    rng = np.random.default_rng(spec.stability.seed)
+    chosen = set(rng.choice(len(eligible), size=spec.stability.patients, replace=False).tolist())
+    return [p for index, p in enumerate(eligible) if index in chosen]
+
+
+def _perturbed_extractions(cohort, train, failed, spec, stages, *, cache_dir, scheduler, workers, progress):
+    """(perturbation name -> features of the subsample, report entry) for the stability screen."""
+    from node.training.extraction import Perturbation, extract_perturbed_features
+
+    stability = spec.stability
+    entry: dict[str, Any] = {"enabled": stability.enabled, "patients": 0, "rows": [], "seconds": 0.0,
+                             "counts": {}, "failures": []}
+    if not stability.enabled:
+        return None, entry
+    subsample = stability_subsample(train, failed, spec)
+    entry["patients"] = len(subsample)
+    entry["rows"] = [p.row for p in subsample]
+    if len(subsample) < 3:
+        return None, entry
+    perturbations = [Perturbation(kind, noise_sd_hu=stability.noise_sd_hu if kind == "noise" else 0.0,
+                                  shift_voxels=stability.shift_voxels if kind == "shift" else 0.0,
+                                  seed=stability.seed)
+                     for kind in stability.perturbations]
+    start = time.perf_counter()
+    results = stages.run(
+        "stability_extraction",
+        f"re-extracting {len(subsample)} training patients under {', '.join(stability.perturbations)}",
+        extract_perturbed_features, subsample, spec.extraction_settings, perturbations,
+        feature_classes=spec.extraction.feature_classes, regions=spec.extraction.regions, cache_dir=cache_dir,
+        scheduler=scheduler, workers=workers, progress=progress,
+    )
+    tables = {}
+    for kind, result in results.items():
+        tables[kind] = result.features
+        entry["counts"][kind] = {"computed": len(result.computed), "cached": len(result.cached),
+                                 "failed": len(result.failures)}
+        entry["failures"] += [{"perturbation": kind, "row": cohort.patient(f.patient_id).row,
+                               "reason": _withhold(f.reason, f.patient_id)} for f in result.failures]
+    entry["seconds"] = round(time.perf_counter() - start, 3)
+    return tables, entry
+
+
+CONTROL_SPLIT = "control"
+
+
+def _predictive(cohort, features, failed, model, spec, notes) -> dict[str, Any] | None:
+    """The paper's Figure 7: treated risk groups vs the control split, and the interaction test (PFS; OS too)."""
+    import numpy as np
+
+    from scoring.training.evaluation import predictive_analysis
+
+    if CONTROL_SPLIT not in cohort.splits:
+        return None
+    treated_splits = [split for split in cohort.splits if split != CONTROL_SPLIT
+                      and (spec.evaluation.treated_splits == "all" or split.startswith("validation"))]
+    entry: dict[str, Any] = {"treated_splits": treated_splits, "treated_rule": spec.evaluation.treated_splits,
+                             "control_split": CONTROL_SPLIT, "risk_groups": "integrated risk score > risk cut-off",
+                             "pfs": None, "os": None, "reason": None}
+    treated, _ = _usable([p for split in treated_splits for p in cohort.in_split(split)], features, failed, model)
+    control, _ = _usable(cohort.in_split(CONTROL_SPLIT), features, failed, model)
+    if len(treated) < 2 or len(control) < 2:
+        entry["reason"] = f"{len(treated)} treated and {len(control)} control patients with features (need 2 each)"
+        return entry
+    high_t = np.array(_patient_scores(model, features, treated)[1]) > model.risk_cutoff
+    high_c = np.array(_patient_scores(model, features, control)[1]) > model.risk_cutoff
+    for endpoint, time_of, event_of in (("pfs", "pfs_months", "pfs_event"), ("os", "os_months", "os_event")):
+        if any(getattr(p, time_of) is None for p in treated + control):
+            continue
+        arrays = [(np.array([getattr(p, time_of) for p in group], dtype=float),
+                   np.array([bool(getattr(p, event_of)) for p in group], dtype=bool)) for group in (treated, control)]
+        try:
+            entry[endpoint] = plain_json(predictive_analysis(arrays[0][0], arrays[0][1], high_t,
+                                                             arrays[1][0], arrays[1][1], high_c))
+        except (ValueError, ArithmeticError) as exc:
+            notes.append(f"predictive analysis ({endpoint}) failed: {type(exc).__name__}: {exc}")
+    return entry
+
+
+def _internal_validation(fitted, spec, train, train_time, train_event, notes) -> dict[str, Any]:
+    """Harrell's bootstrap and the PH test of the integrated model; a failure is noted, never fatal."""
+    from scoring.model import RADIOMICS_SCORE_TERM
+    from scoring.training.validation import optimism_corrected, proportional_hazards_test
+
+    result: dict[str, Any] = {"bootstrap": None, "proportional_hazards": None}
+    try:
+        result["bootstrap"] = optimism_corrected(fitted, spec, [p.clinical for p in train])
+    except Exception as exc:  # noqa: BLE001 - a diagnostic; the model stands without it
+        notes.append(f"internal validation (bootstrap) failed: {type(exc).__name__}: {exc}")
+    design = fitted.design
+    columns = {RADIOMICS_SCORE_TERM: list(fitted.radiomics_score),
+               **{name: list(design["clinical"][name]) for name in design["survivors"]}}
+    coefficients = {row["name"]: row["coef"] for row in fitted.diagnostics["integrated_cox"]["table"]}
+    try:
+        result["proportional_hazards"] = proportional_hazards_test(train_time, train_event, columns, coefficients)
+    except Exception as exc:  # noqa: BLE001
+        notes.append(f"proportional-hazards test failed: {type(exc).__name__}: {exc}")
+    return plain_json(result)
 
 
 def run_training(
@@ -257,12 +369,16 @@ def run_training(
     train_time = np.array([p.pfs_months for p in train], dtype=float)
     train_event = np.array([p.pfs_event for p in train], dtype=bool)
     train_features = features.loc[[p.id for p in train]]
+    perturbed, stability_entry = _perturbed_extractions(
+        cohort, train, failed, spec, stages, cache_dir=cache_dir, scheduler=scheduler, workers=workers,
+        progress=progress)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fitted = stages.run(
             "fit", f"fitting on {len(train)} training patients", fit_integrated_model,
             train_features, [p.clinical for p in train], train_time, train_event, spec,
             cohort=f"{cohort_path.name}, split '{TRAIN_SPLIT}': {len(train)} patients with features",
+            perturbed=perturbed,
         )
         try:  # only a figure: its failure must not cost the researcher the fitted model
             path, path_note = coefficient_path(train_features, train_time, train_event, spec.lasso,
@@ -270,8 +386,16 @@ def run_training(
         except Exception as exc:  # noqa: BLE001
             path, path_note = None, f"the path could not be recomputed ({type(exc).__name__}: {exc})"
 
+    # 3b. internal validation, recorded in the model's training summary (so the model card has it)
+    internal = stages.run("internal_validation",
+                          f"internal validation ({spec.validation.bootstrap} bootstrap refits, {spec.validation.refit})",
+                          _internal_validation, fitted, spec, train, train_time, train_event, notes)
+
     # 4. freeze: write, then load the file back exactly as the node will
-    sealed = fitted.sealed_mapping()
+    from scoring.model import seal
+
+    sealed = seal({**fitted.model_mapping,
+                   "training_summary": {**fitted.model_mapping["training_summary"], "internal_validation": internal}})
     write_atomically(model_path, json.dumps(sealed, indent=2, ensure_ascii=False) + "\n")
     model = FrozenModel.from_json(model_path.read_text(encoding="utf-8"))
     if model.identity.sha256 != sealed["sha256"]:
@@ -287,6 +411,7 @@ def run_training(
                 print(f"evaluating {split} …", file=sys.stderr, flush=True)
             splits[split] = _evaluate_split(split, cohort, features, failed, model, spec, train_time, train_event,
                                             notes)
+        predictive = _predictive(cohort, features, failed, model, spec, notes)
         stages.seconds["evaluation"] = round(time.perf_counter() - start, 3)
     warning_texts = list(dict.fromkeys(_warning_text(w) for w in [*caught, *caught_evaluation]))
 
@@ -328,6 +453,7 @@ def run_training(
                  "reason": _withhold(f.reason, f.patient_id)}
                 for f in extraction.failures
             ],
+            "stability": stability_entry,
         },
         "training": {
             **diagnostics,
@@ -339,8 +465,10 @@ def run_training(
             ],
             "radiomics_score_coefficient": sealed["radiomics_score_coefficient"],
             "clinical_covariates": sealed["clinical_covariates"],
+            "internal_validation": internal,
         },
         "splits": splits,
+        "predictive": predictive,
         "warnings": notes + warning_texts,
         "timings_seconds": stages.seconds,
     }
@@ -388,6 +516,19 @@ def format_training_summary(run: TrainingRun) -> str:
     width = max(len(f["name"]) for f in training["selected_features"])
     for feature in training["selected_features"]:
         lines.append(f"  {feature['name']:<{width}}  {feature['coefficient']:+.4f}")
+    stability = training.get("stability") or {}
+    if stability.get("ran"):
+        lines.append(f"Stability: {stability['icc']} >= {stability['icc_threshold']:g} over "
+                     f"{len(stability['extractions']) - 1} perturbations of {stability['patients_screened']} "
+                     f"training patients: kept {stability['features_kept']} of {stability['features_screened']} "
+                     "features")
+    elif stability:
+        lines.append(f"Stability: not run ({stability.get('note')})")
+    log = training.get("log_transform") or {}
+    if log:
+        lines.append(f"Log:       {log['setting'] if isinstance(log['setting'], str) else 'listed'}: "
+                     f"signed_log1p on {log['transformed_candidates']} candidates, "
+                     f"{len(log['transformed_selected'])} of them selected")
     lines.append(f"Clinical:  {', '.join(training['clinical']['selected']) or 'no candidate kept'} "
                  f"(univariate p < {training['clinical']['univariate_p']:g}, "
                  f"multivariate p < {training['clinical']['multivariate_p']:g})")
@@ -399,6 +540,28 @@ def format_training_summary(run: TrainingRun) -> str:
                          f"{_c_text(entry['evaluation']['integrated'])}")
         else:
             lines.append(f"{label:<24}not evaluated: {entry['error']}")
+    internal = (training.get("internal_validation") or {}).get("bootstrap") or {}
+    if internal.get("integrated"):
+        block = internal["integrated"]
+        slope = internal.get("calibration_slope") or {}
+        lines.append(f"Internal:  optimism-corrected C-index {block['corrected']:.3f} (apparent {block['apparent']:.3f}, "
+                     f"optimism {block['optimism']:.3f}; {internal['resamples_used']} bootstrap refits, "
+                     f"{internal['refit']})"
+                     + (f"; calibration slope {slope['corrected']:.2f}" if slope else ""))
+    ph = (training.get("internal_validation") or {}).get("proportional_hazards") or {}
+    if ph.get("terms"):
+        lines.append(f"PH test:   smallest Grambsch-Therneau p {ph['smallest_p']:.3f} "
+                     "(" + ", ".join(f"{t['name']} p={t['p_km']:.3f}" for t in ph["terms"]) + ")")
+    predictive = (report.get("predictive") or {}).get("pfs")
+    if predictive:
+        parts = []
+        for label in ("high", "low"):
+            hr = predictive["groups"][label]["vs_control"]["hazard_ratio_treated_vs_control"]
+            parts.append(f"{label}-risk treated vs control HR {hr['hr']:.2f} ({hr['ci_low']:.2f}–{hr['ci_high']:.2f})"
+                         if hr else f"{label}-risk treated vs control HR NA")
+        interaction = predictive.get("interaction")
+        parts.append(f"interaction p {interaction['p']:.3g}" if interaction else "interaction NA")
+        lines.append("Fig 7:     " + "; ".join(parts))
     model = report["model"]
     lines.append(f"Model:     {model['name']} {model['version']} sha256 {model['sha256'][:12]}… -> {run.model_path}")
     lines.append(f"Report:    {run.files.html} (+ report.json, model-card.md, {len(run.files.figures)} figures in "

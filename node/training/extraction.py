@@ -32,6 +32,20 @@ File names hash the id because ids may be hospital identifiers.
 
 Failures are not cached: a failing patient is tried again on the next run
 (after its files are fixed, or when the failure was transient).
+
+Perturbed extractions (the stability screen of `scoring.training.stability`):
+``extract_cohort_features(..., perturbation=Perturbation(...))`` runs the
+same extraction on a perturbed copy of each patient's input
+(`perturb_inputs`): the tumour mask grown (``dilation``) or shrunk
+(``erosion``) by one voxel with a ball structuring element (the ring is
+then rebuilt from that mask, as the node would build it from such a
+segmentation); Gaussian noise of ``noise_sd_hu`` HU added to the CT
+(``noise``; seeded per patient, so a rerun reproduces it); or the CT and the
+mask resampled on the same grid translated by ``shift_voxels`` of a voxel
+along every axis (``shift``: linear interpolation of the CT, the mask
+interpolated linearly and kept where >= 0.5, as IBSI does).  Each
+perturbation has its own cache folder (its parameters are part of the
+config id), so perturbed runs resume and are reused like the others.
 """
 
 from __future__ import annotations
@@ -87,6 +101,71 @@ class LabelImageError(InputError):
     """A label-image mask cannot be used with its CT (unreadable, wrong grid, no label 1)."""
 
 
+PERTURBATION_KINDS = ("dilation", "erosion", "noise", "shift")
+
+
+@dataclass(frozen=True, slots=True)
+class Perturbation:
+    """One perturbation of a patient's input (module docstring); ``seed`` seeds the noise."""
+
+    kind: str
+    noise_sd_hu: float = 0.0
+    shift_voxels: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in PERTURBATION_KINDS:
+            raise ExtractionError(f"perturbation: {self.kind!r} is not allowed (allowed: {', '.join(PERTURBATION_KINDS)})")
+
+    def as_mapping(self) -> dict[str, object]:
+        if self.kind == "noise":
+            return {"kind": self.kind, "noise_sd_hu": self.noise_sd_hu, "seed": self.seed}
+        if self.kind == "shift":
+            return {"kind": self.kind, "shift_voxels": self.shift_voxels}
+        return {"kind": self.kind, "radius_voxels": 1, "structuring_element": "ball"}
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, object]) -> "Perturbation":
+        return cls(kind=str(mapping["kind"]), noise_sd_hu=float(mapping.get("noise_sd_hu", 0.0)),
+                   shift_voxels=float(mapping.get("shift_voxels", 0.0)), seed=int(mapping.get("seed", 0)))
+
+
+def perturb_inputs(image: sitk.Image, tumour: sitk.Image, perturbation: Perturbation,
+                   patient_id: str) -> tuple[sitk.Image, sitk.Image]:
+    """The CT and tumour mask under ``perturbation`` (module docstring); ``MaskError`` if no tumour is left."""
+    kind = perturbation.kind
+    if kind in ("dilation", "erosion"):
+        operation = sitk.BinaryDilate if kind == "dilation" else sitk.BinaryErode
+        mask = operation(tumour, [1, 1, 1], sitk.sitkBall, 0.0, 1.0)
+        if not sitk.GetArrayViewFromImage(mask).any():
+            raise MaskError(f"{kind} by one voxel leaves no tumour voxel")
+        return image, mask
+    if kind == "noise":
+        digest = hashlib.sha256(patient_id.encode("utf-8")).digest()
+        rng = np.random.default_rng([perturbation.seed, int.from_bytes(digest[:8], "little")])
+        values = sitk.GetArrayFromImage(image).astype(np.float32)
+        noisy = sitk.GetImageFromArray(values + rng.normal(0.0, perturbation.noise_sd_hu, values.shape).astype(np.float32))
+        noisy.CopyInformation(image)
+        return noisy, tumour
+    # shift: sample both on the grid moved by a fraction of a voxel along every axis (physical space)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    offset = direction @ (np.array(image.GetSpacing()) * perturbation.shift_voxels)
+    reference = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    reference.SetSpacing(image.GetSpacing())
+    reference.SetDirection(image.GetDirection())
+    reference.SetOrigin(tuple(np.array(image.GetOrigin()) + offset))
+    air = float(sitk.GetArrayViewFromImage(image).min())
+    shifted = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear, air,
+                            sitk.sitkFloat32)
+    fraction = sitk.Resample(sitk.Cast(tumour, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear, 0.0,
+                             sitk.sitkFloat32)
+    mask = sitk.Cast(sitk.BinaryThreshold(fraction, 0.5, 1e9, 1, 0), sitk.sitkUInt8)
+    if not sitk.GetArrayViewFromImage(mask).any():
+        raise MaskError("the shifted mask has no tumour voxel")
+    # Same size, spacing and direction; the origin moved: the two stay on one grid.
+    return shifted, mask
+
+
 @dataclass(frozen=True, slots=True)
 class ExtractionFailure:
     patient_id: str
@@ -121,66 +200,128 @@ def extract_cohort_features(
     scheduler: str | None = None,
     workers: int | None = None,
     progress: bool = True,
+    perturbation: Perturbation | None = None,
 ) -> ExtractionResult:
-    """Features for every patient of ``cohort``; see the module docstring.
+    """Features for every patient of ``cohort`` (any iterable of cohort patients); see the module docstring.
+
+    With ``perturbation``, each patient's input is perturbed first
+    (`perturb_inputs`), rows with precomputed features are skipped (there is
+    nothing to perturb), and results go to that perturbation's cache folder.
 
     ``scheduler`` None runs ``workers`` local processes (default: the CPU
     count); an address (``tcp://host:8786``) runs on that Dask cluster and
     ``workers`` is ignored.  A patient that fails is listed in ``failures``
     with a one-line reason and the run goes on.
     """
+    return _extract(cohort, settings, [perturbation], feature_classes=feature_classes, regions=regions,
+                    cache_dir=cache_dir, scheduler=scheduler, workers=workers, progress=progress)[0]
+
+
+def extract_perturbed_features(
+    patients: Iterable,
+    settings: ExtractionSettings,
+    perturbations: Sequence[Perturbation],
+    *,
+    feature_classes: Sequence[str] | None = None,
+    regions: Sequence[str] = DEFAULT_REGIONS,
+    cache_dir: Path,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, ExtractionResult]:
+    """``{perturbation kind: result}``: every patient under every perturbation, in one pool of workers.
+
+    The same as one `extract_cohort_features` call per perturbation, but all
+    ``len(patients) x len(perturbations)`` extractions share one set of
+    worker processes (or one Dask submission), so none waits for a pool to
+    start or for the slowest patient of another perturbation.
+    """
+    kinds = [p.kind for p in perturbations]
+    if len(set(kinds)) != len(kinds):
+        raise ExtractionError(f"perturbations: {kinds!r} repeats a kind (allowed: each kind once)")
+    results = _extract(patients, settings, list(perturbations), feature_classes=feature_classes, regions=regions,
+                       cache_dir=cache_dir, scheduler=scheduler, workers=workers, progress=progress)
+    return dict(zip(kinds, results))
+
+
+def _extract(cohort, settings: ExtractionSettings, perturbations: list[Perturbation | None], *, feature_classes,
+             regions, cache_dir: Path, scheduler: str | None, workers: int | None,
+             progress: bool) -> list[ExtractionResult]:
     check_pyradiomics_version(settings)
     regions = _canonical_regions(regions)
     classes = _canonical_feature_classes(feature_classes)
     workers = _worker_count(workers)
-    cache = _Cache(Path(cache_dir), settings, classes, regions)
+    cohort = list(cohort)
+    plain_settings = _plain_settings(settings)
 
-    found: dict[str, dict[str, float]] = {}
-    failures: dict[str, str] = {}
-    precomputed, cached, computed = [], [], []
+    @dataclass
+    class _Run:
+        cache: _Cache
+        found: dict
+        failures: dict
+        precomputed: list
+        cached: list
+        computed: list
+
+    runs = [_Run(_Cache(Path(cache_dir), settings, classes, regions, perturbation), {}, {}, [], [], [])
+            for perturbation in perturbations]
     tasks = []
-    for patient in cohort:
-        if patient.features is not None:
-            found[patient.id] = dict(patient.features)
-            precomputed.append(patient.id)
-            continue
-        try:
-            fingerprint = input_fingerprint(patient.images)
-        except OSError as exc:
-            failures[patient.id] = f"cannot read the input files: {exc.strerror or exc} ({exc.filename})"
-            continue
-        hit = cache.load(patient.id, fingerprint)
-        if hit is not None:
-            found[patient.id] = hit
-            cached.append(patient.id)
-        else:
-            tasks.append(_Task(patient.id, patient.images, fingerprint, _plain_settings(settings), classes, regions))
-
-    with tqdm(total=len(tasks) + len(cached), initial=len(cached), desc="extracting features", unit="patient",
-              file=sys.stderr, disable=not progress) as bar:
-        run = _run_on_dask(tasks, scheduler) if scheduler else _run_locally(tasks, workers)
-        for outcome in run:
-            if outcome.features is not None:
-                cache.store(outcome)
-                found[outcome.patient_id] = outcome.features
-                computed.append(outcome.patient_id)
+    for number, (perturbation, run) in enumerate(zip(perturbations, runs)):
+        plain_perturbation = perturbation.as_mapping() if perturbation is not None else None
+        for patient in cohort:
+            if patient.features is not None:
+                if perturbation is None:
+                    run.found[patient.id] = dict(patient.features)
+                    run.precomputed.append(patient.id)
+                continue
+            try:
+                fingerprint = input_fingerprint(patient.images)
+            except OSError as exc:
+                run.failures[patient.id] = f"cannot read the input files: {exc.strerror or exc} ({exc.filename})"
+                continue
+            hit = run.cache.load(patient.id, fingerprint)
+            if hit is not None:
+                run.found[patient.id] = hit
+                run.cached.append(patient.id)
             else:
-                failures[outcome.patient_id] = outcome.reason
-                bar.set_postfix(failed=len(failures))
+                tasks.append(_Task(patient.id, patient.images, fingerprint, plain_settings, classes, regions,
+                                   plain_perturbation, number))
+
+    named = [p.kind for p in perturbations if p is not None]
+    description = "extracting features" + (f" ({', '.join(named)})" if named else "")
+    cached_total = sum(len(run.cached) for run in runs)
+    with tqdm(total=len(tasks) + cached_total, initial=cached_total, desc=description,
+              unit="extraction" if named else "patient",
+              file=sys.stderr, disable=not progress) as bar:
+        stream = _run_on_dask(tasks, scheduler) if scheduler else _run_locally(tasks, workers)
+        failed = 0
+        for outcome in stream:
+            run = runs[outcome.run]
+            if outcome.features is not None:
+                run.cache.store(outcome)
+                run.found[outcome.patient_id] = outcome.features
+                run.computed.append(outcome.patient_id)
+            else:
+                run.failures[outcome.patient_id] = outcome.reason
+                failed += 1
+                bar.set_postfix(failed=failed)
             bar.update(1)
 
     order = [p.id for p in cohort]
-    computed_ids = set(computed)
-    kept = [pid for pid in order if pid in found]
-    # Not DataFrame.from_dict: with rows of different columns it puts rows out of order.
-    frame = pd.DataFrame([found[pid] for pid in kept], index=pd.Index(kept, name="id"), dtype=float)
-    return ExtractionResult(
-        features=frame,
-        failures=tuple(ExtractionFailure(pid, failures[pid]) for pid in order if pid in failures),
-        computed=tuple(pid for pid in order if pid in computed_ids),
-        cached=tuple(cached),
-        precomputed=tuple(precomputed),
-    )
+    results = []
+    for run in runs:
+        computed_ids = set(run.computed)
+        kept = [pid for pid in order if pid in run.found]
+        # Not DataFrame.from_dict: with rows of different columns it puts rows out of order.
+        frame = pd.DataFrame([run.found[pid] for pid in kept], index=pd.Index(kept, name="id"), dtype=float)
+        results.append(ExtractionResult(
+            features=frame,
+            failures=tuple(ExtractionFailure(pid, run.failures[pid]) for pid in order if pid in run.failures),
+            computed=tuple(pid for pid in order if pid in computed_ids),
+            cached=tuple(run.cached),
+            precomputed=tuple(run.precomputed),
+        ))
+    return results
 
 
 def extract_patient_features(
@@ -189,11 +330,18 @@ def extract_patient_features(
     *,
     feature_classes: Sequence[str] | None = None,
     regions: Sequence[str] = DEFAULT_REGIONS,
+    perturbation: Perturbation | None = None,
+    patient_id: str = "",
 ) -> dict[str, float]:
-    """One patient's features as ``{"region.<pyradiomics key>": value}``; raises ``InputError`` when unusable."""
+    """One patient's features as ``{"region.<pyradiomics key>": value}``; raises ``InputError`` when unusable.
+
+    ``perturbation`` perturbs the CT and mask first (`perturb_inputs`; ``patient_id`` seeds its noise).
+    """
     regions = _canonical_regions(regions)
     classes = _canonical_feature_classes(feature_classes)
     image, tumour = load_ct_and_mask(images)
+    if perturbation is not None:
+        image, tumour = perturb_inputs(image, tumour, perturbation, patient_id)
     masks = {"tumour": tumour}
     if "ring" in regions:
         masks["ring"] = peritumoral_ring(tumour, settings.ring)
@@ -337,13 +485,16 @@ def _worker_count(workers: int | None) -> int:
 
 
 class _Cache:
-    def __init__(self, root: Path, settings: ExtractionSettings, classes, regions) -> None:
+    def __init__(self, root: Path, settings: ExtractionSettings, classes, regions,
+                 perturbation: Perturbation | None = None) -> None:
         self.config = {
             "format": CACHE_FORMAT,
             "settings_sha256": settings_hash(settings),
             "feature_classes": list(classes) if classes is not None else None,
             "regions": list(regions),
         }
+        if perturbation is not None:  # unperturbed runs keep their config id (and existing caches)
+            self.config["perturbation"] = perturbation.as_mapping()
         config_id = hashlib.sha256(_canonical_json(self.config).encode("ascii")).hexdigest()[:16]
         self.folder = root / config_id
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -411,6 +562,9 @@ class _Task:
     settings: Mapping[str, object]
     feature_classes: tuple[str, ...] | None
     regions: tuple[str, ...]
+    perturbation: Mapping[str, object] | None = None
+    #: Which of the call's runs (one per perturbation) the task belongs to.
+    run: int = 0
 
 
 @dataclass(frozen=True)
@@ -420,6 +574,7 @@ class _Outcome:
     features: dict[str, float] | None = None
     reason: str | None = None
     seconds: float = 0.0
+    run: int = 0
 
 
 def _plain_settings(settings: ExtractionSettings) -> dict[str, object]:
@@ -449,12 +604,16 @@ def _extract_task(task: _Task) -> _Outcome:
         features = extract_patient_features(
             task.images, _settings_from_plain(task.settings),
             feature_classes=task.feature_classes, regions=task.regions,
+            perturbation=Perturbation.from_mapping(task.perturbation) if task.perturbation else None,
+            patient_id=task.patient_id,
         )
     except InputError as exc:
-        return _Outcome(task.patient_id, task.fingerprint, reason=_one_line(str(exc)))
+        return _Outcome(task.patient_id, task.fingerprint, reason=_one_line(str(exc)), run=task.run)
     except Exception as exc:  # a bug or a resource problem must not end the cohort's run either
-        return _Outcome(task.patient_id, task.fingerprint, reason=_one_line(f"{type(exc).__name__}: {exc}"))
-    return _Outcome(task.patient_id, task.fingerprint, features=features, seconds=time.perf_counter() - start)
+        return _Outcome(task.patient_id, task.fingerprint, reason=_one_line(f"{type(exc).__name__}: {exc}"),
+                        run=task.run)
+    return _Outcome(task.patient_id, task.fingerprint, features=features, seconds=time.perf_counter() - start,
+                    run=task.run)
 
 
 def _one_line(text: str) -> str:
@@ -494,7 +653,7 @@ def _run_locally(tasks: list[_Task], workers: int) -> Iterator[_Outcome]:
             try:
                 yield future.result()
             except BrokenProcessPool:
-                yield _Outcome(task.patient_id, task.fingerprint, reason=_WORKER_DIED)
+                yield _Outcome(task.patient_id, task.fingerprint, reason=_WORKER_DIED, run=task.run)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -520,7 +679,7 @@ def _run_on_dask(tasks: list[_Task], scheduler: str) -> Iterator[_Outcome]:
                 yield future.result()
             except Exception as exc:  # KilledWorker, a lost worker, a scheduler gone away
                 yield _Outcome(task.patient_id, task.fingerprint,
-                               reason=_one_line(f"Dask task failed: {type(exc).__name__}: {exc}"))
+                               reason=_one_line(f"Dask task failed: {type(exc).__name__}: {exc}"), run=task.run)
             finally:
                 future.release()
     finally:

@@ -8,7 +8,13 @@ Both summary shapes are understood: the one `scoring.training.method` writes
 earlier demonstration model 1.0.0, fitted by a reduced script
 (``c_index_train_integrated``, ``lasso_alpha`` ...); what a summary lacks is
 left out, never guessed.
-``splits`` (``report.json``'s ``splits``) adds the evaluation of every split.
+``splits`` (``report.json``'s ``splits``) adds the evaluation of every split
+(C-index, AUC, calibration slope and intercept, integrated Brier score);
+``report`` (the whole ``report.json``) adds the treatment comparison with the
+control split (the paper's Figure 7).  From the model file itself: the log
+transforms and the stability screen (settings, features kept), and the
+internal validation (optimism-corrected C-index, calibration slope, the
+proportional-hazards test) when the fit recorded them.
 
     python -m node.training.model_card MODEL.json [--report report.json] [--out CARD.md]
 
@@ -135,6 +141,23 @@ def _method_lines(summary: Mapping[str, Any], model: Mapping[str, Any]) -> list[
             f"multivariate p < {clinical.get('multivariate_p')} ({clinical.get('multivariate_elimination')}); "
             f"kept: {', '.join(clinical.get('selected', ())) or 'none'}"
         )
+    log = summary.get("log_transform")
+    if isinstance(log, Mapping):
+        transformed = [name for name in log.get("transformed_selected", ())]
+        lines.append(f"* log transform `{json.dumps(log.get('setting'))}`"
+                     + (f" ({log['rule']})" if log.get("rule") else "")
+                     + f": {log.get('transformed_candidates', 0)} candidates transformed with signed_log1p "
+                       f"before z-scoring; selected among them: {', '.join(f'`{n}`' for n in transformed) or 'none'}")
+    stability = summary.get("stability")
+    if isinstance(stability, Mapping):
+        if stability.get("ran"):
+            lines.append(
+                f"* stability screen (Zwanenburg et al. 2019): {stability['patients_screened']} training patients "
+                f"re-extracted under {', '.join(stability['perturbations'])} (noise SD {stability['noise_sd_hu']:g} HU, "
+                f"shift {stability['shift_voxels']:g} voxel); kept {stability['features_kept']} of "
+                f"{stability['features_screened']} candidates with {stability['icc']} >= {stability['icc_threshold']:g}")
+        else:
+            lines.append(f"* stability screen not run: {stability.get('note')}")
     if summary.get("method_note"):
         lines.append(f"* note: {summary['method_note']}")
     lines.append("* integrated model: Cox (Efron ties) of the radiomics score"
@@ -187,6 +210,71 @@ def _performance_lines(summary: Mapping[str, Any], splits: Mapping[str, Any] | N
     return lines
 
 
+def _internal_lines(summary: Mapping[str, Any], splits: Mapping[str, Any] | None) -> list[str]:
+    internal = summary.get("internal_validation")
+    lines: list[str] = []
+    if isinstance(internal, Mapping):
+        lines += ["## Internal validation", ""]
+        boot = internal.get("bootstrap") or {}
+        if boot.get("integrated"):
+            rows = [[model, _num(boot[model]["apparent"]), _num(boot[model]["optimism"]), _num(boot[model]["corrected"])]
+                    for model in ("radiomics", "integrated")]
+            slope = boot.get("calibration_slope")
+            if slope:
+                rows.append(["calibration slope", _num(slope["apparent"]), _num(slope["optimism"]),
+                             _num(slope["corrected"])])
+            lines += _table(["training C-index", "apparent", "optimism", "optimism-corrected"], rows)
+            lines += [f"Harrell's bootstrap: {boot['resamples_used']} of {boot['resamples']} resamples refitted "
+                      f"(`refit = {boot['refit']}`, seed {boot['seed']}).", ""]
+        else:
+            lines += [f"Bootstrap optimism correction: not available ({boot.get('note', 'not run')}).", ""]
+        ph = internal.get("proportional_hazards") or {}
+        if ph.get("terms"):
+            lines += _table(["term", "PH test p (rank)", "PH test p (KM)"],
+                            [[t["name"], _p(t["p_rank"]), _p(t["p_km"])] for t in ph["terms"]])
+            lines += ["Grambsch-Therneau test on scaled Schoenfeld residuals (lifelines), training split.", ""]
+    rows = []
+    for name, entry in (splits or {}).items():
+        evaluation = entry.get("evaluation") or {}
+        block = evaluation.get("integrated") or {}
+        calibration = block.get("calibration_summary")
+        brier = block.get("integrated_brier_score")
+        if calibration is None and brier is None:
+            continue
+        calibration, brier = calibration or {}, brier or {}
+        slope = (f"{_num(calibration.get('slope'), 2)} ({_num(calibration.get('slope_ci_low'), 2)}–"
+                 f"{_num(calibration.get('slope_ci_high'), 2)})" if calibration.get("slope") is not None else "NA")
+        rows.append([_pretty_split(name), slope, _num(calibration.get("intercept_log_o_e"), 2),
+                     _num(brier.get("model")), _num(brier.get("kaplan_meier"))])
+    if rows:
+        if not isinstance(internal, Mapping):
+            lines += ["## Internal validation", ""]
+        lines += _table(["split (integrated model)", "calibration slope (95% CI)", "calibration intercept log(O/E)",
+                         "integrated Brier score", "IBS of Kaplan-Meier"], rows)
+    return lines
+
+
+def _predictive_lines(predictive: Mapping[str, Any] | None) -> list[str]:
+    if not predictive or not predictive.get("pfs"):
+        return []
+    block = predictive["pfs"]
+    lines = ["## Treatment comparison (the paper's Figure 7)", "",
+             f"Treated patients of {', '.join(predictive['treated_splits'])} by integrated risk group, against the "
+             "`control` split (a different treatment):", ""]
+    rows = []
+    for group in ("high", "low"):
+        entry = block["groups"][group]
+        hr = entry["vs_control"]["hazard_ratio_treated_vs_control"]
+        rows.append([f"{group} risk, treated", _median(entry["treated"]), _median(block["control"]),
+                     _ci(hr, 2, estimate="hr"), _p((hr or {}).get("p"))])
+    lines += _table(["group", "median PFS (95% CI)", "control median PFS", "HR vs control (95% CI)", "p"], rows)
+    interaction = block.get("interaction")
+    if interaction:
+        lines += [f"Risk group × treatment interaction (Cox): HR {_ci(interaction, 2, estimate='hr')}, "
+                  f"p {_p(interaction['p'])}.", ""]
+    return lines
+
+
 def render_model_card(model: Mapping[str, Any], *, splits: Mapping[str, Any] | None = None,
                       report: Mapping[str, Any] | None = None) -> str:
     """The model card (markdown) of a sealed model mapping; ``splits`` adds per-split performance."""
@@ -231,9 +319,13 @@ def render_model_card(model: Mapping[str, Any], *, splits: Mapping[str, Any] | N
         "Score = Σ coefficient × (feature − mean) / sd.",
         "",
     ]
-    lines += _table(["feature", "mean", "sd", "coefficient"],
-                    [[f"`{_feature_name(f)}`", f"{f['mean']:.6g}", f"{f['sd']:.6g}", f"{f['coefficient']:.4f}"]
+    lines += _table(["feature", "transform", "mean", "sd", "coefficient"],
+                    [[f"`{_feature_name(f)}`", f.get("transform", "none"), f"{f['mean']:.6g}", f"{f['sd']:.6g}",
+                      f"{f['coefficient']:.4f}"]
                      for f in model["radiomics"]["features"]])
+    if any(f.get("transform", "none") != "none" for f in model["radiomics"]["features"]):
+        lines += ["signed_log1p: sign(x)·log1p(|x|), applied before z-scoring; mean and sd are of the transformed "
+                  "training values.", ""]
     lines += ["## Integrated Cox model", ""]
     table = {row["name"]: row for row in (summary.get("integrated_cox") or {}).get("table", ())}
     rows = []
@@ -249,6 +341,8 @@ def render_model_card(model: Mapping[str, Any], *, splits: Mapping[str, Any] | N
     lines += _table(["term", "encoding", "coefficient", "HR", "HR 95% CI", "p"], rows)
     lines += ["## Performance", ""]
     lines += _performance_lines(summary, splits)
+    lines += _internal_lines(summary, splits)
+    lines += _predictive_lines((report or {}).get("predictive"))
     if report and report.get("extraction", {}).get("failures"):
         lines += [f"{len(report['extraction']['failures'])} patient(s) left out because feature extraction failed "
                   "(listed in the training report).", ""]
@@ -275,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = args.model.read_text(encoding="utf-8")
         FrozenModel.from_json(text)  # refuse to describe a file the node would refuse
         model = json.loads(text)
-        splits = None
+        splits = report = None
         if args.report:
             report = json.loads(args.report.read_text(encoding="utf-8"))
             if report.get("model", {}).get("sha256") != model["sha256"]:
@@ -285,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    card = render_model_card(model, splits=splits)
+    card = render_model_card(model, splits=splits, report=report)
     if args.out:
         args.out.write_text(card, encoding="utf-8")
     else:

@@ -13,7 +13,15 @@ and writes into ``report_dir``::
 
 ``report.json`` top-level keys (`REPORT_KEYS`): ``report_format``, ``created``,
 ``software``, ``inputs``, ``model``, ``spec``, ``cohort``, ``extraction``,
-``training``, ``splits``, ``warnings``, ``timings_seconds``, ``figures``, ``files``.
+``training``, ``splits``, ``predictive``, ``warnings``, ``timings_seconds``, ``figures``,
+``files``.  ``training`` also holds ``stability`` (the perturbation screen:
+settings and every feature's ICC), ``log_transform`` and ``transforms`` (which
+features were log-transformed), and ``internal_validation`` (``bootstrap``:
+Harrell's optimism-corrected C-index and calibration slope;
+``proportional_hazards``: the Grambsch-Therneau test per term).
+``predictive`` is the paper's Figure 7 (treated risk groups vs the ``control``
+split, and the risk-group x treatment interaction; None without a control
+split); ``extraction.stability`` counts the perturbed re-extractions.
 Each entry of ``splits`` (keyed by split name, cohort order: train, the
 validation sets, control) has `SPLIT_KEYS`: ``split``, ``n`` (patients of the
 split in the cohort), ``n_used`` (patients evaluated), ``events`` (among them),
@@ -34,7 +42,10 @@ by integrated risk group (median, HR and log-rank p in the legend, numbers at
 risk below), discrimination (C-index with 95% CI and time-dependent AUC at each
 horizon; the evaluation gives AUC values, not ROC curve points, so these are
 bars), calibration and decision curves at each horizon, and Kaplan-Meier OS
-by integrated risk group when OS is available.
+by integrated risk group when OS is available; the ICC of every candidate in
+the stability screen against its threshold; and, with a control split,
+Kaplan-Meier PFS (and OS) of high-risk treated, low-risk treated and control
+patients (the paper's Figure 7).
 """
 
 from __future__ import annotations
@@ -65,12 +76,12 @@ __all__ = [
 REPORT_FORMAT = 1
 REPORT_KEYS = (
     "report_format", "created", "software", "inputs", "model", "spec", "cohort", "extraction", "training",
-    "splits", "warnings", "timings_seconds", "figures", "files",
+    "splits", "predictive", "warnings", "timings_seconds", "figures", "files",
 )
 SPLIT_KEYS = ("split", "n", "n_used", "events", "excluded", "evaluation", "error", "at_risk", "overall_survival")
 FIGURE_KINDS = (
     "lasso-cv", "lasso-path", "forest-univariate", "forest-multivariate", "forest-integrated", "c-index",
-    "km", "discrimination", "calibration", "decision-curve", "km-os",
+    "km", "discrimination", "calibration", "decision-curve", "km-os", "stability-icc", "km-predictive",
 )
 MODELS = ("radiomics", "integrated")
 MODEL_LABELS = {"radiomics": "Radiomics model", "integrated": "Integrated model"}
@@ -163,7 +174,8 @@ def coefficient_path(features, time, event, lasso_spec, diagnostics: Mapping[str
 
     `scoring.training.method` keeps only the cross-validation curve, so the
     path is recomputed here the way the method computes it: the columns it
-    did not drop, z-scored with the training mean and sample SD, scikit-survival
+    did not drop (non-finite, constant, unstable), through their log transforms,
+    z-scored with the training mean and sample SD, scikit-survival
     ``CoxnetSurvivalAnalysis(l1_ratio=1)`` on the same alphas.  It is used only
     when it reproduces the model's coefficients at the chosen alpha (else the
     reason says so), so the figure cannot disagree with the model file.
@@ -175,13 +187,20 @@ def coefficient_path(features, time, event, lasso_spec, diagnostics: Mapping[str
     from sksurv.linear_model import CoxnetSurvivalAnalysis
     from sksurv.util import Surv
 
+    from scoring.domain import transform_array
+
     curve = diagnostics.get("lasso", {}).get("curve") or []
     if not curve:
         return None, "the fit reported no LASSO curve"
     dropped = diagnostics.get("dropped_features", {})
-    skip = set(dropped.get("non_finite", ())) | set(dropped.get("zero_variance", ()))
+    skip = (set(dropped.get("non_finite", ())) | set(dropped.get("zero_variance", ()))
+            | set(dropped.get("unstable", ())))
     names = [str(c) for c in features.columns if str(c) not in skip]
     x = features.loc[:, names].to_numpy(dtype=float)
+    transforms = diagnostics.get("transforms") or {}
+    for j, name in enumerate(names):
+        if transforms.get(name, "none") != "none":
+            x[:, j] = transform_array(transforms[name], x[:, j])
     if not np.isfinite(x).all():
         return None, "the training features are not all finite"
     z = (x - x.mean(axis=0)) / x.std(axis=0, ddof=1)
@@ -607,6 +626,55 @@ def _forest_figure(rows: Sequence[Mapping[str, Any]], title: str, path: Path) ->
     return _save(figure, path)
 
 
+def _stability_figure(stability: Mapping[str, Any], path: Path) -> Path:
+    values = np.array([row["icc"] for row in stability["features"] if row["icc"] is not None], dtype=float)
+    missing = sum(1 for row in stability["features"] if row["icc"] is None)
+    figure = _figure(7.2, 4.2)
+    ax = figure.add_subplot(1, 1, 1)
+    bins = np.linspace(min(-0.2, float(values.min()) if values.size else 0.0), 1.0, 41)
+    ax.hist(np.clip(values, bins[0], 1.0), bins=bins, color="#4393c3", edgecolor="white")
+    ax.axvline(stability["icc_threshold"], color="#c51b7d", linestyle="--", linewidth=1.5,
+               label=f"threshold {stability['icc_threshold']:g}")
+    ax.set_xlabel(f"{stability['icc']} over the original and {len(stability['extractions']) - 1} perturbed extractions")
+    ax.set_ylabel("candidate features")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"Stability screen: {stability['features_kept']} of {stability['features_screened']} features kept "
+                 f"({stability['patients_screened']} patients)" + (f"; {missing} without an ICC" if missing else ""),
+                 fontsize=10)
+    return _save(figure, path)
+
+
+PREDICTIVE_COLOURS = {"low": GROUP_COLOURS["low"], "high": GROUP_COLOURS["high"], "control": "#555555"}
+
+
+def _predictive_figure(predictive: Mapping[str, Any], path: Path) -> Path:
+    endpoints = [(name, label) for name, label in (("pfs", "PFS"), ("os", "OS")) if predictive.get(name)]
+    figure = _figure(6.4 * len(endpoints), 5.0)
+    for column, (name, label) in enumerate(endpoints):
+        block = predictive[name]
+        ax = figure.add_subplot(1, len(endpoints), column + 1)
+        curves = [("low", block["groups"]["low"]["treated"], "Low risk, treated"),
+                  ("high", block["groups"]["high"]["treated"], "High risk, treated"),
+                  ("control", block["control"], "Control")]
+        for key, km, text in curves:
+            if not km:
+                continue
+            hr = None if key == "control" else block["groups"][key]["vs_control"]["hazard_ratio_treated_vs_control"]
+            legend = f"{text} (n={km['n']}): m{label} {_median(km)}" + (f"; HR vs control {_hr(hr)}" if hr else "")
+            _km_step(ax, km["curve"], PREDICTIVE_COLOURS[key], legend)
+        interaction = block.get("interaction")
+        title = (f"risk group x treatment interaction {_p_with_sign(interaction['p'])}" if interaction
+                 else "interaction not estimable")
+        ax.legend(loc="upper right", fontsize=7.5, title=title, title_fontsize=8)
+        ax.set_ylim(-0.02, 1.42)
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+        ax.set_xlabel("Months")
+        ax.set_ylabel(f"{label} probability")
+        ax.grid(alpha=0.25)
+        ax.set_title(f"{label}: treated by integrated risk group vs control", fontsize=10)
+    return _save(figure, path)
+
+
 def _draw_figures(report: Mapping[str, Any], folder: Path) -> list[dict[str, Any]]:
     import matplotlib
 
@@ -621,6 +689,10 @@ def _draw_figures(report: Mapping[str, Any], folder: Path) -> list[dict[str, Any
             draw(*args, folder / name)
             figures.append({"kind": kind, "split": split, "title": title, "file": f"{FIGURES_FOLDER}/{name}"})
 
+        stability = training.get("stability") or {}
+        if stability.get("ran") and stability.get("features"):
+            add("stability-icc", None, "Stability screen: ICC of every candidate feature", _stability_figure,
+                stability)
         add("lasso-cv", None, "LASSO-Cox cross-validation curve", _lasso_cv_figure, lasso)
         if lasso.get("coefficient_path"):
             add("lasso-path", None, "LASSO-Cox coefficient path", _lasso_path_figure, lasso["coefficient_path"],
@@ -648,6 +720,10 @@ def _draw_figures(report: Mapping[str, Any], folder: Path) -> list[dict[str, Any
             if entry.get("overall_survival"):
                 add("km-os", split, f"{pretty}: Kaplan-Meier OS by integrated risk group", _km_os_figure,
                     split, entry)
+        predictive = report.get("predictive") or {}
+        if predictive.get("pfs"):
+            add("km-predictive", None, "Treated risk groups vs control (the paper's Figure 7)", _predictive_figure,
+                predictive)
     return figures
 
 
@@ -809,7 +885,9 @@ def _render_html(report: Mapping[str, Any], folder: Path) -> str:
         "reached; NA = not available (reason given below).</p>")
     sections = [("cohort", "Cohort"), ("performance", "Performance (Table 3)"), ("km", "Risk groups"),
                 ("features", "Radiomics signature"), ("clinical", "Clinical variables"),
-                ("integrated", "Integrated model"), ("splits", "Figures per split"),
+                ("integrated", "Integrated model"), ("robust", "Robust features"),
+                ("internal", "Internal validation"), ("predictive", "Treatment comparison (Figure 7)"),
+                ("splits", "Figures per split"),
                 ("extraction", "Feature extraction"), ("notes", "Notes, warnings and timings")]
     add("<nav><ul>" + "".join(f'<li><a href="#{key}">{_e(title)}</a></li>' for key, title in sections)
         + "</ul></nav>")
@@ -857,7 +935,9 @@ def _render_html(report: Mapping[str, Any], folder: Path) -> str:
     cv = lasso["cv"]
     add(f"<p>{training['candidate_features']} candidate features; dropped before LASSO: "
         f"{len(training['dropped_features']['non_finite'])} with a non-finite value in training, "
-        f"{len(training['dropped_features']['zero_variance'])} constant. {cv['folds']}-fold cross-validation "
+        f"{len(training['dropped_features']['zero_variance'])} constant, "
+        f"{len(training['dropped_features'].get('unstable', []))} unstable under perturbation "
+        f"(<a href=\"#robust\">stability screen</a>). {cv['folds']}-fold cross-validation "
         f"({_e(cv['scheme'])}, seed {cv['seed']}), {cv['n_alphas']} alphas from {cv['alpha_max']:.4g} to "
         f"{cv['alpha_min_path']:.4g}; best alpha {cv['alpha_best']:.4g} (mean C {_num(cv['best_mean_c_index'])} "
         f"± {_num(cv['best_se_c_index'])}), 1-SE alpha {cv['alpha_1se']:.4g}; rule <code>{_e(lasso['selection'])}"
@@ -907,6 +987,10 @@ def _render_html(report: Mapping[str, Any], folder: Path) -> str:
         f"{_e(radiomics_only)}.</p>")
     add(_figures_of(report, folder, "forest-integrated"))
 
+    _robust_section(add, report, folder)
+    _internal_section(add, report)
+    _predictive_section(add, report, folder)
+
     # Per split figures
     add('<h2 id="splits">Figures per split</h2>')
     for split, entry in report["splits"].items():
@@ -937,10 +1021,12 @@ def _render_html(report: Mapping[str, Any], folder: Path) -> str:
     else:
         add("<p>No extraction failure.</p>")
     dropped = training["dropped_features"]
-    if dropped["non_finite"] or dropped["zero_variance"]:
+    if dropped["non_finite"] or dropped["zero_variance"] or dropped.get("unstable"):
         add("<h3>Candidate features dropped before LASSO</h3>")
         add(_table(["reason", "features"], [["non-finite in training", ", ".join(dropped["non_finite"]) or "none"],
-                                            ["zero variance", ", ".join(dropped["zero_variance"]) or "none"]]))
+                                            ["zero variance", ", ".join(dropped["zero_variance"]) or "none"],
+                                            ["unstable (ICC below the threshold)",
+                                             f"{len(dropped.get('unstable', []))} features (listed in report.json)"]]))
     excluded = [[_pretty_split(split), item["row"], item["reason"]]
                 for split, entry in report["splits"].items() for item in entry["excluded"]]
     if excluded:
@@ -957,6 +1043,146 @@ def _render_html(report: Mapping[str, Any], folder: Path) -> str:
     add(_table(["software", "version"], [[k, v] for k, v in report["software"].items()]))
     add("</body></html>\n")
     return "".join(out)
+
+
+def _robust_section(add, report: Mapping[str, Any], folder: Path) -> None:
+    training = report["training"]
+    stability = training.get("stability") or {}
+    log = training.get("log_transform") or {}
+    add('<h2 id="robust">Robust features: log transform and stability screen</h2>')
+    if log:
+        rule = log.get("rule") or ("none" if log["setting"] == "none" else "the features listed in the spec")
+        selected = log.get("transformed_selected") or []
+        add(f"<p>Log transform (<code>preprocessing.log_transform = {_e(json.dumps(log['setting']))}</code>): "
+            f"{_e(rule)}. {log['transformed_candidates']} candidate features were transformed with signed_log1p "
+            "(sign(x)·log1p(|x|)) before z-scoring; selected among them: "
+            f"{_e(', '.join(selected) or 'none')}.</p>")
+    if not stability:
+        return
+    if not stability.get("ran"):
+        add(f"<p>Stability screen not run: {_e(stability.get('note') or 'switched off')}.</p>")
+        return
+    extraction = report["extraction"].get("stability") or {}
+    add(f"<p>Stability screen (Zwanenburg et al., Sci Rep 2019): {stability['patients_screened']} training patients "
+        f"re-extracted under {_e(', '.join(stability['perturbations']))} (noise SD {stability['noise_sd_hu']:g} HU, "
+        f"shift {stability['shift_voxels']:g} voxel, dilation/erosion by one voxel, ball); "
+        f"{_e(stability['icc_formula'])}. Kept {stability['features_kept']} of {stability['features_screened']} "
+        f"candidate features with {_e(stability['icc'])} &ge; {stability['icc_threshold']:g}"
+        + (f"; perturbed extractions took {_num(extraction.get('seconds'), 1)} s" if extraction else "") + ".</p>")
+    add(_figures_of(report, folder, "stability-icc"))
+    selected = {f["name"] for f in training["selected_features"]}
+    rows = sorted(stability["features"], key=lambda row: (row["icc"] is None, -(row["icc"] or 0.0)))
+    shown = [row for row in rows if row["name"] in selected] + [row for row in rows if not row["kept"]][:40]
+    add("<h3>ICC of the selected features and of the least stable candidates</h3>")
+    add(_table(["Feature", "ICC", "patients", "kept", "selected"],
+               [[row["name"], _num(row["icc"]), row["patients"], "yes" if row["kept"] else "no",
+                 "yes" if row["name"] in selected else ""] for row in shown], numeric=(1, 2)))
+    add('<p class="note">Every candidate\'s ICC is in report.json (<code>training.stability.features</code>).</p>')
+    if extraction.get("failures"):
+        add(_table(["perturbation", "CSV line", "reason"],
+                   [[f["perturbation"], f["row"], f["reason"]] for f in extraction["failures"]], numeric=(1,)))
+
+
+def _internal_section(add, report: Mapping[str, Any]) -> None:
+    internal = report["training"].get("internal_validation") or {}
+    add('<h2 id="internal">Internal validation</h2>')
+    boot = internal.get("bootstrap") or {}
+    if boot.get("integrated"):
+        rows = []
+        for model in MODELS:
+            block = boot[model]
+            rows.append([MODEL_LABELS[model], _num(block["apparent"]), _num(block["optimism"]),
+                         _num(block["corrected"])])
+        slope = boot.get("calibration_slope")
+        if slope:
+            rows.append(["Calibration slope (integrated)", _num(slope["apparent"]), _num(slope["optimism"]),
+                         _num(slope["corrected"])])
+        add(_table(["Training split", "apparent", "optimism", "optimism-corrected"], rows, numeric=(1, 2, 3)))
+        skipped = "; ".join(f"{count} × {reason}" for reason, count in boot.get("skipped", {}).items())
+        add(f'<p class="note">{_e(boot["method"])}: {boot["resamples_used"]} of {boot["resamples"]} bootstrap '
+            f"resamples (seed {boot['seed']}) refitted with <code>refit = {_e(boot['refit'])}</code>"
+            + (" (the LASSO-Cox path down to the chosen alpha, then the integrated Cox of the kept clinical "
+               "variables; the alpha is not cross-validated again)" if boot["refit"] == "fixed-alpha"
+               else " (the whole method, cross-validation included)")
+            + "; optimism = mean(C on the resample − C of the refitted model on the training split)."
+            + (f" Skipped: {_e(skipped)}." if skipped else "") + "</p>")
+    else:
+        add(f"<p>Bootstrap optimism correction not available: {_e(boot.get('note') or 'not run')}.</p>")
+    ph = internal.get("proportional_hazards") or {}
+    if ph.get("terms"):
+        add("<h3>Proportional hazards (integrated model, training)</h3>")
+        add(_table(["Term", "χ² (rank)", "p (rank)", "χ² (KM)", "p (KM)"],
+                   [[t["name"], _num(t["statistic_rank"]), _p(t["p_rank"]), _num(t["statistic_km"]), _p(t["p_km"])]
+                    for t in ph["terms"]], numeric=(1, 2, 3, 4)))
+        add(f'<p class="note">{_e(ph["method"])}. A small p says the term\'s effect changes over follow-up, so '
+            "one hazard ratio (and the predicted PFS at 6 and 12 months) describes it less well.</p>")
+    rows = []
+    for split, entry in report["splits"].items():
+        evaluation = entry.get("evaluation")
+        if not evaluation:
+            continue
+        for model in MODELS:
+            summary = evaluation[model].get("calibration_summary") or {}
+            brier = evaluation[model].get("integrated_brier_score") or {}
+            rows.append([_pretty_split(split), MODEL_LABELS[model],
+                         _ci(summary.get("slope"), summary.get("slope_ci_low"), summary.get("slope_ci_high"), 2),
+                         _num(summary.get("intercept_log_o_e"), 2),
+                         f"{summary.get('observed_events', 'NA')} / {_num(summary.get('expected_events'), 1)}",
+                         _num(brier.get("model")), _num(brier.get("kaplan_meier")),
+                         summary.get("reason") or brier.get("reason") or ""])
+    if rows:
+        add("<h3>Calibration slope and intercept, integrated Brier score (per split)</h3>")
+        add(_table(["Split", "Model", "slope (95% CI)", "intercept log(O/E)", "observed / expected events",
+                    "IBS model", "IBS Kaplan-Meier", "note"], rows, numeric=(2, 3, 4, 5, 6)))
+        add('<p class="note">Slope: Cox coefficient of the linear predictor in the split (1 = ideal). Intercept: '
+            "calibration-in-the-large, log(observed/expected events) up to the last horizon (0 = ideal; Crowson et "
+            "al. 2016). IBS: integrated Brier score of the predicted PFS curves up to the last horizon "
+            "(scikit-survival, IPCW from training), beside the training Kaplan-Meier curve given to everyone; "
+            "lower is better.</p>")
+
+
+def _predictive_section(add, report: Mapping[str, Any], folder: Path) -> None:
+    predictive = report.get("predictive")
+    add('<h2 id="predictive">Treatment comparison: treated risk groups vs control (the paper\'s Figure 7)</h2>')
+    if not predictive:
+        add("<p>The cohort has no <code>control</code> split, so there is no treatment comparison.</p>")
+        return
+    if predictive.get("reason") or not predictive.get("pfs"):
+        add(f"<p>Not computed: {_e(predictive.get('reason') or 'see warnings')}.</p>")
+        return
+    add(f"<p>Treated: splits {_e(', '.join(predictive['treated_splits']))} "
+        f"(<code>evaluation.treated_splits = {_e(predictive['treated_rule'])}</code>); control: the "
+        f"<code>control</code> split; risk groups: {_e(predictive['risk_groups'])}.</p>")
+    for endpoint, label in (("pfs", "PFS"), ("os", "OS")):
+        block = predictive.get(endpoint)
+        if not block:
+            continue
+        rows = []
+        for group in ("high", "low"):
+            entry = block["groups"][group]
+            for versus, text in (("vs_control", "all control patients"),
+                                 ("vs_control_same_risk", f"control patients at {group} risk")):
+                comparison = entry[versus]
+                control = block["control"] if versus == "vs_control" else entry["control_same_risk"]
+                logrank = comparison.get("logrank")
+                rows.append([f"{GROUP_LABELS[group]}, treated", _median(entry["treated"]), text, _median(control),
+                             _hr(comparison.get("hazard_ratio_treated_vs_control")),
+                             _p((comparison.get("hazard_ratio_treated_vs_control") or {}).get("p")),
+                             _p(logrank["p"] if logrank else None), comparison.get("reason") or ""])
+        add(f"<h3>{label}</h3>")
+        add(_table(["Treated group", f"median {label} (95% CI)", "versus", f"median {label} (95% CI)",
+                    "HR treated vs control (95% CI)", "Wald p", "log-rank p", "note"], rows,
+                   numeric=(1, 3, 4, 5, 6)))
+        interaction = block.get("interaction")
+        if interaction:
+            add(_table(["Term", "coef", "HR (95% CI)", "p"], _cox_rows(interaction["table"]), numeric=(1, 2, 3)))
+            add(f"<p>Risk group × treatment interaction ({_e(interaction['model'])}, n = {interaction['n']}, "
+                f"{interaction['events']} events): HR {_hr(interaction)}, p = {_p(interaction['p'])}. A small p says "
+                "the treatment effect differs between the risk groups: the model is predictive of treatment benefit, "
+                "not only prognostic.</p>")
+        else:
+            add(f"<p>Interaction not estimable: {_e(block.get('reason') or 'see warnings')}.</p>")
+    add(_figures_of(report, folder, "km-predictive"))
 
 
 # --------------------------------------------------------------------------- writing

@@ -41,6 +41,29 @@ cut-off) side by side:
   threshold, both counted with the Kaplan-Meier estimate so that censored
   patients are handled.
 
+* **Calibration slope and intercept** (`calibration_summary`): the slope is
+  the Cox coefficient of the model's linear predictor refitted in the split
+  (van Houwelingen; 1 = ideal, < 1 = predictions too extreme); the intercept
+  is calibration-in-the-large, log(O/E) with O the observed events and E the
+  expected ones, sum of H0(min(t_i, horizon)) * exp(lp_i - centre) with
+  H0 = -log S0 the model's baseline cumulative hazard and t_i each patient's
+  follow-up truncated at the last horizon (Crowson, Atkinson & Therneau,
+  Stat Methods Med Res 2016;25:1692; 0 = ideal, > 0 = more events than
+  predicted).  At each horizon also the mean predicted S(t) and the
+  Kaplan-Meier S(t) of the whole split.
+* **Integrated Brier score** (`integrated_brier_score`): scikit-survival's
+  ``integrated_brier_score`` (IPCW from the training split) of the predicted
+  PFS curve over 50 equally spaced times from the split's first observation
+  to the last horizon (or the split's last follow-up, if earlier), beside the
+  same score of the training Kaplan-Meier curve given to everyone (the
+  no-covariate reference; a useful model has the lower score).
+* **Predictive analysis** (`predictive_analysis`, the paper's Figure 7), for
+  a ``control`` split treated otherwise: within each risk group, Kaplan-Meier
+  PFS of treated vs control patients, the HR treated vs control (Cox, Wald)
+  and the log-rank p; and the Cox model ``high + treated + high:treated`` on
+  all of them, whose interaction term tests whether the treatment effect
+  differs between the risk groups.
+
 Kaplan-Meier values at t (calibration, decision curve) carry the last value
 forward past a group's last observation (R's ``summary(survfit, extend=TRUE)``);
 horizons beyond the whole split's follow-up are None with a reason.
@@ -77,6 +100,9 @@ __all__ = [
     "SplitEvaluation",
     "bootstrap_c_index",
     "calibration",
+    "calibration_summary",
+    "integrated_brier_score",
+    "predictive_analysis",
     "calibration_group_count",
     "decision_curve",
     "evaluate_split",
@@ -135,6 +161,159 @@ def kaplan_meier_at(time: np.ndarray, event: np.ndarray, months: float) -> tuple
         return 1.0, None, None
     low, high = float(interval[0, steps - 1]), float(interval[1, steps - 1])
     return float(survival[steps - 1]), (low if math.isfinite(low) else None), (high if math.isfinite(high) else None)
+
+
+def _baseline_cumulative_hazard(baseline: BaselineSurvival, months: np.ndarray) -> np.ndarray:
+    """H0(t) = -log S0(t) at each time (S0 a right-continuous step function, 1 before its first step)."""
+    times = np.asarray(baseline.times, dtype=float)
+    survival = np.asarray(baseline.survival, dtype=float)
+    steps = np.searchsorted(times, months, side="right")
+    with np.errstate(divide="ignore"):
+        return np.where(steps == 0, 0.0, -np.log(survival[np.maximum(steps - 1, 0)]))
+
+
+def calibration_summary(time: np.ndarray, event: np.ndarray, linear_predictor: np.ndarray,
+                        baseline: BaselineSurvival, horizons: Sequence[float]) -> dict[str, Any]:
+    """Calibration slope (Cox coefficient of the lp) and intercept (log O/E), module docstring."""
+    result: dict[str, Any] = {"slope": None, "slope_ci_low": None, "slope_ci_high": None, "slope_p_vs_1": None,
+                              "intercept_log_o_e": None, "observed_events": None, "expected_events": None,
+                              "truncated_at_months": None, "horizons": [], "reason": None}
+    horizon = min(max(horizons), baseline.valid_until)
+    follow = np.minimum(time, horizon)
+    observed = int(np.sum(event & (time <= horizon)))
+    expected = float(np.sum(_baseline_cumulative_hazard(baseline, follow) * np.exp(linear_predictor - baseline.centre)))
+    result.update(observed_events=observed, expected_events=expected, truncated_at_months=horizon)
+    if observed > 0 and expected > 0:
+        result["intercept_log_o_e"] = math.log(observed / expected)
+    for months in horizons:
+        if months > baseline.valid_until or months > time.max():
+            continue
+        predicted = _predicted_pfs(baseline, linear_predictor, months)
+        km, low, high = kaplan_meier_at(time, event, months)
+        result["horizons"].append({"months": months, "mean_predicted": float(predicted.mean()), "observed": km,
+                                   "observed_ci_low": low, "observed_ci_high": high})
+    if np.ptp(linear_predictor) == 0 or not event.any():
+        result["reason"] = "the linear predictor is constant or there is no event"
+        return result
+    frame = pd.DataFrame({"time": time, "event": event, "lp": linear_predictor})
+    try:
+        fit = stats.cox_fit(frame, "time", "event", ["lp"]).coefficients["lp"]
+    except stats.CoxFitError as exc:
+        result["reason"] = f"slope not estimable: {exc}"
+        return result
+    from scipy.stats import norm
+
+    result.update(slope=fit.coef, slope_ci_low=fit.coef - 1.959963984540054 * fit.se,
+                  slope_ci_high=fit.coef + 1.959963984540054 * fit.se,
+                  slope_p_vs_1=float(2 * norm.sf(abs(fit.coef - 1.0) / fit.se)))
+    return result
+
+
+def integrated_brier_score(train_time: np.ndarray, train_event: np.ndarray, time: np.ndarray, event: np.ndarray,
+                           baseline: BaselineSurvival, linear_predictor: np.ndarray,
+                           horizons: Sequence[float]) -> dict[str, Any]:
+    """IBS of the model's PFS curves and of the training Kaplan-Meier curve (module docstring)."""
+    from sksurv.metrics import integrated_brier_score as sksurv_ibs
+    from sksurv.nonparametric import kaplan_meier_estimator
+
+    start = float(time.min())
+    end = min(float(max(horizons)), baseline.valid_until, float(time.max()) * (1 - 1e-9),
+              float(train_time.max()) * (1 - 1e-9))
+    result: dict[str, Any] = {"model": None, "kaplan_meier": None, "from_months": start, "to_months": end,
+                              "times": 50, "reason": None}
+    if end <= start:
+        result["reason"] = f"no time window: the split's observations span {start:g}-{time.max():g} months"
+        return result
+    grid = np.linspace(start, end, 50)
+    predicted = np.array([[baseline.survival_at(t, lp) for t in grid] for lp in linear_predictor])
+    km_times, km_survival = kaplan_meier_estimator(train_event, train_time)
+    steps = np.searchsorted(km_times, grid, side="right")
+    reference = np.where(steps == 0, 1.0, km_survival[np.maximum(steps - 1, 0)])
+    try:
+        result["model"] = float(sksurv_ibs(_survival_y(train_time, train_event), _survival_y(time, event),
+                                           predicted, grid))
+        result["kaplan_meier"] = float(sksurv_ibs(_survival_y(train_time, train_event), _survival_y(time, event),
+                                                  np.tile(reference, (len(time), 1)), grid))
+    except ValueError as exc:
+        result["reason"] = f"not computable here ({exc})"
+    return result
+
+
+def _arm_comparison(time: np.ndarray, event: np.ndarray, treated: np.ndarray) -> dict[str, Any]:
+    """HR treated vs control (Cox, Wald) and log-rank p among the given patients."""
+    entry: dict[str, Any] = {"n_treated": int(treated.sum()), "n_control": int((~treated).sum()),
+                             "hazard_ratio_treated_vs_control": None, "logrank": None, "reason": None}
+    if not treated.any() or treated.all():
+        entry["reason"] = "no treated or no control patient"
+        return entry
+    if not event.any():
+        entry["reason"] = "no events"
+        return entry
+    frame = pd.DataFrame({"time": time, "event": event, "treated": treated.astype(float),
+                          "arm": np.where(treated, "treated", "control")})
+    test = stats.logrank(frame, "time", "event", "arm")
+    entry["logrank"] = {"chi2": test["chi2"], "df": test["df"], "p": test["p"]}
+    try:
+        cox = stats.cox_fit(frame, "time", "event", ["treated"]).coefficients["treated"]
+    except stats.CoxFitError as exc:
+        entry["reason"] = f"hazard ratio not estimable: {exc}"
+        return entry
+    entry["hazard_ratio_treated_vs_control"] = {"hr": cox.hr, "ci_low": cox.ci_low, "ci_high": cox.ci_high,
+                                                "p": cox.p}
+    return entry
+
+
+def _km_block(time: np.ndarray, event: np.ndarray) -> dict[str, Any] | None:
+    if not len(time):
+        return None
+    km = stats.kaplan_meier(pd.DataFrame({"t": time, "e": event}), "t", "e")["groups"]["all"]
+    return {**km, "curve": _km_curve(time, event)}
+
+
+def predictive_analysis(treated_time: np.ndarray, treated_event: np.ndarray, treated_high: np.ndarray,
+                        control_time: np.ndarray, control_event: np.ndarray, control_high: np.ndarray
+                        ) -> dict[str, Any]:
+    """Treated risk groups vs control, and the risk-group x treatment interaction (module docstring).
+
+    ``groups[high|low]``: Kaplan-Meier of the treated patients of that risk
+    group; ``vs_control`` compares them with the whole control group (the
+    paper's Figure 7: three curves, high-risk treated, low-risk treated,
+    control); ``vs_control_same_risk`` with the control patients the model
+    puts in the same risk group (the comparison the interaction test makes).
+    """
+    time = np.concatenate([treated_time, control_time]).astype(float)
+    event = np.concatenate([treated_event, control_event]).astype(bool)
+    high = np.concatenate([treated_high, control_high]).astype(bool)
+    treated = np.concatenate([np.ones(len(treated_time), bool), np.zeros(len(control_time), bool)])
+    result: dict[str, Any] = {"n_treated": int(len(treated_time)), "n_control": int(len(control_time)),
+                              "control": _km_block(time[~treated], event[~treated]), "groups": {},
+                              "interaction": None, "reason": None}
+    for label, members in (("high", high), ("low", ~high)):
+        in_group_treated = members & treated
+        versus_all = in_group_treated | ~treated
+        result["groups"][label] = {
+            "treated": _km_block(time[in_group_treated], event[in_group_treated]),
+            "control_same_risk": _km_block(time[members & ~treated], event[members & ~treated]),
+            "vs_control": _arm_comparison(time[versus_all], event[versus_all], treated[versus_all]),
+            "vs_control_same_risk": _arm_comparison(time[members], event[members], treated[members]),
+        }
+    frame = pd.DataFrame({"time": time, "event": event, "high_risk": high.astype(float),
+                          "treated": treated.astype(float), "high_risk:treated": (high & treated).astype(float)})
+    try:
+        fit = stats.cox_fit(frame, "time", "event", ["high_risk", "treated", "high_risk:treated"])
+    except (stats.CoxFitError, stats.SurvivalDataError) as exc:
+        result["reason"] = f"interaction model not estimable: {exc}"
+        return result
+    table = [{"name": name, "coef": c.coef, "hr": c.hr, "ci_low": c.ci_low, "ci_high": c.ci_high, "se": c.se,
+              "z": c.z, "p": c.p} for name, c in fit.coefficients.items()]
+    term = fit.coefficients["high_risk:treated"]
+    result["interaction"] = {
+        "model": "Cox (Efron ties): high_risk + treated + high_risk:treated",
+        "table": table,
+        "coef": term.coef, "hr": term.hr, "ci_low": term.ci_low, "ci_high": term.ci_high, "p": term.p,
+        "n": fit.n, "events": fit.events,
+    }
+    return result
 
 
 def _harrell_c(time: np.ndarray, event: np.ndarray, score: np.ndarray) -> float | None:
@@ -458,7 +637,17 @@ def evaluate_split(
             time, event, baseline, linear_predictor, horizons,
             "the model file has no radiomics-only baseline survival (training_summary.radiomics_only_cox)",
         )
+        if baseline is None:
+            reason = "the model file has no radiomics-only baseline survival"
+            summary_block = {"reason": reason}
+            brier = {"model": None, "kaplan_meier": None, "reason": reason}
+        else:
+            summary_block = calibration_summary(time, event, linear_predictor, baseline, horizons)
+            brier = integrated_brier_score(train_time, train_event, time, event, baseline, linear_predictor,
+                                           horizons)
         blocks[name] = {
+            "calibration_summary": summary_block,
+            "integrated_brier_score": brier,
             "score": "radiomics_score" if name == "radiomics" else "risk_score",
             "cutoff": cutoff,
             "c_index": c_index[name],

@@ -6,8 +6,22 @@ The steps, in order (`fit_integrated_model`):
    ``REGION.IMAGETYPE_CLASS_FEATURE`` (`scoring.types.FeatureSpec`) and must be
    something the spec's extraction produces.  Columns with any non-finite value
    in training, then columns with zero variance, are dropped and reported.
-   The rest are z-scored with the training mean and the *sample* SD (ddof=1,
-   as R's ``scale()``); those two numbers go into the model file.
+   **Log transform** (``[preprocessing] log_transform``): ``"auto"`` gives
+   ``signed_log1p`` (sign(x)·log1p(|x|), `scoring.domain.transform_array`) to
+   every candidate whose training values are all >= 0 and whose sample
+   skewness (``scipy.stats.skew(bias=False)``, the adjusted Fisher-Pearson
+   G1) exceeds ``log_skewness`` (default 1.0): the heavy-tailed, size-like
+   features (volumes, non-uniformities, zone emphases) whose raw z-scores
+   let one large tumour dominate the score.  A list names the features
+   instead; ``"none"`` transforms nothing.  The transform is applied before
+   everything that follows, and written per feature into the model file.
+   **Stability screen** (``[stability]``, `scoring.training.stability`): with
+   the perturbed re-extractions of a training subsample, the ICC of every
+   candidate over the original and perturbed extractions (on the transformed
+   scale) is computed; features below ``icc_threshold`` are dropped and
+   reported.  The rest are z-scored with the training mean and the *sample*
+   SD (ddof=1, as R's ``scale()``) of the (transformed) values; those two
+   numbers go into the model file.
 2. **LASSO-Cox** (`LassoCoxSelector`): scikit-survival's
    ``CoxnetSurvivalAnalysis(l1_ratio=1)`` fitted on all training patients gives
    the alpha path; the same path is refitted in each of ``cv_folds`` folds
@@ -71,13 +85,14 @@ from sklearn.model_selection import StratifiedKFold
 
 from scoring import stats
 from scoring.clinical import ClinicalRecord
+from scoring.domain import DomainRule, domain_from_training, transform_array
 from scoring.errors import ClinicalRecordError, InputError
-from scoring.domain import DomainRule, domain_from_training
 from scoring.model import RADIOMICS_SCORE_TERM, REQUIRED_HORIZON_MONTHS, SCHEMA_VERSION, FrozenModel, seal
 # The model file's rule for which image types an extraction produces; reused so
 # training refuses a feature the frozen model could never be given.
 from scoring.model import _produced_image_type_problem as model_image_type_problem
-from scoring.training.spec import ClinicalCandidate, LassoSpec, TrainingSpec
+from scoring.training.spec import ClinicalCandidate, LassoSpec, PreprocessingSpec, TrainingSpec
+from scoring.training.stability import StabilityScreen, stability_screen
 from scoring.types import FeatureSpec
 
 __all__ = [
@@ -92,7 +107,10 @@ __all__ = [
 # Outcome columns of the internal analysis frame; a leading underscore cannot
 # clash with a candidate name (model-file names start with a letter or digit).
 TIME, EVENT = "_time", "_event"
-STANDARDISATION = "z = (x - training mean) / training sample SD (ddof=1)"
+STANDARDISATION = "z = (T(x) - training mean) / training sample SD (ddof=1), T = the feature's transform"
+LOG_TRANSFORM = "signed_log1p"
+AUTO_LOG_RULE = ("signed_log1p when every training value is >= 0 and the sample skewness "
+                 "(scipy.stats.skew, bias=False) exceeds {threshold:g}")
 #: The applicability-domain rule written into every model (docs/model-format.md says why).
 DOMAIN_RULE = DomainRule(margin_fraction=0.1, max_abs_z=None)
 
@@ -148,6 +166,43 @@ def _harrell_c(time: np.ndarray, event: np.ndarray, score: np.ndarray) -> float:
     from sksurv.metrics import concordance_index_censored
 
     return float(concordance_index_censored(event, time, score)[0])
+
+
+def choose_log_transforms(raw: np.ndarray, names: Sequence[str], spec: PreprocessingSpec) -> dict[str, str]:
+    """``{name: "none" | "signed_log1p"}`` for every column of ``raw`` (finite, training rows), by the spec's rule."""
+    if spec.log_transform == "none":
+        return {name: "none" for name in names}
+    if spec.log_transform == "auto":
+        chosen = {}
+        for j, name in enumerate(names):
+            column = raw[:, j]
+            skewness = float(sps.skew(column, bias=False)) if np.ptp(column) > 0 else 0.0
+            heavy = bool(column.min() >= 0 and math.isfinite(skewness) and skewness > spec.log_skewness)
+            chosen[name] = LOG_TRANSFORM if heavy else "none"
+        return chosen
+    unknown = [name for name in spec.log_transform if name not in set(names)]
+    if unknown:
+        raise TrainingDataError(
+            f"preprocessing.log_transform names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'}"
+            " not a usable candidate feature (not extracted, or dropped as non-finite or constant)"
+        )
+    wanted = set(spec.log_transform)
+    return {name: LOG_TRANSFORM if name in wanted else "none" for name in names}
+
+
+def apply_transforms(raw: np.ndarray, transforms: Sequence[str]) -> np.ndarray:
+    """Each column of ``raw`` through its transform (`scoring.domain.transform_array`)."""
+    out = np.array(raw, dtype=float, copy=True)
+    for j, kind in enumerate(transforms):
+        if kind != "none":
+            out[..., j] = transform_array(kind, out[..., j])
+    return out
+
+
+def _transformed_frame(table: pd.DataFrame, names: Sequence[str], transforms: Mapping[str, str]) -> pd.DataFrame:
+    values = table.reindex(columns=list(names)).apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    return pd.DataFrame(apply_transforms(values, [transforms[name] for name in names]), index=table.index,
+                        columns=list(names))
 
 
 # --------------------------------------------------------------------------- LASSO-Cox
@@ -291,6 +346,10 @@ class FittedIntegratedModel:
     radiomics_score: tuple[float, ...]
     risk_score: tuple[float, ...]
     diagnostics: Mapping[str, Any]
+    #: What internal validation refits on each bootstrap resample (`scoring.training.validation`):
+    #: ``x`` (training rows x LASSO candidates, transformed), ``names``, ``alphas`` (the path down to
+    #: the chosen alpha), ``clinical`` (encoded candidates), ``survivors`` (kept clinical terms).
+    design: Mapping[str, Any] | None = None
 
     @property
     def radiomics_cutoff(self) -> float:
@@ -460,6 +519,29 @@ def _breslow(linear_predictor: np.ndarray, centre: float, time: np.ndarray, even
     }
 
 
+def _stability(features: pd.DataFrame, names: list[str], transforms: Mapping[str, str], transformed: np.ndarray,
+               spec: TrainingSpec, perturbed: Mapping[str, pd.DataFrame] | None
+               ) -> tuple[StabilityScreen | None, dict[str, Any]]:
+    """The screen over the usable candidates (transformed scale), and what the model file records of it."""
+    settings = spec.stability.as_mapping()
+    if not spec.stability.enabled:
+        return None, {**settings, "ran": False, "note": "switched off (stability.enabled = false)"}
+    if not perturbed:
+        return None, {**settings, "ran": False,
+                      "note": "no perturbed extraction was given (e.g. every training patient has precomputed "
+                              "features), so no feature was screened"}
+    original = pd.DataFrame(transformed, index=features.index, columns=names)
+    screened = [label for label in original.index if all(label in table.index for table in perturbed.values())]
+    tables = {name: _transformed_frame(table, names, transforms) for name, table in perturbed.items()}
+    screen = stability_screen(original.loc[screened], tables, threshold=spec.stability.icc_threshold,
+                              kind=spec.stability.icc, settings=settings)
+    if screen.patients < 3:
+        note = (f"only {screen.patients} training patients have every perturbed extraction (need 3);"
+                " no feature was screened")
+        return None, {**settings, "ran": False, "note": note}
+    return screen, screen.summary()
+
+
 def _software_versions() -> dict[str, str]:
     import sklearn
     import sksurv
@@ -495,6 +577,7 @@ def fit_integrated_model(
     *,
     cohort: str | None = None,
     created: str | None = None,
+    perturbed: Mapping[str, pd.DataFrame] | None = None,
 ) -> FittedIntegratedModel:
     """Run the paper's method on one training split (module docstring) and return the unfrozen model.
 
@@ -502,6 +585,10 @@ def fit_integrated_model(
     ``clinical``: one `ClinicalRecord` per row; ``time`` in months (> 0);
     ``event`` True for progression.  ``cohort`` describes the training data in
     ``training_summary``; ``created`` (ISO 8601) defaults to now (UTC).
+    ``perturbed``: perturbation name -> raw features of the stability
+    subsample, indexed by labels of ``features.index`` (see
+    `node.training.extraction.extract_perturbed_features`); with
+    ``[stability] enabled`` and no ``perturbed`` the screen is recorded as not run.
     Raises `TrainingDataError` (or `NoFeatureSelectedError`) with the reason.
     """
     if not isinstance(features, pd.DataFrame):
@@ -537,12 +624,25 @@ def fit_integrated_model(
     names = [str(c) for c in features.columns]
     if not usable.any():
         raise TrainingDataError(f"none of the {len(names)} candidate features is finite and non-constant in training")
+    finite_names = [name for name, keep in zip(names, usable) if keep]
+    transforms = choose_log_transforms(raw[:, usable], finite_names, spec.preprocessing)
+    transformed = apply_transforms(raw[:, usable], [transforms[name] for name in finite_names])
+    screen, stability_summary = _stability(features, finite_names, transforms, transformed, spec, perturbed)
+    unstable = set(screen.dropped) if screen is not None else set()
+    stable = np.array([name not in unstable for name in finite_names], dtype=bool)
+    if not stable.any():
+        raise TrainingDataError(
+            f"the stability screen kept none of the {len(finite_names)} candidate features"
+            f" ({spec.stability.icc} >= {spec.stability.icc_threshold:g}); lower stability.icc_threshold or check"
+            " the perturbed extractions"
+        )
+    x_lasso = transformed[:, stable]
 
     # 2. LASSO-Cox
     y = _survival_y(time, event)
-    usable_names = [name for name, keep in zip(names, usable) if keep]
+    usable_names = [name for name, keep in zip(finite_names, stable) if keep]
     try:
-        selector = LassoCoxSelector.from_spec(spec.lasso).fit(pd.DataFrame(raw[:, usable], columns=usable_names), y)
+        selector = LassoCoxSelector.from_spec(spec.lasso).fit(pd.DataFrame(x_lasso, columns=usable_names), y)
     except ArithmeticError as exc:
         raise TrainingDataError(
             f"LASSO-Cox failed numerically ({exc}); raise lasso.alpha_min_ratio or check the features"
@@ -555,7 +655,7 @@ def fit_integrated_model(
             + ("; the 'min' rule keeps more features" if spec.lasso.selection == "1se" else "")
             + "; the candidate features may carry no detectable PFS signal in this cohort"
         )
-    radiomics_score = selector.predict(pd.DataFrame(raw[:, usable], columns=usable_names))
+    radiomics_score = selector.predict(pd.DataFrame(x_lasso, columns=usable_names))
     radiomics_cutoff = float(np.median(radiomics_score))
     selected = [
         (feature_specs[names.index(name)], float(selector.mean_[j]), float(selector.scale_[j]), float(selector.coef_[j]))
@@ -635,7 +735,17 @@ def fit_integrated_model(
         "dropped_features": {
             "non_finite": [name for name, bad in zip(names, non_finite) if bad],
             "zero_variance": [name for name, bad in zip(names, zero_variance) if bad],
+            "unstable": [name for name in finite_names if name in unstable],
         },
+        "log_transform": {
+            "setting": (spec.preprocessing.log_transform if isinstance(spec.preprocessing.log_transform, str)
+                        else list(spec.preprocessing.log_transform)),
+            "rule": (AUTO_LOG_RULE.format(threshold=spec.preprocessing.log_skewness)
+                     if spec.preprocessing.log_transform == "auto" else None),
+            "transformed_candidates": sum(1 for kind in transforms.values() if kind != "none"),
+            "transformed_selected": [s.name for s, _, _, _ in selected if transforms[s.name] != "none"],
+        },
+        "stability": stability_summary,
         "standardisation": STANDARDISATION,
         "lasso": {"selection": spec.lasso.selection, "alpha": selector.alpha_, "cv": cv_summary,
                   "selected_features": [{"name": s.name, "coefficient": coef} for s, _, _, coef in selected]},
@@ -667,7 +777,8 @@ def fit_integrated_model(
         "radiomics": {
             "features": [
                 {"region": s.region, "image_type": s.image_type, "feature_class": s.feature_class,
-                 "feature": s.feature, "mean": mean, "sd": sd_value, "coefficient": coef}
+                 "feature": s.feature, "transform": transforms[s.name], "mean": mean, "sd": sd_value,
+                 "coefficient": coef}
                 for s, mean, sd_value, coef in selected
             ],
             "cutoff": radiomics_cutoff,
@@ -685,7 +796,9 @@ def fit_integrated_model(
     diagnostics = {
         **{key: summary[key] for key in ("n", "events", "median_follow_up_months", "median_pfs_months",
                                           "dropped_features", "clinical", "spearman_radiomics_score", "vif",
-                                          "integrated_cox")},
+                                          "integrated_cox", "log_transform")},
+        "transforms": {name: kind for name, kind in transforms.items() if kind != "none"},
+        "stability": screen.as_dict() if screen is not None else stability_summary,
         "c_index_training": {"radiomics": c_radiomics, "integrated": c_integrated},
         "lasso": {
             **summary["lasso"],
@@ -708,6 +821,9 @@ def fit_integrated_model(
         radiomics_score=tuple(float(v) for v in radiomics_score),
         risk_score=tuple(float(v) for v in risk_score),
         diagnostics=diagnostics,
+        design={"x": x_lasso, "names": usable_names, "alphas": selector.alphas_[: selector.alpha_index_ + 1],
+                "clinical": encoded, "survivors": list(survivors), "time": time, "event": event,
+                "feature_names": names, "raw": raw},
     )
     fitted.frozen_model()  # refuse to hand back anything the node would refuse to load
     return fitted

@@ -49,10 +49,44 @@ Sections and keys (defaults in brackets; keys without a default are required):
     threshold); ``"backward"`` refits after dropping the variable with the
     largest p, one at a time, until all remaining p are below the threshold.
 
+``[preprocessing]`` -- what is done to the candidate features before LASSO.
+    ``log_transform`` [``"auto"``]: ``"none"``; ``"auto"`` (signed_log1p,
+    sign(x)·log1p(|x|), for every candidate whose training values are all
+    >= 0 and whose sample skewness exceeds ``log_skewness`` [1.0] -- the
+    heavy-tailed, size-like features; `scoring.training.method`); or an array
+    of feature names to transform.  The transform is applied before
+    z-scoring and written per feature into the model file
+    (``"transform": "signed_log1p"``).
+
+``[stability]`` -- the perturbation stability screen before LASSO
+    (`scoring.training.stability`, after Zwanenburg et al., Sci Rep 2019;9:614).
+    ``enabled`` [true]; ``patients`` [30]: training patients (with images)
+    re-extracted under each perturbation, drawn with ``seed`` [the LASSO seed];
+    ``perturbations`` [all of ``"dilation"``, ``"erosion"`` (the tumour mask
+    grown / shrunk by one voxel, ball structuring element; the ring is rebuilt
+    from it), ``"noise"`` (Gaussian noise of ``noise_sd_hu`` [10.0] HU added),
+    ``"shift"`` (the CT and mask resampled on a grid translated by
+    ``shift_voxels`` [0.5] of a voxel along every axis)]; ``icc``
+    [``"ICC(1,1)"``, or ``"ICC(3,1)"``]; a feature is kept when its ICC over
+    the original and the perturbed extractions is >= ``icc_threshold`` [0.75].
+
+``[validation]`` -- internal validation of the fit on the training split.
+    ``bootstrap`` [200] resamples (0 = off) for Harrell's optimism-corrected
+    C-index and calibration slope; ``refit`` [``"fixed-alpha"``]:
+    ``"fixed-alpha"`` repeats the LASSO-Cox path down to the chosen alpha and
+    the integrated Cox of the kept clinical variables on every resample (no
+    inner cross-validation); ``"full"`` repeats the whole method (LASSO
+    cross-validation, clinical screening), which is slow; ``seed`` [the
+    evaluation seed].
+
 ``[evaluation]`` -- how splits are evaluated (`scoring.training.evaluation`).
     ``horizons_months`` [``[6, 12]``] for the time-dependent AUC, calibration
     and decision curves; ``bootstrap`` [1000] resamples for the C-index
-    confidence interval; ``seed`` (required).
+    confidence interval; ``seed`` (required); ``treated_splits``
+    [``"all"``]: which chemoimmunotherapy patients the predictive analysis
+    (treated vs ``control`` by risk group, the paper's Figure 7) compares with
+    the control split: ``"all"`` (train and validation, as the paper) or
+    ``"validation"``.
 
 A complete example::
 
@@ -133,7 +167,7 @@ from scoring.model import RADIOMICS_SCORE_TERM, ClinicalCovariate, Encoding
 # The model file's own rule for which encodings fit which field; reused so a
 # spec can never describe a covariate that the frozen model would refuse.
 from scoring.model import _encoding_problems as model_encoding_problems
-from scoring.types import REGIONS, ExtractionSettings, RingDefinition
+from scoring.types import REGIONS, ExtractionSettings, FeatureSpec, RingDefinition
 
 __all__ = [
     "ALL_FEATURE_CLASSES",
@@ -144,8 +178,11 @@ __all__ = [
     "ExtractionSpec",
     "LassoSpec",
     "ModelSpec",
+    "PreprocessingSpec",
+    "StabilitySpec",
     "TrainingSpec",
     "TrainingSpecError",
+    "ValidationSpec",
 ]
 
 DEFAULT_FEATURE_CLASSES = ("firstorder", "shape", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
@@ -156,6 +193,10 @@ PYRADIOMICS_IMAGE_TYPES = (
 ALPHA_SELECTION_RULES = ("min", "1se")
 ELIMINATION_RULES = ("single-pass", "backward")
 ENCODING_KINDS = ("indicator", "ordinal", "numeric", "threshold")
+PERTURBATIONS = ("dilation", "erosion", "noise", "shift")
+ICC_KINDS = ("ICC(1,1)", "ICC(3,1)")
+REFIT_RULES = ("fixed-alpha", "full")
+TREATED_SPLITS = ("all", "validation")
 
 # The model-file schema's patterns (models/frozen-model.schema.json), checked
 # here so a spec error names the spec key instead of surfacing after the fit.
@@ -253,6 +294,38 @@ class EvaluationSettings:
     seed: int
     horizons_months: tuple[float, ...] = (6.0, 12.0)
     bootstrap: int = 1000
+    treated_splits: str = "all"
+
+
+@dataclass(frozen=True, slots=True)
+class PreprocessingSpec:
+    #: "none", "auto", or the feature names to transform.
+    log_transform: str | tuple[str, ...] = "auto"
+    log_skewness: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class StabilitySpec:
+    seed: int
+    enabled: bool = True
+    patients: int = 30
+    perturbations: tuple[str, ...] = PERTURBATIONS
+    noise_sd_hu: float = 10.0
+    shift_voxels: float = 0.5
+    icc: str = "ICC(1,1)"
+    icc_threshold: float = 0.75
+
+    def as_mapping(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "patients": self.patients, "seed": self.seed,
+                "perturbations": list(self.perturbations), "noise_sd_hu": self.noise_sd_hu,
+                "shift_voxels": self.shift_voxels, "icc": self.icc, "icc_threshold": self.icc_threshold}
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationSpec:
+    seed: int
+    bootstrap: int = 200
+    refit: str = "fixed-alpha"
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +337,9 @@ class TrainingSpec:
     lasso: LassoSpec
     clinical: ClinicalSpec
     evaluation: EvaluationSettings
+    preprocessing: PreprocessingSpec = field(default_factory=PreprocessingSpec)
+    stability: StabilitySpec = field(default_factory=lambda: StabilitySpec(seed=0))
+    validation: ValidationSpec = field(default_factory=lambda: ValidationSpec(seed=0))
 
     @classmethod
     def from_toml(cls, text: str) -> "TrainingSpec":
@@ -282,13 +358,19 @@ class TrainingSpec:
     def from_mapping(cls, document: Mapping[str, Any]) -> "TrainingSpec":
         """Validate an already-parsed spec (the TOML document as nested dicts)."""
         root = _Table(document, "")
-        root.only({"model", "extraction", "lasso", "clinical", "evaluation"})
+        root.only({"model", "extraction", "lasso", "clinical", "evaluation", "preprocessing", "stability",
+                   "validation"})
+        lasso = _lasso_section(root.table("lasso", required=True))
+        evaluation = _evaluation_section(root.table("evaluation", required=True))
         spec = cls(
             model=_model_section(root.table("model", required=True)),
             extraction=_extraction_section(root.table("extraction", required=True)),
-            lasso=_lasso_section(root.table("lasso", required=True)),
+            lasso=lasso,
             clinical=_clinical_section(root.table("clinical")),
-            evaluation=_evaluation_section(root.table("evaluation", required=True)),
+            evaluation=evaluation,
+            preprocessing=_preprocessing_section(root.table("preprocessing")),
+            stability=_stability_section(root.table("stability"), default_seed=lasso.seed),
+            validation=_validation_section(root.table("validation"), default_seed=evaluation.seed),
         )
         return spec
 
@@ -327,7 +409,16 @@ class TrainingSpec:
                 "multivariate_elimination": self.clinical.multivariate_elimination,
             },
             "evaluation": {"horizons_months": list(self.evaluation.horizons_months),
-                           "bootstrap": self.evaluation.bootstrap, "seed": self.evaluation.seed},
+                           "bootstrap": self.evaluation.bootstrap, "seed": self.evaluation.seed,
+                           "treated_splits": self.evaluation.treated_splits},
+            "preprocessing": {
+                "log_transform": (self.preprocessing.log_transform if isinstance(self.preprocessing.log_transform, str)
+                                  else list(self.preprocessing.log_transform)),
+                "log_skewness": self.preprocessing.log_skewness,
+            },
+            "stability": self.stability.as_mapping(),
+            "validation": {"bootstrap": self.validation.bootstrap, "refit": self.validation.refit,
+                           "seed": self.validation.seed},
         }
 
 
@@ -549,7 +640,7 @@ def _candidate(table: _Table) -> ClinicalCandidate:
 
 
 def _evaluation_section(table: _Table) -> EvaluationSettings:
-    table.only({"horizons_months", "bootstrap", "seed"})
+    table.only({"horizons_months", "bootstrap", "seed", "treated_splits"})
     horizons = table.get("horizons_months", [6, 12])
     if not isinstance(horizons, list) or not horizons:
         raise table.fail("horizons_months", f"must be a non-empty array of months, got {_describe(horizons)}")
@@ -562,4 +653,57 @@ def _evaluation_section(table: _Table) -> EvaluationSettings:
         seed=table.integer("seed", required=True),
         horizons_months=tuple(float(value) for value in horizons),
         bootstrap=table.integer("bootstrap", default=1000, minimum=10),
+        treated_splits=table.choice("treated_splits", TREATED_SPLITS, "all"),
+    )
+
+
+def _preprocessing_section(table: _Table) -> PreprocessingSpec:
+    table.only({"log_transform", "log_skewness"})
+    value = table.get("log_transform", "auto")
+    if isinstance(value, list):
+        if not value or not all(isinstance(item, str) and item for item in value):
+            raise table.fail("log_transform", "must be \"auto\", \"none\" or a non-empty array of feature names")
+        if len(set(value)) != len(value):
+            raise table.fail("log_transform", "has repeated entries")
+        for item in value:
+            try:
+                FeatureSpec.from_name(item)
+            except ValueError as exc:
+                raise table.fail("log_transform", f"has {_describe(item)}, not a feature name ({exc})") from None
+        log_transform: str | tuple[str, ...] = tuple(value)
+    elif value in ("auto", "none"):
+        log_transform = value
+    else:
+        raise table.fail("log_transform", f"is {_describe(value)} (allowed: \"auto\", \"none\", or an array of "
+                                          "feature names)")
+    return PreprocessingSpec(
+        log_transform=log_transform,
+        log_skewness=table.number("log_skewness", default=1.0, low=0.0, high=1000.0),
+    )
+
+
+def _stability_section(table: _Table, default_seed: int) -> StabilitySpec:
+    table.only({"enabled", "patients", "seed", "perturbations", "noise_sd_hu", "shift_voxels", "icc",
+                "icc_threshold"})
+    return StabilitySpec(
+        enabled=table.boolean("enabled") if "enabled" in table.data else True,
+        patients=table.integer("patients", default=30, minimum=3),
+        seed=table.integer("seed", default=default_seed),
+        perturbations=table.string_list("perturbations", PERTURBATIONS, PERTURBATIONS),
+        noise_sd_hu=table.number("noise_sd_hu", default=10.0, low=0.0, high=1000.0),
+        shift_voxels=table.number("shift_voxels", default=0.5, low=0.0, high=1.0, open_low=True),
+        icc=table.choice("icc", ICC_KINDS, "ICC(1,1)"),
+        icc_threshold=table.number("icc_threshold", default=0.75, low=-1.0, high=1.0, open_low=False),
+    )
+
+
+def _validation_section(table: _Table, default_seed: int) -> ValidationSpec:
+    table.only({"bootstrap", "refit", "seed"})
+    bootstrap = table.integer("bootstrap", default=200, minimum=0)
+    if 0 < bootstrap < 10:
+        raise table.fail("bootstrap", f"is {bootstrap} (must be 0 to switch it off, or >= 10)")
+    return ValidationSpec(
+        bootstrap=bootstrap,
+        refit=table.choice("refit", REFIT_RULES, "fixed-alpha"),
+        seed=table.integer("seed", default=default_seed),
     )

@@ -3,7 +3,10 @@
 One small simulated cohort (scale 0.16: 40 training patients, validation
 sets of 8 and 12, a control group of 9; 48 x 48 x 24 phantoms) is trained on
 once with a light spec (Original image, first-order and shape features,
-100 bootstrap resamples).  One validation patient's SEG is swapped for
+100 bootstrap resamples; the stability screen on 8 patients with an ICC
+threshold of 0.5, because a one-voxel dilation of these 6-12 mm phantom
+tumours moves every size feature to an ICC near 0.6, and 20 internal-validation
+refits).  One validation patient's SEG is swapped for
 another patient's, so its extraction fails and the run must go on.  The
 frozen model then scores one simulated study through `sclc-node score`.
 
@@ -76,6 +79,13 @@ encoding = { kind = "ordinal", map = { good = 0, intermediate = 1, poor = 2 } }
 horizons_months = [6, 12]
 bootstrap = 100
 seed = 20231124
+
+[stability]
+patients = 8
+icc_threshold = 0.5
+
+[validation]
+bootstrap = 20
 """
 EVALUATION_KEYS = {"split", "n", "events", "median_follow_up_months", "horizons_months", "model", "settings",
                    "radiomics", "integrated", "comparison"}
@@ -255,6 +265,67 @@ def test_the_model_card_describes_the_frozen_model(trained):
     for feature in trained["report"]["training"]["selected_features"]:
         assert feature["name"] in card
     assert "validation 2" in card and "control group" in card
+
+
+# --------------------------------------------------------------------------- robust features, internal validation, Fig 7
+
+
+def test_the_stability_screen_ran_on_the_subsample_and_is_recorded_in_model_and_report(trained):
+    model = json.loads(trained["model_path"].read_text())
+    stability = model["training_summary"]["stability"]
+    assert stability["ran"] is True and stability["patients_screened"] == 8
+    assert stability["icc"] == "ICC(1,1)" and stability["icc_threshold"] == 0.5
+    assert 0 < stability["features_kept"] <= stability["features_screened"]
+    assert stability["features_kept"] + stability["features_dropped"] == stability["features_screened"]
+    report = trained["report"]
+    extraction = report["extraction"]["stability"]
+    assert extraction["patients"] == 8 and len(extraction["rows"]) == 8
+    assert set(extraction["counts"]) == {"dilation", "erosion", "noise", "shift"}
+    assert all(c["computed"] + c["cached"] == 8 for c in extraction["counts"].values())
+    rows = {row["name"]: row for row in report["training"]["stability"]["features"]}
+    # Every selected feature passed the screen; the volume-type shape features move under dilation.
+    for feature in report["training"]["selected_features"]:
+        assert rows[feature["name"]]["kept"] and rows[feature["name"]]["icc"] >= 0.5
+    dropped = set(report["training"]["dropped_features"]["unstable"])
+    assert dropped == {name for name, row in rows.items() if not row["kept"]}
+    assert all(entry["transform"] in ("none", "signed_log1p") for entry in model["radiomics"]["features"])
+    assert "Stability: ICC(1,1) >= 0.5 over 4 perturbations of 8 training patients" in trained["proc"].stdout
+
+
+def test_internal_validation_is_in_the_model_and_the_report(trained):
+    model = json.loads(trained["model_path"].read_text())
+    internal = model["training_summary"]["internal_validation"]
+    boot = internal["bootstrap"]
+    assert boot["resamples"] == 20 and boot["refit"] == "fixed-alpha" and boot["resamples_used"] >= 15
+    integrated = boot["integrated"]
+    assert integrated["corrected"] == pytest.approx(integrated["apparent"] - integrated["optimism"])
+    assert integrated["apparent"] == pytest.approx(model["training_summary"]["c_index"])
+    assert [t["name"] for t in internal["proportional_hazards"]["terms"]][0] == "radiomics_score"
+    for split, entry in trained["report"]["splits"].items():
+        block = entry["evaluation"]["integrated"]
+        assert block["calibration_summary"]["observed_events"] is not None, split
+        assert "model" in block["integrated_brier_score"], split
+    train = trained["report"]["splits"]["train"]["evaluation"]["integrated"]
+    # In its own training split the Cox linear predictor has slope 1 exactly.
+    assert train["calibration_summary"]["slope"] == pytest.approx(1.0, abs=1e-6)
+    assert "optimism-corrected C-index" in trained["proc"].stdout
+
+
+def test_the_treatment_comparison_with_the_control_split(trained):
+    predictive = trained["report"]["predictive"]
+    assert predictive["treated_splits"] == ["train", "validation_1", "validation_2"]
+    pfs = predictive["pfs"]
+    assert pfs["n_control"] == 9 and pfs["n_treated"] == 40 + 8 + 11  # one validation_2 extraction failed
+    assert set(pfs["groups"]) == {"high", "low"}
+    assert predictive["os"] is not None
+    kinds = {f["kind"] for f in trained["report"]["figures"]}
+    assert {"stability-icc", "km-predictive"} <= kinds
+    page = (trained["report_dir"] / "report.html").read_text(encoding="utf-8")
+    for anchor in ('id="robust"', 'id="internal"', 'id="predictive"', "Risk group × treatment interaction"):
+        assert anchor in page, anchor
+    card = (trained["report_dir"] / "model-card.md").read_text(encoding="utf-8")
+    for heading in ("## Internal validation", "## Treatment comparison", "stability screen", "| transform |"):
+        assert heading in card, heading
 
 
 def test_the_model_card_renders_the_shipped_demo_model():

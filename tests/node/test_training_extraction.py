@@ -302,3 +302,82 @@ def test_one_region_only(cohort):
     tumour_only = extract_patient_features(patient.images, SETTINGS, feature_classes=["firstorder"], regions=["tumour"])
     assert tumour_only and all(name.startswith("tumour.original_firstorder_") or
                                name.startswith("tumour.wavelet-") for name in tumour_only)
+
+
+# --------------------------------------------------------------------------- perturbed extractions (stability screen)
+
+
+@pytest.fixture(scope="module")
+def perturbed(cohort, baseline, tmp_path_factory):
+    from node.training.extraction import Perturbation
+
+    patients = [p for p in load_cohort(cohort.csv)
+                if p.id in {cohort.id_of("dicom"), cohort.id_of("nrrd"), cohort.id_of("precomputed")}]
+    cache = tmp_path_factory.mktemp("cache-perturbed")
+    perturbations = {
+        "dilation": Perturbation("dilation"), "erosion": Perturbation("erosion"),
+        "noise": Perturbation("noise", noise_sd_hu=20.0, seed=3), "shift": Perturbation("shift", shift_voxels=0.5),
+    }
+    from node.training.extraction import extract_perturbed_features
+
+    # All four perturbations in one pool of workers.
+    results = extract_perturbed_features(patients, SETTINGS, list(perturbations.values()), feature_classes=CLASSES,
+                                         cache_dir=cache, progress=False, workers=2)
+    assert list(results) == list(perturbations)
+    return results, perturbations, patients, cache
+
+
+def test_perturbed_extractions_move_the_features_they_should(cohort, baseline, perturbed):
+    results, _, _, _ = perturbed
+    original = baseline[0].features
+    volume = "tumour.original_shape_VoxelVolume"
+    for name, result in results.items():
+        # The precomputed row has nothing to perturb; the two image patients are extracted.
+        assert list(result.features.index) == [cohort.id_of("dicom"), cohort.id_of("nrrd")], name
+        assert not result.failures
+    for pid in (cohort.id_of("dicom"), cohort.id_of("nrrd")):
+        before = original.loc[pid]
+        assert results["dilation"].features.at[pid, volume] > 1.15 * before[volume]
+        assert results["erosion"].features.at[pid, volume] < 0.85 * before[volume]
+        # The ring is rebuilt from the perturbed tumour mask.
+        assert results["dilation"].features.at[pid, "ring.original_shape_VoxelVolume"] != before[
+            "ring.original_shape_VoxelVolume"]
+        # Noise leaves the mask alone and widens the intensity distribution.
+        noisy = results["noise"].features.loc[pid]
+        assert noisy[volume] == before[volume]
+        assert noisy["tumour.original_firstorder_Variance"] > before["tumour.original_firstorder_Variance"]
+        # Half a voxel of shift resamples the mask: about the same volume, not the same values.
+        shifted = results["shift"].features.loc[pid]
+        assert 0.8 * before[volume] < shifted[volume] < 1.2 * before[volume]
+        assert shifted["tumour.original_firstorder_Mean"] != before["tumour.original_firstorder_Mean"]
+
+
+def test_each_perturbation_has_its_own_cache_and_a_rerun_reads_it(cohort, perturbed):
+    results, perturbations, patients, cache = perturbed
+    folders = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(folders) == 4
+    kinds = sorted(json.loads((f / "config.json").read_text())["perturbation"]["kind"] for f in folders)
+    assert kinds == ["dilation", "erosion", "noise", "shift"]
+    # A single-perturbation run finds the same cache folder.
+    again = extract_cohort_features(patients, SETTINGS, feature_classes=CLASSES, cache_dir=cache, progress=False,
+                                    workers=1, perturbation=perturbations["noise"])
+    assert again.computed == () and len(again.cached) == 2
+    pd.testing.assert_frame_equal(again.features, results["noise"].features)
+
+
+def test_noise_is_reproducible_per_patient_and_erosion_of_a_tiny_mask_is_a_clear_error():
+    from node.training.extraction import Perturbation, perturb_inputs
+    from scoring.errors import MaskError
+
+    image = sitk.GetImageFromArray(np.full((10, 10, 10), -800, dtype=np.int16))
+    mask = sitk.GetImageFromArray(np.zeros((10, 10, 10), dtype=np.uint8))
+    mask[5, 5, 5] = 1
+    noise = Perturbation("noise", noise_sd_hu=10.0, seed=1)
+    first = sitk.GetArrayFromImage(perturb_inputs(image, mask, noise, "A")[0])
+    assert np.array_equal(first, sitk.GetArrayFromImage(perturb_inputs(image, mask, noise, "A")[0]))
+    assert not np.array_equal(first, sitk.GetArrayFromImage(perturb_inputs(image, mask, noise, "B")[0]))
+    assert abs(first.std() - 10.0) < 0.5
+    with pytest.raises(MaskError, match="erosion by one voxel leaves no tumour voxel"):
+        perturb_inputs(image, mask, Perturbation("erosion"), "A")
+    with pytest.raises(ExtractionError, match="perturbation: 'rotation' is not allowed"):
+        Perturbation("rotation")

@@ -174,7 +174,7 @@ def test_one_se_rule_picks_a_sparser_model_within_one_standard_error(spec, cohor
 
 def test_features_with_non_finite_values_or_zero_variance_are_dropped_and_reported(fitted):
     dropped = fitted.diagnostics["dropped_features"]
-    assert dropped == {"non_finite": [BROKEN_FEATURE], "zero_variance": [CONSTANT_FEATURE]}
+    assert dropped == {"non_finite": [BROKEN_FEATURE], "zero_variance": [CONSTANT_FEATURE], "unstable": []}
     names = {f"{f['region']}.{f['image_type']}_{f['feature_class']}_{f['feature']}"
              for f in fitted.model_mapping["radiomics"]["features"]}
     assert not names & {BROKEN_FEATURE, CONSTANT_FEATURE}
