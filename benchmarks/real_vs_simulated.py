@@ -9,6 +9,11 @@ simulated values and its z-score (training mean and SD), then a summary: the
 share of features inside the simulated [min, max] and inside [1 %, 99 %].
 
     python benchmarks/real_vs_simulated.py [--n 40] [--workers 2] [--spec SPEC] [--features-out sim.csv]
+    python benchmarks/real_vs_simulated.py --score-model models/demo-integrated-cox-3.0.0.json
+
+``--score-model`` instead scores lung1 and lung2 (as DICOM CT + SEG, through
+the node's own path) with a model and prints the applicability verdict, the
+PFS probabilities and each term's share of the largest |contribution|.
 
 Real features are cached in ``$SCLC_TEST_CACHE`` (``~/.cache/sclc-risk-node-tests``)
 per settings hash; simulated ones are recomputed unless ``--simulated-csv``
@@ -88,6 +93,20 @@ def simulated_features(n: int, seed: int, spec_text: str, workers: int) -> tuple
     return frame, pd.DataFrame.from_records([layouts[p.id] for p in patients], index=[p.id for p in patients])
 
 
+def cohort_features(csv_path: Path, cache: Path, spec: TrainingSpec, workers: int) -> pd.DataFrame:
+    """The training split's features of a written cohort, from (or into) the training feature cache."""
+    import dataclasses
+
+    from node.training.cohort import load_cohort
+    from node.training.extraction import extract_cohort_features
+
+    cohort = load_cohort(csv_path)
+    train = dataclasses.replace(cohort, patients=cohort.in_split("train"))
+    result = extract_cohort_features(train, spec.extraction_settings, feature_classes=spec.extraction.feature_classes,
+                                     regions=spec.extraction.regions, cache_dir=cache, workers=workers)
+    return result.features
+
+
 def compare(real: dict[str, float], simulated: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for name in simulated.columns:
@@ -109,6 +128,42 @@ def compare(real: dict[str, float], simulated: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("feature")
 
 
+#: The clinical record the real cases are scored with (the cases come without one).
+CLINICAL = {"t_stage": "T3", "n_stage": "N2", "m_stage": "M1c", "ecog": 1, "lipi": "good"}
+
+
+def largest_share(contributions: list[float]) -> float:
+    """The largest |contribution| as a share of the sum of |contributions| (1.0: one term is everything)."""
+    total = sum(abs(c) for c in contributions)
+    return max(abs(c) for c in contributions) / total if total else 0.0
+
+
+def score_real_cases(model_path: Path) -> int:
+    from node.scoring_job import load_model_file, score_files
+    from scoring.clinical import clinical_record_from_mapping
+    from tests.realdata import pyradiomics_case_as_dicom
+
+    model = load_model_file(model_path)
+    for case in REAL_CASES:
+        ct_dir, seg_path, _, _ = pyradiomics_case_as_dicom(case)
+        record = clinical_record_from_mapping({**CLINICAL, "patient_id": f"PYRAD-{case}"})
+        result = score_files(ct_dir, seg_path, [record], model).result
+        radiomics = [t.contribution for t in result.radiomics_terms]
+        integrated = [t.contribution for t in result.integrated_terms]
+        print(f"{case}: {result.applicability.status.value}; radiomics score {result.radiomics_score:.3f} "
+              f"(cut-off {result.radiomics_cutoff:.3f}), risk score {result.risk_score:.3f} "
+              f"(cut-off {result.risk_cutoff:.3f}), group {result.risk_group.value}, "
+              f"PFS 6 m {result.pfs_probability[6]:.3f}, 12 m {result.pfs_probability[12]:.3f}; largest share of "
+              f"|contribution|: radiomics terms {largest_share(radiomics):.2f}, integrated terms "
+              f"{largest_share(integrated):.2f}")
+        for violation in result.applicability.violations:
+            print(f"  outside: {violation.name} = {violation.value:.6g} (allowed {violation.low:.6g} to "
+                  f"{violation.high:.6g}, z {violation.z:.2f})")
+        for term in result.radiomics_terms:
+            print(f"  {term.name}: z {term.value:+.2f}, contribution {term.contribution:+.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC)
@@ -119,11 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--simulated-csv", type=Path, help="reuse simulated features written by --features-out")
     parser.add_argument("--show", type=int, default=15, help="worst features printed per case")
     parser.add_argument("--only", nargs="*", help="features to print in full (e.g. the model's)")
+    parser.add_argument("--cohort", type=Path, help="compare with this cohort's training split (cohort CSV) ...")
+    parser.add_argument("--cache", type=Path, help="... and its feature cache (as `sclc-node train --cache`)")
+    parser.add_argument("--score-model", type=Path, help="score lung1 and lung2 with this model file instead")
     args = parser.parse_args(argv)
+    if args.score_model:
+        return score_real_cases(args.score_model)
 
     spec_text = args.spec.read_text(encoding="utf-8")
     spec = TrainingSpec.from_toml(spec_text)
-    if args.simulated_csv:
+    if args.cohort:
+        simulated = cohort_features(args.cohort, args.cache, spec, args.workers)
+    elif args.simulated_csv:
         simulated = pd.read_csv(args.simulated_csv, index_col=0)
     else:
         simulated, layouts = simulated_features(args.n, args.seed, spec_text, args.workers)

@@ -1,6 +1,9 @@
 """The bundled demonstration study: a synthetic chest CT phantom, its tumour SEG and a clinical record.
 
 Generated on demand (nothing binary is shipped), deterministic for a given seed.
+The phantom is the simulated training cohort's kind (`node.training.chest_phantom`:
+a cropped chest CT with anatomy around a 14 mm-radius, 11.5 ml tumour), so the
+demonstration model scores it inside its applicability domain.
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_io.synthetic import SyntheticPatient, build_tumour_seg, synthetic_chest_phantom, write_ct_series
+from dicom_io.synthetic import SyntheticPatient, build_tumour_seg, write_ct_series
+from node.training.chest_phantom import chest_ct_phantom
 
 DEMO_PATIENT = SyntheticPatient(
     patient_id="DEMO-0001",
@@ -42,7 +46,7 @@ class DemoStudy:
 def write_demo_study(workdir: Path, *, seed: int = 7) -> DemoStudy:
     workdir = Path(workdir)
     ct_dir = workdir / "ct"
-    image, mask = synthetic_chest_phantom(seed=seed)
+    image, mask, _ = chest_ct_phantom(radius_mm=14.0, texture_hu=40.0, halo_hu=100.0, seed=seed)
     ct_datasets = write_ct_series(image, ct_dir, DEMO_PATIENT)
     seg_path = workdir / "seg.dcm"
     build_tumour_seg(ct_datasets, mask).save_as(seg_path, enforce_file_format=True)

@@ -14,13 +14,14 @@ from node.clinical_files import load_clinical_file
 from node.config import ConfigError, default_config_text, load_config
 from node.demo_study import DEMO_PATIENT, write_demo_study
 from node.http_status import NodeMetrics
-from node.scoring_job import default_model_path, load_model_file, result_as_json, score_files
+from node.scoring_job import load_model_file, result_as_json, score_files
 from node.spool import Spool
 from node.states import StudyState
 from node.study_machine import StudyMachine, applicability_from_reason, scored_reason
 from scoring.risk import apply_model
 from scoring.types import DOMAIN_UNKNOWN
-from tests.domain_models import demo_model_v2, demo_model_v2_json, expected_outside_bounds
+from sclc_risk_node_models import shipped_model_path
+from tests.domain_models import DEMO_MODEL_FILENAME as V1_MODEL_FILENAME, demo_model_v2, demo_model_v2_json, expected_outside_bounds
 from tests.node.test_spool import ct_instance
 from tests.node.test_study_machine import T0, drive_to
 
@@ -40,9 +41,9 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base(demo):
-    """The demo study scored with the shipped (schema v1) model."""
+    """The demo study scored with the shipped schema-v1 model (2.0.0, kept as the v1 example)."""
     return score_files(demo.ct_dir, demo.seg_path, load_clinical_file(demo.clinical_path),
-                       load_model_file(default_model_path()))
+                       load_model_file(shipped_model_path(V1_MODEL_FILENAME)))
 
 
 def rescored(base, demo, model, *, report_out_of_domain=False):
