@@ -6,7 +6,11 @@
 * `scoring.training.evaluation` -- one split's evaluation of a frozen model
   (`evaluate_split`): C-index, time-dependent AUC, Kaplan-Meier by risk group,
   calibration and decision curves, for the radiomics score and the integrated
-  risk score side by side.
+  risk score side by side; calibration slope and intercept, integrated Brier
+  score, and the treatment comparison with a control split (`predictive_analysis`);
+* `scoring.training.stability` -- the ICC perturbation stability screen before LASSO;
+* `scoring.training.validation` -- internal validation: Harrell's bootstrap
+  optimism-corrected C-index and calibration slope, the proportional-hazards test.
 
 Pure like the rest of `scoring`: arrays and tables in, plain values out.
 """

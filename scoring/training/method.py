@@ -85,8 +85,8 @@ from sklearn.model_selection import StratifiedKFold
 
 from scoring import stats
 from scoring.clinical import ClinicalRecord
-from scoring.domain import DomainRule, domain_from_training, transform_array
 from scoring.errors import ClinicalRecordError, InputError
+from scoring.domain import DomainRule, domain_from_training, transform_array
 from scoring.model import RADIOMICS_SCORE_TERM, REQUIRED_HORIZON_MONTHS, SCHEMA_VERSION, FrozenModel, seal
 # The model file's rule for which image types an extraction produces; reused so
 # training refuses a feature the frozen model could never be given.

@@ -159,13 +159,21 @@ def test_the_model_file_loads_and_its_seal_verifies(trained):
     assert model.identity.sha256 in verify.stdout
 
 
+SIZE_MEASURES = ("Volume", "Diameter", "AxisLength", "SurfaceArea")
+
+
 def test_lasso_selects_a_feature_that_carries_the_simulated_signal(trained, cohort):
     expected = {name for parameter in cohort["truth"]["image_parameters"].values()
                 for name in parameter.get("expected_features", ())}
-    selected = {f["name"] for f in trained["report"]["training"]["selected_features"]}
-    assert selected & expected, f"selected {sorted(selected)}, signal features {sorted(expected)}"
+    selected = {f["name"]: f["coefficient"] for f in trained["report"]["training"]["selected_features"]}
+    # The tumour radius drives the simulated hazard, so every size measure of the tumour or of the ring
+    # around it carries that signal, with a positive coefficient (bigger = shorter PFS); with the stability
+    # screen the most stable of them (often a ring axis length) may stand in for the two listed ones.
+    size = {name for name in selected if "_shape_" in name and any(m in name for m in SIZE_MEASURES)}
+    assert set(selected) & (expected | size), f"selected {sorted(selected)}, signal features {sorted(expected)}"
+    assert all(selected[name] > 0 for name in size), selected
     model = FrozenModel.from_json(trained["model_path"].read_text())
-    assert set(model.feature_names) == selected
+    assert set(model.feature_names) == set(selected)
 
 
 def test_the_integrated_model_discriminates_at_least_as_well_as_radiomics_alone_in_training(trained):
