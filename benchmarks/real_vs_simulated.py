@@ -72,17 +72,18 @@ def real_features(case: str, spec: TrainingSpec) -> dict[str, float]:
     return features
 
 
-def _simulated_one(job: tuple[str, object, str]) -> tuple[str, dict[str, float], dict]:
-    patient_id, phantom, spec_text = job
+def _simulated_one(job: tuple[str, object, str, str]) -> tuple[str, dict[str, float], dict]:
+    patient_id, phantom, spec_text, kind = job
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     spec = TrainingSpec.from_toml(spec_text)
-    image, mask, layout = phantom_images(phantom)
+    image, mask, layout = phantom_images(phantom, kind)
     return patient_id, region_features(image, mask, spec), layout
 
 
-def simulated_features(n: int, seed: int, spec_text: str, workers: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def simulated_features(n: int, seed: int, spec_text: str, workers: int,
+                       kind: str = "chest-ct") -> tuple[pd.DataFrame, pd.DataFrame]:
     patients = [p for p in simulate_patients(split_sizes(1.0), seed=seed) if p.split == "train"][:n]
-    jobs = [(p.id, p.phantom, spec_text) for p in patients]
+    jobs = [(p.id, p.phantom, spec_text, kind) for p in patients]
     rows, layouts = {}, {}
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for patient_id, features, layout in pool.map(_simulated_one, jobs):
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=40, help="simulated training patients (default 40)")
     parser.add_argument("--seed", type=int, default=2023)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--phantom", choices=("chest-ct", "box"), default="chest-ct",
+                        help="phantom kind (box: the former small lung box, for comparison)")
     parser.add_argument("--features-out", type=Path, help="write the simulated features (CSV)")
     parser.add_argument("--simulated-csv", type=Path, help="reuse simulated features written by --features-out")
     parser.add_argument("--show", type=int, default=15, help="worst features printed per case")
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.simulated_csv:
         simulated = pd.read_csv(args.simulated_csv, index_col=0)
     else:
-        simulated, layouts = simulated_features(args.n, args.seed, spec_text, args.workers)
+        simulated, layouts = simulated_features(args.n, args.seed, spec_text, args.workers, args.phantom)
         if args.features_out:
             simulated.to_csv(args.features_out)
             layouts.to_csv(args.features_out.with_suffix(".layout.csv"))
