@@ -36,7 +36,8 @@ def run_cli(*args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return write_demo_study(tmp_path_factory.mktemp("demo"))
+    # The lung-box phantom the v1 (2.0.0) model was fitted on: its PFS stays strictly inside (0, 1) there.
+    return write_demo_study(tmp_path_factory.mktemp("demo"), phantom="box")
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +165,12 @@ def test_model_verify_prints_the_domain_or_domain_unknown(narrow_model_file):
     assert "schema version: 2" in proc.stdout
     assert "applicability domain: widened-training-range" in proc.stdout and "training n=253" in proc.stdout
     assert f"  {LAHGLE}: training " in proc.stdout and "  risk_score: training " in proc.stdout
-    shipped = run_cli("model", "verify")
-    assert shipped.returncode == 0 and "schema version: 1" in shipped.stdout
-    assert "applicability domain: domain unknown" in shipped.stdout
+    v1 = run_cli("model", "verify", shipped_model_path(V1_MODEL_FILENAME))
+    assert v1.returncode == 0 and "schema version: 1" in v1.stdout
+    assert "applicability domain: domain unknown" in v1.stdout
+    shipped = run_cli("model", "verify")  # the default: the 3.0.0 demonstration model, schema v2
+    assert shipped.returncode == 0 and "demo-integrated-cox 3.0.0" in shipped.stdout
+    assert "schema version: 2" in shipped.stdout and "applicability domain: widened-training-range" in shipped.stdout
 
 
 def test_tampered_domain_is_refused_by_the_cli(narrow_model_file, tmp_path):
