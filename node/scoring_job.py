@@ -23,7 +23,7 @@ from scoring.pipeline import score_volume
 from scoring.types import DomainStatus, RiskResult
 from sclc_risk_node_models import shipped_model_path
 
-DEMO_MODEL_FILENAME = "demo-integrated-cox-2.0.0.json"
+DEMO_MODEL_FILENAME = "demo-integrated-cox-3.0.0.json"
 
 
 def default_model_path() -> Path:

@@ -20,8 +20,9 @@ import pytest
 from node.clinical_files import load_clinical_file
 from node.demo_study import DEMO_CLINICAL
 from dicom_io.sr_writer import read_risk_sr
-from node.scoring_job import default_model_path, load_model_file, score_files
-from tests.domain_models import demo_model_v2_json
+from node.scoring_job import load_model_file, score_files
+from sclc_risk_node_models import shipped_model_path
+from tests.domain_models import DEMO_MODEL_FILENAME as V1_MODEL_FILENAME, demo_model_v2_json
 from tests.node.dicom_tools import storescu
 from tests.node.peers import free_port, peers, requires_orthanc, requires_storescp  # noqa: F401 (fixture)
 from tests.test_end_to_end import (
@@ -42,7 +43,7 @@ LAHGLE = "ring.wavelet-HHL_glszm_LargeAreaHighGrayLevelEmphasis"
 
 def test_out_of_domain_study_is_flagged_withheld_and_its_sr_reaches_orthanc(tmp_path, peers, demo):
     base = score_files(demo.ct_dir, demo.seg_path, load_clinical_file(demo.clinical_path),
-                       load_model_file(default_model_path()))
+                       load_model_file(shipped_model_path(V1_MODEL_FILENAME)))
     model_path = tmp_path / "narrow-model.json"
     model_path.write_text(demo_model_v2_json(base.result.features.values, base.result.radiomics_score,
                                              base.result.risk_score, outside=[LAHGLE]))

@@ -18,16 +18,23 @@ stage: brain or liver metastases occur only in stage IV and make it M1b
 (one site) or M1c; stage III (M0) patients are N2-N3, so every patient is
 stage III or IV, as extensive-stage SCLC is.
 
-Images: a textured ellipsoidal tumour in lung-like background
-(``dicom_io.synthetic.synthetic_chest_phantom``).  Three phantom parameters
-drive the hazard, each uniform in the population and entering the log-hazard
-through its population z-score (``IMAGE_PARAMETERS``): the tumour's texture
-amplitude (heterogeneity), the ground-glass peritumoral halo density (the
-peritumoral signal the paper's ring captures) and the tumour's equivalent
-radius.  The axis ratios vary too but carry no signal (a nuisance the fitting
-should ignore).  Phantoms are small (64 × 64 × 32 voxels of 1 × 1 × 2 mm) so a
-full cohort writes and extracts quickly; their sizes are not to scale with T
-stage.
+Images (``phantom="chest-ct"``, the default): a cropped synthetic chest CT
+around the tumour (`node.training.chest_phantom`): chest wall with fat,
+muscle and ribs, mediastinum with heart, great vessels and trachea, lungs
+with branching vessels and bronchi, correlated CT noise and partial volume,
+and a lobulated heterogeneous tumour, most often hilar-mediastinal; each
+patient gets its own in-plane spacing (0.6-1.0 mm) and slice thickness
+(1-5 mm).  Three phantom parameters drive the hazard, each uniform in the
+population and entering the log-hazard through its population z-score
+(``IMAGE_PARAMETERS``): the tumour's texture amplitude (heterogeneity), the
+ground-glass peritumoral halo density (the peritumoral signal the paper's
+ring captures) and the tumour's equivalent radius (5-30 mm: 0.5-113 ml).
+Everything else the phantom draws (location, anatomy, spacing, noise,
+lobulation, necrosis, a part-solid rim, the axis ratios) carries no signal:
+nuisances the fitting should ignore, as real acquisitions vary.
+``phantom="box"`` (the default when ``image_size`` is given) is the former
+small lung box (``dicom_io.synthetic.synthetic_chest_phantom``) with the
+radius mapped onto 6-12 mm: fast, for tests of the plumbing only.
 
 PFS: proportional hazards with a piecewise-constant baseline hazard
 (breaks at 6, 7.1, 9 and 12 months; the 9-12 month hazard continues beyond).
@@ -56,10 +63,15 @@ event is a progression), and OS is censored at the same time as PFS.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import multiprocessing
+import os
 import json
 import math
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -69,7 +81,15 @@ import numpy as np
 from scipy.optimize import brentq
 from tqdm import tqdm
 
+import SimpleITK as sitk
+
 from dicom_io.synthetic import SyntheticPatient, build_tumour_seg, synthetic_chest_phantom, write_ct_series
+from node.training.chest_phantom import (
+    IN_PLANE_SPACING_RANGE_MM,
+    NOISE_SD_RANGE_HU,
+    SLICE_THICKNESSES_MM,
+    chest_ct_phantom,
+)
 from node.errors import NodeError
 from scoring.clinical import clinical_record_from_mapping
 from scoring.errors import InputError
@@ -149,25 +169,30 @@ class ImageParameter:
 
 IMAGE_PARAMETERS: Mapping[str, ImageParameter] = MappingProxyType({
     "texture_hu": ImageParameter(
-        20.0, 110.0, 0.40, "texture_hu",
-        "amplitude (HU, SD) of the tumour's smoothed Gaussian texture: intratumoral heterogeneity",
+        5.0, 90.0, 0.40, "texture_hu",
+        "amplitude (HU, SD) of the tumour's spatially correlated density variation: intratumoral heterogeneity",
         ("tumour.original_firstorder_Variance", "tumour.original_firstorder_InterquartileRange"),
     ),
     "halo_hu": ImageParameter(
-        0.0, 350.0, 0.35, "halo_hu",
+        0.0, 300.0, 0.35, "halo_hu",
         "ground-glass halo added to the lung within 3 mm outside the tumour (HU at the border, fading "
         "linearly): peritumoral infiltration",
         ("ring.original_firstorder_Mean", "ring.original_firstorder_Median"),
     ),
     "radius_mm": ImageParameter(
-        6.0, 12.0, 0.20, "tumour_radii_mm",
-        "equivalent radius of the ellipsoidal tumour (geometric mean of its semi-axes, mm)",
+        5.0, 30.0, 0.20, "radius_mm",
+        "equivalent-sphere radius of the lobulated tumour (mm; 0.5-113 ml, median about 20 ml)",
         ("tumour.original_shape_MeshVolume", "tumour.original_shape_Maximum3DDiameter"),
     ),
 })
 #: Each semi-axis is the radius times a ratio uniform on this range (normalised to geometric mean 1).
 AXIS_RATIO_RANGE = (0.85, 1.15)
 HALO_MM = 3.0
+#: Phantom kinds: "chest-ct" (node.training.chest_phantom: anatomy, clinical spacings, the default) or
+#: "box" (the small lung box of dicom_io.synthetic on a fixed grid: fast, for tests of the plumbing).
+PHANTOM_KINDS = ("chest-ct", "box")
+#: The box phantom maps the radius range onto this one, so its tumours fit a small grid (same z-scores).
+BOX_RADIUS_RANGE_MM = (6.0, 12.0)
 
 PFS_BREAKS_MONTHS = (0.0, 6.0, 7.1, 9.0, 12.0)
 CENSORING_MONTHS = {CHEMOIMMUNOTHERAPY: (2.0, 22.2), CHEMOTHERAPY: (2.0, 21.6)}
@@ -203,6 +228,14 @@ class PhantomParameters:
     @property
     def radii_mm(self) -> tuple[float, float, float]:
         return tuple(self.radius_mm * ratio for ratio in self.axis_ratios)
+
+    @property
+    def box_radii_mm(self) -> tuple[float, float, float]:
+        """The semi-axes in the small "box" phantom: the radius mapped linearly onto `BOX_RADIUS_RANGE_MM`."""
+        low, high = IMAGE_PARAMETERS["radius_mm"].low, IMAGE_PARAMETERS["radius_mm"].high
+        box_low, box_high = BOX_RADIUS_RANGE_MM
+        radius = box_low + (self.radius_mm - low) * (box_high - box_low) / (high - low)
+        return tuple(radius * ratio for ratio in self.axis_ratios)
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,28 +531,61 @@ def simulate_cohort(
     *,
     seed: int = 2023,
     scale: float = 1.0,
-    image_size: tuple[int, int, int] = DEFAULT_IMAGE_SIZE,
+    phantom: str | None = None,
+    image_size: tuple[int, int, int] | None = None,
     spacing_mm: tuple[float, float, float] = DEFAULT_SPACING_MM,
     progress: bool = True,
+    workers: int | None = None,
 ) -> Path:
     """Write a simulated cohort into ``out_dir`` (new or empty); return the cohort CSV's path.
 
     Layout: ``cohort.csv``, ``simulation_truth.json`` and, per patient,
     ``images/<id>/ct/*.dcm`` (CT series) and ``images/<id>/seg.dcm``.  The
     CSV is written last, so a CSV present means a complete cohort.
+
+    ``phantom`` is "chest-ct" (the default: cropped chest CT with anatomy,
+    spacings drawn per patient; `node.training.chest_phantom`) or "box" (the
+    small lung box of ``image_size`` voxels of ``spacing_mm``; the default
+    when ``image_size`` is given).  ``workers`` processes write the
+    phantoms (default: the CPU count).
     """
     out_dir = Path(out_dir)
+    kind = phantom or ("box" if image_size is not None else "chest-ct")
+    if kind not in PHANTOM_KINDS:
+        raise SimulationError(f"phantom: {kind!r} is not allowed (allowed: {', '.join(PHANTOM_KINDS)})")
+    if kind == "chest-ct" and image_size is not None:
+        raise SimulationError("image_size: the chest-ct phantom draws its own grid (allowed: image_size only with "
+                              "phantom='box')")
+    image_size = tuple(image_size or DEFAULT_IMAGE_SIZE)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SimulationError(f"{out_dir} exists and is not an empty folder (allowed: a new or empty folder)")
     counts = split_sizes(scale)
     patients = simulate_patients(counts, seed=seed)
-    _check_field_of_view(patients, image_size, spacing_mm)
+    if kind == "box":
+        _check_field_of_view(patients, image_size, spacing_mm)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for patient in tqdm(patients, desc="writing phantoms", unit="patient", file=sys.stderr, disable=not progress):
-        rows.append(_write_patient(out_dir, patient, image_size, spacing_mm))
+    rows, layouts = [], {}
+    # Plain dicts: read-only mapping proxies do not pickle to worker processes.
+    jobs = [(out_dir, dataclasses.replace(patient, clinical=dict(patient.clinical)), kind, image_size, spacing_mm)
+            for patient in patients]
+    workers = min(len(jobs), os.cpu_count() or 1) if workers is None else workers
+    if not (isinstance(workers, int) and workers >= 1):
+        raise SimulationError(f"workers: {workers!r} is not allowed (allowed: an integer >= 1)")
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            # Each phantom depends only on its own seed, so the order of work does not change the files.
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                           initializer=_one_itk_thread))
+            written = pool.map(_write_patient_job, jobs)
+        else:
+            written = map(_write_patient_job, jobs)
+        for patient, (row, layout) in zip(patients, tqdm(written, total=len(jobs), desc="writing phantoms",
+                                                         unit="patient", file=sys.stderr, disable=not progress)):
+            rows.append(row)
+            layouts[patient.id] = layout
     write_atomically(out_dir / "simulation_truth.json", json.dumps(
-        _truth(patients, seed=seed, scale=scale, counts=counts, image_size=image_size, spacing_mm=spacing_mm),
+        _truth(patients, seed=seed, scale=scale, counts=counts, kind=kind, image_size=image_size,
+               spacing_mm=spacing_mm, layouts=layouts),
         indent=2,
     ) + "\n")
     csv_path = out_dir / "cohort.csv"
@@ -529,7 +595,7 @@ def simulate_cohort(
 
 def _check_field_of_view(patients, image_size, spacing_mm) -> None:
     for axis, (n, spacing) in enumerate(zip(image_size, spacing_mm)):
-        reach = max(p.phantom.radii_mm[axis] for p in patients) + HALO_MM + _FIELD_OF_VIEW_MARGIN_MM
+        reach = max(p.phantom.box_radii_mm[axis] for p in patients) + HALO_MM + _FIELD_OF_VIEW_MARGIN_MM
         half_field = (n - 1) / 2 * spacing
         if reach > half_field:
             needed = math.ceil(2 * reach / spacing) + 1
@@ -539,17 +605,36 @@ def _check_field_of_view(patients, image_size, spacing_mm) -> None:
             )
 
 
-def _write_patient(out_dir: Path, patient: SimulatedPatient, image_size, spacing_mm) -> dict[str, object]:
-    phantom = patient.phantom
+def phantom_images(
+    phantom: PhantomParameters,
+    kind: str = "chest-ct",
+    image_size: tuple[int, int, int] = DEFAULT_IMAGE_SIZE,
+    spacing_mm: tuple[float, float, float] = DEFAULT_SPACING_MM,
+) -> tuple[sitk.Image, sitk.Image, dict[str, object]]:
+    """One patient's CT (HU) and tumour mask, and what was drawn (for ``simulation_truth.json``)."""
+    if kind == "chest-ct":
+        image, mask, layout = chest_ct_phantom(
+            radius_mm=phantom.radius_mm, axis_ratios=phantom.axis_ratios, texture_hu=phantom.texture_hu,
+            halo_hu=phantom.halo_hu, halo_mm=HALO_MM, seed=phantom.seed,
+        )
+        return image, mask, {name: getattr(layout, name) for name in layout.__slots__}
     image, mask = synthetic_chest_phantom(
-        size=tuple(image_size),
-        spacing_mm=tuple(spacing_mm),
-        tumour_radii_mm=phantom.radii_mm,
-        texture_hu=phantom.texture_hu,
-        halo_hu=phantom.halo_hu,
-        halo_mm=HALO_MM,
-        seed=phantom.seed,
+        size=tuple(image_size), spacing_mm=tuple(spacing_mm), tumour_radii_mm=phantom.box_radii_mm,
+        texture_hu=phantom.texture_hu, halo_hu=phantom.halo_hu, halo_mm=HALO_MM, seed=phantom.seed,
     )
+    return image, mask, {"radii_mm": list(phantom.box_radii_mm)}
+
+
+def _one_itk_thread() -> None:
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def _write_patient_job(job) -> tuple[dict[str, object], dict[str, object]]:
+    return _write_patient(*job)
+
+
+def _write_patient(out_dir: Path, patient: SimulatedPatient, kind, image_size, spacing_mm):
+    image, mask, layout = phantom_images(patient.phantom, kind, image_size, spacing_mm)
     number = int(patient.id.removeprefix("SIM"))
     identity = SyntheticPatient(
         patient_id=patient.id,
@@ -559,7 +644,7 @@ def _write_patient(out_dir: Path, patient: SimulatedPatient, image_size, spacing
         accession_number=f"SIMACC{number:06d}",
     )
     folder = out_dir / "images" / patient.id
-    datasets = write_ct_series(image, folder / "ct", identity)
+    datasets = write_ct_series(image, folder / "ct", identity, series_description="Simulated chest CT (phantom)")
     build_tumour_seg(datasets, mask).save_as(folder / "seg.dcm", enforce_file_format=True)
     clinical = dict(patient.clinical)
     # Fail here, not in the researcher's training run, if the simulator ever drifts from the schema.
@@ -574,7 +659,7 @@ def _write_patient(out_dir: Path, patient: SimulatedPatient, image_size, spacing
         **{name: _csv_value(value) for name, value in clinical.items()},
         "ct": f"images/{patient.id}/ct",
         "seg": f"images/{patient.id}/seg.dcm",
-    }
+    }, layout
 
 
 def _csv_value(value: object) -> object:
@@ -589,7 +674,7 @@ def _cohort_csv(rows: Sequence[dict[str, object]]) -> str:
     return csv_text(rows, list(rows[0]))
 
 
-def _truth(patients, *, seed, scale, counts, image_size, spacing_mm) -> dict[str, object]:
+def _truth(patients, *, seed, scale, counts, kind, image_size, spacing_mm, layouts) -> dict[str, object]:
     arms = (CHEMOIMMUNOTHERAPY, CHEMOTHERAPY)
     return {
         "description": "SIMULATED cohort (node.training.simulate): synthetic phantoms, simulated clinical data "
@@ -598,8 +683,13 @@ def _truth(patients, *, seed, scale, counts, image_size, spacing_mm) -> dict[str
         "scale": scale,
         "split_sizes": counts,
         "arm_of_split": {split: arm_of(split) for split in counts},
-        "phantom": {"image_size": list(image_size), "spacing_mm": list(spacing_mm), "halo_mm": HALO_MM,
-                    "axis_ratio_range": list(AXIS_RATIO_RANGE)},
+        "phantom": {"kind": kind, "halo_mm": HALO_MM, "axis_ratio_range": list(AXIS_RATIO_RANGE)}
+                   | ({"image_size": list(image_size), "spacing_mm": list(spacing_mm),
+                       "radius_range_mm": list(BOX_RADIUS_RANGE_MM)} if kind == "box" else
+                      {"generator": "node.training.chest_phantom.chest_ct_phantom",
+                       "slice_thicknesses_mm": list(SLICE_THICKNESSES_MM),
+                       "in_plane_spacing_range_mm": list(IN_PLANE_SPACING_RANGE_MM),
+                       "noise_sd_range_hu": list(NOISE_SD_RANGE_HU)}),
         "pfs_model": {
             "kind": "proportional hazards, piecewise-constant baseline hazard per month; "
                     "log-hazard = sum(coefficient * design variable) + sum(coefficient * image z-score)",
@@ -646,10 +736,15 @@ def _truth(patients, *, seed, scale, counts, image_size, spacing_mm) -> dict[str
                 "texture_hu": p.phantom.texture_hu, "halo_hu": p.phantom.halo_hu, "radius_mm": p.phantom.radius_mm,
                 "radii_mm": list(p.phantom.radii_mm), "phantom_seed": p.phantom.seed,
                 "linear_predictor": p.linear_predictor,
+                "drawn": _plain_layout(layouts.get(p.id, {})),
             }
             for p in patients
         ],
     }
+
+
+def _plain_layout(layout: Mapping[str, object]) -> dict[str, object]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in layout.items()}
 
 
 def kaplan_meier(time: np.ndarray, event: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,13 +14,14 @@ from node.clinical_files import load_clinical_file
 from node.config import ConfigError, default_config_text, load_config
 from node.demo_study import DEMO_PATIENT, write_demo_study
 from node.http_status import NodeMetrics
-from node.scoring_job import default_model_path, load_model_file, result_as_json, score_files
+from node.scoring_job import load_model_file, result_as_json, score_files
 from node.spool import Spool
 from node.states import StudyState
 from node.study_machine import StudyMachine, applicability_from_reason, scored_reason
 from scoring.risk import apply_model
 from scoring.types import DOMAIN_UNKNOWN
-from tests.domain_models import demo_model_v2, demo_model_v2_json, expected_outside_bounds
+from sclc_risk_node_models import shipped_model_path
+from tests.domain_models import DEMO_MODEL_FILENAME as V1_MODEL_FILENAME, demo_model_v2, demo_model_v2_json, expected_outside_bounds
 from tests.node.test_spool import ct_instance
 from tests.node.test_study_machine import T0, drive_to
 
@@ -35,14 +36,15 @@ def run_cli(*args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return write_demo_study(tmp_path_factory.mktemp("demo"))
+    # The lung-box phantom the v1 (2.0.0) model was fitted on: its PFS stays strictly inside (0, 1) there.
+    return write_demo_study(tmp_path_factory.mktemp("demo"), phantom="box")
 
 
 @pytest.fixture(scope="module")
 def base(demo):
-    """The demo study scored with the shipped (schema v1) model."""
+    """The demo study scored with the shipped schema-v1 model (2.0.0, kept as the v1 example)."""
     return score_files(demo.ct_dir, demo.seg_path, load_clinical_file(demo.clinical_path),
-                       load_model_file(default_model_path()))
+                       load_model_file(shipped_model_path(V1_MODEL_FILENAME)))
 
 
 def rescored(base, demo, model, *, report_out_of_domain=False):
@@ -163,9 +165,12 @@ def test_model_verify_prints_the_domain_or_domain_unknown(narrow_model_file):
     assert "schema version: 2" in proc.stdout
     assert "applicability domain: widened-training-range" in proc.stdout and "training n=253" in proc.stdout
     assert f"  {LAHGLE}: training " in proc.stdout and "  risk_score: training " in proc.stdout
-    shipped = run_cli("model", "verify")
-    assert shipped.returncode == 0 and "schema version: 1" in shipped.stdout
-    assert "applicability domain: domain unknown" in shipped.stdout
+    v1 = run_cli("model", "verify", shipped_model_path(V1_MODEL_FILENAME))
+    assert v1.returncode == 0 and "schema version: 1" in v1.stdout
+    assert "applicability domain: domain unknown" in v1.stdout
+    shipped = run_cli("model", "verify")  # the default: the 3.0.0 demonstration model, schema v2
+    assert shipped.returncode == 0 and "demo-integrated-cox 3.0.0" in shipped.stdout
+    assert "schema version: 2" in shipped.stdout and "applicability domain: widened-training-range" in shipped.stdout
 
 
 def test_tampered_domain_is_refused_by_the_cli(narrow_model_file, tmp_path):

@@ -190,7 +190,8 @@ def test_the_written_images_read_back_as_ct_and_tumour_segment(written):
         assert str(ct.headers[0].PatientID) == patient.id
         mask = read_tumour_segment(patient.images.seg, ct).mask
         voxels = int(sitk.GetArrayViewFromImage(mask).sum())
-        a, b, c = truth[patient.id]["radii_mm"]
+        # The box phantom maps the radius onto its small grid (recorded as drawn).
+        a, b, c = truth[patient.id]["drawn"]["radii_mm"]
         assert voxels * 2.0 == pytest.approx(4 / 3 * math.pi * a * b * c, rel=0.15)
         hu = sitk.GetArrayViewFromImage(ct.image)
         inside = sitk.GetArrayViewFromImage(mask).astype(bool)
@@ -206,3 +207,43 @@ def test_simulate_cohort_refuses_a_used_folder_and_a_field_of_view_too_small(wri
     with pytest.raises(SimulationError, match="image_size .* is too small on axis"):
         simulate_cohort(tmp_path / "small", scale=0.01, image_size=(32, 32, 16), progress=False)
     assert not (tmp_path / "small").exists()
+
+
+@pytest.fixture(scope="module")
+def written_chest_ct(tmp_path_factory):
+    out = tmp_path_factory.mktemp("simulated-chest") / "cohort"
+    csv_path = simulate_cohort(out, seed=7, scale=0.009, progress=False)
+    return out, csv_path
+
+
+def test_the_default_phantom_is_a_chest_ct_written_as_dicom_with_its_drawn_geometry(written_chest_ct):
+    out, csv_path = written_chest_ct
+    truth = json.loads((out / "simulation_truth.json").read_text())
+    assert truth["phantom"]["kind"] == "chest-ct"
+    drawn = {p["id"]: p for p in truth["patients"]}
+    spacings = set()
+    for patient in load_cohort(csv_path):
+        ct = read_ct_series(patient.images.ct)
+        layout = drawn[patient.id]["drawn"]
+        assert ct.image.GetSize() == tuple(layout["size"])
+        assert ct.image.GetSpacing() == pytest.approx(
+            (layout["in_plane_spacing_mm"], layout["in_plane_spacing_mm"], layout["slice_thickness_mm"]), abs=1e-4)
+        spacings.add(ct.image.GetSpacing()[2])
+        mask = sitk.GetArrayFromImage(read_tumour_segment(patient.images.seg, ct).mask).astype(bool)
+        volume_ml = mask.sum() * np.prod(ct.image.GetSpacing()) / 1000
+        assert volume_ml == pytest.approx(layout["tumour_volume_ml"], rel=1e-3)
+        radius = drawn[patient.id]["radius_mm"]
+        assert volume_ml == pytest.approx(4 / 3 * math.pi * radius**3 / 1000, rel=0.3)
+        hu = sitk.GetArrayViewFromImage(ct.image)
+        assert (hu[~mask] < -950).any() and (hu[~mask] > 200).any() or layout["location"] == "central"
+        assert np.median(hu[~mask][hu[~mask] < -500]) == pytest.approx(-850, abs=40)  # lung
+        assert pydicom.dcmread(next(patient.images.ct.iterdir()), stop_before_pixels=True).SeriesDescription \
+            == "Simulated chest CT (phantom)"
+    assert len(spacings) >= 2  # several slice thicknesses among four patients
+
+
+def test_simulate_cohort_refuses_an_unknown_phantom_kind_and_a_grid_for_the_chest_ct(tmp_path):
+    with pytest.raises(SimulationError, match="phantom: 'mri' is not allowed"):
+        simulate_cohort(tmp_path / "a", scale=0.01, phantom="mri", progress=False)
+    with pytest.raises(SimulationError, match="image_size: the chest-ct phantom draws its own grid"):
+        simulate_cohort(tmp_path / "b", scale=0.01, phantom="chest-ct", image_size=(48, 48, 24), progress=False)
