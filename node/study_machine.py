@@ -27,7 +27,7 @@ wraps the common operations, each in a transaction of its own.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from node import completion
 from node.errors import InvalidTransition, LeaseLost, UnknownStudy
@@ -147,14 +147,37 @@ def _guard_failure(row: dict, current: StudyState, event: StudyEvent, worker_id:
     return InvalidTransition(f"study {study_uid}: {event} was pre-empted by a concurrent change", **context)
 
 
-def scored_reason(sr_sop_instance_uid: str, applicability: str | None, withheld: bool) -> str:
-    """The ``scored`` event's reason: ``SR <uid>[; applicability <status>[; risk group and PFS withheld]]``."""
+def scored_reason(
+    sr_sop_instance_uid: str, applicability: str | None, withheld: bool,
+    stage_seconds: Mapping[str, float] | None = None,
+) -> str:
+    """The ``scored`` event's reason.
+
+    ``SR <uid>[; applicability <status>[; risk group and PFS withheld]][; stages read=1.234 ring=...]``
+    """
     reason = f"SR {sr_sop_instance_uid}"
     if applicability:
         reason += f"; applicability {applicability}"
         if withheld:
             reason += f"; {WITHHELD_NOTE}"
+    if stage_seconds:
+        reason += "; stages " + " ".join(f"{stage}={seconds:.3f}" for stage, seconds in stage_seconds.items())
     return reason
+
+
+def stage_seconds_from_reason(reason: str | None) -> dict[str, float]:
+    """The per-stage seconds of a ``scored`` event's reason (empty when it has none)."""
+    if not reason or "; stages " not in reason:
+        return {}
+    text = reason.split("; stages ", 1)[1].split(";", 1)[0]
+    stages = {}
+    for item in text.split():
+        stage, _, seconds = item.partition("=")
+        try:
+            stages[stage] = float(seconds)
+        except ValueError:
+            continue
+    return stages
 
 
 #: The words `scored_reason` uses for a withheld result.
@@ -255,11 +278,13 @@ class StudyMachine:
         now: float,
         applicability: str | None = None,
         withheld: bool = False,
+        stage_seconds: Mapping[str, float] | None = None,
     ) -> Transition:
         """Store the SR, then in one transaction: scoring -> scored and one outbox row per destination.
 
         ``applicability`` (a `scoring.types.DomainStatus` value) and ``withheld``
-        go into the event's reason (`scored_reason`), where `sclc-node status` reads them.
+        go into the event's reason (`scored_reason`), where `sclc-node status` reads them;
+        so does ``stage_seconds``, the time of each scoring stage.
 
         The SR file is placed first (durably); if the transaction then fails
         the lease runs out, the study is scored again, and the deterministic
@@ -269,7 +294,7 @@ class StudyMachine:
         with self.spool.transaction() as tx:
             transition = apply_event(
                 tx, study_uid, StudyEvent.SCORED, now=now, worker_id=worker_id,
-                reason=scored_reason(sr_sop_instance_uid, applicability, withheld),
+                reason=scored_reason(sr_sop_instance_uid, applicability, withheld, stage_seconds),
             )
             self.spool.enqueue_sr_in(tx, study_uid, sr_sop_instance_uid, sr_file, destinations, now=now)
         return transition

@@ -53,6 +53,8 @@ class ScoringOutcome:
     sr_bytes: bytes | None = None
     result_json: str | None = None
     error: str | None = None
+    #: Wall seconds per stage (read, ring, extract, model, sr; sr includes encoding the file).
+    stage_seconds: dict[str, float] | None = None
 
 
 class StudyInputsError(InputError):
@@ -110,14 +112,18 @@ def run_scoring_task(task: ScoringTask) -> ScoringOutcome:
         )
         from pydicom.filebase import DicomBytesIO
 
+        encoding = time.perf_counter()
         buffer = DicomBytesIO()
         scored.sr.save_as(buffer, enforce_file_format=True)
+        stage_seconds = dict(scored.stage_seconds)
+        stage_seconds["sr"] = stage_seconds.get("sr", 0.0) + time.perf_counter() - encoding
         return ScoringOutcome(
             task.study_instance_uid,
             time.perf_counter() - started,
             sr_sop_instance_uid=str(scored.sr.SOPInstanceUID),
             sr_bytes=buffer.getvalue(),
             result_json=json.dumps(result_as_json(scored)),
+            stage_seconds=stage_seconds,
         )
     except InputError as exc:
         return ScoringOutcome(task.study_instance_uid, time.perf_counter() - started, error=str(exc))
@@ -137,13 +143,39 @@ def _exit_when_orphaned(parent_pid: int, poll_s: float = 1.0) -> None:
             os._exit(0)
 
 
-def _worker_initialiser(parent_pid: int) -> None:
+def _worker_initialiser(parent_pid: int, model_path: str | None = None) -> None:
     import threading
 
     from node.logs import configure_logging
 
     configure_logging(os.environ.get("SCLC_NODE_LOG_LEVEL", "WARNING"))
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True, name="orphan-watch").start()
+    _warm_up(model_path)
+
+
+def _warm_up(model_path: str | None) -> None:
+    """Pay once per worker process what every study would otherwise pay: imports and the model file.
+
+    pyradiomics, SimpleITK, highdicom and pydicom's codecs take seconds to
+    import; the model is parsed and its seal checked.  A model that cannot be
+    loaded is not an error here: the study's task reports it.
+    """
+    import radiomics
+
+    import node.scoring_job  # noqa: F401 - pyradiomics, SimpleITK, highdicom, pydicom, the scoring package
+
+    radiomics.getFeatureClasses()  # imports every feature class module
+    if model_path:
+        try:
+            path = Path(model_path)
+            _load_model(str(path), path.stat().st_mtime_ns)
+        except Exception:  # noqa: BLE001 - reported per study by run_scoring_task
+            pass
+
+
+def _worker_ready() -> int:
+    """A no-op task: submitted once per worker at pool start, so the processes (and their warm-up) start then."""
+    return os.getpid()
 
 
 class ScoringDispatcher:
@@ -174,8 +206,12 @@ class ScoringDispatcher:
                 max_workers=self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_worker_initialiser,
-                initargs=(os.getpid(),),
+                initargs=(os.getpid(), str(self.model_path)),
             )
+            # The pool starts its processes on demand; ask for all of them now, so
+            # the first study finds them warm.
+            for _ in range(self.workers):
+                self._pool.submit(_worker_ready)
         return self._pool
 
     @property
@@ -184,6 +220,7 @@ class ScoringDispatcher:
 
     def dispatch(self, *, now: float) -> int:
         """Record finished work, renew leases, reclaim dead workers' studies, and start new ones."""
+        self._executor()  # workers start (and warm up) with the node, not with the first study
         self.collect(now=now)
         for study_uid in list(self._in_flight):
             try:
@@ -269,9 +306,10 @@ class ScoringDispatcher:
             now=now,
             applicability=applicability,
             withheld=result["withheld"],
+            stage_seconds=outcome.stage_seconds,
         )
         if self.metrics is not None:
-            self.metrics.scoring_finished(outcome.seconds)
+            self.metrics.scoring_finished(outcome.seconds, stages=outcome.stage_seconds)
             self.metrics.study_scored(applicability, withheld=result["withheld"])
         self._log.info(
             "study_scored",
@@ -282,6 +320,7 @@ class ScoringDispatcher:
             model=result["model"]["name"],
             model_version=result["model"]["version"],
             seconds=round(outcome.seconds, 2),
+            stage_seconds={stage: round(v, 3) for stage, v in (outcome.stage_seconds or {}).items()},
         )
 
     def shutdown(self, *, wait: bool = True) -> None:
