@@ -10,7 +10,10 @@ file without a row; `Spool.recover` indexes it on the next start and removes
 leftover temp files.
 
 SQLite runs in WAL mode with ``synchronous=FULL`` (a commit is on disk when it
-returns) and a busy timeout.  Every write transaction is ``BEGIN IMMEDIATE``:
+returns) and a busy timeout.  The one exception is the received instance's
+index commit (``synchronous=NORMAL``): its file is already fsynced and
+`Spool.recover` rebuilds the row from it, so acknowledging before the WAL
+reaches the disk loses nothing.  Every write transaction is ``BEGIN IMMEDIATE``:
 it takes the write lock up front, so two writers queue on the busy timeout
 instead of failing later with a lock upgrade error, and a read-then-update
 inside one transaction cannot interleave with another writer.
@@ -358,10 +361,14 @@ class Spool:
             connection.executescript("BEGIN IMMEDIATE;\n" + _package_text("schema.sql") + "\nCOMMIT;")
 
     @contextlib.contextmanager
-    def transaction(self, *, write: bool = True) -> Iterator[Transaction]:
+    def transaction(self, *, write: bool = True, reconstructible: bool = False) -> Iterator[Transaction]:
         """One transaction: committed when the block ends, rolled back if it raises.
 
         ``write=False`` gives a consistent read snapshot without taking the write lock.
+        ``reconstructible=True`` commits with ``synchronous=NORMAL`` (no WAL fsync):
+        only for rows that `recover` rebuilds from an fsynced file, so a power
+        loss can lose the row but not what it records.  Any later FULL commit
+        fsyncs the WAL up to and including it.
         Not re-entrant: pass the `Transaction` down instead of opening another.
         """
         connection = self._connection()
@@ -369,6 +376,8 @@ class Spool:
             raise RuntimeError("Spool.transaction() is not re-entrant; pass the open Transaction down")
         tx = Transaction(connection, _QUERIES)
         self._local.in_transaction = True
+        if reconstructible:
+            connection.execute("PRAGMA synchronous = NORMAL")
         try:
             try:
                 connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -385,6 +394,8 @@ class Spool:
             raise translated from exc
         finally:
             self._local.in_transaction = False
+            if reconstructible:
+                connection.execute("PRAGMA synchronous = FULL")
         for transition in tx.applied:
             _log().info(
                 "study_transition",
@@ -451,7 +462,9 @@ class Spool:
                 outcome = self._duplicate_outcome(existing, header, digest)
             else:
                 place_file_atomically(self.path_of(relative_path), encoded_bytes, root=self.directory)
-                with self.transaction() as tx:
+                # The file and its folder entry are fsynced: `recover` rebuilds this row from them,
+                # so the commit need not wait for the disk (issue 9: a third fsync per instance).
+                with self.transaction(reconstructible=True) as tx:
                     outcome = self._index_instance(tx, header, relative_path, len(encoded_bytes), digest, now)
                 if outcome is not StoreOutcome.STORED:
                     # Lost a race with the same SOP Instance UID arriving under another study
