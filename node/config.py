@@ -61,6 +61,8 @@ MAX_PDU_LIMIT = 2**32 - 1
 #: Below this a receiver only slows transfers down; 0 means unlimited.
 MIN_PDU_BYTES = 4096
 AE_TITLE_MAX_CHARS = 16
+#: Smallest instance size limit: below 1 MiB a single 512×512 CT slice would be refused.
+MIN_INSTANCE_LIMIT_BYTES = 2**20
 ANY_AE_TITLE = "*"
 
 
@@ -324,10 +326,10 @@ class CallerRule(_Validated):
     def permits(self, calling_ae_title: str, address: str) -> bool:
         if self.ae_title != ANY_AE_TITLE and self.ae_title != calling_ae_title.strip(" "):
             return False
-        return _client_address(address) in self.network
+        return client_address(address) in self.network
 
 
-def _client_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def client_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """The peer address as seen by a dual-stack socket, IPv4-mapped IPv6 turned back into IPv4."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -395,6 +397,21 @@ class ScpConfig(_Validated):
     check_called_ae: bool = _key()
     allowed_callers: tuple[CallerRule, ...] = _key()
     tls: ScpTlsConfig = _key()
+    # Connections that have not yet sent an A-ASSOCIATE-RQ ("pending"): they are
+    # unauthenticated, so they get a short deadline and a budget of their own and
+    # never count against max_associations (node.scp.ConnectionGate).
+    #: Seconds from TCP accept (TLS handshake included) to a complete A-ASSOCIATE-RQ.
+    preassociation_timeout_s: float = _key(_range(0.5, 60), default=5.0)
+    #: Pending connections allowed at once from one IP address.
+    preassociation_per_ip: int = _key(_range(1, 100), default=4)
+    #: Pending connections allowed at once from all addresses together.
+    preassociation_total: int = _key(_range(1, 1000), default=32)
+    #: One ``peer_refused`` log line per (IP, reason) per this many seconds.
+    refused_log_interval_s: float = _key(_range(0, 86400), default=60.0)
+    #: Largest decoded pixel data of one instance (Rows × Columns × frames × samples × bytes).
+    max_decoded_bytes: int = _key(_range(MIN_INSTANCE_LIMIT_BYTES), default=256 * 2**20)
+    #: Largest inflated data set of a Deflated Explicit VR Little Endian instance.
+    max_inflated_bytes: int = _key(_range(MIN_INSTANCE_LIMIT_BYTES), default=32 * 2**20)
 
     def _cross_checks(self) -> Iterator[tuple[str, str]]:
         if not self.allowed_callers:
@@ -402,10 +419,20 @@ class ScpConfig(_Validated):
                 "is empty, which would refuse every caller; list the PACS "
                 '(or ae_title = "*", host = "0.0.0.0/0" to accept anyone)'
             )
+        if self.preassociation_per_ip > self.preassociation_total:
+            yield "preassociation_per_ip", f"{self.preassociation_per_ip} is above preassociation_total ({self.preassociation_total})"
 
     def caller_allowed(self, calling_ae_title: str, address: str) -> bool:
         """Whether an association from ``calling_ae_title`` at IP ``address`` may proceed."""
         return any(rule.permits(calling_ae_title, address) for rule in self.allowed_callers)
+
+    def address_allowed(self, address: str) -> bool:
+        """Whether some `allowed_callers` rule admits IP ``address`` (whatever its AE title): the check at TCP accept."""
+        try:
+            ip = client_address(address)
+        except ValueError:
+            return False
+        return any(ip in rule.network for rule in self.allowed_callers)
 
 
 @dataclass(frozen=True, slots=True)

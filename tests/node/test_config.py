@@ -60,6 +60,9 @@ def test_node_runs_on_embedded_defaults_alone():
     assert config.scp.max_pdu_bytes == 16384 and config.scp.max_associations == 10
     assert config.scp.check_called_ae is True
     assert config.scp.tls.enabled is False
+    assert (config.scp.preassociation_timeout_s, config.scp.preassociation_per_ip, config.scp.preassociation_total) == (5, 4, 32)
+    assert config.scp.refused_log_interval_s == 60
+    assert (config.scp.max_decoded_bytes, config.scp.max_inflated_bytes) == (256 * 2**20, 32 * 2**20)
     assert config.spool.directory == state / "spool"
     assert config.spool.database == state / "node.sqlite3"
     assert config.spool.min_free_bytes == 2 * 1024**3
@@ -85,6 +88,14 @@ def test_default_callers_are_loopback_only():
         assert scp.caller_allowed("ANY_PACS", address), address
     for address in ("10.1.2.3", "192.168.0.5", "fe80::1", "::ffff:10.1.2.3"):
         assert not scp.caller_allowed("ANY_PACS", address), address
+
+
+def test_address_allowed_checks_the_hosts_of_the_allowed_callers_whatever_the_ae_title():
+    rules = (CallerRule(ae_title="PACS", host="10.20.0.0/16"),)
+    scp = dataclasses.replace(load_config(environ=ENV).scp, allowed_callers=rules)
+    assert scp.address_allowed("10.20.3.4") and scp.address_allowed("::ffff:10.20.3.4")
+    assert not scp.address_allowed("10.21.0.1")
+    assert not scp.address_allowed("not-an-address")
 
 
 def test_every_destination_key_is_documented_in_the_defaults_file():
@@ -218,6 +229,12 @@ def test_too_long_ae_title_message(tmp_path):
         ('[[scp.allowed_callers]]\nae_title = "*"\nhost = "10.1.2.3/24"', "scp.allowed_callers[0].host: '10.1.2.3/24' is not"),
         ('[[scp.allowed_callers]]\nae_title = "*"', "scp.allowed_callers[0].host: missing"),
         ("[scp.tls]\nenabled = true", "scp.tls.cert_file: required when enabled = true"),
+        ("[scp]\npreassociation_timeout_s = 0.1", "scp.preassociation_timeout_s: 0.1 is out of range (must be between 0.5 and 60)"),
+        ("[scp]\npreassociation_per_ip = 0", "scp.preassociation_per_ip: 0 is out of range"),
+        ("[scp]\npreassociation_per_ip = 8\npreassociation_total = 4", "scp.preassociation_per_ip: 8 is above preassociation_total (4)"),
+        ("[scp]\nrefused_log_interval_s = -1", "scp.refused_log_interval_s: -1.0 is out of range"),
+        ("[scp]\nmax_decoded_bytes = 1000", "scp.max_decoded_bytes: 1000 is out of range (must be at least 1048576)"),
+        ('[scp]\nmax_inflated_bytes = "32M"', "scp.max_inflated_bytes: expected an integer, got string '32M'"),
         ('[scp]\ntls = "yes"', "scp.tls: expected a table, got string 'yes'"),
         ("[spool]\nmin_free_bytes = -1", "spool.min_free_bytes: -1 is out of range"),
         ('[spool]\ndirectory = ""', "spool.directory: must not be empty"),

@@ -10,10 +10,13 @@ bytes must equal the source file's.
 
 from __future__ import annotations
 
+import socket
 import struct
 from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import time
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -196,16 +199,25 @@ def dataset_bytes(part10: bytes) -> bytes:
     return part10[144 + group_length :]
 
 
-def scu(*, ae_title: str = PACS_AE) -> AE:
+def scu(*, ae_title: str = PACS_AE, transfer_syntaxes=(ExplicitVRLittleEndian, ImplicitVRLittleEndian)) -> AE:
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     for sop_class in (CTImageStorage, SegmentationStorage):
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        for transfer_syntax in transfer_syntaxes:  # one context each: the node, as acceptor, would pick its favourite
+            ae.add_requested_context(sop_class, [transfer_syntax])
     ae.add_requested_context(Verification)
     return ae
 
 
-def send(node: Node, items, *, ae_title: str = PACS_AE, raw_files: bool = False, monkeypatch=None) -> list[int]:
+def send(
+    node: Node,
+    items,
+    *,
+    ae_title: str = PACS_AE,
+    raw_files: bool = False,
+    monkeypatch=None,
+    transfer_syntaxes=(ExplicitVRLittleEndian, ImplicitVRLittleEndian),
+) -> list[int]:
     """C-STORE each dataset or file over one pynetdicom association; the statuses.
 
     ``raw_files`` sends files byte for byte without parsing them (pynetdicom's
@@ -214,7 +226,7 @@ def send(node: Node, items, *, ae_title: str = PACS_AE, raw_files: bool = False,
     """
     if raw_files:
         monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
-    assoc = scu(ae_title=ae_title).associate(LOOPBACK, node.port, ae_title=NODE_AE)
+    assoc = scu(ae_title=ae_title, transfer_syntaxes=transfer_syntaxes).associate(LOOPBACK, node.port, ae_title=NODE_AE)
     assert assoc.is_established
     try:
         return [int(assoc.send_c_store(item).Status) for item in items]
@@ -335,16 +347,14 @@ def test_wrong_called_ae_is_rejected_only_when_checked(start_node, check_called_
         assert result.ok, result.output
 
 
-def test_source_address_outside_the_allow_list_is_rejected(start_node):
+def test_source_address_outside_the_allow_list_is_closed_at_accept_and_logged(start_node):
     node = start_node(allowed_callers=(CallerRule(ae_title=PACS_AE, host="127.0.0.1"),))
-    outsider = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, bind_address=("127.0.0.2", 0))
-    assert outsider.is_rejected
-    primitive = outsider.acceptor.primitive
-    assert (primitive.result, primitive.result_source, primitive.diagnostic) == (
-        scp.REJECT_PERMANENT,
-        scp.REJECT_SOURCE_SERVICE_USER,
-        scp.REJECT_CALLING_AE_NOT_RECOGNISED,
-    )
+    with structlog.testing.capture_logs() as logs:
+        outsider = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, bind_address=("127.0.0.2", 0))
+    # Closed before any A-ASSOCIATE exchange: no A-ASSOCIATE-RJ, no association, no thread.
+    assert not outsider.is_established and not outsider.is_rejected
+    assert [(e["peer_ip"], e["reason"]) for e in logs if e["event"] == "peer_refused"] == [("127.0.0.2", scp.REFUSED_ADDRESS)]
+    assert not [e for e in logs if e["event"].startswith("association_")]
 
     insider = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, bind_address=("127.0.0.1", 0))
     assert insider.is_established
@@ -380,6 +390,138 @@ def test_association_limit_rejects_transiently_until_one_ends(start_node):
     third = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE)
     assert third.is_established
     third.release()
+
+
+# --- unauthenticated connections cannot lock the PACS out ------------------------------
+
+#: Far above max_associations (4 in these tests) and preassociation_per_ip (4 by default).
+FLOOD_CONNECTIONS = 16
+FLOODER_IP = "127.0.0.2"  # Linux routes all of 127.0.0.0/8 to lo: a second host on loopback
+#: An A-ASSOCIATE-RQ PDU header announcing 64 KiB, then silence (a peer stalled mid-PDU).
+STALLED_PDU = b"\x01\x00" + struct.pack(">I", 2**16) + b"\x00\x01"
+
+
+def open_flood(port: int, *, silent: int = 0, opened_and_closed: int = 0, stalled: int = 0) -> list[socket.socket]:
+    """TCP connections from FLOODER_IP to the node; the ones still open (the caller closes them)."""
+    held = []
+    for kind in ["closed"] * opened_and_closed + ["silent"] * silent + ["stalled"] * stalled:
+        try:
+            conn = socket.create_connection((LOOPBACK, port), timeout=5, source_address=(FLOODER_IP, 0))
+        except OSError:
+            continue  # the node may close or refuse it: that is the point
+        if kind == "closed":
+            conn.close()
+            continue
+        if kind == "stalled":
+            try:
+                conn.sendall(STALLED_PDU)
+            except OSError:
+                pass
+        held.append(conn)
+    return held
+
+
+def pacs_round_trip(node: Node, dataset) -> float:
+    """Seconds for the allowed PACS (127.0.0.1) to associate, C-ECHO, C-STORE ``dataset`` and release."""
+    start = time.monotonic()
+    assoc = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, bind_address=(LOOPBACK, 0))
+    assert assoc.is_established, "the allowed PACS could not associate" + (
+        f" (rejected: result {assoc.acceptor.primitive.result}, diagnostic {assoc.acceptor.primitive.diagnostic})"
+        if assoc.is_rejected
+        else ""
+    )
+    try:
+        assert assoc.send_c_echo().Status == STATUS_SUCCESS
+        assert assoc.send_c_store(dataset).Status == STATUS_SUCCESS
+    finally:
+        assoc.release()
+    return time.monotonic() - start
+
+
+def fresh_ct(phantom: Phantom, name: str):
+    return pydicom.dcmread(phantom.variant(name, lambda ds: None))
+
+
+def generous_bound_s(baseline_s: float) -> float:
+    # Not a speed test (those live in benchmarks/): only "not held up by the
+    # flood", which before the fix meant a rejection, or 30 s of acse_timeout.
+    return max(10 * baseline_s, baseline_s + 3.0)
+
+
+def test_silent_connections_from_an_unlisted_address_do_not_lock_out_the_pacs(start_node, phantom):
+    # Reproduction (issue 10.1): a dozen connections that send nothing took every
+    # association slot for acse_timeout (30 s) and left no log line.
+    node = start_node(allowed_callers=(CallerRule(ae_title=PACS_AE, host=LOOPBACK),), acse_timeout_s=30.0)
+    baseline_s = pacs_round_trip(node, fresh_ct(phantom, "baseline"))
+
+    with structlog.testing.capture_logs() as logs:
+        held = open_flood(node.port, opened_and_closed=FLOOD_CONNECTIONS // 2, silent=FLOOD_CONNECTIONS)
+        try:
+            during_s = pacs_round_trip(node, fresh_ct(phantom, "during"))
+        finally:
+            for conn in held:
+                conn.close()
+
+    assert during_s < generous_bound_s(baseline_s), (during_s, baseline_s)
+    refused = [e for e in logs if e["event"] == "peer_refused"]
+    assert refused and {(e["peer_ip"], e["reason"]) for e in refused} == {(FLOODER_IP, scp.REFUSED_ADDRESS)}
+    assert len(refused) == 1  # rate-limited: one line per (address, reason) per refused_log_interval_s
+    assert PATIENT_ID not in repr(logs)
+    assert not [e for e in logs if e["event"] == "association_aborted"]  # the flood made no associations
+
+
+def test_a_flood_from_an_allowed_network_is_held_to_its_per_address_budget(start_node, phantom):
+    # The flooder's address passes the allow-list (the shipped default admits
+    # 127.0.0.0/8), so only its pre-association budget stops it: silent and
+    # stalled connections never count against max_associations (4 here).
+    node = start_node(allowed_callers=(CallerRule(ae_title="*", host="127.0.0.0/8"),), acse_timeout_s=30.0)
+    baseline_s = pacs_round_trip(node, fresh_ct(phantom, "baseline"))
+
+    with structlog.testing.capture_logs() as logs:
+        held = open_flood(
+            node.port, opened_and_closed=FLOOD_CONNECTIONS // 2, silent=FLOOD_CONNECTIONS, stalled=FLOOD_CONNECTIONS // 2
+        )
+        try:
+            during_s = pacs_round_trip(node, fresh_ct(phantom, "during"))
+            second_s = pacs_round_trip(node, fresh_ct(phantom, "during-2"))
+        finally:
+            for conn in held:
+                conn.close()
+
+    assert max(during_s, second_s) < generous_bound_s(baseline_s), (during_s, second_s, baseline_s)
+    reasons = {e["reason"] for e in logs if e["event"] == "peer_refused" and e["peer_ip"] == FLOODER_IP}
+    assert scp.REFUSED_PER_IP in reasons, reasons
+    # The budget is handed back: every pending connection ends within preassociation_timeout_s.
+    deadline = time.monotonic() + node.receiver.config.preassociation_timeout_s + 5
+    while node.receiver.gate.pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.receiver.gate.pending == 0
+    assert len(node.instances()) == 3  # baseline, during, during-2
+
+
+def test_a_peer_stalled_inside_its_association_request_is_dropped_after_the_preassociation_timeout(start_node):
+    # pynetdicom reads a PDU with a blocking recv() until its declared length
+    # has arrived; without a socket timeout this peer held two threads forever.
+    node = start_node(allowed_callers=(CallerRule(ae_title="*", host="127.0.0.0/8"),))  # preassociation_timeout_s = 5
+    with structlog.testing.capture_logs() as logs:
+        [stalled] = open_flood(node.port, stalled=1)
+        try:
+            stalled.settimeout(20)
+            start = time.monotonic()
+            try:
+                answer = stalled.recv(1024)
+            except ConnectionResetError:
+                answer = b""
+            closed_after_s = time.monotonic() - start
+        finally:
+            stalled.close()
+        assert answer == b""  # closed by the node, without an association
+        assert closed_after_s < 5.0 + 5.0  # acse_timeout_s and network_timeout_s here are 5 and 10
+        deadline = time.monotonic() + 5
+        while (node.receiver.active_associations or node.receiver.gate.pending) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert node.receiver.active_associations == 0 and node.receiver.gate.pending == 0
+    assert [e["reason"] for e in logs if e["event"] == "peer_refused"] == [scp.REFUSED_NO_VALID_REQUEST]
 
 
 @pytest.mark.external
@@ -446,6 +588,163 @@ def test_dataset_that_does_not_match_its_sop_class_gets_0xA900(node, phantom, tm
     assert statuses == [STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS] * 3
     assert node.instances() == {}
     assert (node.received("seg", "rejected"), node.received("ct", "rejected")) == (1, 2)
+
+
+# --- resource limits (issue 10.4) --------------------------------------------------------
+
+
+def bytes_accepted(conn: socket.socket, header: bytes, *, chunk_bytes: int = 2**20, up_to_bytes: int = 96 * 2**20) -> int:
+    """Send ``header`` then zeros until the node stops reading or ``up_to_bytes`` went out; the bytes sent."""
+    conn.settimeout(5)
+    sent = 0
+    chunk = bytes(chunk_bytes)
+    try:
+        conn.sendall(header)
+        while sent < up_to_bytes:
+            conn.sendall(chunk)
+            sent += chunk_bytes
+    except OSError:  # reset or broken pipe: the node closed the connection
+        pass
+    return sent
+
+
+def test_an_oversized_association_request_is_not_read(start_node):
+    # pynetdicom reads whatever length a PDU header announces (up to 4 GiB)
+    # into memory; before association that was open to any allowed address.
+    node = start_node(allowed_callers=(CallerRule(ae_title="*", host="127.0.0.0/8"),))
+    with structlog.testing.capture_logs() as logs:
+        conn = socket.create_connection((LOOPBACK, node.port), timeout=5, source_address=(FLOODER_IP, 0))
+        try:
+            sent = bytes_accepted(conn, b"\x01\x00" + struct.pack(">I", 512 * 2**20))
+        finally:
+            conn.close()
+    assert sent < 32 * 2**20, f"the node went on reading: {sent} bytes"
+    assert (FLOODER_IP, scp.REFUSED_PDU_TOO_LARGE) in {(e["peer_ip"], e["reason"]) for e in logs if e["event"] == "peer_refused"}
+
+
+def test_a_pdu_beyond_the_announced_maximum_length_aborts_the_association(start_node):
+    from tests.node.test_fuzz import associate_rq
+
+    node = start_node(allowed_callers=(CallerRule(ae_title="*", host="127.0.0.0/8"),))  # max_pdu_bytes = 16384
+    conn = socket.create_connection((LOOPBACK, node.port), timeout=5)
+    try:
+        conn.sendall(associate_rq(called=NODE_AE, calling=PACS_AE))
+        assert conn.recv(1) == b"\x02"  # A-ASSOCIATE-AC
+        sent = bytes_accepted(conn, b"\x04\x00" + struct.pack(">I", 512 * 2**20))  # a P-DATA-TF of 512 MiB
+    finally:
+        conn.close()
+    assert sent < 32 * 2**20, f"the node went on reading: {sent} bytes"
+    assert send(node, []) == []  # and it still serves
+
+
+
+BOMB_INFLATED_BYTES = 64 * 2**20
+
+
+def deflated_with_padding(source: Path, target: Path, padding_bytes: int) -> Path:
+    """``source`` (Explicit VR Little Endian) as a Deflated Explicit VR Little Endian file whose data set
+    ends in a Data Set Trailing Padding (FFFC,FFFC) of ``padding_bytes`` zeros.
+
+    Deflated in 1 MiB steps, so the test never holds the inflated data set:
+    64 MiB of zeros become about 64 KB on the wire.
+    """
+    part10 = source.read_bytes()
+    meta = pydicom.dcmread(source, stop_before_pixels=True).file_meta
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunks = [compressor.compress(dataset_bytes(part10))]
+    chunks.append(compressor.compress(struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, padding_bytes)))
+    step = bytes(2**20)
+    for _ in range(padding_bytes // len(step)):
+        chunks.append(compressor.compress(step))
+    chunks.append(compressor.flush())
+    buffer = pydicom.filebase.DicomBytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    pydicom.filewriter.write_file_meta_info(buffer, meta, enforce_standard=True)
+    target.write_bytes(buffer.getvalue() + b"".join(chunks))
+    return target
+
+
+def test_a_dimse_message_beyond_the_instance_limits_is_not_gathered(start_node):
+    # pynetdicom gathers a whole message in memory before any handler runs:
+    # command fragments that never say "last" grew without bound.
+    from tests.node.test_fuzz import associate_rq, p_data
+
+    node = start_node(allowed_callers=(CallerRule(ae_title="*", host="127.0.0.0/8"),), max_decoded_bytes=2**20)
+    # limit: max(max_decoded_bytes 1 MiB, max_inflated_bytes 32 MiB) + 16 MiB = 48 MiB
+    fragment = p_data([(1, 0x01, bytes(16000))])  # command fragment, not the last
+    conn = socket.create_connection((LOOPBACK, node.port), timeout=5)
+    sent = 0
+    with structlog.testing.capture_logs() as logs:
+        try:
+            conn.sendall(associate_rq(called=NODE_AE, calling=PACS_AE))
+            assert conn.recv(1) == b"\x02"  # A-ASSOCIATE-AC
+            conn.settimeout(10)
+            while sent < 128 * 2**20:
+                conn.sendall(fragment * 64)
+                sent += len(fragment) * 64
+        except OSError:
+            pass  # the node aborted
+        finally:
+            conn.close()
+        deadline = time.monotonic() + 10
+        while node.receiver.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert sent < 80 * 2**20, f"the node went on reading: {sent} bytes"
+    assert scp.REFUSED_MESSAGE_TOO_LARGE in {e["reason"] for e in logs if e["event"] == "peer_refused"}
+    assert send(node, []) == []  # and it still serves
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated(node, phantom, tmp_path, monkeypatch):
+    # Reproduction (issue 10.4): a 132 KB deflated instance that inflates to
+    # 64 MB raised the service's memory by 224 MB.  Now it is inflated in 1 MiB
+    # steps against scp.max_inflated_bytes (32 MiB by default) and refused.
+    bomb = deflated_with_padding(phantom.variant("bomb", lambda ds: None), tmp_path / "bomb.dcm", BOMB_INFLATED_BYTES)
+    assert bomb.stat().st_size < 200_000
+    ordinary = phantom.variant("after-bomb", lambda ds: None)
+    syntaxes = (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian)
+
+    with structlog.testing.capture_logs() as logs:
+        tracemalloc.start()
+        try:
+            statuses = send(node, [bomb], raw_files=True, monkeypatch=monkeypatch, transfer_syntaxes=syntaxes)
+            _, peak_bytes = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        statuses += send(node, [ordinary], transfer_syntaxes=syntaxes)  # the node keeps serving
+
+    assert statuses == [STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS]
+    assert peak_bytes < 16 * 2**20, f"receiving the bomb allocated {peak_bytes / 2**20:.0f} MiB"
+    assert set(node.instances()) == {pydicom.dcmread(ordinary).SOPInstanceUID}  # nothing stored for the bomb
+    [refused] = [e for e in logs if e["event"] == "instance_refused"]
+    assert refused["status"] == "0xA700" and "scp.max_inflated_bytes" in refused["reason"]
+
+
+def test_a_header_announcing_a_huge_decoded_image_is_refused(node, phantom, tmp_path, monkeypatch):
+    # RLE keeps the fragments small whatever Rows x Columns claim; decoding
+    # 60000 x 60000 x 2 bytes (6.7 GiB) would happen in a scoring worker.
+    ds = pydicom.dcmread(sorted(phantom.compressed_dir(RLELossless).glob("*.dcm"))[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Rows = ds.Columns = 60000
+    huge = tmp_path / "huge.dcm"
+    ds.save_as(huge, enforce_file_format=True)
+    syntaxes = (RLELossless, ExplicitVRLittleEndian)
+
+    with structlog.testing.capture_logs() as logs:
+        statuses = send(node, [huge], raw_files=True, monkeypatch=monkeypatch, transfer_syntaxes=syntaxes)
+        statuses += send(node, phantom.ct_files[:1])
+
+    assert statuses == [STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS]
+    assert set(node.instances()) == {phantom.ct_files[0].stem}
+    [refused] = [e for e in logs if e["event"] == "instance_refused"]
+    assert refused["status"] == "0xA700" and "scp.max_decoded_bytes" in refused["reason"]
+    assert "7200000000 bytes" in refused["reason"]
+
+
+def test_instance_limits_come_from_the_config(start_node, phantom):
+    node = start_node(max_decoded_bytes=2**20)
+    assert node.receiver.limits == scp.InstanceLimits(max_decoded_bytes=2**20, max_inflated_bytes=32 * 2**20)
+    assert send(node, phantom.ct_files[:1]) == [STATUS_SUCCESS]  # 48 x 48 x 2 bytes
 
 
 def test_seg_without_referenced_series_sequence_is_stored(node, phantom):
@@ -562,6 +861,30 @@ def test_tls_listener_answers_tls_callers_only(start_node, tmp_path):
     again.release()
 
 
+@pytest.mark.skipif(not Path("/usr/bin/openssl").is_file(), reason="openssl not installed")
+def test_a_silent_connection_to_the_tls_port_does_not_block_other_callers(start_node, tmp_path):
+    # pynetdicom does the TLS handshake in its one accepting thread: a peer that
+    # connects and never sends a ClientHello blocked every later caller.
+    import ssl
+
+    cert, key = self_signed_certificate(tmp_path)
+    tls = ScpTlsConfig(enabled=True, cert_file=cert, key_file=key, ca_file=None, require_client_cert=False)
+    node = start_node(tls=tls)
+    client = ssl.create_default_context(cafile=str(cert))
+    client.check_hostname = False
+    silent = socket.create_connection((LOOPBACK, node.port), timeout=5)
+    try:
+        time.sleep(0.2)  # let the node accept it first
+        start = time.monotonic()
+        assoc = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, tls_args=(client, None))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == STATUS_SUCCESS
+        assoc.release()
+        assert time.monotonic() - start < 3.0  # not a speed test: a blocked accept loop never answers
+    finally:
+        silent.close()
+
+
 def test_port_zero_binds_a_free_port_and_stop_aborts_lingering_associations(start_node):
     node = start_node()
     assert node.receiver.running and node.port > 0
@@ -640,3 +963,80 @@ def test_ipv6_listener_and_allow_list(start_node):
     assert assoc.send_c_echo().Status == STATUS_SUCCESS
     assoc.release()
     assert scu(ae_title="OTHER").associate("::1", node.port, ae_title=NODE_AE).is_rejected
+
+
+def deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+def test_check_inflated_size_caps_corrupt_truncated_and_trailing_streams():
+    stream = deflate(bytes(3 * 2**20))
+    assert scp.check_inflated_size(stream, 3 * 2**20) == 3 * 2**20
+    assert scp.check_inflated_size(stream + b"\0", 3 * 2**20) == 3 * 2**20  # PS3.5 A.5 even-length pad
+    with pytest.raises(scp.InstanceTooLarge, match=r"more than 3145727 bytes \(scp.max_inflated_bytes"):
+        scp.check_inflated_size(stream, 3 * 2**20 - 1)
+    with pytest.raises(UnreadableInstance, match="truncated"):
+        scp.check_inflated_size(stream[: len(stream) // 2], 2**30)
+    with pytest.raises(UnreadableInstance, match="bytes follow the end"):
+        scp.check_inflated_size(stream + b"garbage", 2**30)
+    with pytest.raises(UnreadableInstance, match="corrupt"):
+        scp.check_inflated_size(b"\xff" * 64, 2**30)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "expected"),
+    [
+        (dict(Rows=512, Columns=512, BitsAllocated=16), 512 * 512 * 2),
+        (dict(Rows=512, Columns=512, BitsAllocated=1, NumberOfFrames=600), 512 * 512 * 600),  # unpacked binary SEG
+        (dict(Rows=64, Columns=64, BitsAllocated=8, SamplesPerPixel=3, NumberOfFrames=2), 64 * 64 * 3 * 2),
+    ],
+    ids=["ct-slice", "binary-seg", "rgb"],
+)
+def test_decoded_pixel_bytes(attributes, expected):
+    ds = pydicom.Dataset()
+    for name, value in attributes.items():
+        setattr(ds, name, value)
+    assert scp.decoded_pixel_bytes(ds) == expected
+
+
+def test_decoded_pixel_bytes_names_missing_attributes():
+    ds = pydicom.Dataset()
+    ds.Rows = 512
+    with pytest.raises(UnreadableInstance, match="image pixel attributes are missing"):
+        scp.decoded_pixel_bytes(ds)
+
+
+def test_refusal_log_is_rate_limited_per_address_and_reason():
+    now = [1000.0]
+    with structlog.testing.capture_logs() as logs:
+        refusals = scp.RefusalLog(structlog.get_logger(), interval_s=60, max_keys=2, clock=lambda: now[0])
+        for _ in range(50):
+            refusals.refused("10.0.0.9", scp.REFUSED_ADDRESS)
+        refusals.refused("10.0.0.8", scp.REFUSED_ADDRESS)
+        now[0] += 61
+        refusals.refused("10.0.0.9", scp.REFUSED_ADDRESS)
+    assert [(e["peer_ip"], e["suppressed"]) for e in logs] == [("10.0.0.9", 0), ("10.0.0.8", 0), ("10.0.0.9", 49)]
+    assert all(e["event"] == "peer_refused" and e["log_level"] == "warning" for e in logs)
+
+
+def test_connection_gate_budgets_pending_connections_per_address_and_in_total():
+    config = scp_config(
+        allowed_callers=(CallerRule(ae_title="*", host="10.0.0.0/8"),), preassociation_per_ip=2, preassociation_total=3
+    )
+    with structlog.testing.capture_logs() as logs:
+        gate = scp.ConnectionGate(config, structlog.get_logger())
+        first, second = gate.open("10.0.0.1"), gate.open("::ffff:10.0.0.1")  # IPv4-mapped is the same address
+        assert first and second and gate.open("10.0.0.1") is None
+        third = gate.open("10.0.0.2")
+        assert third and gate.open("10.0.0.3") is None
+        assert gate.open("192.168.1.1") is None
+        gate.release(first)
+        gate.release(first)  # released once only
+        assert gate.pending == 2
+        assert gate.open("10.0.0.3") is not None
+    assert [(e["peer_ip"], e["reason"]) for e in logs] == [
+        ("10.0.0.1", scp.REFUSED_PER_IP),
+        ("10.0.0.3", scp.REFUSED_TOTAL),
+        ("192.168.1.1", scp.REFUSED_ADDRESS),
+    ]
