@@ -186,8 +186,10 @@ def place_file_atomically(final_path: Path, data: bytes, *, root: Path) -> None:
     """Make ``final_path`` hold exactly ``data``, durably, or leave it as it was.
 
     Temp file in the same folder (so the rename cannot cross file systems),
-    fsync, atomic rename, fsync of the folder.  Files are created 0600: they
-    hold patient data.
+    fdatasync, atomic rename, fsync of the folder.  fdatasync writes the data
+    and the metadata needed to read it back (the size), not the timestamps,
+    which saves ~0.7 ms per instance (ext4, issue 9).  Files are created 0600:
+    they hold patient data.
     """
     directory = final_path.parent
     try:
@@ -199,7 +201,7 @@ def place_file_atomically(final_path: Path, data: bytes, *, root: Path) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            os.fdatasync(handle.fileno())
         os.replace(temp_name, final_path)
         _fsync_directory(directory)
     except OSError as exc:
