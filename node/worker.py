@@ -21,7 +21,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from pydicom.uid import CTImageStorage, SegmentationStorage
 
@@ -198,6 +198,10 @@ class ScoringDispatcher:
         self._in_flight: dict[str, Future] = {}
         self._finished: queue.SimpleQueue[tuple[str, ScoringOutcome | BaseException]] = queue.SimpleQueue()
         self._log = get_logger(stage="scoring")
+        #: Called (from the pool's thread) when a worker's outcome arrives, and after a study is
+        #: recorded as scored: the service runs `dispatch` and the outbox at once (`run_soon`).
+        self.on_outcome: Callable[[], None] | None = None
+        self.on_scored: Callable[[], None] | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -249,8 +253,13 @@ class ScoringDispatcher:
             self._pool = None
             future = self._executor().submit(run_scoring_task, task)
         self._in_flight[study_uid] = future
-        future.add_done_callback(lambda f, uid=study_uid: self._finished.put((uid, f.exception() or f.result())))
+        future.add_done_callback(lambda f, uid=study_uid: self._outcome_arrived(uid, f))
         self._log.info("scoring_started", study_uid=study_uid)
+
+    def _outcome_arrived(self, study_uid: str, future: Future) -> None:
+        self._finished.put((study_uid, future.exception() or future.result()))
+        if self.on_outcome is not None:
+            self.on_outcome()
 
     def _task_for(self, study_uid: str) -> ScoringTask:
         record_row = self.spool.clinical_record_for(study_uid)
@@ -308,6 +317,8 @@ class ScoringDispatcher:
             withheld=result["withheld"],
             stage_seconds=outcome.stage_seconds,
         )
+        if self.on_scored is not None:
+            self.on_scored()
         if self.metrics is not None:
             self.metrics.scoring_finished(outcome.seconds, stages=outcome.stage_seconds)
             self.metrics.study_scored(applicability, withheld=result["withheld"])

@@ -118,3 +118,30 @@ def test_workers_start_warm_with_the_dispatcher(tmp_path):
             assert pid != os.getpid()
         finally:
             dispatcher.shutdown()
+
+
+def test_a_finished_stage_runs_the_next_job_at_once(tmp_path):
+    """ready -> dispatch, outcome -> record, scored -> outbox: no wait for the next tick (issue 9)."""
+    import functools
+    import threading
+
+    from node.service import JobIntervals
+    from tests.node.test_service import make_service
+
+    service = make_service(tmp_path)
+    service.intervals = JobIntervals(completion_s=3600, dispatch_s=3600, outbox_s=3600)
+    runs = {"dispatch_scoring": threading.Semaphore(0), "deliver": threading.Semaphore(0)}
+    for name, ran in runs.items():
+        job = getattr(service, name)
+        setattr(service, name, functools.wraps(job)(lambda job=job, ran=ran: (job(), ran.release())))
+    service.start()
+    try:
+        for ran in runs.values():
+            assert ran.acquire(timeout=60)  # the run at start
+        service.dispatcher.on_scored()
+        assert runs["deliver"].acquire(timeout=10)
+        service.dispatcher.on_outcome()
+        assert runs["dispatch_scoring"].acquire(timeout=10)
+        assert not runs["deliver"].acquire(timeout=1)  # only what was asked for
+    finally:
+        service.stop()
