@@ -1,6 +1,7 @@
 """Time and memory of computing only a model's features vs a full pyradiomics run, same settings, same process.
 
-    python benchmarks/bench_features.py [--repeats 3] [--sigmas 2.0] [--case lung2 | --synthetic | --image CT.nrrd --mask LABEL.nrrd]
+    python benchmarks/bench_features.py [--repeats 3] [--sigmas 2.0]
+        [--case lung2 | --synthetic | --image CT.nrrd --mask LABEL.nrrd]
 
 Default input: pyradiomics' real ``lung2`` case (``tests/realdata.py``);
 ``--synthetic`` takes a synthetic 512x512x48 CT at 0.7x0.7x5 mm with a
