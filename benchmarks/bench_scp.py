@@ -4,18 +4,23 @@
 
 One synthetic CT series (default 48 slices of 512×512, ~25 MB) is sent with
 DCMTK's ``storescu`` to each receiver in turn, ``--repeats`` times, and the
-median MB/s (file bytes / wall time of the storescu run) is printed, with the
-ratio to storescp.  All receivers run with ``TCP_NODELAY=1`` and the same
-maximum PDU.  A ratio, not an absolute: the node fsyncs every file and its
-folder and commits a SQLite row (``synchronous=FULL``) before answering,
-while storescp only writes; ``storescp +B`` also skips re-encoding, as the
-node does.  ``--spool`` puts the node's spool on another file system (the
-default is a temp folder, like storescp's output folder).
+median MB/s (file bytes / wall time of the storescu run) is printed as JSON,
+with the ratio to storescp.  All receivers run with ``TCP_NODELAY=1`` and the
+same maximum PDU.  A ratio, not an absolute: before answering, the node syncs
+every file (fdatasync) and its folder and commits a SQLite row
+(``synchronous=NORMAL``: ``Spool.recover`` rebuilds it from the synced file),
+while storescp only writes.  A diagnostic run of the node without the syncs
+(not durable) shows what they cost per instance.  ``storescp +B`` also skips
+re-encoding, as the node does.  ``--spool`` puts the node's spool on another
+file system (the default is a temp folder, like storescp's output folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import statistics
 import sys
 import tempfile
@@ -74,6 +79,21 @@ def bench_node(series: Path, spool_root: Path, pdu: int, repeats: int) -> list[f
     return times
 
 
+@contextlib.contextmanager
+def without_fsync():
+    """Diagnostic only: the node with its file and folder syncs switched off (NOT durable).
+
+    The difference to the real node is what durability before the success
+    status costs on this disk; the rest is pynetdicom and the node's parsing.
+    """
+    saved = os.fsync, os.fdatasync
+    os.fsync = os.fdatasync = lambda fd: None
+    try:
+        yield
+    finally:
+        os.fsync, os.fdatasync = saved
+
+
 def bench_storescp(series: Path, out_root: Path, pdu: int, repeats: int, *, bit_preserving: bool) -> list[float]:
     times = []
     for run in range(repeats):
@@ -81,6 +101,48 @@ def bench_storescp(series: Path, out_root: Path, pdu: int, repeats: int, *, bit_
         with start_storescp(directory, ae_title="STORESCP", bit_preserving=bit_preserving, extra_args=["-pdu", str(pdu)]) as peer:
             times.append(timed_send(peer.port, "STORESCP", series))
     return times
+
+
+NODE = "sclc-node SCP (fsync + SQLite commit)"
+STORESCP = "DCMTK storescp"
+STORESCP_B = "DCMTK storescp +B (bit-preserving)"
+NODE_NO_SYNC = "diagnostic: sclc-node SCP without file/folder sync (NOT durable)"
+
+
+def _no_sync(series: Path, spool_root: Path, pdu: int, repeats: int) -> list[float]:
+    with without_fsync():
+        return bench_node(series, spool_root, pdu, repeats)
+
+
+def run(*, slices: int = 48, size: int = 512, repeats: int = 3, pdu: int = 16384, spool: Path | None = None) -> dict:
+    configure_logging("WARNING")  # per-instance debug lines would be part of the measurement
+    with tempfile.TemporaryDirectory(prefix="bench-scp-") as temp:
+        root = Path(temp)
+        image, _mask = synthetic_chest_phantom(size=(size, size, slices))
+        series = root / "series"
+        write_ct_series(image, series)
+        total_mb = sum(p.stat().st_size for p in series.glob("*.dcm")) / 1e6
+        results = {
+            NODE: bench_node(series, spool or root / "spool", pdu, repeats),
+            NODE_NO_SYNC: _no_sync(series, spool or root / "spool-nosync", pdu, repeats),
+            STORESCP: bench_storescp(series, root, pdu, repeats, bit_preserving=False),
+            STORESCP_B: bench_storescp(series, root, pdu, repeats, bit_preserving=True),
+        }
+    rates = {name: total_mb / statistics.median(times) for name, times in results.items()}
+    return {
+        "series": f"{slices} slices of {size}x{size}, {total_mb:.1f} MB, Explicit VR LE",
+        "max_pdu": pdu,
+        "repeats": repeats,
+        "mb_per_s": {name: round(rate, 1) for name, rate in rates.items()},
+        "runs_mb_per_s": {name: [round(total_mb / t, 1) for t in times] for name, times in results.items()},
+        "ratio_node_over_storescp": rates[NODE] / rates[STORESCP],
+        "ratio_node_over_storescp_B": rates[NODE] / rates[STORESCP_B],
+        "ratio_node_without_sync_over_storescp": rates[NODE_NO_SYNC] / rates[STORESCP],
+        "sync_seconds_per_instance": (statistics.median(results[NODE]) - statistics.median(results[NODE_NO_SYNC]))
+        / slices,
+        "target_ratio": 0.8,
+        "met": rates[NODE] / rates[STORESCP] >= 0.8,
+    }
 
 
 def main() -> None:
@@ -91,29 +153,8 @@ def main() -> None:
     parser.add_argument("--pdu", type=int, default=16384, help="maximum PDU of every receiver (node default: 16384)")
     parser.add_argument("--spool", type=Path, default=None, help="parent folder for the node's spool")
     args = parser.parse_args()
-    configure_logging("WARNING")  # per-instance debug lines would be part of the measurement
-
-    with tempfile.TemporaryDirectory(prefix="bench-scp-") as temp:
-        root = Path(temp)
-        image, _mask = synthetic_chest_phantom(size=(args.size, args.size, args.slices))
-        series = root / "series"
-        write_ct_series(image, series)
-        total_mb = sum(p.stat().st_size for p in series.glob("*.dcm")) / 1e6
-        print(f"series: {args.slices} slices of {args.size}x{args.size}, {total_mb:.1f} MB, Explicit VR LE; "
-              f"max PDU {args.pdu}; median of {args.repeats}")
-
-        results = {
-            "sclc-node SCP (fsync + SQLite commit)": bench_node(series, args.spool or root / "spool", args.pdu, args.repeats),
-            "DCMTK storescp": bench_storescp(series, root, args.pdu, args.repeats, bit_preserving=False),
-            "DCMTK storescp +B (bit-preserving)": bench_storescp(series, root, args.pdu, args.repeats, bit_preserving=True),
-        }
-        rates = {name: total_mb / statistics.median(times) for name, times in results.items()}
-        for name, times in results.items():
-            runs = ", ".join(f"{total_mb / t:.0f}" for t in times)
-            print(f"  {name:<40} {rates[name]:7.1f} MB/s   (runs: {runs})")
-        node = rates["sclc-node SCP (fsync + SQLite commit)"]
-        print(f"ratio node / storescp:    {node / rates['DCMTK storescp']:.2f}")
-        print(f"ratio node / storescp +B: {node / rates['DCMTK storescp +B (bit-preserving)']:.2f}")
+    print(json.dumps(run(slices=args.slices, size=args.size, repeats=args.repeats, pdu=args.pdu, spool=args.spool),
+                     indent=2))
 
 
 if __name__ == "__main__":

@@ -444,21 +444,28 @@ def _check_regular_stack(
 
 
 def _decode_hu_volume(ordered: list[_IndexedFile], geometry: _SeriesGeometry) -> sitk.Image:
-    hu_slices = []
-    integral = True
-    for item in ordered:
+    """HU volume: int16 when every rescaled value is integral and fits (the usual CT), else float32.
+
+    Slices are rescaled one at a time into one preallocated volume, so the
+    whole volume is never held as float64 (512 slices of 512×512 would be
+    2 GiB while stacking) and peak memory is two int16 copies, briefly, in
+    ``GetImageFromArray``.
+    """
+    int16 = np.iinfo(np.int16)
+    volume = np.empty((len(ordered), geometry.rows, geometry.columns), dtype=np.int16)
+    for k, item in enumerate(ordered):
         stored = _decode_pixels(item, geometry)
         slope = float(item.header.get("RescaleSlope", 1) or 1)
         intercept = float(item.header.get("RescaleIntercept", 0) or 0)
-        integral &= slope.is_integer() and intercept.is_integer()
-        hu_slices.append(stored.astype(np.float64) * slope + intercept)
-    hu = np.stack(hu_slices)
-    int16 = np.iinfo(np.int16)
-    if integral and hu.min() >= int16.min and hu.max() <= int16.max:
-        image = sitk.GetImageFromArray(hu.astype(np.int16))
-    else:
-        # Non-integral rescale, or integral values beyond int16 (rare 16-bit unsigned data).
-        image = sitk.GetImageFromArray(hu.astype(np.float32))
+        hu = stored.astype(np.float64) * slope + intercept
+        if volume.dtype == np.int16 and not (
+            slope.is_integer() and intercept.is_integer() and hu.min() >= int16.min and hu.max() <= int16.max
+        ):
+            # Non-integral rescale, or integral values beyond int16 (rare 16-bit unsigned data).
+            volume = volume.astype(np.float32)
+        volume[k] = hu
+    image = sitk.GetImageFromArray(volume)
+    del volume
     image.SetOrigin(geometry.origin)
     image.SetSpacing(geometry.spacing)
     image.SetDirection(geometry.direction)

@@ -202,6 +202,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             deliveries = spool.study_deliveries(study.study_instance_uid)
             waiting_for = _waiting_for(spool, study)
             applicability, withheld = _applicability(spool, study)
+            stage_seconds = _stage_seconds(spool, study)
             rows.append({
                 "study_instance_uid": study.study_instance_uid,
                 "state": str(study.state),
@@ -213,6 +214,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "waiting_for": waiting_for,
                 "applicability": applicability,
                 "withheld": withheld,
+                "stage_seconds": stage_seconds,
                 "deliveries": [
                     {"destination": d.destination, "state": str(d.state), "attempts": d.attempts,
                      "last_error": d.last_error}
@@ -234,6 +236,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             line += f"\n    waiting for: {missing}"
         if row["applicability"]:
             line += f"\n    applicability: {_applicability_text(row['applicability'], row['withheld'])}"
+        if row["stage_seconds"]:
+            line += "\n    scoring: " + ", ".join(f"{stage} {s:.2f} s" for stage, s in row["stage_seconds"].items())
         for d in row["deliveries"]:
             if d["state"] == "delivered":
                 line += f"\n    -> {d['destination']}: delivered"
@@ -255,6 +259,15 @@ def _applicability(spool, study) -> tuple[str | None, bool]:
         return None, False
     scored = [t for t in spool.study_events(study.study_instance_uid) if t.event is StudyEvent.SCORED]
     return applicability_from_reason(scored[-1].reason) if scored else (None, False)
+
+
+def _stage_seconds(spool, study) -> dict[str, float]:
+    """The last scoring's seconds per stage (read, ring, extract, model, sr); empty before scoring."""
+    from node.states import StudyEvent
+    from node.study_machine import stage_seconds_from_reason
+
+    scored = [t for t in spool.study_events(study.study_instance_uid) if t.event is StudyEvent.SCORED]
+    return stage_seconds_from_reason(scored[-1].reason) if scored else {}
 
 
 def _applicability_text(status: str, withheld: bool) -> str:

@@ -46,6 +46,10 @@ SOP_CLASSES = ("ct", "seg", "other")
 RECEIVE_OUTCOMES = ("stored", "duplicate", "rejected")
 #: Scoring a chest CT takes seconds to minutes (pyradiomics dominates).
 SCORING_BUCKETS_S = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+#: `stage` label of `sclc_scoring_stage_seconds`, in the order a run goes through them.
+SCORING_STAGES = ("read", "ring", "extract", "model", "sr")
+#: A stage takes from milliseconds (model) to a minute (reading a huge series).
+STAGE_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: `applicability` label of `sclc_scored_studies_total`: `scoring.types.DomainStatus` values.
 APPLICABILITY_STATUSES = ("in_domain", "out_of_domain", "unknown")
 
@@ -105,6 +109,17 @@ class NodeMetrics:
             buckets=SCORING_BUCKETS_S,
             registry=self.registry,
         )
+        self._stage = Histogram(
+            "sclc_scoring_stage_seconds",
+            "Wall time of each stage of successful scoring runs, in seconds: read (CT series + SEG), "
+            "ring (crop + peritumoral ring), extract (pyradiomics features), model (Cox model), "
+            "sr (build and encode the result objects: risk SR, ROI SR, KOS, PDF, SC).",
+            ["stage"],
+            buckets=STAGE_BUCKETS_S,
+            registry=self.registry,
+        )
+        for stage in SCORING_STAGES:
+            self._stage.labels(stage)
         self._scored = Counter(
             "sclc_scored_studies",
             "Studies scored, by applicability-domain verdict (in_domain, out_of_domain, unknown = the model "
@@ -143,8 +158,13 @@ class NodeMetrics:
             raise ValueError(f"outcome {outcome!r} is not one of {RECEIVE_OUTCOMES}")
         self._received.labels(sop_class, outcome).inc()
 
-    def scoring_finished(self, seconds: float) -> None:
+    def scoring_finished(self, seconds: float, *, stages: Mapping[str, float] | None = None) -> None:
+        """One successful scoring run: its total and, when known, each stage's seconds."""
         self._scoring.observe(seconds)
+        for stage, stage_seconds in (stages or {}).items():
+            if stage not in SCORING_STAGES:
+                raise ValueError(f"stage {stage!r} is not one of {SCORING_STAGES}")
+            self._stage.labels(stage).observe(stage_seconds)
 
     def study_scored(self, applicability: str, *, withheld: bool) -> None:
         """Count one scored study by its applicability status (`DomainStatus` value)."""

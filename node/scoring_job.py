@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +19,7 @@ from node.logs import get_logger
 from scoring.clinical import ClinicalRecord
 from scoring.errors import InputError, ModelFileError
 from scoring.model import FrozenModel
-from scoring.pipeline import score_volume
+from scoring.pipeline import score_volume_timed
 from scoring.types import DomainStatus, RiskResult
 from sclc_risk_node_models import shipped_model_path
 
@@ -55,6 +55,8 @@ class ScoredStudy:
     sr: hd.sr.Comprehensive3DSR
     scoring_seconds: float
     report_out_of_domain: bool = False
+    #: Wall seconds per stage, in order: read (CT + SEG), ring (crop + ring), extract, model, sr (built).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def withheld(self) -> bool:
@@ -119,9 +121,14 @@ def score_files(
     if not Path(seg_path).is_file():
         raise DicomInputError(f"SEG file {seg_path} does not exist")
     segment = read_tumour_segment(Path(seg_path), ct, segment_label=segment_label)
-    result = score_volume(ct.image, segment.mask, clinical, model)
+    read = time.perf_counter()
+    result, stages = score_volume_timed(ct.image, segment.mask, clinical, model)
+    sr_started = time.perf_counter()
     sr = build_risk_sr(ct, segment, clinical, result, report_out_of_domain=report_out_of_domain)
-    scored = ScoredStudy(ct, segment, result, sr, time.perf_counter() - started, report_out_of_domain)
+    finished = time.perf_counter()
+    stage_seconds = {"read": read - started, "ring": stages.ring_s, "extract": stages.extract_s,
+                     "model": stages.model_s, "sr": finished - sr_started}
+    scored = ScoredStudy(ct, segment, result, sr, finished - started, report_out_of_domain, stage_seconds)
     _log_applicability(scored)
     return scored
 
@@ -200,4 +207,5 @@ def result_as_json(scored: "ScoredStudy") -> dict:
         "sr_sop_instance_uid": str(scored.sr.SOPInstanceUID),
         "sr_series_instance_uid": str(scored.sr.SeriesInstanceUID),
         "scoring_seconds": round(scored.scoring_seconds, 3),
+        "stage_seconds": {stage: round(seconds, 3) for stage, seconds in scored.stage_seconds.items()},
     }

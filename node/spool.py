@@ -10,7 +10,10 @@ file without a row; `Spool.recover` indexes it on the next start and removes
 leftover temp files.
 
 SQLite runs in WAL mode with ``synchronous=FULL`` (a commit is on disk when it
-returns) and a busy timeout.  Every write transaction is ``BEGIN IMMEDIATE``:
+returns) and a busy timeout.  The one exception is the received instance's
+index commit (``synchronous=NORMAL``): its file is already fsynced and
+`Spool.recover` rebuilds the row from it, so acknowledging before the WAL
+reaches the disk loses nothing.  Every write transaction is ``BEGIN IMMEDIATE``:
 it takes the write lock up front, so two writers queue on the busy timeout
 instead of failing later with a lock upgrade error, and a read-then-update
 inside one transaction cannot interleave with another writer.
@@ -186,8 +189,10 @@ def place_file_atomically(final_path: Path, data: bytes, *, root: Path) -> None:
     """Make ``final_path`` hold exactly ``data``, durably, or leave it as it was.
 
     Temp file in the same folder (so the rename cannot cross file systems),
-    fsync, atomic rename, fsync of the folder.  Files are created 0600: they
-    hold patient data.
+    fdatasync, atomic rename, fsync of the folder.  fdatasync writes the data
+    and the metadata needed to read it back (the size), not the timestamps,
+    which saves ~0.7 ms per instance (ext4, issue 9).  Files are created 0600:
+    they hold patient data.
     """
     directory = final_path.parent
     try:
@@ -199,7 +204,7 @@ def place_file_atomically(final_path: Path, data: bytes, *, root: Path) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            os.fdatasync(handle.fileno())
         os.replace(temp_name, final_path)
         _fsync_directory(directory)
     except OSError as exc:
@@ -388,10 +393,14 @@ class Spool:
             connection.executescript("BEGIN IMMEDIATE;\n" + _package_text("schema.sql") + "\nCOMMIT;")
 
     @contextlib.contextmanager
-    def transaction(self, *, write: bool = True) -> Iterator[Transaction]:
+    def transaction(self, *, write: bool = True, reconstructible: bool = False) -> Iterator[Transaction]:
         """One transaction: committed when the block ends, rolled back if it raises.
 
         ``write=False`` gives a consistent read snapshot without taking the write lock.
+        ``reconstructible=True`` commits with ``synchronous=NORMAL`` (no WAL fsync):
+        only for rows that `recover` rebuilds from an fsynced file, so a power
+        loss can lose the row but not what it records.  Any later FULL commit
+        fsyncs the WAL up to and including it.
         Not re-entrant: pass the `Transaction` down instead of opening another.
         """
         connection = self._connection()
@@ -399,6 +408,8 @@ class Spool:
             raise RuntimeError("Spool.transaction() is not re-entrant; pass the open Transaction down")
         tx = Transaction(connection, _QUERIES)
         self._local.in_transaction = True
+        if reconstructible:
+            connection.execute("PRAGMA synchronous = NORMAL")
         try:
             try:
                 connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -415,6 +426,8 @@ class Spool:
             raise translated from exc
         finally:
             self._local.in_transaction = False
+            if reconstructible:
+                connection.execute("PRAGMA synchronous = FULL")
         for transition in tx.applied:
             _log().info(
                 "study_transition",
@@ -535,7 +548,9 @@ class Spool:
                 outcome = self._duplicate_outcome(existing, header, digest)
             else:
                 place_file_atomically(self.path_of(relative_path), encoded_bytes, root=self.directory)
-                with self.transaction() as tx:
+                # The file and its folder entry are fsynced: `recover` rebuilds this row from them,
+                # so the commit need not wait for the disk (issue 9: a third fsync per instance).
+                with self.transaction(reconstructible=True) as tx:
                     outcome = self._index_instance(
                         tx, header, relative_path, len(encoded_bytes), digest, now, source=source
                     )

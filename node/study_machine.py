@@ -157,14 +157,37 @@ def _guard_failure(row: dict, current: StudyState, event: StudyEvent, worker_id:
     return InvalidTransition(f"study {study_uid}: {event} was pre-empted by a concurrent change", **context)
 
 
-def scored_reason(sr_sop_instance_uid: str, applicability: str | None, withheld: bool) -> str:
-    """The ``scored`` event's reason: ``SR <uid>[; applicability <status>[; risk group and PFS withheld]]``."""
+def scored_reason(
+    sr_sop_instance_uid: str, applicability: str | None, withheld: bool,
+    stage_seconds: Mapping[str, float] | None = None,
+) -> str:
+    """The ``scored`` event's reason.
+
+    ``SR <uid>[; applicability <status>[; risk group and PFS withheld]][; stages read=1.234 ring=...]``
+    """
     reason = f"SR {sr_sop_instance_uid}"
     if applicability:
         reason += f"; applicability {applicability}"
         if withheld:
             reason += f"; {WITHHELD_NOTE}"
+    if stage_seconds:
+        reason += "; stages " + " ".join(f"{stage}={seconds:.3f}" for stage, seconds in stage_seconds.items())
     return reason
+
+
+def stage_seconds_from_reason(reason: str | None) -> dict[str, float]:
+    """The per-stage seconds of a ``scored`` event's reason (empty when it has none)."""
+    if not reason or "; stages " not in reason:
+        return {}
+    text = reason.split("; stages ", 1)[1].split(";", 1)[0]
+    stages = {}
+    for item in text.split():
+        stage, _, seconds = item.partition("=")
+        try:
+            stages[stage] = float(seconds)
+        except ValueError:
+            continue
+    return stages
 
 
 #: The words `scored_reason` uses for a withheld result.
@@ -267,12 +290,14 @@ class StudyMachine:
         withheld: bool = False,
         extra_objects: Sequence[tuple[str, str, bytes]] = (),
         destination_objects: Mapping[str, Sequence[str]] | None = None,
+        stage_seconds: Mapping[str, float] | None = None,
     ) -> Transition:
         """Store the SR (and the study's other objects), then in one transaction: scoring -> scored
         and one outbox row per object and destination that takes it.
 
         ``applicability`` (a `scoring.types.DomainStatus` value) and ``withheld``
-        go into the event's reason (`scored_reason`), where `sclc-node status` reads them.
+        go into the event's reason (`scored_reason`), where `sclc-node status` reads them;
+        so does ``stage_seconds``, the time of each scoring stage.
         ``extra_objects`` are (kind, SOP Instance UID, Part-10 bytes) of the
         key-slice ROI SR, KOS, PDF and SC (`dicom_io.result_objects`);
         ``destination_objects`` maps a destination to the kinds it takes
@@ -294,7 +319,7 @@ class StudyMachine:
         with self.spool.transaction() as tx:
             transition = apply_event(
                 tx, study_uid, StudyEvent.SCORED, now=now, worker_id=worker_id,
-                reason=scored_reason(sr_sop_instance_uid, applicability, withheld),
+                reason=scored_reason(sr_sop_instance_uid, applicability, withheld, stage_seconds),
             )
             self.spool.enqueue_sr_in(tx, study_uid, sr_sop_instance_uid, sr_file, takers("sr"), now=now)
             for kind, uid, object_file in extra_files:

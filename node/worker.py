@@ -24,7 +24,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from pydicom.uid import CTImageStorage, SegmentationStorage
 
@@ -63,6 +63,8 @@ class ScoringOutcome:
     error: str | None = None
     #: (kind, SOP Instance UID, Part-10 bytes) of the key-slice ROI SR (kind "sr"), KOS, PDF and SC.
     extra_objects: tuple[tuple[str, str, bytes], ...] = ()
+    #: Wall seconds per stage (read, ring, extract, model, sr; sr includes encoding the file).
+    stage_seconds: dict[str, float] | None = None
 
 
 class StudyInputsError(InputError):
@@ -119,14 +121,20 @@ def run_scoring_task(task: ScoringTask) -> ScoringOutcome:
             allow_lossy_ct=task.allow_lossy_ct,
             report_out_of_domain=task.report_out_of_domain,
         )
+        encoding = time.perf_counter()
+        sr_bytes = _part10_bytes(scored.sr)
         extra_objects = _extra_objects(scored, clinical, model, task)
+        stage_seconds = dict(scored.stage_seconds)
+        # "sr" covers every result object: the risk SR, the ROI SR, KOS, PDF and SC.
+        stage_seconds["sr"] = stage_seconds.get("sr", 0.0) + time.perf_counter() - encoding
         return ScoringOutcome(
             task.study_instance_uid,
             time.perf_counter() - started,
             sr_sop_instance_uid=str(scored.sr.SOPInstanceUID),
-            sr_bytes=_part10_bytes(scored.sr),
+            sr_bytes=sr_bytes,
             result_json=json.dumps(result_as_json(scored)),
             extra_objects=extra_objects,
+            stage_seconds=stage_seconds,
         )
     except InputError as exc:
         return ScoringOutcome(task.study_instance_uid, time.perf_counter() - started, error=str(exc))
@@ -173,13 +181,39 @@ def _exit_when_orphaned(parent_pid: int, poll_s: float = 1.0) -> None:
             os._exit(0)
 
 
-def _worker_initialiser(parent_pid: int) -> None:
+def _worker_initialiser(parent_pid: int, model_path: str | None = None) -> None:
     import threading
 
     from node.logs import configure_logging
 
     configure_logging(os.environ.get("SCLC_NODE_LOG_LEVEL", "WARNING"))
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True, name="orphan-watch").start()
+    _warm_up(model_path)
+
+
+def _warm_up(model_path: str | None) -> None:
+    """Pay once per worker process what every study would otherwise pay: imports and the model file.
+
+    pyradiomics, SimpleITK, highdicom and pydicom's codecs take seconds to
+    import; the model is parsed and its seal checked.  A model that cannot be
+    loaded is not an error here: the study's task reports it.
+    """
+    import radiomics
+
+    import node.scoring_job  # noqa: F401 - pyradiomics, SimpleITK, highdicom, pydicom, the scoring package
+
+    radiomics.getFeatureClasses()  # imports every feature class module
+    if model_path:
+        try:
+            path = Path(model_path)
+            _load_model(str(path), path.stat().st_mtime_ns)
+        except Exception:  # noqa: BLE001 - reported per study by run_scoring_task
+            pass
+
+
+def _worker_ready() -> int:
+    """A no-op task: submitted once per worker at pool start, so the processes (and their warm-up) start then."""
+    return os.getpid()
 
 
 #: `dicom_io.result_objects.OBJECT_KINDS`, without importing highdicom into the service process.
@@ -224,6 +258,10 @@ class ScoringDispatcher:
         self._in_flight: dict[str, Future] = {}
         self._finished: queue.SimpleQueue[tuple[str, ScoringOutcome | BaseException]] = queue.SimpleQueue()
         self._log = get_logger(stage="scoring")
+        #: Called (from the pool's thread) when a worker's outcome arrives, and after a study is
+        #: recorded as scored: the service runs `dispatch` and the outbox at once (`run_soon`).
+        self.on_outcome: Callable[[], None] | None = None
+        self.on_scored: Callable[[], None] | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -232,8 +270,12 @@ class ScoringDispatcher:
                 max_workers=self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_worker_initialiser,
-                initargs=(os.getpid(),),
+                initargs=(os.getpid(), str(self.model_path)),
             )
+            # The pool starts its processes on demand; ask for all of them now, so
+            # the first study finds them warm.
+            for _ in range(self.workers):
+                self._pool.submit(_worker_ready)
         return self._pool
 
     @property
@@ -242,6 +284,7 @@ class ScoringDispatcher:
 
     def dispatch(self, *, now: float) -> int:
         """Record finished work, renew leases, reclaim dead workers' studies, and start new ones."""
+        self._executor()  # workers start (and warm up) with the node, not with the first study
         self.collect(now=now)
         for study_uid in list(self._in_flight):
             try:
@@ -270,8 +313,13 @@ class ScoringDispatcher:
             self._pool = None
             future = self._executor().submit(run_scoring_task, task)
         self._in_flight[study_uid] = future
-        future.add_done_callback(lambda f, uid=study_uid: self._finished.put((uid, f.exception() or f.result())))
+        future.add_done_callback(lambda f, uid=study_uid: self._outcome_arrived(uid, f))
         self._log.info("scoring_started", study_uid=study_uid)
+
+    def _outcome_arrived(self, study_uid: str, future: Future) -> None:
+        self._finished.put((study_uid, future.exception() or future.result()))
+        if self.on_outcome is not None:
+            self.on_outcome()
 
     def _task_for(self, study_uid: str) -> ScoringTask:
         record_row = self.spool.clinical_record_for(study_uid)
@@ -338,9 +386,12 @@ class ScoringDispatcher:
             withheld=result["withheld"],
             extra_objects=outcome.extra_objects,
             destination_objects=self.destination_objects,
+            stage_seconds=outcome.stage_seconds,
         )
+        if self.on_scored is not None:
+            self.on_scored()
         if self.metrics is not None:
-            self.metrics.scoring_finished(outcome.seconds)
+            self.metrics.scoring_finished(outcome.seconds, stages=outcome.stage_seconds)
             self.metrics.study_scored(applicability, withheld=result["withheld"])
         self._log.info(
             "study_scored",
@@ -351,6 +402,7 @@ class ScoringDispatcher:
             model=result["model"]["name"],
             model_version=result["model"]["version"],
             seconds=round(outcome.seconds, 2),
+            stage_seconds={stage: round(v, 3) for stage, v in (outcome.stage_seconds or {}).items()},
         )
 
     def shutdown(self, *, wait: bool = True) -> None:

@@ -25,6 +25,7 @@ import SimpleITK as sitk
 from radiomics import getFeatureClasses, getImageTypes, imageoperations
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
+from scoring.crop import CropBox, has_prefilter, why_not_in_crop
 from scoring.errors import FeatureExtractionError, MaskError
 from scoring.types import ExtractionSettings, FeatureSpec, FeatureVector
 
@@ -122,11 +123,16 @@ def extract_model_features(
     regions: Mapping[str, sitk.Image],
     specs: Sequence[FeatureSpec],
     settings: ExtractionSettings,
+    *,
+    crop: CropBox | None = None,
 ) -> FeatureVector:
     """The features named by ``specs``, equal to those of a full pyradiomics run with ``settings``.
 
     ``regions`` maps region names (``tumour``, ``ring``) to 0/1 masks on the
-    image's grid.  Raises ``FeatureExtractionError`` for a feature class,
+    image's grid.  With ``crop`` (``scoring.crop.plan_crop``) the masks are
+    that box of ``image``, and pyradiomics sees only the box: its resampling
+    grid is laid out in the whole volume's index space, as a run on the
+    whole volume would lay it out, so the values are that run's.  Raises ``FeatureExtractionError`` for a feature class,
     feature or image type pyradiomics does not have or the settings do not
     enable, and for a NaN or infinite value; ``MaskError`` for a missing, empty or
     too-small region.
@@ -141,9 +147,16 @@ def extract_model_features(
             raise MaskError(f"no mask given for the {region} region (given: {', '.join(sorted(regions)) or 'none'})")
         _check_mask_labels(regions[region], f"{region} region", label)
 
+    source = None
+    if crop is not None:
+        reason = why_not_in_crop(settings.settings)
+        if reason:
+            raise FeatureExtractionError(f"these settings cannot be extracted on a crop: {reason}")
+        source = _CroppedSource(image, crop, crop.apply(image))
+        image = source.cropped
     values: dict[str, float] = {}
     for region, plan in plans.items():
-        computed = _extract_region(image, regions[region], region, plan, settings)
+        computed = _extract_region(image, regions[region], region, plan, settings, source)
         for key, value in computed.items():
             values[f"{region}.{key}"] = value
 
@@ -158,6 +171,15 @@ def extract_model_features(
             )
         ordered[spec.name] = value
     return FeatureVector(ordered)
+
+
+@dataclass(frozen=True)
+class _CroppedSource:
+    """The whole CT, the crop box and the CT cut to it."""
+
+    whole: sitk.Image
+    box: CropBox
+    cropped: sitk.Image
 
 
 @dataclass
@@ -231,14 +253,19 @@ def _plan(specs: Sequence[FeatureSpec], settings: ExtractionSettings) -> dict[st
 
 
 def _extract_region(
-    image: sitk.Image, mask: sitk.Image, region: str, plan: _RegionPlan, settings: ExtractionSettings
+    image: sitk.Image,
+    mask: sitk.Image,
+    region: str,
+    plan: _RegionPlan,
+    settings: ExtractionSettings,
+    source: _CroppedSource | None,
 ) -> dict[str, float]:
     """``RadiomicsFeatureExtractor.execute`` for one mask, restricted to ``plan``."""
     extractor = RadiomicsFeatureExtractor(**dict(settings.settings))
     run_settings = extractor.settings.copy()
 
     try:
-        image, mask = extractor.loadImage(image, mask, None, **run_settings)
+        image, mask = _load_image(extractor, image, mask, source, run_settings)
         bounding_box, corrected = imageoperations.checkMask(image, mask, **run_settings)
         if corrected is not None:
             mask = corrected
@@ -288,6 +315,93 @@ def _extract_region(
                 f"{region} region (image too small for the filter, or settings that name other images)"
             )
     return {key: float(value) for key, value in results.items()}
+
+
+def _load_image(extractor, image: sitk.Image, mask: sitk.Image, source: _CroppedSource | None, run_settings: dict):
+    """``extractor.loadImage``; on a crop, with the resampling grid of the whole volume."""
+    resampling = run_settings.get("interpolator") is not None and run_settings.get("resampledPixelSpacing") is not None
+    if source is None or not resampling:
+        # Without resampling, loadImage's only crop (preCrop: bounding box + padDistance,
+        # clipped to the image) is the same box on the crop as on the whole volume.
+        return extractor.loadImage(image, mask, None, **run_settings)
+    checked = imageoperations.getMask(mask, **run_settings)  # pyradiomics' label checks and UInt32 cast
+    return _resample_in_whole_volume(image, checked, _anchored_at_origin(mask, source.box), source, **run_settings)
+
+
+def _anchored_at_origin(mask: sitk.Image, crop: CropBox) -> sitk.Image:
+    """``mask`` (on the crop) pasted into an image that starts at the whole volume's voxel (0, 0, 0).
+
+    Nearest-neighbour resampling at 0.7 -> 1 mm puts sample points exactly
+    half-way between voxel centres; there the last bit of the physical-to-index
+    arithmetic decides, and it differs between a crop's origin and the whole
+    volume's.  With the whole volume's origin, spacing and direction the
+    arithmetic is bit for bit that of the whole volume.  Only the mask needs
+    this: the image's interpolators are continuous.
+    """
+    anchored = sitk.Image([lo + n for lo, n in zip(crop.lower, mask.GetSize())], mask.GetPixelID())
+    anchored.SetOrigin(crop.grid.origin_mm)
+    anchored.SetSpacing(crop.grid.spacing_mm)
+    anchored.SetDirection(crop.grid.direction)
+    return sitk.Paste(anchored, mask, mask.GetSize(), [0, 0, 0], list(crop.lower))
+
+
+def _resample_in_whole_volume(
+    image: sitk.Image, mask: sitk.Image, anchored_mask: sitk.Image, source: _CroppedSource, **kwargs
+):
+    """``imageoperations.resampleImage`` (pyradiomics 3.1.4) for ``image`` and ``mask``, the crop of ``source``.
+
+    pyradiomics aligns its grid to the index space of the mask it is given:
+    the lower bound is ``floor((bb - 0.5) * ratio - padDistance)`` in that
+    space, so on a crop the grid would shift by a fraction of a voxel.  This
+    is the same computation with the bounding box moved into the whole
+    volume's index space, the clipping at the whole volume's edges, and the
+    origin computed from the whole volume's geometry; then the same
+    ``ResampleImageFilter`` runs.  A B-spline reads the crop: ITK prefilters
+    its whole input (the cost crop-first avoids), and the crop's margin holds
+    the prefilter's reach.  Other interpolators read the whole CT in place:
+    they touch only the voxels they need, and on an int16 CT the truncation
+    of a value that is an integer up to rounding (a sample on a voxel centre,
+    as at 0.8 -> 1.2 mm) then follows the whole volume's arithmetic exactly.
+    """
+    resampled_spacing = np.array(kwargs["resampledPixelSpacing"], dtype=float)
+    interpolator = kwargs.get("interpolator", sitk.sitkBSpline)
+    pad_distance = kwargs.get("padDistance", 5)
+    mask_spacing = np.array(mask.GetSpacing())
+    image_spacing = np.array(image.GetSpacing())
+    resampled_spacing = np.where(resampled_spacing == 0, mask_spacing, resampled_spacing)
+    bb = imageoperations._checkROI(image, mask, **kwargs)  # lower bounds then sizes, crop index space
+    nd = mask.GetDimension()
+    resampled_spacing = np.where(bb[nd:] != 1, resampled_spacing, mask_spacing)
+    if np.allclose(image_spacing, resampled_spacing):
+        # No interpolation: pyradiomics crops the bounding box + padDistance, clipped to the image,
+        # which is the same box on the crop (it holds that box, or reaches the edge with it).
+        return imageoperations.resampleImage(image, mask, **kwargs)
+
+    spacing_ratio = mask_spacing / resampled_spacing
+    grid = source.box.grid
+    lower = bb[:nd] + np.array(source.box.lower)
+    new_lower = np.floor((lower - 0.5) * spacing_ratio - pad_distance)
+    new_upper = np.ceil((lower + bb[nd:] - 0.5) * spacing_ratio + pad_distance)
+    max_upper = np.ceil(np.array(grid.size) * spacing_ratio) - 1
+    new_lower = np.where(new_lower < 0, 0, new_lower)
+    new_upper = np.where(new_upper > max_upper, max_upper, new_upper)
+    new_size = np.array(new_upper - new_lower + 1, dtype="int").tolist()
+    new_origin_index = np.array(0.5 * (resampled_spacing - mask_spacing) / mask_spacing) + new_lower / spacing_ratio
+    new_origin = grid.reference_image().TransformContinuousIndexToPhysicalPoint(new_origin_index)
+
+    if isinstance(interpolator, str):
+        interpolator = getattr(sitk, interpolator)
+    resample = sitk.ResampleImageFilter()
+    resample.SetOutputSpacing(resampled_spacing)
+    resample.SetOutputDirection(np.array(mask.GetDirection()))
+    resample.SetSize(new_size)
+    resample.SetOutputOrigin(new_origin)
+    resample.SetOutputPixelType(image.GetPixelID())
+    resample.SetInterpolator(interpolator)
+    resampled_image = resample.Execute(image if has_prefilter(interpolator) else source.whole)
+    resample.SetOutputPixelType(mask.GetPixelID())
+    resample.SetInterpolator(sitk.sitkNearestNeighbor)
+    return resampled_image, resample.Execute(anchored_mask)
 
 
 def _wanted_images(generator, wanted: set[str], region: str):

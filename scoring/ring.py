@@ -141,8 +141,7 @@ def _signed_distance_ring(
     tumour_sl = np.transpose(tumour, order)
     spacing_sl = spacing_mm[order]
 
-    margin_mm = max(outward_mm, inward_mm) + 2 * float(np.linalg.norm(spacing_sl))
-    lower, upper = _padded_box(tumour_sl, spacing_sl, margin_mm)
+    lower, upper = _padded_box(tumour_sl, _pad_voxels(spacing_sl, outward_mm, inward_mm))
     work = _crop_with_edge_replication(tumour_sl, lower, upper)
 
     level, areas_mm2, caps = _surface_function(work, spacing_sl)
@@ -189,11 +188,27 @@ def _distance_to_surface_mm(
     return np.where(far, np.inf, np.where(usable, along_normal / np.where(usable, length, 1.0), distance_mm))
 
 
-def _padded_box(tumour: np.ndarray, spacing_mm: np.ndarray, margin_mm: float) -> tuple[list[int], list[int]]:
+def ring_pad_voxels(spacing_mm: tuple[float, ...], ring: RingDefinition) -> tuple[int, ...]:
+    """Voxels, per axis of ``spacing_mm``, beyond the tumour's bounding box that the ring reads or writes.
+
+    The ring is computed on the tumour's bounding box plus this pad (edge
+    replicated beyond the image), so any crop of the mask that holds that
+    box, or reaches the image edge where the box does not fit, gives the
+    same ring.
+    """
+    return _pad_voxels(np.array(spacing_mm, dtype=float), ring.outward_mm, ring.inward_mm)
+
+
+def _pad_voxels(spacing_mm: np.ndarray, outward_mm: float, inward_mm: float) -> tuple[int, ...]:
+    margin_mm = max(outward_mm, inward_mm) + 2 * float(np.linalg.norm(spacing_mm))
+    return tuple(int(math.ceil(margin_mm / s)) + 2 for s in spacing_mm)
+
+
+def _padded_box(tumour: np.ndarray, pad_voxels: tuple[int, ...]) -> tuple[list[int], list[int]]:
     lower, upper = [], []
     for axis in range(3):
         present = np.nonzero(tumour.any(axis=tuple(a for a in range(3) if a != axis)))[0]
-        pad = int(math.ceil(margin_mm / spacing_mm[axis])) + 2
+        pad = pad_voxels[axis]
         lower.append(int(present[0]) - pad)
         upper.append(int(present[-1]) + 1 + pad)
     return lower, upper

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Fresh-machine set-up for the test suite, then the tests.  Idempotent.
 #   Debian tools: Orthanc (test PACS), DCMTK (storescu, dsrdump, dcmcjpeg...),
-#   dicom3tools (dciodvfy), PixelMed (SR template validator).
+#   dicom3tools (dciodvfy), PixelMed (SR template validator), GNU time (benchmarks: peak RSS).
 #   Python: the node itself (editable) plus the test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(orthanc dcmtk dicom3tools libpixelmed-java default-jre-headless systemd openssl)
+DEBIAN_PACKAGES=(orthanc dcmtk dicom3tools libpixelmed-java default-jre-headless systemd openssl time)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -216,6 +216,23 @@ def test_non_integral_rescale_gives_float32_hu(image, datasets, tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(ct.image), stored * 0.5 - 1000.25)
 
 
+def test_one_late_slice_beyond_int16_turns_the_whole_volume_float32(image, datasets, tmp_path):
+    # Slices are written into an int16 volume as they are decoded; the switch
+    # to float32 must keep the slices already written.
+    last = max(range(len(datasets)), key=lambda k: float(datasets[k].ImagePositionPatient[2]))
+    datasets[last].RescaleIntercept = "40000"
+    write_datasets(datasets, tmp_path)
+
+    ct = read_ct_series(tmp_path)
+
+    assert ct.image.GetPixelID() == sitk.sitkFloat32
+    by_z = sorted(datasets, key=lambda ds: float(ds.ImagePositionPatient[2]))
+    expected = np.stack(
+        [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in by_z]
+    ).astype(np.float32)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ct.image), expected)
+
+
 def test_spacing_jitter_within_tolerance_is_accepted(image, datasets, tmp_path):
     position = [float(v) for v in datasets[5].ImagePositionPatient]
     datasets[5].ImagePositionPatient = [position[0], position[1], position[2] + 0.01]

@@ -127,6 +127,24 @@ def test_metrics_counts_events_and_reads_live_counts(server, metrics, spool):
     assert values[("sclc_outbox_depth", ())] == 0
 
 
+def test_scoring_stages_are_histograms_by_stage(server, metrics):
+    metrics.scoring_finished(3.0, stages={"read": 0.8, "ring": 0.3, "extract": 1.7, "model": 0.004, "sr": 0.2})
+    metrics.scoring_finished(9.0, stages={"read": 4.0, "ring": 0.3, "extract": 4.5, "model": 0.004, "sr": 0.2})
+
+    text = get(server.url + "/metrics")[2]
+    values = samples(text)
+    stage = "sclc_scoring_stage_seconds"
+    assert "# TYPE sclc_scoring_stage_seconds histogram" in text
+    assert values[(stage + "_count", (("stage", "read"),))] == 2
+    assert values[(stage + "_sum", (("stage", "read"),))] == pytest.approx(4.8)
+    assert values[(stage + "_bucket", (("le", "1.0"), ("stage", "read")))] == 1
+    assert values[(stage + "_bucket", (("le", "5.0"), ("stage", "extract")))] == 2
+    assert values[(stage + "_bucket", (("le", "0.01"), ("stage", "model")))] == 2
+    assert values[("sclc_scoring_seconds_count", ())] == 2
+    with pytest.raises(ValueError, match="stage 'upload'"):
+        metrics.scoring_finished(1.0, stages={"upload": 1.0})
+
+
 def test_a_failing_source_drops_only_its_metric(server, spool):
     spool.broken = True
     status, _, text = get(server.url + "/metrics")
