@@ -197,7 +197,10 @@ def _waiting_for(spool, study) -> list[str]:
         return []
     _, gaps = assess_images(spool.study_snapshot(study.study_instance_uid))
     if study.clinical_record_id is None:
-        gaps.append("no clinical record")
+        from node.fhir_lookup import WaitingReasons
+
+        fhir_reason = WaitingReasons(spool.directory).reason(study.study_instance_uid)
+        gaps.append(f"no clinical record ({fhir_reason})" if fhir_reason else "no clinical record")
     return gaps
 
 

@@ -5,6 +5,13 @@ A file is imported whole or not at all.  An accepted file moves to
 ``<name>.error.txt`` that lists every problem (field, value, what is allowed).
 Records are matched to studies by the spool (AccessionNumber, else PatientID +
 StudyInstanceUID), whether the images came first or not.
+
+A FHIR R4 Bundle or Observation file (``.json`` with a ``resourceType``) is
+different: its values are chosen per study date (scoring.fhir_mapping), so it
+is read when a study of its patient (Patient.identifier or the Observations'
+``subject.identifier`` equal to the study's PatientID) is in the spool without
+a record.  Until then it stays in the inbox; after `FHIR_FILE_WAIT_S` with no
+such study it is rejected.
 """
 
 from __future__ import annotations
@@ -16,14 +23,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.clinical_files import CLINICAL_SUFFIXES, load_clinical_file
+from node.clinical_files import CLINICAL_SUFFIXES, fhir_json, load_clinical_file
 from node.logs import get_logger, register_phi_values
+from node.states import StudyState
 from scoring.errors import ClinicalRecordError, InputError
 
 ACCEPTED_DIR = "accepted"
 REJECTED_DIR = "rejected"
 #: A file younger than this may still be being written by the sender.
 SETTLE_S = 1.0
+#: A FHIR file whose patient has no study in the spool is rejected after this long.
+FHIR_FILE_WAIT_S = 24 * 3600.0
+#: Without a `[fhir]` config (e.g. in tests), FHIR files use its defaults.
+DEFAULT_LOOKBACK_DAYS = 90.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +88,12 @@ def _matches(record, study) -> bool:
 class ClinicalInbox:
     """Polls a folder for ``.json``/``.csv`` clinical files."""
 
-    def __init__(self, directory: Path, spool):
+    def __init__(self, directory: Path, spool, *, fhir=None):
         self.directory = Path(directory)
         self.spool = spool
+        #: `FhirConfig` (identifier system, look-back) for FHIR files; None: its defaults.
+        self.fhir = fhir
+        self._waiting_files: set[str] = set()
         self._log = get_logger(stage="clinical_inbox")
         for name in (ACCEPTED_DIR, REJECTED_DIR):
             (self.directory / name).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -99,7 +114,10 @@ class ClinicalInbox:
         now = time.time() if now is None else now
         reports = []
         for path in self.pending_files(now=now):
-            reports.append(self._import(path, now=now))
+            data = fhir_json(path)
+            report = self._import_fhir(path, data, now=now) if data is not None else self._import(path, now=now)
+            if report is not None:
+                reports.append(report)
         return reports
 
     def remove_old_files(self, *, now: float, accepted_retention_s: float, rejected_retention_s: float) -> int:
@@ -132,6 +150,51 @@ class ClinicalInbox:
             matched_studies=len(report.matched_studies),
         )
         return report
+
+    def _import_fhir(self, path: Path, data: object, *, now: float) -> ImportReport | None:
+        """Records from a FHIR file for its patient's studies that lack one; None while no such study is here."""
+        from node.fhir_lookup import fhir_patient_ids, records_from_fhir_json, store_record, study_context
+
+        system = self.fhir.patient_identifier_system if self.fhir else None
+        lookback_days = self.fhir.lookback_days if self.fhir else DEFAULT_LOOKBACK_DAYS
+        try:
+            patient_ids = fhir_patient_ids(data, system)
+            register_phi_values(patient_ids)
+            if not patient_ids:
+                raise ClinicalRecordError([
+                    "FHIR file names no patient identifier (needed: a Patient resource with the study's PatientID"
+                    + (f" in system {system}" if system else "")
+                    + ", or Observation.subject.identifier)"
+                ])
+            studies = [
+                s for s in self.spool.list_studies(
+                    states=[StudyState.RECEIVING, StudyState.WAITING_FOR_CLINICAL], limit=-1)
+                if s.patient_id in patient_ids and s.clinical_record_id is None
+            ]
+            if not studies:
+                if now - path.stat().st_mtime < FHIR_FILE_WAIT_S:
+                    if path.name not in self._waiting_files:
+                        self._waiting_files.add(path.name)
+                        self._log.info("fhir_file_waiting_for_study", file_ref=file_reference(path.name))
+                    return None
+                raise ClinicalRecordError([
+                    f"FHIR file: no study of its patient without a clinical record arrived within {FHIR_FILE_WAIT_S:.0f} s"
+                ])
+            contexts = [study_context(self.spool, s) for s in studies]
+            records = records_from_fhir_json(data, contexts, lookback_days=lookback_days, identifier_system=system)
+        except ClinicalRecordError as exc:
+            self._waiting_files.discard(path.name)
+            return self._reject(path, list(exc.problems))
+        except InputError as exc:
+            self._waiting_files.discard(path.name)
+            return self._reject(path, [str(exc)])
+        for record in records:
+            store_record(self.spool, record, now=now)
+        self._waiting_files.discard(path.name)
+        os.replace(path, _unique_target(self.directory / ACCEPTED_DIR, path.name))
+        self._log.info("clinical_file_accepted", file_ref=file_reference(path.name), records=len(records),
+                       matched_studies=len(records), format="fhir")
+        return ImportReport(path.name, len(records), tuple(r.study_instance_uid for r in records))
 
     def _reject(self, path: Path, problems: list[str]) -> ImportReport:
         target = _unique_target(self.directory / REJECTED_DIR, path.name)

@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +36,8 @@ from scoring.errors import ClinicalRecordError, InputError
 from scoring.fhir_mapping import StudyContext, clinical_record_from_fhir, parse_resources, patient_references
 
 WAITING_REASONS_FILENAME = "fhir-waiting.json"
+#: One pass stops starting lookups after this many request timeouts' worth of time.
+PASS_BUDGET_TIMEOUTS = 3
 
 
 class StudyContextError(InputError):
@@ -137,10 +140,13 @@ class FhirLookup:
         waiting_uids = {s.study_instance_uid for s in waiting}
         outcomes = []
         changes: dict[str, dict[str, Any] | None] = {}
+        started = time.monotonic()
         for study in waiting:
             uid = study.study_instance_uid
             if self._next_try_at.get(uid, 0.0) > now:
                 continue
+            if time.monotonic() - started > PASS_BUDGET_TIMEOUTS * self.config.timeout_s:
+                break  # the rest get their turn at the next run, not held behind a slow server
             self._next_try_at[uid] = now + self.config.retry_interval_s
             outcome = self.look_up(study, now=now)
             outcomes.append(outcome)
@@ -224,3 +230,28 @@ def fhir_patient_ids(data: Any, identifier_system: str | None) -> set[str]:
             ):
                 values.add(identifier.value)
     return values
+
+
+def ct_study_context(ct_dir: Path) -> StudyContext:
+    """The study a folder of CT files belongs to (for `sclc-node score --clinical bundle.json`)."""
+    for path in sorted(Path(ct_dir).iterdir()):
+        if not path.is_file():
+            continue
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - not a DICOM file: try the next
+            continue
+        patient_id = str(header.get("PatientID", "") or "").strip()
+        try:
+            study_date = dt.datetime.strptime(str(header.get("StudyDate", "") or "").strip(), "%Y%m%d").date()
+        except ValueError:
+            raise StudyContextError(f"{path.name} has no valid StudyDate (YYYYMMDD), needed to choose FHIR values") from None
+        if not patient_id:
+            raise StudyContextError(f"{path.name} has no PatientID, needed to find the patient's FHIR resources")
+        return StudyContext(
+            patient_id=patient_id,
+            study_instance_uid=str(header.StudyInstanceUID),
+            study_date=study_date,
+            accession_number=str(header.get("AccessionNumber", "") or "").strip() or None,
+        )
+    raise StudyContextError(f"no DICOM file in {ct_dir}")

@@ -22,6 +22,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.clinical_inbox import ClinicalInbox
 from node.config import NodeConfig
+from node.fhir_lookup import FhirLookup
 from node.http_status import HealthReport, NodeMetrics, start_http_server
 from node.logs import get_logger
 from node.outbox import Outbox
@@ -43,6 +44,9 @@ class JobIntervals:
     retention_s: float = 300.0
     disk_guard_s: float = 30.0
     watchdog_s: float = 10.0
+    #: How often waiting studies are considered for a FHIR lookup (each study at most once per
+    #: `[fhir] retry_interval_s`).
+    fhir_s: float = 5.0
 
 
 def sd_notify(message: str) -> bool:
@@ -80,7 +84,8 @@ class NodeService:
             destinations=[d.name for d in config.destinations],
         )
         self.receiver = DicomReceiver(config.scp, self.spool, self.metrics)
-        self.inbox = ClinicalInbox(config.clinical.inbox_directory, self.spool)
+        self.inbox = ClinicalInbox(config.clinical.inbox_directory, self.spool, fhir=config.fhir)
+        self.fhir_lookup = FhirLookup(self.spool, config.fhir) if config.fhir.enabled else None
         self.dispatcher = ScoringDispatcher(
             self.spool,
             self.machine,
@@ -107,6 +112,11 @@ class NodeService:
 
     def scan_clinical_inbox(self) -> None:
         self.inbox.scan(now=time.time())
+
+    def look_up_fhir(self) -> None:
+        # Its own job (and scheduler thread): a slow FHIR server delays nothing else.
+        if self.fhir_lookup is not None:
+            self.fhir_lookup.run_once(now=time.time())
 
     def dispatch_scoring(self) -> None:
         self.dispatcher.dispatch(now=time.time())
@@ -177,7 +187,7 @@ class NodeService:
             (self.clean_up, self.intervals.retention_s),
             (self.guard_disk, self.intervals.disk_guard_s),
             (self.watchdog, self.intervals.watchdog_s),
-        )
+        ) + (((self.look_up_fhir, self.intervals.fhir_s),) if self.fhir_lookup is not None else ())
         for job, seconds in jobs:
             self.scheduler.add_job(job, "interval", seconds=seconds, id=job.__name__, next_run_time=_now_datetime())
         self.scheduler.start()
