@@ -55,7 +55,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from node.scoring_job import default_model_path, load_model_file, score_files
 
     model = load_model_file(args.model or default_model_path())
-    clinical_records = load_clinical_file(args.clinical)
+    clinical_records = _clinical_records_for_ct(args.clinical, args.ct)
     scored = score_files(
         args.ct,
         args.seg,
@@ -67,6 +67,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     _write_outputs(scored, args.out, args.json)
     print(format_summary(scored))
     return EXIT_OK
+
+
+def _clinical_records_for_ct(path: Path, ct_dir: Path) -> list:
+    """The records in a JSON/CSV clinical file, or the one a FHIR Bundle/Observation file gives for this CT's study."""
+    from node.clinical_files import fhir_json
+
+    data = fhir_json(path)
+    if data is None:
+        return load_clinical_file(path)
+    from node.fhir_lookup import ct_study_context, records_from_fhir_json
+
+    # No config here: the identifier is matched by value, with the node's default look-back.
+    return records_from_fhir_json(data, [ct_study_context(ct_dir)], lookback_days=90.0, identifier_system=None)
 
 
 def _write_outputs(scored, sr_path: Path | None, json_path: Path | None) -> None:
@@ -225,7 +238,7 @@ def cmd_clinical_import(args: argparse.Namespace) -> int:
 
     config = _load_config(args)
     with open_spool_for_cli(config) as spool:
-        report = import_clinical_file(spool, args.file, now=time.time())
+        report = import_clinical_file(spool, args.file, now=time.time(), fhir=config.fhir)
     print(f"imported {report.records} record(s) from {args.file.name}; "
           f"matched {len(report.matched_studies)} study(ies) already received")
     for uid in report.matched_studies:
@@ -280,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--seg", type=Path, required=True, metavar="FILE", help="DICOM SEG of the tumour")
     score.add_argument(
         "--clinical", type=Path, required=True, metavar="FILE",
-        help="clinical record, .json or .csv (see docs/clinical-record.md)",
+        help="clinical record, .json or .csv, or a FHIR R4 Bundle/Observation .json for the CT's patient "
+        "(see docs/clinical-record.md)",
     )
     score.add_argument(
         "--model", type=Path, metavar="FILE",

@@ -50,8 +50,21 @@ class ImportReport:
         return not self.problems
 
 
-def import_clinical_file(spool, path: Path, *, now: float) -> ImportReport:
-    """Validate every record in ``path`` and store them in the spool; raises `ClinicalRecordError` if any is bad."""
+def import_clinical_file(spool, path: Path, *, now: float, fhir=None) -> ImportReport:
+    """Validate every record in ``path`` and store them in the spool; raises `ClinicalRecordError` if any is bad.
+
+    A FHIR file gives records for the studies of its patient already in the spool without one.
+    """
+    data = fhir_json(path)
+    if data is not None:
+        from node.fhir_lookup import store_record
+
+        fhir_records = fhir_records_for_spool(spool, data, fhir)
+        if not fhir_records:
+            raise ClinicalRecordError(["FHIR file: no study of its patient without a clinical record is in the spool"])
+        for record in fhir_records:
+            store_record(spool, record, now=now)
+        return ImportReport(Path(path).name, len(fhir_records), tuple(r.study_instance_uid for r in fhir_records))
     records = load_clinical_file(path)
     unmatchable = [
         f"record {n}: needs an accession_number, or a patient_id and a study_instance_uid, to be matched to a study"
@@ -77,6 +90,34 @@ def import_clinical_file(spool, path: Path, *, now: float) -> ImportReport:
             if s.clinical_record_id is not None and _matches(record, s)
         ]
     return ImportReport(Path(path).name, len(records), tuple(dict.fromkeys(matched)))
+
+
+def fhir_records_for_spool(spool, data: object, fhir=None) -> list:
+    """Records from FHIR JSON for every study of its patient in the spool that still lacks one ([] if none).
+
+    ``fhir`` is the `FhirConfig` (identifier system, look-back); None uses its defaults.
+    Raises `ClinicalRecordError` listing every problem.
+    """
+    from node.fhir_lookup import fhir_patient_ids, records_from_fhir_json, study_context
+
+    system = fhir.patient_identifier_system if fhir else None
+    lookback_days = fhir.lookback_days if fhir else DEFAULT_LOOKBACK_DAYS
+    patient_ids = fhir_patient_ids(data, system)
+    register_phi_values(patient_ids)
+    if not patient_ids:
+        raise ClinicalRecordError([
+            "FHIR file names no patient identifier (needed: a Patient resource with the study's PatientID"
+            + (f" in system {system}" if system else "")
+            + ", or Observation.subject.identifier)"
+        ])
+    studies = [
+        s for s in spool.list_studies(states=[StudyState.RECEIVING, StudyState.WAITING_FOR_CLINICAL], limit=-1)
+        if s.patient_id in patient_ids and s.clinical_record_id is None
+    ]
+    if not studies:
+        return []
+    contexts = [study_context(spool, s) for s in studies]
+    return records_from_fhir_json(data, contexts, lookback_days=lookback_days, identifier_system=system)
 
 
 def _matches(record, study) -> bool:
@@ -153,41 +194,25 @@ class ClinicalInbox:
 
     def _import_fhir(self, path: Path, data: object, *, now: float) -> ImportReport | None:
         """Records from a FHIR file for its patient's studies that lack one; None while no such study is here."""
-        from node.fhir_lookup import fhir_patient_ids, records_from_fhir_json, store_record, study_context
+        from node.fhir_lookup import store_record
 
-        system = self.fhir.patient_identifier_system if self.fhir else None
-        lookback_days = self.fhir.lookback_days if self.fhir else DEFAULT_LOOKBACK_DAYS
         try:
-            patient_ids = fhir_patient_ids(data, system)
-            register_phi_values(patient_ids)
-            if not patient_ids:
-                raise ClinicalRecordError([
-                    "FHIR file names no patient identifier (needed: a Patient resource with the study's PatientID"
-                    + (f" in system {system}" if system else "")
-                    + ", or Observation.subject.identifier)"
-                ])
-            studies = [
-                s for s in self.spool.list_studies(
-                    states=[StudyState.RECEIVING, StudyState.WAITING_FOR_CLINICAL], limit=-1)
-                if s.patient_id in patient_ids and s.clinical_record_id is None
-            ]
-            if not studies:
-                if now - path.stat().st_mtime < FHIR_FILE_WAIT_S:
-                    if path.name not in self._waiting_files:
-                        self._waiting_files.add(path.name)
-                        self._log.info("fhir_file_waiting_for_study", file_ref=file_reference(path.name))
-                    return None
+            records = fhir_records_for_spool(self.spool, data, self.fhir)
+            if not records and now - path.stat().st_mtime >= FHIR_FILE_WAIT_S:
                 raise ClinicalRecordError([
                     f"FHIR file: no study of its patient without a clinical record arrived within {FHIR_FILE_WAIT_S:.0f} s"
                 ])
-            contexts = [study_context(self.spool, s) for s in studies]
-            records = records_from_fhir_json(data, contexts, lookback_days=lookback_days, identifier_system=system)
         except ClinicalRecordError as exc:
             self._waiting_files.discard(path.name)
             return self._reject(path, list(exc.problems))
         except InputError as exc:
             self._waiting_files.discard(path.name)
             return self._reject(path, [str(exc)])
+        if not records:
+            if path.name not in self._waiting_files:
+                self._waiting_files.add(path.name)
+                self._log.info("fhir_file_waiting_for_study", file_ref=file_reference(path.name))
+            return None
         for record in records:
             store_record(self.spool, record, now=now)
         self._waiting_files.discard(path.name)
