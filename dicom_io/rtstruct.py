@@ -37,36 +37,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from dicom_io.errors import DicomInputError
-from dicom_io.inputs import CtSeries
+from dicom_io.inputs import CtSeries, TumourStructure
 from scoring.errors import MaskError
 
 RT_STRUCTURE_SET_STORAGE = UID("1.2.840.10008.5.1.4.1.1.481.3")
 #: GTV, GTVp, GTV_primary, GTV-T, GTV1, iGTV, GTV tumour, tumour / tumor — but not GTVn (nodes) or CTV/PTV.
 DEFAULT_ROI_NAME_PATTERN = r"^(i?gtv([ _\-]?(p|t|1|prim(ary)?|tum(ou?r)?|lung))?|tumou?r)$"
 TUMOUR_INTERPRETED_TYPES = ("GTV", "TUMOR")
-
-
-@dataclass(frozen=True)
-class TumourStructure:
-    """The tumour ROI of an RT Structure Set, as a binary mask on exactly the CT grid.
-
-    ``mask`` is ``sitkUInt8`` (1 = tumour) with the CT image's geometry;
-    ``dataset`` is the RTSTRUCT (kept for the SR's references).
-    """
-
-    mask: sitk.Image
-    dataset: Dataset
-    roi_number: int
-    roi_name: str
-    source_path: Path | None = None
-
-    @property
-    def sop_instance_uid(self) -> str:
-        return str(self.dataset.SOPInstanceUID)
-
-    @property
-    def label(self) -> str:
-        return self.roi_name
 
 
 def read_tumour_rtstruct(
@@ -97,12 +74,20 @@ def read_tumour_rtstruct(
     number = _choose_roi(rois, name, roi_name, roi_name_pattern)
     roi = rois[number]
     _check_belongs_to_ct(dataset, roi, ct, name)
-    mask_array = _rasterise(dataset, roi, ct, name, slice_tolerance)
+    mask_array, contours_mm = _rasterise(dataset, roi, ct, name, slice_tolerance)
     if not mask_array.any():
         raise MaskError(f"ROI {number} '{roi.name}' of {name} fills no voxel of CT series {ct.series_instance_uid}")
     mask = sitk.GetImageFromArray(mask_array)
     mask.CopyInformation(ct.image)
-    return TumourStructure(mask=mask, dataset=dataset, roi_number=number, roi_name=roi.name, source_path=source_path)
+    return TumourStructure(
+        mask=mask,
+        dataset=dataset,
+        roi_number=number,
+        roi_name=roi.name,
+        contours_mm=tuple(contours_mm),
+        frame_of_reference_uid=roi.frame_of_reference_uid or ct.frame_of_reference_uid,
+        source_path=source_path,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +184,10 @@ def _check_belongs_to_ct(dataset: Dataset, roi: _Roi, ct: CtSeries, name: str) -
         )
 
 
-def _rasterise(dataset: Dataset, roi: _Roi, ct: CtSeries, name: str, slice_tolerance: float) -> np.ndarray:
+def _rasterise(
+    dataset: Dataset, roi: _Roi, ct: CtSeries, name: str, slice_tolerance: float
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(the z, y, x mask, the closed planar contours used as N×3 arrays in mm)."""
     contours = next(
         (item for item in dataset.get("ROIContourSequence", []) if int(item.get("ReferencedROINumber", -1)) == roi.number),
         None,
@@ -208,6 +196,7 @@ def _rasterise(dataset: Dataset, roi: _Roi, ct: CtSeries, name: str, slice_toler
         raise DicomInputError(f"{name}: ROI {roi.number} '{roi.name}' has no contours (ROIContourSequence)")
     nx, ny, nz = ct.image.GetSize()
     mask = np.zeros((nz, ny, nx), dtype=bool)
+    used: list[np.ndarray] = []
     to_index = _index_transform(ct.image)
     for number, contour in enumerate(contours.ContourSequence, start=1):
         kind = str(contour.get("ContourGeometricType", "") or "")
@@ -229,7 +218,8 @@ def _rasterise(dataset: Dataset, roi: _Roi, ct: CtSeries, name: str, slice_toler
         if not 0 <= nearest < nz:
             raise DicomInputError(f"{label} lies outside CT series {ct.series_instance_uid} (slice {nearest}, CT has {nz})")
         mask[nearest] ^= _fill_polygon(index[:, :2], nx, ny)
-    return mask.astype(np.uint8)
+        used.append(points.reshape(-1, 3))
+    return mask.astype(np.uint8), used
 
 
 def _index_transform(image: sitk.Image):

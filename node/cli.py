@@ -58,11 +58,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     clinical_records = _clinical_records_for_ct(args.clinical, args.ct)
     scored = score_files(
         args.ct,
-        args.seg,
+        args.seg or args.rtstruct,
         clinical_records,
         model,
         series_instance_uid=args.series_uid,
         segment_label=args.segment_label,
+        rtstruct_roi_pattern=args.roi_pattern,
+        rtstruct_roi_name=args.roi_name,
     )
     _write_outputs(scored, args.out, args.json)
     print(format_summary(scored))
@@ -287,10 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser(
         "score",
         help="score one study from files and write a TID 1500 SR",
-        description="Score one study: CT series folder + tumour SEG + clinical record -> DICOM SR (+ JSON).",
+        description="Score one study: CT series folder + tumour SEG or RTSTRUCT + clinical record "
+        "(JSON, CSV or FHIR R4) -> DICOM SR (+ JSON).",
     )
     score.add_argument("--ct", type=Path, required=True, metavar="DIR", help="folder of the CT series' DICOM files")
-    score.add_argument("--seg", type=Path, required=True, metavar="FILE", help="DICOM SEG of the tumour")
+    tumour = score.add_mutually_exclusive_group(required=True)
+    tumour.add_argument("--seg", type=Path, metavar="FILE", help="DICOM SEG of the tumour")
+    tumour.add_argument(
+        "--rtstruct", type=Path, metavar="FILE",
+        help="RT Structure Set with the tumour ROI, instead of a SEG (ROI chosen by --roi-name, "
+        "else a GTV-like name, else RT ROI Interpreted Type GTV/TUMOR)",
+    )
     score.add_argument(
         "--clinical", type=Path, required=True, metavar="FILE",
         help="clinical record, .json or .csv, or a FHIR R4 Bundle/Observation .json for the CT's patient "
@@ -306,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--segment-label", metavar="LABEL",
         help="choose the SEG segment by label (default: the one whose property type is SCT Neoplasm)",
+    )
+    score.add_argument("--roi-name", metavar="NAME", help="with --rtstruct: the tumour ROI's name (case-insensitive)")
+    score.add_argument(
+        "--roi-pattern", metavar="REGEX",
+        help="with --rtstruct: regular expression for the tumour ROI's name (default: GTV-like names)",
     )
     score.set_defaults(handler=cmd_score)
 

@@ -181,6 +181,16 @@ def usable_cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def _regex(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"{value!r} is not a regular expression ({exc})"
+    return None
+
+
 def _workers(value: int) -> str | None:
     limit = 2 * usable_cpu_count()
     if 1 <= value <= limit:
@@ -498,6 +508,9 @@ class ScoringConfig(_Validated):
     lease_s: float = _key(_positive)
     #: None: the segment whose property type is SCT Neoplasm.
     segment_label: str | None = _key(_not_blank)
+    #: RTSTRUCT input: regular expression (case-insensitive) for the tumour ROI's name; None: GTV-like
+    #: names (`dicom_io.rtstruct.DEFAULT_ROI_NAME_PATTERN`), then RT ROI Interpreted Type GTV/TUMOR.
+    rtstruct_roi_pattern: str | None = _key(_regex, default=None)
 
 
 @dataclass(frozen=True, slots=True)

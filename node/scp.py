@@ -76,6 +76,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    RTStructureSetStorage,
     SegmentationStorage,
 )
 from pynetdicom import AE, evt
@@ -140,6 +141,8 @@ class StorageClass:
 STORAGE_CLASSES = {
     CTImageStorage: StorageClass(CTImageStorage, "ct", "CT"),
     SegmentationStorage: StorageClass(SegmentationStorage, "seg", "SEG"),
+    # RT Structure Set IOD: RT Series Modality "RTSTRUCT" (PS3.3 C.8.8.1); the tumour contours instead of a SEG.
+    RTStructureSetStorage: StorageClass(RTStructureSetStorage, "rtstruct", "RTSTRUCT"),
 }
 
 #: Uncompressed syntaxes first.  As acceptor, pynetdicom 3 picks the first

@@ -95,6 +95,7 @@ class NodeService:
             destinations=[d.name for d in config.destinations],
             segment_label=config.scoring.segment_label,
             metrics=self.metrics,
+            rtstruct_roi_pattern=config.scoring.rtstruct_roi_pattern,
         )
         self.outbox = Outbox(self.spool, config, self.metrics)
         self.scheduler = BackgroundScheduler(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from pydicom.uid import CTImageStorage, SegmentationStorage
+from pydicom.uid import CTImageStorage, RTStructureSetStorage, SegmentationStorage
 
 from node.errors import InvalidTransition, NodeError
 from node.logs import get_logger
@@ -42,6 +42,8 @@ class ScoringTask:
     clinical_json: str
     model_path: Path
     segment_label: str | None
+    #: For an RTSTRUCT: the tumour ROI name pattern (`[scoring] rtstruct_roi_pattern`); None: the default.
+    rtstruct_roi_pattern: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,15 +61,15 @@ class StudyInputsError(InputError):
 
 
 def choose_inputs(instances: Sequence[InstanceRecord]) -> tuple[InstanceRecord, str, Path]:
-    """The SEG to score (the newest) and the CT series it belongs to: (seg, ct series UID, ct folder).
+    """The SEG or RTSTRUCT to score (the newest) and the CT series it belongs to: (seg, ct series UID, ct folder).
 
-    The series is the one the SEG references; a SEG that only shares the frame
-    of reference is matched to the CT series in that frame.
+    The series is the one the SEG (RTSTRUCT) references; one that only shares
+    the frame of reference is matched to the CT series in that frame.
     """
-    segs = [i for i in instances if i.sop_class_uid == SegmentationStorage]
+    segs = [i for i in instances if i.sop_class_uid in (SegmentationStorage, RTStructureSetStorage)]
     cts = [i for i in instances if i.sop_class_uid == CTImageStorage]
     if not segs:
-        raise StudyInputsError("study has no SEG")
+        raise StudyInputsError("study has no SEG or RTSTRUCT")
     seg = max(segs, key=lambda i: (i.stored_at, i.sop_instance_uid))
     ct_series = {i.series_instance_uid for i in cts}
     candidates = [uid for uid in seg.referenced_series_instance_uids if uid in ct_series]
@@ -75,7 +77,7 @@ def choose_inputs(instances: Sequence[InstanceRecord]) -> tuple[InstanceRecord, 
         candidates = sorted({i.series_instance_uid for i in cts if i.frame_of_reference_uid == seg.frame_of_reference_uid})
     if len(candidates) != 1:
         raise StudyInputsError(
-            f"SEG {seg.sop_instance_uid} matches {len(candidates)} CT series in the study; expected exactly one"
+            f"{'RTSTRUCT' if seg.sop_class_uid == RTStructureSetStorage else 'SEG'} {seg.sop_instance_uid} matches {len(candidates)} CT series in the study; expected exactly one"
         )
     series_uid = candidates[0]
     folder = next(i.path.parent for i in cts if i.series_instance_uid == series_uid)
@@ -105,6 +107,7 @@ def run_scoring_task(task: ScoringTask) -> ScoringOutcome:
             model,
             series_instance_uid=task.ct_series_instance_uid,
             segment_label=task.segment_label,
+            rtstruct_roi_pattern=task.rtstruct_roi_pattern,
         )
         from pydicom.filebase import DicomBytesIO
 
@@ -148,7 +151,8 @@ class ScoringDispatcher:
     """Claims ready studies up to the pool size, runs them in worker processes and records the outcome."""
 
     def __init__(self, spool, machine, *, workers: int, lease_s: float, model_path: Path,
-                 destinations: Sequence[str], segment_label: str | None, metrics=None):
+                 destinations: Sequence[str], segment_label: str | None, metrics=None,
+                 rtstruct_roi_pattern: str | None = None):
         self.spool = spool
         self.machine = machine
         self.workers = int(workers)
@@ -156,6 +160,7 @@ class ScoringDispatcher:
         self.model_path = Path(model_path)
         self.destinations = tuple(destinations)
         self.segment_label = segment_label or None
+        self.rtstruct_roi_pattern = rtstruct_roi_pattern or None
         self.metrics = metrics
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self._pool: ProcessPoolExecutor | None = None
@@ -224,6 +229,7 @@ class ScoringDispatcher:
             clinical_json=record_row.record_json,
             model_path=self.model_path,
             segment_label=self.segment_label,
+            rtstruct_roi_pattern=self.rtstruct_roi_pattern,
         )
 
     def collect(self, *, now: float) -> int:
