@@ -66,3 +66,21 @@ def test_completion_waits_for_every_ct_instance_the_rtstruct_references(demo, tm
         chosen, series_uid, folder = choose_inputs(spool.study_instances(uid))
         assert chosen.sop_instance_uid == rt_uid and series_uid == ct[0].SeriesInstanceUID
         assert folder == next(i.path.parent for i in spool.study_instances(uid) if i.modality == "CT")
+
+
+def test_the_receiver_takes_an_rtstruct_and_refuses_a_truncated_one(demo):
+    from node.errors import NodeError
+    from node.scp import STORAGE_CLASSES, read_received_dataset
+
+    _, _, _, rtstruct = demo
+    encoded = rtstruct.read_bytes()
+    assert read_received_dataset(encoded).Modality == "RTSTRUCT"
+    assert STORAGE_CLASSES["1.2.840.10008.5.1.4.1.1.481.3"].modality == "RTSTRUCT"
+    header_only = pydicom.dcmread(rtstruct)
+    del header_only.ROIContourSequence
+    from pydicom.filebase import DicomBytesIO
+
+    buffer = DicomBytesIO()
+    header_only.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(NodeError, match="RT Structure Set without ROIContourSequence items"):
+        read_received_dataset(buffer.getvalue())
