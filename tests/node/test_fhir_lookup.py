@@ -265,3 +265,18 @@ def test_fhir_config_names_each_problem(tmp_path):
     path.write_text('[fhir]\nauth = "kerberos"\n')
     with pytest.raises(ConfigError, match="fhir.auth: 'kerberos' is not one of none, basic, bearer"):
         load_config(path)
+
+
+def test_clinical_import_of_a_fhir_bundle(spool, demo, tmp_path):
+    from node.clinical_inbox import import_clinical_file
+    from scoring.errors import ClinicalRecordError
+
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(bundle(ehr())))
+    config = FhirConfig(patient_identifier_system=MRN_SYSTEM)
+    with pytest.raises(ClinicalRecordError, match="no study of its patient without a clinical record is in the spool"):
+        import_clinical_file(spool, path, now=1000.0, fhir=config)
+    uid = waiting_study(spool, demo)
+    report = import_clinical_file(spool, path, now=1020.0, fhir=config)
+    assert (report.records, report.matched_studies) == (1, (uid,))
+    assert clinical_record_from_mapping(json.loads(spool.clinical_record_for(uid).record_json)).m_stage == "M1c"
