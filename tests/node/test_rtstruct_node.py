@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pydicom
 import pytest
-import SimpleITK as sitk
 
 from node.completion import assess_images, evaluate
 from node.config import CompletionConfig
