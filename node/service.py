@@ -96,6 +96,8 @@ class NodeService:
             segment_label=config.scoring.segment_label,
             metrics=self.metrics,
             rtstruct_roi_pattern=config.scoring.rtstruct_roi_pattern,
+            destination_objects={d.name: d.objects for d in config.destinations},
+            report_out_of_domain=config.scoring.report_out_of_domain,
         )
         self.outbox = Outbox(self.spool, config, self.metrics)
         self.scheduler = BackgroundScheduler(
