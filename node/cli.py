@@ -76,6 +76,9 @@ def format_summary(scored) -> str:
     for term in result.integrated_terms:
         lines.append(f"  {term.name:<40} {term.value:>10.4f} × {term.coefficient:>8.4f} = {term.contribution:>8.4f}")
     lines.append(f"Features: {len(result.features.values)} ({scored.scoring_seconds:.1f} s)")
+    source = scored.segment
+    lines.append(f"Tumour: {source.kind} {source.sop_instance_uid}, "
+                 f"{'ROI' if source.kind == 'RTSTRUCT' else 'segment'} {source.segment_number} '{source.segment_label}'")
     lines.append(f"SR: SOP Instance UID {scored.sr.SOPInstanceUID}")
     return "\n".join(lines)
 
@@ -94,6 +97,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         segment_label=args.segment_label,
         rtstruct_roi_pattern=args.roi_pattern,
         rtstruct_roi_name=args.roi_name,
+        tumour_kind="RTSTRUCT" if args.rtstruct else "SEG",
         report_out_of_domain=args.report_out_of_domain,
     )
     _write_outputs(scored, args.out, args.json)

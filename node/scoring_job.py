@@ -113,16 +113,17 @@ def score_files(
     rtstruct_roi_pattern: str | None = None,
     rtstruct_roi_name: str | None = None,
     report_out_of_domain: bool = False,
+    tumour_kind: str | None = None,
 ) -> ScoredStudy:
     """Read, score and build the SR.  ``seg_path`` is the tumour's DICOM SEG or RT Structure Set (told
-    apart by SOP class).  ``report_out_of_domain`` is config ``scoring.report_out_of_domain``:
+    apart by SOP class, or as ``tumour_kind`` "SEG"/"RTSTRUCT" says, when given).  ``report_out_of_domain`` is config ``scoring.report_out_of_domain``:
     False withholds the risk group and PFS of a study outside the model's applicability domain."""
     started = time.perf_counter()
     ct = read_ct_series(Path(ct_dir), series_instance_uid)
     clinical = select_record_for_study(clinical_records, ct)
     segment = read_tumour_source(
         Path(seg_path), ct, segment_label=segment_label,
-        rtstruct_roi_pattern=rtstruct_roi_pattern, rtstruct_roi_name=rtstruct_roi_name,
+        rtstruct_roi_pattern=rtstruct_roi_pattern, rtstruct_roi_name=rtstruct_roi_name, kind=tumour_kind,
     )
     result = score_volume(ct.image, segment.mask, clinical, model)
     sr = build_risk_sr(ct, segment, clinical, result, report_out_of_domain=report_out_of_domain)
@@ -175,15 +176,20 @@ def read_tumour_source(
     segment_label: str | None = None,
     rtstruct_roi_pattern: str | None = None,
     rtstruct_roi_name: str | None = None,
+    kind: str | None = None,
 ) -> TumourSource:
-    """The tumour mask from a DICOM SEG (dicom_io.seg) or an RT Structure Set (dicom_io.rtstruct)."""
+    """The tumour mask from a DICOM SEG (dicom_io.seg) or an RT Structure Set (dicom_io.rtstruct).
+
+    ``kind`` ("SEG" or "RTSTRUCT") insists on one, so a file of the other kind is an error
+    naming what it is; None goes by the file's SOP class.
+    """
     if not path.is_file():
         raise DicomInputError(f"tumour file {path} (SEG or RTSTRUCT) does not exist")
     try:
         sop_class = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).get("SOPClassUID")
     except Exception:  # noqa: BLE001 - the SEG reader names the problem
         sop_class = None
-    if sop_class == RT_STRUCTURE_SET_STORAGE:
+    if kind == "RTSTRUCT" or (kind is None and sop_class == RT_STRUCTURE_SET_STORAGE):
         return read_tumour_rtstruct(
             path, ct, roi_name=rtstruct_roi_name, roi_name_pattern=rtstruct_roi_pattern or DEFAULT_ROI_NAME_PATTERN
         )
