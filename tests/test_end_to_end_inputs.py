@@ -32,7 +32,7 @@ from tests.test_end_to_end import (  # noqa: F401 (fixtures)
     demo,
     pacs_and_node,
     peers,
-    sr_instances_in_pacs,
+    risk_sr_in_pacs,
     wait_for,
 )
 
@@ -80,20 +80,19 @@ retry_interval_s = 1
         assert reason.startswith("no clinical record (FHIR: missing: ECOG performance status (LOINC 89247-1)")
 
         fhir.resources = [patient("p1", DEMO_PATIENT.patient_id), *complete_set(STUDY_DATE)]  # ECOG now charted
-        sr_ids = wait_for(lambda: sr_instances_in_pacs(orthanc), 180, "the SR in Orthanc", node)
+        [sr_id] = wait_for(lambda: risk_sr_in_pacs(orthanc), 180, "the risk SR in Orthanc", node)
         assert any(r["path"] == "/fhir/Observation" for r in fhir.requests)
 
-    srs = [pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.instance_file(i))) for i in sr_ids]
+    sr = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.instance_file(sr_id)))
     rtstruct_uid = pydicom.dcmread(rtstruct).SOPInstanceUID
-    for sr in srs:
-        assert sr.StudyInstanceUID == study_uid
-        evidence = {
-            ref.ReferencedSOPInstanceUID: ref.ReferencedSOPClassUID
-            for study_ref in sr.CurrentRequestedProcedureEvidenceSequence
-            for series in study_ref.ReferencedSeriesSequence
-            for ref in series.ReferencedSOPSequence
-        }
-        assert evidence.get(rtstruct_uid) == RT_STRUCTURE_SET_STORAGE, "the SR must cite the RTSTRUCT as evidence"
+    assert sr.StudyInstanceUID == study_uid
+    evidence = {
+        ref.ReferencedSOPInstanceUID: ref.ReferencedSOPClassUID
+        for study_ref in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study_ref.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert evidence.get(rtstruct_uid) == RT_STRUCTURE_SET_STORAGE, "the risk SR must cite the RTSTRUCT as evidence"
 
     # The node's result equals `sclc-node score` on the same files, and (same mask) the SEG-based one.
     out = tmp_path / "reference.json"
@@ -107,7 +106,7 @@ retry_interval_s = 1
     assert proc.returncode == 0, proc.stderr
     expected = json.loads(out.read_text())
     assert expected["tumour_source"] == {"kind": "RTSTRUCT", "sop_instance_uid": rtstruct_uid, "label": "GTVp", "number": 1}
-    assert expected["sr_sop_instance_uid"] in {str(sr.SOPInstanceUID) for sr in srs}
+    assert expected["sr_sop_instance_uid"] == str(sr.SOPInstanceUID)
     study = wait_for(lambda: (s := node.study(study_uid)) and s["state"] == "delivered" and s, 60, "delivery", node)
     log = node.log_path.read_text()
     for phi in (DEMO_PATIENT.patient_id, DEMO_PATIENT.patient_name):
