@@ -10,7 +10,6 @@ import pytest
 
 from dicom_io.rtstruct import read_tumour_rtstruct
 from dicom_io.sr_writer import build_key_slice_roi_sr, build_risk_sr, derive_sr_uids
-from dicom_io.synthetic import ct_datasets_from_image
 from tests.dicom_io.test_sr_writer import (
     DCIODVFY,
     PIXELMED_ITEMS_NOT_IN_TEMPLATE,
