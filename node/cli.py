@@ -218,7 +218,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows = []
         for study in studies:
             deliveries = spool.study_deliveries(study.study_instance_uid)
-            waiting_for = _waiting_for(spool, study)
+            waiting_for = _waiting_for(spool, study, fhir_enabled=config.fhir.enabled)
             applicability, withheld = _applicability(spool, study)
             rows.append({
                 "study_instance_uid": study.study_instance_uid,
@@ -283,7 +283,7 @@ def _applicability_text(status: str, withheld: bool) -> str:
     return "domain unknown (schema v1 model)" if status == "unknown" else status
 
 
-def _waiting_for(spool, study) -> list[str]:
+def _waiting_for(spool, study, *, fhir_enabled: bool = False) -> list[str]:
     """What an incomplete study still lacks, in the words the expiry reason would use."""
     from node.completion import assess_images
     from node.states import StudyState
@@ -294,7 +294,8 @@ def _waiting_for(spool, study) -> list[str]:
     if study.clinical_record_id is None:
         from node.fhir_lookup import WaitingReasons
 
-        fhir_reason = WaitingReasons(spool.directory).reason(study.study_instance_uid)
+        # A reason left from before [fhir] was turned off would be stale.
+        fhir_reason = WaitingReasons(spool.directory).reason(study.study_instance_uid) if fhir_enabled else None
         gaps.append(f"no clinical record ({fhir_reason})" if fhir_reason else "no clinical record")
     return gaps
 

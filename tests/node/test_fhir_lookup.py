@@ -152,6 +152,9 @@ directory = "{tmp_path}/spool"
 database = "{tmp_path}/spool/node.sqlite3"
 [clinical]
 inbox_directory = "{tmp_path}/inbox"
+[fhir]
+enabled = true
+base_url = "http://127.0.0.1:9/fhir"
 """)
     with Spool.open(tmp_path / "spool", database=tmp_path / "spool" / "node.sqlite3", min_free_bytes=0) as spool:
         uid = waiting_study(spool, demo)
