@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
@@ -54,3 +55,52 @@ class TumourSegment:
     segment_number: int
     segment_label: str
     source_path: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        return "SEG"
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.segmentation.SOPInstanceUID)
+
+
+@dataclass(frozen=True)
+class TumourStructure:
+    """The tumour ROI of an RT Structure Set (RTSTRUCT), as a binary mask on exactly the CT grid.
+
+    ``mask`` is ``sitkUInt8`` (1 = tumour) with the CT image's geometry (see
+    dicom_io.rtstruct).  ``dataset`` is the RTSTRUCT, kept for the SR's
+    references; ``contours_mm`` are the ROI's CLOSED_PLANAR contours that
+    were rasterised, N×3 arrays of patient coordinates (mm) in
+    ``frame_of_reference_uid``.  ``segment_label`` / ``segment_number`` name
+    the ROI the way a `TumourSegment` names its segment.
+    """
+
+    mask: sitk.Image
+    dataset: Dataset
+    roi_number: int
+    roi_name: str
+    contours_mm: tuple[np.ndarray, ...]
+    frame_of_reference_uid: str
+    source_path: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        return "RTSTRUCT"
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.dataset.SOPInstanceUID)
+
+    @property
+    def segment_label(self) -> str:
+        return self.roi_name
+
+    @property
+    def segment_number(self) -> int:
+        return self.roi_number
+
+
+#: Either tumour source; both carry ``mask``, ``kind``, ``sop_instance_uid``, ``segment_label``, ``segment_number``.
+TumourSource = TumourSegment | TumourStructure

@@ -60,7 +60,7 @@ def build_key_object_selection(
     software_version = software_version_or_installed(software_version)
     header = key_image_header(key_slice)
     series_uid, sop_uid = derive_object_uids(
-        "kos", ct.series_instance_uid, segment.segmentation.SOPInstanceUID, result.model.sha256
+        "kos", ct.series_instance_uid, segment.sop_instance_uid, result.model.sha256
     )
     label = risk_label(result, report_out_of_domain=report_out_of_domain)
     description = (

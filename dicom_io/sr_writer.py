@@ -64,13 +64,14 @@ from types import MappingProxyType
 from typing import Mapping
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage
 
 from dicom_io import codes
 from dicom_io.errors import DicomInputError
-from dicom_io.inputs import CtSeries, TumourSegment
+from dicom_io.inputs import CtSeries, TumourSource, TumourStructure
 from dicom_io.key_slice import KeySlice, find_key_slice
 from scoring.clinical import ClinicalRecord, Lipi
 from dicom_io.header_values import sanitised_header
@@ -476,10 +477,9 @@ def software_version_or_installed(software_version: str | None) -> str:
 
 
 def _volumetric_group(
-    ct: CtSeries, segment: TumourSegment, clinical: ClinicalRecord, result: RiskResult, *,
+    ct: CtSeries, segment: TumourSource, clinical: ClinicalRecord, result: RiskResult, *,
     report_out_of_domain: bool,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    seg = segment.segmentation
     model = result.model
     withheld = withholds_estimates(result, report_out_of_domain)
     evaluations = []
@@ -494,12 +494,12 @@ def _volumetric_group(
     evaluations.extend(_clinical_evaluations(result, clinical))
     measurements = ([] if withheld else _estimate_measurements(result)) + _feature_measurements(result)
     tracking = hd.sr.TrackingIdentifier(
-        uid=_tracking_uid(ct.series_instance_uid, seg.SOPInstanceUID, segment.segment_number),
+        uid=_tracking_uid(ct.series_instance_uid, segment.sop_instance_uid, segment.segment_number),
         identifier=_tracking_text(segment, result, report_out_of_domain, "progression risk"),
     )
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
-        referenced_segment=_referenced_segment(seg, segment.segment_number, ct.series_instance_uid),
+        **_roi_reference(segment, ct),
         finding_type=codes.FINDING_NEOPLASM,
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.FINDING_SITE_LUNG)],
         algorithm_id=_algorithm_identification(model),
@@ -523,7 +523,47 @@ def _volumetric_group(
     return group
 
 
-def _tracking_text(segment: TumourSegment, result: RiskResult, report_out_of_domain: bool, what: str) -> str:
+def _roi_reference(segment: TumourSource, ct: CtSeries) -> dict:
+    """TID 1411's ROI: the SEG segment (Referenced Segment), or an RTSTRUCT ROI's own contours.
+
+    TID 1411 names its ROI by Referenced Segment (a SEG only), Image Region,
+    Volume Surface or Region In Space.  For an RT Structure Set the contours
+    that were scored go in as the Volume Surface (SCOORD3D POLYGONs in the
+    RTSTRUCT's frame of reference, one per contour, each CT image they lie on
+    as a Source Image for Segmentation), which TID 1500 readers (and
+    PixelMed's 2022 validator, without a warning) know; Region In Space (DCM 130488, a COMPOSITE reference) is
+    newer and not yet understood by that validator.  The RTSTRUCT instance
+    itself is cited as evidence (Current Requested Procedure Evidence).
+    """
+    if isinstance(segment, TumourStructure):
+        if len(segment.contours_mm) < 2:
+            raise ValueError(
+                f"RTSTRUCT {segment.sop_instance_uid} ROI '{segment.roi_name}' has {len(segment.contours_mm)} contour; "
+                "a Volume Surface needs at least 2"
+            )
+        # The CT images the contours lie on (each contour is planar, on one slice: dicom_io.rtstruct).
+        slices = sorted({ct.image.TransformPhysicalPointToIndex(tuple(float(v) for v in contour[0]))[2]
+                         for contour in segment.contours_mm})
+        return {"referenced_volume_surface": hd.sr.VolumeSurface(
+            graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
+            # SCOORD3D POLYGON: the first point is repeated at the end (PS3.3 C.18.9.1.2).
+            graphic_data=[np.vstack([contour, contour[:1]]) for contour in segment.contours_mm],
+            frame_of_reference_uid=segment.frame_of_reference_uid,
+            source_images=[
+                hd.sr.SourceImageForSegmentation(ct.headers[k].SOPClassUID, ct.headers[k].SOPInstanceUID)
+                for k in slices
+            ],
+        )}
+    return {"referenced_segment": _referenced_segment(
+        segment.segmentation, segment.segment_number, ct.series_instance_uid)}
+
+
+def _source_dataset(segment: TumourSource) -> Dataset:
+    """The SEG or RTSTRUCT instance, cited as evidence."""
+    return segment.dataset if isinstance(segment, TumourStructure) else segment.segmentation
+
+
+def _tracking_text(segment: TumourSource, result: RiskResult, report_out_of_domain: bool, what: str) -> str:
     # OHIF shows the Tracking Identifier as the measurement's name; keep it short (it is a TEXT, UT).
     demo = " (DEMO)" if result.model.demonstration else ""
     return f"{segment.segment_label}: {what}{demo}"
@@ -531,7 +571,7 @@ def _tracking_text(segment: TumourSegment, result: RiskResult, report_out_of_dom
 
 def build_risk_sr(
     ct: CtSeries,
-    segment: TumourSegment,
+    segment: TumourSource,
     clinical: ClinicalRecord,
     result: RiskResult,
     *,
@@ -548,7 +588,8 @@ def build_risk_sr(
 
     Patient and study attributes are copied from the CT (the first header),
     sanitised (``dicom_io.header_values``).  The SEG is cited as evidence and
-    referenced by segment number; the Image Library holds one image, the key
+    referenced by segment number (an RTSTRUCT is cited as evidence and its
+    contours are the Volume Surface, see ``_roi_reference``); the Image Library holds one image, the key
     slice (``dicom_io.key_slice``), which ``build_key_slice_roi_sr`` outlines.
     ``report_out_of_domain`` decides whether an out-of-domain study's risk
     group and PFS are reported (see the module docstring).
@@ -560,12 +601,12 @@ def build_risk_sr(
     than 6 or 12 months, malformed sha256) and ``DicomInputError`` for a CT
     header that cannot be copied (an over-length PatientID).
     """
-    seg = segment.segmentation
-    series_uid, sop_instance_uid = derive_sr_uids(ct.series_instance_uid, seg.SOPInstanceUID, result.model.sha256)
+    series_uid, sop_instance_uid = derive_sr_uids(ct.series_instance_uid, segment.sop_instance_uid, result.model.sha256)
     header = document_header(ct)
     group = _volumetric_group(ct, segment, clinical, result, report_out_of_domain=report_out_of_domain)
     return _sr_document(
-        [group], key_slice_header=find_key_slice(ct, segment.mask).header, evidence=[header, *ct.headers[1:], seg],
+        [group], key_slice_header=find_key_slice(ct, segment.mask).header,
+        evidence=[header, *ct.headers[1:], _source_dataset(segment)],
         result=result, series_uid=series_uid, sop_instance_uid=sop_instance_uid, series_number=series_number,
         instance_number=instance_number, manufacturer=manufacturer, software_version=software_version,
         institution_name=institution_name, institutional_department_name=institutional_department_name,
@@ -575,7 +616,7 @@ def build_risk_sr(
 
 def build_key_slice_roi_sr(
     ct: CtSeries,
-    segment: TumourSegment,
+    segment: TumourSource,
     result: RiskResult,
     key_slice: KeySlice,
     *,
@@ -597,9 +638,9 @@ def build_key_slice_roi_sr(
     template to every measurement group once one group has an image region.
     UIDs: the SR's series UID, instance ``derive_object_uids("sr-roi", ...)``.
     """
-    seg = segment.segmentation
-    series_uid, _ = derive_sr_uids(ct.series_instance_uid, seg.SOPInstanceUID, result.model.sha256)
-    _, sop_instance_uid = derive_object_uids("sr-roi", ct.series_instance_uid, seg.SOPInstanceUID, result.model.sha256)
+    series_uid, _ = derive_sr_uids(ct.series_instance_uid, segment.sop_instance_uid, result.model.sha256)
+    _, sop_instance_uid = derive_object_uids("sr-roi", ct.series_instance_uid, segment.sop_instance_uid,
+                                             result.model.sha256)
     header = document_header(ct)
     group = _planar_group(ct, segment, result, key_slice, report_out_of_domain=report_out_of_domain)
     evidence = [header if h.SOPInstanceUID == header.SOPInstanceUID else h for h in (ct.headers[0], key_slice.header)]
@@ -657,7 +698,7 @@ def _sr_document(
 
 
 def _planar_group(
-    ct: CtSeries, segment: TumourSegment, result: RiskResult, key_slice: KeySlice, *, report_out_of_domain: bool
+    ct: CtSeries, segment: TumourSource, result: RiskResult, key_slice: KeySlice, *, report_out_of_domain: bool
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 on the key slice: the tumour outline, labelled with the result, for viewers that draw ROIs.
 
@@ -667,7 +708,6 @@ def _planar_group(
     """
     if not key_slice.outlines_px:
         raise ValueError(f"no tumour outline on key slice {key_slice.index}")
-    seg = segment.segmentation
     withheld = withholds_estimates(result, report_out_of_domain)
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
@@ -690,7 +730,8 @@ def _planar_group(
             _coded(codes.RISK_GROUP, _lookup(codes.RISK_GROUP_VALUES, RiskGroup(result.risk_group).value, "risk group"))
         )
     tracking = hd.sr.TrackingIdentifier(
-        uid=_derived_uid("tracking-key-slice", ct.series_instance_uid, seg.SOPInstanceUID, str(segment.segment_number)),
+        uid=_derived_uid("tracking-key-slice", ct.series_instance_uid, segment.sop_instance_uid,
+                         str(segment.segment_number)),
         identifier=_tracking_text(segment, result, report_out_of_domain,
                                   risk_label(result, report_out_of_domain=report_out_of_domain)),
     )

@@ -262,7 +262,7 @@ def build_encapsulated_pdf(
     """The Encapsulated PDF (1.2.840.10008.5.1.4.1.1.104.1) holding ``rendered.pdf``."""
     header = key_image_header(key_slice)
     series_uid, sop_uid = derive_object_uids(
-        "pdf", ct.series_instance_uid, segment.segmentation.SOPInstanceUID, result.model.sha256
+        "pdf", ct.series_instance_uid, segment.sop_instance_uid, result.model.sha256
     )
     when = content_datetime or _dt.datetime.now()
     software_version = software_version_or_installed(software_version)
@@ -337,7 +337,7 @@ def build_secondary_capture(
     """The Secondary Capture image (RGB) of the same page."""
     header = key_image_header(key_slice)
     series_uid, sop_uid = derive_object_uids(
-        "sc", ct.series_instance_uid, segment.segmentation.SOPInstanceUID, result.model.sha256
+        "sc", ct.series_instance_uid, segment.sop_instance_uid, result.model.sha256
     )
     when = content_datetime or _dt.datetime.now()
     software_version = software_version_or_installed(software_version)

@@ -76,6 +76,9 @@ def format_summary(scored) -> str:
     for term in result.integrated_terms:
         lines.append(f"  {term.name:<40} {term.value:>10.4f} × {term.coefficient:>8.4f} = {term.contribution:>8.4f}")
     lines.append(f"Features: {len(result.features.values)} ({scored.scoring_seconds:.1f} s)")
+    source = scored.segment
+    lines.append(f"Tumour: {source.kind} {source.sop_instance_uid}, "
+                 f"{'ROI' if source.kind == 'RTSTRUCT' else 'segment'} {source.segment_number} '{source.segment_label}'")
     lines.append(f"SR: SOP Instance UID {scored.sr.SOPInstanceUID}")
     return "\n".join(lines)
 
@@ -84,20 +87,36 @@ def cmd_score(args: argparse.Namespace) -> int:
     from node.scoring_job import default_model_path, load_model_file, score_files
 
     model = load_model_file(args.model or default_model_path())
-    clinical_records = load_clinical_file(args.clinical)
+    clinical_records = _clinical_records_for_ct(args.clinical, args.ct)
     scored = score_files(
         args.ct,
-        args.seg,
+        args.seg or args.rtstruct,
         clinical_records,
         model,
         series_instance_uid=args.series_uid,
         segment_label=args.segment_label,
         allow_lossy_ct=args.allow_lossy_ct,
+        rtstruct_roi_pattern=args.roi_pattern,
+        rtstruct_roi_name=args.roi_name,
+        tumour_kind="RTSTRUCT" if args.rtstruct else "SEG",
         report_out_of_domain=args.report_out_of_domain,
     )
     _write_outputs(scored, args.out, args.json)
     print(format_summary(scored))
     return EXIT_OK
+
+
+def _clinical_records_for_ct(path: Path, ct_dir: Path) -> list:
+    """The records in a JSON/CSV clinical file, or the one a FHIR Bundle/Observation file gives for this CT's study."""
+    from node.clinical_files import fhir_json
+
+    data = fhir_json(path)
+    if data is None:
+        return load_clinical_file(path)
+    from node.fhir_lookup import ct_study_context, records_from_fhir_json
+
+    # No config here: the identifier is matched by value, with the node's default look-back.
+    return records_from_fhir_json(data, [ct_study_context(ct_dir)], lookback_days=90.0, identifier_system=None)
 
 
 def _write_outputs(scored, sr_path: Path | None, json_path: Path | None) -> None:
@@ -200,7 +219,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows = []
         for study in studies:
             deliveries = spool.study_deliveries(study.study_instance_uid)
-            waiting_for = _waiting_for(spool, study)
+            waiting_for = _waiting_for(spool, study, fhir_enabled=config.fhir.enabled)
             applicability, withheld = _applicability(spool, study)
             stage_seconds = _stage_seconds(spool, study)
             rows.append({
@@ -278,7 +297,7 @@ def _applicability_text(status: str, withheld: bool) -> str:
     return "domain unknown (schema v1 model)" if status == "unknown" else status
 
 
-def _waiting_for(spool, study) -> list[str]:
+def _waiting_for(spool, study, *, fhir_enabled: bool = False) -> list[str]:
     """What an incomplete study still lacks, in the words the expiry reason would use."""
     from node.completion import assess_images
     from node.states import StudyState
@@ -287,7 +306,11 @@ def _waiting_for(spool, study) -> list[str]:
         return []
     _, gaps = assess_images(spool.study_snapshot(study.study_instance_uid))
     if study.clinical_record_id is None:
-        gaps.append("no clinical record")
+        from node.fhir_lookup import WaitingReasons
+
+        # A reason left from before [fhir] was turned off would be stale.
+        fhir_reason = WaitingReasons(spool.directory).reason(study.study_instance_uid) if fhir_enabled else None
+        gaps.append(f"no clinical record ({fhir_reason})" if fhir_reason else "no clinical record")
     return gaps
 
 
@@ -316,7 +339,7 @@ def cmd_clinical_import(args: argparse.Namespace) -> int:
 
     config = _load_config(args)
     with open_spool_for_cli(config) as spool:
-        report = import_clinical_file(spool, args.file, now=time.time())
+        report = import_clinical_file(spool, args.file, now=time.time(), fhir=config.fhir)
     print(f"imported {report.records} record(s) from {args.file.name}; "
           f"attached to {len(report.matched_studies)} study(ies) already received")
     for uid in report.matched_studies:
@@ -389,13 +412,21 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser(
         "score",
         help="score one study from files and write a TID 1500 SR",
-        description="Score one study: CT series folder + tumour SEG + clinical record -> DICOM SR (+ JSON).",
+        description="Score one study: CT series folder + tumour SEG or RTSTRUCT + clinical record "
+        "(JSON, CSV or FHIR R4) -> DICOM SR (+ JSON).",
     )
     score.add_argument("--ct", type=Path, required=True, metavar="DIR", help="folder of the CT series' DICOM files")
-    score.add_argument("--seg", type=Path, required=True, metavar="FILE", help="DICOM SEG of the tumour")
+    tumour = score.add_mutually_exclusive_group(required=True)
+    tumour.add_argument("--seg", type=Path, metavar="FILE", help="DICOM SEG of the tumour")
+    tumour.add_argument(
+        "--rtstruct", type=Path, metavar="FILE",
+        help="RT Structure Set with the tumour ROI, instead of a SEG (ROI chosen by --roi-name, "
+        "else a GTV-like name, else RT ROI Interpreted Type GTV/TUMOR)",
+    )
     score.add_argument(
         "--clinical", type=Path, required=True, metavar="FILE",
-        help="clinical record, .json or .csv (see docs/clinical-record.md)",
+        help="clinical record, .json or .csv, or a FHIR R4 Bundle/Observation .json for the CT's patient "
+        "(see docs/clinical-record.md)",
     )
     score.add_argument(
         "--model", type=Path, metavar="FILE",
@@ -417,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-lossy-ct", action="store_true",
         help="score a lossy-compressed CT (JPEG baseline, lossy JPEG 2000, LossyImageCompression 01) instead of "
         "refusing it; the JSON result then has lossy_compression = true",
+    )
+    score.add_argument("--roi-name", metavar="NAME", help="with --rtstruct: the tumour ROI's name (case-insensitive)")
+    score.add_argument(
+        "--roi-pattern", metavar="REGEX",
+        help="with --rtstruct: regular expression for the tumour ROI's name (default: GTV-like names)",
     )
     score.set_defaults(handler=cmd_score)
 

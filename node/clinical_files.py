@@ -6,8 +6,37 @@ from pathlib import Path
 
 from scoring.clinical import ClinicalRecord, parse_clinical_csv, parse_clinical_json_many
 from scoring.errors import ClinicalRecordError
+from scoring.strict_json import loads_strict
 
 CLINICAL_SUFFIXES = (".json", ".csv")
+
+
+def fhir_json(path: Path) -> object | None:
+    """The parsed JSON when ``path`` is a FHIR file (an object with a resourceType, or a list of them), else None.
+
+    FHIR files need the study (patient, date) to become a record: see node.fhir_lookup.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        return None
+    try:
+        return fhir_json_bytes(path.name, path.read_bytes())
+    except OSError:
+        return None  # load_clinical_file reports it
+
+
+def fhir_json_bytes(name: str, data: bytes) -> object | None:
+    """`fhir_json` for bytes already read (the inbox reads each file once, without following links)."""
+    if not name.lower().endswith(".json"):
+        return None
+    try:
+        parsed = loads_strict(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError):
+        return None  # the clinical-record parser reports it
+    items = parsed if isinstance(parsed, list) else [parsed]
+    if items and all(isinstance(item, dict) and "resourceType" in item for item in items):
+        return parsed
+    return None
 
 
 def load_clinical_file(path: Path) -> list[ClinicalRecord]:

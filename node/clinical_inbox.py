@@ -13,6 +13,13 @@ or socket is moved to ``rejected/`` unread.
 
 Records are matched to studies by the spool (AccessionNumber, else PatientID +
 StudyInstanceUID), whether the images came first or not.
+
+A FHIR R4 Bundle or Observation file (``.json`` with a ``resourceType``) is
+different: its values are chosen per study date (scoring.fhir_mapping), so it
+is read when a study of its patient (Patient.identifier or the Observations'
+``subject.identifier`` equal to the study's PatientID) is in the spool without
+a record.  Until then it stays in the inbox; after `FHIR_FILE_WAIT_S` with no
+such study it is rejected.
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ from pathlib import Path
 from typing import Sequence
 
 from node import audit
-from node.clinical_files import CLINICAL_SUFFIXES, load_clinical_file, parse_clinical_bytes
+from node.clinical_files import CLINICAL_SUFFIXES, fhir_json, fhir_json_bytes, load_clinical_file, parse_clinical_bytes
 from node.logs import get_logger, register_phi_values
+from node.states import StudyState
 from scoring.clinical import ACCEPTED_FIELDS, ClinicalRecord
 from scoring.errors import ClinicalRecordError, InputError
 
@@ -40,6 +48,10 @@ REJECTED_DIR = "rejected"
 SETTLE_S = 1.0
 #: Larger than any honest clinical file (a CSV of thousands of patients is a few MB).
 MAX_CLINICAL_FILE_BYTES = 16 * 1024 * 1024
+#: A FHIR file whose patient has no study in the spool is rejected after this long.
+FHIR_FILE_WAIT_S = 24 * 3600.0
+#: Without a `[fhir]` config (e.g. in tests), FHIR files use its defaults.
+DEFAULT_LOOKBACK_DAYS = 90.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +69,23 @@ class ImportReport:
         return not self.problems
 
 
-def import_clinical_file(spool, path: Path, *, now: float, source: str | None = None) -> ImportReport:
+def import_clinical_file(spool, path: Path, *, now: float, source: str | None = None, fhir=None) -> ImportReport:
     """Validate every record in ``path`` and store them in the spool; raises `ClinicalRecordError` if any is bad.
 
     ``source`` is who imports it, for the audit trail (default: the local user running this).
+    A FHIR file gives records for the studies of its patient already in the spool without one
+    (``fhir`` is the `FhirConfig`; None uses its defaults).
     """
+    data = fhir_json(path)
+    if data is not None:
+        from node.fhir_lookup import store_record
+
+        fhir_records = fhir_records_for_spool(spool, data, fhir)
+        if not fhir_records:
+            raise ClinicalRecordError(["FHIR file: no study of its patient without a clinical record is in the spool"])
+        for record in fhir_records:
+            store_record(spool, record, now=now)
+        return ImportReport(Path(path).name, len(fhir_records), tuple(r.study_instance_uid for r in fhir_records))
     return import_clinical_records(
         spool, load_clinical_file(path), Path(path).name, now=now, source=source or audit.local_user()
     )
@@ -115,12 +139,44 @@ def _why_not_attached(spool, record: ClinicalRecord) -> str:
             "accession number or patient ID; not attached")
 
 
+def fhir_records_for_spool(spool, data: object, fhir=None) -> list:
+    """Records from FHIR JSON for every study of its patient in the spool that still lacks one ([] if none).
+
+    ``fhir`` is the `FhirConfig` (identifier system, look-back); None uses its defaults.
+    Raises `ClinicalRecordError` listing every problem.
+    """
+    from node.fhir_lookup import fhir_patient_ids, records_from_fhir_json, study_context
+
+    system = fhir.patient_identifier_system if fhir else None
+    lookback_days = fhir.lookback_days if fhir else DEFAULT_LOOKBACK_DAYS
+    patient_ids = fhir_patient_ids(data, system)
+    register_phi_values(patient_ids)
+    if not patient_ids:
+        raise ClinicalRecordError([
+            "FHIR file names no patient identifier (needed: a Patient resource with the study's PatientID"
+            + (f" in system {system}" if system else "")
+            + ", or Observation.subject.identifier)"
+        ])
+    studies = [
+        s for s in spool.list_studies(states=[StudyState.RECEIVING, StudyState.WAITING_FOR_CLINICAL], limit=-1)
+        if s.patient_id in patient_ids and s.clinical_record_id is None
+    ]
+    if not studies:
+        return []
+    contexts = [study_context(spool, s) for s in studies]
+    return records_from_fhir_json(data, contexts, lookback_days=lookback_days, identifier_system=system)
+
+
+
 class ClinicalInbox:
     """Polls a folder for ``.json``/``.csv`` clinical files."""
 
-    def __init__(self, directory: Path, spool):
+    def __init__(self, directory: Path, spool, *, fhir=None):
         self.directory = Path(directory)
         self.spool = spool
+        #: `FhirConfig` (identifier system, look-back) for FHIR files; None: its defaults.
+        self.fhir = fhir
+        self._waiting_files: set[str] = set()
         self._log = get_logger(stage="clinical_inbox")
         for name in (ACCEPTED_DIR, REJECTED_DIR):
             (self.directory / name).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -146,7 +202,16 @@ class ClinicalInbox:
         now = time.time() if now is None else now
         reports = []
         for path in self.pending_files(now=now):
-            reports.append(self._import(path, now=now))
+            # Read once, as a regular file and without following a link, before anything parses it.
+            try:
+                data = read_regular_file(path)
+            except NotARegularFile as exc:
+                reports.append(self._reject(path, [str(exc)]))
+                continue
+            fhir = fhir_json_bytes(path.name, data)
+            report = self._import_fhir(path, fhir, now=now) if fhir is not None else self._import(path, data, now=now)
+            if report is not None:
+                reports.append(report)
         return reports
 
     def remove_old_files(self, *, now: float, accepted_retention_s: float, rejected_retention_s: float) -> int:
@@ -164,11 +229,7 @@ class ClinicalInbox:
                     removed += 1
         return removed
 
-    def _import(self, path: Path, *, now: float) -> ImportReport:
-        try:
-            data = read_regular_file(path)
-        except NotARegularFile as exc:
-            return self._reject(path, [str(exc)])
+    def _import(self, path: Path, data: bytes, *, now: float) -> ImportReport:
         try:
             report = import_clinical_records(
                 self.spool, parse_clinical_bytes(path.name, data), path.name, now=now,
@@ -187,6 +248,35 @@ class ClinicalInbox:
             matched_studies=len(report.matched_studies),
         )
         return report
+
+    def _import_fhir(self, path: Path, data: object, *, now: float) -> ImportReport | None:
+        """Records from a FHIR file for its patient's studies that lack one; None while no such study is here."""
+        from node.fhir_lookup import store_record
+
+        try:
+            records = fhir_records_for_spool(self.spool, data, self.fhir)
+            if not records and now - path.lstat().st_mtime >= FHIR_FILE_WAIT_S:
+                raise ClinicalRecordError([
+                    f"FHIR file: no study of its patient without a clinical record arrived within {FHIR_FILE_WAIT_S:.0f} s"
+                ])
+        except ClinicalRecordError as exc:
+            self._waiting_files.discard(path.name)
+            return self._reject(path, list(exc.problems))
+        except InputError as exc:
+            self._waiting_files.discard(path.name)
+            return self._reject(path, [str(exc)])
+        if not records:
+            if path.name not in self._waiting_files:
+                self._waiting_files.add(path.name)
+                self._log.info("fhir_file_waiting_for_study", file_ref=file_reference(path.name))
+            return None
+        for record in records:
+            store_record(self.spool, record, now=now)
+        self._waiting_files.discard(path.name)
+        os.replace(path, _unique_target(self.directory / ACCEPTED_DIR, path.name))
+        self._log.info("clinical_file_accepted", file_ref=file_reference(path.name), records=len(records),
+                       matched_studies=len(records), format="fhir")
+        return ImportReport(path.name, len(records), tuple(r.study_instance_uid for r in records))
 
     def _reject(self, path: Path, problems: list[str]) -> ImportReport:
         target = _unique_target(self.directory / REJECTED_DIR, path.name)

@@ -2,7 +2,9 @@
 
 Completion is judged from content, not from a fixed idle timer:
 
-* **Images complete** when at least one SEG is present, every SEG's
+* **Images complete** when at least one SEG or RT Structure Set (RTSTRUCT,
+  treated exactly like a SEG below: its ContourImageSequence instances are its
+  references) is present, every SEG's
   references are satisfied (below), and no instance arrived for
   ``grace_s`` seconds (a short guard against judging a series mid-transfer).
   Every SEG must be satisfied, not just one, so a later SEG (a corrected
@@ -62,13 +64,13 @@ class CompletionDecision:
 def assess_images(snapshot: StudySnapshot) -> tuple[list[str], list[str]]:
     """(what is satisfied, what is missing) about the study's images; no gaps means complete."""
     if not snapshot.segmentations:
-        return [], ["no SEG received"]
+        return [], ["no SEG or RTSTRUCT received"]
     present = snapshot.image_sop_instance_uids
     series_sizes = {s.series_instance_uid: len(s.sop_instance_uids) for s in snapshot.image_series}
     satisfied: list[str] = []
     gaps: list[str] = []
     for seg in snapshot.segmentations:
-        name = f"SEG {seg.sop_instance_uid}"
+        name = f"{seg.kind} {seg.sop_instance_uid}"
         if seg.referenced_sop_instance_uids:
             total = len(seg.referenced_sop_instance_uids)
             missing = sum(1 for uid in seg.referenced_sop_instance_uids if uid not in present)

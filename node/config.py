@@ -183,6 +183,16 @@ def usable_cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def _regex(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"{value!r} is not a regular expression ({exc})"
+    return None
+
+
 def _workers(value: int) -> str | None:
     limit = 2 * usable_cpu_count()
     if 1 <= value <= limit:
@@ -468,6 +478,55 @@ class ClinicalConfig(_Validated):
     unmatched_record_retention_s: float = _key(_non_negative, default=2592000.0)
 
 
+FHIR_AUTH_MODES = ("none", "basic", "bearer")
+
+
+def _fhir_auth(value: str) -> str | None:
+    return None if value in FHIR_AUTH_MODES else f"{value!r} is not one of {', '.join(FHIR_AUTH_MODES)}"
+
+
+@dataclass(frozen=True, slots=True)
+class FhirConfig(_Validated):
+    """`[fhir]`: look up missing clinical records on a FHIR R4 server (node.fhir_client, node.fhir_lookup)."""
+
+    enabled: bool = _key(default=False)
+    #: e.g. "https://ehr.example.org/fhir"; required when enabled.
+    base_url: str = _key(default="")
+    auth: str = _key(_fhir_auth, normalise=str.lower, default="none")
+    username: str | None = _key(default=None)
+    #: Secrets are read from files (mode 0600), never written in this config.
+    password_file: Path | None = _key(relative_to="config", default=None)
+    token_file: Path | None = _key(relative_to="config", default=None)
+    #: None: the system trust store.
+    ca_file: Path | None = _key(relative_to="config", default=None)
+    #: Patient.identifier system the DICOM PatientID belongs to; None: search by value alone.
+    patient_identifier_system: str | None = _key(default=None)
+    #: Observations older than this before the study date are not used.
+    lookback_days: float = _key(_positive, default=90.0)
+    #: Per HTTP request (connect and each read).
+    timeout_s: float = _key(_positive, default=10.0)
+    #: A study still waiting is looked up again after this long.
+    retry_interval_s: float = _key(_positive, default=300.0)
+
+    def _cross_checks(self) -> Iterator[tuple[str, str]]:
+        if not self.enabled:
+            return
+        if not re.match(r"^https?://[^/\s]+", self.base_url):
+            yield "base_url", f"{self.base_url!r} is not an http:// or https:// URL (required when enabled)"
+        if self.auth == "basic":
+            if not self.username:
+                yield "username", "required when auth = \"basic\""
+            if self.password_file is None:
+                yield "password_file", "required when auth = \"basic\""
+        if self.auth == "bearer" and self.token_file is None:
+            yield "token_file", "required when auth = \"bearer\""
+        for name in ("password_file", "token_file", "ca_file"):
+            path = getattr(self, name)
+            problem = _readable_file(path) if path is not None else None
+            if problem:
+                yield name, problem
+
+
 @dataclass(frozen=True, slots=True)
 class ScoringConfig(_Validated):
     """`[scoring]`: the model and the workers that run it."""
@@ -480,6 +539,9 @@ class ScoringConfig(_Validated):
     segment_label: str | None = _key(_not_blank)
     #: False: a lossy-compressed CT series fails scoring with a reason naming the transfer syntax.
     allow_lossy_ct: bool = _key(default=False)
+    #: RTSTRUCT input: regular expression (case-insensitive) for the tumour ROI's name; None: GTV-like
+    #: names (`dicom_io.rtstruct.DEFAULT_ROI_NAME_PATTERN`), then RT ROI Interpreted Type GTV/TUMOR.
+    rtstruct_roi_pattern: str | None = _key(_regex, default=None)
     #: False: an out-of-domain result withholds risk group and PFS (scoring.domain, docs/model-format.md).
     report_out_of_domain: bool = _key(default=False)
 
@@ -599,6 +661,7 @@ class NodeConfig(_Validated):
     source: Path | None = _derived()
     #: Empty: SRs are produced and kept in the spool but sent nowhere.
     destinations: tuple[DestinationConfig, ...] = _key(default=())
+    fhir: FhirConfig = _key(default=FhirConfig())
 
     def _cross_checks(self) -> Iterator[tuple[str, str]]:
         seen: dict[str, int] = {}

@@ -40,7 +40,7 @@ from node.config import ConfigError, HttpConfig
 from node.logs import get_logger
 
 #: `sop_class` label of `sclc_instances_received_total`.
-SOP_CLASSES = ("ct", "seg", "other")
+SOP_CLASSES = ("ct", "seg", "rtstruct", "other")
 #: `outcome` label of `sclc_instances_received_total`: written to the spool,
 #: already there (same SOP Instance UID, acknowledged again), or refused.
 RECEIVE_OUTCOMES = ("stored", "duplicate", "rejected")

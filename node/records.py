@@ -23,6 +23,7 @@ _UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 UID_MAX_CHARS = 64
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 
 
 def safe_uid(value: object, what: str) -> str:
@@ -87,6 +88,15 @@ class InstanceHeader:
     def is_segmentation(self) -> bool:
         return self.modality == "SEG" or self.sop_class_uid == SEGMENTATION_STORAGE
 
+    @property
+    def is_rtstruct(self) -> bool:
+        return self.sop_class_uid == RT_STRUCTURE_SET_STORAGE
+
+    @property
+    def is_tumour_source(self) -> bool:
+        """A SEG or an RT Structure Set: an object drawn on CT instances, which completion waits for."""
+        return self.is_segmentation or self.is_rtstruct
+
     @classmethod
     def from_dataset(cls, ds: Any) -> "InstanceHeader":
         """Read a header from a pydicom Dataset (pixel data not needed).
@@ -107,6 +117,8 @@ class InstanceHeader:
             accession_number=ds.get("AccessionNumber"),
             patient_id=ds.get("PatientID"),
         )
+        if header.is_rtstruct:
+            return header._with_rtstruct_references(ds)
         if not header.is_segmentation:
             return header
         series: list[object] = []
@@ -131,6 +143,45 @@ class InstanceHeader:
             referenced_series_instance_uids=tuple(series),
             referenced_sop_instance_uids=tuple(instances),
         )
+
+    def _with_rtstruct_references(self, ds: Any) -> "InstanceHeader":
+        frame_of_reference, series, instances = _rtstruct_references(ds)
+        return InstanceHeader(
+            study_instance_uid=self.study_instance_uid,
+            series_instance_uid=self.series_instance_uid,
+            sop_instance_uid=self.sop_instance_uid,
+            sop_class_uid=self.sop_class_uid,
+            modality=self.modality,
+            frame_of_reference_uid=self.frame_of_reference_uid or frame_of_reference,
+            accession_number=self.accession_number,
+            patient_id=self.patient_id,
+            referenced_series_instance_uids=tuple(series),
+            referenced_sop_instance_uids=tuple(instances),
+        )
+
+
+def _rtstruct_references(ds: Any) -> tuple[str | None, list[object], list[object]]:
+    """(frame of reference, series, instances) an RT Structure Set was drawn on.
+
+    The frame of reference and series come from the Structure Set module's
+    ReferencedFrameOfReferenceSequence > RTReferencedStudySequence >
+    RTReferencedSeriesSequence (whose ContourImageSequence lists the CT
+    instances); each contour's own ContourImageSequence adds the instances it
+    was drawn on, since producers fill one or the other.
+    """
+    frames = list(ds.get("ReferencedFrameOfReferenceSequence") or ())
+    frame_of_reference = next((f.get("FrameOfReferenceUID") for f in frames if f.get("FrameOfReferenceUID")), None)
+    series: list[object] = []
+    instances: list[object] = []
+    for frame in frames:
+        for study in frame.get("RTReferencedStudySequence") or ():
+            for item in study.get("RTReferencedSeriesSequence") or ():
+                series.append(item.get("SeriesInstanceUID"))
+                instances.extend(ref.get("ReferencedSOPInstanceUID") for ref in item.get("ContourImageSequence") or ())
+    for roi in ds.get("ROIContourSequence") or ():
+        for contour in roi.get("ContourSequence") or ():
+            instances.extend(ref.get("ReferencedSOPInstanceUID") for ref in contour.get("ContourImageSequence") or ())
+    return frame_of_reference, series, instances
 
 
 class StoreOutcome(enum.StrEnum):
@@ -229,15 +280,24 @@ class InstanceRecord:
     def is_segmentation(self) -> bool:
         return self.modality == "SEG" or self.sop_class_uid == SEGMENTATION_STORAGE
 
+    @property
+    def is_rtstruct(self) -> bool:
+        return self.sop_class_uid == RT_STRUCTURE_SET_STORAGE
+
+    @property
+    def is_tumour_source(self) -> bool:
+        return self.is_segmentation or self.is_rtstruct
+
 
 @dataclass(frozen=True, slots=True)
 class SegmentationRefs:
-    """What one received SEG says it was drawn on."""
+    """What one received SEG (or RT Structure Set, ``kind`` "RTSTRUCT") says it was drawn on."""
 
     sop_instance_uid: str
     frame_of_reference_uid: str | None
     referenced_series_instance_uids: tuple[str, ...]
     referenced_sop_instance_uids: tuple[str, ...]
+    kind: str = "SEG"
 
 
 @dataclass(frozen=True, slots=True)

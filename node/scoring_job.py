@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Sequence
 
 import highdicom as hd
+import pydicom
 
 from dicom_io.ct_series import read_ct_series
 from dicom_io.errors import DicomInputError
-from dicom_io.inputs import CtSeries, TumourSegment
+from dicom_io.inputs import CtSeries, TumourSource
+from dicom_io.rtstruct import DEFAULT_ROI_NAME_PATTERN, RT_STRUCTURE_SET_STORAGE, read_tumour_rtstruct
 from dicom_io.seg import read_tumour_segment
 from dicom_io.sr_writer import build_risk_sr
 from node.logs import get_logger
@@ -50,7 +52,8 @@ class ScoredStudy:
     """One scored study.  ``report_out_of_domain`` is the policy it was reported under (config key)."""
 
     ct: CtSeries
-    segment: TumourSegment
+    #: The tumour: a SEG segment, or an RTSTRUCT ROI (``segment.kind`` says which).
+    segment: TumourSource
     result: RiskResult
     sr: hd.sr.Comprehensive3DSR
     scoring_seconds: float
@@ -110,17 +113,23 @@ def score_files(
     series_instance_uid: str | None = None,
     segment_label: str | None = None,
     allow_lossy_ct: bool = False,
+    rtstruct_roi_pattern: str | None = None,
+    rtstruct_roi_name: str | None = None,
     report_out_of_domain: bool = False,
+    tumour_kind: str | None = None,
 ) -> ScoredStudy:
-    """Read, score and build the SR.  ``report_out_of_domain`` is config ``scoring.report_out_of_domain``:
-    False withholds the risk group and PFS of a study outside the model's applicability domain.  A
-    lossy-compressed CT is refused unless ``allow_lossy_ct`` (config ``scoring.allow_lossy_ct``)."""
+    """Read, score and build the SR.  ``seg_path`` is the tumour's DICOM SEG or RT Structure Set (told
+    apart by SOP class, or as ``tumour_kind`` "SEG"/"RTSTRUCT" says, when given).
+    ``report_out_of_domain`` is config ``scoring.report_out_of_domain``: False withholds the risk group
+    and PFS of a study outside the model's applicability domain.  A lossy-compressed CT is refused
+    unless ``allow_lossy_ct`` (config ``scoring.allow_lossy_ct``)."""
     started = time.perf_counter()
     ct = read_ct_series(Path(ct_dir), series_instance_uid, allow_lossy=allow_lossy_ct)
     clinical = select_record_for_study(clinical_records, ct)
-    if not Path(seg_path).is_file():
-        raise DicomInputError(f"SEG file {seg_path} does not exist")
-    segment = read_tumour_segment(Path(seg_path), ct, segment_label=segment_label)
+    segment = read_tumour_source(
+        Path(seg_path), ct, segment_label=segment_label,
+        rtstruct_roi_pattern=rtstruct_roi_pattern, rtstruct_roi_name=rtstruct_roi_name, kind=tumour_kind,
+    )
     read = time.perf_counter()
     result, stages = score_volume_timed(ct.image, segment.mask, clinical, model)
     sr_started = time.perf_counter()
@@ -170,6 +179,33 @@ def applicability_as_json(scored: ScoredStudy) -> dict:
     }
 
 
+def read_tumour_source(
+    path: Path,
+    ct: CtSeries,
+    *,
+    segment_label: str | None = None,
+    rtstruct_roi_pattern: str | None = None,
+    rtstruct_roi_name: str | None = None,
+    kind: str | None = None,
+) -> TumourSource:
+    """The tumour mask from a DICOM SEG (dicom_io.seg) or an RT Structure Set (dicom_io.rtstruct).
+
+    ``kind`` ("SEG" or "RTSTRUCT") insists on one, so a file of the other kind is an error
+    naming what it is; None goes by the file's SOP class.
+    """
+    if not path.is_file():
+        raise DicomInputError(f"tumour file {path} (SEG or RTSTRUCT) does not exist")
+    try:
+        sop_class = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).get("SOPClassUID")
+    except Exception:  # noqa: BLE001 - the SEG reader names the problem
+        sop_class = None
+    if kind == "RTSTRUCT" or (kind is None and sop_class == RT_STRUCTURE_SET_STORAGE):
+        return read_tumour_rtstruct(
+            path, ct, roi_name=rtstruct_roi_name, roi_name_pattern=rtstruct_roi_pattern or DEFAULT_ROI_NAME_PATTERN
+        )
+    return read_tumour_segment(path, ct, segment_label=segment_label)
+
+
 def result_as_json(scored: "ScoredStudy") -> dict:
     """The documented JSON result of `sclc-node score --json` (also what workers hand back to the service)."""
     result = scored.result
@@ -203,7 +239,14 @@ def result_as_json(scored: "ScoredStudy") -> dict:
         "lossy_compression": scored.ct.lossy_compression,
         "study_instance_uid": scored.ct.study_instance_uid,
         "ct_series_instance_uid": scored.ct.series_instance_uid,
-        "seg_sop_instance_uid": str(scored.segment.segmentation.SOPInstanceUID),
+        "seg_sop_instance_uid": scored.segment.sop_instance_uid if scored.segment.kind == "SEG" else None,
+        # Where the tumour came from: a SEG segment or an RTSTRUCT ROI.
+        "tumour_source": {
+            "kind": scored.segment.kind,
+            "sop_instance_uid": scored.segment.sop_instance_uid,
+            "label": scored.segment.segment_label,
+            "number": scored.segment.segment_number,
+        },
         "sr_sop_instance_uid": str(scored.sr.SOPInstanceUID),
         "sr_series_instance_uid": str(scored.sr.SeriesInstanceUID),
         "scoring_seconds": round(scored.scoring_seconds, 3),

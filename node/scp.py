@@ -93,6 +93,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    RTStructureSetStorage,
     SegmentationStorage,
 )
 from pynetdicom import AE, evt
@@ -160,6 +161,8 @@ class StorageClass:
 STORAGE_CLASSES = {
     CTImageStorage: StorageClass(CTImageStorage, "ct", "CT"),
     SegmentationStorage: StorageClass(SegmentationStorage, "seg", "SEG"),
+    # RT Structure Set IOD: RT Series Modality "RTSTRUCT" (PS3.3 C.8.8.1); the tumour contours instead of a SEG.
+    RTStructureSetStorage: StorageClass(RTStructureSetStorage, "rtstruct", "RTSTRUCT"),
 }
 
 #: Uncompressed syntaxes first.  As acceptor, pynetdicom 3 picks the first
@@ -333,8 +336,10 @@ def read_received_dataset(encoded: bytes, limits: InstanceLimits = InstanceLimit
 
     * every top-level element must hold the number of bytes its length field
       declares (a truncated value, or garbage read as an element, does not);
-    * Pixel Data must be present (both our IODs are images; pydicom silently
+    * Pixel Data must be present (CT and SEG are images; pydicom silently
       drops an encapsulated Pixel Data whose sequence delimiter never came);
+      an RT Structure Set has none, so it must instead hold the Structure Set
+      ROI and ROI Contour sequences, with at least one item each;
     * native Pixel Data must be at least Rows × Columns × Samples × Bits × Frames
       long, and encapsulated Pixel Data must split into items.
     """
@@ -361,8 +366,21 @@ def read_received_dataset(encoded: bytes, limits: InstanceLimits = InstanceLimit
                 f"element {element.tag} declares {element.length} bytes but {received} arrived "
                 "(truncated data set or trailing garbage)"
             )
-    _check_pixel_data(dataset)
+    if dataset.get("SOPClassUID") == RTStructureSetStorage:
+        _check_structure_set(dataset)
+    else:
+        _check_pixel_data(dataset)
     return dataset
+
+
+def _check_structure_set(dataset: Dataset) -> None:
+    for keyword in ("StructureSetROISequence", "ROIContourSequence"):
+        try:
+            items = dataset.get(keyword)
+        except Exception as exc:  # noqa: BLE001 - a cut-off sequence fails on access
+            raise UnreadableInstance(f"{keyword} cannot be parsed ({type(exc).__name__})") from exc
+        if not items:
+            raise UnreadableInstance(f"RT Structure Set without {keyword} items (truncated data set?)")
 
 
 def _check_pixel_data(dataset: Dataset) -> None:

@@ -23,6 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.clinical_inbox import ClinicalInbox
 from node.config import NodeConfig
+from node.fhir_lookup import FhirLookup
 from node.http_status import HealthReport, NodeMetrics, start_http_server
 from node.logs import get_logger
 from node.outbox import Outbox
@@ -44,6 +45,9 @@ class JobIntervals:
     retention_s: float = 300.0
     disk_guard_s: float = 30.0
     watchdog_s: float = 10.0
+    #: How often waiting studies are considered for a FHIR lookup (each study at most once per
+    #: `[fhir] retry_interval_s`).
+    fhir_s: float = 5.0
 
 
 def sd_notify(message: str) -> bool:
@@ -91,7 +95,8 @@ class NodeService:
             destinations=[d.name for d in config.destinations],
         )
         self.receiver = DicomReceiver(config.scp, self.spool, self.metrics)
-        self.inbox = ClinicalInbox(config.clinical.inbox_directory, self.spool)
+        self.inbox = ClinicalInbox(config.clinical.inbox_directory, self.spool, fhir=config.fhir)
+        self.fhir_lookup = FhirLookup(self.spool, config.fhir) if config.fhir.enabled else None
         self.dispatcher = ScoringDispatcher(
             self.spool,
             self.machine,
@@ -101,6 +106,7 @@ class NodeService:
             destinations=[d.name for d in config.destinations],
             segment_label=config.scoring.segment_label,
             metrics=self.metrics,
+            rtstruct_roi_pattern=config.scoring.rtstruct_roi_pattern,
             destination_objects={d.name: d.objects for d in config.destinations},
             worker_id=self.instance_id,
             allow_lossy_ct=config.scoring.allow_lossy_ct,
@@ -127,6 +133,11 @@ class NodeService:
 
     def scan_clinical_inbox(self) -> None:
         self.inbox.scan(now=time.time())
+
+    def look_up_fhir(self) -> None:
+        # Its own job (and scheduler thread): a slow FHIR server delays nothing else.
+        if self.fhir_lookup is not None:
+            self.fhir_lookup.run_once(now=time.time())
 
     def dispatch_scoring(self) -> None:
         self.dispatcher.dispatch(now=time.time())
@@ -213,7 +224,7 @@ class NodeService:
             (self.clean_up, self.intervals.retention_s),
             (self.guard_disk, self.intervals.disk_guard_s),
             (self.watchdog, self.intervals.watchdog_s),
-        )
+        ) + (((self.look_up_fhir, self.intervals.fhir_s),) if self.fhir_lookup is not None else ())
         for job, seconds in jobs:
             self.scheduler.add_job(job, "interval", seconds=seconds, id=job.__name__, next_run_time=_now_datetime())
         self.scheduler.start()

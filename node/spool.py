@@ -823,13 +823,14 @@ class Spool:
         for instance in (InstanceRecord.from_row(r, self.directory) for r in tx.all(
             "study_instances", study_uid=study_uid, include_purged=False
         )):
-            if instance.is_segmentation:
+            if instance.is_tumour_source:
                 segmentations.append(
                     SegmentationRefs(
                         sop_instance_uid=instance.sop_instance_uid,
                         frame_of_reference_uid=instance.frame_of_reference_uid,
                         referenced_series_instance_uids=instance.referenced_series_instance_uids,
                         referenced_sop_instance_uids=instance.referenced_sop_instance_uids,
+                        kind="RTSTRUCT" if instance.is_rtstruct else "SEG",
                     )
                 )
             else:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from pydicom.uid import CTImageStorage, SegmentationStorage
+from pydicom.uid import CTImageStorage, RTStructureSetStorage, SegmentationStorage
 
 from node.errors import InvalidTransition, NodeError
 from node.logs import get_logger
@@ -45,6 +45,8 @@ class ScoringTask:
     clinical_json: str
     model_path: Path
     segment_label: str | None
+    #: For an RTSTRUCT: the tumour ROI name pattern (`[scoring] rtstruct_roi_pattern`); None: the default.
+    rtstruct_roi_pattern: str | None = None
     #: The objects to build beside the risk SR (`dicom_io.result_objects.OBJECT_KINDS`; "sr" adds the
     #: key-slice ROI SR).
     extra_object_kinds: tuple[str, ...] = ()
@@ -72,15 +74,15 @@ class StudyInputsError(InputError):
 
 
 def choose_inputs(instances: Sequence[InstanceRecord]) -> tuple[InstanceRecord, str, Path]:
-    """The SEG to score (the newest) and the CT series it belongs to: (seg, ct series UID, ct folder).
+    """The SEG or RTSTRUCT to score (the newest) and the CT series it belongs to: (seg, ct series UID, ct folder).
 
-    The series is the one the SEG references; a SEG that only shares the frame
-    of reference is matched to the CT series in that frame.
+    The series is the one the SEG (RTSTRUCT) references; one that only shares
+    the frame of reference is matched to the CT series in that frame.
     """
-    segs = [i for i in instances if i.sop_class_uid == SegmentationStorage]
+    segs = [i for i in instances if i.sop_class_uid in (SegmentationStorage, RTStructureSetStorage)]
     cts = [i for i in instances if i.sop_class_uid == CTImageStorage]
     if not segs:
-        raise StudyInputsError("study has no SEG")
+        raise StudyInputsError("study has no SEG or RTSTRUCT")
     seg = max(segs, key=lambda i: (i.stored_at, i.sop_instance_uid))
     ct_series = {i.series_instance_uid for i in cts}
     candidates = [uid for uid in seg.referenced_series_instance_uids if uid in ct_series]
@@ -88,7 +90,7 @@ def choose_inputs(instances: Sequence[InstanceRecord]) -> tuple[InstanceRecord, 
         candidates = sorted({i.series_instance_uid for i in cts if i.frame_of_reference_uid == seg.frame_of_reference_uid})
     if len(candidates) != 1:
         raise StudyInputsError(
-            f"SEG {seg.sop_instance_uid} matches {len(candidates)} CT series in the study; expected exactly one"
+            f"{'RTSTRUCT' if seg.sop_class_uid == RTStructureSetStorage else 'SEG'} {seg.sop_instance_uid} matches {len(candidates)} CT series in the study; expected exactly one"
         )
     series_uid = candidates[0]
     folder = next(i.path.parent for i in cts if i.series_instance_uid == series_uid)
@@ -119,6 +121,7 @@ def run_scoring_task(task: ScoringTask) -> ScoringOutcome:
             series_instance_uid=task.ct_series_instance_uid,
             segment_label=task.segment_label,
             allow_lossy_ct=task.allow_lossy_ct,
+            rtstruct_roi_pattern=task.rtstruct_roi_pattern,
             report_out_of_domain=task.report_out_of_domain,
         )
         encoding = time.perf_counter()
@@ -233,6 +236,7 @@ class ScoringDispatcher:
 
     def __init__(self, spool, machine, *, workers: int, lease_s: float, model_path: Path,
                  destinations: Sequence[str], segment_label: str | None, metrics=None,
+                 rtstruct_roi_pattern: str | None = None,
                  destination_objects: Mapping[str, Sequence[str]] | None = None,
                  worker_id: str | None = None, allow_lossy_ct: bool = False,
                  report_out_of_domain: bool = False):
@@ -250,6 +254,7 @@ class ScoringDispatcher:
         self.extra_object_kinds = _kinds_to_build(self.destinations, self.destination_objects)
         self.segment_label = segment_label or None
         self.allow_lossy_ct = bool(allow_lossy_ct)
+        self.rtstruct_roi_pattern = rtstruct_roi_pattern or None
         self.metrics = metrics
         # The service's instance id (`node.service.new_instance_id`): claims name the run, not
         # only host:pid, so a restart knows which claims are its predecessor's.
@@ -334,6 +339,7 @@ class ScoringDispatcher:
             clinical_json=record_row.record_json,
             model_path=self.model_path,
             segment_label=self.segment_label,
+            rtstruct_roi_pattern=self.rtstruct_roi_pattern,
             extra_object_kinds=self.extra_object_kinds,
             allow_lossy_ct=self.allow_lossy_ct,
             report_out_of_domain=self.report_out_of_domain,

@@ -54,7 +54,9 @@ IDENTIFIER_FIELDS = ("patient_id", "accession_number", "study_instance_uid")
 LAB_FIELDS = ("anc", "wbc", "ldh", "ldh_uln")
 REQUIRED_FIELDS = ("t_stage", "n_stage", "m_stage", "ecog")
 OPTIONAL_FIELDS = ("age", "sex", "brain_metastases", "liver_metastases")
-ACCEPTED_FIELDS = IDENTIFIER_FIELDS + REQUIRED_FIELDS + ("lipi",) + LAB_FIELDS + OPTIONAL_FIELDS
+#: Where each value came from (JSON only; written by the FHIR path, see `ValueProvenance`).
+PROVENANCE_FIELD = "provenance"
+ACCEPTED_FIELDS = IDENTIFIER_FIELDS + REQUIRED_FIELDS + ("lipi",) + LAB_FIELDS + OPTIONAL_FIELDS + (PROVENANCE_FIELD,)
 
 # DICOM value-representation limits, so an identifier that cannot match any
 # study is caught here rather than silently never matching.
@@ -133,6 +135,27 @@ _M1_STAGE_GROUPS = {"M1": "IVA-IVB", "M1a": "IVA", "M1b": "IVA", "M1c": "IVB"}
 
 
 @dataclass(frozen=True, slots=True)
+class ValueProvenance:
+    """Where one record value came from: the FHIR resource and its clinically relevant date.
+
+    ``field`` is a record field (``ecog``, ``t_stage``, ``ldh_uln``...), ``code``
+    the LOINC code that carried it, ``resource`` the resource's type/id
+    (``Observation/abc``) and ``date`` its effective date/time as written (ISO 8601).
+    """
+
+    field: str
+    code: str
+    resource: str
+    date: str
+
+    def to_mapping(self) -> dict[str, str]:
+        return {"field": self.field, "code": self.code, "resource": self.resource, "date": self.date}
+
+
+_PROVENANCE_KEYS = ("field", "code", "resource", "date")
+
+
+@dataclass(frozen=True, slots=True)
 class ClinicalRecord:
     """One patient's clinical inputs, validated.
 
@@ -160,6 +183,7 @@ class ClinicalRecord:
     sex: str | None = None
     brain_metastases: bool | None = None
     liver_metastases: bool | None = None
+    provenance: tuple[ValueProvenance, ...] = ()
 
     def __post_init__(self) -> None:
         # A guard for records built directly in code; parsed records already
@@ -210,6 +234,8 @@ class ClinicalRecord:
         for name in ("age", "sex", "brain_metastases", "liver_metastases"):
             if getattr(self, name) is not None:
                 mapping[name] = getattr(self, name)
+        if self.provenance:
+            mapping[PROVENANCE_FIELD] = [item.to_mapping() for item in self.provenance]
         return mapping
 
     @property
@@ -452,6 +478,24 @@ def _parse_identifier(name: str, value: object, problems: list[str]) -> str | No
     return text
 
 
+def _parse_provenance(value: object, problems: list[str]) -> tuple[ValueProvenance, ...]:
+    allowed = f"a JSON list of objects with the text keys {', '.join(_PROVENANCE_KEYS)}"
+    if not isinstance(value, list):
+        problems.append(f"{PROVENANCE_FIELD}: {_show(value)} is not a list (allowed: {allowed})")
+        return ()
+    items = []
+    for index, item in enumerate(value, start=1):
+        if (
+            not isinstance(item, Mapping)
+            or set(item) != set(_PROVENANCE_KEYS)
+            or not all(isinstance(item[key], str) and item[key].strip() for key in _PROVENANCE_KEYS)
+        ):
+            problems.append(f"{PROVENANCE_FIELD}: entry {index} is malformed (allowed: {allowed})")
+            continue
+        items.append(ValueProvenance(**{key: item[key] for key in _PROVENANCE_KEYS}))
+    return tuple(items)
+
+
 def _is_missing(value: object) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
@@ -548,9 +592,12 @@ def _record_problems(mapping: Mapping[object, object]) -> tuple[ClinicalRecord |
                     " since extrathoracic organ metastases are M1b/M1c)"
                 )
 
+    provenance = _parse_provenance(values[PROVENANCE_FIELD], problems) if PROVENANCE_FIELD in values else ()
+
     if problems:
         return None, _redact_identifiers(problems, values)
     record = ClinicalRecord(
+        provenance=provenance,
         t_stage=t_stage,
         n_stage=n_stage,
         m_stage=m_stage,

@@ -46,12 +46,12 @@ def test_status_names_what_an_incomplete_study_waits_for(config_path, spool):
     proc = run("status", "--config", config_path)
     assert proc.returncode == 0, proc.stderr
     assert study.study_uid in proc.stdout
-    assert "waiting for: no SEG received" in proc.stdout
+    assert "waiting for: no SEG or RTSTRUCT received" in proc.stdout
     assert "waiting for: no clinical record" in proc.stdout
     as_json = json.loads(run("status", "--json", "--config", config_path).stdout)
     [row] = as_json["studies"]
     assert row["state"] == "receiving" and row["instances"] == 1
-    assert row["waiting_for"] == ["no SEG received", "no clinical record"]
+    assert row["waiting_for"] == ["no SEG or RTSTRUCT received", "no clinical record"]
 
 
 def test_status_shows_failure_reason_and_delivery_errors(config_path, spool):

@@ -64,7 +64,7 @@ def test_missing_referenced_instances_keep_it_receiving_whatever_the_quiet_time(
 
 def test_ct_without_seg_is_not_complete():
     assert evaluate(snapshot(), T0 + 1000, SETTINGS) is None
-    assert assess_images(snapshot()) == ([], ["no SEG received"])
+    assert assess_images(snapshot()) == ([], ["no SEG or RTSTRUCT received"])
 
 
 def test_every_seg_must_be_satisfied():
@@ -115,7 +115,7 @@ def test_expiry_reason_lists_everything_missing():
         StudyEvent.EXPIRED,
         "nothing new for 3600 s; missing: SEG 1.2.3.2.1 references 12 CT instances, 3 missing; no clinical record",
     )
-    assert evaluate(snapshot(), T0 + 3600, SETTINGS).reason == "nothing new for 3600 s; missing: no SEG received; no clinical record"
+    assert evaluate(snapshot(), T0 + 3600, SETTINGS).reason == "nothing new for 3600 s; missing: no SEG or RTSTRUCT received; no clinical record"
 
 
 def test_expiry_counts_from_the_last_activity_not_from_the_first_instance():
