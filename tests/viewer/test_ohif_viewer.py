@@ -15,8 +15,11 @@ from unittest.mock import ANY as ANY_NUMBER
 
 import pytest
 
+from pydicom.dataset import Dataset
+
+from dicom_io.sr_writer import series_description
 from tests.viewer.conftest import Viewer
-from tests.viewer.roi_sr import build_roi_sr, outline_pixels, key_slice_index
+from tests.viewer.roi_sr import build_roi_sr, key_slice_index, outline_pixels
 
 pytestmark = [pytest.mark.viewer, pytest.mark.external]
 
@@ -29,6 +32,42 @@ SVG_OVERLAY_JS = """() => {
   return {texts, outlines};
 }"""
 OVERLAY_TIMEOUT_S = 60.0
+FINDING_SITE = ("SCT", "363698007")
+#: OHIF's DICOMSRDisplayTool draws at most this many label lines per measurement.
+OHIF_MAX_LABEL_LINES = 5
+
+
+def _concept(item: Dataset) -> tuple[str, str]:
+    code = item.ConceptNameCodeSequence[0]
+    return str(code.CodingSchemeDesignator), str(code.CodeValue)
+
+
+def planar_roi_groups(sr: Dataset) -> list[Dataset]:
+    """Measurement Groups with a SCOORD/SCOORD3D at their top level (TID 1410): the only ones OHIF v3 draws."""
+    groups = []
+    for container in sr.ContentSequence:
+        if _concept(container) != ("DCM", "126010"):  # Imaging Measurements
+            continue
+        for group in container.ContentSequence:
+            if _concept(group) == ("DCM", "125007") and any(
+                item.ValueType in ("SCOORD", "SCOORD3D") for item in group.ContentSequence
+            ):
+                groups.append(group)
+    return groups
+
+
+def ohif_label_lines(group: Dataset) -> list[str]:
+    """The text lines OHIF 3.13 draws beside a TID 1410 group (its rule, see docs/viewing-results.md)."""
+    lines = []
+    for item in group.ContentSequence:
+        if item.ValueType == "NUM" and "MeasuredValueSequence" in item:
+            measured = item.MeasuredValueSequence[0]
+            unit = measured.MeasurementUnitsCodeSequence[0].CodeValue
+            lines.append(f"{item.ConceptNameCodeSequence[0].CodeMeaning}: {float(measured.NumericValue):.2f} {unit}")
+    sites = [item for item in group.ContentSequence if _concept(item) == FINDING_SITE]
+    if sites:
+        lines.append(f"363698007: {sites[0].ConceptCodeSequence[0].CodeMeaning}")
+    return lines[:OHIF_MAX_LABEL_LINES]
 
 
 def open_sr(page, series_description: str) -> None:
@@ -54,7 +93,8 @@ def test_ohif_draws_a_tid1410_planar_roi_with_its_labels(viewer: Viewer, demo_sc
     """The harness's own TID 1410 group (the form the node's SR adopts): outline and NUM labels appear."""
     workdir, scored = demo_scored
     roi_sr_path = workdir / "roi-sr.dcm"
-    build_roi_sr(scored).save_as(roi_sr_path, enforce_file_format=True)
+    roi_sr = build_roi_sr(scored)
+    roi_sr.save_as(roi_sr_path, enforce_file_format=True)
     viewer.store([workdir / "ct", workdir / "seg.dcm", roi_sr_path])
 
     page = viewer.open_study(scored.ct.study_instance_uid)
@@ -72,8 +112,40 @@ def test_ohif_draws_a_tid1410_planar_roi_with_its_labels(viewer: Viewer, demo_sc
         f"Integrated risk score: {round(scored.result.risk_score, 2):.2f} 1",
         "363698007: Lung",
     ]
+    # The rule the node-SR test relies on predicts exactly what OHIF drew.
+    assert ohif_label_lines(planar_roi_groups(roi_sr)[0]) == overlay["texts"]
     # OHIF jumps to the referenced image: its overlay reads "I: <InstanceNumber> (<position>/<total>)".
     key_header = scored.ct.headers[key_slice_index(scored.segment.mask)]
     instance_overlay = re.findall(r"I:\s*(\d+) \((\d+)/(\d+)\)", page.inner_text("body"))
     assert instance_overlay == [(str(key_header.InstanceNumber), ANY_NUMBER, str(len(scored.ct.headers)))]
+    # Never shown by OHIF for an SR it did not write itself (docs/viewing-results.md).
+    assert "Tumour, key slice" not in page.inner_text("body")
+    assert viewer.page_errors == []
+
+
+def test_the_nodes_own_sr_in_ohif(viewer: Viewer, demo_scored):
+    """The node's output for the demo study, sent to the PACS, opened by a radiologist in OHIF."""
+    workdir, scored = demo_scored
+    sr_path = workdir / "node-sr.dcm"
+    scored.sr.save_as(sr_path, enforce_file_format=True)
+    viewer.store([workdir / "ct", workdir / "seg.dcm", sr_path])
+
+    page = viewer.open_study(scored.ct.study_instance_uid)
+    open_sr(page, series_description(scored.result.model))
+    groups = planar_roi_groups(scored.sr)
+    if not groups:
+        viewer.screenshot(page, "node-sr")
+        pytest.skip(
+            "the node's SR has no TID 1410 planar ROI group (SCOORD POLYLINE on the key slice) yet: "
+            "issue 8 item 2, built on branch `sr`; OHIF skips SCOORD-less groups and draws nothing"
+        )
+    expected_lines = ohif_label_lines(groups[0])
+    overlay = wait_for_overlay(page, expected_lines[0])
+    viewer.screenshot(page, "node-sr")
+    assert len(overlay["outlines"]) == len(groups)
+    assert overlay["texts"] == expected_lines
+    risk_word = str(getattr(scored.result.risk_group, "value", scored.result.risk_group)).lower()
+    assert any(re.search(rf"\b{risk_word}\b", line, re.IGNORECASE) for line in overlay["texts"]), (
+        f"OHIF shows no '{risk_word}' risk label; it drew {overlay['texts']}"
+    )
     assert viewer.page_errors == []
