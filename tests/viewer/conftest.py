@@ -95,6 +95,7 @@ class Viewer:
     ohif: OhifServer
     browser: object
     artifacts: Path
+    test_name: str = "viewer"
     console_errors: list[str] = field(default_factory=list)
     page_errors: list[str] = field(default_factory=list)
     _contexts: list = field(default_factory=list)
@@ -116,8 +117,14 @@ class Viewer:
         return page
 
     def open_study(self, study_instance_uid: str):
+        """Open /viewer for one study and wait until the hanging protocol shows an image.
+
+        The viewport's "I: <instance number>" overlay appears once the first
+        image is drawn; a double-click on a series before that would be undone.
+        """
         page = self.new_page()
         page.goto(self.ohif.viewer_url(study_instance_uid))
+        page.wait_for_function(r"() => /I:\s*\d+/.test(document.body.innerText)")
         return page
 
     def screenshot(self, page, name: str) -> Path:
@@ -127,7 +134,13 @@ class Viewer:
         return path
 
     def close(self) -> None:
-        for context in self._contexts:
+        """Keep a screenshot of each page's last state (what a failed test saw), then close."""
+        for number, context in enumerate(self._contexts):
+            for page in context.pages:
+                try:
+                    self.screenshot(page, f"{self.test_name}-last-{number}")
+                except Exception:  # noqa: BLE001 - a crashed page must not hide the test's own error
+                    pass
             context.close()
 
 
@@ -151,7 +164,7 @@ def dicomweb_orthanc(peers, tmp_path) -> Orthanc:  # noqa: F811 (peers is a fixt
 @pytest.fixture
 def viewer(dicomweb_orthanc, ohif_dist, chromium, tmp_path, request) -> Iterator[Viewer]:
     ohif = OhifServer(ohif_dist, dicomweb_orthanc.http_port, tmp_path / "ohif-http.log").start()
-    handle = Viewer(dicomweb_orthanc, ohif, chromium, ARTIFACTS)
+    handle = Viewer(dicomweb_orthanc, ohif, chromium, ARTIFACTS, test_name=request.node.name)
     try:
         yield handle
     finally:

@@ -68,8 +68,12 @@ def outline_pixels(mask: sitk.Image, slice_index: int) -> np.ndarray:
     return outline.astype(np.float32)
 
 
-def build_roi_sr(scored: ScoredStudy) -> hd.sr.Comprehensive3DSR:
-    """A TID 1500 report with one TID 1410 group: the key-slice outline labelled with the result."""
+def build_roi_sr(scored: ScoredStudy, *, with_volumetric_group: bool = False) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 report with one TID 1410 group: the key-slice outline labelled with the result.
+
+    ``with_volumetric_group`` first adds a TID 1411 group that references the
+    tumour SEG segment (as the node's SR does), which has no SCOORD.
+    """
     ct, result = scored.ct, scored.result
     index = key_slice_index(scored.segment.mask)
     key_header = ct.headers[index]
@@ -91,7 +95,7 @@ def build_roi_sr(scored: ScoredStudy) -> hd.sr.Comprehensive3DSR:
         ),
         hd.sr.Measurement(name=codes.RISK_SCORE, value=round(result.risk_score, 2), unit=codes.UNIT_ONE),
     ]
-    seed = f"{ct.series_instance_uid}/{scored.segment.segmentation.SOPInstanceUID}/roi-dev"
+    seed = f"{ct.series_instance_uid}/{scored.segment.segmentation.SOPInstanceUID}/roi-dev/{with_volumetric_group}"
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=hd.UID.from_uuid(str(uuid.uuid5(_NAMESPACE, seed + "/tracking"))),
@@ -102,6 +106,30 @@ def build_roi_sr(scored: ScoredStudy) -> hd.sr.Comprehensive3DSR:
         finding_sites=[hd.sr.FindingSite(codes.FINDING_SITE_LUNG)],
         measurements=measurements,
     )
+    groups: list = [group]
+    evidence = [key_header]
+    seg = scored.segment.segmentation
+    if with_volumetric_group:
+        groups.insert(
+            0,
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=hd.UID.from_uuid(str(uuid.uuid5(_NAMESPACE, seed + "/tracking-volume"))),
+                    identifier="Tumour, whole volume",
+                ),
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=seg.SOPClassUID,
+                    sop_instance_uid=seg.SOPInstanceUID,
+                    segment_number=scored.segment.segment_number,
+                    source_series=hd.sr.SourceSeriesForSegmentation(ct.series_instance_uid),
+                ),
+                finding_type=codes.FINDING_NEOPLASM,
+                measurements=[
+                    hd.sr.Measurement(name=codes.RISK_SCORE, value=round(result.risk_score, 2), unit=codes.UNIT_ONE)
+                ],
+            ),
+        )
+        evidence.append(seg)
     observer = hd.sr.ObserverContext(
         observer_type=codes.OBSERVER_TYPE_DEVICE,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -111,18 +139,18 @@ def build_roi_sr(scored: ScoredStudy) -> hd.sr.Comprehensive3DSR:
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_person_context=None, observer_device_context=observer),
         procedure_reported=codes.PROCEDURE_REPORTED_CT,
-        imaging_measurements=[group],
+        imaging_measurements=groups,
         referenced_images=[key_header],
     )
     return hd.sr.Comprehensive3DSR(
-        evidence=[key_header],
+        evidence=evidence,
         content=report,
         series_instance_uid=hd.UID.from_uuid(str(uuid.uuid5(_NAMESPACE, seed + "/series"))),
-        series_number=9101,
+        series_number=9102 if with_volumetric_group else 9101,
         sop_instance_uid=hd.UID.from_uuid(str(uuid.uuid5(_NAMESPACE, seed + "/instance"))),
         instance_number=1,
         manufacturer="sclc-risk-node tests",
-        series_description="TEST planar ROI (harness)",
+        series_description="TEST volumetric + planar ROI (harness)" if with_volumetric_group else "TEST planar ROI (harness)",
         is_complete=True,
         is_final=False,
         coding_schemes=[codes.private_coding_scheme()],

@@ -123,6 +123,30 @@ def test_ohif_draws_a_tid1410_planar_roi_with_its_labels(viewer: Viewer, demo_sc
     assert viewer.page_errors == []
 
 
+def test_one_group_without_a_scoord_makes_ohif_draw_nothing(viewer: Viewer, demo_scored):
+    """OHIF 3.13 limitation the node's SR must respect (docs/viewing-results.md).
+
+    The same planar group, preceded by a TID 1411 group that references the SEG
+    (no SCOORD), is not drawn: OHIF reads ``measurement.coords[0]`` of every
+    group while loading the SR and stops at the SCOORD-less one.  If a new
+    OHIF version draws it, this fails: update the docs and the node's SR.
+    """
+    workdir, scored = demo_scored
+    mixed_sr_path, planar_sr_path = workdir / "mixed-sr.dcm", workdir / "planar-sr.dcm"
+    build_roi_sr(scored, with_volumetric_group=True).save_as(mixed_sr_path, enforce_file_format=True)
+    build_roi_sr(scored).save_as(planar_sr_path, enforce_file_format=True)
+    viewer.store([workdir / "ct", workdir / "seg.dcm", mixed_sr_path, planar_sr_path])
+
+    page = viewer.open_study(scored.ct.study_instance_uid)
+    open_sr(page, "TEST volumetric + planar ROI")
+    with pytest.raises(AssertionError, match="OHIF drew no outline"):
+        wait_for_overlay(page, "Progression risk: HIGH", timeout_s=15.0)
+    viewer.screenshot(page, "mixed-groups-nothing-drawn")
+    # The same page draws the same planar group from an SR without the volumetric group.
+    open_sr(page, "TEST planar ROI")
+    assert wait_for_overlay(page, "Progression risk: HIGH")["outlines"]
+
+
 def test_the_nodes_own_sr_in_ohif(viewer: Viewer, demo_scored):
     """The node's output for the demo study, sent to the PACS, opened by a radiologist in OHIF."""
     workdir, scored = demo_scored
