@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import time
-from unittest.mock import ANY as ANY_NUMBER
 
 import pytest
 
@@ -70,6 +69,20 @@ def ohif_label_lines(group: Dataset) -> list[str]:
     return lines[:OHIF_MAX_LABEL_LINES]
 
 
+def shown_images(page) -> list[tuple[int, int]]:
+    """(Instance Number, images in the series) of each viewport, from OHIF's "I: 20 (21/40)" overlay."""
+    return [
+        (int(instance), int(total))
+        for instance, _position, total in re.findall(r"I:\s*(\d+) \((\d+)/(\d+)\)", page.inner_text("body"))
+    ]
+
+
+def referenced_image_uid(group: Dataset) -> str:
+    """The SOP Instance UID the group's SCOORD is drawn on (its SELECTED FROM image)."""
+    scoord = next(item for item in group.ContentSequence if item.ValueType == "SCOORD")
+    return str(scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+
+
 def open_sr(page, series_description: str) -> None:
     """Double-click the SR's entry in OHIF's study browser (this loads it into the viewport)."""
     entry = page.get_by_text(series_description, exact=False).first
@@ -116,8 +129,7 @@ def test_ohif_draws_a_tid1410_planar_roi_with_its_labels(viewer: Viewer, demo_sc
     assert ohif_label_lines(planar_roi_groups(roi_sr)[0]) == overlay["texts"]
     # OHIF jumps to the referenced image: its overlay reads "I: <InstanceNumber> (<position>/<total>)".
     key_header = scored.ct.headers[key_slice_index(scored.segment.mask)]
-    instance_overlay = re.findall(r"I:\s*(\d+) \((\d+)/(\d+)\)", page.inner_text("body"))
-    assert instance_overlay == [(str(key_header.InstanceNumber), ANY_NUMBER, str(len(scored.ct.headers)))]
+    assert shown_images(page) == [(int(key_header.InstanceNumber), len(scored.ct.headers))]
     # Never shown by OHIF for an SR it did not write itself (docs/viewing-results.md).
     assert "Tumour, key slice" not in page.inner_text("body")
     assert viewer.page_errors == []
@@ -168,6 +180,8 @@ def test_the_nodes_own_sr_in_ohif(viewer: Viewer, demo_scored):
     viewer.screenshot(page, "node-sr")
     assert len(overlay["outlines"]) == len(groups)
     assert overlay["texts"] == expected_lines
+    key_header = next(h for h in scored.ct.headers if h.SOPInstanceUID == referenced_image_uid(groups[0]))
+    assert shown_images(page) == [(int(key_header.InstanceNumber), len(scored.ct.headers))]
     risk_word = str(getattr(scored.result.risk_group, "value", scored.result.risk_group)).lower()
     assert any(re.search(rf"\b{risk_word}\b", line, re.IGNORECASE) for line in overlay["texts"]), (
         f"OHIF shows no '{risk_word}' risk label; it drew {overlay['texts']}"
