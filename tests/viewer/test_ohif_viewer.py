@@ -16,7 +16,6 @@ import pytest
 
 from pydicom.dataset import Dataset
 
-from dicom_io.sr_writer import series_description
 from tests.viewer.conftest import Viewer
 from tests.viewer.roi_sr import build_roi_sr, key_slice_index, outline_pixels
 
@@ -83,9 +82,13 @@ def referenced_image_uid(group: Dataset) -> str:
     return str(scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
 
 
-def open_sr(page, series_description: str) -> None:
-    """Double-click the SR's entry in OHIF's study browser (this loads it into the viewport)."""
-    entry = page.get_by_text(series_description, exact=False).first
+def open_series(page, series_number: int) -> None:
+    """Double-click one series in OHIF's study browser (an SR loads into the viewport).
+
+    Found by its Series Number (the entry's ``data-series``): descriptions
+    repeat (the node gives all its objects the same one).
+    """
+    entry = page.locator(f"[data-cy='studyBrowser-panel'] [data-series='{series_number}']")
     entry.wait_for(state="visible")
     entry.dblclick()
 
@@ -111,7 +114,7 @@ def test_ohif_draws_a_tid1410_planar_roi_with_its_labels(viewer: Viewer, demo_sc
     viewer.store([workdir / "ct", workdir / "seg.dcm", roi_sr_path])
 
     page = viewer.open_study(scored.ct.study_instance_uid)
-    open_sr(page, "TEST planar ROI")
+    open_series(page, roi_sr.SeriesNumber)
     overlay = wait_for_overlay(page, "Progression risk: HIGH")
     viewer.screenshot(page, "tid1410-planar-roi")
 
@@ -144,18 +147,19 @@ def test_one_group_without_a_scoord_makes_ohif_draw_nothing(viewer: Viewer, demo
     OHIF version draws it, this fails: update the docs and the node's SR.
     """
     workdir, scored = demo_scored
+    mixed_sr, planar_sr = build_roi_sr(scored, with_volumetric_group=True), build_roi_sr(scored)
     mixed_sr_path, planar_sr_path = workdir / "mixed-sr.dcm", workdir / "planar-sr.dcm"
-    build_roi_sr(scored, with_volumetric_group=True).save_as(mixed_sr_path, enforce_file_format=True)
-    build_roi_sr(scored).save_as(planar_sr_path, enforce_file_format=True)
+    mixed_sr.save_as(mixed_sr_path, enforce_file_format=True)
+    planar_sr.save_as(planar_sr_path, enforce_file_format=True)
     viewer.store([workdir / "ct", workdir / "seg.dcm", mixed_sr_path, planar_sr_path])
 
     page = viewer.open_study(scored.ct.study_instance_uid)
-    open_sr(page, "TEST volumetric + planar ROI")
+    open_series(page, mixed_sr.SeriesNumber)
     with pytest.raises(AssertionError, match="OHIF drew no outline"):
         wait_for_overlay(page, "Progression risk: HIGH", timeout_s=15.0)
     viewer.screenshot(page, "mixed-groups-nothing-drawn")
     # The same page draws the same planar group from an SR without the volumetric group.
-    open_sr(page, "TEST planar ROI")
+    open_series(page, planar_sr.SeriesNumber)
     assert wait_for_overlay(page, "Progression risk: HIGH")["outlines"]
 
 
@@ -167,7 +171,7 @@ def test_the_nodes_own_sr_in_ohif(viewer: Viewer, demo_scored):
     viewer.store([workdir / "ct", workdir / "seg.dcm", sr_path])
 
     page = viewer.open_study(scored.ct.study_instance_uid)
-    open_sr(page, series_description(scored.result.model))
+    open_series(page, scored.sr.SeriesNumber)
     groups = planar_roi_groups(scored.sr)
     if not groups:
         viewer.screenshot(page, "node-sr")
