@@ -119,12 +119,14 @@ class Viewer:
     def open_study(self, study_instance_uid: str):
         """Open /viewer for one study and wait until the hanging protocol shows an image.
 
-        The viewport's "I: <instance number>" overlay appears once the first
-        image is drawn; a double-click on a series before that would be undone.
+        The viewport's image counter ("I:40 (1/40)", or "1/1") appears once the
+        first image is drawn; a double-click on a series before that would be undone.
         """
         page = self.new_page()
         page.goto(self.ohif.viewer_url(study_instance_uid))
-        page.wait_for_function(r"() => /I:\s*\d+/.test(document.body.innerText)")
+        page.wait_for_function(
+            r"""() => /\d+\/\d+/.test(document.querySelector("[data-cy='viewport-overlay-bottom-right']")?.innerText ?? "")"""
+        )
         return page
 
     def screenshot(self, page, name: str) -> Path:
