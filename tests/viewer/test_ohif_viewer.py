@@ -13,7 +13,6 @@ import re
 import time
 
 import pytest
-
 from pydicom.dataset import Dataset
 
 from tests.viewer.conftest import Viewer
@@ -61,7 +60,10 @@ def ohif_label_lines(group: Dataset) -> list[str]:
         if item.ValueType == "NUM" and "MeasuredValueSequence" in item:
             measured = item.MeasuredValueSequence[0]
             unit = measured.MeasurementUnitsCodeSequence[0].CodeValue
-            lines.append(f"{item.ConceptNameCodeSequence[0].CodeMeaning}: {float(measured.NumericValue):.2f} {unit}")
+            value = float(measured.NumericValue)
+            # OHIF formats `NumericValue ? Number(NumericValue).toFixed(2) : ''`: an exact 0 shows as nothing.
+            shown = f"{value:.2f}" if value != 0 else ""
+            lines.append(f"{item.ConceptNameCodeSequence[0].CodeMeaning}: {shown} {unit}")
     sites = [item for item in group.ContentSequence if _concept(item) == FINDING_SITE]
     if sites:
         lines.append(f"363698007: {sites[0].ConceptCodeSequence[0].CodeMeaning}")
