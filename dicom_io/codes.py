@@ -5,21 +5,25 @@ UCUM.  Where no standard concept exists (the risk scores of this model, the
 PFS probabilities at a fixed horizon, ECOG, LIPI, TNM values as recorded by
 the clinic) we use our own private coding scheme ``99SCLCRN``, declared in
 the SR's CodingSchemeIdentificationSequence by ``private_coding_scheme()``.
-Private code values are at most 16 characters (SH); radiomics feature
-concepts, whose code value is the feature's full name, use LongCodeValue.
+Every code value is at most 16 characters (SH CodeValue, never LongCodeValue:
+highdicom's parser and several viewers read CodeValue only).  Radiomics
+features and model terms, whose names run to 70 characters, get a code value
+derived from a hash of the name (``named_concept``); the CodeMeaning is the
+name itself, and a name longer than the 64 characters of a CodeMeaning is
+also written in full as a TEXT "Full name" child of its NUM.
 
 Units (UCUM):
 
-* scores and cut-offs: ``1`` (dimensionless linear predictors of a Cox model);
-* PFS probabilities: ``{probability}``, i.e. a fraction in [0, 1], exactly as
-  the model computes it.  We chose this over ``%`` so the stored number is the
-  model's number (no x100 rounding) and reads back float-equal;
+* scores, cut-offs and term contributions: ``1`` (dimensionless linear
+  predictors of a Cox model and their summands);
+* PFS: ``%`` (percent progression-free at the horizon), rounded to 0.1 %;
 * radiomics feature values: ``1``; ``FeatureVector`` carries no units, so
-  the value is recorded as pyradiomics reports it.
+  the value is recorded as pyradiomics reports it (4 significant digits).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from types import MappingProxyType
 from typing import Mapping
@@ -62,6 +66,8 @@ OBSERVER_TYPE_DEVICE = Code("121007", "DCM", "Device")
 
 FINDING_NEOPLASM = Code("108369006", "SCT", "Neoplasm")
 FINDING_SITE_LUNG = Code("39607008", "SCT", "Lung")
+#: The tumour's cross-section on the key slice (TID 1410), in mm2.
+AREA = Code("42798000", "SCT", "Area")
 
 RISK_GROUP_VALUES: Mapping[str, Code] = MappingProxyType(
     {
@@ -75,7 +81,8 @@ NO = Code("373067005", "SCT", "No")
 # --- units (UCUM) -------------------------------------------------------------
 
 UNIT_ONE = Code("1", "UCUM", "no units")
-UNIT_PROBABILITY = Code("{probability}", "UCUM", "probability")
+UNIT_PERCENT = Code("%", "UCUM", "percent")
+UNIT_MM2 = Code("mm2", "UCUM", "square millimeter")
 
 # --- private concepts: model outputs -----------------------------------------
 
@@ -85,16 +92,32 @@ RADIOMICS_CUTOFF = _private("RADCUTOFF", "Radiomics score cut-off")
 RISK_SCORE = _private("RISKSCORE", "Integrated risk score")
 RISK_CUTOFF = _private("RISKCUTOFF", "Integrated risk score cut-off")
 
-#: Months -> "Probability of progression-free survival at N months".
+#: Months -> "Progression-free survival at N months" (percent of patients like this one).
 PFS_PROBABILITY: Mapping[int, Code] = MappingProxyType(
-    {
-        months: _private(f"PFSP{months}M", f"Probability of progression-free survival at {months} months")
-        for months in (6, 12)
-    }
+    {months: _private(f"PFSP{months}M", f"Progression-free survival at {months} months") for months in (6, 12)}
 )
 
 DEMONSTRATION_MODEL = _private("DEMOMODEL", "Demonstration model")
 INTENDED_USE = _private("INTENDEDUSE", "Intended use")
+#: DCM 121111 "Summary" (CID 7001 report heading), here the plain-language result at the top.
+SUMMARY = Code("121111", "DCM", "Summary")
+
+#: The applicability-domain verdict (``scoring.types.DomainStatus`` values).
+APPLICABILITY = _private("APPLICABILITY", "Model applicability domain")
+APPLICABILITY_VALUES: Mapping[str, Code] = MappingProxyType(
+    {
+        "in_domain": _private("IN-DOMAIN", "Within the model's applicability domain"),
+        "out_of_domain": _private("OUT-OF-DOMAIN", "Outside the model's applicability domain"),
+        "unknown": _private("DOMAIN-UNKNOWN", "Applicability domain unknown"),
+    }
+)
+APPLICABILITY_DETAIL = _private("APPLICDETAIL", "Applicability assessment")
+#: Yes when the risk group, scores and PFS were withheld (study outside the domain).
+RESULTS_WITHHELD = _private("WITHHELD", "Risk estimates withheld")
+#: Present (Yes) only when the CT was lossy-compressed (LossyImageCompression "01").
+LOSSY_INPUT = _private("LOSSYCT", "Lossy-compressed CT input")
+#: TEXT child of a NUM whose name does not fit a 64-character CodeMeaning.
+FULL_NAME = _private("FULLNAME", "Full name")
 
 # --- private concepts: clinical inputs ---------------------------------------
 
@@ -132,32 +155,69 @@ LIPI_SOURCE_VALUES: Mapping[str, Code] = MappingProxyType(
     }
 )
 
-# --- private concepts: radiomics features ------------------------------------
+# --- private concepts: radiomics features and model terms ---------------------
 
-_FEATURE_PREFIX = "RF:"
+_FEATURE_PREFIX = "RF"
+_RADIOMICS_TERM_PREFIX = "RC"
+_INTEGRATED_TERM_PREFIX = "IC"
 _CODE_MEANING_MAX_CHARS = 64  # LO
+_HASH_HEX_CHARS = 14  # prefix (2) + 14 = the 16 characters of an SH CodeValue
+_INTEGRATED_TERM_MEANING = "Risk contribution: "
+_RADIOMICS_TERM_MEANING = "Radiomics contribution: "
+
+
+def shortened_meaning(text: str) -> str:
+    """``text`` as a CodeMeaning (LO, ≤64 characters): shortened in the middle when longer."""
+    if len(text) <= _CODE_MEANING_MAX_CHARS:
+        return text
+    keep = (_CODE_MEANING_MAX_CHARS - 3) // 2
+    return f"{text[:keep]}...{text[-keep:]}"
+
+
+def _named_concept(prefix: str, name: str, meaning: str) -> Code:
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:_HASH_HEX_CHARS].upper()
+    return _private(prefix + digest, shortened_meaning(meaning))
 
 
 def radiomics_feature_concept(feature_name: str) -> Code:
     """The concept of one radiomics feature value, e.g. ``ring.wavelet-LLH_glcm_Correlation``.
 
-    The code value is ``RF:`` + the full ``FeatureSpec.name`` (written as
-    LongCodeValue when longer than 16 characters), so it identifies the
-    feature exactly; the meaning is the same name, shortened in the middle
-    when it exceeds the 64 characters a CodeMeaning (LO) may hold.
+    Code value ``RF`` + 14 hex digits of the name's sha256 (fits SH); meaning
+    the name, shortened in the middle when it exceeds 64 characters.
     """
-    meaning = feature_name
-    if len(meaning) > _CODE_MEANING_MAX_CHARS:
-        keep = (_CODE_MEANING_MAX_CHARS - 3) // 2
-        meaning = f"{feature_name[:keep]}...{feature_name[-keep:]}"
-    return _private(_FEATURE_PREFIX + feature_name, meaning)
+    return _named_concept(_FEATURE_PREFIX, feature_name, feature_name)
 
 
-def radiomics_feature_name(concept: Code | hd.sr.CodedConcept) -> str | None:
-    """The feature name a ``radiomics_feature_concept`` encodes, or None for any other concept."""
-    if concept.scheme_designator != PRIVATE_SCHEME or not concept.value.startswith(_FEATURE_PREFIX):
+def term_contribution_concept(term_name: str, *, integrated: bool) -> Code:
+    """The concept of one term's contribution (coefficient × value) to a linear predictor.
+
+    ``integrated`` False: a term of the radiomics score (a feature);
+    True: a term of the integrated risk score (radiomics score or a clinical covariate).
+    """
+    if integrated:
+        return _named_concept(_INTEGRATED_TERM_PREFIX, term_name, _INTEGRATED_TERM_MEANING + term_name)
+    return _named_concept(_RADIOMICS_TERM_PREFIX, term_name, _RADIOMICS_TERM_MEANING + term_name)
+
+
+def named_concept_kind(concept: Code | hd.sr.CodedConcept) -> str | None:
+    """``"feature"``, ``"radiomics_term"`` or ``"integrated_term"`` for a hashed concept, else None."""
+    if concept.scheme_designator != PRIVATE_SCHEME or len(concept.value) != 2 + _HASH_HEX_CHARS:
         return None
-    return concept.value[len(_FEATURE_PREFIX):]
+    if not re.fullmatch(r"[0-9A-F]+", concept.value[2:]):
+        return None
+    return {
+        _FEATURE_PREFIX: "feature",
+        _RADIOMICS_TERM_PREFIX: "radiomics_term",
+        _INTEGRATED_TERM_PREFIX: "integrated_term",
+    }.get(concept.value[:2])
+
+
+def name_from_meaning(meaning: str, kind: str) -> str:
+    """The feature or term name a hashed concept's (unshortened) CodeMeaning states."""
+    for prefix in (_INTEGRATED_TERM_MEANING, _RADIOMICS_TERM_MEANING):
+        if kind != "feature" and meaning.startswith(prefix):
+            return meaning[len(prefix):]
+    return meaning
 
 
 _PFS_CODE_VALUE = re.compile(r"PFSP(\d+)M")

@@ -1,39 +1,59 @@
 """A scored study as a DICOM Comprehensive 3D SR (TID 1500), and back.
 
 ``build_risk_sr`` encodes one ``RiskResult`` with highdicom as an "Imaging
-Measurement Report" that OHIF loads and Orthanc stores; ``read_risk_sr``
-parses such an SR back into plain values.  ``derive_sr_uids`` makes the SR's
-UIDs a function of its inputs, so re-scoring the same CT series and SEG with
-the same model yields the same SR (a PACS then replaces rather than adds it).
+Measurement Report" that OHIF loads, Orthanc stores and ``dsr2html`` renders
+for a radiologist to read top to bottom; ``read_risk_sr`` parses such an SR
+back into plain values.  ``derive_object_uids`` makes every object's UIDs a
+function of its inputs, so re-scoring the same CT series and SEG with the
+same model yields the same objects (a PACS then replaces rather than adds).
 
-Content tree (concepts in ``dicom_io.codes``)::
+Content tree (concepts in ``dicom_io.codes``; numbers rounded to the digits
+that mean something: scores 3 decimals, PFS 0.1 %, features 4 significant)::
 
     CONTAINER (126000, DCM, "Imaging Measurement Report")  TID 1500
-      HAS CONCEPT MOD  Language (121049, DCM) = en-US
-      HAS OBS CONTEXT  Observer Type = Device; Device Observer UID/Name/
-                       Manufacturer/Model Name (the node and its version)
+      HAS CONCEPT MOD  Language = en-US
+      HAS OBS CONTEXT  Observer Type = Device; the node and its version
       HAS CONCEPT MOD  Procedure reported = (25045-6, LN, "CT unspecified body region")
-      CONTAINS         Image Library (the CT instances)
+      CONTAINS         Image Library: the key-slice CT image only (the one the ROI SR outlines)
       CONTAINS         CONTAINER Imaging Measurements
-        CONTAINS       CONTAINER Measurement Group  TID 1411
-          Tracking Identifier (TEXT), Tracking Unique Identifier (UIDREF)
-          Finding = (108369006, SCT, "Neoplasm")
-          Finding Site = (39607008, SCT, "Lung")
-          NUM Radiomics score, Radiomics score cut-off, Integrated risk score,
-              Integrated risk score cut-off [UCUM 1]; PFS probability at
-              6 / 12 months [UCUM {probability}]; each with Algorithm
-              Identification (TID 4019): model name, version, "sha256=<hex>"
-          NUM one per radiomics feature (code value "RF:<feature name>") [UCUM 1]
-          CODE Progression risk group = High risk / Low risk (SCT)
-          CODE Demonstration model = Yes / No (SCT)
-          CODE Clinical T / N / M stage, ECOG performance status, LIPI, LIPI source
-          TEXT Intended use
-          IMAGE Referenced Segment, UIDREF Source Series for Segmentation (the CT)
+        CONTAINS       CONTAINER Measurement Group  TID 1411, SEPARATE
+          Tracking Identifier, Tracking Unique Identifier (UIDREF)
+          TEXT  Summary (121111, DCM): plain-language result, demonstration notice (once)
+          CODE  Progression risk group = High risk / Low risk (SCT)   [withheld: see below]
+          CODE  Model applicability domain = within / outside / unknown
+          TEXT  Applicability assessment: the rule and each offending feature
+          CODE  Risk estimates withheld = Yes / No
+          CODE  Lossy-compressed CT input = Yes                       [only when true]
+          NUM   PFS at 6 / 12 months [UCUM %]                         [withheld]
+          NUM   Integrated risk score, cut-off; Radiomics score, cut-off [1] [withheld]
+          NUM   one contribution (coefficient x value) per model term [1]  [withheld]
+          NUM   one per radiomics feature [1]
+          CODE  Demonstration model; Clinical T / N / M stage, ECOG, LIPI, LIPI source
+          TEXT  Intended use (the model's own statement, notice not repeated)
+          Finding = Neoplasm, Finding Site = Lung, Algorithm Identification (TID 4019:
+          model name, version, "sha256=<hex>"), Referenced Segment + Source Series
+
+``build_key_slice_roi_sr`` writes a second TID 1500 SR (same series) for viewers
+that draw ROIs (OHIF)::
+
+    CONTAINER Imaging Measurement Report ... Image Library: the key slice
+      CONTAINS  CONTAINER Measurement Group  TID 1410, SEPARATE
+        Tracking Identifier "Tumour: High risk (DEMO)" (OHIF's label), Tracking UID,
+        Finding, Finding Site, SCOORD POLYLINE tumour outline on the key CT image,
+        NUM PFS at 6 / 12 months [%], integrated risk score [withheld], Area [mm2],
+        CODE Progression risk group [withheld]
+
+Withholding: when ``result.applicability`` is out of domain and
+``report_out_of_domain`` is False, the risk group, the scores and cut-offs,
+the PFS and the contributions are left out (the features stay: they show
+why), the summary says "outside the model's applicability domain" and lists
+the offending features, and "Risk estimates withheld" is Yes.  With the flag
+True everything is reported and the verdict stays in the summary and codes.
+A schema-v1 model gives "domain unknown".
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import importlib.metadata
 import math
@@ -51,12 +71,21 @@ from pydicom.uid import Comprehensive3DSRStorage
 from dicom_io import codes
 from dicom_io.errors import DicomInputError
 from dicom_io.inputs import CtSeries, TumourSegment
+from dicom_io.key_slice import KeySlice, find_key_slice
 from scoring.clinical import ClinicalRecord, Lipi
-from scoring.types import ModelIdentity, RiskGroup, RiskResult
+from dicom_io.header_values import sanitised_header
+from scoring.types import (
+    Applicability,
+    DomainStatus,
+    DomainViolation,
+    ModelIdentity,
+    RiskGroup,
+    RiskResult,
+)
 
 SOFTWARE_NAME = "sclc-risk-node"
 
-#: Stated in the intended-use TEXT of every SR written with a demonstration model.
+#: Stated once, in the summary at the top, of every object written with a demonstration model.
 DEMONSTRATION_NOTICE = "demonstration model — not for clinical use"
 
 #: UTF-8, so the em dash and any patient name survive.
@@ -105,28 +134,41 @@ def _tracking_uid(ct_series_uid: str, seg_sop_uid: str, segment_number: int) -> 
     return _derived_uid("tracking", str(ct_series_uid), str(seg_sop_uid), str(segment_number))
 
 
-def intended_use_text(model: ModelIdentity) -> str:
-    """The intended-use TEXT: the model's own statement, led by ``DEMONSTRATION_NOTICE`` for a demo model.
+def derive_object_uids(kind: str, ct_series_uid: str, seg_sop_uid: str, model_sha256: str) -> tuple[hd.UID, hd.UID]:
+    """(SeriesInstanceUID, SOPInstanceUID) of the node's ``kind`` object ("sr", "kos", "pdf", "sc") for these inputs.
 
-    The notice is always added for a demonstration model (even if the model
-    already says so), so ``read_risk_sr`` can strip exactly one and give back
-    the model's own statement.  A clinical model must state its intended use.
+    Derived like the SR's (``derive_sr_uids``, whose values are unchanged):
+    the same inputs and model always give the same UIDs, so every object is
+    stored once however often the study is scored or sent.
+    """
+    if kind == "sr":
+        return derive_sr_uids(ct_series_uid, seg_sop_uid, model_sha256)
+    parts = (str(ct_series_uid), str(seg_sop_uid), _normalised_sha256(model_sha256))
+    return _derived_uid(f"{kind}-series", *parts), _derived_uid(f"{kind}-instance", *parts)
+
+
+def _strip_notice(text: str) -> str:
+    # A demonstration model's own statement often starts with the notice; the summary states it already.
+    stripped = text.strip()
+    if stripped.lower().startswith(DEMONSTRATION_NOTICE.lower()):
+        stripped = stripped[len(DEMONSTRATION_NOTICE):].lstrip(" .:;,-—")
+    return stripped
+
+
+def intended_use_text(model: ModelIdentity) -> str:
+    """The intended-use TEXT: the model's own statement, without a leading demonstration notice.
+
+    The notice is stated once per SR, at the top (``summary_text``).  A
+    clinical model must state its intended use; a demonstration model that
+    states nothing else gets "" (and no TEXT item).
     """
     if not model.demonstration:
         if not model.intended_use.strip():
             raise ValueError(
                 f"model {model.name} {model.version} is not a demonstration model but states no intended use"
             )
-        return model.intended_use
-    if model.intended_use:
-        return f"{DEMONSTRATION_NOTICE}: {model.intended_use}"
-    return DEMONSTRATION_NOTICE
-
-
-def _model_intended_use(text: str, demonstration: bool) -> str:
-    if demonstration and text.startswith(DEMONSTRATION_NOTICE):
-        return text[len(DEMONSTRATION_NOTICE):].removeprefix(": ")
-    return text
+        return model.intended_use.strip()
+    return _strip_notice(model.intended_use)
 
 
 def _algorithm_identification(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
@@ -152,42 +194,170 @@ def _finite(value: float, field: str) -> float:
     return value
 
 
-def _measurements(result: RiskResult) -> list[hd.sr.Measurement]:
-    model_outputs: list[tuple[Code, float, Code]] = [
-        (codes.RADIOMICS_SCORE, result.radiomics_score, codes.UNIT_ONE),
-        (codes.RADIOMICS_CUTOFF, result.radiomics_cutoff, codes.UNIT_ONE),
-        (codes.RISK_SCORE, result.risk_score, codes.UNIT_ONE),
-        (codes.RISK_CUTOFF, result.risk_cutoff, codes.UNIT_ONE),
-    ]
+# --- rounding: the digits that mean something -------------------------------------
+
+#: Scores, cut-offs and contributions: linear predictors whose coefficients have ~3 significant digits.
+SCORE_DECIMALS = 3
+#: PFS in percent: 0.1 % is below any clinically meaningful difference.
+PERCENT_DECIMALS = 1
+#: Radiomics feature values: 4 significant digits, above pyradiomics' run-to-run noise.
+FEATURE_SIGNIFICANT_DIGITS = 4
+
+
+def rounded_score(value: float) -> float:
+    return round(value, SCORE_DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def percent(probability: float) -> float:
+    return round(100.0 * probability, PERCENT_DECIMALS) + 0.0
+
+
+def rounded_feature(value: float) -> float:
+    return float(f"{value:.{FEATURE_SIGNIFICANT_DIGITS}g}") + 0.0
+
+
+def _checked_pfs(result: RiskResult) -> dict[int, float]:
+    checked = {}
     for months, probability in sorted(result.pfs_probability.items()):
-        concept = _lookup(codes.PFS_PROBABILITY, months, "PFS horizon (months)")
+        _lookup(codes.PFS_PROBABILITY, months, "PFS horizon (months)")
         probability = _finite(probability, f"PFS probability at {months} months")
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"PFS probability at {months} months must be in [0, 1], got {probability}")
-        model_outputs.append((concept, probability, codes.UNIT_PROBABILITY))
-    measurements = [
-        hd.sr.Measurement(
-            name=concept,
-            value=_finite(value, concept.meaning),
-            unit=unit,
-            algorithm_id=_algorithm_identification(result.model),
-        )
-        for concept, value, unit in model_outputs
-    ]
-    measurements.extend(
-        hd.sr.Measurement(
-            name=codes.radiomics_feature_concept(name),
-            value=value,
-            unit=codes.UNIT_ONE,
-        )
-        for name, value in result.features.values.items()
+        checked[months] = probability
+    return checked
+
+
+def withholds_estimates(result: RiskResult, report_out_of_domain: bool) -> bool:
+    """True when the risk group, scores and PFS must not be reported (out of domain, flag off)."""
+    return result.applicability.status is DomainStatus.OUT_OF_DOMAIN and not report_out_of_domain
+
+
+# --- plain language ------------------------------------------------------------------
+
+
+def _violation_text(violation: DomainViolation) -> str:
+    z = "" if math.isnan(violation.z) else f", z = {violation.z:+.1f}"
+    return (
+        f"{violation.name} = {violation.value:.4g} "
+        f"(accepted {violation.low:.4g} to {violation.high:.4g}{z})"
     )
+
+
+def applicability_text(applicability: Applicability) -> str:
+    """The applicability verdict in words: the rule, and each offending feature with its bounds."""
+    status = applicability.status
+    if status is DomainStatus.UNKNOWN:
+        text = "Applicability domain unknown: the model records no applicability domain."
+    elif status is DomainStatus.IN_DOMAIN:
+        text = "Within the model's applicability domain."
+    else:
+        offending = "; ".join(_violation_text(v) for v in applicability.violations) or "not stated"
+        text = f"Outside the model's applicability domain: {offending}."
+    if applicability.rule:
+        text += f" Rule: {applicability.rule}"
+    return text
+
+
+def summary_text(result: RiskResult, *, report_out_of_domain: bool = False, lossy_compression: bool = False) -> str:
+    """The short plain-language result that opens every object the node writes."""
+    sentences = []
+    if result.model.demonstration:
+        sentences.append(f"Result of a {DEMONSTRATION_NOTICE}.")
+    status = result.applicability.status
+    if withholds_estimates(result, report_out_of_domain):
+        offending = ", ".join(v.name for v in result.applicability.violations) or "not stated"
+        sentences.append(
+            "No risk group or progression-free survival is reported: the study is outside the model's "
+            f"applicability domain (offending: {offending})."
+        )
+    else:
+        group = RiskGroup(result.risk_group)
+        relation = "above" if group is RiskGroup.HIGH else "at or below"
+        sentences.append(
+            f"{group.value.capitalize()} progression risk: integrated risk score "
+            f"{rounded_score(result.risk_score):.3f} is {relation} the cut-off {rounded_score(result.risk_cutoff):.3f}."
+        )
+        pfs = _checked_pfs(result)
+        if pfs:
+            parts = ", ".join(f"{percent(p):.1f} % at {months} months" for months, p in pfs.items())
+            sentences.append(f"Predicted progression-free survival: {parts}.")
+        if status is DomainStatus.OUT_OF_DOMAIN:
+            offending = ", ".join(v.name for v in result.applicability.violations) or "not stated"
+            sentences.append(
+                f"Caution: the study is outside the model's applicability domain (offending: {offending}); "
+                "reported because the node is configured to report such studies."
+            )
+        elif status is DomainStatus.IN_DOMAIN:
+            sentences.append("The study is within the model's applicability domain.")
+        else:
+            sentences.append("Applicability domain unknown (the model records none).")
+    if lossy_compression:
+        sentences.append("The CT was lossy-compressed; its features may differ from those of the original images.")
+    return " ".join(sentences)
+
+
+def risk_label(result: RiskResult, *, report_out_of_domain: bool = False) -> str:
+    """A few words for a viewer's label: "High risk", or why there is none."""
+    if withholds_estimates(result, report_out_of_domain):
+        return "outside applicability domain"
+    label = f"{RiskGroup(result.risk_group).value.capitalize()} risk"
+    if result.applicability.status is DomainStatus.OUT_OF_DOMAIN:
+        label += " (outside domain)"
+    return label
+
+
+# --- content items ----------------------------------------------------------------------
+
+
+def _text(name: Code, value: str, relationship=hd.sr.RelationshipTypeValues.CONTAINS) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(name=name, value=value, relationship_type=relationship)
+
+
+def _num(concept: Code, value: float, unit: Code, full_name: str | None = None) -> hd.sr.Measurement:
+    measurement = hd.sr.Measurement(name=concept, value=value, unit=unit)
+    if full_name is not None and full_name != concept.meaning and not concept.meaning.endswith(full_name):
+        # The CodeMeaning had to be shortened (64 characters); say the whole name once, beside the value.
+        measurement[0].ContentSequence = [
+            *measurement[0].get("ContentSequence", []),
+            _text(codes.FULL_NAME, full_name, hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD),
+        ]
+    return measurement
+
+
+def _estimate_measurements(result: RiskResult) -> list[hd.sr.Measurement]:
+    """PFS, scores and contributions: what is withheld for an out-of-domain study."""
+    measurements = [
+        _num(codes.PFS_PROBABILITY[months], percent(p), codes.UNIT_PERCENT)
+        for months, p in _checked_pfs(result).items()
+    ]
+    for concept, value in (
+        (codes.RISK_SCORE, result.risk_score),
+        (codes.RISK_CUTOFF, result.risk_cutoff),
+        (codes.RADIOMICS_SCORE, result.radiomics_score),
+        (codes.RADIOMICS_CUTOFF, result.radiomics_cutoff),
+    ):
+        measurements.append(_num(concept, rounded_score(_finite(value, concept.meaning)), codes.UNIT_ONE))
+    for integrated, terms in ((True, result.integrated_terms), (False, result.radiomics_terms)):
+        for term in terms:
+            concept = codes.term_contribution_concept(term.name, integrated=integrated)
+            value = rounded_score(_finite(term.contribution, f"contribution of {term.name}"))
+            measurements.append(_num(concept, value, codes.UNIT_ONE, full_name=term.name))
     return measurements
 
 
-def _qualitative_evaluations(result: RiskResult, clinical: ClinicalRecord) -> list[hd.sr.QualitativeEvaluation]:
+def _feature_measurements(result: RiskResult) -> list[hd.sr.Measurement]:
+    return [
+        _num(codes.radiomics_feature_concept(name), rounded_feature(value), codes.UNIT_ONE, full_name=name)
+        for name, value in result.features.values.items()
+    ]
+
+
+def _coded(name: Code, value: Code) -> hd.sr.QualitativeEvaluation:
+    return hd.sr.QualitativeEvaluation(name=name, value=value)
+
+
+def _clinical_evaluations(result: RiskResult, clinical: ClinicalRecord) -> list[hd.sr.QualitativeEvaluation]:
     pairs = [
-        (codes.RISK_GROUP, _lookup(codes.RISK_GROUP_VALUES, RiskGroup(result.risk_group).value, "risk group")),
         (codes.DEMONSTRATION_MODEL, codes.YES if result.model.demonstration else codes.NO),
         (codes.T_STAGE, _lookup(codes.T_STAGE_VALUES, clinical.t_stage, "T stage")),
         (codes.N_STAGE, _lookup(codes.N_STAGE_VALUES, clinical.n_stage, "N stage")),
@@ -196,7 +366,7 @@ def _qualitative_evaluations(result: RiskResult, clinical: ClinicalRecord) -> li
         (codes.LIPI, _lookup(codes.LIPI_VALUES, Lipi(clinical.lipi), "LIPI")),
         (codes.LIPI_SOURCE, _lookup(codes.LIPI_SOURCE_VALUES, clinical.lipi_source, "LIPI source")),
     ]
-    return [hd.sr.QualitativeEvaluation(name=name, value=value) for name, value in pairs]
+    return [_coded(name, value) for name, value in pairs]
 
 
 def _referenced_segment(seg: hd.seg.Segmentation, segment_number: int, ct_series_uid: str) -> hd.sr.ReferencedSegment:
@@ -219,6 +389,48 @@ def _referenced_segment(seg: hd.seg.Segmentation, segment_number: int, ct_series
     )
 
 
+_GROUP_ORDER: dict[tuple[str, str], int] = {
+    ("112039", "DCM"): 0,  # Tracking Identifier
+    ("112040", "DCM"): 0,  # Tracking Unique Identifier
+    (codes.SUMMARY.value, codes.SUMMARY.scheme_designator): 1,
+    (codes.RISK_GROUP.value, codes.PRIVATE_SCHEME): 2,
+    (codes.APPLICABILITY.value, codes.PRIVATE_SCHEME): 3,
+    (codes.APPLICABILITY_DETAIL.value, codes.PRIVATE_SCHEME): 4,
+    (codes.RESULTS_WITHHELD.value, codes.PRIVATE_SCHEME): 5,
+    (codes.LOSSY_INPUT.value, codes.PRIVATE_SCHEME): 6,
+    ("121071", "DCM"): 7,  # Finding
+    ("363698007", "SCT"): 7,  # Finding Site
+}
+_NUM_ORDER = 8
+_CODE_ORDER = 9
+_INTENDED_USE_ORDER = 10
+_LAST = 11  # algorithm identification, referenced segment, source series
+
+
+def _readable_order(group_item: Dataset) -> None:
+    """Reorder a measurement group's items so the result reads first and the references last.
+
+    Only the order of siblings changes; the template's items and their
+    relationships are the same, and parsers look items up by concept name.
+    """
+
+    def rank(item: Dataset) -> int:
+        name = item.ConceptNameCodeSequence[0]
+        key = (str(name.get("CodeValue", "")), str(name.CodingSchemeDesignator))
+        if key in _GROUP_ORDER:
+            return _GROUP_ORDER[key]
+        if key == (codes.INTENDED_USE.value, codes.PRIVATE_SCHEME):
+            return _INTENDED_USE_ORDER
+        if item.ValueType == "NUM":
+            return _NUM_ORDER
+        if item.ValueType == "CODE" and key[1] == codes.PRIVATE_SCHEME:
+            return _CODE_ORDER
+        return _LAST
+
+    items = list(group_item.ContentSequence)
+    group_item.ContentSequence = sorted(items, key=rank)  # stable: NUMs keep their order
+
+
 #: Type 2 Patient/Study attributes highdicom copies from the first evidence dataset.
 _COPIED_TYPE2_KEYWORDS = (
     "PatientName",
@@ -233,22 +445,88 @@ _COPIED_TYPE2_KEYWORDS = (
 )
 
 
-def _with_empty_type2(header: Dataset) -> Dataset:
-    # highdicom reads these as attributes and raises if a (legal, type 2) attribute is absent.
-    missing = [keyword for keyword in _COPIED_TYPE2_KEYWORDS if keyword not in header]
-    if not missing:
-        return header
-    header = copy.deepcopy(header)
-    for keyword in missing:
-        setattr(header, keyword, "")
+def document_header(ct: CtSeries) -> Dataset:
+    """The CT's first header, made fit to copy into a new object.
+
+    Patient/study values are sanitised (``dicom_io.header_values``) and the
+    type 2 attributes highdicom reads as attributes exist (empty when the CT
+    lacks them, which is legal).  The caller's header is not changed.
+    """
+    header = sanitised_header(ct.headers[0])
+    for keyword in _COPIED_TYPE2_KEYWORDS:
+        if keyword not in header:
+            setattr(header, keyword, "")
     return header
 
 
-def series_description(model: ModelIdentity) -> str:
-    """SeriesDescription (LO, ≤64 characters): says DEMO for a demonstration model."""
-    if model.demonstration:
-        return "SCLC progression risk (DEMO, not for clinical use)"
-    return "SCLC progression risk"
+def device_observer(manufacturer: str, software_version: str) -> hd.sr.ObserverContext:
+    return hd.sr.ObserverContext(
+        observer_type=codes.OBSERVER_TYPE_DEVICE,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_DEVICE_OBSERVER_UID,
+            name=SOFTWARE_NAME,
+            manufacturer_name=manufacturer,
+            model_name=f"{SOFTWARE_NAME} {software_version}",
+        ),
+    )
+
+
+def software_version_or_installed(software_version: str | None) -> str:
+    return software_version or _software_version()
+
+
+def _volumetric_group(
+    ct: CtSeries, segment: TumourSegment, clinical: ClinicalRecord, result: RiskResult, *,
+    report_out_of_domain: bool,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    seg = segment.segmentation
+    model = result.model
+    withheld = withholds_estimates(result, report_out_of_domain)
+    evaluations = []
+    if not withheld:
+        evaluations.append(
+            _coded(codes.RISK_GROUP, _lookup(codes.RISK_GROUP_VALUES, RiskGroup(result.risk_group).value, "risk group"))
+        )
+    evaluations.append(_coded(codes.APPLICABILITY, codes.APPLICABILITY_VALUES[result.applicability.status.value]))
+    evaluations.append(_coded(codes.RESULTS_WITHHELD, codes.YES if withheld else codes.NO))
+    if ct.lossy_compression:
+        evaluations.append(_coded(codes.LOSSY_INPUT, codes.YES))
+    evaluations.extend(_clinical_evaluations(result, clinical))
+    measurements = ([] if withheld else _estimate_measurements(result)) + _feature_measurements(result)
+    tracking = hd.sr.TrackingIdentifier(
+        uid=_tracking_uid(ct.series_instance_uid, seg.SOPInstanceUID, segment.segment_number),
+        identifier=_tracking_text(segment, result, report_out_of_domain, "progression risk"),
+    )
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_segment=_referenced_segment(seg, segment.segment_number, ct.series_instance_uid),
+        finding_type=codes.FINDING_NEOPLASM,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.FINDING_SITE_LUNG)],
+        algorithm_id=_algorithm_identification(model),
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+    item = group[0]
+    # SEPARATE: each item is its own statement, so renderers (dsr2html) keep every label.
+    item.ContinuityOfContent = "SEPARATE"
+    # highdicom's QualitativeEvaluation is CODE only; the summary, verdict and intended use are free text.
+    texts = [
+        _text(codes.SUMMARY, summary_text(result, report_out_of_domain=report_out_of_domain,
+                                          lossy_compression=ct.lossy_compression)),
+        _text(codes.APPLICABILITY_DETAIL, applicability_text(result.applicability)),
+    ]
+    intended_use = intended_use_text(model)
+    if intended_use:
+        texts.append(_text(codes.INTENDED_USE, intended_use))
+    item.ContentSequence.extend(texts)
+    _readable_order(item)
+    return group
+
+
+def _tracking_text(segment: TumourSegment, result: RiskResult, report_out_of_domain: bool, what: str) -> str:
+    # OHIF shows the Tracking Identifier as the measurement's name; keep it short (it is a TEXT, UT).
+    demo = " (DEMO)" if result.model.demonstration else ""
+    return f"{segment.segment_label}: {what}{demo}"
 
 
 def build_risk_sr(
@@ -257,6 +535,7 @@ def build_risk_sr(
     clinical: ClinicalRecord,
     result: RiskResult,
     *,
+    report_out_of_domain: bool = False,
     series_number: int = 9001,
     instance_number: int = 1,
     manufacturer: str = SOFTWARE_NAME,
@@ -267,62 +546,93 @@ def build_risk_sr(
 ) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 Comprehensive 3D SR for one scored study.
 
-    Patient and study attributes are copied from the CT (the first header).
-    The SEG is cited as evidence and referenced by segment number.
+    Patient and study attributes are copied from the CT (the first header),
+    sanitised (``dicom_io.header_values``).  The SEG is cited as evidence and
+    referenced by segment number; the Image Library holds one image, the key
+    slice (``dicom_io.key_slice``), which ``build_key_slice_roi_sr`` outlines.
+    ``report_out_of_domain`` decides whether an out-of-domain study's risk
+    group and PFS are reported (see the module docstring).
     ``software_version`` defaults to the installed package version;
     ``content_datetime`` (local time) defaults to now.  The SR is COMPLETE,
     UNVERIFIED and PRELIMINARY: a machine result for a radiologist to read,
     not the definitive report.  Raises ``ValueError`` for a value the SR
     cannot represent (unknown stage, non-finite score, PFS horizon other
-    than 6 or 12 months, malformed sha256).
+    than 6 or 12 months, malformed sha256) and ``DicomInputError`` for a CT
+    header that cannot be copied (an over-length PatientID).
     """
     seg = segment.segmentation
-    software_version = software_version or _software_version()
-    model = result.model
-    series_uid, sop_instance_uid = derive_sr_uids(ct.series_instance_uid, seg.SOPInstanceUID, model.sha256)
+    series_uid, sop_instance_uid = derive_sr_uids(ct.series_instance_uid, seg.SOPInstanceUID, result.model.sha256)
+    header = document_header(ct)
+    group = _volumetric_group(ct, segment, clinical, result, report_out_of_domain=report_out_of_domain)
+    return _sr_document(
+        [group], key_slice_header=find_key_slice(ct, segment.mask).header, evidence=[header, *ct.headers[1:], seg],
+        result=result, series_uid=series_uid, sop_instance_uid=sop_instance_uid, series_number=series_number,
+        instance_number=instance_number, manufacturer=manufacturer, software_version=software_version,
+        institution_name=institution_name, institutional_department_name=institutional_department_name,
+        content_datetime=content_datetime,
+    )
 
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.OBSERVER_TYPE_DEVICE,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=_DEVICE_OBSERVER_UID,
-            name=SOFTWARE_NAME,
-            manufacturer_name=manufacturer,
-            model_name=f"{SOFTWARE_NAME} {software_version}",
-        ),
+
+def build_key_slice_roi_sr(
+    ct: CtSeries,
+    segment: TumourSegment,
+    result: RiskResult,
+    key_slice: KeySlice,
+    *,
+    report_out_of_domain: bool = False,
+    series_number: int = 9001,
+    instance_number: int = 2,
+    manufacturer: str = SOFTWARE_NAME,
+    software_version: str | None = None,
+    institution_name: str | None = None,
+    institutional_department_name: str | None = None,
+    content_datetime: _dt.datetime | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """A second TID 1500 SR, in the risk SR's series: the tumour outline on the key slice (TID 1410).
+
+    This is what OHIF draws: a planar ROI (SCOORD POLYLINE on the key CT
+    image) labelled with the risk group and PFS.  It is a document of its
+    own because a TID 1500 report holding both a 1410 and a 1411 group is
+    valid DICOM but fails PixelMed's validator, which applies the 1410
+    template to every measurement group once one group has an image region.
+    UIDs: the SR's series UID, instance ``derive_object_uids("sr-roi", ...)``.
+    """
+    seg = segment.segmentation
+    series_uid, _ = derive_sr_uids(ct.series_instance_uid, seg.SOPInstanceUID, result.model.sha256)
+    _, sop_instance_uid = derive_object_uids("sr-roi", ct.series_instance_uid, seg.SOPInstanceUID, result.model.sha256)
+    header = document_header(ct)
+    group = _planar_group(ct, segment, result, key_slice, report_out_of_domain=report_out_of_domain)
+    evidence = [header if h.SOPInstanceUID == header.SOPInstanceUID else h for h in (ct.headers[0], key_slice.header)]
+    evidence = list({str(h.SOPInstanceUID): h for h in evidence}.values())
+    return _sr_document(
+        [group], key_slice_header=key_slice.header, evidence=evidence,
+        result=result, series_uid=series_uid, sop_instance_uid=sop_instance_uid, series_number=series_number,
+        instance_number=instance_number, manufacturer=manufacturer, software_version=software_version,
+        institution_name=institution_name, institutional_department_name=institutional_department_name,
+        content_datetime=content_datetime,
     )
-    tracking = hd.sr.TrackingIdentifier(
-        uid=_tracking_uid(ct.series_instance_uid, seg.SOPInstanceUID, segment.segment_number),
-        identifier=f"{segment.segment_label}: progression risk" + (" (DEMO)" if model.demonstration else ""),
-    )
-    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
-        referenced_segment=_referenced_segment(seg, segment.segment_number, ct.series_instance_uid),
-        finding_type=codes.FINDING_NEOPLASM,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.FINDING_SITE_LUNG)],
-        measurements=_measurements(result),
-        qualitative_evaluations=_qualitative_evaluations(result, clinical),
-    )
-    # highdicom's QualitativeEvaluation is CODE only, and the intended use is free text.
-    group[0].ContentSequence.append(
-        hd.sr.TextContentItem(
-            name=codes.INTENDED_USE,
-            value=intended_use_text(model),
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-    )
+
+
+def _sr_document(
+    groups: list, *, key_slice_header: Dataset, evidence: list[Dataset], result: RiskResult, series_uid: str,
+    sop_instance_uid: str, series_number: int, instance_number: int, manufacturer: str, software_version: str | None,
+    institution_name: str | None, institutional_department_name: str | None, content_datetime: _dt.datetime | None,
+) -> hd.sr.Comprehensive3DSR:
+    software_version = software_version_or_installed(software_version)
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        observation_context=hd.sr.ObservationContext(observer_device_context=device_observer(manufacturer, software_version)),
         procedure_reported=codes.PROCEDURE_REPORTED_CT,
-        imaging_measurements=[group],
+        imaging_measurements=groups,
         title=codes.IMAGING_MEASUREMENT_REPORT,
         language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(
             hd.sr.CodedConcept.from_code(codes.LANGUAGE_ENGLISH)
         ),
-        referenced_images=list(ct.headers),
+        # One image, the key slice: OHIF needs the library, a reader needs no list of every slice.
+        referenced_images=[key_slice_header],
     )
     when = content_datetime or _dt.datetime.now()
     return hd.sr.Comprehensive3DSR(
-        evidence=[_with_empty_type2(ct.headers[0]), *ct.headers[1:], seg],
+        evidence=evidence,
         content=report[0],
         series_instance_uid=series_uid,
         series_number=series_number,
@@ -336,7 +646,7 @@ def build_risk_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description=series_description(model),
+        series_description=series_description(result.model),
         coding_schemes=[codes.private_coding_scheme()],
         specific_character_set=SPECIFIC_CHARACTER_SET,
         content_date=when.date(),
@@ -344,6 +654,64 @@ def build_risk_sr(
         series_date=when.date(),
         series_time=when.time(),
     )
+
+
+def _planar_group(
+    ct: CtSeries, segment: TumourSegment, result: RiskResult, key_slice: KeySlice, *, report_out_of_domain: bool
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 on the key slice: the tumour outline, labelled with the result, for viewers that draw ROIs.
+
+    OHIF v3 draws SCOORD groups only and labels them from the Tracking
+    Identifier, the NUM items ("name: value unit") and the finding site, so
+    the risk group goes in the Tracking Identifier and PFS in NUMs.
+    """
+    if not key_slice.outlines_px:
+        raise ValueError(f"no tumour outline on key slice {key_slice.index}")
+    seg = segment.segmentation
+    withheld = withholds_estimates(result, report_out_of_domain)
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=key_slice.outlines_px[0],
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=key_slice.header.SOPClassUID,
+            referenced_sop_instance_uid=key_slice.sop_instance_uid,
+        ),
+    )
+    measurements = [hd.sr.Measurement(name=codes.AREA, value=round(key_slice.area_mm2, 1), unit=codes.UNIT_MM2)]
+    evaluations = []
+    if not withheld:
+        measurements = [
+            *(hd.sr.Measurement(name=codes.PFS_PROBABILITY[m], value=percent(p), unit=codes.UNIT_PERCENT)
+              for m, p in _checked_pfs(result).items()),
+            hd.sr.Measurement(name=codes.RISK_SCORE, value=rounded_score(result.risk_score), unit=codes.UNIT_ONE),
+            *measurements,
+        ]
+        evaluations.append(
+            _coded(codes.RISK_GROUP, _lookup(codes.RISK_GROUP_VALUES, RiskGroup(result.risk_group).value, "risk group"))
+        )
+    tracking = hd.sr.TrackingIdentifier(
+        uid=_derived_uid("tracking-key-slice", ct.series_instance_uid, seg.SOPInstanceUID, str(segment.segment_number)),
+        identifier=_tracking_text(segment, result, report_out_of_domain,
+                                  risk_label(result, report_out_of_domain=report_out_of_domain)),
+    )
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=region,
+        finding_type=codes.FINDING_NEOPLASM,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.FINDING_SITE_LUNG)],
+        measurements=measurements,
+        qualitative_evaluations=evaluations or None,
+    )
+    group[0].ContinuityOfContent = "SEPARATE"
+    return group
+
+
+def series_description(model: ModelIdentity) -> str:
+    """SeriesDescription (LO, ≤64 characters): says DEMO for a demonstration model."""
+    if model.demonstration:
+        return "SCLC progression risk (DEMO, not for clinical use)"
+    return "SCLC progression risk"
+
 
 
 # --- reading ---------------------------------------------------------------------
@@ -365,22 +733,33 @@ class SrClinicalInputs:
 class RiskSrContent:
     """What ``read_risk_sr`` finds in one of our SRs.
 
-    Scores and cut-offs are dimensionless; ``pfs_probability`` maps months
-    to a probability in [0, 1]; ``features`` maps ``FeatureSpec.name`` to the
-    recorded value.  ``model.intended_use`` is the model's own statement;
-    ``intended_use_text`` is the TEXT item as written (with the demonstration
-    notice for a demonstration model).
+    Values are as written (rounded, see ``build_risk_sr``).  Scores,
+    cut-offs and contributions are dimensionless; ``pfs_probability`` maps
+    months to a probability in [0, 1] (the SR's percent / 100).  When
+    ``estimates_withheld`` (an out-of-domain study) ``risk_group``, the
+    scores and cut-offs are None and the PFS and contribution maps are
+    empty.  ``features`` maps ``FeatureSpec.name`` to the recorded value.
+    ``model.intended_use`` and ``intended_use_text`` are the model's own
+    statement as written (without the demonstration notice, which is in
+    ``summary``).
     """
 
     sop_instance_uid: str
     series_instance_uid: str
     study_instance_uid: str
-    risk_group: RiskGroup
-    radiomics_score: float
-    radiomics_cutoff: float
-    risk_score: float
-    risk_cutoff: float
+    risk_group: RiskGroup | None
+    radiomics_score: float | None
+    radiomics_cutoff: float | None
+    risk_score: float | None
+    risk_cutoff: float | None
     pfs_probability: Mapping[int, float]
+    radiomics_contributions: Mapping[str, float]
+    integrated_contributions: Mapping[str, float]
+    applicability: DomainStatus
+    applicability_text: str
+    estimates_withheld: bool
+    lossy_compression: bool
+    summary: str
     model: ModelIdentity
     intended_use_text: str
     clinical: SrClinicalInputs
@@ -388,10 +767,17 @@ class RiskSrContent:
     tracking_uid: str
     referenced_seg_sop_instance_uid: str
     referenced_segment_number: int
+    #: The CT image the planar ROI (tumour outline) is drawn on, if the SR has one.
+    key_slice_sop_instance_uid: str | None = None
 
 
 def _reverse(table: Mapping) -> dict[tuple[str, str], object]:
     return {(code.value, code.scheme_designator): key for key, code in table.items()}
+
+
+def _full_name(item: Dataset, meaning: str, kind: str) -> str:
+    names = _children_text(item, codes.FULL_NAME)
+    return names[0] if names else codes.name_from_meaning(meaning, kind)
 
 
 def read_risk_sr(dataset: Dataset) -> RiskSrContent:
@@ -420,46 +806,51 @@ def read_risk_sr(dataset: Dataset) -> RiskSrContent:
     numbers: dict[tuple[str, str], float] = {}
     pfs_probability: dict[int, float] = {}
     features: dict[str, float] = {}
-    algorithms: dict[tuple[str, str], tuple[str, str, str] | None] = {}
+    contributions: dict[str, dict[str, float]] = {"radiomics_term": {}, "integrated_term": {}}
     for measurement in group.get_measurements():
         name = measurement.name
-        feature_name = codes.radiomics_feature_name(name)
+        kind = codes.named_concept_kind(name)
         months = codes.pfs_horizon_months(name)
-        if feature_name is not None:
-            features[feature_name] = measurement.value
+        if kind is not None:
+            full_name = _full_name(measurement[0], name.meaning, kind)
+            (features if kind == "feature" else contributions[kind])[full_name] = measurement.value
         elif months is not None:
-            pfs_probability[months] = measurement.value
+            pfs_probability[months] = round(measurement.value / 100.0, PERCENT_DECIMALS + 2)
         else:
             numbers[(name.value, name.scheme_designator)] = measurement.value
-            algorithms[(name.value, name.scheme_designator)] = _algorithm_of(measurement[0])
-
-    def number(concept: Code) -> float:
-        try:
-            return numbers[(concept.value, concept.scheme_designator)]
-        except KeyError:
-            raise fail(f"no NUM {concept.meaning!r}") from None
 
     evaluations = {
         (e.name.value, e.name.scheme_designator): e.value for e in group.get_qualitative_evaluations()
     }
 
-    def coded(concept: Code, table: Mapping):
+    def coded(concept: Code, table: Mapping, *, required: bool = True):
         value = evaluations.get((concept.value, concept.scheme_designator))
         if value is None:
-            raise fail(f"no CODE {concept.meaning!r}")
+            if required:
+                raise fail(f"no CODE {concept.meaning!r}")
+            return None
         key = _reverse(table).get((value.value, value.scheme_designator))
         if key is None:
             raise fail(f"{concept.meaning!r} has unexpected value {value.meaning!r}")
         return key
 
-    # The model is the algorithm that computed the integrated risk score.
-    model_algorithm = algorithms.get((codes.RISK_SCORE.value, codes.RISK_SCORE.scheme_designator))
-    if model_algorithm is None:
-        raise fail(f"no algorithm identification on {codes.RISK_SCORE.meaning!r}")
-    demonstration = coded(codes.DEMONSTRATION_MODEL, {True: codes.YES, False: codes.NO})
-    text = _text_item(group[0], codes.INTENDED_USE)
-    if text is None:
-        raise fail(f"no TEXT {codes.INTENDED_USE.meaning!r}")
+    yes_no = {True: codes.YES, False: codes.NO}
+    withheld = coded(codes.RESULTS_WITHHELD, yes_no)
+
+    def number(concept: Code) -> float | None:
+        value = numbers.get((concept.value, concept.scheme_designator))
+        if value is None and not withheld:
+            raise fail(f"no NUM {concept.meaning!r}")
+        return value
+
+    algorithm = _algorithm_of(group[0])
+    if algorithm is None:
+        raise fail("no algorithm identification (model name, version, sha256) in the measurement group")
+    demonstration = coded(codes.DEMONSTRATION_MODEL, yes_no)
+    intended_use = _text_item(group[0], codes.INTENDED_USE) or ""
+    summary = _text_item(group[0], codes.SUMMARY)
+    if summary is None:
+        raise fail(f"no TEXT {codes.SUMMARY.meaning!r}")
     segment_items = hd.sr.utils.find_content_items(
         group[0], name=_REFERENCED_SEGMENT, value_type=hd.sr.ValueTypeValues.IMAGE
     )
@@ -469,25 +860,40 @@ def read_risk_sr(dataset: Dataset) -> RiskSrContent:
     segment_numbers = referenced.referenced_segment_numbers or []
     if len(segment_numbers) != 1:
         raise fail(f"Referenced Segment names {len(segment_numbers)} segment numbers, expected 1")
-    name, version, sha256 = model_algorithm
+    risk_group = coded(codes.RISK_GROUP, codes.RISK_GROUP_VALUES, required=not withheld)
+    key_slice_uid = None
+    for planar in report.get_planar_roi_measurement_groups():
+        region = planar.roi
+        if region is not None:
+            key_slice_uid = str(region.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) if "ReferencedSOPSequence" in region else None
+            if key_slice_uid is None:
+                key_slice_uid = str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    name, version, sha256 = algorithm
     return RiskSrContent(
         sop_instance_uid=sop_uid,
         series_instance_uid=str(dataset.SeriesInstanceUID),
         study_instance_uid=str(dataset.StudyInstanceUID),
-        risk_group=RiskGroup(coded(codes.RISK_GROUP, codes.RISK_GROUP_VALUES)),
+        risk_group=RiskGroup(risk_group) if risk_group is not None else None,
         radiomics_score=number(codes.RADIOMICS_SCORE),
         radiomics_cutoff=number(codes.RADIOMICS_CUTOFF),
         risk_score=number(codes.RISK_SCORE),
         risk_cutoff=number(codes.RISK_CUTOFF),
         pfs_probability=MappingProxyType(dict(sorted(pfs_probability.items()))),
+        radiomics_contributions=MappingProxyType(contributions["radiomics_term"]),
+        integrated_contributions=MappingProxyType(contributions["integrated_term"]),
+        applicability=DomainStatus(coded(codes.APPLICABILITY, codes.APPLICABILITY_VALUES)),
+        applicability_text=_text_item(group[0], codes.APPLICABILITY_DETAIL) or "",
+        estimates_withheld=withheld,
+        lossy_compression=bool(coded(codes.LOSSY_INPUT, yes_no, required=False)),
+        summary=summary,
         model=ModelIdentity(
             name=name,
             version=version,
             sha256=sha256,
             demonstration=demonstration,
-            intended_use=_model_intended_use(text, demonstration),
+            intended_use=intended_use,
         ),
-        intended_use_text=text,
+        intended_use_text=intended_use,
         clinical=SrClinicalInputs(
             t_stage=coded(codes.T_STAGE, codes.T_STAGE_VALUES),
             n_stage=coded(codes.N_STAGE, codes.N_STAGE_VALUES),
@@ -500,6 +906,7 @@ def read_risk_sr(dataset: Dataset) -> RiskSrContent:
         tracking_uid=str(group.tracking_uid),
         referenced_seg_sop_instance_uid=str(referenced.referenced_sop_instance_uid),
         referenced_segment_number=int(segment_numbers[0]),
+        key_slice_sop_instance_uid=key_slice_uid,
     )
 
 

@@ -28,21 +28,50 @@ def _version() -> str:
         return "0+unknown"
 
 
+#: The banner of an out-of-domain result (summary, status); the SR uses the same words.
+OUT_OF_DOMAIN_BANNER = "OUTSIDE THE MODEL'S APPLICABILITY DOMAIN"
+
+
+def format_applicability(scored) -> list[str]:
+    """The summary's applicability lines: a banner and every offending quantity when out of domain."""
+    from scoring.types import DomainStatus
+
+    applicability = scored.result.applicability
+    if applicability.status is DomainStatus.UNKNOWN:
+        return ["Applicability:    domain unknown (the model file records no applicability domain: schema v1)"]
+    if applicability.status is DomainStatus.IN_DOMAIN:
+        return ["Applicability:    inside the model's applicability domain"]
+    lines = [f"*** {OUT_OF_DOMAIN_BANNER} ***"]
+    if scored.withheld:
+        lines.append("Risk group and PFS withheld (--report-out-of-domain / scoring.report_out_of_domain reports them)")
+    else:
+        lines.append("Risk group and PFS reported with this flag (--report-out-of-domain): do not rely on them")
+    lines.append(f"Outside the domain ({len(applicability.violations)}): value, accepted range, z")
+    for v in applicability.violations:
+        lines.append(f"  {v.name:<52} {v.value:>11.4g}  accepted {v.low:.4g} .. {v.high:.4g}  z {v.z:+.1f}")
+    lines.append(f"Rule: {applicability.rule}")
+    return lines
+
+
 def format_summary(scored) -> str:
     result = scored.result
     model = result.model
+    withheld = scored.withheld
     lines = []
     if model.demonstration:
         lines.append("*** DEMONSTRATION MODEL — NOT FOR CLINICAL USE ***")
+    group = "WITHHELD" if withheld else result.risk_group.value.upper()
+    radiomics_group = "withheld" if withheld else result.radiomics_group.value
     lines += [
         f"Model:            {model.name} {model.version} (sha256 {model.sha256[:12]}…)",
-        f"Progression risk: {result.risk_group.value.upper()} "
+        *format_applicability(scored),
+        f"Progression risk: {group} "
         f"(risk score {result.risk_score:.4f}, cut-off {result.risk_cutoff:.4f})",
         f"Radiomics score:  {result.radiomics_score:.4f} (cut-off {result.radiomics_cutoff:.4f}, "
-        f"{result.radiomics_group.value})",
+        f"{radiomics_group})",
     ]
     for months, probability in sorted(result.pfs_probability.items()):
-        lines.append(f"PFS at {months:>2} months: {probability:.1%}")
+        lines.append(f"PFS at {months:>2} months: " + ("withheld" if withheld else f"{probability:.1%}"))
     lines.append("Integrated model terms:")
     for term in result.integrated_terms:
         lines.append(f"  {term.name:<40} {term.value:>10.4f} × {term.coefficient:>8.4f} = {term.contribution:>8.4f}")
@@ -63,6 +92,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         model,
         series_instance_uid=args.series_uid,
         segment_label=args.segment_label,
+        report_out_of_domain=args.report_out_of_domain,
     )
     _write_outputs(scored, args.out, args.json)
     print(format_summary(scored))
@@ -106,7 +136,29 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
     print(f"demonstration: {identity.demonstration}")
     print(f"intended use: {identity.intended_use}")
     print(f"features: {len(model.feature_specs)}; pyradiomics {model.extraction.pyradiomics_version}")
+    print(f"schema version: {model.schema_version}")
+    for line in format_domain(model):
+        print(line)
     return EXIT_OK
+
+
+def format_domain(model) -> list[str]:
+    """`model verify`'s description of the applicability domain, or "domain unknown" for schema v1."""
+    domain = model.applicability_domain
+    if domain is None:
+        return ["applicability domain: domain unknown (schema v1 file: results are marked \"domain unknown\")"]
+    lines = [f"applicability domain: {domain.rule.describe()}; training n={domain.training_n}"]
+    scales = {term.name: term.scale for term in model.radiomics_terms}
+    for name, training in domain.features.items():
+        low, high = domain.feature_interval(scales[name])
+        transform = "" if scales[name].transform == "none" else f" [{scales[name].transform}]"
+        lines.append(f"  {name}{transform}: training {training.minimum:.4g} .. {training.maximum:.4g},"
+                     f" accepted {low:.4g} .. {high:.4g}")
+    for name in ("radiomics_score", "risk_score"):
+        training = getattr(domain, name)
+        low, high = domain.score_interval(name)
+        lines.append(f"  {name}: training {training.minimum:.4g} .. {training.maximum:.4g}, accepted {low:.4g} .. {high:.4g}")
+    return lines
 
 
 def _load_config(args: argparse.Namespace):
@@ -148,6 +200,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for study in studies:
             deliveries = spool.study_deliveries(study.study_instance_uid)
             waiting_for = _waiting_for(spool, study)
+            applicability, withheld = _applicability(spool, study)
             rows.append({
                 "study_instance_uid": study.study_instance_uid,
                 "state": str(study.state),
@@ -157,6 +210,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "clinical_record": study.clinical_record_id is not None,
                 "failure_reason": study.failure_reason,
                 "waiting_for": waiting_for,
+                "applicability": applicability,
+                "withheld": withheld,
                 "deliveries": [
                     {"destination": d.destination, "state": str(d.state), "attempts": d.attempts,
                      "last_error": d.last_error}
@@ -176,6 +231,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             line += f"\n    reason: {row['failure_reason']}"
         for missing in row["waiting_for"]:
             line += f"\n    waiting for: {missing}"
+        if row["applicability"]:
+            line += f"\n    applicability: {_applicability_text(row['applicability'], row['withheld'])}"
         for d in row["deliveries"]:
             if d["state"] == "delivered":
                 line += f"\n    -> {d['destination']}: delivered"
@@ -186,6 +243,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(line)
     print("totals: " + ", ".join(f"{state} {n}" for state, n in counts.items() if n) if any(counts.values()) else "")
     return EXIT_OK
+
+
+def _applicability(spool, study) -> tuple[str | None, bool]:
+    """The last scoring's applicability status and whether it withheld the result (None before scoring)."""
+    from node.states import StudyEvent, StudyState
+    from node.study_machine import applicability_from_reason
+
+    if study.state not in (StudyState.SCORED, StudyState.DELIVERED, StudyState.FAILED):
+        return None, False
+    scored = [t for t in spool.study_events(study.study_instance_uid) if t.event is StudyEvent.SCORED]
+    return applicability_from_reason(scored[-1].reason) if scored else (None, False)
+
+
+def _applicability_text(status: str, withheld: bool) -> str:
+    if status == "out_of_domain":
+        return OUT_OF_DOMAIN_BANNER + (" (risk group and PFS withheld)" if withheld else " (reported with the flag)")
+    if status == "in_domain":
+        return "inside the model's applicability domain"
+    return "domain unknown (schema v1 model)" if status == "unknown" else status
 
 
 def _waiting_for(spool, study) -> list[str]:
@@ -287,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--json", type=Path, metavar="RESULT.json", help="also write the result as JSON")
     score.add_argument("--series-uid", metavar="UID", help="CT SeriesInstanceUID when the folder holds several series")
     score.add_argument(
+        "--report-out-of-domain", action="store_true",
+        help="report the risk group and PFS of a study outside the model's applicability domain, with the flag "
+             "(default: withhold them; the node's config key is scoring.report_out_of_domain)",
+    )
+    score.add_argument(
         "--segment-label", metavar="LABEL",
         help="choose the SEG segment by label (default: the one whose property type is SCT Neoplasm)",
     )
@@ -301,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="inspect frozen model files")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
-    verify = model_sub.add_parser("verify", help="check a model file's schema and sha256 and print its identity")
+    verify = model_sub.add_parser(
+        "verify", help="check a model file's schema and sha256 and print its identity and applicability domain"
+    )
     verify.add_argument("file", type=Path, nargs="?", help="model file (default: the shipped demonstration model)")
     verify.set_defaults(handler=cmd_model_verify)
 
@@ -342,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training_parsers(sub)
     add_stats_parser(sub)
+    from node.ibsi_cli import add_ibsi_parser
+
+    add_ibsi_parser(sub)
     return parser
 
 

@@ -449,6 +449,8 @@ class ScoringConfig(_Validated):
     lease_s: float = _key(_positive)
     #: None: the segment whose property type is SCT Neoplasm.
     segment_label: str | None = _key(_not_blank)
+    #: False: an out-of-domain result withholds risk group and PFS (scoring.domain, docs/model-format.md).
+    report_out_of_domain: bool = _key(default=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,15 +492,33 @@ class DestinationTlsConfig(_Validated):
         return context
 
 
+#: The objects the node writes per study (`dicom_io.result_objects.OBJECT_KINDS`): sr = the TID 1500 SR,
+#: kos = Key Object Selection of the key slice, pdf = Encapsulated PDF summary, sc = Secondary Capture of it.
+RESULT_OBJECT_KINDS = ("sr", "kos", "pdf", "sc")
+
+
+def _object_kinds(value: tuple[str, ...]) -> str | None:
+    unknown = [kind for kind in value if kind not in RESULT_OBJECT_KINDS]
+    if unknown:
+        return f"unknown object(s) {', '.join(map(repr, unknown))}; choose from {', '.join(RESULT_OBJECT_KINDS)}"
+    if not value:
+        return "is empty; list at least one of " + ", ".join(RESULT_OBJECT_KINDS)
+    if len(set(value)) != len(value):
+        return "lists an object twice"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class DestinationConfig(_Validated):
-    """One `[[destinations]]` entry: a C-STORE SCP the SR is sent to."""
+    """One `[[destinations]]` entry: a C-STORE SCP the node's objects are sent to."""
 
     name: str = _key(_name)
     ae_title: str = _key(_ae_title, normalise=_strip_padding)
     host: str = _key(_host)
     port: int = _key(_positive_port)
     tls: DestinationTlsConfig = _key(default=DestinationTlsConfig())
+    #: Which of the study's objects this destination gets (default: all four).
+    objects: tuple[str, ...] = _key(_object_kinds, default=RESULT_OBJECT_KINDS)
 
 
 

@@ -46,6 +46,8 @@ SOP_CLASSES = ("ct", "seg", "other")
 RECEIVE_OUTCOMES = ("stored", "duplicate", "rejected")
 #: Scoring a chest CT takes seconds to minutes (pyradiomics dominates).
 SCORING_BUCKETS_S = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+#: `applicability` label of `sclc_scored_studies_total`: `scoring.types.DomainStatus` values.
+APPLICABILITY_STATUSES = ("in_domain", "out_of_domain", "unknown")
 
 
 
@@ -103,6 +105,16 @@ class NodeMetrics:
             buckets=SCORING_BUCKETS_S,
             registry=self.registry,
         )
+        self._scored = Counter(
+            "sclc_scored_studies",
+            "Studies scored, by applicability-domain verdict (in_domain, out_of_domain, unknown = the model "
+            "records no domain) and whether the risk group and PFS were withheld (true, false).",
+            ["applicability", "withheld"],
+            registry=self.registry,
+        )
+        for status in APPLICABILITY_STATUSES:
+            for withheld in ("true", "false"):
+                self._scored.labels(status, withheld)
         self._delivered = Counter(
             "sclc_srs_delivered",
             "SRs accepted (C-STORE success) by a destination.",
@@ -133,6 +145,12 @@ class NodeMetrics:
 
     def scoring_finished(self, seconds: float) -> None:
         self._scoring.observe(seconds)
+
+    def study_scored(self, applicability: str, *, withheld: bool) -> None:
+        """Count one scored study by its applicability status (`DomainStatus` value)."""
+        if applicability not in APPLICABILITY_STATUSES:
+            raise ValueError(f"applicability {applicability!r} is not one of {APPLICABILITY_STATUSES}")
+        self._scored.labels(applicability, "true" if withheld else "false").inc()
 
     def sr_delivered(self, destination: str) -> None:
         self._delivered.labels(destination).inc()

@@ -1,7 +1,15 @@
-"""Sending SRs to the PACS: a C-STORE SCU (`send_sr`) and the retrying outbox (`Outbox`).
+"""Sending the node's objects to the PACS: a C-STORE SCU (`send_sr`) and the retrying outbox (`Outbox`).
+
+The objects of a scored study are the risk SR, the key-slice ROI SR, the Key
+Object Selection, the Encapsulated PDF and the Secondary Capture
+(`dicom_io.result_objects`); each destination takes the kinds its
+``objects`` setting lists, and each (object, destination) pair is one row of
+the outbox, delivered and recorded on its own.  Names here still say "SR"
+(``send_sr``, ``sr_path``, log events ``sr_delivered``): they predate the
+other objects and stay for compatibility; they mean "the object".
 
 `send_sr` is one delivery attempt: associate with the destination (DICOM TLS
-when configured), propose the SR's own SOP class in explicit and implicit VR
+when configured), propose the object's own SOP class in explicit and implicit VR
 little endian, C-STORE it, release.  It never raises for anything the network
 or the peer does; the outcome comes back as a `DeliveryResult` whose
 ``error`` is one PHI-free line naming the destination, e.g.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,12 @@ from dicom_io.errors import DicomInputError
 from dicom_io.inputs import CtSeries, TumourSegment
 from dicom_io.seg import read_tumour_segment
 from dicom_io.sr_writer import build_risk_sr
+from node.logs import get_logger
 from scoring.clinical import ClinicalRecord
 from scoring.errors import InputError, ModelFileError
 from scoring.model import FrozenModel
 from scoring.pipeline import score_volume
-from scoring.types import RiskResult
+from scoring.types import DomainStatus, RiskResult
 from sclc_risk_node_models import shipped_model_path
 
 DEMO_MODEL_FILENAME = "demo-integrated-cox-2.0.0.json"
@@ -45,11 +47,19 @@ def load_model_file(path: Path) -> FrozenModel:
 
 @dataclass(frozen=True)
 class ScoredStudy:
+    """One scored study.  ``report_out_of_domain`` is the policy it was reported under (config key)."""
+
     ct: CtSeries
     segment: TumourSegment
     result: RiskResult
     sr: hd.sr.Comprehensive3DSR
     scoring_seconds: float
+    report_out_of_domain: bool = False
+
+    @property
+    def withheld(self) -> bool:
+        """True when the risk group and PFS are withheld: out of the model's domain and the policy says so."""
+        return self.result.applicability.status is DomainStatus.OUT_OF_DOMAIN and not self.report_out_of_domain
 
 
 def select_record_for_study(records: Sequence[ClinicalRecord], ct: CtSeries) -> ClinicalRecord:
@@ -97,7 +107,10 @@ def score_files(
     *,
     series_instance_uid: str | None = None,
     segment_label: str | None = None,
+    report_out_of_domain: bool = False,
 ) -> ScoredStudy:
+    """Read, score and build the SR.  ``report_out_of_domain`` is config ``scoring.report_out_of_domain``:
+    False withholds the risk group and PFS of a study outside the model's applicability domain."""
     started = time.perf_counter()
     ct = read_ct_series(Path(ct_dir), series_instance_uid)
     clinical = select_record_for_study(clinical_records, ct)
@@ -105,21 +118,66 @@ def score_files(
         raise DicomInputError(f"SEG file {seg_path} does not exist")
     segment = read_tumour_segment(Path(seg_path), ct, segment_label=segment_label)
     result = score_volume(ct.image, segment.mask, clinical, model)
-    sr = build_risk_sr(ct, segment, clinical, result)
-    return ScoredStudy(ct, segment, result, sr, time.perf_counter() - started)
+    sr = build_risk_sr(ct, segment, clinical, result, report_out_of_domain=report_out_of_domain)
+    scored = ScoredStudy(ct, segment, result, sr, time.perf_counter() - started, report_out_of_domain)
+    _log_applicability(scored)
+    return scored
+
+
+def _log_applicability(scored: ScoredStudy) -> None:
+    """One event per scored study: its domain verdict and the offending quantities (names, no PHI)."""
+    applicability = scored.result.applicability
+    log = get_logger(stage="scoring")
+    fields = dict(
+        study_uid=scored.ct.study_instance_uid,
+        applicability=applicability.status.value,
+        violations=[violation.name for violation in applicability.violations],
+        withheld=scored.withheld,
+        model=scored.result.model.name,
+        model_version=scored.result.model.version,
+    )
+    if applicability.status is DomainStatus.OUT_OF_DOMAIN:
+        log.warning("study_out_of_domain", **fields)
+    else:
+        log.info("study_applicability", **fields)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def applicability_as_json(scored: ScoredStudy) -> dict:
+    """The ``applicability`` object of the JSON result (README, "JSON result")."""
+    applicability = scored.result.applicability
+    return {
+        "status": applicability.status.value,
+        "in_domain": applicability.in_domain,
+        "rule": applicability.rule,
+        "violations": [
+            {"name": v.name, "value": v.value, "low": _finite_or_none(v.low), "high": _finite_or_none(v.high),
+             "z": _finite_or_none(v.z)}
+            for v in applicability.violations
+        ],
+    }
 
 
 def result_as_json(scored: "ScoredStudy") -> dict:
     """The documented JSON result of `sclc-node score --json` (also what workers hand back to the service)."""
     result = scored.result
+    withheld = scored.withheld
     return {
-        "risk_group": result.risk_group.value,
+        # Withheld (out of domain, scoring.report_out_of_domain false): the groups and PFS are null.
+        "withheld": withheld,
+        "applicability": applicability_as_json(scored),
+        "risk_group": None if withheld else result.risk_group.value,
         "risk_score": result.risk_score,
         "risk_cutoff": result.risk_cutoff,
         "radiomics_score": result.radiomics_score,
         "radiomics_cutoff": result.radiomics_cutoff,
-        "radiomics_group": result.radiomics_group.value,
-        "pfs_probability": {str(months): p for months, p in sorted(result.pfs_probability.items())},
+        "radiomics_group": None if withheld else result.radiomics_group.value,
+        "pfs_probability": {
+            str(months): None if withheld else p for months, p in sorted(result.pfs_probability.items())
+        },
         "features": dict(result.features.values),
         "contributions": {
             "radiomics": {t.name: t.contribution for t in result.radiomics_terms},

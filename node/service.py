@@ -90,6 +90,8 @@ class NodeService:
             destinations=[d.name for d in config.destinations],
             segment_label=config.scoring.segment_label,
             metrics=self.metrics,
+            destination_objects={d.name: d.objects for d in config.destinations},
+            report_out_of_domain=config.scoring.report_out_of_domain,
         )
         self.outbox = Outbox(self.spool, config, self.metrics)
         self.scheduler = BackgroundScheduler(

@@ -27,7 +27,7 @@ wraps the common operations, each in a transaction of its own.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from node import completion
 from node.errors import InvalidTransition, LeaseLost, UnknownStudy
@@ -147,6 +147,28 @@ def _guard_failure(row: dict, current: StudyState, event: StudyEvent, worker_id:
     return InvalidTransition(f"study {study_uid}: {event} was pre-empted by a concurrent change", **context)
 
 
+def scored_reason(sr_sop_instance_uid: str, applicability: str | None, withheld: bool) -> str:
+    """The ``scored`` event's reason: ``SR <uid>[; applicability <status>[; risk group and PFS withheld]]``."""
+    reason = f"SR {sr_sop_instance_uid}"
+    if applicability:
+        reason += f"; applicability {applicability}"
+        if withheld:
+            reason += f"; {WITHHELD_NOTE}"
+    return reason
+
+
+#: The words `scored_reason` uses for a withheld result.
+WITHHELD_NOTE = "risk group and PFS withheld"
+
+
+def applicability_from_reason(reason: str | None) -> tuple[str | None, bool]:
+    """(applicability status or None, withheld) from a ``scored`` event's reason."""
+    if not reason or "; applicability " not in reason:
+        return None, False
+    status = reason.split("; applicability ", 1)[1].split(";", 1)[0].strip()
+    return status, WITHHELD_NOTE in reason
+
+
 class StudyMachine:
     """Lifecycle operations on a `Spool`, each one transaction."""
 
@@ -231,19 +253,42 @@ class StudyMachine:
         sr_bytes: bytes,
         destinations: Sequence[str],
         now: float,
+        applicability: str | None = None,
+        withheld: bool = False,
+        extra_objects: Sequence[tuple[str, str, bytes]] = (),
+        destination_objects: Mapping[str, Sequence[str]] | None = None,
     ) -> Transition:
-        """Store the SR, then in one transaction: scoring -> scored and one outbox row per destination.
+        """Store the SR (and the study's other objects), then in one transaction: scoring -> scored
+        and one outbox row per object and destination that takes it.
 
-        The SR file is placed first (durably); if the transaction then fails
-        the lease runs out, the study is scored again, and the deterministic
-        SR UID finds the same file: no second SR.
+        ``applicability`` (a `scoring.types.DomainStatus` value) and ``withheld``
+        go into the event's reason (`scored_reason`), where `sclc-node status` reads them.
+        ``extra_objects`` are (kind, SOP Instance UID, Part-10 bytes) of the
+        key-slice ROI SR, KOS, PDF and SC (`dicom_io.result_objects`);
+        ``destination_objects`` maps a destination to the kinds it takes
+        (None: every kind; the SR's kind is "sr").  The files are placed first
+        (durably); if the transaction then fails the lease runs out, the study
+        is scored again, and the deterministic UIDs find the same files: no
+        second copy.
         """
+
+        def takers(kind: str) -> list[str]:
+            if destination_objects is None:
+                return list(destinations)
+            return [d for d in destinations if kind in destination_objects.get(d, ())]
+
         sr_file = self.spool.write_sr_file(study_uid, sr_sop_instance_uid, sr_bytes)
+        extra_files = [
+            (kind, uid, self.spool.write_sr_file(study_uid, uid, data)) for kind, uid, data in extra_objects
+        ]
         with self.spool.transaction() as tx:
             transition = apply_event(
-                tx, study_uid, StudyEvent.SCORED, now=now, worker_id=worker_id, reason=f"SR {sr_sop_instance_uid}"
+                tx, study_uid, StudyEvent.SCORED, now=now, worker_id=worker_id,
+                reason=scored_reason(sr_sop_instance_uid, applicability, withheld),
             )
-            self.spool.enqueue_sr_in(tx, study_uid, sr_sop_instance_uid, sr_file, destinations, now=now)
+            self.spool.enqueue_sr_in(tx, study_uid, sr_sop_instance_uid, sr_file, takers("sr"), now=now)
+            for kind, uid, object_file in extra_files:
+                self.spool.enqueue_sr_in(tx, study_uid, uid, object_file, takers(kind), now=now)
         return transition
 
     def record_scoring_failed(self, study_uid: str, *, worker_id: str, reason: str, now: float) -> Transition:

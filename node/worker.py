@@ -21,7 +21,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from pydicom.uid import CTImageStorage, SegmentationStorage
 
@@ -42,6 +42,11 @@ class ScoringTask:
     clinical_json: str
     model_path: Path
     segment_label: str | None
+    #: The objects to build beside the risk SR (`dicom_io.result_objects.OBJECT_KINDS`; "sr" adds the
+    #: key-slice ROI SR).
+    extra_object_kinds: tuple[str, ...] = ()
+    #: Report an out-of-domain study's risk group and PFS (config `scoring.report_out_of_domain`).
+    report_out_of_domain: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +57,8 @@ class ScoringOutcome:
     sr_bytes: bytes | None = None
     result_json: str | None = None
     error: str | None = None
+    #: (kind, SOP Instance UID, Part-10 bytes) of the key-slice ROI SR (kind "sr"), KOS, PDF and SC.
+    extra_objects: tuple[tuple[str, str, bytes], ...] = ()
 
 
 class StudyInputsError(InputError):
@@ -105,17 +112,16 @@ def run_scoring_task(task: ScoringTask) -> ScoringOutcome:
             model,
             series_instance_uid=task.ct_series_instance_uid,
             segment_label=task.segment_label,
+            report_out_of_domain=task.report_out_of_domain,
         )
-        from pydicom.filebase import DicomBytesIO
-
-        buffer = DicomBytesIO()
-        scored.sr.save_as(buffer, enforce_file_format=True)
+        extra_objects = _extra_objects(scored, clinical, model, task)
         return ScoringOutcome(
             task.study_instance_uid,
             time.perf_counter() - started,
             sr_sop_instance_uid=str(scored.sr.SOPInstanceUID),
-            sr_bytes=buffer.getvalue(),
+            sr_bytes=_part10_bytes(scored.sr),
             result_json=json.dumps(result_as_json(scored)),
+            extra_objects=extra_objects,
         )
     except InputError as exc:
         return ScoringOutcome(task.study_instance_uid, time.perf_counter() - started, error=str(exc))
@@ -125,6 +131,33 @@ def run_scoring_task(task: ScoringTask) -> ScoringOutcome:
             time.perf_counter() - started,
             error=f"internal error while scoring: {type(exc).__name__}: {exc}",
         )
+
+
+def _part10_bytes(dataset) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+
+    buffer = DicomBytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _extra_objects(scored, clinical, model, task: ScoringTask) -> tuple[tuple[str, str, bytes], ...]:
+    """The ROI SR / KOS / PDF / SC of a scored study, from the same key slice and result as its SR."""
+    if not task.extra_object_kinds:
+        return ()
+    from dicom_io.result_objects import build_result_objects, object_kind
+
+    objects = build_result_objects(
+        scored.ct,
+        scored.segment,
+        clinical,
+        scored.result,
+        kinds=task.extra_object_kinds,
+        report_out_of_domain=task.report_out_of_domain,
+        ring=model.extraction.ring,
+        include_risk_sr=False,
+    )
+    return tuple((object_kind(name), str(ds.SOPInstanceUID), _part10_bytes(ds)) for name, ds in objects.items())
 
 
 def _exit_when_orphaned(parent_pid: int, poll_s: float = 1.0) -> None:
@@ -144,17 +177,37 @@ def _worker_initialiser(parent_pid: int) -> None:
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True, name="orphan-watch").start()
 
 
+#: `dicom_io.result_objects.OBJECT_KINDS`, without importing highdicom into the service process.
+_ALL_OBJECT_KINDS = ("sr", "kos", "pdf", "sc")
+
+
+def _kinds_to_build(destinations: Sequence[str], destination_objects: Mapping[str, Sequence[str]] | None) -> tuple[str, ...]:
+    """The kinds some destination takes; all of them when there is no destination (kept in the spool)."""
+    if destination_objects is None or not destinations:
+        return _ALL_OBJECT_KINDS
+    wanted = {kind for name in destinations for kind in destination_objects.get(name, ())}
+    return tuple(kind for kind in _ALL_OBJECT_KINDS if kind in wanted)
+
+
 class ScoringDispatcher:
     """Claims ready studies up to the pool size, runs them in worker processes and records the outcome."""
 
     def __init__(self, spool, machine, *, workers: int, lease_s: float, model_path: Path,
-                 destinations: Sequence[str], segment_label: str | None, metrics=None):
+                 destinations: Sequence[str], segment_label: str | None, metrics=None,
+                 destination_objects: Mapping[str, Sequence[str]] | None = None,
+                 report_out_of_domain: bool = False):
         self.spool = spool
         self.machine = machine
         self.workers = int(workers)
         self.lease_s = float(lease_s)
         self.model_path = Path(model_path)
         self.destinations = tuple(destinations)
+        #: destination -> the object kinds it takes (config `destinations[].objects`); None: all.
+        self.destination_objects = (
+            {name: tuple(kinds) for name, kinds in destination_objects.items()} if destination_objects is not None else None
+        )
+        self.report_out_of_domain = bool(report_out_of_domain)
+        self.extra_object_kinds = _kinds_to_build(self.destinations, self.destination_objects)
         self.segment_label = segment_label or None
         self.metrics = metrics
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -224,6 +277,8 @@ class ScoringDispatcher:
             clinical_json=record_row.record_json,
             model_path=self.model_path,
             segment_label=self.segment_label,
+            extra_object_kinds=self.extra_object_kinds,
+            report_out_of_domain=self.report_out_of_domain,
         )
 
     def collect(self, *, now: float) -> int:
@@ -253,6 +308,8 @@ class ScoringDispatcher:
             self.machine.record_scoring_failed(study_uid, worker_id=self.worker_id, reason=outcome.error, now=now)
             self._log.warning("scoring_failed", study_uid=study_uid, reason=outcome.error)
             return
+        result = json.loads(outcome.result_json)
+        applicability = result["applicability"]["status"]
         self.machine.record_scored(
             study_uid,
             worker_id=self.worker_id,
@@ -260,15 +317,20 @@ class ScoringDispatcher:
             sr_bytes=outcome.sr_bytes,
             destinations=self.destinations,
             now=now,
+            applicability=applicability,
+            withheld=result["withheld"],
+            extra_objects=outcome.extra_objects,
+            destination_objects=self.destination_objects,
         )
         if self.metrics is not None:
             self.metrics.scoring_finished(outcome.seconds)
-        result = json.loads(outcome.result_json)
+            self.metrics.study_scored(applicability, withheld=result["withheld"])
         self._log.info(
             "study_scored",
             study_uid=study_uid,
             sr_uid=outcome.sr_sop_instance_uid,
             risk_group=result["risk_group"],
+            applicability=applicability,
             model=result["model"]["name"],
             model_version=result["model"]["version"],
             seconds=round(outcome.seconds, 2),

@@ -7,6 +7,10 @@ features, shape features on filtered images, encodings that do not fit their
 clinical field, a non-monotone baseline survival ...).  Any failure is a
 `ModelFileError` with a one-line message.
 
+Schema v2 (written by training) adds the applicability domain
+(`scoring.domain`, checked against the model's features) and a per-feature
+``transform``; v1 files still load, with no domain (`DOMAIN_UNKNOWN` results).
+
 This module never opens user paths; the caller reads the file and passes its
 text.  The schema ships as package data and is read with importlib.resources.
 """
@@ -37,11 +41,15 @@ from scoring.clinical import (
     ECOG_RANGE,
     ClinicalRecord,
 )
+from scoring.domain import ApplicabilityDomain, FeatureScale, transform_value
 from scoring.strict_json import loads_strict
 from scoring.errors import ClinicalRecordError, ModelFileError
 from scoring.types import ExtractionSettings, FeatureSpec, ModelIdentity, RingDefinition
 
-SCHEMA_VERSION = 1
+#: The schema version this node writes (v2: applicability domain and feature transforms).
+SCHEMA_VERSION = 2
+#: The schema versions this node reads; v1 files have no domain and give `DOMAIN_UNKNOWN`.
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 SCHEMA_PACKAGE = "sclc_risk_node_models"
 SCHEMA_FILENAME = "frozen-model.schema.json"
 HASH_KEY = "sha256"
@@ -143,8 +151,9 @@ def _describe_schema_error(error: jsonschema.ValidationError) -> str:
         got = "null" if instance is None else _JSON_TYPES.get(type(instance), type(instance).__name__)
         shown = "" if instance is None or isinstance(instance, (dict, list)) else f" {_short(instance)}"
         return f"model file key {key} must be {expected}, got {got}{shown}"
-    if error.validator == "const" and path == "schema_version":
-        return f"model file schema_version {_short(instance)} is not supported (this node reads {expected})"
+    if error.validator in ("const", "enum") and path == "schema_version":
+        readable = ", ".join(str(v) for v in (expected if isinstance(expected, list) else [expected]))
+        return f"model file schema_version {_short(instance)} is not supported (this node reads {readable})"
     if error.validator == "enum" and "propertyNames" in error.schema_path:
         allowed = ", ".join(_short(item) for item in expected)
         return f"model file key {key} has a key {_short(instance)} that is not allowed (allowed: {allowed})"
@@ -180,19 +189,29 @@ def _check_schema(data: Any, schema: Mapping[str, Any] | None) -> None:
 
 @dataclass(frozen=True, slots=True)
 class RadiomicsTerm:
-    """One LASSO-Cox feature: z = (value - mean) / sd, contribution = coefficient * z."""
+    """One LASSO-Cox feature: z = (transform(value) - mean) / sd, contribution = coefficient * z.
+
+    ``transform`` is ``none`` or ``signed_log1p`` (sign(x) * log1p(|x|), for
+    features that scale with size); ``mean`` and ``sd`` are of the
+    transformed training values (schema v2; v1 files are always ``none``).
+    """
 
     spec: FeatureSpec
     mean: float
     sd: float
     coefficient: float
+    transform: str = "none"
 
     @property
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def scale(self) -> FeatureScale:
+        return FeatureScale(self.name, self.transform, self.mean, self.sd)
+
     def standardise(self, value: float) -> float:
-        return (value - self.mean) / self.sd
+        return (transform_value(self.transform, value) - self.mean) / self.sd
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +323,8 @@ class FrozenModel:
     risk_cutoff: float
     baseline_survival: BaselineSurvival
     training_summary: Mapping[str, Any]
+    #: None for a schema-v1 file: results then carry `scoring.types.DOMAIN_UNKNOWN`.
+    applicability_domain: ApplicabilityDomain | None = None
 
     @property
     def feature_specs(self) -> tuple[FeatureSpec, ...]:
@@ -430,6 +451,39 @@ def _encoding_problems(where: str, field: str, encoding: Mapping[str, Any]) -> l
     return []
 
 
+def _domain_problems(data: Mapping[str, Any]) -> list[str]:
+    """Schema v2's applicability domain must describe exactly the model's features; v1 has none."""
+    features = data["radiomics"]["features"]
+    domain = data.get("applicability_domain")
+    if data["schema_version"] < 2:
+        problems = []
+        if domain is not None:
+            problems.append("applicability_domain needs schema_version 2")
+        problems += [
+            f"radiomics.features[{index}]: transform needs schema_version 2"
+            for index, feature in enumerate(features) if "transform" in feature
+        ]
+        return problems
+    names = [_feature_spec(feature).name for feature in features]
+    recorded = list(domain["features"])
+    problems = []
+    missing = [name for name in names if name not in recorded]
+    extra = [name for name in recorded if name not in names]
+    if missing:
+        problems.append(f"applicability_domain.features lacks model feature(s) {', '.join(missing)}")
+    if extra:
+        problems.append(f"applicability_domain.features has {', '.join(extra)}, which the model does not use")
+    try:
+        parsed = ApplicabilityDomain.from_mapping(domain)
+    except ValueError as exc:
+        return problems + [f"applicability_domain.rule: {exc}"]
+    for name, distribution in parsed.features.items():
+        problems += distribution.problems(f"applicability_domain.features[{name}]")
+    for name in ("radiomics_score", "risk_score"):
+        problems += getattr(parsed, name).problems(f"applicability_domain.{name}")
+    return problems
+
+
 def _semantic_problems(data: Mapping[str, Any]) -> list[str]:
     problems: list[str] = []
     try:
@@ -458,6 +512,8 @@ def _semantic_problems(data: Mapping[str, Any]) -> list[str]:
         image_problem = _produced_image_type_problem(feature["image_type"], extraction)
         if image_problem:
             problems.append(f"{where}: image type {feature['image_type']} {image_problem}")
+
+    problems.extend(_domain_problems(data))
 
     seen_covariates: dict[str, int] = {}
     for index, covariate in enumerate(data["clinical_covariates"]):
@@ -529,6 +585,7 @@ def _build(data: Mapping[str, Any]) -> FrozenModel:
                 mean=float(feature["mean"]),
                 sd=float(feature["sd"]),
                 coefficient=float(feature["coefficient"]),
+                transform=feature.get("transform", "none"),
             )
             for feature in data["radiomics"]["features"]
         ),
@@ -543,4 +600,7 @@ def _build(data: Mapping[str, Any]) -> FrozenModel:
             centre=float(baseline["linear_predictor_centre"]),
         ),
         training_summary=_freeze(data["training_summary"]),
+        applicability_domain=(
+            ApplicabilityDomain.from_mapping(data["applicability_domain"]) if "applicability_domain" in data else None
+        ),
     )

@@ -1,10 +1,14 @@
 """Apply a frozen integrated Cox model to one study's features and clinical record.
 
-radiomics score  = sum_i coef_i * (x_i - mean_i) / sd_i           (no intercept: Cox)
+radiomics score  = sum_i coef_i * (T_i(x_i) - mean_i) / sd_i      (no intercept: Cox;
+                   T_i = the feature's transform, none or signed_log1p)
 risk score (lp)  = radiomics_score_coefficient * radiomics score
                    + sum_j coef_j * encode_j(clinical record)
 risk group       = HIGH if lp > risk_cutoff else LOW              (a tie is LOW)
 PFS(t)           = S0(t) ** exp(lp - centre)                     (t = 6, 12 months)
+
+applicability    = the model's applicability domain (scoring.domain) judged on
+                   the features and both scores; DOMAIN_UNKNOWN for a schema-v1 model
 
 The tie rule matches `RiskResult.radiomics_group`: the cut-off is the training
 median, and "above the median" is the paper's high-progression-risk group.
@@ -18,7 +22,7 @@ from types import MappingProxyType
 from scoring.clinical import ClinicalRecord
 from scoring.errors import FeatureExtractionError
 from scoring.model import RADIOMICS_SCORE_TERM, FrozenModel
-from scoring.types import FeatureVector, RiskGroup, RiskResult, TermContribution
+from scoring.types import DOMAIN_UNKNOWN, Applicability, FeatureVector, RiskGroup, RiskResult, TermContribution
 
 #: Months at which the node reports the predicted progression-free probability.
 PFS_HORIZONS_MONTHS = (6, 12)
@@ -38,6 +42,17 @@ def radiomics_terms(model: FrozenModel, features: FeatureVector) -> tuple[TermCo
     )
 
 
+def assess_applicability(
+    model: FrozenModel, features: FeatureVector, radiomics_score: float, risk_score: float
+) -> Applicability:
+    """The study's applicability-domain verdict; `DOMAIN_UNKNOWN` when the model records no domain."""
+    if model.applicability_domain is None:
+        return DOMAIN_UNKNOWN
+    return model.applicability_domain.assess(
+        features.values, [term.scale for term in model.radiomics_terms], radiomics_score, risk_score
+    )
+
+
 def apply_model(model: FrozenModel, features: FeatureVector, clinical: ClinicalRecord) -> RiskResult:
     """Score one study.
 
@@ -53,6 +68,7 @@ def apply_model(model: FrozenModel, features: FeatureVector, clinical: ClinicalR
         for covariate in model.clinical_covariates
     )
     risk_score = math.fsum(term.contribution for term in integrated_terms)
+    used_features = FeatureVector({name: features[name] for name in model.feature_names})
     pfs_probability = {
         months: model.baseline_survival.survival_at(months, risk_score) for months in PFS_HORIZONS_MONTHS
     }
@@ -65,6 +81,7 @@ def apply_model(model: FrozenModel, features: FeatureVector, clinical: ClinicalR
         pfs_probability=MappingProxyType(pfs_probability),
         radiomics_terms=feature_terms,
         integrated_terms=integrated_terms,
-        features=FeatureVector({name: features[name] for name in model.feature_names}),
+        features=used_features,
         model=model.identity,
+        applicability=assess_applicability(model, used_features, radiomics_score, risk_score),
     )

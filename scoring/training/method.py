@@ -46,6 +46,10 @@ The steps, in order (`fit_integrated_model`):
    stored in ``training_summary["radiomics_only_cox"]`` so that evaluation can
    draw calibration and decision curves for the radiomics model beside the
    integrated one (the paper's Figure 5E-F).  Scoring never reads it.
+7. **Applicability domain** (model file schema v2, `scoring.domain`): the
+   training min, max, mean, SD and 1/5/50/95/99 % quantiles of every model
+   feature (in its own units) and of both scores, with the rule
+   ``DOMAIN_RULE`` (training range widened by 10 % of its width on each side).
 
 Rows of the features table, the clinical records, ``time`` (months) and
 ``event`` are matched by position.  Nothing here reads or writes files.
@@ -68,6 +72,7 @@ from sklearn.model_selection import StratifiedKFold
 from scoring import stats
 from scoring.clinical import ClinicalRecord
 from scoring.errors import ClinicalRecordError, InputError
+from scoring.domain import DomainRule, domain_from_training
 from scoring.model import RADIOMICS_SCORE_TERM, REQUIRED_HORIZON_MONTHS, SCHEMA_VERSION, FrozenModel, seal
 # The model file's rule for which image types an extraction produces; reused so
 # training refuses a feature the frozen model could never be given.
@@ -88,6 +93,8 @@ __all__ = [
 # clash with a candidate name (model-file names start with a letter or digit).
 TIME, EVENT = "_time", "_event"
 STANDARDISATION = "z = (x - training mean) / training sample SD (ddof=1)"
+#: The applicability-domain rule written into every model (docs/model-format.md says why).
+DOMAIN_RULE = DomainRule(margin_fraction=0.1, max_abs_z=None)
 
 
 class TrainingDataError(InputError):
@@ -461,6 +468,24 @@ def _software_versions() -> dict[str, str]:
             "scikit-learn": sklearn.__version__, "scikit-survival": sksurv.__version__}
 
 
+def _applicability_domain(
+    features: pd.DataFrame, mapping: Mapping[str, Any], radiomics_score: np.ndarray, risk_score: np.ndarray
+) -> dict[str, Any]:
+    """The model file's ``applicability_domain``: training distributions of each model feature and both scores.
+
+    Feature values are read from the input table, i.e. in their own units before
+    any ``transform`` (the domain states ranges as pyradiomics reports them; the
+    rule applies the margin on the model's scale, `scoring.domain`).
+    """
+    columns = {str(column): position for position, column in enumerate(features.columns)}
+    model_features = [FeatureSpec(f["region"], f["image_type"], f["feature_class"], f["feature"]).name
+                      for f in mapping["radiomics"]["features"]]
+    training = {
+        name: pd.to_numeric(features.iloc[:, columns[name]]).to_numpy(dtype=float) for name in model_features
+    }
+    return domain_from_training(training, radiomics_score, risk_score, DOMAIN_RULE).to_mapping()
+
+
 def fit_integrated_model(
     features: pd.DataFrame,
     clinical: Sequence[ClinicalRecord],
@@ -655,6 +680,8 @@ def fit_integrated_model(
         "baseline_survival": baseline,
         "training_summary": summary,
     }
+    # 7. Applicability domain (schema v2, scoring.domain)
+    mapping["applicability_domain"] = _applicability_domain(features, mapping, radiomics_score, risk_score)
     diagnostics = {
         **{key: summary[key] for key in ("n", "events", "median_follow_up_months", "median_pfs_months",
                                           "dropped_features", "clinical", "spearman_radiomics_score", "vif",

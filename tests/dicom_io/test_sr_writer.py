@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import html
 import math
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
 from pydicom.uid import Comprehensive3DSRStorage
@@ -31,7 +33,17 @@ from dicom_io.synthetic import (
     synthetic_chest_phantom,
 )
 from scoring.clinical import ClinicalRecord, Lipi
-from scoring.types import FeatureVector, ModelIdentity, RiskGroup, RiskResult, TermContribution
+from scoring.types import (
+    DOMAIN_UNKNOWN,
+    Applicability,
+    DomainStatus,
+    DomainViolation,
+    FeatureVector,
+    ModelIdentity,
+    RiskGroup,
+    RiskResult,
+    TermContribution,
+)
 
 DSRDUMP = Path("/usr/bin/dsrdump")
 DSR2HTML = Path("/usr/bin/dsr2html")
@@ -77,7 +89,20 @@ def make_model(*, demonstration: bool = True, sha256: str = SHA_A) -> ModelIdent
     )
 
 
-def make_result(*, risk_group: RiskGroup = RiskGroup.HIGH, model: ModelIdentity | None = None) -> RiskResult:
+IN_DOMAIN = Applicability(DomainStatus.IN_DOMAIN, (), "every feature within the training range widened by 10 %")
+OUT_OF_DOMAIN = Applicability(
+    DomainStatus.OUT_OF_DOMAIN,
+    (DomainViolation("ring.wavelet-LLH_glcm_Correlation", 0.123456789012345, 0.2, 0.9, -4.2),),
+    "every feature within the training range widened by 10 %",
+)
+
+
+def make_result(
+    *,
+    risk_group: RiskGroup = RiskGroup.HIGH,
+    model: ModelIdentity | None = None,
+    applicability: Applicability = DOMAIN_UNKNOWN,
+) -> RiskResult:
     risk_score = 1.2345678901234567 if risk_group is RiskGroup.HIGH else -0.7071067811865476
     features = FeatureVector(
         {
@@ -93,10 +118,17 @@ def make_result(*, risk_group: RiskGroup = RiskGroup.HIGH, model: ModelIdentity 
         risk_cutoff=0.3333333333333333,
         risk_group=risk_group,
         pfs_probability={6: 0.6180339887498949, 12: 0.2718281828459045},
-        radiomics_terms=(TermContribution("ring.wavelet-LLH_glcm_Correlation", 1.1, 0.37),),
-        integrated_terms=(TermContribution("radiomics_score", 0.4142135623730951, 1.5),),
+        radiomics_terms=(
+            TermContribution("ring.wavelet-LLH_glcm_Correlation", 1.1, 0.37),
+            TermContribution(LONG_FEATURE, -0.25, 0.2),
+        ),
+        integrated_terms=(
+            TermContribution("radiomics_score", 0.4142135623730951, 1.5),
+            TermContribution("ecog", 1.0, 0.2222),
+        ),
         features=features,
         model=model or make_model(),
+        applicability=applicability,
     )
 
 
@@ -135,13 +167,22 @@ def test_read_back_gives_the_values_written(study, tmp_path, risk_group, demonst
 
     content = read_risk_sr(pydicom.dcmread(path))
 
+    # Values come back as written: rounded to the digits that mean something.
     assert content.risk_group is risk_group
-    assert content.radiomics_score == result.radiomics_score
-    assert content.radiomics_cutoff == result.radiomics_cutoff
-    assert content.risk_score == result.risk_score
-    assert content.risk_cutoff == result.risk_cutoff
-    assert dict(content.pfs_probability) == {6: 0.6180339887498949, 12: 0.2718281828459045}
-    assert dict(content.features) == dict(result.features.values)
+    assert content.radiomics_score == 0.414
+    assert content.radiomics_cutoff == 0.1
+    assert content.risk_score == round(result.risk_score, 3)
+    assert content.risk_cutoff == 0.333
+    assert dict(content.pfs_probability) == {6: 0.618, 12: 0.272}
+    assert dict(content.features) == {
+        "ring.wavelet-LLH_glcm_Correlation": 0.1235,
+        "tumour.original_firstorder_Skewness": -0.5,
+        LONG_FEATURE: 1234.0,
+    }
+    assert dict(content.radiomics_contributions) == {"ring.wavelet-LLH_glcm_Correlation": 0.407, LONG_FEATURE: -0.05}
+    assert dict(content.integrated_contributions) == {"radiomics_score": 0.621, "ecog": 0.222}
+    assert content.applicability is DomainStatus.UNKNOWN and content.estimates_withheld is False
+    assert content.lossy_compression is False
     assert content.model == model
     assert content.clinical.t_stage == "T4"
     assert content.clinical.n_stage == "N0"
@@ -172,16 +213,24 @@ def test_measurements_carry_units_and_the_model_identity(study):
     nums = {_name(i)[0]: i for i in _group_items(sr) if i.ValueType == "NUM"}
     units = {value: nums[value].MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue for value in nums}
     assert units["RADSCORE"] == units["RISKSCORE"] == units["RISKCUTOFF"] == units["RADCUTOFF"] == "1"
-    assert units["PFSP6M"] == units["PFSP12M"] == "{probability}"
+    assert units["PFSP6M"] == units["PFSP12M"] == "%"
+    assert str(nums["PFSP6M"].MeasuredValueSequence[0].NumericValue) == "61.8"
+    assert str(nums["RISKSCORE"].MeasuredValueSequence[0].NumericValue) == "1.235"
     pfs_12_meaning = nums["PFSP12M"].ConceptNameCodeSequence[0].CodeMeaning
-    assert pfs_12_meaning == "Probability of progression-free survival at 12 months"
+    assert pfs_12_meaning == "Progression-free survival at 12 months"
+    # The model is identified once, for the whole group (TID 4019 under TID 1411).
     algorithm = {
-        (_name(child)[0], str(child.TextValue)) for child in nums["RISKSCORE"].ContentSequence
+        (_name(child)[0], str(child.TextValue)) for child in _group_items(sr) if _name(child)[0].startswith("1110")
     }
     assert algorithm == {("111001", "zhao-integrated-cox"), ("111003", "1.2.0"), ("111002", f"sha256={SHA_A}")}
-    long_feature = nums["RF:" + LONG_FEATURE].ConceptNameCodeSequence[0]
-    assert long_feature.LongCodeValue == "RF:" + LONG_FEATURE
-    assert len(long_feature.CodeMeaning) <= 64
+    long_feature = nums[codes.radiomics_feature_concept(LONG_FEATURE).value]
+    assert "LongCodeValue" not in long_feature.ConceptNameCodeSequence[0]
+    assert len(long_feature.ConceptNameCodeSequence[0].CodeMeaning) <= 64
+    assert [str(c.TextValue) for c in long_feature.ContentSequence] == [LONG_FEATURE]
+    contribution = nums[codes.term_contribution_concept("ecog", integrated=True).value]
+    assert contribution.ConceptNameCodeSequence[0].CodeMeaning == "Risk contribution: ecog"
+    assert str(contribution.MeasuredValueSequence[0].NumericValue) == "0.222"
+    assert all(len(value) <= 16 for value in nums)
 
 
 def test_document_header_comes_from_the_ct_and_declares_the_private_scheme(demo_high_sr_path, study):
@@ -241,12 +290,12 @@ def test_ct_without_optional_patient_and_study_attributes_still_gives_an_sr(stud
 
 def test_demonstration_model_is_labelled_in_text_series_and_tracking_id(demo_high_sr_path):
     raw = demo_high_sr_path.read_bytes()
-    assert DEMONSTRATION_NOTICE.encode("utf-8") in raw
+    assert raw.count(DEMONSTRATION_NOTICE.encode("utf-8")) == 1
     sr = pydicom.dcmread(demo_high_sr_path)
     content = read_risk_sr(sr)
     assert content.model.demonstration is True
-    assert DEMONSTRATION_NOTICE in content.intended_use_text
-    assert "—" in content.intended_use_text
+    assert content.summary.startswith(f"Result of a {DEMONSTRATION_NOTICE}.")
+    assert DEMONSTRATION_NOTICE not in content.intended_use_text
     assert "DEMO" in sr.SeriesDescription
     tracking = [i for i in sr.ContentSequence[-1].ContentSequence[0].ContentSequence if _name(i) == ("112039", "DCM")]
     assert "DEMO" in tracking[0].TextValue
@@ -340,7 +389,12 @@ def test_private_codes_are_unique_short_and_in_our_scheme():
     assert all(len(c.meaning) <= 64 for c in concepts)
     assert set(codes.LIPI_VALUES) == set(Lipi)
     assert codes.pfs_horizon_months(codes.PFS_PROBABILITY[12]) == 12
-    assert codes.radiomics_feature_name(codes.radiomics_feature_concept(LONG_FEATURE)) == LONG_FEATURE
+    feature = codes.radiomics_feature_concept(LONG_FEATURE)
+    assert codes.named_concept_kind(feature) == "feature" and len(feature.value) == 16
+    assert feature != codes.radiomics_feature_concept(LONG_FEATURE + "x")
+    assert codes.named_concept_kind(codes.term_contribution_concept("ecog", integrated=True)) == "integrated_term"
+    assert codes.named_concept_kind(codes.term_contribution_concept("ecog", integrated=False)) == "radiomics_term"
+    assert codes.named_concept_kind(codes.RISK_SCORE) is None
 
 
 def test_reading_something_else_is_refused(study, demo_high_sr_path):
@@ -384,31 +438,58 @@ def test_dsrdump_shows_the_risk_group_and_the_model(demo_high_sr_path):
     assert run.returncode == 0, run.stderr
     assert '(RISKGROUP,99SCLCRN,"Progression risk group")=(15508007,SCT,"High risk")' in run.stdout
     assert '"zhao-integrated-cox"' in run.stdout
-    assert '"demonstration model — not...' in run.stdout  # dsrdump shortens long TEXT values
+    assert '"Result of a demonstration m...' in run.stdout  # dsrdump shortens long TEXT values
     assert '(TSTAGE,99SCLCRN,"Clinical T stage")=(T3,99SCLCRN,"T3")' in run.stdout
 
 
-@pytest.mark.external
-def test_dsr2html_renders_the_measurement_group(demo_high_sr_path, tmp_path):
-    _require(DSR2HTML)
+def _dsr2html_text(sr_path: Path, tmp_path: Path) -> str:
+    """dsr2html's page as the text a reader sees (tags dropped, blank lines folded)."""
     out = tmp_path / "out.html"
-    run = _run([DSR2HTML, demo_high_sr_path, out])
+    run = _run([DSR2HTML, sr_path, out])
     assert run.returncode == 0, run.stderr
-    html = out.read_text(encoding="utf-8")
-    # dsr2html shows the DS NumericValue (16 characters at most), not the exact FloatingPointValue.
-    shown_numbers = [
-        str(i.MeasuredValueSequence[0].NumericValue) for i in _group_items(pydicom.dcmread(demo_high_sr_path))
-        if i.ValueType == "NUM"
-    ]
-    assert "1.23456789012346" in shown_numbers and len(shown_numbers) == 9
-    for text in (*shown_numbers, "High risk", "{probability}", "ECOG 1", "M1c", "LIPI intermediate (1 factor)",
-                 "LIPI as given", DEMONSTRATION_NOTICE, "zhao-integrated-cox", f"sha256={SHA_A}"):
-        assert text in html, text
+    text = html.unescape(re.sub(r"<[^>]+>", "", out.read_text(encoding="utf-8")))
+    return re.sub(r"\n\s*\n+", "\n", text)
 
 
-#: What PixelMed's 2022 template tables (TID 1411 rows 1-14 plus TID 1502/1419) do not list.
+@pytest.mark.external
+def test_dsr2html_shows_each_value_under_its_label(demo_high_sr_path, tmp_path):
+    _require(DSR2HTML)
+    text = _dsr2html_text(demo_high_sr_path, tmp_path)
+    # SEPARATE continuity: every item keeps its concept name as a label, the value on the next line.
+    for label, value in [
+        ("Summary:", f"Result of a {DEMONSTRATION_NOTICE}. High progression risk"),
+        ("Progression risk group:", "High risk"),
+        ("Model applicability domain:", "Applicability domain unknown"),
+        ("Risk estimates withheld:", "No"),
+        ("Progression-free survival at 6 months:", "61.8 %"),
+        ("Progression-free survival at 12 months:", "27.2 %"),
+        ("Integrated risk score:", "1.235 1"),
+        ("Integrated risk score cut-off:", "0.333 1"),
+        ("Risk contribution: radiomics_score:", "0.621 1"),
+        ("Radiomics contribution: ring.wavelet-LLH_glcm_Correlation:", "0.407 1"),
+        ("ring.wavelet-LLH_glcm_Correlation:", "0.1235 1"),
+        ("Clinical M stage:", "M1c"),
+        ("ECOG performance status:", "ECOG 1"),
+        ("Lung Immune Prognostic Index:", "LIPI intermediate (1 factor)"),
+        ("Intended use:", "Prognostic stratification of ES-SCLC"),
+    ]:
+        assert re.search(re.escape(label) + r"\n" + re.escape(value), text), f"{label} {value}"
+    assert "zhao-integrated-cox" in text and f"sha256={SHA_A}" in text
+    # Read top to bottom: the result first, the references last; a one-image library, not one line per slice.
+    assert text.index("Summary:") < text.index("Progression-free survival at 6 months:") < text.index(
+        "Referenced Segment:"
+    )
+    assert text.count("CT image") == 1
+    assert text.count(DEMONSTRATION_NOTICE) == 1
+
+
+#: What PixelMed's 2022 template tables (TID 1411 rows 1-14 plus TID 1502/1419) do not list: our
+#: private concepts, the Summary TEXT, the "Full name" of a long feature, and the group-level TID 4019
+#: (highdicom's algorithm_id of TID 1411, newer than PixelMed's table).  Warnings, not errors.
 PIXELMED_ITEMS_NOT_IN_TEMPLATE = {
     "CODE (RISKGROUP,99SCLCRN,\"Progression risk group\")",
+    "CODE (APPLICABILITY,99SCLCRN,\"Model applicability domain\")",
+    "CODE (WITHHELD,99SCLCRN,\"Risk estimates withheld\")",
     "CODE (DEMOMODEL,99SCLCRN,\"Demonstration model\")",
     "CODE (TSTAGE,99SCLCRN,\"Clinical T stage\")",
     "CODE (NSTAGE,99SCLCRN,\"Clinical N stage\")",
@@ -416,7 +497,13 @@ PIXELMED_ITEMS_NOT_IN_TEMPLATE = {
     "CODE (ECOGPS,99SCLCRN,\"ECOG performance status\")",
     "CODE (LIPI,99SCLCRN,\"Lung Immune Prognostic Index\")",
     "CODE (LIPISRC,99SCLCRN,\"LIPI source\")",
+    "TEXT (121111,DCM,\"Summary\")",
+    "TEXT (APPLICDETAIL,99SCLCRN,\"Applicability assessment\")",
+    "TEXT (FULLNAME,99SCLCRN,\"Full name\")",
     "TEXT (INTENDEDUSE,99SCLCRN,\"Intended use\")",
+    "TEXT (111001,DCM,\"Algorithm Name\")",
+    "TEXT (111002,DCM,\"Algorithm Parameters\")",
+    "TEXT (111003,DCM,\"Algorithm Version\")",
 }
 
 
@@ -446,6 +533,136 @@ def test_pixelmed_finds_no_template_errors(demo_high_sr_path):
     # highdicom writes "Source Series for Segmentation"; PixelMed's table says "Source series for segmentation".
     assert len(other_warnings) == 1
     assert "(121232,DCM" in other_warnings[0] and "different code meaning" in other_warnings[0]
+
+
+# --- highdicom parses what we write ------------------------------------------------
+
+
+def test_highdicom_srread_parses_the_groups_back(demo_high_sr_path, study):
+    _, segment = study
+    sr = hd.sr.srread(demo_high_sr_path)
+    [group] = sr.content.get_volumetric_roi_measurement_groups()
+    referenced = group.referenced_segment  # raised AttributeError with LongCodeValue feature codes
+    assert referenced.referenced_sop_instance_uid == segment.segmentation.SOPInstanceUID
+    assert referenced.referenced_segment_numbers == [1]
+    names = {m.name.meaning: (m.value, m.unit.value) for m in group.get_measurements()}
+    assert names["Progression-free survival at 6 months"] == (61.8, "%")
+    assert names["Risk contribution: ecog"] == (0.222, "1")
+    evaluations = {e.name.meaning: e.value.meaning for e in group.get_qualitative_evaluations()}
+    assert evaluations["Progression risk group"] == "High risk"
+    assert evaluations["Model applicability domain"] == "Applicability domain unknown"
+
+
+# --- applicability domain -------------------------------------------------------------
+
+
+def _sr_for(study, tmp_path, result, **kwargs):
+    ct, segment = study
+    path = write(build_risk_sr(ct, segment, make_clinical(), result, content_datetime=WHEN, **kwargs), tmp_path / "SR.dcm")
+    return pydicom.dcmread(path), path
+
+
+def test_in_domain_study_is_reported_with_its_verdict(study, tmp_path):
+    sr, _ = _sr_for(study, tmp_path, make_result(applicability=IN_DOMAIN))
+    content = read_risk_sr(sr)
+    assert content.applicability is DomainStatus.IN_DOMAIN
+    assert content.risk_group is RiskGroup.HIGH and content.estimates_withheld is False
+    assert "within the model's applicability domain" in content.summary
+    assert content.applicability_text.startswith("Within the model's applicability domain. Rule: every feature")
+
+
+def test_out_of_domain_study_withholds_risk_group_and_pfs_by_default(study, tmp_path):
+    sr, path = _sr_for(study, tmp_path, make_result(applicability=OUT_OF_DOMAIN))
+    content = read_risk_sr(sr)
+    assert content.applicability is DomainStatus.OUT_OF_DOMAIN
+    assert content.estimates_withheld is True
+    assert content.risk_group is None and content.risk_score is None and content.radiomics_score is None
+    assert dict(content.pfs_probability) == {} and dict(content.integrated_contributions) == {}
+    assert "outside the model's applicability domain (offending: ring.wavelet-LLH_glcm_Correlation)" in content.summary
+    assert "ring.wavelet-LLH_glcm_Correlation = 0.1235 (accepted 0.2 to 0.9, z = -4.2)" in content.applicability_text
+    assert content.features["ring.wavelet-LLH_glcm_Correlation"] == 0.1235  # the evidence stays
+    coded = {_name(i)[0] for i in _group_items(sr) if i.ValueType == "CODE"}
+    nums = {_name(i)[0] for i in _group_items(sr) if i.ValueType == "NUM"}
+    assert "RISKGROUP" not in coded and not {"PFSP6M", "PFSP12M", "RISKSCORE", "RADSCORE"} & nums
+    assert b"High risk" not in path.read_bytes()
+
+
+def test_out_of_domain_study_is_reported_with_the_flag_when_configured(study, tmp_path):
+    sr, _ = _sr_for(study, tmp_path, make_result(applicability=OUT_OF_DOMAIN), report_out_of_domain=True)
+    content = read_risk_sr(sr)
+    assert content.applicability is DomainStatus.OUT_OF_DOMAIN and content.estimates_withheld is False
+    assert content.risk_group is RiskGroup.HIGH
+    assert dict(content.pfs_probability) == {6: 0.618, 12: 0.272}
+    assert "Caution: the study is outside the model's applicability domain" in content.summary
+
+
+def test_schema_v1_model_says_domain_unknown(study, tmp_path):
+    sr, _ = _sr_for(study, tmp_path, make_result(applicability=DOMAIN_UNKNOWN))
+    content = read_risk_sr(sr)
+    assert content.applicability is DomainStatus.UNKNOWN and content.risk_group is RiskGroup.HIGH
+    assert "Applicability domain unknown" in content.summary
+
+
+def test_lossy_compressed_ct_is_flagged(study, tmp_path):
+    ct, segment = study
+    lossy = dataclasses.replace(ct, lossy_compression=True)
+    sr = pydicom.dcmread(write(build_risk_sr(lossy, segment, make_clinical(), make_result()), tmp_path / "SR.dcm"))
+    content = read_risk_sr(sr)
+    assert content.lossy_compression is True
+    assert "The CT was lossy-compressed" in content.summary
+    coded = {(_name(i)[0], i.ConceptCodeSequence[0].CodeMeaning) for i in _group_items(sr) if i.ValueType == "CODE"}
+    assert ("LOSSYCT", "Yes") in coded
+    assert read_risk_sr(pydicom.dcmread(_sr_for(study, tmp_path, make_result())[1])).lossy_compression is False
+
+
+def test_shipped_model_intended_use_does_not_repeat_the_notice(study, tmp_path):
+    model = dataclasses.replace(
+        make_model(), intended_use="Demonstration model — not for clinical use. Fitted on a simulated cohort."
+    )
+    sr, path = _sr_for(study, tmp_path, make_result(model=model))
+    assert path.read_bytes().lower().count(DEMONSTRATION_NOTICE.lower().encode("utf-8")) == 1
+    assert read_risk_sr(sr).intended_use_text == "Fitted on a simulated cohort."
+
+
+# --- header values copied from the CT (issue 10 item 5) --------------------------------
+
+
+def _ct_with_header(study, tmp_path, **values):
+    """The study's CT whose first header went through a file with the given raw values."""
+    ct, _ = study
+    header = copy.deepcopy(ct.headers[0])
+    for keyword, value in values.items():
+        header[keyword].value = value
+    path = tmp_path / "ct0.dcm"
+    header.save_as(path, enforce_file_format=True)
+    reread = pydicom.dcmread(path)
+    return dataclasses.replace(ct, headers=(reread, *ct.headers[1:]))
+
+
+def test_invalid_utf8_and_overlong_patient_name_never_reach_the_sr(study, tmp_path):
+    _, segment = study
+    # Latin-1 bytes under ISO_IR 192 (invalid UTF-8), and 601 characters (PN allows 64 per group).
+    raw_name = b"M\xfcller^J\xf6rg" + b"A" * 590
+    assert len(raw_name) == 601
+    ct = _ct_with_header(study, tmp_path, PatientName=raw_name, StudyDescription="x" * 80)
+    path = write(build_risk_sr(ct, segment, make_clinical(), make_result()), tmp_path / "SR.dcm")
+    raw = pydicom.dcmread(path)
+    name_bytes = raw["PatientName"].value.original_string
+    name = name_bytes.decode("utf-8")  # strict: raises on invalid UTF-8
+    # pydicom falls back to another decoding (or "?"): either way the SR holds valid UTF-8.
+    assert name.startswith(("Müller^Jörg", "M?ller^J?rg"))
+    assert all(len(group) <= 64 for group in name.split("="))
+    assert len(name) <= 64
+    run = _run([DCIODVFY, "-new", path]) if DCIODVFY.exists() else None
+    if run is not None:
+        assert [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")] == []
+
+
+def test_overlong_patient_id_is_refused_not_shortened(study, tmp_path):
+    _, segment = study
+    ct = _ct_with_header(study, tmp_path, PatientID="P" * 200)
+    with pytest.raises(DicomInputError, match="PatientID of the CT is 200 characters long; its VR LO allows 64"):
+        build_risk_sr(ct, segment, make_clinical(), make_result())
 
 
 # --- helpers ------------------------------------------------------------------

@@ -620,3 +620,222 @@ def test_tls_destination_receives_the_sr_and_an_untrusted_one_is_a_failed_attemp
     assert not result.delivered
     assert "PACS1" in result.error
     assert len(received) == 1
+
+
+# --- (7) every object of a study: SR, KOS, PDF, SC ---------------------------------------------------------------
+
+from dicom_io.inputs import CtSeries, TumourSegment  # noqa: E402
+from dicom_io.result_objects import OBJECT_KINDS, build_result_objects, object_kind  # noqa: E402
+from dicom_io.synthetic import build_tumour_seg, synthetic_chest_phantom  # noqa: E402
+from node.config import RESULT_OBJECT_KINDS, ConfigError  # noqa: E402
+from tests.dicom_io.test_sr_writer import make_clinical, make_result  # noqa: E402
+
+
+def result_objects_for(study_uid: str) -> dict[str, bytes]:
+    """The real objects (risk SR, ROI SR, KOS, Encapsulated PDF, SC) of a small synthetic study with this UID."""
+    image, mask = synthetic_chest_phantom(size=(32, 32, 8), tumour_radii_mm=(7.0, 6.0, 6.0))
+    patient = dataclasses.replace(PATIENT, study_instance_uid=study_uid)
+    datasets = ct_datasets_from_image(image, patient)
+    seg = build_tumour_seg(datasets, mask)
+    headers = []
+    for ds in datasets:
+        header = pydicom.Dataset(ds)
+        del header.PixelData
+        headers.append(header)
+    ct = CtSeries(image=image, headers=tuple(headers), study_instance_uid=study_uid,
+                  series_instance_uid=str(datasets[0].SeriesInstanceUID),
+                  frame_of_reference_uid=str(datasets[0].FrameOfReferenceUID), source_paths=())
+    segment = TumourSegment(mask=mask, segmentation=seg, segment_number=1, segment_label="Tumour")
+    objects = build_result_objects(ct, segment, make_clinical(), make_result())
+    encoded = {}
+    for kind, ds in objects.items():
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        encoded[kind] = buffer.getvalue()
+    return encoded
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredWithObjects:
+    study_uid: str
+    uids: dict[str, str]  # name (sr, sr-roi, kos, pdf, sc) -> SOP Instance UID
+    encoded: dict[str, bytes]
+
+
+def scored_study_with_objects(spool, number: int, destinations, destination_objects=None) -> ScoredWithObjects:
+    study = StudyBuilder(number)
+    machine = StudyMachine(spool)
+    study.store_all(spool, now=T0)
+    study.clinical(spool, now=T0 + 1)
+    machine.apply(study.study_uid, StudyEvent.IMAGES_COMPLETE, now=T0 + 10)
+    machine.claim(study.study_uid, worker_id="w1", now=T0 + 11, lease_s=600)
+    encoded = result_objects_for(study.study_uid)
+    uids = {kind: str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID) for kind, data in encoded.items()}
+    machine.record_scored(
+        study.study_uid, worker_id="w1", sr_sop_instance_uid=uids["sr"], sr_bytes=encoded["sr"],
+        destinations=destinations, now=T0 + 20,
+        extra_objects=[(object_kind(name), uids[name], encoded[name]) for name in ("sr-roi", "kos", "pdf", "sc")],
+        destination_objects=destination_objects,
+    )
+    return ScoredWithObjects(study.study_uid, uids, encoded)
+
+
+def test_config_objects_default_to_all_four_and_unknown_ones_are_refused(tmp_path):
+    assert RESULT_OBJECT_KINDS == OBJECT_KINDS
+    assert destination(104).objects == ("sr", "kos", "pdf", "sc")
+    path = tmp_path / "node.toml"
+    path.write_text('[[destinations]]\nname = "a"\nae_title = "A"\nhost = "127.0.0.1"\nport = 104\n'
+                    'objects = ["sr", "html"]\n')
+    with pytest.raises(ConfigError, match=r"destinations\[0\]\.objects: unknown object\(s\) 'html'; choose from sr, kos"):
+        load_config(path, environ={"STATE_DIRECTORY": str(tmp_path / "state")})
+    path.write_text('[[destinations]]\nname = "a"\nae_title = "A"\nhost = "127.0.0.1"\nport = 104\nobjects = []\n')
+    with pytest.raises(ConfigError, match=r"destinations\[0\]\.objects: is empty"):
+        load_config(path, environ={"STATE_DIRECTORY": str(tmp_path / "state")})
+
+
+def test_each_destination_gets_the_objects_it_is_configured_for(spool):
+    study = scored_study_with_objects(
+        spool, 1, ("PACS1", "VIEWER"), destination_objects={"PACS1": ("sr", "kos"), "VIEWER": ("pdf", "sc", "sr")}
+    )
+    queued = {(item.destination, item.sr_sop_instance_uid) for item in spool.study_deliveries(study.study_uid)}
+    uids = study.uids
+    assert queued == {
+        ("PACS1", uids["sr"]), ("PACS1", uids["sr-roi"]), ("PACS1", uids["kos"]),
+        ("VIEWER", uids["pdf"]), ("VIEWER", uids["sc"]), ("VIEWER", uids["sr"]), ("VIEWER", uids["sr-roi"]),
+    }
+    # Every object is in the spool, whoever takes it.
+    for kind, uid in uids.items():
+        path = spool.directory / spool.sr_relative_path(study.study_uid, uid)
+        assert path.read_bytes() == study.encoded[kind]
+
+
+def test_orthanc_gets_each_object_once_previews_the_sc_and_serves_the_pdf(spool, tmp_path, peers):
+    orthanc = peers.orthanc(tmp_path / "orthanc", ae_title="ORTHANC")
+    study = scored_study_with_objects(spool, 1, ("ORTHANC1",))
+    config = node_config(tmp_path, [destination(orthanc.dicom_port, name="ORTHANC1", ae_title="ORTHANC")])
+    assert make_outbox(spool, config).run_once(now=NOW) == 5
+    assert spool.get_study(study.study_uid).state is StudyState.DELIVERED
+    assert sorted(orthanc.sop_instance_uids()) == sorted(study.uids.values())
+
+    [sc_id] = orthanc.instances_with_sop_uid(study.uids["sc"])
+    preview = orthanc.get_bytes(f"/instances/{sc_id}/preview")
+    assert preview.startswith(b"\x89PNG\r\n\x1a\n")
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(io.BytesIO(preview), format="png")
+    assert pixels.shape[:2] == (1169, 827)
+    assert np.allclose(pixels[20, 10, :3], [0xD6 / 255, 0x27 / 255, 0x28 / 255], atol=0.02)  # the DEMO banner
+
+    [pdf_id] = orthanc.instances_with_sop_uid(study.uids["pdf"])
+    pdf = orthanc.get_bytes(f"/instances/{pdf_id}/pdf")
+    stored = pydicom.dcmread(io.BytesIO(study.encoded["pdf"]))
+    assert pdf.startswith(b"%PDF-")
+    assert pdf.rstrip(b"\x00") == bytes(stored.EncapsulatedDocument)[: stored.EncapsulatedDocumentLength]
+
+
+_SLOW_SENDER = textwrap.dedent(
+    """
+    import dataclasses, sys, time
+    import node.outbox
+    from node.config import DestinationConfig, OutboxConfig, load_config
+    from node.outbox import Outbox, SendTimeouts
+    from node.spool import Spool
+
+    real_send = node.outbox.send_sr
+
+    def send_then_linger(*args, **kwargs):
+        result = real_send(*args, **kwargs)
+        time.sleep(2.0)  # the PACS has the object; the node has not recorded it yet
+        return result
+
+    node.outbox.send_sr = send_then_linger
+    spool_dir, state_dir, port, now, hold_s = sys.argv[1:]
+    config = dataclasses.replace(
+        load_config(environ={"STATE_DIRECTORY": state_dir}),
+        destinations=(DestinationConfig(name="ORTHANC1", ae_title="ORTHANC", host="127.0.0.1", port=int(port)),),
+        outbox=OutboxConfig(initial_backoff_s=30.0, max_backoff_s=3600.0, max_attempts=0),
+    )
+    spool = Spool.open(spool_dir, min_free_bytes=0)
+    Outbox(spool, config, timeouts=SendTimeouts(connect_s=2, acse_s=5, dimse_s=30, network_s=30),
+           hold_s=float(hold_s), monotonic=lambda: 0.0).run_once(now=float(now))
+    """
+)
+
+
+@pytest.mark.external
+def test_a_restart_during_delivery_leaves_exactly_one_copy_of_each_object_in_orthanc(spool, tmp_path, peers):
+    orthanc = peers.orthanc(tmp_path / "orthanc", ae_title="ORTHANC")
+    study = scored_study_with_objects(spool, 1, ("ORTHANC1",))
+    hold_s = 300.0
+    sender = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_SENDER, str(spool.directory), str(tmp_path / "state"), str(orthanc.dicom_port),
+         str(NOW), str(hold_s)],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(600):
+            if len(orthanc.sop_instance_uids()) >= 2 or sender.poll() is not None:
+                break
+            threading.Event().wait(0.05)
+        assert sender.poll() is None, sender.stderr.read().decode()
+        os.kill(sender.pid, signal.SIGKILL)  # killed while the 2nd object is in Orthanc but not yet recorded
+        sender.wait(10)
+    finally:
+        if sender.poll() is None:
+            os.kill(sender.pid, signal.SIGKILL)
+            sender.wait(10)
+        sender.stderr.close()
+    states = sorted(str(item.state) for item in spool.study_deliveries(study.study_uid))
+    assert states == ["delivered", "pending", "pending", "pending", "sending"]
+    assert len(orthanc.sop_instance_uids()) == 2
+
+    config = node_config(tmp_path, [destination(orthanc.dicom_port, name="ORTHANC1", ae_title="ORTHANC")])
+    with open_spool(spool.directory) as restarted:
+        outbox = make_outbox(restarted, config)
+        assert outbox.run_once(now=NOW + 1) == 3  # the three never tried; the claimed one waits for its hold
+        assert outbox.run_once(now=NOW + hold_s) == 1  # sent again: Orthanc already has it
+        assert {str(item.state) for item in restarted.study_deliveries(study.study_uid)} == {"delivered"}
+        assert restarted.get_study(study.study_uid).state is StudyState.DELIVERED
+        assert outbox.run_once(now=NOW + 10 * hold_s) == 0
+    in_orthanc = orthanc.sop_instance_uids()
+    assert sorted(in_orthanc) == sorted(study.uids.values())  # each of the five, once
+    [orthanc_study] = orthanc.get("/studies")
+    assert len(orthanc.get(f"/studies/{orthanc_study}/instances")) == 5
+
+
+def test_a_scoring_worker_builds_every_object_from_real_files(tmp_path):
+    """run_scoring_task on the bundled demo study (real pyradiomics, the shipped model): SR + the four others."""
+    import json
+
+    from node.demo_study import DEMO_CLINICAL, write_demo_study
+    from node.scoring_job import default_model_path
+    from node.worker import ScoringTask, run_scoring_task
+
+    demo = write_demo_study(tmp_path / "demo")
+    ct_series_uid = str(pydicom.dcmread(sorted(demo.ct_dir.iterdir())[0], stop_before_pixels=True).SeriesInstanceUID)
+    task = ScoringTask(
+        study_instance_uid=DEMO_CLINICAL["study_instance_uid"], ct_series_dir=demo.ct_dir,
+        ct_series_instance_uid=ct_series_uid, seg_path=demo.seg_path, clinical_json=json.dumps(DEMO_CLINICAL),
+        model_path=default_model_path(), segment_label=None, extra_object_kinds=("sr", "kos", "pdf", "sc"),
+    )
+    outcome = run_scoring_task(task)
+    assert outcome.error is None, outcome.error
+    assert [kind for kind, _, _ in outcome.extra_objects] == ["sr", "kos", "pdf", "sc"]
+    datasets = [pydicom.dcmread(io.BytesIO(data)) for _, _, data in outcome.extra_objects]
+    assert [str(ds.SOPInstanceUID) for ds in datasets] == [uid for _, uid, _ in outcome.extra_objects]
+    risk_sr = pydicom.dcmread(io.BytesIO(outcome.sr_bytes))
+    roi_sr, kos, pdf, sc = datasets
+    assert {str(ds.StudyInstanceUID) for ds in (risk_sr, *datasets)} == {DEMO_CLINICAL["study_instance_uid"]}
+    assert roi_sr.SeriesInstanceUID == risk_sr.SeriesInstanceUID and roi_sr.InstanceNumber == 2
+    assert (kos.Modality, pdf.Modality, sc.Modality) == ("KO", "DOC", "OT")
+    # One key slice for all: the ROI SR's outline, the KOS's key image and the page's source image.
+    key_image = str(kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+                    .ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    assert str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) == key_image
+    assert str(pdf.SourceInstanceSequence[0].ReferencedSOPInstanceUID) == key_image
+    report = hd.sr.MeasurementReport.from_sequence(hd.sr.Comprehensive3DSR.from_dataset(roi_sr).content)
+    [planar] = report.get_planar_roi_measurement_groups()
+    assert planar.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == key_image
+    # Building again gives the same objects (deterministic UIDs; the PDF bytes have no creation date).
+    again = run_scoring_task(task)
+    assert [uid for _, uid, _ in again.extra_objects] == [uid for _, uid, _ in outcome.extra_objects]

@@ -100,3 +100,39 @@ def sealed_model(content: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def sealed_model_json(content: dict[str, Any] | None = None) -> str:
     return json.dumps(sealed_model(content), indent=2, ensure_ascii=False)
+
+
+# Training distributions of the fixture's features (name -> min, max, mean, sd), in
+# each feature's own units; dyadic like the rest, so accepted bounds are exact.
+FIXTURE_DOMAIN_FEATURES = {
+    "ring.original_firstorder_Mean": (4.0, 16.0, 10.0, 2.0),
+    "tumour.wavelet-LLH_glcm_Correlation": (0.0, 1.0, 0.5, 0.25),
+    "ring.log-sigma-2-0-mm-3D_glszm_ZoneEntropy": (3.0, 5.0, 4.0, 0.5),
+    "tumour.original_shape_Sphericity": (0.25, 1.0, 0.625, 0.125),
+}
+
+
+def distribution(minimum: float, maximum: float, mean: float, sd: float) -> dict[str, Any]:
+    """A plausible training distribution: quantiles spread evenly between min and max."""
+    width = maximum - minimum
+    quantiles = {key: minimum + width * q for key, q in
+                 (("p01", 0.03125), ("p05", 0.0625), ("p50", (mean - minimum) / width), ("p95", 0.9375), ("p99", 0.96875))}
+    return {"min": minimum, "max": maximum, "mean": mean, "sd": sd, "quantiles": quantiles}
+
+
+def model_content_v2(margin_fraction: float = 0.125, max_abs_z: float | None = None) -> dict[str, Any]:
+    """The fixture as schema v2: the same model plus an applicability domain.
+
+    Accepted (margin 1/8 of the range): ring Mean [2.5, 17.5] (training 4..16),
+    radiomics score [-5, 5] (training -4..4), risk score [-3.125, 8.125] (training -2..7).
+    """
+    content = model_content()
+    content["schema_version"] = 2
+    content["applicability_domain"] = {
+        "rule": {"kind": "widened-training-range", "margin_fraction": margin_fraction, "max_abs_z": max_abs_z},
+        "training_n": 64,
+        "features": {name: distribution(*numbers) for name, numbers in FIXTURE_DOMAIN_FEATURES.items()},
+        "radiomics_score": distribution(-4.0, 4.0, 0.0, 1.5),
+        "risk_score": distribution(-2.0, 7.0, 2.5, 1.75),
+    }
+    return content
