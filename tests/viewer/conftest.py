@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import pytest
+from pydicom.dataset import Dataset
 
 from node.demo_study import DEMO_PATIENT, write_demo_study
 from node.scoring_job import ScoredStudy, default_model_path, load_model_file, score_files
+from dicom_io.result_objects import build_result_objects
 from node.clinical_files import load_clinical_file
 from tests.node.dicom_tools import STORESCU, ToolResult, storescu
 from tests.node.peers import LOOPBACK, ORTHANC, Orthanc, peers  # noqa: F401 (fixture)
@@ -85,6 +87,33 @@ def demo_scored(tmp_path_factory) -> tuple[Path, ScoredStudy]:
     study = write_demo_study(workdir)
     scored = score_files(study.ct_dir, study.seg_path, load_clinical_file(study.clinical_path), load_model_file(default_model_path()))
     return workdir, scored
+
+
+@dataclass(frozen=True)
+class NodeObject:
+    dataset: Dataset
+    path: Path
+
+
+@pytest.fixture(scope="session")
+def node_objects(demo_scored) -> dict[str, NodeObject]:
+    """Every object the node sends for the demo study ("sr", "sr-roi", "kos", "pdf", "sc"), as files.
+
+    Built as the worker builds them: the risk SR from `score_files`, the rest
+    from `dicom_io.result_objects.build_result_objects` with every kind.
+    """
+    workdir, scored = demo_scored
+    (clinical,) = load_clinical_file(workdir / "clinical.json")
+    datasets = {
+        "sr": scored.sr,
+        **build_result_objects(scored.ct, scored.segment, clinical, scored.result, include_risk_sr=False),
+    }
+    objects = {}
+    for name, dataset in datasets.items():
+        path = workdir / f"node-{name}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        objects[name] = NodeObject(dataset, path)
+    return objects
 
 
 @dataclass
@@ -174,4 +203,4 @@ def viewer(dicomweb_orthanc, ohif_dist, chromium, tmp_path, request) -> Iterator
         ohif.stop()
 
 
-__all__ = ["DEMO_PATIENT", "Viewer"]
+__all__ = ["DEMO_PATIENT", "NodeObject", "Viewer"]
