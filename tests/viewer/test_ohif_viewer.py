@@ -231,6 +231,8 @@ def test_the_nodes_summary_pdf_and_sc_open_in_ohif(viewer: Viewer, demo_scored, 
     )
     assert bytes(shown_bytes).rstrip(b"\0") == bytes(pdf.EncapsulatedDocument).rstrip(b"\0")
     assert bytes(shown_bytes).startswith(b"%PDF-")
+    # Chromium's PDF viewer draws out of process, with no DOM event to wait for; the pause is for the screenshot only.
+    page.wait_for_timeout(3000)
     viewer.screenshot(page, "node-summary-pdf")
 
     sc = node_objects["sc"].dataset
