@@ -196,8 +196,9 @@ def test_the_nodes_key_slice_roi_in_ohif(viewer: Viewer, demo_scored, node_objec
     assert viewer.page_errors == []
 
 
+# Not strict: when the ROI SR starts naming the group, this XPASSes without failing a merge; then drop the mark.
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,
     reason=(
         "the key-slice ROI SR (dicom_io.sr_writer.build_key_slice_roi_sr) carries the risk group only in its "
         "Tracking Identifier and a CODE item, and OHIF 3.13 shows neither; it needs a NUM whose concept name "
