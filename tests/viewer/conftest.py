@@ -23,10 +23,10 @@ from typing import Iterator, Sequence
 import pytest
 from pydicom.dataset import Dataset
 
-from node.demo_study import DEMO_PATIENT, write_demo_study
-from node.scoring_job import ScoredStudy, default_model_path, load_model_file, score_files
 from dicom_io.result_objects import build_result_objects
 from node.clinical_files import load_clinical_file
+from node.demo_study import DEMO_PATIENT, write_demo_study
+from node.scoring_job import ScoredStudy, default_model_path, load_model_file, score_files
 from tests.node.dicom_tools import STORESCU, ToolResult, storescu
 from tests.node.peers import LOOPBACK, ORTHANC, Orthanc, peers  # noqa: F401 (fixture)
 from tests.viewer.ohif import OhifServer, chromium_executable, ohif_dist_dir, ohif_version
