@@ -92,6 +92,21 @@ RADIOMICS_CUTOFF = _private("RADCUTOFF", "Radiomics score cut-off")
 RISK_SCORE = _private("RISKSCORE", "Integrated risk score")
 RISK_CUTOFF = _private("RISKCUTOFF", "Integrated risk score cut-off")
 
+#: (risk group, demonstration) -> the key-slice ROI SR's risk-score NUM.  OHIF v3 labels an outline
+#: with "concept name: value unit" of each NUM and never shows CODE items or the Tracking Identifier,
+#: so the group, and DEMO for a demonstration model, must be in the NUM's concept name.
+RISK_SCORE_WITH_GROUP: Mapping[tuple[str, bool], Code] = MappingProxyType(
+    {
+        ("high", False): _private("RSHIGH", "High progression risk, integrated risk score"),
+        ("low", False): _private("RSLOW", "Low progression risk, integrated risk score"),
+        ("high", True): _private("RSHIGHDEMO", "High progression risk (DEMO model), risk score"),
+        ("low", True): _private("RSLOWDEMO", "Low progression risk (DEMO model), risk score"),
+    }
+)
+#: The key-slice ROI SR's NUM when the estimates are withheld: how many features lie outside the
+#: model's applicability domain, named so that OHIF's label says why there is no risk group.
+OUT_OF_DOMAIN_FEATURE_COUNT = _private("OODCOUNT", "Outside applicability domain: features out of range")
+
 #: Months -> "Progression-free survival at N months" (percent of patients like this one).
 PFS_PROBABILITY: Mapping[int, Code] = MappingProxyType(
     {months: _private(f"PFSP{months}M", f"Progression-free survival at {months} months") for months in (6, 12)}

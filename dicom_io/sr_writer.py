@@ -38,9 +38,11 @@ that draw ROIs (OHIF)::
 
     CONTAINER Imaging Measurement Report ... Image Library: the key slice
       CONTAINS  CONTAINER Measurement Group  TID 1410, SEPARATE
-        Tracking Identifier "Tumour: High risk (DEMO)" (OHIF's label), Tracking UID,
+        Tracking Identifier "Tumour: High risk (DEMO)", Tracking UID,
         Finding, Finding Site, SCOORD POLYLINE tumour outline on the key CT image,
-        NUM PFS at 6 / 12 months [%], integrated risk score [withheld], Area [mm2],
+        NUM PFS at 6 / 12 months [%], "High progression risk (DEMO model), risk
+        score" [withheld: "Outside applicability domain: features out of range"],
+        Area [mm2] (OHIF's label lines are these NUMs and the finding site),
         CODE Progression risk group [withheld]
 
 Withholding: when ``result.applicability`` is out of domain and
@@ -564,7 +566,7 @@ def _source_dataset(segment: TumourSource) -> Dataset:
 
 
 def _tracking_text(segment: TumourSource, result: RiskResult, report_out_of_domain: bool, what: str) -> str:
-    # OHIF shows the Tracking Identifier as the measurement's name; keep it short (it is a TEXT, UT).
+    # Readers that list measurements by name (dsr2html, PACS SR views) show it; keep it short (TEXT, UT).
     demo = " (DEMO)" if result.model.demonstration else ""
     return f"{segment.segment_label}: {what}{demo}"
 
@@ -702,9 +704,11 @@ def _planar_group(
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 on the key slice: the tumour outline, labelled with the result, for viewers that draw ROIs.
 
-    OHIF v3 draws SCOORD groups only and labels them from the Tracking
-    Identifier, the NUM items ("name: value unit") and the finding site, so
-    the risk group goes in the Tracking Identifier and PFS in NUMs.
+    OHIF v3 draws SCOORD groups only and labels them from the NUM items
+    ("name: value unit", at most five lines with the finding site); it never
+    shows CODE items or the Tracking Identifier.  So the risk group (and DEMO)
+    is in the risk-score NUM's concept name (``codes.RISK_SCORE_WITH_GROUP``),
+    and a withheld result has a NUM that says it is outside the domain.
     """
     if not key_slice.outlines_px:
         raise ValueError(f"no tumour outline on key slice {key_slice.index}")
@@ -719,11 +723,16 @@ def _planar_group(
     )
     measurements = [hd.sr.Measurement(name=codes.AREA, value=round(key_slice.area_mm2, 1), unit=codes.UNIT_MM2)]
     evaluations = []
-    if not withheld:
+    if withheld:
+        measurements.insert(0, hd.sr.Measurement(
+            name=codes.OUT_OF_DOMAIN_FEATURE_COUNT, value=len(result.applicability.violations), unit=codes.UNIT_ONE))
+    else:
+        group_value = RiskGroup(result.risk_group).value
         measurements = [
             *(hd.sr.Measurement(name=codes.PFS_PROBABILITY[m], value=percent(p), unit=codes.UNIT_PERCENT)
               for m, p in _checked_pfs(result).items()),
-            hd.sr.Measurement(name=codes.RISK_SCORE, value=rounded_score(result.risk_score), unit=codes.UNIT_ONE),
+            hd.sr.Measurement(name=codes.RISK_SCORE_WITH_GROUP[group_value, result.model.demonstration],
+                              value=rounded_score(result.risk_score), unit=codes.UNIT_ONE),
             *measurements,
         ]
         evaluations.append(

@@ -112,6 +112,9 @@ def test_roi_sr_draws_the_outline_on_the_key_slice_and_labels_it(study, roi_sr_p
     assert labels["Progression-free survival at 6 months"] == (61.8, "%")
     assert labels["Progression-free survival at 12 months"] == (27.2, "%")
     assert labels["Area"][1] == "mm2"
+    # OHIF shows NUM names, never the CODE risk group: the group and DEMO are in the score's name.
+    assert labels["High progression risk (DEMO model), risk score"] == (
+        round(make_result().risk_score, 3), "1")
     assert [site.value.value for site in planar.finding_sites] == ["39607008"]
     # Both SRs' Image Library hold exactly the key slice (not one entry per CT slice).
     for path in (roi_sr_path, sr_path):
@@ -131,7 +134,10 @@ def test_out_of_domain_roi_carries_no_estimates(study, tmp_path):
     path = write(build_key_slice_roi_sr(ct, segment, make_result(applicability=OUT_OF_DOMAIN), key), tmp_path / "ROI.dcm")
     [planar] = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
     assert planar.tracking_identifier == "Tumour: outside applicability domain (DEMO)"
-    assert [m.name.meaning for m in planar.get_measurements()] == ["Area"]
+    # No risk score, group or PFS; OHIF's label says why instead.
+    labels = {m.name.meaning: m.value for m in planar.get_measurements()}
+    assert labels.keys() == {"Outside applicability domain: features out of range", "Area"}
+    assert labels["Outside applicability domain: features out of range"] == len(OUT_OF_DOMAIN.violations)
 
 
 @pytest.fixture(scope="module")

@@ -196,23 +196,15 @@ def test_the_nodes_key_slice_roi_in_ohif(viewer: Viewer, demo_scored, node_objec
     assert viewer.page_errors == []
 
 
-# Not strict: when the ROI SR starts naming the group, this XPASSes without failing a merge; then drop the mark.
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "the key-slice ROI SR (dicom_io.sr_writer.build_key_slice_roi_sr) carries the risk group only in its "
-        "Tracking Identifier and a CODE item, and OHIF 3.13 shows neither; it needs a NUM whose concept name "
-        "states the group (docs/viewing-results.md)"
-    ),
-)
 def test_the_nodes_risk_group_is_a_label_in_ohif(viewer: Viewer, demo_scored, node_objects):
-    """The risk group ("High"/"Low") must be one of the lines OHIF draws beside the outline."""
+    """The risk group ("High"/"Low") and DEMO must be in the lines OHIF draws beside the outline."""
     _workdir, scored = demo_scored
     page, _group, overlay = _open_node_roi_sr(viewer, demo_scored, node_objects)
     risk_word = str(getattr(scored.result.risk_group, "value", scored.result.risk_group)).lower()
-    assert any(re.search(rf"\b{risk_word}\b", line, re.IGNORECASE) for line in overlay["texts"]), (
+    assert any(re.search(rf"\b{risk_word} progression risk\b", line, re.IGNORECASE) for line in overlay["texts"]), (
         f"OHIF shows no '{risk_word}' risk label beside the outline; it drew {overlay['texts']}"
     )
+    assert any("(DEMO model)" in line for line in overlay["texts"]), overlay["texts"]
 
 
 def test_the_nodes_summary_pdf_and_sc_open_in_ohif(viewer: Viewer, demo_scored, node_objects):
