@@ -86,7 +86,9 @@ def summary_title(result: RiskResult) -> str:
 
 
 def _slice_array(image: sitk.Image, index: int) -> np.ndarray:
-    return sitk.GetArrayViewFromImage(image)[index]
+    # A copy, not a view: a view does not keep ``image`` alive, and callers pass temporaries
+    # (the ring); reading a view of a freed image crashed the scoring worker (SIGSEGV in numpy).
+    return sitk.GetArrayViewFromImage(image)[index].copy()
 
 
 def _crop_box(mask_slice: np.ndarray, spacing_xy_mm: tuple[float, float]) -> tuple[slice, slice]:

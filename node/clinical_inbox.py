@@ -368,13 +368,58 @@ _PROBLEM_KINDS = (
 )
 
 
+#: A FHIR problem names the item it concerns as "<item> (LOINC <code>)" (scoring.fhir_mapping).
+_FHIR_ITEM = re.compile(r"(?:(missing|conflict): )?(.{1,40}?) \(LOINC (\d{1,7}-\d)\)")
+#: What a FHIR problem says (scoring.fhir_mapping's words), most specific first.
+_FHIR_PROBLEM_KINDS = (
+    ("is for another patient", "an Observation is for another patient than the study's"),
+    ("has no effective date", "an Observation has no effective date"),
+    ("carries several of the LOINC codes", "an Observation carries several of the LOINC codes read"),
+    ("no usable Observation", "no usable Observation in the look-back window"),
+    ("has different values", "Observations at the same time disagree"),
+    ("reference-range upper limits", "needs exactly one reference-range upper limit (the ULN in U/L)"),
+    ("is not UCUM", "unit system is not UCUM"),
+    ("wrong unit", "wrong unit"),
+    ("unit ", "wrong unit"),
+    ("not an exact number", "not an exact number"),
+    ("has no valueQuantity", "has no valueQuantity"),
+    ("unknown value code", "unknown value code"),
+    ("names several", "its value names several categories"),
+    ("not a whole score", "is not a whole score (allowed: integer 0-4)"),
+    ("has no value", "has no value"),
+)
+
+
+def _withhold_fhir_content(problem: str) -> str | None:
+    """A FHIR problem kept to its item, LOINC code and kind (no resource ids, values or codes from the file)."""
+    from scoring.fhir_mapping import ITEM_BY_CODE
+
+    found = _FHIR_ITEM.search(problem)
+    if found is None:
+        if problem.startswith("FHIR file: no study of its patient"):
+            return problem  # our own words only
+        if "not a valid FHIR R4" in problem or "not a resource" in problem:
+            return "FHIR content: not a valid FHIR R4 resource"
+        return None
+    prefix, name, code = found.groups()
+    item = ITEM_BY_CODE.get(code)
+    if item is None or item.name != name.strip():
+        return None
+    kind = next((text for phrase, text in _FHIR_PROBLEM_KINDS if phrase in problem), "value not accepted")
+    return f"{prefix + ': ' if prefix else ''}{item.name} (LOINC {item.code}): {kind}"
+
+
 def withhold_content(problem: str) -> str:
     """A problem text rebuilt from the parsers' own words only: place, known field name, kind, allowed values.
 
     Anything that came from the file (a value, an unknown column name, a
-    quoted key) is left out, so a rejection note never repeats file content,
-    whatever the file was (issue 10: a symlinked /etc file was quoted).
+    quoted key, a FHIR resource id) is left out, so a rejection note never
+    repeats file content, whatever the file was (issue 10: a symlinked /etc
+    file was quoted).
     """
+    fhir = _withhold_fhir_content(problem)
+    if fhir is not None:
+        return fhir
     head, separator, allowed = problem.rpartition(" (allowed: ")
     if not separator:
         head, allowed = problem, ""

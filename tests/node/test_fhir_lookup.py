@@ -251,7 +251,9 @@ def test_a_bundle_with_another_patients_observation_is_rejected(spool, demo, tmp
     assert report.problems == (
         "ANC (LOINC 751-8) Observation/x is for another patient than the study's (its subject does not match)",)
     error_text = (inbox_dir / "rejected" / "export.json.error.txt").read_text()
-    assert "Observation/x is for another patient" in error_text and PATIENT_ID not in error_text
+    # The note names the item and the problem, never the file's content (the resource id, the patient).
+    assert "ANC (LOINC 751-8): an Observation is for another patient than the study's" in error_text
+    assert "Observation/x" not in error_text and PATIENT_ID not in error_text
 
 
 def test_fhir_config_names_each_problem(tmp_path):
