@@ -587,6 +587,16 @@ def test_out_of_domain_study_withholds_risk_group_and_pfs_by_default(study, tmp_
     assert b"High risk" not in path.read_bytes()
 
 
+@pytest.mark.external
+def test_withheld_out_of_domain_sr_passes_dciodvfy(study, tmp_path):
+    _require(DCIODVFY)
+    _sr, path = _sr_for(study, tmp_path, make_result(applicability=OUT_OF_DOMAIN))
+    run = _run([DCIODVFY, "-new", path])
+    lines = (run.stdout + run.stderr).splitlines()
+    assert [line for line in lines if line.startswith("Error")] == []
+    assert all(line.endswith("Unrecognized defined term = <99SCLCRN>") for line in lines if line.startswith("Warning"))
+
+
 def test_out_of_domain_study_is_reported_with_the_flag_when_configured(study, tmp_path):
     sr, _ = _sr_for(study, tmp_path, make_result(applicability=OUT_OF_DOMAIN), report_out_of_domain=True)
     content = read_risk_sr(sr)
