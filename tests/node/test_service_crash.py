@@ -24,6 +24,7 @@ import pytest
 from node.demo_study import DEMO_CLINICAL, write_demo_study
 from tests.node.dicom_tools import requires_dcmtk, storescu
 from tests.node.peers import free_port
+from tests.test_end_to_end import wait_for as wait_for_condition, worker_pids
 
 pytestmark = [pytest.mark.external, pytest.mark.slow, requires_dcmtk]
 
@@ -121,26 +122,9 @@ port = {self.http_port}
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def child_pids(parent_pid: int) -> list[int]:
-    children = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
-        except OSError:
-            continue
-        if fields.get("PPid", "").strip() == str(parent_pid):
-            children.append(int(status.parent.name))
-    return children
-
-
 def wait_for(condition, timeout_s: float, what: str, node: ServeProcess | None = None, interval_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n" + (node.log_tail() if node else ""))
+    # Polled finely: the test measures how soon scoring resumes after a restart.
+    return wait_for_condition(condition, timeout_s, what, node, interval_s=interval_s)  # type: ignore[arg-type]
 
 
 def test_three_kill9_during_scoring_still_score_the_study_and_each_restart_resumes_within_seconds(tmp_path):
@@ -156,7 +140,7 @@ def test_three_kill9_during_scoring_still_score_the_study_and_each_restart_resum
         for round_number in range(3):
             wait_for(lambda: node.state_now(study_uid) == "scoring", 60, f"scoring (round {round_number})", node,
                      interval_s=0.01)
-            children = child_pids(node.process.pid)
+            children = worker_pids(node.process.pid)
             node.kill9()
             dead_claimant = node.study_row(study_uid)["claimed_by"]
             assert node.state_now(study_uid) == "scoring"
