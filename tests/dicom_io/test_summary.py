@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 import pypdf
 import pytest
+import SimpleITK as sitk
 from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage
 
 from dicom_io.key_slice import find_key_slice
@@ -128,3 +129,17 @@ def test_dciodvfy_reports_no_errors_on_pdf_and_sc(paths, kind):
     lines = (run.stdout + run.stderr).splitlines()
     assert [line for line in lines if line.startswith("Error")] == []
     assert [line for line in lines if line.startswith("Warning")] == []
+
+
+def test_a_slice_of_a_temporary_image_outlives_the_image():
+    """The page draws the ring from a temporary image: its slice must not be a view of freed memory.
+
+    A view of a freed SimpleITK image read garbage, or crashed the scoring worker with SIGSEGV once
+    the image was large enough for its buffer to be unmapped.
+    """
+    from dicom_io.summary import _slice_array
+
+    ring_slice = _slice_array(sitk.Image([512, 512, 40], sitk.sitkUInt8) + 1, 20)
+    assert ring_slice.flags.owndata
+    _reuse_the_freed_memory = [np.zeros(10**6) + 2 for _ in range(20)]
+    assert ring_slice.shape == (512, 512) and int(ring_slice.min()) == int(ring_slice.max()) == 1
