@@ -249,6 +249,23 @@ def _copied_patient_study(header: Dataset) -> dict:
     )
 
 
+def _document_attributes(
+    result: RiskResult, software_version: str, institution_name: str | None, when: _dt.datetime
+) -> dict:
+    """The series, equipment and content attributes the PDF and the SC share (as the SRs)."""
+    return dict(
+        series_description=series_description(result.model),
+        manufacturer_model_name=SOFTWARE_NAME,
+        software_versions=software_version,
+        institution_name=institution_name,
+        content_date=when.date(),
+        content_time=when.time(),
+        series_date=when.date(),
+        series_time=when.time(),
+        specific_character_set=SPECIFIC_CHARACTER_SET,
+    )
+
+
 def build_encapsulated_pdf(
     ct: CtSeries,
     segment: TumourSegment,
@@ -278,15 +295,7 @@ def build_encapsulated_pdf(
         modality="DOC",
         manufacturer=manufacturer,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=series_description(result.model),
-        manufacturer_model_name=SOFTWARE_NAME,
-        software_versions=software_version,
-        institution_name=institution_name,
-        content_date=when.date(),
-        content_time=when.time(),
-        series_date=when.date(),
-        series_time=when.time(),
-        specific_character_set=SPECIFIC_CHARACTER_SET,
+        **_document_attributes(result, software_version, institution_name, when),
         **_copied_patient_study(header),
     )
     # SC Equipment module: a workstation made this document.
@@ -356,15 +365,7 @@ def build_secondary_capture(
         instance_number=1,
         manufacturer=manufacturer,
         patient_orientation=panel_orientation(header),
-        series_description=series_description(result.model),
-        manufacturer_model_name=SOFTWARE_NAME,
-        software_versions=software_version,
-        institution_name=institution_name,
-        content_date=when.date(),
-        content_time=when.time(),
-        series_date=when.date(),
-        series_time=when.time(),
-        specific_character_set=SPECIFIC_CHARACTER_SET,
+        **_document_attributes(result, software_version, institution_name, when),
         **copied,
     )
     image.BurnedInAnnotation = "YES"
