@@ -9,22 +9,15 @@ seconds.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from node.demo_study import DEMO_CLINICAL, write_demo_study
 from tests.node.dicom_tools import requires_dcmtk, storescu
-from tests.node.peers import free_port
-from tests.test_end_to_end import wait_for as wait_for_condition, worker_pids
+from tests.test_end_to_end import NodeProcess, wait_for as wait_for_condition, worker_pids
 
 pytestmark = [pytest.mark.external, pytest.mark.slow, requires_dcmtk]
 
@@ -34,18 +27,12 @@ LEASE_S = 600
 RESUME_WITHIN_S = 30
 
 
-class ServeProcess:
+class ServeProcess(NodeProcess):
     """`sclc-node serve` without destinations (scored is final), started and SIGKILLed by PID."""
 
     def __init__(self, root: Path):
-        root.mkdir(parents=True, exist_ok=True)
-        self.state = root / "state"
-        self.inbox = self.state / "inbox"
+        super().__init__(root, orthanc_dicom_port=0, lease_s=LEASE_S)  # its config is replaced below
         self.database = self.state / "node.sqlite3"
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        self.log_path = root / "node.log"
-        self.config_path = root / "node.toml"
         self.config_path.write_text(f"""
 [scp]
 port = {self.dicom_port}
@@ -64,37 +51,6 @@ lease_s = {LEASE_S}
 [http]
 port = {self.http_port}
 """)
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
-        wait_for(self._healthy, 60, "the node's /healthz", self)
-
-    def _healthy(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"node exited with {self.process.returncode}:\n{self.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def kill9(self) -> None:
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
 
     def study_row(self, study_uid: str) -> dict | None:
         if not self.database.exists():
@@ -108,18 +64,6 @@ port = {self.http_port}
         row = self.study_row(study_uid)
         return row["state"] if row else None
 
-    def drop_clinical_record(self, record: dict) -> None:
-        self.inbox.mkdir(parents=True, exist_ok=True)
-        partial = self.inbox / ".record.json.partial"
-        partial.write_text(json.dumps(record))
-        past = time.time() - 5
-        os.utime(partial, (past, past))
-        partial.rename(self.inbox / "record.json")
-
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def wait_for(condition, timeout_s: float, what: str, node: ServeProcess | None = None, interval_s: float = 0.05):
