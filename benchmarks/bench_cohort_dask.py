@@ -24,11 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.training.cohort import load_cohort  # noqa: E402
-from node.training.extraction import extract_cohort_features  # noqa: E402
-from node.training.simulate import simulate_cohort  # noqa: E402
-from scoring.features import installed_pyradiomics_version  # noqa: E402
-from scoring.types import ExtractionSettings  # noqa: E402
+from sclc_risk_node.node.training.cohort import load_cohort  # noqa: E402
+from sclc_risk_node.node.training.extraction import extract_cohort_features  # noqa: E402
+from sclc_risk_node.node.training.simulate import simulate_cohort  # noqa: E402
+from sclc_risk_node.scoring.features import installed_pyradiomics_version  # noqa: E402
+from sclc_risk_node.scoring.types import ExtractionSettings  # noqa: E402
 
 SETTINGS = ExtractionSettings(
     pyradiomics_version=installed_pyradiomics_version(),
@@ -54,15 +54,22 @@ def cohort_csv(folder: Path, patients: int) -> Path:
 def timed_run(csv_path: Path, workers: int, cache: Path) -> float:
     import distributed
 
-    with distributed.LocalCluster(n_workers=workers, processes=True, threads_per_worker=1, dashboard_address=None,
-                                  silence_logs=40) as cluster:
+    with distributed.LocalCluster(
+        n_workers=workers, processes=True, threads_per_worker=1, dashboard_address=None, silence_logs=40
+    ) as cluster:
         # Wait until the workers are up: their start-up is not extraction time.
         with distributed.Client(cluster.scheduler_address) as client:
             client.wait_for_workers(workers)
             client.run(lambda: __import__("radiomics") and None)  # import pyradiomics in every worker
         started = time.perf_counter()
-        result = extract_cohort_features(load_cohort(csv_path), SETTINGS, feature_classes=CLASSES, cache_dir=cache,
-                                         scheduler=cluster.scheduler_address, progress=False)
+        result = extract_cohort_features(
+            load_cohort(csv_path),
+            SETTINGS,
+            feature_classes=CLASSES,
+            cache_dir=cache,
+            scheduler=cluster.scheduler_address,
+            progress=False,
+        )
         seconds = time.perf_counter() - started
     if result.failures:
         raise SystemExit(f"extraction failed: {result.failures}")

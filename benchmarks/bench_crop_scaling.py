@@ -22,11 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_features import measure  # noqa: E402
-from scoring.features import extract_model_features, installed_pyradiomics_version  # noqa: E402
-from scoring.pipeline import model_features  # noqa: E402
-from scoring.ring import peritumoral_ring  # noqa: E402
-from scoring.types import ExtractionSettings, FeatureSpec, RingDefinition  # noqa: E402
-from sclc_risk_node_models import shipped_model_path  # noqa: E402
+from sclc_risk_node.models import shipped_model_path  # noqa: E402
+from sclc_risk_node.scoring.features import extract_model_features, installed_pyradiomics_version  # noqa: E402
+from sclc_risk_node.scoring.pipeline import model_features  # noqa: E402
+from sclc_risk_node.scoring.ring import peritumoral_ring  # noqa: E402
 from tests.scoring.phantoms import ellipsoid_mask, textured_ct  # noqa: E402
 
 SPACING_MM = (0.7, 0.7, 1.0)
@@ -34,7 +33,7 @@ SEMI_AXES_MM = (12.0, 10.0, 14.0)
 
 
 def demo_model_specs_and_settings():
-    from scoring.model import FrozenModel
+    from sclc_risk_node.scoring.model import FrozenModel
 
     model = FrozenModel.from_json(shipped_model_path("demo-integrated-cox-2.0.0.json").read_text())
     return model.feature_specs, model.extraction
@@ -47,10 +46,10 @@ def run(sizes=(128, 256, 512), slices: int = 96, repeats: int = 1) -> dict:
         tumour = ellipsoid_mask((size, size, slices), SPACING_MM, SEMI_AXES_MM)
         image = textured_ct(tumour, seed=4)
 
-        def crop_first():
+        def crop_first(image=image, tumour=tumour):
             return model_features(image, tumour, specs, settings).values
 
-        def whole():
+        def whole(image=image, tumour=tumour):
             ring = peritumoral_ring(tumour, settings.ring)
             return extract_model_features(image, {"tumour": tumour, "ring": ring}, specs, settings).values
 
@@ -61,13 +60,19 @@ def run(sizes=(128, 256, 512), slices: int = 96, repeats: int = 1) -> dict:
                 seconds, megabytes, results[name] = measure(fn)
                 timings[name].append((seconds, megabytes))
         worst = max(abs(results["crop_first"][k] - v) / max(abs(v), 1e-9) for k, v in results["whole_volume"].items())
-        rows.append({
-            "ct": f"{size}x{size}x{slices}",
-            **{name: {"seconds": statistics.median(s for s, _ in values),
-                      "peak_rss_above_start_mb": statistics.median(m for _, m in values)}
-               for name, values in timings.items()},
-            "max_relative_difference": worst,
-        })
+        rows.append(
+            {
+                "ct": f"{size}x{size}x{slices}",
+                **{
+                    name: {
+                        "seconds": statistics.median(s for s, _ in values),
+                        "peak_rss_above_start_mb": statistics.median(m for _, m in values),
+                    }
+                    for name, values in timings.items()
+                },
+                "max_relative_difference": worst,
+            }
+        )
         del image, tumour
     smallest = rows[0]
     for row in rows:
@@ -75,7 +80,7 @@ def run(sizes=(128, 256, 512), slices: int = 96, repeats: int = 1) -> dict:
             row[name]["time_vs_smallest"] = row[name]["seconds"] / smallest[name]["seconds"]
     return {
         "tumour": f"ellipsoid semi-axes {SEMI_AXES_MM} mm at {SPACING_MM} mm; demonstration model's "
-                  f"{len(specs)} features; pyradiomics {installed_pyradiomics_version()}",
+        f"{len(specs)} features; pyradiomics {installed_pyradiomics_version()}",
         "repeats": repeats,
         "sizes": rows,
     }

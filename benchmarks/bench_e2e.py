@@ -34,14 +34,23 @@ from tests.node.peers import start_orthanc  # noqa: E402
 from tests.realdata import pyradiomics_case_as_dicom  # noqa: E402
 from tests.test_end_to_end import NODE_AE, ORTHANC_AE, NodeProcess, wait_for, worker_pids  # noqa: E402
 
-CLINICAL = {"t_stage": "T3", "n_stage": "N2", "m_stage": "M1c", "ecog": 1, "anc": 5.1, "wbc": 7.4,
-            "ldh": 310, "ldh_uln": 250}
+CLINICAL = {
+    "t_stage": "T3",
+    "n_stage": "N2",
+    "m_stage": "M1c",
+    "ecog": 1,
+    "anc": 5.1,
+    "wbc": 7.4,
+    "ldh": 310,
+    "ldh_uln": 250,
+}
 WARM_UP_S = 20.0  # imports + model load in the worker, on a busy machine
 
 
 def sr_ids(orthanc, study_uid: str) -> list[str]:
-    return list(orthanc.post("/tools/find", {"Level": "Instance",
-                                             "Query": {"Modality": "SR", "StudyInstanceUID": study_uid}}))
+    return list(
+        orthanc.post("/tools/find", {"Level": "Instance", "Query": {"Modality": "SR", "StudyInstanceUID": study_uid}})
+    )
 
 
 def delete_instance(orthanc, instance_id: str) -> None:
@@ -62,15 +71,16 @@ def run(case: str = "lung2", repeats: int = 5) -> dict:
             for repeat in range(repeats):
                 node = NodeProcess(root / f"node-{repeat}", orthanc_dicom_port=orthanc.dicom_port).start()
                 try:
-                    wait_for(lambda: worker_pids(node.process.pid), 60, "the scoring worker", node)
+                    wait_for(lambda: worker_pids(node.process.pid), 60, "the scoring worker", node)  # noqa: B023 - waited on at once
                     time.sleep(WARM_UP_S)
                     node.drop_clinical_record(record)
                     sent = storescu("127.0.0.1", node.dicom_port, [ct_dir, seg_path], called_ae=NODE_AE)
                     acknowledged = time.perf_counter()
                     if not sent.ok:
                         raise SystemExit(f"storescu failed:\n{sent.output[-2000:]}")
-                    [sr_id] = wait_for(lambda: sr_ids(orthanc, study_uid), 300, "the SR in Orthanc", node,
-                                       interval_s=0.05)
+                    [sr_id] = wait_for(
+                        lambda: sr_ids(orthanc, study_uid), 300, "the SR in Orthanc", node, interval_s=0.05
+                    )
                     latencies.append(time.perf_counter() - acknowledged)
                     stages.append(node.study(study_uid).get("stage_seconds"))
                     delete_instance(orthanc, sr_id)
@@ -81,7 +91,7 @@ def run(case: str = "lung2", repeats: int = 5) -> dict:
     median = statistics.median(latencies)
     return {
         "case": f"pyradiomics {case} as DICOM ({sum(1 for _ in ct_dir.iterdir())} CT files + SEG), "
-                "storescu -> node -> Orthanc, grace_s = 1",
+        "storescu -> node -> Orthanc, grace_s = 1",
         "repeats": repeats,
         "median_s": median,
         "runs_s": latencies,

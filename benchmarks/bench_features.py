@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import SimpleITK as sitk  # noqa: E402
 
-from scoring.crop import plan_crop  # noqa: E402
-from scoring.features import extract_all_features, extract_model_features, installed_pyradiomics_version  # noqa: E402
-from scoring.ring import peritumoral_ring  # noqa: E402
-from scoring.types import ExtractionSettings, FeatureSpec, RingDefinition  # noqa: E402
+from sclc_risk_node.scoring.crop import plan_crop  # noqa: E402
+from sclc_risk_node.scoring.features import extract_all_features, extract_model_features, installed_pyradiomics_version  # noqa: E402
+from sclc_risk_node.scoring.ring import peritumoral_ring  # noqa: E402
+from sclc_risk_node.scoring.types import ExtractionSettings, FeatureSpec, RingDefinition  # noqa: E402
 from tests.scoring.phantoms import ellipsoid_mask, textured_ct  # noqa: E402
 
 MODEL_FEATURES = (
@@ -111,7 +111,10 @@ def run(case: str | None = "lung2", *, repeats: int = 3, sigmas=(2.0,), image_pa
     settings = ExtractionSettings(
         pyradiomics_version=installed_pyradiomics_version(),
         settings={
-            "binWidth": 25, "resampledPixelSpacing": [1.0, 1.0, 1.0], "interpolator": "sitkBSpline", "label": 1,
+            "binWidth": 25,
+            "resampledPixelSpacing": [1.0, 1.0, 1.0],
+            "interpolator": "sitkBSpline",
+            "label": 1,
         },
         image_types={"Original": {}, "Wavelet": {}, "LoG": {"sigma": list(sigmas)}},
         ring=RingDefinition(2.0, 2.0),
@@ -148,8 +151,10 @@ def run(case: str | None = "lung2", *, repeats: int = 3, sigmas=(2.0,), image_pa
         if not (math.isfinite(theirs) and abs(ours - theirs) <= 1e-6 * max(abs(theirs), 1e-9)):
             mismatches.append({"feature": spec.name, "model": ours, "full": theirs})
     medians = {
-        name: {"seconds": statistics.median(s for s, _ in values),
-               "peak_rss_above_start_mb": statistics.median(m for _, m in values)}
+        name: {
+            "seconds": statistics.median(s for s, _ in values),
+            "peak_rss_above_start_mb": statistics.median(m for _, m in values),
+        }
         for name, values in runs.items()
     }
     medians["model"]["features"] = len(specs)
@@ -185,8 +190,11 @@ def main() -> int:
     if bool(args.image) != bool(args.mask):
         parser.error("--image and --mask go together")
     case = None if (args.synthetic or args.image) else args.case
-    print(json.dumps(run(case, repeats=args.repeats, sigmas=args.sigmas, image_path=args.image,
-                         mask_path=args.mask), indent=2))
+    print(
+        json.dumps(
+            run(case, repeats=args.repeats, sigmas=args.sigmas, image_path=args.image, mask_path=args.mask), indent=2
+        )
+    )
     return 0
 
 

@@ -35,8 +35,16 @@ SPACING_MM = (0.7, 0.7, 1.0)
 TUMOUR_SEMI_AXES_MM = (30.0, 26.0, 28.0)  # ~6 cm across
 CROP_XY = 128
 GNU_TIME = "/usr/bin/time"
-CLINICAL = {"t_stage": "T3", "n_stage": "N2", "m_stage": "M1c", "ecog": 1, "anc": 5.1, "wbc": 7.4,
-            "ldh": 310, "ldh_uln": 250}
+CLINICAL = {
+    "t_stage": "T3",
+    "n_stage": "N2",
+    "m_stage": "M1c",
+    "ecog": 1,
+    "anc": 5.1,
+    "wbc": 7.4,
+    "ldh": 310,
+    "ldh_uln": 250,
+}
 
 
 def cache_dir() -> Path:
@@ -59,8 +67,13 @@ def synthetic_volume(seed: int = 11) -> tuple[sitk.Image, sitk.Image, tuple[int,
     lo = (centre_index - half).astype(int)
     hi = (centre_index + half).astype(int)
     zz, yy, xx = np.meshgrid(*(np.arange(lo[a], hi[a]) for a in (2, 1, 0)), indexing="ij")
-    inside = sum(((g - centre_index[a]) * SPACING_MM[a] / TUMOUR_SEMI_AXES_MM[a]) ** 2
-                 for g, a in ((xx, 0), (yy, 1), (zz, 2))) <= 1.0
+    inside = (
+        sum(
+            ((g - centre_index[a]) * SPACING_MM[a] / TUMOUR_SEMI_AXES_MM[a]) ** 2
+            for g, a in ((xx, 0), (yy, 1), (zz, 2))
+        )
+        <= 1.0
+    )
     noise = sitk.GetImageFromArray(rng.normal(0.0, 1.0, inside.shape))
     noise.SetSpacing(SPACING_MM)
     texture = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(noise, 1.5))
@@ -78,7 +91,7 @@ def synthetic_volume(seed: int = 11) -> tuple[sitk.Image, sitk.Image, tuple[int,
 
 
 def write_study(image: sitk.Image, mask: sitk.Image, folder: Path) -> None:
-    from dicom_io.synthetic import SyntheticPatient, build_tumour_seg, write_ct_series
+    from sclc_risk_node.dicom_io.synthetic import SyntheticPatient, build_tumour_seg, write_ct_series
 
     patient = SyntheticPatient(patient_id="BENCH-0001", patient_name="Bench^Large", accession_number="BENCH0001")
     datasets = write_ct_series(image, folder / "ct", patient)
@@ -103,22 +116,41 @@ def studies() -> dict[str, Path]:
     return folders
 
 
-def score_once(folder: Path, *, ct_dir: Path | None = None, seg_path: Path | None = None,
-               clinical_path: Path | None = None) -> dict:
+def score_once(
+    folder: Path, *, ct_dir: Path | None = None, seg_path: Path | None = None, clinical_path: Path | None = None
+) -> dict:
     """One `sclc-node score` process: wall seconds, its peak RSS, and the stage split it reports."""
     ct_dir = ct_dir or folder / "ct"
     seg_path = seg_path or folder / "seg.dcm"
     clinical_path = clinical_path or folder / "clinical.json"
     with tempfile.TemporaryDirectory(prefix="bench-score-") as temp:
         result_path = Path(temp) / "result.json"
-        command = [sys.executable, "-m", "node.cli", "score", "--ct", str(ct_dir), "--seg", str(seg_path),
-                   "--clinical", str(clinical_path), "--out", str(Path(temp) / "sr.dcm"), "--json", str(result_path)]
+        command = [
+            sys.executable,
+            "-m",
+            "sclc_risk_node.node.cli",
+            "score",
+            "--ct",
+            str(ct_dir),
+            "--seg",
+            str(seg_path),
+            "--clinical",
+            str(clinical_path),
+            "--out",
+            str(Path(temp) / "sr.dcm"),
+            "--json",
+            str(result_path),
+        ]
         # GNU time's %M is the peak RSS of the command after exec; os.wait4's ru_maxrss would also
         # count the forked copy of this (large) process before the exec.
         rss_path = Path(temp) / "maxrss-kb"
         started = time.perf_counter()
-        proc = subprocess.run([GNU_TIME, "-f", "%M", "-o", str(rss_path), *command], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+        proc = subprocess.run(
+            [GNU_TIME, "-f", "%M", "-o", str(rss_path), *command],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         seconds = time.perf_counter() - started
         if proc.returncode != 0:
             raise SystemExit(f"sclc-node score failed on {ct_dir}:\n{proc.stderr.decode()[-3000:]}")
@@ -140,12 +172,11 @@ def run(repeats: int = 1) -> dict:
     large, crop = summary["512x512x512"], summary["128x128x512 crop"]
     return {
         "case": f"synthetic {SIZE} CT at {SPACING_MM} mm, tumour semi-axes {TUMOUR_SEMI_AXES_MM} mm; "
-                f"median of {repeats} `sclc-node score` processes",
+        f"median of {repeats} `sclc-node score` processes",
         "runs": summary,
         "time_ratio_large_over_crop": large["seconds"] / crop["seconds"],
         "targets": {"peak_rss_mb_max": 1536, "time_ratio_max": 1.5},
-        "met": {"peak_rss": large["peak_rss_mb"] <= 1536,
-                "time_ratio": large["seconds"] / crop["seconds"] <= 1.5},
+        "met": {"peak_rss": large["peak_rss_mb"] <= 1536, "time_ratio": large["seconds"] / crop["seconds"] <= 1.5},
     }
 
 

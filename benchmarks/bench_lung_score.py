@@ -31,8 +31,9 @@ def run(case: str = "lung2", repeats: int = 3) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-lung-") as temp:
         clinical = Path(temp) / "clinical.json"
         clinical.write_text(json.dumps(dict(CLINICAL, study_instance_uid=str(header.StudyInstanceUID))))
-        runs = [score_once(Path(temp), ct_dir=ct_dir, seg_path=seg_path, clinical_path=clinical)
-                for _ in range(repeats)]
+        runs = [
+            score_once(Path(temp), ct_dir=ct_dir, seg_path=seg_path, clinical_path=clinical) for _ in range(repeats)
+        ]
     median = statistics.median(r["seconds"] for r in runs)
     in_process = statistics.median(sum(r["stages_s"].values()) for r in runs)
     return {

@@ -21,18 +21,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicom_io.key_objects import build_key_object_selection  # noqa: E402
-from dicom_io.key_slice import find_key_slice  # noqa: E402
-from dicom_io.sr_writer import build_key_slice_roi_sr, build_risk_sr, document_header  # noqa: E402
-from dicom_io.summary import (  # noqa: E402
+from sclc_risk_node.dicom_io.key_objects import build_key_object_selection  # noqa: E402
+from sclc_risk_node.dicom_io.key_slice import find_key_slice  # noqa: E402
+from sclc_risk_node.dicom_io.sr_writer import build_key_slice_roi_sr, build_risk_sr, document_header  # noqa: E402
+from sclc_risk_node.dicom_io.summary import (  # noqa: E402
     build_encapsulated_pdf,
     build_secondary_capture,
     patient_line,
     render_summary,
 )
-from node.demo_study import DEMO_CLINICAL, write_demo_study  # noqa: E402
-from node.scoring_job import default_model_path, load_model_file, score_files  # noqa: E402
-from scoring.clinical import clinical_record_from_mapping  # noqa: E402
+from sclc_risk_node.node.demo_study import DEMO_CLINICAL, write_demo_study  # noqa: E402
+from sclc_risk_node.node.scoring_job import default_model_path, load_model_file, score_files  # noqa: E402
+from sclc_risk_node.scoring.clinical import clinical_record_from_mapping  # noqa: E402
 
 
 def _encoded_bytes(dataset) -> int:
@@ -52,8 +52,9 @@ def main() -> None:
         scored = score_files(demo.ct_dir, demo.seg_path, [clinical], model)
         ct, segment, result = scored.ct, scored.segment, scored.result
         key = find_key_slice(ct, segment.mask)
-        rendered = render_summary(ct, segment, result, key, ring=model.extraction.ring,
-                                  patient_line=patient_line(document_header(ct)))
+        rendered = render_summary(
+            ct, segment, result, key, ring=model.extraction.ring, patient_line=patient_line(document_header(ct))
+        )
         steps = {
             "risk SR": lambda: build_risk_sr(ct, segment, clinical, result),
             "key slice": lambda: find_key_slice(ct, segment.mask),

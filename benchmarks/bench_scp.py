@@ -29,11 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicom_io.synthetic import synthetic_chest_phantom, write_ct_series  # noqa: E402
-from node.config import CallerRule, ScpConfig, ScpTlsConfig  # noqa: E402
-from node.logs import configure_logging  # noqa: E402
-from node.scp import DicomReceiver  # noqa: E402
-from node.spool import Spool  # noqa: E402
+from sclc_risk_node.dicom_io.synthetic import synthetic_chest_phantom, write_ct_series  # noqa: E402
+from sclc_risk_node.node.config import CallerRule, ScpConfig, ScpTlsConfig  # noqa: E402
+from sclc_risk_node.node.logs import configure_logging  # noqa: E402
+from sclc_risk_node.node.scp import DicomReceiver  # noqa: E402
+from sclc_risk_node.node.spool import Spool  # noqa: E402
 from tests.node.dicom_tools import LOOPBACK, storescu  # noqa: E402
 from tests.node.peers import start_storescp  # noqa: E402
 
@@ -98,7 +98,9 @@ def bench_storescp(series: Path, out_root: Path, pdu: int, repeats: int, *, bit_
     times = []
     for run in range(repeats):
         directory = out_root / f"storescp{'-B' if bit_preserving else ''}-{run}"
-        with start_storescp(directory, ae_title="STORESCP", bit_preserving=bit_preserving, extra_args=["-pdu", str(pdu)]) as peer:
+        with start_storescp(
+            directory, ae_title="STORESCP", bit_preserving=bit_preserving, extra_args=["-pdu", str(pdu)]
+        ) as peer:
             times.append(timed_send(peer.port, "STORESCP", series))
     return times
 
@@ -153,8 +155,11 @@ def main() -> None:
     parser.add_argument("--pdu", type=int, default=16384, help="maximum PDU of every receiver (node default: 16384)")
     parser.add_argument("--spool", type=Path, default=None, help="parent folder for the node's spool")
     args = parser.parse_args()
-    print(json.dumps(run(slices=args.slices, size=args.size, repeats=args.repeats, pdu=args.pdu, spool=args.spool),
-                     indent=2))
+    print(
+        json.dumps(
+            run(slices=args.slices, size=args.size, repeats=args.repeats, pdu=args.pdu, spool=args.spool), indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

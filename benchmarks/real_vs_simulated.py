@@ -36,10 +36,10 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from node.training.simulate import simulate_patients, split_sizes, phantom_images  # noqa: E402
-from scoring.features import extract_all_features, settings_hash  # noqa: E402
-from scoring.ring import peritumoral_ring  # noqa: E402
-from scoring.training.spec import TrainingSpec  # noqa: E402
+from sclc_risk_node.node.training.simulate import phantom_images, simulate_patients, split_sizes  # noqa: E402
+from sclc_risk_node.scoring.features import extract_all_features, settings_hash  # noqa: E402
+from sclc_risk_node.scoring.ring import peritumoral_ring  # noqa: E402
+from sclc_risk_node.scoring.training.spec import TrainingSpec  # noqa: E402
 from tests.realdata import cache_dir, pyradiomics_case  # noqa: E402
 
 DEFAULT_SPEC = REPO / "models" / "training" / "demo-integrated-cox.spec.toml"
@@ -80,8 +80,9 @@ def _simulated_one(job: tuple[str, object, str, str]) -> tuple[str, dict[str, fl
     return patient_id, region_features(image, mask, spec), layout
 
 
-def simulated_features(n: int, seed: int, spec_text: str, workers: int,
-                       kind: str = "chest-ct") -> tuple[pd.DataFrame, pd.DataFrame]:
+def simulated_features(
+    n: int, seed: int, spec_text: str, workers: int, kind: str = "chest-ct"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     patients = [p for p in simulate_patients(split_sizes(1.0), seed=seed) if p.split == "train"][:n]
     jobs = [(p.id, p.phantom, spec_text, kind) for p in patients]
     rows, layouts = {}, {}
@@ -98,13 +99,19 @@ def cohort_features(csv_path: Path, cache: Path, spec: TrainingSpec, workers: in
     """The training split's features of a written cohort, from (or into) the training feature cache."""
     import dataclasses
 
-    from node.training.cohort import load_cohort
-    from node.training.extraction import extract_cohort_features
+    from sclc_risk_node.node.training.cohort import load_cohort
+    from sclc_risk_node.node.training.extraction import extract_cohort_features
 
     cohort = load_cohort(csv_path)
     train = dataclasses.replace(cohort, patients=cohort.in_split("train"))
-    result = extract_cohort_features(train, spec.extraction_settings, feature_classes=spec.extraction.feature_classes,
-                                     regions=spec.extraction.regions, cache_dir=cache, workers=workers)
+    result = extract_cohort_features(
+        train,
+        spec.extraction_settings,
+        feature_classes=spec.extraction.feature_classes,
+        regions=spec.extraction.regions,
+        cache_dir=cache,
+        workers=workers,
+    )
     return result.features
 
 
@@ -116,16 +123,18 @@ def compare(real: dict[str, float], simulated: pd.DataFrame) -> pd.DataFrame:
         if values.size < 2 or not np.isfinite(value):
             continue
         sd = values.std(ddof=1)
-        rows.append({
-            "feature": name,
-            "real": value,
-            "sim_min": values.min(),
-            "sim_max": values.max(),
-            "percentile": 100.0 * float(np.mean(values < value) + 0.5 * np.mean(values == value)),
-            "z": (value - values.mean()) / sd if sd > 0 else (0.0 if value == values.mean() else np.inf),
-            "in_range": bool(values.min() <= value <= values.max()),
-            "in_1_99": bool(np.percentile(values, 1) <= value <= np.percentile(values, 99)),
-        })
+        rows.append(
+            {
+                "feature": name,
+                "real": value,
+                "sim_min": values.min(),
+                "sim_max": values.max(),
+                "percentile": 100.0 * float(np.mean(values < value) + 0.5 * np.mean(values == value)),
+                "z": (value - values.mean()) / sd if sd > 0 else (0.0 if value == values.mean() else np.inf),
+                "in_range": bool(values.min() <= value <= values.max()),
+                "in_1_99": bool(np.percentile(values, 1) <= value <= np.percentile(values, 99)),
+            }
+        )
     return pd.DataFrame(rows).set_index("feature")
 
 
@@ -140,8 +149,8 @@ def largest_share(contributions: list[float]) -> float:
 
 
 def score_real_cases(model_path: Path) -> int:
-    from node.scoring_job import load_model_file, score_files
-    from scoring.clinical import clinical_record_from_mapping
+    from sclc_risk_node.node.scoring_job import load_model_file, score_files
+    from sclc_risk_node.scoring.clinical import clinical_record_from_mapping
     from tests.realdata import pyradiomics_case_as_dicom
 
     model = load_model_file(model_path)
@@ -151,15 +160,19 @@ def score_real_cases(model_path: Path) -> int:
         result = score_files(ct_dir, seg_path, [record], model).result
         radiomics = [t.contribution for t in result.radiomics_terms]
         integrated = [t.contribution for t in result.integrated_terms]
-        print(f"{case}: {result.applicability.status.value}; radiomics score {result.radiomics_score:.3f} "
-              f"(cut-off {result.radiomics_cutoff:.3f}), risk score {result.risk_score:.3f} "
-              f"(cut-off {result.risk_cutoff:.3f}), group {result.risk_group.value}, "
-              f"PFS 6 m {result.pfs_probability[6]:.3f}, 12 m {result.pfs_probability[12]:.3f}; largest share of "
-              f"|contribution|: radiomics terms {largest_share(radiomics):.2f}, integrated terms "
-              f"{largest_share(integrated):.2f}")
+        print(
+            f"{case}: {result.applicability.status.value}; radiomics score {result.radiomics_score:.3f} "
+            f"(cut-off {result.radiomics_cutoff:.3f}), risk score {result.risk_score:.3f} "
+            f"(cut-off {result.risk_cutoff:.3f}), group {result.risk_group.value}, "
+            f"PFS 6 m {result.pfs_probability[6]:.3f}, 12 m {result.pfs_probability[12]:.3f}; largest share of "
+            f"|contribution|: radiomics terms {largest_share(radiomics):.2f}, integrated terms "
+            f"{largest_share(integrated):.2f}"
+        )
         for violation in result.applicability.violations:
-            print(f"  outside: {violation.name} = {violation.value:.6g} (allowed {violation.low:.6g} to "
-                  f"{violation.high:.6g}, z {violation.z:.2f})")
+            print(
+                f"  outside: {violation.name} = {violation.value:.6g} (allowed {violation.low:.6g} to "
+                f"{violation.high:.6g}, z {violation.z:.2f})"
+            )
         for term in result.radiomics_terms:
             print(f"  {term.name}: z {term.value:+.2f}, contribution {term.contribution:+.3f}")
     return 0
@@ -171,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=40, help="simulated training patients (default 40)")
     parser.add_argument("--seed", type=int, default=2023)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--phantom", choices=("chest-ct", "box"), default="chest-ct",
-                        help="phantom kind (box: the former small lung box, for comparison)")
+    parser.add_argument(
+        "--phantom",
+        choices=("chest-ct", "box"),
+        default="chest-ct",
+        help="phantom kind (box: the former small lung box, for comparison)",
+    )
     parser.add_argument("--features-out", type=Path, help="write the simulated features (CSV)")
     parser.add_argument("--simulated-csv", type=Path, help="reuse simulated features written by --features-out")
     parser.add_argument("--show", type=int, default=15, help="worst features printed per case")
@@ -199,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     for case in REAL_CASES:
         table = compare(real_features(case, spec), simulated)
         outside = table[~table["in_range"]]
-        print(f"\n{case}: {int(table['in_range'].sum())}/{len(table)} features inside the simulated range "
-              f"({100 * table['in_range'].mean():.1f} %), {int(table['in_1_99'].sum())} inside [1 %, 99 %]; "
-              f"median |z| {table['z'].abs().median():.2f}, max |z| {table['z'].abs().max():.1f}")
+        print(
+            f"\n{case}: {int(table['in_range'].sum())}/{len(table)} features inside the simulated range "
+            f"({100 * table['in_range'].mean():.1f} %), {int(table['in_1_99'].sum())} inside [1 %, 99 %]; "
+            f"median |z| {table['z'].abs().median():.2f}, max |z| {table['z'].abs().max():.1f}"
+        )
         by_region = table.groupby(table.index.str.split(".").str[0])["in_range"].mean()
         print("  inside range by region: " + ", ".join(f"{r} {100 * v:.1f} %" for r, v in by_region.items()))
         image_type = table.index.str.split(".").str[1].str.split("_").str[0]
@@ -214,8 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         with pd.option_context("display.width", 200, "display.max_colwidth", 60):
             print(worst[["real", "sim_min", "sim_max", "percentile", "z"]].to_string(float_format="%.4g"))
             if args.only:
-                print(table.reindex(args.only)[["real", "sim_min", "sim_max", "percentile", "z"]]
-                      .to_string(float_format="%.4g"))
+                print(
+                    table.reindex(args.only)[["real", "sim_min", "sim_max", "percentile", "z"]].to_string(
+                        float_format="%.4g"
+                    )
+                )
     return 0
 
 

@@ -46,18 +46,31 @@ BENCHMARKS = {
 def machine() -> dict:
     cpu_model = ""
     try:
-        cpu_model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("model name"))
+        cpu_model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     memory_kb = 0
     try:
-        memory_kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                             if line.startswith("MemTotal")))
+        memory_kb = int(
+            next(
+                line.split()[1]
+                for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")
+            )
+        )
     except (OSError, StopIteration):
         pass
-    return {"cpus": os.cpu_count(), "cpu_model": cpu_model, "memory_gb": round(memory_kb / 2**20, 1),
-            "python": platform.python_version(), "kernel": platform.release()}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_gb": round(memory_kb / 2**20, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
 
 
 def run_one(name: str, quick: bool) -> dict:
@@ -66,9 +79,12 @@ def run_one(name: str, quick: bool) -> dict:
     load_before = os.getloadavg()
     started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    entry = {"command": " ".join(["python", f"benchmarks/{args[0]}", *command[2:]]),
-             "wall_s": round(time.perf_counter() - started, 1),
-             "load_average_before": load_before, "load_average_after": os.getloadavg()}
+    entry = {
+        "command": " ".join(["python", f"benchmarks/{args[0]}", *command[2:]]),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
     if proc.returncode != 0:
         entry["error"] = (proc.stderr or proc.stdout)[-3000:]
         return entry
@@ -85,8 +101,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
-    document = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "quick": args.quick, "benchmarks": {}}
+    document = {
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "quick": args.quick,
+        "benchmarks": {},
+    }
     for name in args.only or list(BENCHMARKS):
         print(f"running {name} ...", file=sys.stderr, flush=True)
         document["benchmarks"][name] = run_one(name, args.quick)

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Mapping
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.coding import Code
 
-from scoring.clinical import Lipi
+from sclc_risk_node.scoring.clinical import Lipi
 
 PRIVATE_SCHEME = "99SCLCRN"
 
@@ -143,15 +143,9 @@ ECOG_PERFORMANCE_STATUS = _private("ECOGPS", "ECOG performance status")
 LIPI = _private("LIPI", "Lung Immune Prognostic Index")
 LIPI_SOURCE = _private("LIPISRC", "LIPI source")
 
-T_STAGE_VALUES: Mapping[str, Code] = MappingProxyType(
-    {t: _private(t, t) for t in ("T1", "T2", "T3", "T4")}
-)
-N_STAGE_VALUES: Mapping[str, Code] = MappingProxyType(
-    {n: _private(n, n) for n in ("N0", "N1", "N2", "N3")}
-)
-M_STAGE_VALUES: Mapping[str, Code] = MappingProxyType(
-    {m: _private(m, m) for m in ("M0", "M1", "M1a", "M1b", "M1c")}
-)
+T_STAGE_VALUES: Mapping[str, Code] = MappingProxyType({t: _private(t, t) for t in ("T1", "T2", "T3", "T4")})
+N_STAGE_VALUES: Mapping[str, Code] = MappingProxyType({n: _private(n, n) for n in ("N0", "N1", "N2", "N3")})
+M_STAGE_VALUES: Mapping[str, Code] = MappingProxyType({m: _private(m, m) for m in ("M0", "M1", "M1a", "M1b", "M1c")})
 ECOG_VALUES: Mapping[int, Code] = MappingProxyType(
     {score: _private(f"ECOG{score}", f"ECOG {score}") for score in range(5)}
 )
@@ -231,7 +225,7 @@ def name_from_meaning(meaning: str, kind: str) -> str:
     """The feature or term name a hashed concept's (unshortened) CodeMeaning states."""
     for prefix in (_INTEGRATED_TERM_MEANING, _RADIOMICS_TERM_MEANING):
         if kind != "feature" and meaning.startswith(prefix):
-            return meaning[len(prefix):]
+            return meaning[len(prefix) :]
     return meaning
 
 

@@ -33,13 +33,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
+    JPEG2000MC,
     UID,
     CTImageStorage,
     EnhancedCTImageStorage,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     JPEG2000Lossless,
-    JPEG2000MC,
     JPEG2000MCLossless,
     JPEGLossless,
     JPEGLosslessSV1,
@@ -49,8 +49,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicom_io.errors import DicomInputError
-from dicom_io.inputs import CtSeries
+from sclc_risk_node.dicom_io.errors import DicomInputError
+from sclc_risk_node.dicom_io.inputs import CtSeries
 
 _PART10_MAGIC_OFFSET = 128
 _MULTI_FRAME_CT_CLASSES = {EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage}
@@ -63,8 +63,16 @@ _DUPLICATE_POSITION_MM = 1e-3
 
 #: Encapsulated transfer syntaxes that are lossless by definition (PS3.5 section 8 and annex A.4).
 _LOSSLESS_ENCAPSULATED = frozenset(
-    {JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless, JPEG2000MCLossless,
-     HTJ2KLossless, HTJ2KLosslessRPCL, RLELossless}
+    {
+        JPEGLossless,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+        JPEG2000Lossless,
+        JPEG2000MCLossless,
+        HTJ2KLossless,
+        HTJ2KLosslessRPCL,
+        RLELossless,
+    }
 )
 #: Transfer syntaxes that allow either lossless or lossy coding; Lossy Image Compression
 #: (0028,2110) "00" is then the only statement that this image was coded losslessly.
@@ -146,9 +154,7 @@ def read_ct_series(
             "to score it with a lossy-compression flag"
         )
     if len(slices) < 2:
-        raise DicomInputError(
-            f"series {chosen_uid} has {len(slices)} slice; a CT volume needs at least 2"
-        )
+        raise DicomInputError(f"series {chosen_uid} has {len(slices)} slice; a CT volume needs at least 2")
     geometry = _SeriesGeometry.from_slices(chosen_uid, slices, spacing_tolerance)
     ordered = [slices[i] for i in geometry.order]
     image = _decode_hu_volume(ordered, geometry)
@@ -206,23 +212,15 @@ def _read_header(path: Path, name: str) -> Dataset | None:
     if meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
         return None
     # pydicom returns a partial dataset for a truncated header instead of raising.
-    missing = [
-        keyword
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID")
-        if not header.get(keyword)
-    ]
+    missing = [keyword for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID") if not header.get(keyword)]
     if "TransferSyntaxUID" not in meta:
         missing.insert(0, "TransferSyntaxUID")
     if missing:
-        raise DicomInputError(
-            f"{name}: corrupt or truncated DICOM file (no {', '.join(missing)})"
-        )
+        raise DicomInputError(f"{name}: corrupt or truncated DICOM file (no {', '.join(missing)})")
     return header
 
 
-def _choose_series(
-    folder: Path, by_series: dict[str, list[_IndexedFile]], requested_uid: str | None
-) -> str:
+def _choose_series(folder: Path, by_series: dict[str, list[_IndexedFile]], requested_uid: str | None) -> str:
     def describe(uid: str) -> str:
         return f"{uid} ({_modality_of(by_series[uid])}, {len(by_series[uid])} instances)"
 
@@ -230,9 +228,7 @@ def _choose_series(
         requested_uid = requested_uid.strip()
         if requested_uid not in by_series:
             present = ", ".join(describe(uid) for uid in by_series)
-            raise DicomInputError(
-                f"series {requested_uid} not found in {folder}; series present: {present}"
-            )
+            raise DicomInputError(f"series {requested_uid} not found in {folder}; series present: {present}")
         modality = _modality_of(by_series[requested_uid])
         if modality != "CT":
             raise DicomInputError(f"series {requested_uid}: modality {modality} is not CT")
@@ -245,12 +241,8 @@ def _choose_series(
         )
         raise DicomInputError(f"no CT series in {folder}: {others}")
     if len(ct_uids) > 1:
-        listing = ", ".join(
-            f"{uid} ({len(by_series[uid])} instances)" for uid in ct_uids
-        )
-        raise DicomInputError(
-            f"{len(ct_uids)} CT series in {folder}; choose one by series_instance_uid: {listing}"
-        )
+        listing = ", ".join(f"{uid} ({len(by_series[uid])} instances)" for uid in ct_uids)
+        raise DicomInputError(f"{len(ct_uids)} CT series in {folder}; choose one by series_instance_uid: {listing}")
     return ct_uids[0]
 
 
@@ -276,9 +268,7 @@ def _check_single_frame_ct(item: _IndexedFile, series_uid: str) -> None:
             "only single-frame CT Image Storage is supported"
         )
     if sop_class != CTImageStorage:
-        raise DicomInputError(
-            f"series {series_uid}: {item.name} has SOP class {sop_class.name}, not CT Image Storage"
-        )
+        raise DicomInputError(f"series {series_uid}: {item.name} has SOP class {sop_class.name}, not CT Image Storage")
     for keyword in (
         "ImagePositionPatient",
         "ImageOrientationPatient",
@@ -288,19 +278,13 @@ def _check_single_frame_ct(item: _IndexedFile, series_uid: str) -> None:
         "FrameOfReferenceUID",
     ):
         if header.get(keyword) in (None, ""):
-            raise DicomInputError(
-                f"series {series_uid}: {item.name} has no {keyword} (incomplete or truncated header)"
-            )
+            raise DicomInputError(f"series {series_uid}: {item.name} has no {keyword} (incomplete or truncated header)")
     samples = int(header.get("SamplesPerPixel", 1))
     if samples != 1:
-        raise DicomInputError(
-            f"series {series_uid}: {item.name} has {samples} samples per pixel; CT must be greyscale"
-        )
+        raise DicomInputError(f"series {series_uid}: {item.name} has {samples} samples per pixel; CT must be greyscale")
     tilt = float(header.get("GantryDetectorTilt", 0) or 0)
     if abs(tilt) > _GANTRY_TILT_TOLERANCE_DEG:
-        raise DicomInputError(
-            f"series {series_uid}: gantry tilt of {tilt:g}° in {item.name} is not supported"
-        )
+        raise DicomInputError(f"series {series_uid}: gantry tilt of {tilt:g}° in {item.name} is not supported")
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,9 +297,7 @@ class _SeriesGeometry:
     columns: int
 
     @classmethod
-    def from_slices(
-        cls, series_uid: str, slices: list[_IndexedFile], spacing_tolerance: float
-    ) -> "_SeriesGeometry":
+    def from_slices(cls, series_uid: str, slices: list[_IndexedFile], spacing_tolerance: float) -> _SeriesGeometry:
         reference = slices[0]
         row_cosine, column_cosine = _orientation(reference, series_uid)
         pixel_spacing = [float(v) for v in reference.header.PixelSpacing]
@@ -323,21 +305,24 @@ class _SeriesGeometry:
         frame_of_reference = str(reference.header.FrameOfReferenceUID)
         for item in slices[1:]:
             _check_consistent(
-                series_uid, reference, item,
-                row_cosine, column_cosine, pixel_spacing, rows, columns, frame_of_reference,
+                series_uid,
+                reference,
+                item,
+                row_cosine,
+                column_cosine,
+                pixel_spacing,
+                rows,
+                columns,
+                frame_of_reference,
             )
         normal = np.cross(row_cosine, column_cosine)
-        positions = np.array(
-            [[float(v) for v in item.header.ImagePositionPatient] for item in slices]
-        )
+        positions = np.array([[float(v) for v in item.header.ImagePositionPatient] for item in slices])
         along_normal = positions @ normal
         order = np.argsort(along_normal, kind="stable")
         sorted_positions = positions[order]
         sorted_along = along_normal[order]
         names = [slices[i].name for i in order]
-        z_spacing = _check_regular_stack(
-            series_uid, sorted_positions, sorted_along, normal, names, spacing_tolerance
-        )
+        z_spacing = _check_regular_stack(series_uid, sorted_positions, sorted_along, normal, names, spacing_tolerance)
         direction = np.column_stack([row_cosine, column_cosine, normal])
         return cls(
             order=tuple(int(i) for i in order),
@@ -362,8 +347,7 @@ def _orientation(item: _IndexedFile, series_uid: str) -> tuple[np.ndarray, np.nd
         or abs(row_cosine @ column_cosine) > _ORIENTATION_TOLERANCE
     ):
         raise DicomInputError(
-            f"series {series_uid}: ImageOrientationPatient {values} in {item.name} "
-            "is not two orthogonal unit vectors"
+            f"series {series_uid}: ImageOrientationPatient {values} in {item.name} is not two orthogonal unit vectors"
         )
     # Renormalise so the SimpleITK direction is orthonormal despite DS rounding.
     row_cosine /= np.linalg.norm(row_cosine)
@@ -384,21 +368,17 @@ def _check_consistent(
     frame_of_reference: str,
 ) -> None:
     def inconsistent(what: str) -> DicomInputError:
-        return DicomInputError(
-            f"series {series_uid}: inconsistent {what} between {reference.name} and {item.name}"
-        )
+        return DicomInputError(f"series {series_uid}: inconsistent {what} between {reference.name} and {item.name}")
 
     header = item.header
     orientation = np.array([float(v) for v in header.ImageOrientationPatient])
-    if orientation.shape != (6,) or np.abs(
-        orientation - np.concatenate([row_cosine, column_cosine])
-    ).max() > _ORIENTATION_TOLERANCE:
+    if (
+        orientation.shape != (6,)
+        or np.abs(orientation - np.concatenate([row_cosine, column_cosine])).max() > _ORIENTATION_TOLERANCE
+    ):
         raise inconsistent("ImageOrientationPatient")
     spacing = np.array([float(v) for v in header.PixelSpacing])
-    if (
-        spacing.shape != (2,)
-        or np.abs(spacing / pixel_spacing - 1).max() > _PIXEL_SPACING_RELATIVE_TOLERANCE
-    ):
+    if spacing.shape != (2,) or np.abs(spacing / pixel_spacing - 1).max() > _PIXEL_SPACING_RELATIVE_TOLERANCE:
         raise inconsistent("PixelSpacing")
     if (int(header.Rows), int(header.Columns)) != (rows, columns):
         raise inconsistent("Rows/Columns")
@@ -478,9 +458,7 @@ def _decode_pixels(item: _IndexedFile, geometry: _SeriesGeometry) -> np.ndarray:
         transfer_syntax = dataset.file_meta.TransferSyntaxUID
         pixels = dataset.pixel_array
     except Exception as exc:  # decoders raise anything from ValueError to RuntimeError
-        raise DicomInputError(
-            f"{item.name}: cannot decode pixel data ({_one_line(exc)})"
-        ) from exc
+        raise DicomInputError(f"{item.name}: cannot decode pixel data ({_one_line(exc)})") from exc
     if pixels.shape != (geometry.rows, geometry.columns):
         raise DicomInputError(
             f"{item.name}: pixel data has shape {pixels.shape}, expected "

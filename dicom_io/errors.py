@@ -1,6 +1,6 @@
 """DICOM input errors: each message names the file/series and the problem in one line."""
 
-from scoring.errors import InputError
+from sclc_risk_node.scoring.errors import InputError
 
 
 class DicomInputError(InputError):

@@ -25,7 +25,7 @@ import unicodedata
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
-from dicom_io.errors import DicomInputError
+from sclc_risk_node.dicom_io.errors import DicomInputError
 
 #: keyword -> (VR, maximum characters per value or per PN component group)
 COPIED_ATTRIBUTES: dict[str, tuple[str, int]] = {

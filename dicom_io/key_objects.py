@@ -12,12 +12,12 @@ from __future__ import annotations
 import highdicom as hd
 from pydicom.sr.coding import Code
 
-from dicom_io.header_values import sanitised_header
-from dicom_io.inputs import CtSeries, TumourSegment
-from dicom_io.key_slice import KeySlice
-from dicom_io.sr_writer import (
-    SOFTWARE_NAME,
+from sclc_risk_node.dicom_io.header_values import sanitised_header
+from sclc_risk_node.dicom_io.inputs import CtSeries, TumourSegment
+from sclc_risk_node.dicom_io.key_slice import KeySlice
+from sclc_risk_node.dicom_io.sr_writer import (
     _COPIED_TYPE2_KEYWORDS,
+    SOFTWARE_NAME,
     derive_object_uids,
     device_observer,
     risk_label,
@@ -25,7 +25,7 @@ from dicom_io.sr_writer import (
     software_version_or_installed,
     summary_text,
 )
-from scoring.types import RiskResult
+from sclc_risk_node.scoring.types import RiskResult
 
 #: CID 7010 "Key Object Selection Document Title".
 OF_INTEREST = Code("113000", "DCM", "Of Interest")

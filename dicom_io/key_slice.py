@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from dicom_io.inputs import CtSeries
+from sclc_risk_node.dicom_io.inputs import CtSeries
 
 
 @dataclass(frozen=True)

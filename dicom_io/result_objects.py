@@ -12,22 +12,22 @@ to its kind.
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Iterable
+from collections.abc import Iterable
 
 from pydicom.dataset import Dataset
 
-from dicom_io.inputs import CtSeries, TumourSegment
-from dicom_io.key_objects import build_key_object_selection
-from dicom_io.key_slice import find_key_slice
-from dicom_io.sr_writer import build_key_slice_roi_sr, build_risk_sr, document_header
-from dicom_io.summary import (
+from sclc_risk_node.dicom_io.inputs import CtSeries, TumourSegment
+from sclc_risk_node.dicom_io.key_objects import build_key_object_selection
+from sclc_risk_node.dicom_io.key_slice import find_key_slice
+from sclc_risk_node.dicom_io.sr_writer import build_key_slice_roi_sr, build_risk_sr, document_header
+from sclc_risk_node.dicom_io.summary import (
     build_encapsulated_pdf,
     build_secondary_capture,
     patient_line,
     render_summary,
 )
-from scoring.clinical import ClinicalRecord
-from scoring.types import RingDefinition, RiskResult
+from sclc_risk_node.scoring.clinical import ClinicalRecord
+from sclc_risk_node.scoring.types import RingDefinition, RiskResult
 
 #: sr: TID 1500 Comprehensive 3D SR; kos: Key Object Selection; pdf: Encapsulated PDF; sc: Secondary Capture.
 OBJECT_KINDS = ("sr", "kos", "pdf", "sc")
@@ -70,11 +70,19 @@ def build_result_objects(
     if "sr" in kinds:
         if include_risk_sr:
             objects["sr"] = build_risk_sr(
-                ct, segment, clinical, result, report_out_of_domain=report_out_of_domain,
+                ct,
+                segment,
+                clinical,
+                result,
+                report_out_of_domain=report_out_of_domain,
                 content_datetime=content_datetime,
             )
         objects["sr-roi"] = build_key_slice_roi_sr(
-            ct, segment, result, key_slice, report_out_of_domain=report_out_of_domain,
+            ct,
+            segment,
+            result,
+            key_slice,
+            report_out_of_domain=report_out_of_domain,
             content_datetime=content_datetime,
         )
     if "kos" in kinds:
@@ -83,7 +91,12 @@ def build_result_objects(
         )
     if "pdf" in kinds or "sc" in kinds:
         rendered = render_summary(
-            ct, segment, result, key_slice, report_out_of_domain=report_out_of_domain, ring=ring,
+            ct,
+            segment,
+            result,
+            key_slice,
+            report_out_of_domain=report_out_of_domain,
+            ring=ring,
             patient_line=patient_line(document_header(ct)),
         )
         if "pdf" in kinds:

@@ -36,9 +36,9 @@ from matplotlib.path import Path as PolygonPath
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from dicom_io.errors import DicomInputError
-from dicom_io.inputs import CtSeries, TumourStructure
-from scoring.errors import MaskError
+from sclc_risk_node.dicom_io.errors import DicomInputError
+from sclc_risk_node.dicom_io.inputs import CtSeries, TumourStructure
+from sclc_risk_node.scoring.errors import MaskError
 
 RT_STRUCTURE_SET_STORAGE = UID("1.2.840.10008.5.1.4.1.1.481.3")
 #: GTV, GTVp, GTV_primary, GTV-T, GTV1, iGTV, GTV tumour, tumour / tumor — but not GTVn (nodes) or CTV/PTV.
@@ -179,9 +179,7 @@ def _check_belongs_to_ct(dataset: Dataset, roi: _Roi, ct: CtSeries, name: str) -
         )
     series = referenced_series_uids(dataset)
     if series and ct.series_instance_uid not in series:
-        raise DicomInputError(
-            f"{name} references series {', '.join(series)}, not CT series {ct.series_instance_uid}"
-        )
+        raise DicomInputError(f"{name} references series {', '.join(series)}, not CT series {ct.series_instance_uid}")
 
 
 def _rasterise(
@@ -189,7 +187,11 @@ def _rasterise(
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """(the z, y, x mask, the closed planar contours used as N×3 arrays in mm)."""
     contours = next(
-        (item for item in dataset.get("ROIContourSequence", []) if int(item.get("ReferencedROINumber", -1)) == roi.number),
+        (
+            item
+            for item in dataset.get("ROIContourSequence", [])
+            if int(item.get("ReferencedROINumber", -1)) == roi.number
+        ),
         None,
     )
     if contours is None or not contours.get("ContourSequence"):
@@ -216,7 +218,9 @@ def _rasterise(
                 f"allowed: within {slice_tolerance} of a slice)"
             )
         if not 0 <= nearest < nz:
-            raise DicomInputError(f"{label} lies outside CT series {ct.series_instance_uid} (slice {nearest}, CT has {nz})")
+            raise DicomInputError(
+                f"{label} lies outside CT series {ct.series_instance_uid} (slice {nearest}, CT has {nz})"
+            )
         mask[nearest] ^= _fill_polygon(index[:, :2], nx, ny)
         used.append(points.reshape(-1, 3))
     return mask.astype(np.uint8), used

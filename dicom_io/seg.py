@@ -38,9 +38,9 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
-from dicom_io.errors import DicomInputError
-from dicom_io.inputs import CtSeries, TumourSegment
-from scoring.errors import MaskError
+from sclc_risk_node.dicom_io.errors import DicomInputError
+from sclc_risk_node.dicom_io.inputs import CtSeries, TumourSegment
+from sclc_risk_node.scoring.errors import MaskError
 
 SEGMENTATION_SOP_CLASSES = {
     UID("1.2.840.10008.5.1.4.1.1.66.4"),  # Segmentation Storage
@@ -82,10 +82,7 @@ def read_tumour_segment(
     placer = _FramePlacer(segmentation, ct, name, position_tolerance)
     mask_array = placer.segment_mask(segment_number)
     if not mask_array.any():
-        raise MaskError(
-            f"segment {segment_number} '{label}' of {name} is empty on CT series "
-            f"{ct.series_instance_uid}"
-        )
+        raise MaskError(f"segment {segment_number} '{label}' of {name} is empty on CT series {ct.series_instance_uid}")
     mask = sitk.GetImageFromArray(mask_array)
     mask.CopyInformation(ct.image)
     return TumourSegment(
@@ -137,8 +134,7 @@ def _check_native_pixel_data_length(segmentation: hd.seg.Segmentation, name: str
     actual_bytes = len(segmentation.PixelData)
     if actual_bytes < expected_bytes:
         raise DicomInputError(
-            f"{name}: corrupt or truncated SEG (pixel data is {actual_bytes} bytes, "
-            f"{expected_bytes} expected)"
+            f"{name}: corrupt or truncated SEG (pixel data is {actual_bytes} bytes, {expected_bytes} expected)"
         )
 
 
@@ -156,8 +152,7 @@ def _check_belongs_to_ct(segmentation: hd.seg.Segmentation, ct: CtSeries, name: 
     ]
     if referenced_series and ct.series_instance_uid not in referenced_series:
         raise DicomInputError(
-            f"{name} references series {', '.join(referenced_series)}, "
-            f"not CT series {ct.series_instance_uid}"
+            f"{name} references series {', '.join(referenced_series)}, not CT series {ct.series_instance_uid}"
         )
 
 
@@ -172,16 +167,11 @@ def _choose_segment(
         wanted = f"labelled '{segment_label}'"
     else:
         matches = segmentation.get_segment_numbers(segmented_property_type=property_type)
-        wanted = (
-            f"with property type {property_type.scheme_designator} {property_type.value} "
-            f"({property_type.meaning})"
-        )
+        wanted = f"with property type {property_type.scheme_designator} {property_type.value} ({property_type.meaning})"
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise DicomInputError(
-            f"{name} has no segment {wanted}; segments: {_describe_segments(segmentation)}"
-        )
+        raise DicomInputError(f"{name} has no segment {wanted}; segments: {_describe_segments(segmentation)}")
     listing = _describe_segments(segmentation, only=matches)
     advice = "" if segment_label is not None else "; pass segment_label to choose one"
     raise DicomInputError(f"{name} has {len(matches)} segments {wanted}: {listing}{advice}")
@@ -261,18 +251,14 @@ class _FramePlacer:
             return True
         identification = self._functional_group(frame_number, "SegmentIdentificationSequence")
         if identification is None:
-            raise DicomInputError(
-                f"{self._name}: frame {frame_number} has no SegmentIdentificationSequence"
-            )
+            raise DicomInputError(f"{self._name}: frame {frame_number} has no SegmentIdentificationSequence")
         return int(identification.ReferencedSegmentNumber) == segment_number
 
     def _frame_mask(self, frame_number: int, segment_number: int) -> np.ndarray:
         try:
             stored = self._seg.get_stored_frame(frame_number)
         except Exception as exc:  # decoders raise anything on corrupt pixel data
-            raise DicomInputError(
-                f"{self._name}: cannot decode frame {frame_number} ({_one_line(exc)})"
-            ) from exc
+            raise DicomInputError(f"{self._name}: cannot decode frame {frame_number} ({_one_line(exc)})") from exc
         if self._labelmap:
             return (stored == segment_number).astype(np.uint8)
         if self._fractional:
@@ -313,9 +299,7 @@ class _FramePlacer:
             if k is not None:
                 slices.add(k)
         if len(slices) > 1:
-            raise DicomInputError(
-                f"{self._name}: frame {frame_number} references {len(slices)} CT slices"
-            )
+            raise DicomInputError(f"{self._name}: frame {frame_number} references {len(slices)} CT slices")
         return slices.pop() if slices else None
 
     def _continuous_index(self, image_position) -> np.ndarray:
@@ -352,10 +336,7 @@ class _FramePlacer:
         orientation = self._functional_group(frame_number, "PlaneOrientationSequence")
         if orientation is not None and "ImageOrientationPatient" in orientation:
             values = np.array([float(v) for v in orientation.ImageOrientationPatient])
-            if (
-                values.shape != (6,)
-                or np.abs(values - self._ct_orientation).max() > _ORIENTATION_TOLERANCE
-            ):
+            if values.shape != (6,) or np.abs(values - self._ct_orientation).max() > _ORIENTATION_TOLERANCE:
                 raise DicomInputError(
                     f"{self._name}: frame {frame_number} has ImageOrientationPatient "
                     f"{values.round(6).tolist()}, CT series {self._ct.series_instance_uid} has "
@@ -364,9 +345,10 @@ class _FramePlacer:
         measures = self._functional_group(frame_number, "PixelMeasuresSequence")
         if measures is not None and "PixelSpacing" in measures:
             spacing = np.array([float(v) for v in measures.PixelSpacing])
-            if spacing.shape != (2,) or np.abs(
-                spacing / self._ct_pixel_spacing - 1
-            ).max() > _PIXEL_SPACING_RELATIVE_TOLERANCE:
+            if (
+                spacing.shape != (2,)
+                or np.abs(spacing / self._ct_pixel_spacing - 1).max() > _PIXEL_SPACING_RELATIVE_TOLERANCE
+            ):
                 raise DicomInputError(
                     f"{self._name}: frame {frame_number} has PixelSpacing {spacing.tolist()} mm, "
                     f"CT series {self._ct.series_instance_uid} has "

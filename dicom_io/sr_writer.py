@@ -61,9 +61,9 @@ import importlib.metadata
 import math
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
 import highdicom as hd
 import numpy as np
@@ -71,13 +71,13 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage
 
-from dicom_io import codes
-from dicom_io.errors import DicomInputError
-from dicom_io.inputs import CtSeries, TumourSource, TumourStructure
-from dicom_io.key_slice import KeySlice, find_key_slice
-from scoring.clinical import ClinicalRecord, Lipi
-from dicom_io.header_values import sanitised_header
-from scoring.types import (
+from sclc_risk_node.dicom_io import codes
+from sclc_risk_node.dicom_io.errors import DicomInputError
+from sclc_risk_node.dicom_io.header_values import sanitised_header
+from sclc_risk_node.dicom_io.inputs import CtSeries, TumourSource, TumourStructure
+from sclc_risk_node.dicom_io.key_slice import KeySlice, find_key_slice
+from sclc_risk_node.scoring.clinical import ClinicalRecord, Lipi
+from sclc_risk_node.scoring.types import (
     Applicability,
     DomainStatus,
     DomainViolation,
@@ -154,7 +154,7 @@ def _strip_notice(text: str) -> str:
     # A demonstration model's own statement often starts with the notice; the summary states it already.
     stripped = text.strip()
     if stripped.lower().startswith(DEMONSTRATION_NOTICE.lower()):
-        stripped = stripped[len(DEMONSTRATION_NOTICE):].lstrip(" .:;,-—")
+        stripped = stripped[len(DEMONSTRATION_NOTICE) :].lstrip(" .:;,-—")
     return stripped
 
 
@@ -240,10 +240,7 @@ def withholds_estimates(result: RiskResult, report_out_of_domain: bool) -> bool:
 
 def _violation_text(violation: DomainViolation) -> str:
     z = "" if math.isnan(violation.z) else f", z = {violation.z:+.1f}"
-    return (
-        f"{violation.name} = {violation.value:.4g} "
-        f"(accepted {violation.low:.4g} to {violation.high:.4g}{z})"
-    )
+    return f"{violation.name} = {violation.value:.4g} (accepted {violation.low:.4g} to {violation.high:.4g}{z})"
 
 
 def applicability_text(applicability: Applicability) -> str:
@@ -479,7 +476,11 @@ def software_version_or_installed(software_version: str | None) -> str:
 
 
 def _volumetric_group(
-    ct: CtSeries, segment: TumourSource, clinical: ClinicalRecord, result: RiskResult, *,
+    ct: CtSeries,
+    segment: TumourSource,
+    clinical: ClinicalRecord,
+    result: RiskResult,
+    *,
     report_out_of_domain: bool,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     model = result.model
@@ -513,8 +514,10 @@ def _volumetric_group(
     item.ContinuityOfContent = "SEPARATE"
     # highdicom's QualitativeEvaluation is CODE only; the summary, verdict and intended use are free text.
     texts = [
-        _text(codes.SUMMARY, summary_text(result, report_out_of_domain=report_out_of_domain,
-                                          lossy_compression=ct.lossy_compression)),
+        _text(
+            codes.SUMMARY,
+            summary_text(result, report_out_of_domain=report_out_of_domain, lossy_compression=ct.lossy_compression),
+        ),
         _text(codes.APPLICABILITY_DETAIL, applicability_text(result.applicability)),
     ]
     intended_use = intended_use_text(model)
@@ -544,20 +547,27 @@ def _roi_reference(segment: TumourSource, ct: CtSeries) -> dict:
                 "a Volume Surface needs at least 2"
             )
         # The CT images the contours lie on (each contour is planar, on one slice: dicom_io.rtstruct).
-        slices = sorted({ct.image.TransformPhysicalPointToIndex(tuple(float(v) for v in contour[0]))[2]
-                         for contour in segment.contours_mm})
-        return {"referenced_volume_surface": hd.sr.VolumeSurface(
-            graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
-            # SCOORD3D POLYGON: the first point is repeated at the end (PS3.3 C.18.9.1.2).
-            graphic_data=[np.vstack([contour, contour[:1]]) for contour in segment.contours_mm],
-            frame_of_reference_uid=segment.frame_of_reference_uid,
-            source_images=[
-                hd.sr.SourceImageForSegmentation(ct.headers[k].SOPClassUID, ct.headers[k].SOPInstanceUID)
-                for k in slices
-            ],
-        )}
-    return {"referenced_segment": _referenced_segment(
-        segment.segmentation, segment.segment_number, ct.series_instance_uid)}
+        slices = sorted(
+            {
+                ct.image.TransformPhysicalPointToIndex(tuple(float(v) for v in contour[0]))[2]
+                for contour in segment.contours_mm
+            }
+        )
+        return {
+            "referenced_volume_surface": hd.sr.VolumeSurface(
+                graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
+                # SCOORD3D POLYGON: the first point is repeated at the end (PS3.3 C.18.9.1.2).
+                graphic_data=[np.vstack([contour, contour[:1]]) for contour in segment.contours_mm],
+                frame_of_reference_uid=segment.frame_of_reference_uid,
+                source_images=[
+                    hd.sr.SourceImageForSegmentation(ct.headers[k].SOPClassUID, ct.headers[k].SOPInstanceUID)
+                    for k in slices
+                ],
+            )
+        }
+    return {
+        "referenced_segment": _referenced_segment(segment.segmentation, segment.segment_number, ct.series_instance_uid)
+    }
 
 
 def _source_dataset(segment: TumourSource) -> Dataset:
@@ -607,11 +617,18 @@ def build_risk_sr(
     header = document_header(ct)
     group = _volumetric_group(ct, segment, clinical, result, report_out_of_domain=report_out_of_domain)
     return _sr_document(
-        [group], key_slice_header=find_key_slice(ct, segment.mask).header,
+        [group],
+        key_slice_header=find_key_slice(ct, segment.mask).header,
         evidence=[header, *ct.headers[1:], _source_dataset(segment)],
-        result=result, series_uid=series_uid, sop_instance_uid=sop_instance_uid, series_number=series_number,
-        instance_number=instance_number, manufacturer=manufacturer, software_version=software_version,
-        institution_name=institution_name, institutional_department_name=institutional_department_name,
+        result=result,
+        series_uid=series_uid,
+        sop_instance_uid=sop_instance_uid,
+        series_number=series_number,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        software_version=software_version,
+        institution_name=institution_name,
+        institutional_department_name=institutional_department_name,
         content_datetime=content_datetime,
     )
 
@@ -641,29 +658,51 @@ def build_key_slice_roi_sr(
     UIDs: the SR's series UID, instance ``derive_object_uids("sr-roi", ...)``.
     """
     series_uid, _ = derive_sr_uids(ct.series_instance_uid, segment.sop_instance_uid, result.model.sha256)
-    _, sop_instance_uid = derive_object_uids("sr-roi", ct.series_instance_uid, segment.sop_instance_uid,
-                                             result.model.sha256)
+    _, sop_instance_uid = derive_object_uids(
+        "sr-roi", ct.series_instance_uid, segment.sop_instance_uid, result.model.sha256
+    )
     header = document_header(ct)
     group = _planar_group(ct, segment, result, key_slice, report_out_of_domain=report_out_of_domain)
     evidence = [header if h.SOPInstanceUID == header.SOPInstanceUID else h for h in (ct.headers[0], key_slice.header)]
     evidence = list({str(h.SOPInstanceUID): h for h in evidence}.values())
     return _sr_document(
-        [group], key_slice_header=key_slice.header, evidence=evidence,
-        result=result, series_uid=series_uid, sop_instance_uid=sop_instance_uid, series_number=series_number,
-        instance_number=instance_number, manufacturer=manufacturer, software_version=software_version,
-        institution_name=institution_name, institutional_department_name=institutional_department_name,
+        [group],
+        key_slice_header=key_slice.header,
+        evidence=evidence,
+        result=result,
+        series_uid=series_uid,
+        sop_instance_uid=sop_instance_uid,
+        series_number=series_number,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        software_version=software_version,
+        institution_name=institution_name,
+        institutional_department_name=institutional_department_name,
         content_datetime=content_datetime,
     )
 
 
 def _sr_document(
-    groups: list, *, key_slice_header: Dataset, evidence: list[Dataset], result: RiskResult, series_uid: str,
-    sop_instance_uid: str, series_number: int, instance_number: int, manufacturer: str, software_version: str | None,
-    institution_name: str | None, institutional_department_name: str | None, content_datetime: _dt.datetime | None,
+    groups: list,
+    *,
+    key_slice_header: Dataset,
+    evidence: list[Dataset],
+    result: RiskResult,
+    series_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+    manufacturer: str,
+    software_version: str | None,
+    institution_name: str | None,
+    institutional_department_name: str | None,
+    content_datetime: _dt.datetime | None,
 ) -> hd.sr.Comprehensive3DSR:
     software_version = software_version_or_installed(software_version)
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=device_observer(manufacturer, software_version)),
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=device_observer(manufacturer, software_version)
+        ),
         procedure_reported=codes.PROCEDURE_REPORTED_CT,
         imaging_measurements=groups,
         title=codes.IMAGING_MEASUREMENT_REPORT,
@@ -724,25 +763,36 @@ def _planar_group(
     measurements = [hd.sr.Measurement(name=codes.AREA, value=round(key_slice.area_mm2, 1), unit=codes.UNIT_MM2)]
     evaluations = []
     if withheld:
-        measurements.insert(0, hd.sr.Measurement(
-            name=codes.OUT_OF_DOMAIN_FEATURE_COUNT, value=len(result.applicability.violations), unit=codes.UNIT_ONE))
+        measurements.insert(
+            0,
+            hd.sr.Measurement(
+                name=codes.OUT_OF_DOMAIN_FEATURE_COUNT, value=len(result.applicability.violations), unit=codes.UNIT_ONE
+            ),
+        )
     else:
         group_value = RiskGroup(result.risk_group).value
         measurements = [
-            *(hd.sr.Measurement(name=codes.PFS_PROBABILITY[m], value=percent(p), unit=codes.UNIT_PERCENT)
-              for m, p in _checked_pfs(result).items()),
-            hd.sr.Measurement(name=codes.RISK_SCORE_WITH_GROUP[group_value, result.model.demonstration],
-                              value=rounded_score(result.risk_score), unit=codes.UNIT_ONE),
+            *(
+                hd.sr.Measurement(name=codes.PFS_PROBABILITY[m], value=percent(p), unit=codes.UNIT_PERCENT)
+                for m, p in _checked_pfs(result).items()
+            ),
+            hd.sr.Measurement(
+                name=codes.RISK_SCORE_WITH_GROUP[group_value, result.model.demonstration],
+                value=rounded_score(result.risk_score),
+                unit=codes.UNIT_ONE,
+            ),
             *measurements,
         ]
         evaluations.append(
             _coded(codes.RISK_GROUP, _lookup(codes.RISK_GROUP_VALUES, RiskGroup(result.risk_group).value, "risk group"))
         )
     tracking = hd.sr.TrackingIdentifier(
-        uid=_derived_uid("tracking-key-slice", ct.series_instance_uid, segment.sop_instance_uid,
-                         str(segment.segment_number)),
-        identifier=_tracking_text(segment, result, report_out_of_domain,
-                                  risk_label(result, report_out_of_domain=report_out_of_domain)),
+        uid=_derived_uid(
+            "tracking-key-slice", ct.series_instance_uid, segment.sop_instance_uid, str(segment.segment_number)
+        ),
+        identifier=_tracking_text(
+            segment, result, report_out_of_domain, risk_label(result, report_out_of_domain=report_out_of_domain)
+        ),
     )
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
@@ -761,7 +811,6 @@ def series_description(model: ModelIdentity) -> str:
     if model.demonstration:
         return "SCLC progression risk (DEMO, not for clinical use)"
     return "SCLC progression risk"
-
 
 
 # --- reading ---------------------------------------------------------------------
@@ -869,9 +918,7 @@ def read_risk_sr(dataset: Dataset) -> RiskSrContent:
         else:
             numbers[(name.value, name.scheme_designator)] = measurement.value
 
-    evaluations = {
-        (e.name.value, e.name.scheme_designator): e.value for e in group.get_qualitative_evaluations()
-    }
+    evaluations = {(e.name.value, e.name.scheme_designator): e.value for e in group.get_qualitative_evaluations()}
 
     def coded(concept: Code, table: Mapping, *, required: bool = True):
         value = evaluations.get((concept.value, concept.scheme_designator))
@@ -915,7 +962,11 @@ def read_risk_sr(dataset: Dataset) -> RiskSrContent:
     for planar in report.get_planar_roi_measurement_groups():
         region = planar.roi
         if region is not None:
-            key_slice_uid = str(region.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) if "ReferencedSOPSequence" in region else None
+            key_slice_uid = (
+                str(region.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                if "ReferencedSOPSequence" in region
+                else None
+            )
             if key_slice_uid is None:
                 key_slice_uid = str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
     name, version, sha256 = algorithm

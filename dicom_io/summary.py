@@ -34,10 +34,10 @@ from matplotlib.figure import Figure
 from pydicom.dataset import Dataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
-from dicom_io.inputs import CtSeries, TumourSegment
-from dicom_io.key_objects import key_image_header
-from dicom_io.key_slice import KeySlice, mask_outlines_px
-from dicom_io.sr_writer import (
+from sclc_risk_node.dicom_io.inputs import CtSeries, TumourSegment
+from sclc_risk_node.dicom_io.key_objects import key_image_header
+from sclc_risk_node.dicom_io.key_slice import KeySlice, mask_outlines_px
+from sclc_risk_node.dicom_io.sr_writer import (
     DEMONSTRATION_NOTICE,
     SOFTWARE_NAME,
     SPECIFIC_CHARACTER_SET,
@@ -52,8 +52,8 @@ from dicom_io.sr_writer import (
     summary_text,
     withholds_estimates,
 )
-from scoring.ring import describe_ring, peritumoral_ring
-from scoring.types import RingDefinition, RiskResult
+from sclc_risk_node.scoring.ring import describe_ring, peritumoral_ring
+from sclc_risk_node.scoring.types import RingDefinition, RiskResult
 
 #: A4 portrait, inches.
 PAGE_SIZE_IN = (8.27, 11.69)
@@ -123,28 +123,46 @@ def render_summary(
         FigureCanvasAgg(fig)
         fig.patch.set_facecolor("white")
         if model.demonstration:
-            fig.patches.append(matplotlib.patches.Rectangle(
-                (0, 0.945), 1, 0.055, transform=fig.transFigure, color=_RED, zorder=0))
-            fig.text(0.5, 0.9725, DEMONSTRATION_NOTICE.upper(), ha="center", va="center", color="white",
-                     fontsize=17, weight="bold")
+            fig.patches.append(
+                matplotlib.patches.Rectangle((0, 0.945), 1, 0.055, transform=fig.transFigure, color=_RED, zorder=0)
+            )
+            fig.text(
+                0.5,
+                0.9725,
+                DEMONSTRATION_NOTICE.upper(),
+                ha="center",
+                va="center",
+                color="white",
+                fontsize=17,
+                weight="bold",
+            )
         fig.text(0.05, 0.925, title, fontsize=15, weight="bold", va="top")
         if patient_line:
             fig.text(0.05, 0.898, patient_line, fontsize=9.5, va="top", color="#333333")
 
         headline = risk_label(result, report_out_of_domain=report_out_of_domain)
         headline_colour = "#555555" if withheld else (_RED if result.risk_group.value == "high" else "#2ca02c")
-        fig.text(0.05, 0.865, headline.upper() if not withheld else "NO RISK ESTIMATE", fontsize=22,
-                 weight="bold", color=headline_colour, va="top")
+        fig.text(
+            0.05,
+            0.865,
+            headline.upper() if not withheld else "NO RISK ESTIMATE",
+            fontsize=22,
+            weight="bold",
+            color=headline_colour,
+            va="top",
+        )
         lines = []
         if withheld:
             lines.append("Risk group and PFS withheld: outside the model's applicability domain.")
         else:
             pfs = "   ".join(f"PFS {m} months: {percent(p):.1f} %" for m, p in sorted(result.pfs_probability.items()))
             lines.append(pfs)
-            lines.append(f"Integrated risk score {rounded_score(result.risk_score):.3f} "
-                         f"(cut-off {rounded_score(result.risk_cutoff):.3f}); "
-                         f"radiomics score {rounded_score(result.radiomics_score):.3f} "
-                         f"(cut-off {rounded_score(result.radiomics_cutoff):.3f})")
+            lines.append(
+                f"Integrated risk score {rounded_score(result.risk_score):.3f} "
+                f"(cut-off {rounded_score(result.risk_cutoff):.3f}); "
+                f"radiomics score {rounded_score(result.radiomics_score):.3f} "
+                f"(cut-off {rounded_score(result.radiomics_cutoff):.3f})"
+            )
         lines.append(applicability_text(result.applicability))
         if ct.lossy_compression:
             lines.append("Input flag: the CT was lossy-compressed.")
@@ -157,9 +175,15 @@ def render_summary(
         spacing = ct.image.GetSpacing()
         rows, cols = _crop_box(mask_slice, spacing[:2])
         low = WINDOW_CENTRE_HU - WINDOW_WIDTH_HU / 2
-        ax.imshow(ct_slice[rows, cols], cmap="gray", vmin=low, vmax=low + WINDOW_WIDTH_HU,
-                  extent=(cols.start, cols.stop, rows.stop, rows.start), interpolation="nearest",
-                  aspect=spacing[1] / spacing[0])
+        ax.imshow(
+            ct_slice[rows, cols],
+            cmap="gray",
+            vmin=low,
+            vmax=low + WINDOW_WIDTH_HU,
+            extent=(cols.start, cols.stop, rows.stop, rows.start),
+            interpolation="nearest",
+            aspect=spacing[1] / spacing[0],
+        )
         ring_slice = _slice_array(peritumoral_ring(segment.mask, ring), key_slice.index)
         for outline in mask_outlines_px(ring_slice):
             ax.plot(outline[:, 0], outline[:, 1], color=_YELLOW, linewidth=1.0)
@@ -169,20 +193,32 @@ def render_summary(
         ax.set_ylim(rows.stop, rows.start)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"Key slice {key_slice.index + 1}/{len(ct.headers)}: largest tumour cross-section "
-                     f"({key_slice.area_mm2:.0f} mm²)", fontsize=8.5)
-        _wrapped(fig, 0.05, 0.39, [f"red: tumour ({segment.segment_label}); yellow: peritumoral ring, "
-                                   f"{describe_ring(ring)}"], width=70, fontsize=7.5)
-        summary = summary_text(result, report_out_of_domain=report_out_of_domain,
-                               lossy_compression=ct.lossy_compression)
+        ax.set_title(
+            f"Key slice {key_slice.index + 1}/{len(ct.headers)}: largest tumour cross-section "
+            f"({key_slice.area_mm2:.0f} mm²)",
+            fontsize=8.5,
+        )
+        _wrapped(
+            fig,
+            0.05,
+            0.39,
+            [f"red: tumour ({segment.segment_label}); yellow: peritumoral ring, {describe_ring(ring)}"],
+            width=70,
+            fontsize=7.5,
+        )
+        summary = summary_text(
+            result, report_out_of_domain=report_out_of_domain, lossy_compression=ct.lossy_compression
+        )
         _wrapped(fig, 0.52, 0.72, [summary], width=50, fontsize=10)
 
         # Each term's contribution, labels on the left with room for full feature names.
-        fig.text(0.05, 0.335, "Contribution of each model term (coefficient × value)", fontsize=9.5, weight="bold",
-                 va="top")
+        fig.text(
+            0.05, 0.335, "Contribution of each model term (coefficient × value)", fontsize=9.5, weight="bold", va="top"
+        )
         if withheld:
-            fig.text(0.05, 0.30, "Withheld: the study is outside the model's applicability domain.", fontsize=9,
-                     va="top")
+            fig.text(
+                0.05, 0.30, "Withheld: the study is outside the model's applicability domain.", fontsize=9, va="top"
+            )
         else:
             terms = [(f"risk score: {t.name}", t.contribution) for t in result.integrated_terms]
             terms += [(f"radiomics score: {_short(t.name)}", t.contribution) for t in result.radiomics_terms]
@@ -203,8 +239,17 @@ def render_summary(
 
         pdf = io.BytesIO()
         # No creation date: the same inputs give the same bytes (idempotent storage and delivery).
-        fig.savefig(pdf, format="pdf", metadata={"CreationDate": None, "ModDate": None, "Producer": SOFTWARE_NAME,
-                                                 "Creator": SOFTWARE_NAME, "Title": title})
+        fig.savefig(
+            pdf,
+            format="pdf",
+            metadata={
+                "CreationDate": None,
+                "ModDate": None,
+                "Producer": SOFTWARE_NAME,
+                "Creator": SOFTWARE_NAME,
+                "Title": title,
+            },
+        )
         fig.canvas.draw()
         rgb = np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy()
     return RenderedSummary(pdf=pdf.getvalue(), rgb=rgb, title=title)
@@ -214,8 +259,9 @@ def _short(name: str, max_chars: int = 48) -> str:
     return name if len(name) <= max_chars else name[: max_chars - 1] + "…"
 
 
-def _wrapped(fig: Figure, x: float, y: float, paragraphs: list[str], *, width: int, fontsize: float,
-             color: str = "black") -> None:
+def _wrapped(
+    fig: Figure, x: float, y: float, paragraphs: list[str], *, width: int, fontsize: float, color: str = "black"
+) -> None:
     import textwrap
 
     text = "\n".join(textwrap.fill(p, width=width) for p in paragraphs)

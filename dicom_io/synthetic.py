@@ -9,9 +9,9 @@ what a PACS would send us.
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import highdicom as hd
 import numpy as np
@@ -20,9 +20,9 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 
@@ -42,7 +42,7 @@ class SyntheticPatient:
     study_instance_uid: str = ""
     study_id: str = "1"
 
-    def with_study_uid(self) -> "SyntheticPatient":
+    def with_study_uid(self) -> SyntheticPatient:
         if self.study_instance_uid:
             return self
         return SyntheticPatient(

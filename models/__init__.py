@@ -1,4 +1,5 @@
 """Frozen model files shipped with the node (data only; see docs/model-format.md)."""
+
 from importlib.resources import files
 from pathlib import Path
 

@@ -42,12 +42,13 @@ import enum
 import json
 import os
 import pwd
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the spool passes its Transaction in; only the spool imports sqlite3
-    from node.spool import Transaction
+    from sclc_risk_node.node.spool import Transaction
 
 
 class AuditEventType(enum.StrEnum):
@@ -106,7 +107,7 @@ class AuditEvent:
         return ATNA_CODES[self.event][1]
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> "AuditEvent":
+    def from_row(cls, row: Mapping[str, Any]) -> AuditEvent:
         return cls(
             event=AuditEventType(row["event"]),
             who=row["who"],
@@ -131,7 +132,7 @@ class AuditEvent:
         }
 
 
-def record_in(tx: "Transaction", event: AuditEvent) -> None:
+def record_in(tx: Transaction, event: AuditEvent) -> None:
     """Append ``event`` inside ``tx``: it commits or rolls back with the action it describes."""
     tx.execute(
         "insert_audit_event",

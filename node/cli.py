@@ -6,11 +6,11 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from node.clinical_files import load_clinical_file
-from node.logs import configure_logging, get_logger
+from sclc_risk_node.node.clinical_files import load_clinical_file
+from sclc_risk_node.node.logs import configure_logging, get_logger
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -34,7 +34,7 @@ OUT_OF_DOMAIN_BANNER = "OUTSIDE THE MODEL'S APPLICABILITY DOMAIN"
 
 def format_applicability(scored) -> list[str]:
     """The summary's applicability lines: a banner and every offending quantity when out of domain."""
-    from scoring.types import DomainStatus
+    from sclc_risk_node.scoring.types import DomainStatus
 
     applicability = scored.result.applicability
     if applicability.status is DomainStatus.UNKNOWN:
@@ -65,10 +65,8 @@ def format_summary(scored) -> str:
     lines += [
         f"Model:            {model.name} {model.version} (sha256 {model.sha256[:12]}…)",
         *format_applicability(scored),
-        f"Progression risk: {group} "
-        f"(risk score {result.risk_score:.4f}, cut-off {result.risk_cutoff:.4f})",
-        f"Radiomics score:  {result.radiomics_score:.4f} (cut-off {result.radiomics_cutoff:.4f}, "
-        f"{radiomics_group})",
+        f"Progression risk: {group} (risk score {result.risk_score:.4f}, cut-off {result.risk_cutoff:.4f})",
+        f"Radiomics score:  {result.radiomics_score:.4f} (cut-off {result.radiomics_cutoff:.4f}, {radiomics_group})",
     ]
     for months, probability in sorted(result.pfs_probability.items()):
         lines.append(f"PFS at {months:>2} months: " + ("withheld" if withheld else f"{probability:.1%}"))
@@ -77,14 +75,16 @@ def format_summary(scored) -> str:
         lines.append(f"  {term.name:<40} {term.value:>10.4f} × {term.coefficient:>8.4f} = {term.contribution:>8.4f}")
     lines.append(f"Features: {len(result.features.values)} ({scored.scoring_seconds:.1f} s)")
     source = scored.segment
-    lines.append(f"Tumour: {source.kind} {source.sop_instance_uid}, "
-                 f"{'ROI' if source.kind == 'RTSTRUCT' else 'segment'} {source.segment_number} '{source.segment_label}'")
+    lines.append(
+        f"Tumour: {source.kind} {source.sop_instance_uid}, "
+        f"{'ROI' if source.kind == 'RTSTRUCT' else 'segment'} {source.segment_number} '{source.segment_label}'"
+    )
     lines.append(f"SR: SOP Instance UID {scored.sr.SOPInstanceUID}")
     return "\n".join(lines)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from node.scoring_job import default_model_path, load_model_file, score_files
+    from sclc_risk_node.node.scoring_job import default_model_path, load_model_file, score_files
 
     model = load_model_file(args.model or default_model_path())
     clinical_records = _clinical_records_for_ct(args.clinical, args.ct)
@@ -108,12 +108,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def _clinical_records_for_ct(path: Path, ct_dir: Path) -> list:
     """The records in a JSON/CSV clinical file, or the one a FHIR Bundle/Observation file gives for this CT's study."""
-    from node.clinical_files import fhir_json
+    from sclc_risk_node.node.clinical_files import fhir_json
 
     data = fhir_json(path)
     if data is None:
         return load_clinical_file(path)
-    from node.fhir_lookup import ct_study_context, records_from_fhir_json
+    from sclc_risk_node.node.fhir_lookup import ct_study_context, records_from_fhir_json
 
     # No config here: the identifier is matched by value, with the node's default look-back.
     return records_from_fhir_json(data, [ct_study_context(ct_dir)], lookback_days=90.0, identifier_system=None)
@@ -127,15 +127,15 @@ def _write_outputs(scored, sr_path: Path | None, json_path: Path | None) -> None
     if json_path:
         json_path = Path(json_path)
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        from node.scoring_job import result_as_json
+        from sclc_risk_node.node.scoring_job import result_as_json
 
         json_path.write_text(json.dumps(result_as_json(scored), indent=2) + "\n", encoding="utf-8")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Write the bundled synthetic demo study to a folder and score it with the demonstration model."""
-    from node.demo_study import write_demo_study
-    from node.scoring_job import default_model_path, load_model_file, score_files
+    from sclc_risk_node.node.demo_study import write_demo_study
+    from sclc_risk_node.node.scoring_job import default_model_path, load_model_file, score_files
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sclc-node-demo-"))
     study = write_demo_study(workdir)
@@ -148,7 +148,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_model_verify(args: argparse.Namespace) -> int:
-    from node.scoring_job import default_model_path, load_model_file
+    from sclc_risk_node.node.scoring_job import default_model_path, load_model_file
 
     model = load_model_file(args.file or default_model_path())
     identity = model.identity
@@ -166,29 +166,33 @@ def format_domain(model) -> list[str]:
     """`model verify`'s description of the applicability domain, or "domain unknown" for schema v1."""
     domain = model.applicability_domain
     if domain is None:
-        return ["applicability domain: domain unknown (schema v1 file: results are marked \"domain unknown\")"]
+        return ['applicability domain: domain unknown (schema v1 file: results are marked "domain unknown")']
     lines = [f"applicability domain: {domain.rule.describe()}; training n={domain.training_n}"]
     scales = {term.name: term.scale for term in model.radiomics_terms}
     for name, training in domain.features.items():
         low, high = domain.feature_interval(scales[name])
         transform = "" if scales[name].transform == "none" else f" [{scales[name].transform}]"
-        lines.append(f"  {name}{transform}: training {training.minimum:.4g} .. {training.maximum:.4g},"
-                     f" accepted {low:.4g} .. {high:.4g}")
+        lines.append(
+            f"  {name}{transform}: training {training.minimum:.4g} .. {training.maximum:.4g},"
+            f" accepted {low:.4g} .. {high:.4g}"
+        )
     for name in ("radiomics_score", "risk_score"):
         training = getattr(domain, name)
         low, high = domain.score_interval(name)
-        lines.append(f"  {name}: training {training.minimum:.4g} .. {training.maximum:.4g}, accepted {low:.4g} .. {high:.4g}")
+        lines.append(
+            f"  {name}: training {training.minimum:.4g} .. {training.maximum:.4g}, accepted {low:.4g} .. {high:.4g}"
+        )
     return lines
 
 
 def _load_config(args: argparse.Namespace):
-    from node.config import load_config
+    from sclc_risk_node.node.config import load_config
 
     return load_config(args.config)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from node.service import NodeService
+    from sclc_risk_node.node.service import NodeService
 
     config = _load_config(args)
     configure_logging(args.log_level or config.logging.level)
@@ -210,7 +214,7 @@ def _age(seconds: float) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     import time
 
-    from node.service import open_spool_for_cli
+    from sclc_risk_node.node.service import open_spool_for_cli
 
     config = _load_config(args)
     with open_spool_for_cli(config) as spool:
@@ -222,24 +226,30 @@ def cmd_status(args: argparse.Namespace) -> int:
             waiting_for = _waiting_for(spool, study, fhir_enabled=config.fhir.enabled)
             applicability, withheld = _applicability(spool, study)
             stage_seconds = _stage_seconds(spool, study)
-            rows.append({
-                "study_instance_uid": study.study_instance_uid,
-                "state": str(study.state),
-                "age_s": round(now - study.created_at, 1),
-                "in_state_s": round(now - study.state_changed_at, 1),
-                "instances": study.instance_count,
-                "clinical_record": study.clinical_record_id is not None,
-                "failure_reason": study.failure_reason,
-                "waiting_for": waiting_for,
-                "applicability": applicability,
-                "withheld": withheld,
-                "stage_seconds": stage_seconds,
-                "deliveries": [
-                    {"destination": d.destination, "state": str(d.state), "attempts": d.attempts,
-                     "last_error": d.last_error}
-                    for d in deliveries
-                ],
-            })
+            rows.append(
+                {
+                    "study_instance_uid": study.study_instance_uid,
+                    "state": str(study.state),
+                    "age_s": round(now - study.created_at, 1),
+                    "in_state_s": round(now - study.state_changed_at, 1),
+                    "instances": study.instance_count,
+                    "clinical_record": study.clinical_record_id is not None,
+                    "failure_reason": study.failure_reason,
+                    "waiting_for": waiting_for,
+                    "applicability": applicability,
+                    "withheld": withheld,
+                    "stage_seconds": stage_seconds,
+                    "deliveries": [
+                        {
+                            "destination": d.destination,
+                            "state": str(d.state),
+                            "attempts": d.attempts,
+                            "last_error": d.last_error,
+                        }
+                        for d in deliveries
+                    ],
+                }
+            )
         counts = {str(k): v for k, v in spool.counts_by_state().items()}
     if args.json:
         print(json.dumps({"studies": rows, "counts": counts}, indent=2))
@@ -247,8 +257,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not rows:
         print("no studies")
     for row in rows:
-        line = (f"{row['study_instance_uid']:<64} {row['state']:<21} age {_age(row['age_s']):>5} "
-                f"(in state {_age(row['in_state_s'])}) instances {row['instances']}")
+        line = (
+            f"{row['study_instance_uid']:<64} {row['state']:<21} age {_age(row['age_s']):>5} "
+            f"(in state {_age(row['in_state_s'])}) instances {row['instances']}"
+        )
         if row["failure_reason"]:
             line += f"\n    reason: {row['failure_reason']}"
         for missing in row["waiting_for"]:
@@ -271,8 +283,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _applicability(spool, study) -> tuple[str | None, bool]:
     """The last scoring's applicability status and whether it withheld the result (None before scoring)."""
-    from node.states import StudyEvent, StudyState
-    from node.study_machine import applicability_from_reason
+    from sclc_risk_node.node.states import StudyEvent, StudyState
+    from sclc_risk_node.node.study_machine import applicability_from_reason
 
     if study.state not in (StudyState.SCORED, StudyState.DELIVERED, StudyState.FAILED):
         return None, False
@@ -282,8 +294,8 @@ def _applicability(spool, study) -> tuple[str | None, bool]:
 
 def _stage_seconds(spool, study) -> dict[str, float]:
     """The last scoring's seconds per stage (read, ring, extract, model, sr); empty before scoring."""
-    from node.states import StudyEvent
-    from node.study_machine import stage_seconds_from_reason
+    from sclc_risk_node.node.states import StudyEvent
+    from sclc_risk_node.node.study_machine import stage_seconds_from_reason
 
     scored = [t for t in spool.study_events(study.study_instance_uid) if t.event is StudyEvent.SCORED]
     return stage_seconds_from_reason(scored[-1].reason) if scored else {}
@@ -299,14 +311,14 @@ def _applicability_text(status: str, withheld: bool) -> str:
 
 def _waiting_for(spool, study, *, fhir_enabled: bool = False) -> list[str]:
     """What an incomplete study still lacks, in the words the expiry reason would use."""
-    from node.completion import assess_images
-    from node.states import StudyState
+    from sclc_risk_node.node.completion import assess_images
+    from sclc_risk_node.node.states import StudyState
 
     if study.state not in (StudyState.RECEIVING, StudyState.WAITING_FOR_CLINICAL):
         return []
     _, gaps = assess_images(spool.study_snapshot(study.study_instance_uid))
     if study.clinical_record_id is None:
-        from node.fhir_lookup import WaitingReasons
+        from sclc_risk_node.node.fhir_lookup import WaitingReasons
 
         # A reason left from before [fhir] was turned off would be stale.
         fhir_reason = WaitingReasons(spool.directory).reason(study.study_instance_uid) if fhir_enabled else None
@@ -317,15 +329,18 @@ def _waiting_for(spool, study, *, fhir_enabled: bool = False) -> list[str]:
 def cmd_retry(args: argparse.Namespace) -> int:
     import time
 
-    from node.audit import local_user
-    from node.service import open_spool_for_cli
-    from node.study_machine import StudyMachine
+    from sclc_risk_node.node.audit import local_user
+    from sclc_risk_node.node.service import open_spool_for_cli
+    from sclc_risk_node.node.study_machine import StudyMachine
 
     config = _load_config(args)
     with open_spool_for_cli(config) as spool:
         transition = StudyMachine(spool).retry(
-            args.study, now=time.time(), reason="operator retry (sclc-node retry)",
-            service_running=spool.service_running(), who=local_user(),
+            args.study,
+            now=time.time(),
+            reason="operator retry (sclc-node retry)",
+            service_running=spool.service_running(),
+            who=local_user(),
         )
     print(f"{args.study}: {transition.from_state} -> {transition.to_state} ({transition.event})")
     return EXIT_OK
@@ -334,14 +349,16 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_clinical_import(args: argparse.Namespace) -> int:
     import time
 
-    from node.clinical_inbox import import_clinical_file
-    from node.service import open_spool_for_cli
+    from sclc_risk_node.node.clinical_inbox import import_clinical_file
+    from sclc_risk_node.node.service import open_spool_for_cli
 
     config = _load_config(args)
     with open_spool_for_cli(config) as spool:
         report = import_clinical_file(spool, args.file, now=time.time(), fhir=config.fhir)
-    print(f"imported {report.records} record(s) from {args.file.name}; "
-          f"attached to {len(report.matched_studies)} study(ies) already received")
+    print(
+        f"imported {report.records} record(s) from {args.file.name}; "
+        f"attached to {len(report.matched_studies)} study(ies) already received"
+    )
     for uid in report.matched_studies:
         print(f"  {uid}")
     for note in report.notes:
@@ -351,7 +368,7 @@ def cmd_clinical_import(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """The audit trail as JSON lines, oldest first."""
-    from node.service import open_spool_for_cli
+    from sclc_risk_node.node.service import open_spool_for_cli
 
     config = _load_config(args)
     with open_spool_for_cli(config) as spool:
@@ -363,7 +380,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Everything `serve` would refuse, checked without starting it or writing anything lasting."""
-    from node.config_check import check_for_serve
+    from sclc_risk_node.node.config_check import check_for_serve
 
     config = _load_config(args)
     report = check_for_serve(config)
@@ -380,7 +397,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_config_defaults(args: argparse.Namespace) -> int:
-    from node.config import default_config_text
+    from sclc_risk_node.node.config import default_config_text
 
     sys.stdout.write(default_config_text())
     return EXIT_OK
@@ -388,7 +405,9 @@ def cmd_config_defaults(args: argparse.Namespace) -> int:
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", type=Path, metavar="FILE",
+        "--config",
+        type=Path,
+        metavar="FILE",
         help="node configuration (TOML; default: the embedded defaults, see `sclc-node config defaults`)",
     )
 
@@ -404,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
-        "--log-level", default=None,
+        "--log-level",
+        default=None,
         help="log level of the JSON logs (default: WARNING for commands, the config's logging.level for serve)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -419,39 +439,50 @@ def build_parser() -> argparse.ArgumentParser:
     tumour = score.add_mutually_exclusive_group(required=True)
     tumour.add_argument("--seg", type=Path, metavar="FILE", help="DICOM SEG of the tumour")
     tumour.add_argument(
-        "--rtstruct", type=Path, metavar="FILE",
+        "--rtstruct",
+        type=Path,
+        metavar="FILE",
         help="RT Structure Set with the tumour ROI, instead of a SEG (ROI chosen by --roi-name, "
         "else a GTV-like name, else RT ROI Interpreted Type GTV/TUMOR)",
     )
     score.add_argument(
-        "--clinical", type=Path, required=True, metavar="FILE",
+        "--clinical",
+        type=Path,
+        required=True,
+        metavar="FILE",
         help="clinical record, .json or .csv, or a FHIR R4 Bundle/Observation .json for the CT's patient "
         "(see docs/clinical-record.md)",
     )
     score.add_argument(
-        "--model", type=Path, metavar="FILE",
+        "--model",
+        type=Path,
+        metavar="FILE",
         help="frozen model file (default: the shipped demonstration model)",
     )
     score.add_argument("--out", type=Path, required=True, metavar="SR.dcm", help="where to write the DICOM SR")
     score.add_argument("--json", type=Path, metavar="RESULT.json", help="also write the result as JSON")
     score.add_argument("--series-uid", metavar="UID", help="CT SeriesInstanceUID when the folder holds several series")
     score.add_argument(
-        "--report-out-of-domain", action="store_true",
+        "--report-out-of-domain",
+        action="store_true",
         help="report the risk group and PFS of a study outside the model's applicability domain, with the flag "
-             "(default: withhold them; the node's config key is scoring.report_out_of_domain)",
+        "(default: withhold them; the node's config key is scoring.report_out_of_domain)",
     )
     score.add_argument(
-        "--segment-label", metavar="LABEL",
+        "--segment-label",
+        metavar="LABEL",
         help="choose the SEG segment by label (default: the one whose property type is SCT Neoplasm)",
     )
     score.add_argument(
-        "--allow-lossy-ct", action="store_true",
+        "--allow-lossy-ct",
+        action="store_true",
         help="score a lossy-compressed CT (JPEG baseline, lossy JPEG 2000, LossyImageCompression 01) instead of "
         "refusing it; the JSON result then has lossy_compression = true",
     )
     score.add_argument("--roi-name", metavar="NAME", help="with --rtstruct: the tumour ROI's name (case-insensitive)")
     score.add_argument(
-        "--roi-pattern", metavar="REGEX",
+        "--roi-pattern",
+        metavar="REGEX",
         help="with --rtstruct: regular expression for the tumour ROI's name (default: GTV-like names)",
     )
     score.set_defaults(handler=cmd_score)
@@ -460,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="generate the bundled synthetic demo study and score it with the demonstration model",
     )
-    demo.add_argument("--workdir", type=Path, metavar="DIR", help="where to write the demo study (default: a new temp dir)")
+    demo.add_argument(
+        "--workdir", type=Path, metavar="DIR", help="where to write the demo study (default: a new temp dir)"
+    )
     demo.set_defaults(handler=cmd_demo)
 
     model = sub.add_parser("model", help="inspect frozen model files")
@@ -519,19 +552,19 @@ def build_parser() -> argparse.ArgumentParser:
     config_defaults = config_sub.add_parser("defaults", help="print the embedded default configuration")
     config_defaults.set_defaults(handler=cmd_config_defaults)
 
-    from node.stats_cli import add_stats_parser
-    from node.training_cli import add_training_parsers
+    from sclc_risk_node.node.stats_cli import add_stats_parser
+    from sclc_risk_node.node.training_cli import add_training_parsers
 
     add_training_parsers(sub)
     add_stats_parser(sub)
-    from node.ibsi_cli import add_ibsi_parser
+    from sclc_risk_node.node.ibsi_cli import add_ibsi_parser
 
     add_ibsi_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from scoring.errors import SclcNodeError
+    from sclc_risk_node.scoring.errors import SclcNodeError
 
     parser = build_parser()
     args = parser.parse_args(argv)

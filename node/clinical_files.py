@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scoring.clinical import ClinicalRecord, parse_clinical_csv, parse_clinical_json_many
-from scoring.errors import ClinicalRecordError
-from scoring.strict_json import loads_strict
+from sclc_risk_node.scoring.clinical import ClinicalRecord, parse_clinical_csv, parse_clinical_json_many
+from sclc_risk_node.scoring.errors import ClinicalRecordError
+from sclc_risk_node.scoring.strict_json import loads_strict
 
 CLINICAL_SUFFIXES = (".json", ".csv")
 

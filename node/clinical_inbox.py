@@ -31,16 +31,22 @@ import os
 import re
 import stat
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-from node import audit
-from node.clinical_files import CLINICAL_SUFFIXES, fhir_json, fhir_json_bytes, load_clinical_file, parse_clinical_bytes
-from node.logs import get_logger, register_phi_values
-from node.states import StudyState
-from scoring.clinical import ACCEPTED_FIELDS, ClinicalRecord
-from scoring.errors import ClinicalRecordError, InputError
+from sclc_risk_node.node import audit
+from sclc_risk_node.node.clinical_files import (
+    CLINICAL_SUFFIXES,
+    fhir_json,
+    fhir_json_bytes,
+    load_clinical_file,
+    parse_clinical_bytes,
+)
+from sclc_risk_node.node.logs import get_logger, register_phi_values
+from sclc_risk_node.node.states import StudyState
+from sclc_risk_node.scoring.clinical import ACCEPTED_FIELDS, ClinicalRecord
+from sclc_risk_node.scoring.errors import ClinicalRecordError, InputError
 
 ACCEPTED_DIR = "accepted"
 REJECTED_DIR = "rejected"
@@ -78,7 +84,7 @@ def import_clinical_file(spool, path: Path, *, now: float, source: str | None = 
     """
     data = fhir_json(path)
     if data is not None:
-        from node.fhir_lookup import store_record
+        from sclc_risk_node.node.fhir_lookup import store_record
 
         fhir_records = fhir_records_for_spool(spool, data, fhir)
         if not fhir_records:
@@ -127,16 +133,20 @@ def import_clinical_records(
 
 
 def _why_not_attached(spool, record: ClinicalRecord) -> str:
-    from node.states import CLINICAL_LINKABLE_STATES
+    from sclc_risk_node.node.states import CLINICAL_LINKABLE_STATES
 
     named = spool.get_study(record.study_instance_uid) if record.study_instance_uid else None
     if named is None:
         return "no study received so far matches it; it is kept and attached when its study arrives"
     if named.state not in CLINICAL_LINKABLE_STATES:
-        return (f"names study {named.study_instance_uid}, which is already {named.state}; "
-                "a later record is kept but not used for a study whose scoring has started")
-    return (f"names study {named.study_instance_uid}, which is in the spool but has a different "
-            "accession number or patient ID; not attached")
+        return (
+            f"names study {named.study_instance_uid}, which is already {named.state}; "
+            "a later record is kept but not used for a study whose scoring has started"
+        )
+    return (
+        f"names study {named.study_instance_uid}, which is in the spool but has a different "
+        "accession number or patient ID; not attached"
+    )
 
 
 def fhir_records_for_spool(spool, data: object, fhir=None) -> list:
@@ -145,27 +155,29 @@ def fhir_records_for_spool(spool, data: object, fhir=None) -> list:
     ``fhir`` is the `FhirConfig` (identifier system, look-back); None uses its defaults.
     Raises `ClinicalRecordError` listing every problem.
     """
-    from node.fhir_lookup import fhir_patient_ids, records_from_fhir_json, study_context
+    from sclc_risk_node.node.fhir_lookup import fhir_patient_ids, records_from_fhir_json, study_context
 
     system = fhir.patient_identifier_system if fhir else None
     lookback_days = fhir.lookback_days if fhir else DEFAULT_LOOKBACK_DAYS
     patient_ids = fhir_patient_ids(data, system)
     register_phi_values(patient_ids)
     if not patient_ids:
-        raise ClinicalRecordError([
-            "FHIR file names no patient identifier (needed: a Patient resource with the study's PatientID"
-            + (f" in system {system}" if system else "")
-            + ", or Observation.subject.identifier)"
-        ])
+        raise ClinicalRecordError(
+            [
+                "FHIR file names no patient identifier (needed: a Patient resource with the study's PatientID"
+                + (f" in system {system}" if system else "")
+                + ", or Observation.subject.identifier)"
+            ]
+        )
     studies = [
-        s for s in spool.list_studies(states=[StudyState.RECEIVING, StudyState.WAITING_FOR_CLINICAL], limit=-1)
+        s
+        for s in spool.list_studies(states=[StudyState.RECEIVING, StudyState.WAITING_FOR_CLINICAL], limit=-1)
         if s.patient_id in patient_ids and s.clinical_record_id is None
     ]
     if not studies:
         return []
     contexts = [study_context(spool, s) for s in studies]
     return records_from_fhir_json(data, contexts, lookback_days=lookback_days, identifier_system=system)
-
 
 
 class ClinicalInbox:
@@ -232,7 +244,10 @@ class ClinicalInbox:
     def _import(self, path: Path, data: bytes, *, now: float) -> ImportReport:
         try:
             report = import_clinical_records(
-                self.spool, parse_clinical_bytes(path.name, data), path.name, now=now,
+                self.spool,
+                parse_clinical_bytes(path.name, data),
+                path.name,
+                now=now,
                 source=audit.clinical_inbox(file_reference(path.name)),
             )
         except ClinicalRecordError as exc:
@@ -251,14 +266,16 @@ class ClinicalInbox:
 
     def _import_fhir(self, path: Path, data: object, *, now: float) -> ImportReport | None:
         """Records from a FHIR file for its patient's studies that lack one; None while no such study is here."""
-        from node.fhir_lookup import store_record
+        from sclc_risk_node.node.fhir_lookup import store_record
 
         try:
             records = fhir_records_for_spool(self.spool, data, self.fhir)
             if not records and now - path.lstat().st_mtime >= FHIR_FILE_WAIT_S:
-                raise ClinicalRecordError([
-                    f"FHIR file: no study of its patient without a clinical record arrived within {FHIR_FILE_WAIT_S:.0f} s"
-                ])
+                raise ClinicalRecordError(
+                    [
+                        f"FHIR file: no study of its patient without a clinical record arrived within {FHIR_FILE_WAIT_S:.0f} s"
+                    ]
+                )
         except ClinicalRecordError as exc:
             self._waiting_files.discard(path.name)
             return self._reject(path, list(exc.problems))
@@ -274,8 +291,13 @@ class ClinicalInbox:
             store_record(self.spool, record, now=now)
         self._waiting_files.discard(path.name)
         os.replace(path, _unique_target(self.directory / ACCEPTED_DIR, path.name))
-        self._log.info("clinical_file_accepted", file_ref=file_reference(path.name), records=len(records),
-                       matched_studies=len(records), format="fhir")
+        self._log.info(
+            "clinical_file_accepted",
+            file_ref=file_reference(path.name),
+            records=len(records),
+            matched_studies=len(records),
+            format="fhir",
+        )
         return ImportReport(path.name, len(records), tuple(r.study_instance_uid for r in records))
 
     def _reject(self, path: Path, problems: list[str]) -> ImportReport:
@@ -291,7 +313,10 @@ class ClinicalInbox:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(note)
         self._log.warning(
-            "clinical_file_rejected", file_ref=file_reference(path.name), problems=len(problems), folder=str(target.parent)
+            "clinical_file_rejected",
+            file_ref=file_reference(path.name),
+            problems=len(problems),
+            folder=str(target.parent),
         )
         return ImportReport(path.name, 0, problems=tuple(problems))
 
@@ -311,14 +336,18 @@ def read_regular_file(path: Path, *, max_bytes: int = MAX_CLINICAL_FILE_BYTES) -
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise NotARegularFile(f"{path.name}: is a symbolic link; only regular files are read (nothing was read)") from None
+            raise NotARegularFile(
+                f"{path.name}: is a symbolic link; only regular files are read (nothing was read)"
+            ) from None
         raise NotARegularFile(f"{path.name}: cannot be opened: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise NotARegularFile(f"{path.name}: is not a regular file (a FIFO, device or socket); nothing was read")
         if info.st_size > max_bytes:
-            raise NotARegularFile(f"{path.name}: {info.st_size} bytes is more than the {max_bytes} a clinical file may have")
+            raise NotARegularFile(
+                f"{path.name}: {info.st_size} bytes is more than the {max_bytes} a clinical file may have"
+            )
         return handle.read(max_bytes + 1)
 
 
@@ -392,7 +421,7 @@ _FHIR_PROBLEM_KINDS = (
 
 def _withhold_fhir_content(problem: str) -> str | None:
     """A FHIR problem kept to its item, LOINC code and kind (no resource ids, values or codes from the file)."""
-    from scoring.fhir_mapping import ITEM_BY_CODE
+    from sclc_risk_node.scoring.fhir_mapping import ITEM_BY_CODE
 
     found = _FHIR_ITEM.search(problem)
     if found is None:

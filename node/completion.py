@@ -33,8 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from node.records import StudySnapshot
-from node.states import StudyEvent, StudyState
+from sclc_risk_node.node.records import StudySnapshot
+from sclc_risk_node.node.states import StudyEvent, StudyState
 
 #: A series of fewer instances is not a CT volume we could score.
 MIN_SERIES_INSTANCES = 2
@@ -121,7 +121,9 @@ def evaluate(snapshot: StudySnapshot, now: float, settings: CompletionSettings) 
             missing = gaps or [f"images complete but an instance arrived {quiet_s:.0f} s ago"]
             if not snapshot.has_clinical_record:
                 missing = [*missing, "no clinical record"]
-            return CompletionDecision(StudyEvent.EXPIRED, f"nothing new for {idle_s:.0f} s; missing: " + "; ".join(missing))
+            return CompletionDecision(
+                StudyEvent.EXPIRED, f"nothing new for {idle_s:.0f} s; missing: " + "; ".join(missing)
+            )
         return None
     if study.state is StudyState.WAITING_FOR_CLINICAL:
         if snapshot.has_clinical_record:

@@ -1,7 +1,7 @@
 """The node's configuration: one TOML file loaded into a frozen `NodeConfig`.
 
 `load_config(path)` merges the file over the embedded defaults
-(`config/node.toml`, shipped as package `sclc_risk_node_config`, which also
+(`config/node.toml`, shipped as package `sclc_risk_node.config`, which also
 documents every key), so a site file only needs the keys it changes; with no
 path the node runs on the defaults alone.  Tables merge key by key; arrays
 (`destinations`, `scp.allowed_callers`) replace the default array whole.
@@ -43,15 +43,16 @@ import re
 import ssl
 import tomllib
 import types
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from scoring.errors import InputError
+from sclc_risk_node.scoring.errors import InputError
 
-DEFAULTS_PACKAGE = "sclc_risk_node_config"
+DEFAULTS_PACKAGE = "sclc_risk_node.config"
 DEFAULTS_FILENAME = "node.toml"
 #: Directory name under $XDG_STATE_HOME / ~/.local/state when not run by systemd.
 STATE_DIRECTORY_NAME = "sclc-risk-node"
@@ -100,7 +101,7 @@ def _ip_address(value: str) -> str | None:
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        return f"{value!r} is not an IP address (use \"0.0.0.0\" or \"::\" for all interfaces)"
+        return f'{value!r} is not an IP address (use "0.0.0.0" or "::" for all interfaces)'
     return None
 
 
@@ -112,7 +113,9 @@ def _ip_network(value: str) -> str | None:
     return None
 
 
-_HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}\.?$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
 
 
 def _host(value: str) -> str | None:
@@ -173,7 +176,7 @@ def _readable_file(value: Path) -> str | None:
 
 
 def _not_blank(value: str) -> str | None:
-    return "must not be all spaces (use \"\" for none)" if not value.strip() else None
+    return 'must not be all spaces (use "" for none)' if not value.strip() else None
 
 
 def usable_cpu_count() -> int:
@@ -425,12 +428,18 @@ class ScpConfig(_Validated):
 
     def _cross_checks(self) -> Iterator[tuple[str, str]]:
         if not self.allowed_callers:
-            yield "allowed_callers", (
-                "is empty, which would refuse every caller; list the PACS "
-                '(or ae_title = "*", host = "0.0.0.0/0" to accept anyone)'
+            yield (
+                "allowed_callers",
+                (
+                    "is empty, which would refuse every caller; list the PACS "
+                    '(or ae_title = "*", host = "0.0.0.0/0" to accept anyone)'
+                ),
             )
         if self.preassociation_per_ip > self.preassociation_total:
-            yield "preassociation_per_ip", f"{self.preassociation_per_ip} is above preassociation_total ({self.preassociation_total})"
+            yield (
+                "preassociation_per_ip",
+                f"{self.preassociation_per_ip} is above preassociation_total ({self.preassociation_total})",
+            )
 
     def caller_allowed(self, calling_ae_title: str, address: str) -> bool:
         """Whether an association from ``calling_ae_title`` at IP ``address`` may proceed."""
@@ -515,11 +524,11 @@ class FhirConfig(_Validated):
             yield "base_url", f"{self.base_url!r} is not an http:// or https:// URL (required when enabled)"
         if self.auth == "basic":
             if not self.username:
-                yield "username", "required when auth = \"basic\""
+                yield "username", 'required when auth = "basic"'
             if self.password_file is None:
-                yield "password_file", "required when auth = \"basic\""
+                yield "password_file", 'required when auth = "basic"'
         if self.auth == "bearer" and self.token_file is None:
-            yield "token_file", "required when auth = \"bearer\""
+            yield "token_file", 'required when auth = "bearer"'
         for name in ("password_file", "token_file", "ca_file"):
             path = getattr(self, name)
             problem = _readable_file(path) if path is not None else None
@@ -614,7 +623,6 @@ class DestinationConfig(_Validated):
     objects: tuple[str, ...] = _key(_object_kinds, default=RESULT_OBJECT_KINDS)
 
 
-
 @dataclass(frozen=True, slots=True)
 class OutboxConfig(_Validated):
     """`[outbox]`: retries of SR deliveries (exponential backoff with a cap)."""
@@ -667,7 +675,10 @@ class NodeConfig(_Validated):
         seen: dict[str, int] = {}
         for index, destination in enumerate(self.destinations):
             if destination.name in seen:
-                yield f"destinations[{index}].name", f"{destination.name!r} is already used by destinations[{seen[destination.name]}]"
+                yield (
+                    f"destinations[{index}].name",
+                    f"{destination.name!r} is already used by destinations[{seen[destination.name]}]",
+                )
             seen.setdefault(destination.name, index)
         if self.http.enabled and self.http.port and self.http.port == self.scp.port:
             yield "http.port", f"{self.http.port} is also scp.port"

@@ -27,7 +27,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.config import NodeConfig
+from sclc_risk_node.node.config import NodeConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +90,8 @@ def _writable_directory_problem(directory: Path) -> str | None:
 
 
 def _model(config: NodeConfig) -> tuple[Path, str, str | None]:
-    from node.scoring_job import default_model_path, load_model_file
-    from scoring.errors import InputError
+    from sclc_risk_node.node.scoring_job import default_model_path, load_model_file
+    from sclc_risk_node.scoring.errors import InputError
 
     path = config.scoring.model_file or default_model_path()
     try:
@@ -103,7 +103,7 @@ def _model(config: NodeConfig) -> tuple[Path, str, str | None]:
 
 
 def _service_running(config: NodeConfig) -> str | None:
-    from node.spool import LOCKS_DIR, SERVICE_LOCK_FILENAME, Spool
+    from sclc_risk_node.node.spool import LOCKS_DIR, SERVICE_LOCK_FILENAME, Spool
 
     lock = config.spool.directory / LOCKS_DIR / SERVICE_LOCK_FILENAME
     if not lock.exists():

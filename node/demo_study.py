@@ -12,8 +12,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_io.synthetic import SyntheticPatient, build_tumour_seg, synthetic_chest_phantom, write_ct_series
-from node.training.chest_phantom import chest_ct_phantom
+from sclc_risk_node.dicom_io.synthetic import (
+    SyntheticPatient,
+    build_tumour_seg,
+    synthetic_chest_phantom,
+    write_ct_series,
+)
+from sclc_risk_node.node.training.chest_phantom import chest_ct_phantom
 
 DEMO_PATIENT = SyntheticPatient(
     patient_id="DEMO-0001",

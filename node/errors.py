@@ -10,7 +10,7 @@ as its reason.
 
 from __future__ import annotations
 
-from scoring.errors import InputError, SclcNodeError
+from sclc_risk_node.scoring.errors import InputError, SclcNodeError
 
 
 class NodeError(SclcNodeError):
@@ -25,7 +25,9 @@ class InvalidTransition(NodeError):
     holder, files still present, lease really expired) did not hold.
     """
 
-    def __init__(self, message: str, *, study_uid: str | None = None, state: str | None = None, event: str | None = None):
+    def __init__(
+        self, message: str, *, study_uid: str | None = None, state: str | None = None, event: str | None = None
+    ):
         super().__init__(message)
         self.study_uid = study_uid
         self.state = state

@@ -28,9 +28,9 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from node.config import FhirConfig
-from scoring.errors import InputError
-from scoring.fhir_mapping import LOINC_ITEMS, LOINC_SYSTEM
+from sclc_risk_node.node.config import FhirConfig
+from sclc_risk_node.scoring.errors import InputError
+from sclc_risk_node.scoring.fhir_mapping import LOINC_ITEMS, LOINC_SYSTEM
 
 FHIR_JSON = "application/fhir+json"
 #: A patient's Observations for seven codes in a 90-day window fit in a few pages; more is a runaway server.
@@ -86,13 +86,19 @@ class FhirClient:
                 if isinstance(resource, dict) and resource.get("resourceType") == resource_type:
                     found.append(resource)
             next_url = next(
-                (link.get("url") for link in bundle.get("link") or () if isinstance(link, dict) and link.get("relation") == "next"),
+                (
+                    link.get("url")
+                    for link in bundle.get("link") or ()
+                    if isinstance(link, dict) and link.get("relation") == "next"
+                ),
                 None,
             )
             if not next_url:
                 return found
             if not _same_origin(next_url, self.base_url):
-                raise FhirServerError(f"FHIR {resource_type} search: the server's next-page link points to another server")
+                raise FhirServerError(
+                    f"FHIR {resource_type} search: the server's next-page link points to another server"
+                )
             url = next_url
         raise FhirServerError(f"FHIR {resource_type} search: more than {MAX_PAGES} pages of results")
 
@@ -156,4 +162,3 @@ def _same_origin(url: str, base_url: str) -> bool:
 def _reason(reason: object) -> str:
     text = " ".join(str(reason).split())
     return f"{type(reason).__name__}: {text}" if isinstance(reason, BaseException) else text
-

@@ -21,19 +21,25 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pydicom
 
-from node.config import FhirConfig
-from node.logs import get_logger, register_phi_values
-from node.records import StudyRecord
-from node.states import StudyState
-from scoring.clinical import ClinicalRecord
-from scoring.errors import ClinicalRecordError, InputError
-from scoring.fhir_mapping import StudyContext, clinical_record_from_fhir, parse_resources, patient_references
+from sclc_risk_node.node.config import FhirConfig
+from sclc_risk_node.node.logs import get_logger, register_phi_values
+from sclc_risk_node.node.records import StudyRecord
+from sclc_risk_node.node.states import StudyState
+from sclc_risk_node.scoring.clinical import ClinicalRecord
+from sclc_risk_node.scoring.errors import ClinicalRecordError, InputError
+from sclc_risk_node.scoring.fhir_mapping import (
+    StudyContext,
+    clinical_record_from_fhir,
+    parse_resources,
+    patient_references,
+)
 
 WAITING_REASONS_FILENAME = "fhir-waiting.json"
 #: One pass stops starting lookups after this many request timeouts' worth of time.
@@ -123,7 +129,7 @@ class FhirLookup:
     """The `[fhir]` scheduler job: one pass over the studies waiting for a clinical record."""
 
     def __init__(self, spool, config: FhirConfig, *, client=None, reasons: WaitingReasons | None = None):
-        from node.fhir_client import FhirClient
+        from sclc_risk_node.node.fhir_client import FhirClient
 
         self.spool = spool
         self.config = config
@@ -134,7 +140,8 @@ class FhirLookup:
 
     def run_once(self, *, now: float) -> list[LookupOutcome]:
         waiting = [
-            s for s in self.spool.list_studies(states=[StudyState.WAITING_FOR_CLINICAL], limit=-1)
+            s
+            for s in self.spool.list_studies(states=[StudyState.WAITING_FOR_CLINICAL], limit=-1)
             if s.clinical_record_id is None
         ]
         waiting_uids = {s.study_instance_uid for s in waiting}
@@ -188,8 +195,9 @@ class FhirLookup:
         return LookupOutcome(uid, True)
 
 
-def records_from_fhir_json(data: Any, contexts: list[StudyContext], *, lookback_days: float,
-                           identifier_system: str | None) -> list[ClinicalRecord]:
+def records_from_fhir_json(
+    data: Any, contexts: list[StudyContext], *, lookback_days: float, identifier_system: str | None
+) -> list[ClinicalRecord]:
     """Records for the studies in ``contexts`` from a dropped Bundle/Observation file's JSON.
 
     The patient is recognised by Patient resources carrying the study's PatientID,
@@ -203,7 +211,10 @@ def records_from_fhir_json(data: Any, contexts: list[StudyContext], *, lookback_
         try:
             records.append(
                 clinical_record_from_fhir(
-                    resources, context, patient_refs=refs, lookback_days=lookback_days,
+                    resources,
+                    context,
+                    patient_refs=refs,
+                    lookback_days=lookback_days,
                     identifier_system=identifier_system,
                 )
             )
@@ -221,12 +232,17 @@ def fhir_patient_ids(data: Any, identifier_system: str | None) -> set[str]:
     for resource in parse_resources(data):
         kind = resource.get_resource_type()
         identifiers = (
-            list(resource.identifier or ()) if kind == "Patient"
-            else [resource.subject.identifier] if kind == "Observation" and resource.subject is not None else []
+            list(resource.identifier or ())
+            if kind == "Patient"
+            else [resource.subject.identifier]
+            if kind == "Observation" and resource.subject is not None
+            else []
         )
         for identifier in identifiers:
-            if identifier is not None and identifier.value and (
-                identifier_system is None or identifier.system == identifier_system
+            if (
+                identifier is not None
+                and identifier.value
+                and (identifier_system is None or identifier.system == identifier_system)
             ):
                 values.add(identifier.value)
     return values
@@ -245,7 +261,9 @@ def ct_study_context(ct_dir: Path) -> StudyContext:
         try:
             study_date = dt.datetime.strptime(str(header.get("StudyDate", "") or "").strip(), "%Y%m%d").date()
         except ValueError:
-            raise StudyContextError(f"{path.name} has no valid StudyDate (YYYYMMDD), needed to choose FHIR values") from None
+            raise StudyContextError(
+                f"{path.name} has no valid StudyDate (YYYYMMDD), needed to choose FHIR values"
+            ) from None
         if not patient_id:
             raise StudyContextError(f"{path.name} has no PatientID, needed to find the patient's FHIR resources")
         return StudyContext(

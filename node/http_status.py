@@ -26,18 +26,18 @@ import json
 import socket
 import socketserver
 import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from node.config import ConfigError, HttpConfig
-from node.logs import get_logger
+from sclc_risk_node.node.config import ConfigError, HttpConfig
+from sclc_risk_node.node.logs import get_logger
 
 #: `sop_class` label of `sclc_instances_received_total`.
 SOP_CLASSES = ("ct", "seg", "rtstruct", "other")
@@ -52,7 +52,6 @@ SCORING_STAGES = ("read", "ring", "extract", "model", "sr")
 STAGE_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: `applicability` label of `sclc_scored_studies_total`: `scoring.types.DomainStatus` values.
 APPLICABILITY_STATUSES = ("in_domain", "out_of_domain", "unknown")
-
 
 
 def _log():
@@ -221,7 +220,9 @@ class _LiveCounts:
             up.add_metric(["outbox"], 0)
         else:
             yield GaugeMetricFamily(
-                "sclc_outbox_depth", "SR deliveries not yet accepted by their destination (pending + failed).", value=depth
+                "sclc_outbox_depth",
+                "SR deliveries not yet accepted by their destination (pending + failed).",
+                value=depth,
             )
             up.add_metric(["outbox"], 1)
         yield up
@@ -231,7 +232,7 @@ class _LiveCounts:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_StatusServer"
+    server: _StatusServer
     server_version = "sclc-risk-node"
     sys_version = ""
 

@@ -22,8 +22,8 @@ import json
 import logging
 import math
 import os
-from importlib import resources
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 EXIT_OK = 0
@@ -51,9 +51,9 @@ def default_data_dir() -> Path:
 
 
 def load_references():
-    from scoring.ibsi import parse_reference_csv
+    from sclc_risk_node.scoring.ibsi import parse_reference_csv
 
-    text = resources.files("node").joinpath(REFERENCE_FILE).read_text(encoding="utf-8")
+    text = resources.files("sclc_risk_node.node").joinpath(REFERENCE_FILE).read_text(encoding="utf-8")
     return parse_reference_csv(text)
 
 
@@ -61,7 +61,7 @@ def read_phantom(data_dir: Path, data_set: str):
     """(image, mask) of one phantom folder (``image.nii.gz``, ``mask.nii.gz``)."""
     import SimpleITK as sitk
 
-    from scoring.errors import InputError
+    from sclc_risk_node.scoring.errors import InputError
 
     folder = Path(data_dir) / data_set
     images = []
@@ -85,7 +85,7 @@ def run(data_dir: Path, configuration_names: list[str], methods: list[str], with
 
     ``without`` names IBSI adjustments to switch off in the ``ibsi`` method (to measure what each one does).
     """
-    from scoring import ibsi
+    from sclc_risk_node.scoring import ibsi
 
     adjustments = ibsi.ALL_ADJUSTMENTS
     for name in without:
@@ -115,7 +115,7 @@ def _number(value: float | None) -> str:
 
 
 def format_report(report, mismatches_only: bool = False) -> str:
-    from scoring.ibsi import Outcome
+    from sclc_risk_node.scoring.ibsi import Outcome
 
     configuration = report.configuration
     title = "digital phantom" if configuration.name == "digital" else f"CT phantom, configuration {configuration.name}"
@@ -135,7 +135,7 @@ def format_report(report, mismatches_only: bool = False) -> str:
 
 
 def _summary_line(report) -> str:
-    from scoring.ibsi import Outcome
+    from sclc_risk_node.scoring.ibsi import Outcome
 
     total = len(report.comparisons)
     counts = ", ".join(f"{report.count(outcome)} {outcome.value}" for outcome in Outcome)
@@ -144,8 +144,8 @@ def _summary_line(report) -> str:
 
 
 def report_as_json(reports, data_dir: Path, without: Sequence[str] = ()) -> dict:
-    from scoring.ibsi import Outcome
-    from scoring.features import installed_pyradiomics_version
+    from sclc_risk_node.scoring.features import installed_pyradiomics_version
+    from sclc_risk_node.scoring.ibsi import Outcome
 
     def plain(value):
         return None if value is None or not math.isfinite(value) else value
@@ -183,7 +183,7 @@ def report_as_json(reports, data_dir: Path, without: Sequence[str] = ()) -> dict
 
 
 def _configuration_list(text: str) -> list[str]:
-    from scoring.ibsi import CONFIGURATIONS
+    from sclc_risk_node.scoring.ibsi import CONFIGURATIONS
 
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [name for name in names if name not in CONFIGURATIONS]
@@ -222,7 +222,7 @@ def cmd_ibsi(args: argparse.Namespace) -> int:
 
 def add_ibsi_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``ibsi`` on the ``sclc-node`` sub-parser set."""
-    from scoring.ibsi import CONFIGURATIONS, IbsiAdjustments
+    from sclc_risk_node.scoring.ibsi import CONFIGURATIONS, IbsiAdjustments
 
     parser = subparsers.add_parser(
         "ibsi",
@@ -238,19 +238,45 @@ def add_ibsi_parser(subparsers) -> argparse.ArgumentParser:
             "Exit status 0 whatever the agreement (it is a report), 2 when a phantom file is missing."
         ),
     )
-    parser.add_argument("--data-dir", type=Path, metavar="DIR",
-                        help="folder with digital_phantom/ and ct_phantom/ (image.nii.gz, mask.nii.gz)")
-    parser.add_argument("--configurations", type=_configuration_list, default=list(CONFIGURATIONS),
-                        metavar="LIST", help=f"comma-separated, from {','.join(CONFIGURATIONS)} (default: all)")
-    parser.add_argument("--method", choices=("ibsi", "stock", "both"), default="ibsi",
-                        help="ibsi: with IBSI image processing (default); stock: pyradiomics settings only; both")
-    parser.add_argument("--without", action="append", default=[], metavar="ADJUSTMENT",
-                        choices=list(IbsiAdjustments.__dataclass_fields__),
-                        help="switch off one IBSI adjustment in the ibsi method (repeatable): "
-                        + ", ".join(IbsiAdjustments.__dataclass_fields__))
-    parser.add_argument("--mismatches-only", action="store_true",
-                        help="list only features that did not match (the summary still counts all)")
-    parser.add_argument("--json", nargs="?", const="-", metavar="OUT",
-                        help="write the report as JSON to OUT (without OUT: print JSON instead of the tables)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="folder with digital_phantom/ and ct_phantom/ (image.nii.gz, mask.nii.gz)",
+    )
+    parser.add_argument(
+        "--configurations",
+        type=_configuration_list,
+        default=list(CONFIGURATIONS),
+        metavar="LIST",
+        help=f"comma-separated, from {','.join(CONFIGURATIONS)} (default: all)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=("ibsi", "stock", "both"),
+        default="ibsi",
+        help="ibsi: with IBSI image processing (default); stock: pyradiomics settings only; both",
+    )
+    parser.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        metavar="ADJUSTMENT",
+        choices=list(IbsiAdjustments.__dataclass_fields__),
+        help="switch off one IBSI adjustment in the ibsi method (repeatable): "
+        + ", ".join(IbsiAdjustments.__dataclass_fields__),
+    )
+    parser.add_argument(
+        "--mismatches-only",
+        action="store_true",
+        help="list only features that did not match (the summary still counts all)",
+    )
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="OUT",
+        help="write the report as JSON to OUT (without OUT: print JSON instead of the tables)",
+    )
     parser.set_defaults(handler=cmd_ibsi)
     return parser

@@ -80,8 +80,9 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -91,16 +92,16 @@ from pynetdicom.status import GENERAL_STATUS, code_to_category
 from pynetdicom.status import STATUS_SUCCESS as CATEGORY_SUCCESS
 from pynetdicom.status import STATUS_WARNING as CATEGORY_WARNING
 
-from node.errors import InvalidTransition, NodeError
-from node.logs import get_logger
-from node.records import OutboxItem, Transition
-from node.states import OutboxState, StudyEvent, StudyState
-from node.study_machine import StudyMachine
+from sclc_risk_node.node.errors import InvalidTransition, NodeError
+from sclc_risk_node.node.logs import get_logger
+from sclc_risk_node.node.records import OutboxItem, Transition
+from sclc_risk_node.node.states import OutboxState, StudyEvent, StudyState
+from sclc_risk_node.node.study_machine import StudyMachine
 
 if TYPE_CHECKING:
-    from node.config import DestinationConfig, NodeConfig
-    from node.http_status import NodeMetrics
-    from node.spool import Spool
+    from sclc_risk_node.node.config import DestinationConfig, NodeConfig
+    from sclc_risk_node.node.http_status import NodeMetrics
+    from sclc_risk_node.node.spool import Spool
 
 # --- DIMSE statuses (PS3.4 Table B.2-1, PS3.7 Annex C) -------------------------------
 
@@ -248,7 +249,7 @@ class SendTimeouts:
         return self.connect_s + self.acse_s + self.dimse_s + self.acse_s
 
 
-def _address(destination: "DestinationConfig") -> str:
+def _address(destination: DestinationConfig) -> str:
     host = f"[{destination.host}]" if ":" in destination.host else destination.host
     return f"{destination.name} ({host}:{destination.port})"
 
@@ -279,7 +280,7 @@ class _PynetdicomMessages(logging.Handler):
 _TCP_ERROR_PREFIX = "TCP Initialisation Error: "
 
 
-def _connect_error(destination: "DestinationConfig", messages: list[str], timeouts: SendTimeouts) -> str:
+def _connect_error(destination: DestinationConfig, messages: list[str], timeouts: SendTimeouts) -> str:
     where = _address(destination)
     reason = next((m.removeprefix(_TCP_ERROR_PREFIX) for m in messages if m.startswith(_TCP_ERROR_PREFIX)), "")
     lowered = reason.lower()
@@ -289,14 +290,18 @@ def _connect_error(destination: "DestinationConfig", messages: list[str], timeou
         return f"no answer from {where} within {timeouts.connect_s:g} s (TCP connect)"
     if "ssl" in lowered or "certificate" in lowered or "tls" in lowered:
         return f"TLS handshake with {where} failed: {reason}"
-    if "name or service not known" in lowered or "temporary failure in name resolution" in lowered or "[errno -" in lowered:
+    if (
+        "name or service not known" in lowered
+        or "temporary failure in name resolution" in lowered
+        or "[errno -" in lowered
+    ):
         return f"cannot resolve the host of {where}: {reason}"
     if reason:
         return f"cannot connect to {where}: {reason}"
     return f"cannot connect to {where}"
 
 
-def _rejection_error(destination: "DestinationConfig", rejection: Any) -> str:
+def _rejection_error(destination: DestinationConfig, rejection: Any) -> str:
     """From the A-ASSOCIATE (reject) primitive or the A-ASSOCIATE-RJ PDU: both have ``result`` and ``reason_str``."""
     try:
         reason = str(rejection.reason_str)
@@ -329,7 +334,7 @@ def _read_sr(sr_bytes: bytes) -> pydicom.Dataset:
 
 
 def send_sr(
-    destination: "DestinationConfig",
+    destination: DestinationConfig,
     sr_bytes: bytes,
     *,
     calling_ae: str,
@@ -420,7 +425,8 @@ def send_sr(
                     "(unexpected reply to the association request; wrong port?)",
                 )
             return result(
-                DeliveryOutcome.ABORTED, error=f"association with {_address(destination)} aborted before it was accepted"
+                DeliveryOutcome.ABORTED,
+                error=f"association with {_address(destination)} aborted before it was accepted",
             )
 
         try:
@@ -453,7 +459,9 @@ def send_sr(
                 DeliveryOutcome.TIMEOUT,
                 error=f"{_address(destination)} went silent for {timeouts.network_s:g} s during the C-STORE",
             )
-        return result(DeliveryOutcome.ABORTED, error=f"association with {_address(destination)} ended without a C-STORE response")
+        return result(
+            DeliveryOutcome.ABORTED, error=f"association with {_address(destination)} ended without a C-STORE response"
+        )
     status = int(response.Status)
     category = code_to_category(status)
     if category == CATEGORY_SUCCESS:
@@ -506,9 +514,9 @@ class Outbox:
 
     def __init__(
         self,
-        spool: "Spool",
-        config: "NodeConfig",
-        metrics: "NodeMetrics | None" = None,
+        spool: Spool,
+        config: NodeConfig,
+        metrics: NodeMetrics | None = None,
         log: Any = None,
         *,
         timeouts: SendTimeouts = SendTimeouts(),
@@ -612,7 +620,9 @@ class Outbox:
             else:
                 self.log.info("sr_delivered", **context)
             if transition is not None:
-                self.log.info("study_delivered", study_uid=item.study_instance_uid, study_state=str(transition.to_state))
+                self.log.info(
+                    "study_delivered", study_uid=item.study_instance_uid, study_state=str(transition.to_state)
+                )
             if self.metrics is not None:
                 self.metrics.sr_delivered(item.destination)
             return
@@ -634,9 +644,7 @@ class Outbox:
         if self.metrics is not None:
             self.metrics.sr_delivery_failed(item.destination)
         if after.state is OutboxState.FAILED:
-            self.log.error(
-                "sr_delivery_gave_up", error=result.error, max_attempts=settings.max_attempts, **context
-            )
+            self.log.error("sr_delivery_gave_up", error=result.error, max_attempts=settings.max_attempts, **context)
         else:
             self.log.warning(
                 "sr_delivery_failed",
@@ -653,7 +661,7 @@ class Outbox:
         return resend_study(self.spool, study_uid, now=now, reason=reason)
 
 
-def resend_study(spool: "Spool", study_uid: str, *, now: float, reason: str = "operator resend") -> Transition:
+def resend_study(spool: Spool, study_uid: str, *, now: float, reason: str = "operator resend") -> Transition:
     """Put a study's SR back in the outbox without re-scoring (the machine's ``resend`` event).
 
     From ``failed`` (a destination gave up) only the deliveries that gave up

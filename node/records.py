@@ -10,12 +10,13 @@ from __future__ import annotations
 import enum
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from node.errors import UnsafeUid
-from node.states import OutboxState, StudyEvent, StudyState
+from sclc_risk_node.node.errors import UnsafeUid
+from sclc_risk_node.node.states import OutboxState, StudyEvent, StudyState
 
 #: PS3.5 9.1: digits in dot-separated components; we also refuse the empty string.
 #: Leading zeros are tolerated (they occur in the wild and are harmless in a path).
@@ -98,7 +99,7 @@ class InstanceHeader:
         return self.is_segmentation or self.is_rtstruct
 
     @classmethod
-    def from_dataset(cls, ds: Any) -> "InstanceHeader":
+    def from_dataset(cls, ds: Any) -> InstanceHeader:
         """Read a header from a pydicom Dataset (pixel data not needed).
 
         A SEG's references are collected from both places the standard puts
@@ -125,8 +126,12 @@ class InstanceHeader:
         instances: list[object] = []
         for item in ds.get("ReferencedSeriesSequence") or ():
             series.append(item.get("SeriesInstanceUID"))
-            instances.extend(ref.get("ReferencedSOPInstanceUID") for ref in item.get("ReferencedInstanceSequence") or ())
-        groups = list(ds.get("SharedFunctionalGroupsSequence") or ()) + list(ds.get("PerFrameFunctionalGroupsSequence") or ())
+            instances.extend(
+                ref.get("ReferencedSOPInstanceUID") for ref in item.get("ReferencedInstanceSequence") or ()
+            )
+        groups = list(ds.get("SharedFunctionalGroupsSequence") or ()) + list(
+            ds.get("PerFrameFunctionalGroupsSequence") or ()
+        )
         for group in groups:
             for derivation in group.get("DerivationImageSequence") or ():
                 for source in derivation.get("SourceImageSequence") or ():
@@ -144,7 +149,7 @@ class InstanceHeader:
             referenced_sop_instance_uids=tuple(instances),
         )
 
-    def _with_rtstruct_references(self, ds: Any) -> "InstanceHeader":
+    def _with_rtstruct_references(self, ds: Any) -> InstanceHeader:
         frame_of_reference, series, instances = _rtstruct_references(ds)
         return InstanceHeader(
             study_instance_uid=self.study_instance_uid,
@@ -216,7 +221,7 @@ class StudyRecord:
     patient_id: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> "StudyRecord":
+    def from_row(cls, row: Mapping[str, Any]) -> StudyRecord:
         return cls(
             study_instance_uid=row["study_instance_uid"],
             state=StudyState(row["state"]),
@@ -259,7 +264,7 @@ class InstanceRecord:
     purged_at: float | None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any], root: Path) -> "InstanceRecord":
+    def from_row(cls, row: Mapping[str, Any], root: Path) -> InstanceRecord:
         return cls(
             sop_instance_uid=row["sop_instance_uid"],
             study_instance_uid=row["study_instance_uid"],
@@ -341,7 +346,7 @@ class Transition:
     at: float
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> "Transition":
+    def from_row(cls, row: Mapping[str, Any]) -> Transition:
         return cls(
             study_instance_uid=row["study_instance_uid"],
             from_state=StudyState(row["from_state"]) if row["from_state"] else None,
@@ -364,7 +369,7 @@ class ClinicalRecordRow:
     patient_id: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> "ClinicalRecordRow":
+    def from_row(cls, row: Mapping[str, Any]) -> ClinicalRecordRow:
         return cls(
             record_id=row["id"],
             record_json=row["record_json"],
@@ -392,7 +397,7 @@ class OutboxItem:
     delivered_at: float | None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any], root: Path) -> "OutboxItem":
+    def from_row(cls, row: Mapping[str, Any], root: Path) -> OutboxItem:
         return cls(
             item_id=row["id"],
             study_instance_uid=row["study_instance_uid"],

@@ -4,26 +4,26 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import highdicom as hd
 import pydicom
 
-from dicom_io.ct_series import read_ct_series
-from dicom_io.errors import DicomInputError
-from dicom_io.inputs import CtSeries, TumourSource
-from dicom_io.rtstruct import DEFAULT_ROI_NAME_PATTERN, RT_STRUCTURE_SET_STORAGE, read_tumour_rtstruct
-from dicom_io.seg import read_tumour_segment
-from dicom_io.sr_writer import build_risk_sr
-from node.logs import get_logger
-from scoring.clinical import ClinicalRecord
-from scoring.errors import InputError, ModelFileError
-from scoring.model import FrozenModel
-from scoring.pipeline import score_volume_timed
-from scoring.types import DomainStatus, RiskResult
-from sclc_risk_node_models import shipped_model_path
+from sclc_risk_node.dicom_io.ct_series import read_ct_series
+from sclc_risk_node.dicom_io.errors import DicomInputError
+from sclc_risk_node.dicom_io.inputs import CtSeries, TumourSource
+from sclc_risk_node.dicom_io.rtstruct import DEFAULT_ROI_NAME_PATTERN, RT_STRUCTURE_SET_STORAGE, read_tumour_rtstruct
+from sclc_risk_node.dicom_io.seg import read_tumour_segment
+from sclc_risk_node.dicom_io.sr_writer import build_risk_sr
+from sclc_risk_node.models import shipped_model_path
+from sclc_risk_node.node.logs import get_logger
+from sclc_risk_node.scoring.clinical import ClinicalRecord
+from sclc_risk_node.scoring.errors import InputError, ModelFileError
+from sclc_risk_node.scoring.model import FrozenModel
+from sclc_risk_node.scoring.pipeline import score_volume_timed
+from sclc_risk_node.scoring.types import DomainStatus, RiskResult
 
 DEMO_MODEL_FILENAME = "demo-integrated-cox-3.0.0.json"
 
@@ -80,8 +80,7 @@ def select_record_for_study(records: Sequence[ClinicalRecord], ct: CtSeries) -> 
     matching = [
         r
         for r in records
-        if r.study_instance_uid == ct.study_instance_uid
-        or (ct_accession and r.accession_number == ct_accession)
+        if r.study_instance_uid == ct.study_instance_uid or (ct_accession and r.accession_number == ct_accession)
     ]
     if len(matching) != 1:
         raise InputError(
@@ -127,16 +126,25 @@ def score_files(
     ct = read_ct_series(Path(ct_dir), series_instance_uid, allow_lossy=allow_lossy_ct)
     clinical = select_record_for_study(clinical_records, ct)
     segment = read_tumour_source(
-        Path(seg_path), ct, segment_label=segment_label,
-        rtstruct_roi_pattern=rtstruct_roi_pattern, rtstruct_roi_name=rtstruct_roi_name, kind=tumour_kind,
+        Path(seg_path),
+        ct,
+        segment_label=segment_label,
+        rtstruct_roi_pattern=rtstruct_roi_pattern,
+        rtstruct_roi_name=rtstruct_roi_name,
+        kind=tumour_kind,
     )
     read = time.perf_counter()
     result, stages = score_volume_timed(ct.image, segment.mask, clinical, model)
     sr_started = time.perf_counter()
     sr = build_risk_sr(ct, segment, clinical, result, report_out_of_domain=report_out_of_domain)
     finished = time.perf_counter()
-    stage_seconds = {"read": read - started, "ring": stages.ring_s, "extract": stages.extract_s,
-                     "model": stages.model_s, "sr": finished - sr_started}
+    stage_seconds = {
+        "read": read - started,
+        "ring": stages.ring_s,
+        "extract": stages.extract_s,
+        "model": stages.model_s,
+        "sr": finished - sr_started,
+    }
     scored = ScoredStudy(ct, segment, result, sr, finished - started, report_out_of_domain, stage_seconds)
     _log_applicability(scored)
     return scored
@@ -172,8 +180,13 @@ def applicability_as_json(scored: ScoredStudy) -> dict:
         "in_domain": applicability.in_domain,
         "rule": applicability.rule,
         "violations": [
-            {"name": v.name, "value": v.value, "low": _finite_or_none(v.low), "high": _finite_or_none(v.high),
-             "z": _finite_or_none(v.z)}
+            {
+                "name": v.name,
+                "value": v.value,
+                "low": _finite_or_none(v.low),
+                "high": _finite_or_none(v.high),
+                "z": _finite_or_none(v.z),
+            }
             for v in applicability.violations
         ],
     }
@@ -206,7 +219,7 @@ def read_tumour_source(
     return read_tumour_segment(path, ct, segment_label=segment_label)
 
 
-def result_as_json(scored: "ScoredStudy") -> dict:
+def result_as_json(scored: ScoredStudy) -> dict:
     """The documented JSON result of `sclc-node score --json` (also what workers hand back to the service)."""
     result = scored.result
     withheld = scored.withheld

@@ -63,9 +63,10 @@ import time
 import weakref
 import zlib
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any, Callable
+from typing import Any
 
 import pydicom
 from pydicom.dataelem import RawDataElement
@@ -75,16 +76,16 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     UID,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2K,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -100,15 +101,15 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from node.audit import dicom_peer
-from node.config import ConfigError, ScpConfig
-from node.config import client_address as normalised_ip
-from node.errors import NodeError, NotPart10, UnsafeUid
-from node.http_status import NodeMetrics
-from node.logs import get_logger
-from node.records import InstanceHeader, StoreOutcome
-from node.spool import Spool
-from scoring.errors import InputError
+from sclc_risk_node.node.audit import dicom_peer
+from sclc_risk_node.node.config import ConfigError, ScpConfig
+from sclc_risk_node.node.config import client_address as normalised_ip
+from sclc_risk_node.node.errors import NodeError, NotPart10, UnsafeUid
+from sclc_risk_node.node.http_status import NodeMetrics
+from sclc_risk_node.node.logs import get_logger
+from sclc_risk_node.node.records import InstanceHeader, StoreOutcome
+from sclc_risk_node.node.spool import Spool
+from sclc_risk_node.scoring.errors import InputError
 
 # --- DIMSE statuses (PS3.4 B.2.3 Storage, PS3.7 C.4.2 status classes) ----------------
 
@@ -251,7 +252,7 @@ class InstanceLimits:
     max_inflated_bytes: int = 32 * 2**20
 
     @classmethod
-    def from_config(cls, config: ScpConfig) -> "InstanceLimits":
+    def from_config(cls, config: ScpConfig) -> InstanceLimits:
         return cls(max_decoded_bytes=config.max_decoded_bytes, max_inflated_bytes=config.max_inflated_bytes)
 
 
@@ -430,9 +431,7 @@ def check_matches_request(header: InstanceHeader, sop_class_uid: str, sop_instan
             f"data set SOP class {header.sop_class_uid or '(none)'} sent as {UID(sop_class_uid).name}"
         )
     if header.sop_instance_uid != str(sop_instance_uid).strip().rstrip("\0"):
-        raise SopClassMismatch(
-            f"data set SOP instance {header.sop_instance_uid} sent as {sop_instance_uid}"
-        )
+        raise SopClassMismatch(f"data set SOP instance {header.sop_instance_uid} sent as {sop_instance_uid}")
     if storage_class is not None and header.modality != storage_class.modality:
         raise SopClassMismatch(
             f"Modality {header.modality or '(none)'} in {storage_class.uid.name} "
@@ -535,7 +534,9 @@ class RefusalLog:
     many addresses costs bounded memory.
     """
 
-    def __init__(self, log: Any, interval_s: float, *, max_keys: int = 1024, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, log: Any, interval_s: float, *, max_keys: int = 1024, clock: Callable[[], float] = time.monotonic
+    ):
         self._log = log
         self._interval_s = interval_s
         self._max_keys = max_keys
@@ -655,7 +656,7 @@ class GatedRequestHandler(RequestHandler):
     the slot until EVT_REQUESTED (or the association's end) releases it.
     """
 
-    server: "GatedAssociationServer"
+    server: GatedAssociationServer
 
     def handle(self) -> None:
         server = self.server
@@ -859,7 +860,6 @@ def _emit(log: Any, level: str, event: str, **fields: Any) -> None:
         pass
 
 
-
 def handle_requested(
     event: evt.Event,
     config: ScpConfig,
@@ -893,7 +893,15 @@ def handle_requested(
         else:
             _restore_timeouts(assoc, config)
             return
-        _emit(log, "warning", "association_rejected", called_ae=_called_ae(assoc), reason=reason, result=result, **_peer_fields(info))
+        _emit(
+            log,
+            "warning",
+            "association_rejected",
+            called_ae=_called_ae(assoc),
+            reason=reason,
+            result=result,
+            **_peer_fields(info),
+        )
     except Exception:  # noqa: BLE001
         _emit(log, "exception", "association_rejected", reason="caller check failed", result="permanent")
     try:
@@ -1117,9 +1125,13 @@ class DicomReceiver:
             if exc.errno == errno.EADDRINUSE:
                 raise ConfigError([f"scp.port: {where} is already in use"]) from None
             if exc.errno == errno.EADDRNOTAVAIL:
-                raise ConfigError([f"scp.bind_address: {config.bind_address} is not an address of this machine"]) from None
+                raise ConfigError(
+                    [f"scp.bind_address: {config.bind_address} is not an address of this machine"]
+                ) from None
             raise ConfigError([f"scp.port: cannot listen on {where}: {exc.strerror or exc}"]) from None
-        threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{self.port_of(server)}", daemon=True).start()
+        threading.Thread(
+            target=server.serve_forever, name=f"AcceptorServer@{self.port_of(server)}", daemon=True
+        ).start()
         ae._servers.append(server)  # as start_server does: server.shutdown() removes it again
         self._ae, self._server = ae, server
         _emit(
@@ -1178,7 +1190,7 @@ class DicomReceiver:
         """The bound port while running, else the configured one."""
         return self._server.server_address[1] if self._server is not None else self.config.port
 
-    def __enter__(self) -> "DicomReceiver":
+    def __enter__(self) -> DicomReceiver:
         self.start()
         return self
 

@@ -21,18 +21,18 @@ from dataclasses import dataclass
 from apscheduler.executors.pool import ThreadPoolExecutor as SchedulerThreadPool
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from node.clinical_inbox import ClinicalInbox
-from node.config import NodeConfig
-from node.fhir_lookup import FhirLookup
-from node.http_status import HealthReport, NodeMetrics, start_http_server
-from node.logs import get_logger
-from node.outbox import Outbox
-from node.scoring_job import default_model_path, load_model_file
-from node.scp import DicomReceiver
-from node.spool import Spool, free_bytes
-from node.states import StudyState
-from node.study_machine import StudyMachine
-from node.worker import ScoringDispatcher
+from sclc_risk_node.node.clinical_inbox import ClinicalInbox
+from sclc_risk_node.node.config import NodeConfig
+from sclc_risk_node.node.fhir_lookup import FhirLookup
+from sclc_risk_node.node.http_status import HealthReport, NodeMetrics, start_http_server
+from sclc_risk_node.node.logs import get_logger
+from sclc_risk_node.node.outbox import Outbox
+from sclc_risk_node.node.scoring_job import default_model_path, load_model_file
+from sclc_risk_node.node.scp import DicomReceiver
+from sclc_risk_node.node.spool import Spool, free_bytes
+from sclc_risk_node.node.states import StudyState
+from sclc_risk_node.node.study_machine import StudyMachine
+from sclc_risk_node.node.worker import ScoringDispatcher
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +176,9 @@ class NodeService:
         low = free < self.config.spool.min_free_bytes
         if low != self._disk_low:
             (self.log.warning if low else self.log.info)(
-                "disk_guard", free_bytes=free, min_free_bytes=self.config.spool.min_free_bytes,
+                "disk_guard",
+                free_bytes=free,
+                min_free_bytes=self.config.spool.min_free_bytes,
                 refusing_storage=low,
             )
         self._disk_low = low
@@ -296,7 +298,7 @@ class NodeService:
 def _now_datetime():
     import datetime as dt
 
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _report_fields(report) -> dict:

@@ -46,11 +46,13 @@ import stat
 import tempfile
 import threading
 import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
-from node.errors import (
+from sclc_risk_node.node import audit
+from sclc_risk_node.node.errors import (
     InvalidTransition,
     NotPart10,
     SpoolBusy,
@@ -59,8 +61,8 @@ from node.errors import (
     SpoolSchemaError,
     UnknownStudy,
 )
-from node.logs import get_logger
-from node.records import (
+from sclc_risk_node.node.logs import get_logger
+from sclc_risk_node.node.records import (
     ClinicalRecordRow,
     ImageSeries,
     InstanceHeader,
@@ -74,7 +76,7 @@ from node.records import (
     Transition,
     safe_uid,
 )
-from node.states import (
+from sclc_risk_node.node.states import (
     CLINICAL_LINKABLE_STATES,
     FINISHED_STATES,
     OutboxState,
@@ -82,9 +84,8 @@ from node.states import (
     StudyState,
     target_state,
 )
-from node import audit
-from node.study_machine import apply_event
-from scoring.errors import InputError
+from sclc_risk_node.node.study_machine import apply_event
+from sclc_risk_node.scoring.errors import InputError
 
 SCHEMA_VERSION = 2
 DATABASE_FILENAME = "node.sqlite3"
@@ -135,7 +136,7 @@ def parse_named_queries(text: str) -> dict[str, str]:
 
 
 def _package_text(filename: str) -> str:
-    return files("node").joinpath(filename).read_text(encoding="utf-8")
+    return files("sclc_risk_node.node").joinpath(filename).read_text(encoding="utf-8")
 
 
 _QUERIES = parse_named_queries(_package_text("queries.sql"))
@@ -326,7 +327,7 @@ class Spool:
         database: Path | None = None,
         min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
         busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
-    ) -> "Spool":
+    ) -> Spool:
         """Create the folders and the schema if needed.  Call `recover` before receiving."""
         directory = Path(directory)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -348,7 +349,7 @@ class Spool:
             self._connections.clear()
         self._local = threading.local()
 
-    def __enter__(self) -> "Spool":
+    def __enter__(self) -> Spool:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -465,7 +466,9 @@ class Spool:
         except BlockingIOError:
             holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
-            raise SpoolBusy(f"spool {self.directory} is already served by {holder}; one `sclc-node serve` per spool")
+            raise SpoolBusy(
+                f"spool {self.directory} is already served by {holder}; one `sclc-node serve` per spool"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, instance_id.encode("utf-8"), 0)
         self._service_lock_fd = fd
@@ -649,13 +652,16 @@ class Spool:
                     note="stored, but the study is not re-scored automatically",
                 )
         self._link_clinical_record_to_study(tx, study_uid, now=now)
-        audit.record_in(tx, audit.AuditEvent(
-            audit.AuditEventType.INSTANCES_RECEIVED,
-            who=source or "unknown sender",
-            at=now,
-            study_instance_uid=study_uid,
-            counts={"instances": 1},
-        ))
+        audit.record_in(
+            tx,
+            audit.AuditEvent(
+                audit.AuditEventType.INSTANCES_RECEIVED,
+                who=source or "unknown sender",
+                at=now,
+                study_instance_uid=study_uid,
+                counts={"instances": 1},
+            ),
+        )
         return StoreOutcome.STORED
 
     def _remove_file(self, relative_path: str) -> None:
@@ -714,22 +720,23 @@ class Spool:
             stored = tx.one("clinical_record_by_id", record_id=record_id)
             linked = [r["study_instance_uid"] for r in tx.all("studies_linked_to_record", record_id=record_id)]
             for study_uid in linked or [None]:
-                audit.record_in(tx, audit.AuditEvent(
-                    audit.AuditEventType.RECORD_IMPORTED,
-                    who=source or "unknown source",
-                    at=now,
-                    study_instance_uid=study_uid,
-                    counts={"records": 1, "studies_attached": len(linked)},
-                ))
+                audit.record_in(
+                    tx,
+                    audit.AuditEvent(
+                        audit.AuditEventType.RECORD_IMPORTED,
+                        who=source or "unknown source",
+                        at=now,
+                        study_instance_uid=study_uid,
+                        counts={"records": 1, "studies_attached": len(linked)},
+                    ),
+                )
         _log().info("clinical_record_stored", record_id=record_id)
         return ClinicalRecordRow.from_row(stored)
 
     def attach_clinical_records(self, *, now: float) -> list[Transition]:
         """Re-run matching for every study that can still take a record (a safety net for housekeeping)."""
         with self.transaction() as tx:
-            for row in tx.all(
-                "list_studies", states=_states_json(CLINICAL_LINKABLE_STATES), limit=-1
-            ):
+            for row in tx.all("list_studies", states=_states_json(CLINICAL_LINKABLE_STATES), limit=-1):
                 self._link_clinical_record_to_study(tx, row["study_instance_uid"], now=now)
             return list(tx.applied)
 
@@ -820,9 +827,10 @@ class Spool:
             raise UnknownStudy(f"no study {study_uid} in the spool")
         segmentations: list[SegmentationRefs] = []
         series: dict[str, tuple[str | None, set[str]]] = {}
-        for instance in (InstanceRecord.from_row(r, self.directory) for r in tx.all(
-            "study_instances", study_uid=study_uid, include_purged=False
-        )):
+        for instance in (
+            InstanceRecord.from_row(r, self.directory)
+            for r in tx.all("study_instances", study_uid=study_uid, include_purged=False)
+        ):
             if instance.is_tumour_source:
                 segmentations.append(
                     SegmentationRefs(
@@ -942,17 +950,28 @@ class Spool:
                 raise InvalidTransition(f"outbox item {item_id} is not pending or sending")
             item = tx.one("outbox_item", item_id=item_id)
             study_uid = item["study_instance_uid"]
-            audit.record_in(tx, audit.AuditEvent(
-                audit.AuditEventType.SR_SENT, who="sclc-node outbox", at=now, study_instance_uid=study_uid,
-                destination=item["destination"], counts={"sr": 1},
-            ))
+            audit.record_in(
+                tx,
+                audit.AuditEvent(
+                    audit.AuditEventType.SR_SENT,
+                    who="sclc-node outbox",
+                    at=now,
+                    study_instance_uid=study_uid,
+                    destination=item["destination"],
+                    counts={"sr": 1},
+                ),
+            )
             if tx.one("undelivered_count_for_study", study_uid=study_uid)["n"]:
                 return None
             study = tx.one("study_by_uid", study_uid=study_uid)
             if target_state(StudyState(study["state"]), StudyEvent.DELIVERED) is None:
                 return None
             return apply_event(
-                tx, study_uid, StudyEvent.DELIVERED, now=now, reason=f"SR {item['sr_sop_instance_uid']} accepted by every destination"
+                tx,
+                study_uid,
+                StudyEvent.DELIVERED,
+                now=now,
+                reason=f"SR {item['sr_sop_instance_uid']} accepted by every destination",
             )
 
     def mark_attempt_failed(
@@ -981,11 +1000,18 @@ class Spool:
                 raise InvalidTransition(f"outbox item {item_id} is not pending or sending")
             if give_up:
                 study_uid = item["study_instance_uid"]
-                audit.record_in(tx, audit.AuditEvent(
-                    audit.AuditEventType.SR_SEND_GAVE_UP, who="sclc-node outbox", at=now, study_instance_uid=study_uid,
-                    destination=item["destination"], counts={"sr": 1, "attempts": attempts},
-                    outcome=audit.Outcome.SERIOUS_FAILURE,
-                ))
+                audit.record_in(
+                    tx,
+                    audit.AuditEvent(
+                        audit.AuditEventType.SR_SEND_GAVE_UP,
+                        who="sclc-node outbox",
+                        at=now,
+                        study_instance_uid=study_uid,
+                        destination=item["destination"],
+                        counts={"sr": 1, "attempts": attempts},
+                        outcome=audit.Outcome.SERIOUS_FAILURE,
+                    ),
+                )
                 study = tx.one("study_by_uid", study_uid=study_uid)
                 if target_state(StudyState(study["state"]), StudyEvent.DELIVERY_FAILED) is not None:
                     apply_event(
@@ -1054,7 +1080,9 @@ class Spool:
                         study_uid=study_uid,
                         state=study["state"],
                     )
-                paths = [r["relative_path"] for r in tx.all("study_instances", study_uid=study_uid, include_purged=False)]
+                paths = [
+                    r["relative_path"] for r in tx.all("study_instances", study_uid=study_uid, include_purged=False)
+                ]
                 paths += [r["relative_path"] for r in tx.all("study_sr_files", study_uid=study_uid)]
                 tx.execute("mark_instances_purged", study_uid=study_uid, now=now)
                 tx.execute("mark_srs_purged", study_uid=study_uid, now=now)
@@ -1148,7 +1176,12 @@ class Spool:
             with self._study_lock(header.study_instance_uid):
                 with self.transaction() as tx:
                     outcome = self._index_instance(
-                        tx, header, relative_path, len(data), hashlib.sha256(data).hexdigest(), now,
+                        tx,
+                        header,
+                        relative_path,
+                        len(data),
+                        hashlib.sha256(data).hexdigest(),
+                        now,
                         source="spool recovery (a received file indexed at start-up)",
                     )
             if outcome is StoreOutcome.STORED:

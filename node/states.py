@@ -35,8 +35,8 @@ Rules that the table encodes (and `tests/node/test_states.py` checks):
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Mapping
 
 
 class StudyState(enum.StrEnum):

@@ -30,7 +30,7 @@ _COMMON_EPILOG = (
 def _read_csv(path: Path):
     import pandas as pd
 
-    from scoring.stats import SurvivalDataError
+    from sclc_risk_node.scoring.stats import SurvivalDataError
 
     path = Path(path)
     try:
@@ -63,7 +63,9 @@ def _fmt_p(p: float) -> str:
 
 
 def _dropped_line(n_dropped: int) -> list[str]:
-    return [f"  ({n_dropped} observation{'s' if n_dropped != 1 else ''} deleted due to missingness)"] if n_dropped else []
+    return (
+        [f"  ({n_dropped} observation{'s' if n_dropped != 1 else ''} deleted due to missingness)"] if n_dropped else []
+    )
 
 
 def _covariate_list(text: str) -> list[str]:
@@ -77,7 +79,7 @@ def _covariate_list(text: str) -> list[str]:
 
 
 def cmd_stats_cox(args: argparse.Namespace) -> int:
-    from scoring.stats import cox_fit
+    from sclc_risk_node.scoring.stats import cox_fit
 
     df = _read_csv(args.csv)
     result = cox_fit(df, args.time, args.event, args.covariates, ties=args.ties)
@@ -101,7 +103,7 @@ def cmd_stats_cox(args: argparse.Namespace) -> int:
 
 
 def cmd_stats_km(args: argparse.Namespace) -> int:
-    from scoring.stats import kaplan_meier
+    from sclc_risk_node.scoring.stats import kaplan_meier
 
     df = _read_csv(args.csv)
     result = kaplan_meier(df, args.time, args.event, group=args.group)
@@ -109,7 +111,7 @@ def cmd_stats_km(args: argparse.Namespace) -> int:
 
     width = max(8, *(len(label) for label in result["groups"]))
     lines = [
-        "Kaplan-Meier survival (95% CI for the median: conf.type=\"log\", as R's survfit)",
+        'Kaplan-Meier survival (95% CI for the median: conf.type="log", as R\'s survfit)',
         *_dropped_line(result["n_dropped"]),
         f"  {args.group or 'group':<{width}} {'n':>6} {'events':>7} {'median':>9} {'0.95LCL':>9} {'0.95UCL':>9}",
     ]
@@ -123,7 +125,7 @@ def cmd_stats_km(args: argparse.Namespace) -> int:
 
 
 def cmd_stats_logrank(args: argparse.Namespace) -> int:
-    from scoring.stats import logrank
+    from sclc_risk_node.scoring.stats import logrank
 
     df = _read_csv(args.csv)
     result = logrank(df, args.time, args.event, args.group)
@@ -170,7 +172,10 @@ def add_stats_parser(subparsers) -> argparse.ArgumentParser:
     )
     _add_common(cox)
     cox.add_argument(
-        "--covariates", required=True, type=_covariate_list, metavar="A,B,C",
+        "--covariates",
+        required=True,
+        type=_covariate_list,
+        metavar="A,B,C",
         help="comma-separated numeric covariate columns (dummy-code categories as 0/1 columns)",
     )
     cox.add_argument("--ties", choices=("efron", "breslow"), default="efron", help="tie handling (default efron, as R)")

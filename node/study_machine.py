@@ -30,12 +30,13 @@ wraps the common operations, each in a transaction of its own.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from node import audit, completion
-from node.errors import InvalidTransition, LeaseLost, UnknownStudy
-from node.records import StudyRecord, Transition
-from node.states import (
+from sclc_risk_node.node import audit, completion
+from sclc_risk_node.node.errors import InvalidTransition, LeaseLost, UnknownStudy
+from sclc_risk_node.node.records import StudyRecord, Transition
+from sclc_risk_node.node.states import (
     LEASE_HOLDER_EVENTS,
     REASON_REQUIRED,
     StudyEvent,
@@ -44,7 +45,7 @@ from node.states import (
 )
 
 if TYPE_CHECKING:  # spool imports this module; a runtime import would be circular
-    from node.spool import Spool, Transaction
+    from sclc_risk_node.node.spool import Spool, Transaction
 
 #: A study whose worker lost its lease this many times is failed instead of
 #: re-queued: it probably kills its worker (out of memory, a crashing decoder).
@@ -54,7 +55,7 @@ CLAIMANT_GUARDED_EVENTS = LEASE_HOLDER_EVENTS | {StudyEvent.WORKER_LOST, StudyEv
 
 
 def apply_event(
-    tx: "Transaction",
+    tx: Transaction,
     study_uid: str,
     event: StudyEvent,
     *,
@@ -139,7 +140,9 @@ def apply_event(
     return transition
 
 
-def _guard_failure(row: dict, current: StudyState, event: StudyEvent, worker_id: str | None, now: float) -> InvalidTransition:
+def _guard_failure(
+    row: dict, current: StudyState, event: StudyEvent, worker_id: str | None, now: float
+) -> InvalidTransition:
     study_uid = row["study_instance_uid"]
     context = dict(study_uid=study_uid, state=str(current), event=str(event))
     if event in CLAIMANT_GUARDED_EVENTS and row["claimed_by"] != worker_id:
@@ -158,7 +161,9 @@ def _guard_failure(row: dict, current: StudyState, event: StudyEvent, worker_id:
 
 
 def scored_reason(
-    sr_sop_instance_uid: str, applicability: str | None, withheld: bool,
+    sr_sop_instance_uid: str,
+    applicability: str | None,
+    withheld: bool,
     stage_seconds: Mapping[str, float] | None = None,
 ) -> str:
     """The ``scored`` event's reason.
@@ -205,7 +210,7 @@ def applicability_from_reason(reason: str | None) -> tuple[str | None, bool]:
 class StudyMachine:
     """Lifecycle operations on a `Spool`, each one transaction."""
 
-    def __init__(self, spool: "Spool"):
+    def __init__(self, spool: Spool):
         self.spool = spool
 
     def apply(
@@ -258,7 +263,15 @@ class StudyMachine:
     def claim(self, study_uid: str, *, worker_id: str, now: float, lease_s: float) -> StudyRecord:
         """Take a ready study for scoring until ``now + lease_s``; `InvalidTransition` if someone else did."""
         with self.spool.transaction() as tx:
-            apply_event(tx, study_uid, StudyEvent.CLAIMED, now=now, worker_id=worker_id, lease_s=lease_s, reason=f"worker {worker_id}")
+            apply_event(
+                tx,
+                study_uid,
+                StudyEvent.CLAIMED,
+                now=now,
+                worker_id=worker_id,
+                lease_s=lease_s,
+                reason=f"worker {worker_id}",
+            )
             return StudyRecord.from_row(tx.one("study_by_uid", study_uid=study_uid))
 
     def claim_next(self, *, worker_id: str, now: float, lease_s: float) -> StudyRecord | None:
@@ -268,7 +281,15 @@ class StudyMachine:
             if not rows:
                 return None
             study_uid = rows[0]["study_instance_uid"]
-            apply_event(tx, study_uid, StudyEvent.CLAIMED, now=now, worker_id=worker_id, lease_s=lease_s, reason=f"worker {worker_id}")
+            apply_event(
+                tx,
+                study_uid,
+                StudyEvent.CLAIMED,
+                now=now,
+                worker_id=worker_id,
+                lease_s=lease_s,
+                reason=f"worker {worker_id}",
+            )
             return StudyRecord.from_row(tx.one("study_by_uid", study_uid=study_uid))
 
     def renew_lease(self, study_uid: str, *, worker_id: str, now: float, lease_s: float) -> None:
@@ -313,12 +334,14 @@ class StudyMachine:
             return [d for d in destinations if kind in destination_objects.get(d, ())]
 
         sr_file = self.spool.write_sr_file(study_uid, sr_sop_instance_uid, sr_bytes)
-        extra_files = [
-            (kind, uid, self.spool.write_sr_file(study_uid, uid, data)) for kind, uid, data in extra_objects
-        ]
+        extra_files = [(kind, uid, self.spool.write_sr_file(study_uid, uid, data)) for kind, uid, data in extra_objects]
         with self.spool.transaction() as tx:
             transition = apply_event(
-                tx, study_uid, StudyEvent.SCORED, now=now, worker_id=worker_id,
+                tx,
+                study_uid,
+                StudyEvent.SCORED,
+                now=now,
+                worker_id=worker_id,
                 reason=scored_reason(sr_sop_instance_uid, applicability, withheld, stage_seconds),
             )
             self.spool.enqueue_sr_in(tx, study_uid, sr_sop_instance_uid, sr_file, takers("sr"), now=now)
@@ -330,7 +353,12 @@ class StudyMachine:
         return self.apply(study_uid, StudyEvent.SCORING_FAILED, now=now, reason=reason, worker_id=worker_id)
 
     def record_worker_lost(
-        self, study_uid: str, *, worker_id: str, reason: str, now: float,
+        self,
+        study_uid: str,
+        *,
+        worker_id: str,
+        reason: str,
+        now: float,
         max_claim_attempts: int = DEFAULT_MAX_CLAIM_ATTEMPTS,
     ) -> Transition:
         """The worker process scoring the study died while the service lives: back to ready, or failed.
@@ -345,7 +373,11 @@ class StudyMachine:
                 raise UnknownStudy(f"no study {study_uid} in the spool")
             if row["claim_attempts"] >= max_claim_attempts:
                 return apply_event(
-                    tx, study_uid, StudyEvent.SCORING_FAILED, now=now, worker_id=worker_id,
+                    tx,
+                    study_uid,
+                    StudyEvent.SCORING_FAILED,
+                    now=now,
+                    worker_id=worker_id,
                     reason=f"scoring lost its worker {row['claim_attempts']} times (killed or out of memory?); "
                     f"last: {reason}",
                 )
@@ -443,8 +475,14 @@ class StudyMachine:
             )
             event = StudyEvent.RESEND if resend else StudyEvent.RETRY
             transition = apply_event(tx, study_uid, event, now=now, reason=reason)
-            audit.record_in(tx, audit.AuditEvent(
-                audit.AuditEventType.RETRY, who=who or "unknown operator", at=now, study_instance_uid=study_uid,
-                counts={"resend": int(resend)},
-            ))
+            audit.record_in(
+                tx,
+                audit.AuditEvent(
+                    audit.AuditEventType.RETRY,
+                    who=who or "unknown operator",
+                    at=now,
+                    study_instance_uid=study_uid,
+                    counts={"resend": int(resend)},
+                ),
+            )
             return transition

@@ -24,11 +24,13 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from node.files import write_atomically
-from scoring.training.evaluation import plain_json
-from typing import Any, Mapping, Sequence
+from typing import Any
+
+from sclc_risk_node.node.files import write_atomically
+from sclc_risk_node.scoring.training.evaluation import plain_json
 
 EXIT_OK = 0
 DEFAULT_CACHE_FOLDER = "feature-cache"
@@ -48,7 +50,7 @@ class TrainingRun:
 
 
 def _read_bytes(path: Path, what: str) -> bytes:
-    from scoring.errors import InputError
+    from sclc_risk_node.scoring.errors import InputError
 
     path = Path(path)
     try:
@@ -62,7 +64,7 @@ def _read_bytes(path: Path, what: str) -> bytes:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def _version() -> str:
@@ -104,7 +106,7 @@ class _Stages:
 
 
 def _check_outputs(model_path: Path, report_dir: Path, force: bool) -> None:
-    from scoring.errors import InputError
+    from sclc_risk_node.scoring.errors import InputError
 
     if model_path.is_dir():
         raise InputError(f"--out: {model_path} is a folder (allowed: the path of the model file to write)")
@@ -118,8 +120,8 @@ def _check_outputs(model_path: Path, report_dir: Path, force: bool) -> None:
 
 
 def _patient_scores(model, features, patients) -> tuple[list[float], list[float]]:
-    from scoring.risk import apply_model
-    from scoring.types import FeatureVector
+    from sclc_risk_node.scoring.risk import apply_model
+    from sclc_risk_node.scoring.types import FeatureVector
 
     radiomics, risk = [], []
     for patient in patients:
@@ -135,15 +137,25 @@ def _usable(patients, features, failed, model) -> tuple[list, list[dict[str, Any
     used, excluded = [], []
     for patient in patients:
         if patient.id in failed:
-            excluded.append({"row": patient.row,
-                             "reason": f"feature extraction failed: {_withhold(failed[patient.id], patient.id)}"})
+            excluded.append(
+                {
+                    "row": patient.row,
+                    "reason": f"feature extraction failed: {_withhold(failed[patient.id], patient.id)}",
+                }
+            )
             continue
-        missing = [name for name in model.feature_names
-                   if name not in features.columns or not math.isfinite(features.at[patient.id, name])]
+        missing = [
+            name
+            for name in model.feature_names
+            if name not in features.columns or not math.isfinite(features.at[patient.id, name])
+        ]
         if missing:
-            excluded.append({"row": patient.row,
-                             "reason": f"model feature{'s' if len(missing) > 1 else ''} not computed: "
-                                       + ", ".join(missing)})
+            excluded.append(
+                {
+                    "row": patient.row,
+                    "reason": f"model feature{'s' if len(missing) > 1 else ''} not computed: " + ", ".join(missing),
+                }
+            )
             continue
         used.append(patient)
     return used, excluded
@@ -152,17 +164,24 @@ def _usable(patients, features, failed, model) -> tuple[list, list[dict[str, Any
 def _evaluate_split(split, cohort, features, failed, model, spec, train_time, train_event, notes):
     import numpy as np
 
-    from node.training.report import at_risk_table, time_ticks
-    from scoring.errors import InputError
-    from scoring.training.evaluation import evaluate_split, risk_group_survival
+    from sclc_risk_node.node.training.report import at_risk_table, time_ticks
+    from sclc_risk_node.scoring.errors import InputError
+    from sclc_risk_node.scoring.training.evaluation import evaluate_split, risk_group_survival
 
     patients = cohort.in_split(split)
     used, excluded = _usable(patients, features, failed, model)
     time_ = np.array([p.pfs_months for p in used], dtype=float)
     event = np.array([p.pfs_event for p in used], dtype=bool)
     entry: dict[str, Any] = {
-        "split": split, "n": len(patients), "n_used": len(used), "events": int(event.sum()) if used else None,
-        "excluded": excluded, "evaluation": None, "error": None, "at_risk": None, "overall_survival": None,
+        "split": split,
+        "n": len(patients),
+        "n_used": len(used),
+        "events": int(event.sum()) if used else None,
+        "excluded": excluded,
+        "evaluation": None,
+        "error": None,
+        "at_risk": None,
+        "overall_survival": None,
     }
     if len(used) < 2:
         entry["error"] = f"{len(used)} patient{'s' if len(used) != 1 else ''} with the model's features (need 2)"
@@ -170,8 +189,15 @@ def _evaluate_split(split, cohort, features, failed, model, spec, train_time, tr
     ids = [p.id for p in used]
     try:
         evaluation = evaluate_split(
-            model, features.loc[ids], [p.clinical for p in used], time_, event,
-            train_time=train_time, train_event=train_event, settings=spec.evaluation, split=split,
+            model,
+            features.loc[ids],
+            [p.clinical for p in used],
+            time_,
+            event,
+            train_time=train_time,
+            train_event=train_event,
+            settings=spec.evaluation,
+            split=split,
         )
     except InputError as exc:
         entry["error"] = str(exc)
@@ -197,7 +223,9 @@ def _evaluate_split(split, cohort, features, failed, model, spec, train_time, tr
             notes.append(f"split {split}: overall survival by risk group not computed ({exc})")
         else:
             entry["overall_survival"] = {
-                "n": len(used), "events": int(os_event.sum()), "risk_groups": plain_json(groups),
+                "n": len(used),
+                "events": int(os_event.sum()),
+                "risk_groups": plain_json(groups),
                 "at_risk": at_risk_table(os_time, high, time_ticks(float(os_time.max()))),
             }
     return entry
@@ -217,11 +245,17 @@ def stability_subsample(train, failed: Mapping[str, str], spec) -> list:
 
 def _perturbed_extractions(cohort, train, failed, spec, stages, *, cache_dir, scheduler, workers, progress):
     """(perturbation name -> features of the subsample, report entry) for the stability screen."""
-    from node.training.extraction import Perturbation, extract_perturbed_features
+    from sclc_risk_node.node.training.extraction import Perturbation, extract_perturbed_features
 
     stability = spec.stability
-    entry: dict[str, Any] = {"enabled": stability.enabled, "patients": 0, "rows": [], "seconds": 0.0,
-                             "counts": {}, "failures": []}
+    entry: dict[str, Any] = {
+        "enabled": stability.enabled,
+        "patients": 0,
+        "rows": [],
+        "seconds": 0.0,
+        "counts": {},
+        "failures": [],
+    }
     if not stability.enabled:
         return None, entry
     subsample = stability_subsample(train, failed, spec)
@@ -229,25 +263,42 @@ def _perturbed_extractions(cohort, train, failed, spec, stages, *, cache_dir, sc
     entry["rows"] = [p.row for p in subsample]
     if len(subsample) < 3:
         return None, entry
-    perturbations = [Perturbation(kind, noise_sd_hu=stability.noise_sd_hu if kind == "noise" else 0.0,
-                                  shift_voxels=stability.shift_voxels if kind == "shift" else 0.0,
-                                  seed=stability.seed)
-                     for kind in stability.perturbations]
+    perturbations = [
+        Perturbation(
+            kind,
+            noise_sd_hu=stability.noise_sd_hu if kind == "noise" else 0.0,
+            shift_voxels=stability.shift_voxels if kind == "shift" else 0.0,
+            seed=stability.seed,
+        )
+        for kind in stability.perturbations
+    ]
     start = time.perf_counter()
     results = stages.run(
         "stability_extraction",
         f"re-extracting {len(subsample)} training patients under {', '.join(stability.perturbations)}",
-        extract_perturbed_features, subsample, spec.extraction_settings, perturbations,
-        feature_classes=spec.extraction.feature_classes, regions=spec.extraction.regions, cache_dir=cache_dir,
-        scheduler=scheduler, workers=workers, progress=progress,
+        extract_perturbed_features,
+        subsample,
+        spec.extraction_settings,
+        perturbations,
+        feature_classes=spec.extraction.feature_classes,
+        regions=spec.extraction.regions,
+        cache_dir=cache_dir,
+        scheduler=scheduler,
+        workers=workers,
+        progress=progress,
     )
     tables = {}
     for kind, result in results.items():
         tables[kind] = result.features
-        entry["counts"][kind] = {"computed": len(result.computed), "cached": len(result.cached),
-                                 "failed": len(result.failures)}
-        entry["failures"] += [{"perturbation": kind, "row": cohort.patient(f.patient_id).row,
-                               "reason": _withhold(f.reason, f.patient_id)} for f in result.failures]
+        entry["counts"][kind] = {
+            "computed": len(result.computed),
+            "cached": len(result.cached),
+            "failed": len(result.failures),
+        }
+        entry["failures"] += [
+            {"perturbation": kind, "row": cohort.patient(f.patient_id).row, "reason": _withhold(f.reason, f.patient_id)}
+            for f in result.failures
+        ]
     entry["seconds"] = round(time.perf_counter() - start, 3)
     return tables, entry
 
@@ -259,15 +310,24 @@ def _predictive(cohort, features, failed, model, spec, notes) -> dict[str, Any] 
     """The paper's Figure 7: treated risk groups vs the control split, and the interaction test (PFS; OS too)."""
     import numpy as np
 
-    from scoring.training.evaluation import predictive_analysis
+    from sclc_risk_node.scoring.training.evaluation import predictive_analysis
 
     if CONTROL_SPLIT not in cohort.splits:
         return None
-    treated_splits = [split for split in cohort.splits if split != CONTROL_SPLIT
-                      and (spec.evaluation.treated_splits == "all" or split.startswith("validation"))]
-    entry: dict[str, Any] = {"treated_splits": treated_splits, "treated_rule": spec.evaluation.treated_splits,
-                             "control_split": CONTROL_SPLIT, "risk_groups": "integrated risk score > risk cut-off",
-                             "pfs": None, "os": None, "reason": None}
+    treated_splits = [
+        split
+        for split in cohort.splits
+        if split != CONTROL_SPLIT and (spec.evaluation.treated_splits == "all" or split.startswith("validation"))
+    ]
+    entry: dict[str, Any] = {
+        "treated_splits": treated_splits,
+        "treated_rule": spec.evaluation.treated_splits,
+        "control_split": CONTROL_SPLIT,
+        "risk_groups": "integrated risk score > risk cut-off",
+        "pfs": None,
+        "os": None,
+        "reason": None,
+    }
     treated, _ = _usable([p for split in treated_splits for p in cohort.in_split(split)], features, failed, model)
     control, _ = _usable(cohort.in_split(CONTROL_SPLIT), features, failed, model)
     if len(treated) < 2 or len(control) < 2:
@@ -278,11 +338,17 @@ def _predictive(cohort, features, failed, model, spec, notes) -> dict[str, Any] 
     for endpoint, time_of, event_of in (("pfs", "pfs_months", "pfs_event"), ("os", "os_months", "os_event")):
         if any(getattr(p, time_of) is None for p in treated + control):
             continue
-        arrays = [(np.array([getattr(p, time_of) for p in group], dtype=float),
-                   np.array([bool(getattr(p, event_of)) for p in group], dtype=bool)) for group in (treated, control)]
+        arrays = [
+            (
+                np.array([getattr(p, time_of) for p in group], dtype=float),
+                np.array([bool(getattr(p, event_of)) for p in group], dtype=bool),
+            )
+            for group in (treated, control)
+        ]
         try:
-            entry[endpoint] = plain_json(predictive_analysis(arrays[0][0], arrays[0][1], high_t,
-                                                             arrays[1][0], arrays[1][1], high_c))
+            entry[endpoint] = plain_json(
+                predictive_analysis(arrays[0][0], arrays[0][1], high_t, arrays[1][0], arrays[1][1], high_c)
+            )
         except (ValueError, ArithmeticError) as exc:
             notes.append(f"predictive analysis ({endpoint}) failed: {type(exc).__name__}: {exc}")
     return entry
@@ -290,8 +356,8 @@ def _predictive(cohort, features, failed, model, spec, notes) -> dict[str, Any] 
 
 def _internal_validation(fitted, spec, train, train_time, train_event, notes) -> dict[str, Any]:
     """Harrell's bootstrap and the PH test of the integrated model; a failure is noted, never fatal."""
-    from scoring.model import RADIOMICS_SCORE_TERM
-    from scoring.training.validation import optimism_corrected, proportional_hazards_test
+    from sclc_risk_node.scoring.model import RADIOMICS_SCORE_TERM
+    from sclc_risk_node.scoring.training.validation import optimism_corrected, proportional_hazards_test
 
     result: dict[str, Any] = {"bootstrap": None, "proportional_hazards": None}
     try:
@@ -299,8 +365,10 @@ def _internal_validation(fitted, spec, train, train_time, train_event, notes) ->
     except Exception as exc:  # noqa: BLE001 - a diagnostic; the model stands without it
         notes.append(f"internal validation (bootstrap) failed: {type(exc).__name__}: {exc}")
     design = fitted.design
-    columns = {RADIOMICS_SCORE_TERM: list(fitted.radiomics_score),
-               **{name: list(design["clinical"][name]) for name in design["survivors"]}}
+    columns = {
+        RADIOMICS_SCORE_TERM: list(fitted.radiomics_score),
+        **{name: list(design["clinical"][name]) for name in design["survivors"]},
+    }
     coefficients = {row["name"]: row["coef"] for row in fitted.diagnostics["integrated_cox"]["table"]}
     try:
         result["proportional_hazards"] = proportional_hazards_test(train_time, train_event, columns, coefficients)
@@ -329,12 +397,12 @@ def run_training(
     """
     import numpy as np
 
-    from node.training.cohort import TRAIN_SPLIT, load_cohort
-    from node.training.extraction import extract_cohort_features
-    from node.training.report import REPORT_FORMAT, coefficient_path, write_report
-    from scoring.model import FrozenModel
-    from scoring.training.method import TrainingDataError, fit_integrated_model
-    from scoring.training.spec import TrainingSpec
+    from sclc_risk_node.node.training.cohort import TRAIN_SPLIT, load_cohort
+    from sclc_risk_node.node.training.extraction import extract_cohort_features
+    from sclc_risk_node.node.training.report import REPORT_FORMAT, coefficient_path, write_report
+    from sclc_risk_node.scoring.model import FrozenModel
+    from sclc_risk_node.scoring.training.method import TrainingDataError, fit_integrated_model
+    from sclc_risk_node.scoring.training.spec import TrainingSpec
 
     started = time.perf_counter()
     stages = _Stages(progress)
@@ -352,9 +420,16 @@ def run_training(
 
     # 2. features
     extraction = stages.run(
-        "extraction", f"extracting features of {len(cohort)} patients", extract_cohort_features,
-        cohort, spec.extraction_settings, feature_classes=spec.extraction.feature_classes,
-        regions=spec.extraction.regions, cache_dir=cache_dir, scheduler=scheduler, workers=workers,
+        "extraction",
+        f"extracting features of {len(cohort)} patients",
+        extract_cohort_features,
+        cohort,
+        spec.extraction_settings,
+        feature_classes=spec.extraction.feature_classes,
+        regions=spec.extraction.regions,
+        cache_dir=cache_dir,
+        scheduler=scheduler,
+        workers=workers,
         progress=progress,
     )
     features = extraction.features
@@ -370,19 +445,34 @@ def run_training(
     train_event = np.array([p.pfs_event for p in train], dtype=bool)
     train_features = features.loc[[p.id for p in train]]
     perturbed, stability_entry = _perturbed_extractions(
-        cohort, train, failed, spec, stages, cache_dir=cache_dir, scheduler=scheduler, workers=workers,
-        progress=progress)
+        cohort,
+        train,
+        failed,
+        spec,
+        stages,
+        cache_dir=cache_dir,
+        scheduler=scheduler,
+        workers=workers,
+        progress=progress,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fitted = stages.run(
-            "fit", f"fitting on {len(train)} training patients", fit_integrated_model,
-            train_features, [p.clinical for p in train], train_time, train_event, spec,
+            "fit",
+            f"fitting on {len(train)} training patients",
+            fit_integrated_model,
+            train_features,
+            [p.clinical for p in train],
+            train_time,
+            train_event,
+            spec,
             cohort=f"{cohort_path.name}, split '{TRAIN_SPLIT}': {len(train)} patients with features",
             perturbed=perturbed,
         )
         try:  # only a figure: its failure must not cost the researcher the fitted model
-            path, path_note = coefficient_path(train_features, train_time, train_event, spec.lasso,
-                                               fitted.diagnostics, fitted.model_mapping)
+            path, path_note = coefficient_path(
+                train_features, train_time, train_event, spec.lasso, fitted.diagnostics, fitted.model_mapping
+            )
         except Exception as exc:  # noqa: BLE001
             path, path_note = None, f"the path could not be recomputed ({type(exc).__name__}: {exc})"
 
@@ -392,19 +482,29 @@ def run_training(
         internal = stages.run(
             "internal_validation",
             f"internal validation ({spec.validation.bootstrap} bootstrap refits, {spec.validation.refit})",
-            _internal_validation, fitted, spec, train, train_time, train_event, notes)
+            _internal_validation,
+            fitted,
+            spec,
+            train,
+            train_time,
+            train_event,
+            notes,
+        )
     if caught_internal:
         # Overflow in a resample's Cox fit is expected now and then (a resample can nearly separate the
         # events); the resample is skipped or its fit still converges, so one line says it, not hundreds.
         distinct = list(dict.fromkeys(_warning_text(w) for w in caught_internal))
-        notes.append(f"internal validation: {len(caught_internal)} warnings from bootstrap refits, "
-                     f"e.g. {distinct[0]}")
+        notes.append(f"internal validation: {len(caught_internal)} warnings from bootstrap refits, e.g. {distinct[0]}")
 
     # 4. freeze: write, then load the file back exactly as the node will
-    from scoring.model import seal
+    from sclc_risk_node.scoring.model import seal
 
-    sealed = seal({**fitted.model_mapping,
-                   "training_summary": {**fitted.model_mapping["training_summary"], "internal_validation": internal}})
+    sealed = seal(
+        {
+            **fitted.model_mapping,
+            "training_summary": {**fitted.model_mapping["training_summary"], "internal_validation": internal},
+        }
+    )
     write_atomically(model_path, json.dumps(sealed, indent=2, ensure_ascii=False) + "\n")
     model = FrozenModel.from_json(model_path.read_text(encoding="utf-8"))
     if model.identity.sha256 != sealed["sha256"]:
@@ -418,8 +518,9 @@ def run_training(
         for split in cohort.splits:
             if progress:
                 print(f"evaluating {split} …", file=sys.stderr, flush=True)
-            splits[split] = _evaluate_split(split, cohort, features, failed, model, spec, train_time, train_event,
-                                            notes)
+            splits[split] = _evaluate_split(
+                split, cohort, features, failed, model, spec, train_time, train_event, notes
+            )
         predictive = _predictive(cohort, features, failed, model, spec, notes)
         stages.seconds["evaluation"] = round(time.perf_counter() - start, 3)
     warning_texts = list(dict.fromkeys(_warning_text(w) for w in [*caught, *caught_evaluation]))
@@ -434,32 +535,53 @@ def run_training(
     report: dict[str, Any] = {
         "report_format": REPORT_FORMAT,
         "created": _now(),
-        "software": {"sclc-risk-node": _version(), "python": sys.version.split()[0],
-                     "pyradiomics": sealed["extraction"]["pyradiomics_version"], **summary.get("software", {}),
-                     "matplotlib": matplotlib.__version__},
+        "software": {
+            "sclc-risk-node": _version(),
+            "python": sys.version.split()[0],
+            "pyradiomics": sealed["extraction"]["pyradiomics_version"],
+            **summary.get("software", {}),
+            "matplotlib": matplotlib.__version__,
+        },
         "inputs": {
-            "cohort": str(cohort_path), "cohort_sha256": hashlib.sha256(cohort_bytes).hexdigest(),
-            "spec": str(spec_path), "spec_sha256": hashlib.sha256(spec_bytes).hexdigest(),
+            "cohort": str(cohort_path),
+            "cohort_sha256": hashlib.sha256(cohort_bytes).hexdigest(),
+            "spec": str(spec_path),
+            "spec_sha256": hashlib.sha256(spec_bytes).hexdigest(),
         },
         "model": {
-            "file": str(model_path), "name": sealed["name"], "version": sealed["version"],
-            "sha256": sealed["sha256"], "demonstration": sealed["demonstration"],
-            "intended_use": sealed["intended_use"], "created": sealed["created"],
+            "file": str(model_path),
+            "name": sealed["name"],
+            "version": sealed["version"],
+            "sha256": sealed["sha256"],
+            "demonstration": sealed["demonstration"],
+            "intended_use": sealed["intended_use"],
+            "created": sealed["created"],
         },
         "spec": spec.to_mapping(),
         "cohort": {
-            "file": str(cohort_path), "n": len(cohort),
+            "file": str(cohort_path),
+            "n": len(cohort),
             "splits": {split: len(cohort.in_split(split)) for split in cohort.splits},
             "os_available": all(p.os_months is not None for p in cohort),
         },
         "extraction": {
-            "cache_dir": str(cache_dir), "scheduler": scheduler, "workers": workers,
-            "seconds": stages.seconds["extraction"], "feature_columns": int(features.shape[1]),
-            "counts": {"computed": len(extraction.computed), "cached": len(extraction.cached),
-                       "precomputed": len(extraction.precomputed), "failed": len(extraction.failures)},
+            "cache_dir": str(cache_dir),
+            "scheduler": scheduler,
+            "workers": workers,
+            "seconds": stages.seconds["extraction"],
+            "feature_columns": int(features.shape[1]),
+            "counts": {
+                "computed": len(extraction.computed),
+                "cached": len(extraction.cached),
+                "precomputed": len(extraction.precomputed),
+                "failed": len(extraction.failures),
+            },
             "failures": [
-                {"row": cohort.patient(f.patient_id).row, "split": cohort.patient(f.patient_id).split,
-                 "reason": _withhold(f.reason, f.patient_id)}
+                {
+                    "row": cohort.patient(f.patient_id).row,
+                    "split": cohort.patient(f.patient_id).split,
+                    "reason": _withhold(f.reason, f.patient_id),
+                }
                 for f in extraction.failures
             ],
             "stability": stability_entry,
@@ -468,8 +590,12 @@ def run_training(
             **diagnostics,
             "candidate_features": summary["candidate_features"],
             "selected_features": [
-                {"name": f"{f['region']}.{f['image_type']}_{f['feature_class']}_{f['feature']}",
-                 "coefficient": f["coefficient"], "mean": f["mean"], "sd": f["sd"]}
+                {
+                    "name": f"{f['region']}.{f['image_type']}_{f['feature_class']}_{f['feature']}",
+                    "coefficient": f["coefficient"],
+                    "mean": f["mean"],
+                    "sd": f["sd"],
+                }
                 for f in sealed["radiomics"]["features"]
             ],
             "radiomics_score_coefficient": sealed["radiomics_score_coefficient"],
@@ -485,8 +611,15 @@ def run_training(
     start = time.perf_counter()
     if progress:
         print("writing the report …", file=sys.stderr, flush=True)
-    files = write_report(report_dir, report, model_mapping=sealed, timings_update=lambda: {
-        "report": round(time.perf_counter() - start, 3), "total": round(time.perf_counter() - started, 3)})
+    files = write_report(
+        report_dir,
+        report,
+        model_mapping=sealed,
+        timings_update=lambda: {
+            "report": round(time.perf_counter() - start, 3),
+            "total": round(time.perf_counter() - started, 3),
+        },
+    )
     return TrainingRun(model_path=model_path, model=model, report=report, files=files)
 
 
@@ -513,68 +646,88 @@ def format_training_summary(run: TrainingRun) -> str:
         lines.append("*** DEMONSTRATION MODEL (demonstration: true) — NOT FOR CLINICAL USE ***")
     splits = ", ".join(f"{split} {n}" for split, n in report["cohort"]["splits"].items())
     lines.append(f"Cohort:    {Path(report['cohort']['file']).name}: {report['cohort']['n']} patients ({splits})")
-    lines.append(f"Features:  {extraction['feature_columns']} columns; computed {counts['computed']}, "
-                 f"from cache {counts['cached']}, precomputed {counts['precomputed']}, failed {counts['failed']} "
-                 f"({extraction['seconds']:.1f} s)")
+    lines.append(
+        f"Features:  {extraction['feature_columns']} columns; computed {counts['computed']}, "
+        f"from cache {counts['cached']}, precomputed {counts['precomputed']}, failed {counts['failed']} "
+        f"({extraction['seconds']:.1f} s)"
+    )
     for failure in extraction["failures"][:5]:
         lines.append(f"  failed: CSV line {failure['row']} ({failure['split']}): {failure['reason']}")
     if len(extraction["failures"]) > 5:
         lines.append(f"  … {len(extraction['failures']) - 5} more failures in the report")
-    lines.append(f"LASSO-Cox: {lasso['selection']} rule, alpha {lasso['alpha']:.4g}: "
-                 f"{len(training['selected_features'])} of {training['candidate_features']} features")
+    lines.append(
+        f"LASSO-Cox: {lasso['selection']} rule, alpha {lasso['alpha']:.4g}: "
+        f"{len(training['selected_features'])} of {training['candidate_features']} features"
+    )
     width = max(len(f["name"]) for f in training["selected_features"])
     for feature in training["selected_features"]:
         lines.append(f"  {feature['name']:<{width}}  {feature['coefficient']:+.4f}")
     stability = training.get("stability") or {}
     if stability.get("ran"):
-        lines.append(f"Stability: {stability['icc']} >= {stability['icc_threshold']:g} over "
-                     f"{len(stability['extractions']) - 1} perturbations of {stability['patients_screened']} "
-                     f"training patients: kept {stability['features_kept']} of {stability['features_screened']} "
-                     "features")
+        lines.append(
+            f"Stability: {stability['icc']} >= {stability['icc_threshold']:g} over "
+            f"{len(stability['extractions']) - 1} perturbations of {stability['patients_screened']} "
+            f"training patients: kept {stability['features_kept']} of {stability['features_screened']} "
+            "features"
+        )
     elif stability:
         lines.append(f"Stability: not run ({stability.get('note')})")
     log = training.get("log_transform") or {}
     if log:
-        lines.append(f"Log:       {log['setting'] if isinstance(log['setting'], str) else 'listed'}: "
-                     f"signed_log1p on {log['transformed_candidates']} candidates, "
-                     f"{len(log['transformed_selected'])} of them selected")
-    lines.append(f"Clinical:  {', '.join(training['clinical']['selected']) or 'no candidate kept'} "
-                 f"(univariate p < {training['clinical']['univariate_p']:g}, "
-                 f"multivariate p < {training['clinical']['multivariate_p']:g})")
+        lines.append(
+            f"Log:       {log['setting'] if isinstance(log['setting'], str) else 'listed'}: "
+            f"signed_log1p on {log['transformed_candidates']} candidates, "
+            f"{len(log['transformed_selected'])} of them selected"
+        )
+    lines.append(
+        f"Clinical:  {', '.join(training['clinical']['selected']) or 'no candidate kept'} "
+        f"(univariate p < {training['clinical']['univariate_p']:g}, "
+        f"multivariate p < {training['clinical']['multivariate_p']:g})"
+    )
     lines.append(f"C-index (95% CI)        {'radiomics':<22}integrated")
     for split, entry in report["splits"].items():
         label = f"  {split} (n={entry['n_used']})"
         if entry["evaluation"]:
-            lines.append(f"{label:<24}{_c_text(entry['evaluation']['radiomics']):<22}"
-                         f"{_c_text(entry['evaluation']['integrated'])}")
+            lines.append(
+                f"{label:<24}{_c_text(entry['evaluation']['radiomics']):<22}"
+                f"{_c_text(entry['evaluation']['integrated'])}"
+            )
         else:
             lines.append(f"{label:<24}not evaluated: {entry['error']}")
     internal = (training.get("internal_validation") or {}).get("bootstrap") or {}
     if internal.get("integrated"):
         block = internal["integrated"]
         slope = internal.get("calibration_slope") or {}
-        lines.append(f"Internal:  optimism-corrected C-index {block['corrected']:.3f} (apparent {block['apparent']:.3f}, "
-                     f"optimism {block['optimism']:.3f}; {internal['resamples_used']} bootstrap refits, "
-                     f"{internal['refit']})"
-                     + (f"; calibration slope {slope['corrected']:.2f}" if slope else ""))
+        lines.append(
+            f"Internal:  optimism-corrected C-index {block['corrected']:.3f} (apparent {block['apparent']:.3f}, "
+            f"optimism {block['optimism']:.3f}; {internal['resamples_used']} bootstrap refits, "
+            f"{internal['refit']})" + (f"; calibration slope {slope['corrected']:.2f}" if slope else "")
+        )
     ph = (training.get("internal_validation") or {}).get("proportional_hazards") or {}
     if ph.get("terms"):
-        lines.append(f"PH test:   smallest Grambsch-Therneau p {ph['smallest_p']:.3f} "
-                     "(" + ", ".join(f"{t['name']} p={t['p_km']:.3f}" for t in ph["terms"]) + ")")
+        lines.append(
+            f"PH test:   smallest Grambsch-Therneau p {ph['smallest_p']:.3f} "
+            "(" + ", ".join(f"{t['name']} p={t['p_km']:.3f}" for t in ph["terms"]) + ")"
+        )
     predictive = (report.get("predictive") or {}).get("pfs")
     if predictive:
         parts = []
         for label in ("high", "low"):
             hr = predictive["groups"][label]["vs_control"]["hazard_ratio_treated_vs_control"]
-            parts.append(f"{label}-risk treated vs control HR {hr['hr']:.2f} ({hr['ci_low']:.2f}–{hr['ci_high']:.2f})"
-                         if hr else f"{label}-risk treated vs control HR NA")
+            parts.append(
+                f"{label}-risk treated vs control HR {hr['hr']:.2f} ({hr['ci_low']:.2f}–{hr['ci_high']:.2f})"
+                if hr
+                else f"{label}-risk treated vs control HR NA"
+            )
         interaction = predictive.get("interaction")
         parts.append(f"interaction p {interaction['p']:.3g}" if interaction else "interaction NA")
         lines.append("Fig 7:     " + "; ".join(parts))
     model = report["model"]
     lines.append(f"Model:     {model['name']} {model['version']} sha256 {model['sha256'][:12]}… -> {run.model_path}")
-    lines.append(f"Report:    {run.files.html} (+ report.json, model-card.md, {len(run.files.figures)} figures in "
-                 f"{run.files.html.parent / 'figures'})")
+    lines.append(
+        f"Report:    {run.files.html} (+ report.json, model-card.md, {len(run.files.figures)} figures in "
+        f"{run.files.html.parent / 'figures'})"
+    )
     if report["warnings"]:
         lines.append(f"Warnings:  {len(report['warnings'])} (listed in the report)")
     lines.append(f"Time:      {report['timings_seconds'].get('total', 0):.1f} s")
@@ -586,15 +739,22 @@ def format_training_summary(run: TrainingRun) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     run = run_training(
-        args.cohort, args.spec, args.out, args.report, cache_dir=args.cache, scheduler=args.scheduler,
-        workers=args.workers, progress=not args.no_progress, force=args.force,
+        args.cohort,
+        args.spec,
+        args.out,
+        args.report,
+        cache_dir=args.cache,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        progress=not args.no_progress,
+        force=args.force,
     )
     print(format_training_summary(run))
     return EXIT_OK
 
 
 def cmd_simulate_cohort(args: argparse.Namespace) -> int:
-    from node.training.simulate import simulate_cohort
+    from sclc_risk_node.node.training.simulate import simulate_cohort
 
     csv_path = simulate_cohort(args.out_dir, seed=args.seed, scale=args.scale, progress=not args.no_progress)
     print(csv_path)
@@ -625,17 +785,26 @@ def add_training_parsers(subparsers) -> None:
             "See docs/training.md."
         ),
     )
-    train.add_argument("--cohort", type=Path, required=True, metavar="COHORT.csv",
-                       help="cohort CSV (columns: docs/training.md)")
+    train.add_argument(
+        "--cohort", type=Path, required=True, metavar="COHORT.csv", help="cohort CSV (columns: docs/training.md)"
+    )
     train.add_argument("--spec", type=Path, required=True, metavar="SPEC.toml", help="training specification")
     train.add_argument("--out", type=Path, required=True, metavar="MODEL.json", help="model file to write")
     train.add_argument("--report", type=Path, required=True, metavar="DIR", help="report folder (created)")
-    train.add_argument("--cache", type=Path, metavar="DIR",
-                       help=f"feature cache, reused by later runs (default: DIR/{DEFAULT_CACHE_FOLDER})")
-    train.add_argument("--scheduler", metavar="ADDRESS",
-                       help="extract on this Dask cluster (tcp://HOST:8786) instead of local processes")
-    train.add_argument("--workers", type=_positive_int, metavar="N",
-                       help="local extraction processes (default: the CPU count)")
+    train.add_argument(
+        "--cache",
+        type=Path,
+        metavar="DIR",
+        help=f"feature cache, reused by later runs (default: DIR/{DEFAULT_CACHE_FOLDER})",
+    )
+    train.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="extract on this Dask cluster (tcp://HOST:8786) instead of local processes",
+    )
+    train.add_argument(
+        "--workers", type=_positive_int, metavar="N", help="local extraction processes (default: the CPU count)"
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar or step messages on stderr")
     train.add_argument("--force", action="store_true", help="replace MODEL.json if it exists")
     train.set_defaults(handler=cmd_train)
@@ -650,16 +819,17 @@ def add_training_parsers(subparsers) -> None:
     )
     simulate.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="new or empty folder")
     simulate.add_argument("--seed", type=int, default=2023, help="random seed (default 2023)")
-    simulate.add_argument("--scale", type=float, default=1.0,
-                          help="fraction of the paper's split sizes 253/51/75/57 (default 1.0)")
+    simulate.add_argument(
+        "--scale", type=float, default=1.0, help="fraction of the paper's split sizes 253/51/75/57 (default 1.0)"
+    )
     simulate.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     simulate.set_defaults(handler=cmd_simulate_cohort)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m node.training_cli``: these two commands alone, with ``sclc-node``'s exit statuses."""
-    from node.cli import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_TRY_AGAIN
-    from scoring.errors import SclcNodeError
+    from sclc_risk_node.node.cli import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_TRY_AGAIN
+    from sclc_risk_node.scoring.errors import SclcNodeError
 
     parser = argparse.ArgumentParser(prog="sclc-node")
     add_training_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))

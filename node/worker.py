@@ -20,18 +20,18 @@ import os
 import queue
 import socket
 import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from pydicom.uid import CTImageStorage, RTStructureSetStorage, SegmentationStorage
 
-from node.errors import InvalidTransition, NodeError
-from node.logs import get_logger
-from node.records import InstanceRecord
-from scoring.errors import InputError
+from sclc_risk_node.node.errors import InvalidTransition, NodeError
+from sclc_risk_node.node.logs import get_logger
+from sclc_risk_node.node.records import InstanceRecord
+from sclc_risk_node.scoring.errors import InputError
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +87,9 @@ def choose_inputs(instances: Sequence[InstanceRecord]) -> tuple[InstanceRecord, 
     ct_series = {i.series_instance_uid for i in cts}
     candidates = [uid for uid in seg.referenced_series_instance_uids if uid in ct_series]
     if not candidates:
-        candidates = sorted({i.series_instance_uid for i in cts if i.frame_of_reference_uid == seg.frame_of_reference_uid})
+        candidates = sorted(
+            {i.series_instance_uid for i in cts if i.frame_of_reference_uid == seg.frame_of_reference_uid}
+        )
     if len(candidates) != 1:
         raise StudyInputsError(
             f"{'RTSTRUCT' if seg.sop_class_uid == RTStructureSetStorage else 'SEG'} {seg.sop_instance_uid} matches {len(candidates)} CT series in the study; expected exactly one"
@@ -99,15 +101,15 @@ def choose_inputs(instances: Sequence[InstanceRecord]) -> tuple[InstanceRecord, 
 
 @functools.lru_cache(maxsize=4)
 def _load_model(model_path: str, mtime_ns: int):
-    from node.scoring_job import load_model_file
+    from sclc_risk_node.node.scoring_job import load_model_file
 
     return load_model_file(Path(model_path))
 
 
 def run_scoring_task(task: ScoringTask) -> ScoringOutcome:
     """Runs in a worker process.  Never raises for bad input: the reason comes back as text."""
-    from node.scoring_job import result_as_json, score_files
-    from scoring.clinical import clinical_record_from_mapping
+    from sclc_risk_node.node.scoring_job import result_as_json, score_files
+    from sclc_risk_node.scoring.clinical import clinical_record_from_mapping
 
     started = time.perf_counter()
     try:
@@ -161,7 +163,7 @@ def _extra_objects(scored, clinical, model, task: ScoringTask) -> tuple[tuple[st
     """The ROI SR / KOS / PDF / SC of a scored study, from the same key slice and result as its SR."""
     if not task.extra_object_kinds:
         return ()
-    from dicom_io.result_objects import build_result_objects, object_kind
+    from sclc_risk_node.dicom_io.result_objects import build_result_objects, object_kind
 
     objects = build_result_objects(
         scored.ct,
@@ -187,7 +189,7 @@ def _exit_when_orphaned(parent_pid: int, poll_s: float = 1.0) -> None:
 def _worker_initialiser(parent_pid: int, model_path: str | None = None) -> None:
     import threading
 
-    from node.logs import configure_logging
+    from sclc_risk_node.node.logs import configure_logging
 
     configure_logging(os.environ.get("SCLC_NODE_LOG_LEVEL", "WARNING"))
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True, name="orphan-watch").start()
@@ -203,7 +205,7 @@ def _warm_up(model_path: str | None) -> None:
     """
     import radiomics
 
-    import node.scoring_job  # noqa: F401 - pyradiomics, SimpleITK, highdicom, pydicom, the scoring package
+    import sclc_risk_node.node.scoring_job  # noqa: F401 - pyradiomics, SimpleITK, highdicom, pydicom, the scoring package
 
     radiomics.getFeatureClasses()  # imports every feature class module
     if model_path:
@@ -223,7 +225,9 @@ def _worker_ready() -> int:
 _ALL_OBJECT_KINDS = ("sr", "kos", "pdf", "sc")
 
 
-def _kinds_to_build(destinations: Sequence[str], destination_objects: Mapping[str, Sequence[str]] | None) -> tuple[str, ...]:
+def _kinds_to_build(
+    destinations: Sequence[str], destination_objects: Mapping[str, Sequence[str]] | None
+) -> tuple[str, ...]:
     """The kinds some destination takes; all of them when there is no destination (kept in the spool)."""
     if destination_objects is None or not destinations:
         return _ALL_OBJECT_KINDS
@@ -234,12 +238,23 @@ def _kinds_to_build(destinations: Sequence[str], destination_objects: Mapping[st
 class ScoringDispatcher:
     """Claims ready studies up to the pool size, runs them in worker processes and records the outcome."""
 
-    def __init__(self, spool, machine, *, workers: int, lease_s: float, model_path: Path,
-                 destinations: Sequence[str], segment_label: str | None, metrics=None,
-                 rtstruct_roi_pattern: str | None = None,
-                 destination_objects: Mapping[str, Sequence[str]] | None = None,
-                 worker_id: str | None = None, allow_lossy_ct: bool = False,
-                 report_out_of_domain: bool = False):
+    def __init__(
+        self,
+        spool,
+        machine,
+        *,
+        workers: int,
+        lease_s: float,
+        model_path: Path,
+        destinations: Sequence[str],
+        segment_label: str | None,
+        metrics=None,
+        rtstruct_roi_pattern: str | None = None,
+        destination_objects: Mapping[str, Sequence[str]] | None = None,
+        worker_id: str | None = None,
+        allow_lossy_ct: bool = False,
+        report_out_of_domain: bool = False,
+    ):
         self.spool = spool
         self.machine = machine
         self.workers = int(workers)
@@ -248,7 +263,9 @@ class ScoringDispatcher:
         self.destinations = tuple(destinations)
         #: destination -> the object kinds it takes (config `destinations[].objects`); None: all.
         self.destination_objects = (
-            {name: tuple(kinds) for name, kinds in destination_objects.items()} if destination_objects is not None else None
+            {name: tuple(kinds) for name, kinds in destination_objects.items()}
+            if destination_objects is not None
+            else None
         )
         self.report_out_of_domain = bool(report_out_of_domain)
         self.extra_object_kinds = _kinds_to_build(self.destinations, self.destination_objects)

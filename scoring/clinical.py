@@ -15,16 +15,15 @@ from __future__ import annotations
 import csv
 import enum
 import io
-import json
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
-from typing import Iterable, Mapping
 
-from scoring.strict_json import loads_strict
-from scoring.errors import ClinicalRecordError
+from sclc_risk_node.scoring.errors import ClinicalRecordError
+from sclc_risk_node.scoring.strict_json import loads_strict
 
 
 class Lipi(enum.IntEnum):
@@ -65,17 +64,19 @@ _UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 
 #: What a model covariate may read, and the levels each field can take
 #: (as strings, the way a model file names them).  See docs/model-format.md.
-CLINICAL_FIELD_LEVELS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "t_stage": T_STAGES,
-    "n_stage": N_STAGES,
-    "m_stage": M_STAGES,
-    "overall_stage": OVERALL_STAGES,
-    "ecog": tuple(str(score) for score in range(ECOG_RANGE[0], ECOG_RANGE[1] + 1)),
-    "lipi": tuple(level.label for level in Lipi),
-    "sex": SEXES,
-    "brain_metastases": ("no", "yes"),
-    "liver_metastases": ("no", "yes"),
-})
+CLINICAL_FIELD_LEVELS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "t_stage": T_STAGES,
+        "n_stage": N_STAGES,
+        "m_stage": M_STAGES,
+        "overall_stage": OVERALL_STAGES,
+        "ecog": tuple(str(score) for score in range(ECOG_RANGE[0], ECOG_RANGE[1] + 1)),
+        "lipi": tuple(level.label for level in Lipi),
+        "sex": SEXES,
+        "brain_metastases": ("no", "yes"),
+        "liver_metastases": ("no", "yes"),
+    }
+)
 #: Fields that also have a numeric value a model may use directly.
 NUMERIC_CLINICAL_FIELDS = ("ecog", "lipi", "age")
 MODEL_CLINICAL_FIELDS = tuple(sorted(set(CLINICAL_FIELD_LEVELS) | set(NUMERIC_CLINICAL_FIELDS)))
@@ -125,10 +126,22 @@ def lipi_from_labs(labs: LabValues) -> Lipi:
 # AJCC 8th edition stage groups for M0, keyed by (T main stage, N stage).  Only
 # N0 with T1/T2 depends on the T descriptor; see `_N0_BY_SUBSTAGE`.
 _M0_STAGE_GROUPS = {
-    ("T1", "N0"): "IA1-IA3", ("T2", "N0"): "IB-IIA", ("T3", "N0"): "IIB", ("T4", "N0"): "IIIA",
-    ("T1", "N1"): "IIB", ("T2", "N1"): "IIB", ("T3", "N1"): "IIIA", ("T4", "N1"): "IIIA",
-    ("T1", "N2"): "IIIA", ("T2", "N2"): "IIIA", ("T3", "N2"): "IIIB", ("T4", "N2"): "IIIB",
-    ("T1", "N3"): "IIIB", ("T2", "N3"): "IIIB", ("T3", "N3"): "IIIC", ("T4", "N3"): "IIIC",
+    ("T1", "N0"): "IA1-IA3",
+    ("T2", "N0"): "IB-IIA",
+    ("T3", "N0"): "IIB",
+    ("T4", "N0"): "IIIA",
+    ("T1", "N1"): "IIB",
+    ("T2", "N1"): "IIB",
+    ("T3", "N1"): "IIIA",
+    ("T4", "N1"): "IIIA",
+    ("T1", "N2"): "IIIA",
+    ("T2", "N2"): "IIIA",
+    ("T3", "N2"): "IIIB",
+    ("T4", "N2"): "IIIB",
+    ("T1", "N3"): "IIIB",
+    ("T2", "N3"): "IIIB",
+    ("T3", "N3"): "IIIC",
+    ("T4", "N3"): "IIIC",
 }
 _N0_BY_SUBSTAGE = {"T1mi": "IA1", "T1a": "IA1", "T1b": "IA2", "T1c": "IA3", "T2a": "IB", "T2b": "IIA"}
 _M1_STAGE_GROUPS = {"M1": "IVA-IVB", "M1a": "IVA", "M1b": "IVA", "M1c": "IVB"}
@@ -193,9 +206,7 @@ class ClinicalRecord:
         problems = []
         if self.t_stage not in T_STAGES:
             problems.append(f"t_stage: {self.t_stage!r} is not allowed (allowed: {', '.join(T_STAGES)})")
-        if self.t_substage is not None and (
-            self.t_substage not in T_SUBSTAGES or self.t_substage[:2] != self.t_stage
-        ):
+        if self.t_substage is not None and (self.t_substage not in T_SUBSTAGES or self.t_substage[:2] != self.t_stage):
             problems.append(f"t_substage: {self.t_substage!r} does not refine t_stage {self.t_stage!r}")
         if self.n_stage not in N_STAGES:
             problems.append(f"n_stage: {self.n_stage!r} is not allowed (allowed: {', '.join(N_STAGES)})")
@@ -526,9 +537,7 @@ def _normalise_keys(mapping: Mapping[object, object], problems: list[str]) -> di
 
 def _record_problems(mapping: Mapping[object, object]) -> tuple[ClinicalRecord | None, list[str]]:
     problems: list[str] = []
-    values = {
-        name: value for name, value in _normalise_keys(mapping, problems).items() if not _is_missing(value)
-    }
+    values = {name: value for name, value in _normalise_keys(mapping, problems).items() if not _is_missing(value)}
 
     identifiers = {}
     for name in IDENTIFIER_FIELDS:

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from scoring.errors import MaskError
-from scoring.ring import ring_pad_voxels
-from scoring.types import ExtractionSettings
+from sclc_risk_node.scoring.errors import MaskError
+from sclc_risk_node.scoring.ring import ring_pad_voxels
+from sclc_risk_node.scoring.types import ExtractionSettings
 
 # B-spline prefilter poles (Unser 1999) by spline order; the slowest decay decides the reach.
 _BSPLINE_SLOWEST_POLE = {2: 0.171572875, 3: 0.267949192, 4: 0.361341226, 5: 0.430575347}
@@ -61,7 +61,7 @@ class VolumeGrid:
     direction: tuple[float, ...]
 
     @classmethod
-    def of(cls, image: sitk.Image) -> "VolumeGrid":
+    def of(cls, image: sitk.Image) -> VolumeGrid:
         return cls(
             tuple(int(n) for n in image.GetSize()),
             tuple(float(v) for v in image.GetOrigin()),

@@ -30,13 +30,14 @@ Pure: no files, no imports from the node or DICOM layers, nor from
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from scoring.types import Applicability, DomainStatus, DomainViolation
+from sclc_risk_node.scoring.types import Applicability, DomainStatus, DomainViolation
 
 #: Feature transforms a model file may name (``radiomics.features[].transform``).
 TRANSFORMS = ("none", "signed_log1p")
@@ -97,7 +98,7 @@ class TrainingDistribution:
     quantiles: Mapping[str, float]
 
     @classmethod
-    def of(cls, values: Iterable[float]) -> "TrainingDistribution":
+    def of(cls, values: Iterable[float]) -> TrainingDistribution:
         array = np.asarray(list(values), dtype=float)
         if array.size < 2 or not np.isfinite(array).all():
             raise ValueError("a training distribution needs at least two finite values")
@@ -110,7 +111,7 @@ class TrainingDistribution:
         )
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> "TrainingDistribution":
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> TrainingDistribution:
         return cls(
             minimum=float(mapping["min"]),
             maximum=float(mapping["max"]),
@@ -120,8 +121,13 @@ class TrainingDistribution:
         )
 
     def to_mapping(self) -> dict[str, Any]:
-        return {"min": self.minimum, "max": self.maximum, "mean": self.mean, "sd": self.sd,
-                "quantiles": dict(self.quantiles)}
+        return {
+            "min": self.minimum,
+            "max": self.maximum,
+            "mean": self.mean,
+            "sd": self.sd,
+            "quantiles": dict(self.quantiles),
+        }
 
     def problems(self, where: str) -> list[str]:
         """Why these numbers cannot be a training distribution (empty if they can)."""
@@ -130,7 +136,9 @@ class TrainingDistribution:
         if any(later < earlier for earlier, later in zip(ordered, ordered[1:])):
             problems.append(f"{where}: min <= p01 <= p05 <= p50 <= p95 <= p99 <= max does not hold")
         if not self.minimum < self.maximum:
-            problems.append(f"{where}: min {self.minimum:g} must be below max {self.maximum:g} (a constant has no range)")
+            problems.append(
+                f"{where}: min {self.minimum:g} must be below max {self.maximum:g} (a constant has no range)"
+            )
         if not self.minimum <= self.mean <= self.maximum:
             problems.append(f"{where}: mean {self.mean:g} is outside [min, max]")
         if not self.sd > 0:
@@ -155,7 +163,7 @@ class DomainRule:
             raise ValueError(f"max_abs_z must be a finite number > 0 or null, got {self.max_abs_z!r}")
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> "DomainRule":
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> DomainRule:
         max_abs_z = mapping.get("max_abs_z")
         return cls(mapping["kind"], float(mapping["margin_fraction"]), None if max_abs_z is None else float(max_abs_z))
 
@@ -198,7 +206,7 @@ class ApplicabilityDomain:
     risk_score: TrainingDistribution
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> "ApplicabilityDomain":
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> ApplicabilityDomain:
         return cls(
             rule=DomainRule.from_mapping(mapping["rule"]),
             training_n=int(mapping["training_n"]),
@@ -285,9 +293,7 @@ def domain_from_training(
     return ApplicabilityDomain(
         rule=rule,
         training_n=lengths.pop(),
-        features=MappingProxyType(
-            {name: TrainingDistribution.of(values) for name, values in feature_columns.items()}
-        ),
+        features=MappingProxyType({name: TrainingDistribution.of(values) for name, values in feature_columns.items()}),
         radiomics_score=TrainingDistribution.of(radiomics_score),
         risk_score=TrainingDistribution.of(risk_score),
     )

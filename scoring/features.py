@@ -25,9 +25,9 @@ import SimpleITK as sitk
 from radiomics import getFeatureClasses, getImageTypes, imageoperations
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
-from scoring.crop import CropBox, has_prefilter, why_not_in_crop
-from scoring.errors import FeatureExtractionError, MaskError
-from scoring.types import ExtractionSettings, FeatureSpec, FeatureVector
+from sclc_risk_node.scoring.crop import CropBox, has_prefilter, why_not_in_crop
+from sclc_risk_node.scoring.errors import FeatureExtractionError, MaskError
+from sclc_risk_node.scoring.types import ExtractionSettings, FeatureSpec, FeatureVector
 
 
 def _quiet_pyradiomics() -> None:
@@ -198,9 +198,7 @@ class _RegionPlan:
         return {cls: names for cls, names in original.items() if _is_shape_class(cls)}
 
     def texture_features(self, image_type: str) -> dict[str, list[str]]:
-        return {
-            cls: names for cls, names in self.by_image_type.get(image_type, {}).items() if not _is_shape_class(cls)
-        }
+        return {cls: names for cls, names in self.by_image_type.get(image_type, {}).items() if not _is_shape_class(cls)}
 
     def image_types_for(self, filter_name: str) -> set[str]:
         return {
@@ -304,7 +302,7 @@ def _extract_region(
             cropped_image, cropped_mask = imageoperations.cropToTumorMask(filtered, mask, bounding_box, padDistance=0)
             results.update(
                 _guarded(
-                    lambda: extractor.computeFeatures(cropped_image, cropped_mask, image_type, **filter_arguments),
+                    lambda: extractor.computeFeatures(cropped_image, cropped_mask, image_type, **filter_arguments),  # noqa: B023 - called at once
                     region,
                 )
             )
@@ -444,7 +442,7 @@ def _filter_for(image_type: str) -> str:
 
 def _log_image_type(sigma) -> str:
     # pyradiomics' own naming: sigma 2.0 -> "log-sigma-2-0-mm-3D", sigma 2 -> "log-sigma-2-mm-3D".
-    return "log-sigma-%s-mm-3D" % str(sigma).replace(".", "-")
+    return "log-sigma-{}-mm-3D".format(str(sigma).replace(".", "-"))
 
 
 def _is_shape_class(feature_class: str) -> bool:

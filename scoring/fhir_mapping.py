@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
-from scoring.clinical import ClinicalRecord, ValueProvenance, clinical_record_from_mapping
-from scoring.errors import ClinicalRecordError
+from sclc_risk_node.scoring.clinical import ClinicalRecord, ValueProvenance, clinical_record_from_mapping
+from sclc_risk_node.scoring.errors import ClinicalRecordError
 
 LOINC_SYSTEM = "http://loinc.org"
 UCUM_SYSTEM = "http://unitsofmeasure.org"
@@ -170,7 +171,9 @@ def patient_references(resources: Sequence[Any], patient_id: str, identifier_sys
     for resource in resources:
         if resource.get_resource_type() != "Patient" or not resource.id:
             continue
-        if any(_identifier_matches(identifier, patient_id, identifier_system) for identifier in resource.identifier or ()):
+        if any(
+            _identifier_matches(identifier, patient_id, identifier_system) for identifier in resource.identifier or ()
+        ):
             references.add(f"Patient/{resource.id}")
     return references
 
@@ -240,7 +243,9 @@ def clinical_record_from_fhir(
         distinct = {c.values for c in newest}
         if len(distinct) > 1:
             listing = ", ".join(f"{c.resource}: {_describe(c.values)}" for c in newest)
-            problems.append(f"conflict: {item.name} (LOINC {item.code}) has different values at {newest[0].effective_text} ({listing})")
+            problems.append(
+                f"conflict: {item.name} (LOINC {item.code}) has different values at {newest[0].effective_text} ({listing})"
+            )
             continue
         pick = newest[0]
         for field_name, value in pick.values:
@@ -269,11 +274,15 @@ def _with_source(problem: str, by_field: Mapping[str, ValueProvenance]) -> str:
 
 
 def _loinc_item(resource: Any, problems: list[str]) -> LoincItem | None:
-    codes = {
-        coding.code
-        for coding in resource.code.coding or ()
-        if coding.system == LOINC_SYSTEM and coding.code in ITEM_BY_CODE
-    } if resource.code is not None else set()
+    codes = (
+        {
+            coding.code
+            for coding in resource.code.coding or ()
+            if coding.system == LOINC_SYSTEM and coding.code in ITEM_BY_CODE
+        }
+        if resource.code is not None
+        else set()
+    )
     if len(codes) > 1:
         problems.append(
             f"Observation/{resource.id or '(no id)'} carries several of the LOINC codes read ({', '.join(sorted(codes))})"
@@ -308,7 +317,7 @@ def _effective(resource: Any) -> tuple[dt.datetime | None, dt.date | None, str]:
         if value is None:
             continue
         if isinstance(value, dt.datetime):
-            ordering = value.astimezone(dt.timezone.utc).replace(tzinfo=None) if value.tzinfo else value
+            ordering = value.astimezone(dt.UTC).replace(tzinfo=None) if value.tzinfo else value
             return ordering, value.date(), value.isoformat()
         if isinstance(value, dt.date):
             return dt.datetime.combine(value, dt.time()), value, value.isoformat()
@@ -381,12 +390,15 @@ def _category(resource: Any, letter: str, label: str, problems: list[str]) -> st
     if len(found) == 1:
         return found.pop()
     if not texts:
-        problems.append(f"{label} has no value (allowed: valueCodeableConcept or valueString naming the {letter} category)")
+        problems.append(
+            f"{label} has no value (allowed: valueCodeableConcept or valueString naming the {letter} category)"
+        )
     elif found:
         problems.append(f"{label}: its value names several {letter} categories ({', '.join(sorted(found))})")
     else:
         shown = ", ".join(
-            f"{c.system} {c.code}" for c in (resource.valueCodeableConcept.coding or () if resource.valueCodeableConcept else ())
+            f"{c.system} {c.code}"
+            for c in (resource.valueCodeableConcept.coding or () if resource.valueCodeableConcept else ())
         )
         problems.append(
             f"{label}: unknown value code ({shown or 'text only'}): it names no AJCC {letter} category "
@@ -395,7 +407,9 @@ def _category(resource: Any, letter: str, label: str, problems: list[str]) -> st
     return None
 
 
-def _quantity(quantity: Any, units: Mapping[str, Decimal], canonical: str, label: str, problems: list[str]) -> float | None:
+def _quantity(
+    quantity: Any, units: Mapping[str, Decimal], canonical: str, label: str, problems: list[str]
+) -> float | None:
     if quantity is None or quantity.value is None:
         problems.append(f"{label} has no valueQuantity (needed: a number in {canonical})")
         return None

@@ -43,9 +43,9 @@ import radiomics
 import SimpleITK as sitk
 from radiomics import getFeatureClasses, imageoperations
 
-from scoring.errors import InputError, MaskError
-from scoring.features import extract_all_features, installed_pyradiomics_version
-from scoring.types import ExtractionSettings
+from sclc_risk_node.scoring.errors import InputError, MaskError
+from sclc_risk_node.scoring.features import extract_all_features, installed_pyradiomics_version
+from sclc_risk_node.scoring.types import ExtractionSettings
 
 DIGITAL_PHANTOM = "digital_phantom"
 CT_PHANTOM = "ct_phantom"
@@ -466,7 +466,7 @@ class IbsiAdjustments:
     bins_from_bound: bool = True
     sample_covariance_axes: bool = True
 
-    def without(self, name: str) -> "IbsiAdjustments":
+    def without(self, name: str) -> IbsiAdjustments:
         if name not in self.__dataclass_fields__:
             raise ValueError(f"unknown IBSI adjustment {name!r} (known: {', '.join(self.__dataclass_fields__)})")
         return dataclasses.replace(self, **{name: False})
@@ -675,11 +675,23 @@ def compare(
             continue
         raw = values.get(mapping.pyradiomics)
         if raw is None or not math.isfinite(raw):
-            rows.append(FeatureComparison(mapping.pyradiomics, tag, mapping.ibsi_name, None,
-                                          reference.value, reference.tolerance, Outcome.NOT_COMPUTED))
+            rows.append(
+                FeatureComparison(
+                    mapping.pyradiomics,
+                    tag,
+                    mapping.ibsi_name,
+                    None,
+                    reference.value,
+                    reference.tolerance,
+                    Outcome.NOT_COMPUTED,
+                )
+            )
             continue
         value = raw + mapping.offset
         outcome = Outcome.MATCHED if matches(value, reference.value, reference.tolerance) else Outcome.OUT_OF_TOLERANCE
-        rows.append(FeatureComparison(mapping.pyradiomics, tag, mapping.ibsi_name, value,
-                                      reference.value, reference.tolerance, outcome))
+        rows.append(
+            FeatureComparison(
+                mapping.pyradiomics, tag, mapping.ibsi_name, value, reference.value, reference.tolerance, outcome
+            )
+        )
     return ConfigurationReport(configuration, method, tuple(rows))

@@ -24,33 +24,34 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import datetime
 from importlib import resources
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import jsonschema
 from jsonschema.exceptions import best_match
 
-from scoring.clinical import (
-    CLINICAL_FIELD_LEVELS,
-    NUMERIC_CLINICAL_FIELDS,
+from sclc_risk_node.scoring.clinical import (
     AGE_RANGE,
+    CLINICAL_FIELD_LEVELS,
     ECOG_RANGE,
+    NUMERIC_CLINICAL_FIELDS,
     ClinicalRecord,
 )
-from scoring.domain import ApplicabilityDomain, FeatureScale, transform_value
-from scoring.strict_json import loads_strict
-from scoring.errors import ClinicalRecordError, ModelFileError
-from scoring.types import ExtractionSettings, FeatureSpec, ModelIdentity, RingDefinition
+from sclc_risk_node.scoring.domain import ApplicabilityDomain, FeatureScale, transform_value
+from sclc_risk_node.scoring.errors import ClinicalRecordError, ModelFileError
+from sclc_risk_node.scoring.strict_json import loads_strict
+from sclc_risk_node.scoring.types import ExtractionSettings, FeatureSpec, ModelIdentity, RingDefinition
 
 #: The schema version this node writes (v2: applicability domain and feature transforms).
 SCHEMA_VERSION = 2
 #: The schema versions this node reads; v1 files have no domain and give `DOMAIN_UNKNOWN`.
 SUPPORTED_SCHEMA_VERSIONS = (1, 2)
-SCHEMA_PACKAGE = "sclc_risk_node_models"
+SCHEMA_PACKAGE = "sclc_risk_node.models"
 SCHEMA_FILENAME = "frozen-model.schema.json"
 HASH_KEY = "sha256"
 #: The name of the radiomics-score term in `RiskResult.integrated_terms`.
@@ -108,7 +109,7 @@ def _shipped_schema_text() -> str:
 
 
 def load_shipped_schema() -> dict[str, Any]:
-    """The JSON schema shipped in the ``sclc_risk_node_models`` package (a fresh copy)."""
+    """The JSON schema shipped in the ``sclc_risk_node.models`` package (a fresh copy)."""
     return json.loads(_shipped_schema_text())
 
 
@@ -340,12 +341,12 @@ class FrozenModel:
         return tuple(dict.fromkeys(covariate.field for covariate in self.clinical_covariates))
 
     @classmethod
-    def from_json(cls, text: str, schema: Mapping[str, Any] | None = None) -> "FrozenModel":
+    def from_json(cls, text: str, schema: Mapping[str, Any] | None = None) -> FrozenModel:
         """Parse and validate a model file's text.  ``schema`` defaults to the shipped one."""
         return cls.from_mapping(_load_json(text), schema=schema)
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> "FrozenModel":
+    def from_mapping(cls, mapping: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> FrozenModel:
         """Validate already-parsed model content (schema, seal, semantics) and build the model."""
         if not isinstance(mapping, Mapping):
             got = _JSON_TYPES.get(type(mapping), type(mapping).__name__)
@@ -392,8 +393,13 @@ def _produced_image_type_problem(image_type: str, extraction: Mapping[str, Any])
         return None if key in image_types else f"needs image type {key} enabled in extraction.image_types"
 
     simple = {
-        "original": "Original", "square": "Square", "squareroot": "SquareRoot", "logarithm": "Logarithm",
-        "exponential": "Exponential", "gradient": "Gradient", "lbp-2D": "LBP2D",
+        "original": "Original",
+        "square": "Square",
+        "squareroot": "SquareRoot",
+        "logarithm": "Logarithm",
+        "exponential": "Exponential",
+        "gradient": "Gradient",
+        "lbp-2D": "LBP2D",
     }
     if image_type in simple:
         return needs(simple[image_type])
@@ -461,7 +467,8 @@ def _domain_problems(data: Mapping[str, Any]) -> list[str]:
             problems.append("applicability_domain needs schema_version 2")
         problems += [
             f"radiomics.features[{index}]: transform needs schema_version 2"
-            for index, feature in enumerate(features) if "transform" in feature
+            for index, feature in enumerate(features)
+            if "transform" in feature
         ]
         return problems
     names = [_feature_spec(feature).name for feature in features]

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import SimpleITK as sitk
 
-from scoring.clinical import ClinicalRecord
-from scoring.crop import plan_crop
-from scoring.features import check_pyradiomics_version, extract_model_features
-from scoring.model import FrozenModel
-from scoring.ring import peritumoral_ring
-from scoring.risk import apply_model
-from scoring.types import ExtractionSettings, FeatureSpec, FeatureVector, RiskResult
+from sclc_risk_node.scoring.clinical import ClinicalRecord
+from sclc_risk_node.scoring.crop import plan_crop
+from sclc_risk_node.scoring.features import check_pyradiomics_version, extract_model_features
+from sclc_risk_node.scoring.model import FrozenModel
+from sclc_risk_node.scoring.ring import peritumoral_ring
+from sclc_risk_node.scoring.risk import apply_model
+from sclc_risk_node.scoring.types import ExtractionSettings, FeatureSpec, FeatureVector, RiskResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +50,7 @@ def score_volume_timed(
 ) -> tuple[RiskResult, StageSeconds]:
     """``score_volume`` and the time of each stage."""
     check_pyradiomics_version(model.extraction)
-    features, ring_s, extract_s = model_features_timed(
-        ct_image, tumour_mask, model.feature_specs, model.extraction
-    )
+    features, ring_s, extract_s = model_features_timed(ct_image, tumour_mask, model.feature_specs, model.extraction)
     started = time.perf_counter()
     result = apply_model(model, features, clinical)
     return result, StageSeconds(ring_s, extract_s, time.perf_counter() - started)

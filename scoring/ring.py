@@ -45,8 +45,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.spatial import cKDTree
 
-from scoring.errors import MaskError
-from scoring.types import RingDefinition
+from sclc_risk_node.scoring.errors import MaskError
+from sclc_risk_node.scoring.types import RingDefinition
 
 SIGNED_DISTANCE_MM = "signed-distance-mm"
 RING_METHODS = (SIGNED_DISTANCE_MM,)
@@ -106,9 +106,7 @@ def _tumour_array(tumour_mask: sitk.Image) -> np.ndarray:
         raise MaskError("tumour mask must have scalar pixels, got a vector image")
     pixel_type = tumour_mask.GetPixelIDValue()
     if pixel_type not in _INTEGER_PIXEL_TYPES:
-        raise MaskError(
-            f"tumour mask must have an integer pixel type, got {tumour_mask.GetPixelIDTypeAsString()}"
-        )
+        raise MaskError(f"tumour mask must have an integer pixel type, got {tumour_mask.GetPixelIDTypeAsString()}")
     spacing = tumour_mask.GetSpacing()
     if not all(math.isfinite(s) and s > 0 for s in spacing):
         raise MaskError(f"tumour mask spacing must be finite and positive, got {spacing}")
@@ -127,8 +125,14 @@ def _tumour_array(tumour_mask: sitk.Image) -> np.ndarray:
 
 
 _INTEGER_PIXEL_TYPES = {
-    sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
-    sitk.sitkUInt32, sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64,
+    sitk.sitkUInt8,
+    sitk.sitkInt8,
+    sitk.sitkUInt16,
+    sitk.sitkInt16,
+    sitk.sitkUInt32,
+    sitk.sitkInt32,
+    sitk.sitkUInt64,
+    sitk.sitkInt64,
 }
 
 
@@ -269,8 +273,13 @@ def _surface_function(tumour: np.ndarray, spacing_mm: np.ndarray) -> tuple[np.nd
     image = sitk.GetImageFromArray(level.astype(np.float32))
     image.SetSpacing([float(s) for s in spacing_mm[::-1]])
     smoothed = sitk.GetArrayFromImage(
-        sitk.DiscreteGaussian(image, variance=[s * s for s in sigmas[::-1]], maximumKernelWidth=64,
-                              maximumError=0.001, useImageSpacing=True)
+        sitk.DiscreteGaussian(
+            image,
+            variance=[s * s for s in sigmas[::-1]],
+            maximumKernelWidth=64,
+            maximumError=0.001,
+            useImageSpacing=True,
+        )
     ).astype(np.float64)
     if not (smoothed[occupied] < 0).any():
         # A tumour of a voxel or two has no staircase to smooth, and smoothing would erase it.
@@ -304,9 +313,7 @@ def _distance_to_nearest_mm(targets: np.ndarray, spacing_xyz: tuple[float, float
         return np.full(targets.shape, _FAR_MM)
     image = sitk.GetImageFromArray(targets.astype(np.uint8))
     image.SetSpacing(spacing_xyz)
-    distance = sitk.SignedMaurerDistanceMap(
-        image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
-    )
+    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
     return np.maximum(sitk.GetArrayFromImage(distance).astype(np.float64), 0.0)
 
 
@@ -499,9 +506,7 @@ def _across_slices(
 
 def _catmull_rom(p0: float, p1: float, p2: float, p3: float, t: float) -> float:
     """Cubic through p1 (t=0) and p2 (t=1) with tangents from the neighbours; exact for quadratics."""
-    return 0.5 * (
-        2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2 + (3 * p1 - p0 - 3 * p2 + p3) * t**3
-    )
+    return 0.5 * (2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2 + (3 * p1 - p0 - 3 * p2 + p3) * t**3)
 
 
 def _near_border(tumour: np.ndarray, spacing_mm: np.ndarray, reach_mm: float) -> np.ndarray:

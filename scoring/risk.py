@@ -19,10 +19,17 @@ from __future__ import annotations
 import math
 from types import MappingProxyType
 
-from scoring.clinical import ClinicalRecord
-from scoring.errors import FeatureExtractionError
-from scoring.model import RADIOMICS_SCORE_TERM, FrozenModel
-from scoring.types import DOMAIN_UNKNOWN, Applicability, FeatureVector, RiskGroup, RiskResult, TermContribution
+from sclc_risk_node.scoring.clinical import ClinicalRecord
+from sclc_risk_node.scoring.errors import FeatureExtractionError
+from sclc_risk_node.scoring.model import RADIOMICS_SCORE_TERM, FrozenModel
+from sclc_risk_node.scoring.types import (
+    DOMAIN_UNKNOWN,
+    Applicability,
+    FeatureVector,
+    RiskGroup,
+    RiskResult,
+    TermContribution,
+)
 
 #: Months at which the node reports the predicted progression-free probability.
 PFS_HORIZONS_MONTHS = (6, 12)

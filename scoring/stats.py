@@ -56,14 +56,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from scoring.errors import InputError
+from sclc_risk_node.scoring.errors import InputError
 
 __all__ = [
     "CoxCoefficient",
@@ -250,8 +250,15 @@ class CoxResult:
         """The JSON shape of ``sclc-node stats cox``."""
         return {
             "coefficients": {
-                name: {"coef": c.coef, "hr": c.hr, "ci_low": c.ci_low, "ci_high": c.ci_high,
-                       "se": c.se, "z": c.z, "p": c.p}
+                name: {
+                    "coef": c.coef,
+                    "hr": c.hr,
+                    "ci_low": c.ci_low,
+                    "ci_high": c.ci_high,
+                    "se": c.se,
+                    "z": c.z,
+                    "p": c.p,
+                }
                 for name, c in self.coefficients.items()
             },
             "concordance": self.concordance,
@@ -376,8 +383,11 @@ def cox_fit(df: pd.DataFrame, time: str, event: str, covariates: Sequence[str], 
             raise CoxFitError(f"covariate {c!r} is constant ({_show(x[0, j])}) in all {n} complete rows")
     centered = x - x.mean(axis=0)  # coefficients are shift-invariant; centring keeps exp() tame
     if np.linalg.matrix_rank(centered) < len(covariates):
-        raise CoxFitError("covariates are collinear: " + ", ".join(repr(c) for c in covariates)
-                          + " (one is a linear combination of the others)")
+        raise CoxFitError(
+            "covariates are collinear: "
+            + ", ".join(repr(c) for c in covariates)
+            + " (one is a linear combination of the others)"
+        )
 
     model = CoxPHSurvivalAnalysis(alpha=0.0, ties=ties, n_iter=100, tol=1e-9)
     with warnings.catch_warnings():
@@ -534,7 +544,9 @@ def logrank(df: pd.DataFrame, time: str, event: str, group: str) -> dict:
     indices = _group_indices(complete[group])
     if len(indices) < 2:
         only = indices[0][0]
-        raise SurvivalDataError(f"group column {group!r} has a single group ({only!r}); the log-rank test needs two or more")
+        raise SurvivalDataError(
+            f"group column {group!r} has a single group ({only!r}); the log-rank test needs two or more"
+        )
     codes = np.empty(len(times), dtype=int)
     for code, (_, index) in enumerate(indices):
         codes[index] = code
@@ -547,5 +559,9 @@ def logrank(df: pd.DataFrame, time: str, event: str, group: str) -> dict:
     per_group = {}
     for code, (label, _) in enumerate(indices):
         row = table.loc[code]
-        per_group[label] = {"n": int(row["counts"]), "observed": int(row["observed"]), "expected": float(row["expected"])}
+        per_group[label] = {
+            "n": int(row["counts"]),
+            "observed": int(row["observed"]),
+            "expected": float(row["expected"]),
+        }
     return {"chi2": float(chi2), "df": len(indices) - 1, "p": float(p), "groups": per_group, "n_dropped": n_dropped}

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 REGIONS = ("tumour", "ring")
 
@@ -73,7 +73,7 @@ class FeatureSpec:
         return f"{self.region}.{self.pyradiomics_key}"
 
     @classmethod
-    def from_name(cls, name: str) -> "FeatureSpec":
+    def from_name(cls, name: str) -> FeatureSpec:
         region, sep, key = name.partition(".")
         parts = key.split("_", 2)
         if not sep or len(parts) != 3:
@@ -97,9 +97,7 @@ class ExtractionSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
-        object.__setattr__(
-            self, "image_types", MappingProxyType({k: dict(v) for k, v in self.image_types.items()})
-        )
+        object.__setattr__(self, "image_types", MappingProxyType({k: dict(v) for k, v in self.image_types.items()}))
 
 
 @dataclass(frozen=True, slots=True)

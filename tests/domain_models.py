@@ -10,10 +10,11 @@ range), so a test knows the verdict and the reported bounds beforehand.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from scoring.model import FrozenModel, seal
-from sclc_risk_node_models import shipped_model_path
+from sclc_risk_node.models import shipped_model_path
+from sclc_risk_node.scoring.model import FrozenModel, seal
 
 DEMO_MODEL_FILENAME = "demo-integrated-cox-2.0.0.json"
 MARGIN_FRACTION = 0.1
@@ -26,9 +27,14 @@ def demo_content() -> dict[str, Any]:
 def _distribution(minimum: float, maximum: float) -> dict[str, Any]:
     width = maximum - minimum
     return {
-        "min": minimum, "max": maximum, "mean": minimum + width / 2, "sd": width / 4,
-        "quantiles": {key: minimum + width * q for key, q in
-                      (("p01", 0.01), ("p05", 0.05), ("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
+        "min": minimum,
+        "max": maximum,
+        "mean": minimum + width / 2,
+        "sd": width / 4,
+        "quantiles": {
+            key: minimum + width * q
+            for key, q in (("p01", 0.01), ("p05", 0.05), ("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+        },
     }
 
 
@@ -50,7 +56,8 @@ def demo_model_v2_content(
         full_name = f"{feature['region']}.{feature['image_type']}_{feature['feature_class']}_{feature['feature']}"
         value, sd = features[full_name], feature["sd"]
         domain_features[full_name] = (
-            _distribution(value + 3 * sd, value + 5 * sd) if full_name in outside
+            _distribution(value + 3 * sd, value + 5 * sd)
+            if full_name in outside
             else _distribution(value - 3 * sd, value + 3 * sd)
         )
     unknown = outside - set(domain_features)

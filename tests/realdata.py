@@ -37,8 +37,19 @@ def pyradiomics_case(case: str) -> tuple[Path, Path]:
     sdist = cache_dir() / SDIST_FILENAME
     if not sdist.exists():
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":none:", "-q",
-             "-d", str(cache_dir()), SDIST],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":none:",
+                "-q",
+                "-d",
+                str(cache_dir()),
+                SDIST,
+            ],
             check=True,
         )
     data_dir.mkdir(exist_ok=True)
@@ -58,7 +69,7 @@ def pyradiomics_case_as_dicom(case: str) -> tuple[Path, Path, Path, Path]:
 
     Returns (ct_dir, seg_path, image_nrrd, label_nrrd).
     """
-    from dicom_io.synthetic import SyntheticPatient, build_tumour_seg, write_ct_series
+    from sclc_risk_node.dicom_io.synthetic import SyntheticPatient, build_tumour_seg, write_ct_series
 
     image_path, label_path = pyradiomics_case(case)
     out = cache_dir() / f"{case}-dicom-v1"

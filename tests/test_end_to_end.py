@@ -23,8 +23,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_io.sr_writer import read_risk_sr
-from node.demo_study import DEMO_CLINICAL, write_demo_study
+from sclc_risk_node.dicom_io.sr_writer import read_risk_sr
+from sclc_risk_node.node.demo_study import DEMO_CLINICAL, write_demo_study
 from tests.node.dicom_tools import echoscu, storescu
 from tests.node.peers import free_port, peers, requires_orthanc, requires_storescp  # noqa: F401 (fixture)
 
@@ -38,8 +38,15 @@ SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 class NodeProcess:
     """`sclc-node serve --config FILE` in a subprocess, stopped by PID."""
 
-    def __init__(self, root: Path, *, orthanc_dicom_port: int, dicom_port: int | None = None,
-                 lease_s: float = 60, workers: int = 1):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        orthanc_dicom_port: int,
+        dicom_port: int | None = None,
+        lease_s: float = 60,
+        workers: int = 1,
+    ):
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.state = root / "state"
@@ -94,10 +101,10 @@ level = "INFO"
         )
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "NodeProcess":
+    def start(self) -> NodeProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)],
+                [sys.executable, "-m", "sclc_risk_node.node.cli", "serve", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -129,8 +136,19 @@ level = "INFO"
 
     def status(self) -> dict:
         proc = subprocess.run(
-            [sys.executable, "-m", "node.cli", "status", "--json", "--all", "--config", str(self.config_path)],
-            capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "sclc_risk_node.node.cli",
+                "status",
+                "--json",
+                "--all",
+                "--config",
+                str(self.config_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
@@ -192,8 +210,9 @@ def demo(tmp_path):
 @pytest.fixture
 def pacs_and_node(tmp_path, peers):
     node_dicom_port = free_port()
-    orthanc = peers.orthanc(tmp_path / "orthanc", ae_title=ORTHANC_AE,
-                            modalities={"NODE": (NODE_AE, "127.0.0.1", node_dicom_port)})
+    orthanc = peers.orthanc(
+        tmp_path / "orthanc", ae_title=ORTHANC_AE, modalities={"NODE": (NODE_AE, "127.0.0.1", node_dicom_port)}
+    )
     node = NodeProcess(tmp_path / "node", orthanc_dicom_port=orthanc.dicom_port, dicom_port=node_dicom_port)
     yield orthanc, node
     node.stop()
@@ -203,8 +222,10 @@ def push_to_pacs_and_route(orthanc, demo) -> str:
     """storescu -> Orthanc, then Orthanc -> node; returns Orthanc's study id."""
     sent = storescu("127.0.0.1", orthanc.dicom_port, [demo.ct_dir, demo.seg_path], called_ae=ORTHANC_AE)
     assert sent.ok, sent.output
-    [study_id] = orthanc.post("/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": DEMO_CLINICAL["study_instance_uid"]}})
-    orthanc.post(f"/modalities/NODE/store", {"Resources": [study_id], "Synchronous": True})
+    [study_id] = orthanc.post(
+        "/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": DEMO_CLINICAL["study_instance_uid"]}}
+    )
+    orthanc.post("/modalities/NODE/store", {"Resources": [study_id], "Synchronous": True})
     return study_id
 
 
@@ -233,9 +254,25 @@ def risk_sr_in_pacs(orthanc) -> list[str]:
 def reference_result(demo, tmp_path) -> dict:
     out = tmp_path / "reference.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "node.cli", "score", "--ct", str(demo.ct_dir), "--seg", str(demo.seg_path),
-         "--clinical", str(demo.clinical_path), "--out", str(tmp_path / "reference-sr.dcm"), "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "sclc_risk_node.node.cli",
+            "score",
+            "--ct",
+            str(demo.ct_dir),
+            "--seg",
+            str(demo.seg_path),
+            "--clinical",
+            str(demo.clinical_path),
+            "--out",
+            str(tmp_path / "reference-sr.dcm"),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(out.read_text())
@@ -265,8 +302,9 @@ def test_study_routed_by_pacs_comes_back_as_an_sr(pacs_and_node, demo, tmp_path)
     assert content.model.demonstration is True
     assert str(sr.SOPInstanceUID) == expected["sr_sop_instance_uid"]
 
-    study = wait_for(lambda: (s := node.study(study_uid)) and s["state"] == "delivered" and s, 30,
-                     "the study to be delivered", node)
+    study = wait_for(
+        lambda: (s := node.study(study_uid)) and s["state"] == "delivered" and s, 30, "the study to be delivered", node
+    )
     assert [d["state"] for d in study["deliveries"]] == ["delivered"] * NODE_OBJECTS_PER_STUDY
     sent = node_instances_in_pacs(orthanc)
     assert {modality: len(ids) for modality, ids in sent.items()} == {"SR": 2, "KO": 1, "DOC": 1, "OT": 1}
@@ -289,6 +327,7 @@ def test_pacs_down_sr_waits_then_is_delivered_once(pacs_and_node, demo):
     def delivery_failed_at_least_twice():
         study = node.study(study_uid)
         return study and study["deliveries"] and study["deliveries"][0]["attempts"] >= 2 and study
+
     study = wait_for(delivery_failed_at_least_twice, 120, "failed delivery attempts", node)
     assert study["state"] == "scored"
     assert study["deliveries"][0]["state"] != "delivered"
@@ -306,9 +345,22 @@ def test_kill9_while_receiving_then_resend_gives_one_sr(pacs_and_node, demo):
     node.start()
     study_uid = DEMO_CLINICAL["study_instance_uid"]
     sender = subprocess.Popen(
-        ["/usr/bin/storescu", "-R", "+sd", "+r", "-aet", "STORESCU", "-aec", NODE_AE,
-         "127.0.0.1", str(node.dicom_port), str(demo.ct_dir)],
-        env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "/usr/bin/storescu",
+            "-R",
+            "+sd",
+            "+r",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            NODE_AE,
+            "127.0.0.1",
+            str(node.dicom_port),
+            str(demo.ct_dir),
+        ],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     spool_files = lambda: [p for p in (node.state / "spool").rglob("*.dcm")]  # noqa: E731
     wait_for(lambda: len(spool_files()) >= 3, 30, "the first instances in the spool", node, interval_s=0.01)
@@ -327,10 +379,10 @@ def test_kill9_while_receiving_then_resend_gives_one_sr(pacs_and_node, demo):
 
 def test_kill9_while_scoring_gives_exactly_one_sr(tmp_path, peers, demo):
     node_dicom_port = free_port()
-    orthanc = peers.orthanc(tmp_path / "orthanc", ae_title=ORTHANC_AE,
-                            modalities={"NODE": (NODE_AE, "127.0.0.1", node_dicom_port)})
-    node = NodeProcess(tmp_path / "node", orthanc_dicom_port=orthanc.dicom_port, dicom_port=node_dicom_port,
-                       lease_s=3)
+    orthanc = peers.orthanc(
+        tmp_path / "orthanc", ae_title=ORTHANC_AE, modalities={"NODE": (NODE_AE, "127.0.0.1", node_dicom_port)}
+    )
+    node = NodeProcess(tmp_path / "node", orthanc_dicom_port=orthanc.dicom_port, dicom_port=node_dicom_port, lease_s=3)
     try:
         node.start()
         study_uid = DEMO_CLINICAL["study_instance_uid"]
@@ -338,16 +390,22 @@ def test_kill9_while_scoring_gives_exactly_one_sr(tmp_path, peers, demo):
         assert sent.ok, sent.output
         node.drop_clinical_record(DEMO_CLINICAL)
         wait_for(lambda: node.state_now(study_uid) == "scoring", 60, "scoring to start", node, interval_s=0.01)
-        workers = wait_for(lambda: worker_pids(node.process.pid), 30, "the scoring worker process", node,
-                           interval_s=0.01)
+        workers = wait_for(
+            lambda: worker_pids(node.process.pid), 30, "the scoring worker process", node, interval_s=0.01
+        )
         node.kill9()
         assert node.study(study_uid)["state"] == "scoring"
-        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30,
-                 "the orphaned scoring workers to exit", node)
+        wait_for(
+            lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers),
+            30,
+            "the orphaned scoring workers to exit",
+            node,
+        )
 
         node.start()
-        wait_for(lambda: (s := node.study(study_uid)) and s["state"] == "delivered", 120, "delivery after restart",
-                 node)
+        wait_for(
+            lambda: (s := node.study(study_uid)) and s["state"] == "delivered", 120, "delivery after restart", node
+        )
         time.sleep(2)
         srs = sr_instances_in_pacs(orthanc)
         assert len(srs) == SR_DOCUMENTS_PER_STUDY

@@ -17,12 +17,13 @@ import urllib.request
 import pydicom
 import pytest
 
-from node.clinical_files import load_clinical_file
-from node.demo_study import DEMO_CLINICAL
-from dicom_io.sr_writer import read_risk_sr
-from node.scoring_job import load_model_file, score_files
-from sclc_risk_node_models import shipped_model_path
-from tests.domain_models import DEMO_MODEL_FILENAME as V1_MODEL_FILENAME, demo_model_v2_json
+from sclc_risk_node.dicom_io.sr_writer import read_risk_sr
+from sclc_risk_node.models import shipped_model_path
+from sclc_risk_node.node.clinical_files import load_clinical_file
+from sclc_risk_node.node.demo_study import DEMO_CLINICAL
+from sclc_risk_node.node.scoring_job import load_model_file, score_files
+from tests.domain_models import DEMO_MODEL_FILENAME as V1_MODEL_FILENAME
+from tests.domain_models import demo_model_v2_json
 from tests.node.dicom_tools import storescu
 from tests.node.peers import free_port, peers, requires_orthanc, requires_storescp  # noqa: F401 (fixture)
 from tests.test_end_to_end import (
@@ -42,14 +43,22 @@ LAHGLE = "ring.wavelet-HHL_glszm_LargeAreaHighGrayLevelEmphasis"
 
 
 def test_out_of_domain_study_is_flagged_withheld_and_its_sr_reaches_orthanc(tmp_path, peers, demo):
-    base = score_files(demo.ct_dir, demo.seg_path, load_clinical_file(demo.clinical_path),
-                       load_model_file(shipped_model_path(V1_MODEL_FILENAME)))
+    base = score_files(
+        demo.ct_dir,
+        demo.seg_path,
+        load_clinical_file(demo.clinical_path),
+        load_model_file(shipped_model_path(V1_MODEL_FILENAME)),
+    )
     model_path = tmp_path / "narrow-model.json"
-    model_path.write_text(demo_model_v2_json(base.result.features.values, base.result.radiomics_score,
-                                             base.result.risk_score, outside=[LAHGLE]))
+    model_path.write_text(
+        demo_model_v2_json(
+            base.result.features.values, base.result.radiomics_score, base.result.risk_score, outside=[LAHGLE]
+        )
+    )
     node_dicom_port = free_port()
-    orthanc = peers.orthanc(tmp_path / "orthanc", ae_title=ORTHANC_AE,
-                            modalities={"NODE": (NODE_AE, "127.0.0.1", node_dicom_port)})
+    orthanc = peers.orthanc(
+        tmp_path / "orthanc", ae_title=ORTHANC_AE, modalities={"NODE": (NODE_AE, "127.0.0.1", node_dicom_port)}
+    )
     node = NodeProcess(tmp_path / "node", orthanc_dicom_port=orthanc.dicom_port, dicom_port=node_dicom_port)
     config = node.config_path.read_text()
     node.config_path.write_text(config.replace("[scoring]\n", f'[scoring]\nmodel_file = "{model_path}"\n', 1))
@@ -59,8 +68,9 @@ def test_out_of_domain_study_is_flagged_withheld_and_its_sr_reaches_orthanc(tmp_
         sent = storescu("127.0.0.1", node.dicom_port, [demo.ct_dir, demo.seg_path], called_ae=NODE_AE)
         assert sent.ok, sent.output
         node.drop_clinical_record(DEMO_CLINICAL)
-        study = wait_for(lambda: (s := node.study(study_uid)) and s["state"] == "delivered" and s, 180,
-                         "delivery", node)
+        study = wait_for(
+            lambda: (s := node.study(study_uid)) and s["state"] == "delivered" and s, 180, "delivery", node
+        )
         assert study["applicability"] == "out_of_domain" and study["withheld"] is True
 
         assert len(sr_instances_in_pacs(orthanc)) == 2  # the risk SR and the key-slice ROI SR
@@ -71,8 +81,12 @@ def test_out_of_domain_study_is_flagged_withheld_and_its_sr_reaches_orthanc(tmp_
         assert content.estimates_withheld is True and content.risk_group is None and not content.pfs_probability
         assert "outside the model's applicability domain" in content.summary
 
-        table = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(node.config_path)],
-                               capture_output=True, text=True, timeout=60)
+        table = subprocess.run(
+            [sys.executable, "-m", "sclc_risk_node.node.cli", "status", "--config", str(node.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert "applicability: OUTSIDE THE MODEL'S APPLICABILITY DOMAIN (risk group and PFS withheld)" in table.stdout
 
         with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/metrics", timeout=5) as response:
@@ -80,8 +94,11 @@ def test_out_of_domain_study_is_flagged_withheld_and_its_sr_reaches_orthanc(tmp_
         assert 'sclc_scored_studies_total{applicability="out_of_domain",withheld="true"} 1.0' in metrics
         assert 'sclc_scored_studies_total{applicability="in_domain",withheld="false"} 0.0' in metrics
 
-        events = [json.loads(line) for line in node.log_path.read_text().splitlines()
-                  if line.startswith("{") and "study_scored" in line]
+        events = [
+            json.loads(line)
+            for line in node.log_path.read_text().splitlines()
+            if line.startswith("{") and "study_scored" in line
+        ]
         [scored] = events
         assert scored["applicability"] == "out_of_domain" and scored["risk_group"] is None
         log = node.log_path.read_text()

@@ -19,9 +19,9 @@ import sys
 import pydicom
 import pytest
 
-from dicom_io.ct_series import read_ct_series
-from dicom_io.seg import read_tumour_segment
-from node.demo_study import DEMO_CLINICAL, DEMO_PATIENT
+from sclc_risk_node.dicom_io.ct_series import read_ct_series
+from sclc_risk_node.dicom_io.seg import read_tumour_segment
+from sclc_risk_node.node.demo_study import DEMO_CLINICAL, DEMO_PATIENT
 from tests.fhir_fixtures import MRN_SYSTEM, bundle, complete_set, patient
 from tests.node.dicom_tools import storescu
 from tests.node.fhir_server import RecordedFhirServer
@@ -72,8 +72,13 @@ retry_interval_s = 1
 
         def waiting_with_reason():
             study = node.study(study_uid)
-            return study and study["state"] == "waiting_for_clinical" and any(
-                "LOINC 89247-1" in w for w in study["waiting_for"]) and study
+            return (
+                study
+                and study["state"] == "waiting_for_clinical"
+                and any("LOINC 89247-1" in w for w in study["waiting_for"])
+                and study
+            )
+
         study = wait_for(waiting_with_reason, 60, "the FHIR waiting reason in status", node)
         assert study["instances"] == len(list(demo.ct_dir.iterdir())) + 1  # the CT and the RTSTRUCT
         [reason] = study["waiting_for"]
@@ -99,13 +104,34 @@ retry_interval_s = 1
     bundle_path = tmp_path / "bundle.json"
     bundle_path.write_text(json.dumps(bundle([patient("p1", DEMO_PATIENT.patient_id), *complete_set(STUDY_DATE)])))
     proc = subprocess.run(
-        [sys.executable, "-m", "node.cli", "score", "--ct", str(demo.ct_dir), "--rtstruct", str(rtstruct),
-         "--clinical", str(bundle_path), "--out", str(tmp_path / "reference-sr.dcm"), "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "sclc_risk_node.node.cli",
+            "score",
+            "--ct",
+            str(demo.ct_dir),
+            "--rtstruct",
+            str(rtstruct),
+            "--clinical",
+            str(bundle_path),
+            "--out",
+            str(tmp_path / "reference-sr.dcm"),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     expected = json.loads(out.read_text())
-    assert expected["tumour_source"] == {"kind": "RTSTRUCT", "sop_instance_uid": rtstruct_uid, "label": "GTVp", "number": 1}
+    assert expected["tumour_source"] == {
+        "kind": "RTSTRUCT",
+        "sop_instance_uid": rtstruct_uid,
+        "label": "GTVp",
+        "number": 1,
+    }
     assert expected["sr_sop_instance_uid"] == str(sr.SOPInstanceUID)
     study = wait_for(lambda: (s := node.study(study_uid)) and s["state"] == "delivered" and s, 60, "delivery", node)
     log = node.log_path.read_text()

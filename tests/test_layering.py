@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+NAMESPACE = "sclc_risk_node"
 FORBIDDEN = {
     "scoring": ("node", "dicom_io", "pynetdicom", "sqlite3"),
     "dicom_io": ("node", "pynetdicom", "sqlite3"),
@@ -25,21 +26,25 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
+def layer_of(module: str) -> str:
+    """`sclc_risk_node.scoring.model` -> `scoring`; third-party `sqlite3` -> `sqlite3`."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == NAMESPACE and len(parts) > 1 else parts[0]
+
+
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_lower_layers_do_not_import_upper_layers(package):
     offences = []
     for path in sorted((REPO / package).rglob("*.py")):
         for module in imported_modules(path):
-            if module.split(".")[0] in FORBIDDEN[package]:
+            if layer_of(module) in FORBIDDEN[package]:
                 offences.append(f"{path.relative_to(REPO)} imports {module}")
     assert offences == []
 
 
 def test_only_the_spool_imports_sqlite3():
     importers = sorted(
-        str(path.relative_to(REPO))
-        for path in (REPO / "node").rglob("*.py")
-        if "sqlite3" in imported_modules(path)
+        str(path.relative_to(REPO)) for path in (REPO / "node").rglob("*.py") if "sqlite3" in imported_modules(path)
     )
     assert importers in ([], ["node/spool.py"])
 
@@ -50,8 +55,23 @@ def test_every_python_package_is_installed():
 
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {
-        ".".join(init.parent.relative_to(REPO).parts)
+        ".".join((NAMESPACE, *init.parent.relative_to(REPO).parts))
         for top in ("node", "dicom_io", "scoring")
         for init in (REPO / top).rglob("__init__.py")
     }
     assert on_disk <= listed, f"add to pyproject [tool.setuptools] packages: {sorted(on_disk - listed)}"
+
+
+def test_code_imports_its_own_packages_only_through_the_namespace():
+    """A bare `import node` resolves only from the repository root and could pick up another
+    distribution's `node`; installed, the folders exist only as sclc_risk_node.node etc."""
+    bare = ("node", "dicom_io", "scoring", "models", "config")
+    offences = []
+    for top in ("node", "dicom_io", "scoring", "tests", "benchmarks", "models", "config"):
+        for path in sorted((REPO / top).rglob("*.py")):
+            offences += [
+                f"{path.relative_to(REPO)} imports {module}"
+                for module in imported_modules(path)
+                if module.split(".")[0] in bare
+            ]
+    assert offences == []

@@ -13,11 +13,11 @@ import radiomics
 import SimpleITK as sitk
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
-from dicom_io.ct_series import read_ct_series
-from dicom_io.seg import read_tumour_segment
-from scoring.features import extract_model_features
-from scoring.ring import peritumoral_ring
-from scoring.types import ExtractionSettings, FeatureSpec, RingDefinition
+from sclc_risk_node.dicom_io.ct_series import read_ct_series
+from sclc_risk_node.dicom_io.seg import read_tumour_segment
+from sclc_risk_node.scoring.features import extract_model_features
+from sclc_risk_node.scoring.ring import peritumoral_ring
+from sclc_risk_node.scoring.types import ExtractionSettings, FeatureSpec, RingDefinition
 from tests.realdata import pyradiomics_case_as_dicom
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import pytest
 
-from node.scoring_job import DEMO_MODEL_FILENAME, default_model_path, load_model_file, result_as_json, score_files
-from scoring.clinical import clinical_record_from_mapping
-from scoring.types import DomainStatus
+from sclc_risk_node.node.scoring_job import (
+    DEMO_MODEL_FILENAME,
+    default_model_path,
+    load_model_file,
+    result_as_json,
+    score_files,
+)
+from sclc_risk_node.scoring.clinical import clinical_record_from_mapping
+from sclc_risk_node.scoring.types import DomainStatus
 from tests.realdata import pyradiomics_case_as_dicom
 
 pytestmark = pytest.mark.slow

@@ -13,19 +13,18 @@ import pytest
 import SimpleITK as sitk
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
-from node.scoring_job import result_as_json, score_files
-from scoring.clinical import clinical_record_from_mapping
-from scoring.ring import peritumoral_ring
-from scoring.risk import apply_model
-from scoring.types import DomainStatus, FeatureSpec
+from sclc_risk_node.node.scoring_job import result_as_json, score_files
+from sclc_risk_node.scoring.clinical import clinical_record_from_mapping
+from sclc_risk_node.scoring.ring import peritumoral_ring
+from sclc_risk_node.scoring.risk import apply_model
+from sclc_risk_node.scoring.types import DomainStatus, FeatureSpec
 from tests.domain_models import demo_content, demo_model_v2, expected_outside_bounds
 from tests.realdata import pyradiomics_case_as_dicom
 
 pytestmark = pytest.mark.slow
 
 LAHGLE = "ring.wavelet-HHL_glszm_LargeAreaHighGrayLevelEmphasis"
-CLINICAL = {"patient_id": "PYRAD-lung1", "t_stage": "T3", "n_stage": "N2", "m_stage": "M1c", "ecog": 1,
-            "lipi": "good"}
+CLINICAL = {"patient_id": "PYRAD-lung1", "t_stage": "T3", "n_stage": "N2", "m_stage": "M1c", "ecog": 1, "lipi": "good"}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +42,10 @@ def reference(lung1):
     extractor.disableAllImageTypes()
     extractor.enableImageTypes(**extraction["image_types"])
     extractor.disableAllFeatures()
-    specs = [FeatureSpec(f["region"], f["image_type"], f["feature_class"], f["feature"])
-             for f in content["radiomics"]["features"]]
+    specs = [
+        FeatureSpec(f["region"], f["image_type"], f["feature_class"], f["feature"])
+        for f in content["radiomics"]["features"]
+    ]
     extractor.enableFeaturesByName(**{spec.feature_class: [] for spec in specs})
     image, label = sitk.ReadImage(str(image_path)), sitk.Cast(sitk.ReadImage(str(label_path)), sitk.sitkUInt8)
     ring = peritumoral_ring(label, _ring(extraction))
@@ -53,7 +54,7 @@ def reference(lung1):
 
 
 def _ring(extraction):
-    from scoring.types import RingDefinition
+    from sclc_risk_node.scoring.types import RingDefinition
 
     ring = extraction["ring"]
     return RingDefinition(ring["outward_mm"], ring["inward_mm"], ring["method"])
@@ -62,9 +63,9 @@ def _ring(extraction):
 @pytest.fixture(scope="module")
 def reference_scores(reference):
     """Radiomics and risk score from the reference features (the v1 model's arithmetic)."""
-    from scoring.model import FrozenModel
-    from scoring.types import FeatureVector
-    from sclc_risk_node_models import shipped_model_path
+    from sclc_risk_node.models import shipped_model_path
+    from sclc_risk_node.scoring.model import FrozenModel
+    from sclc_risk_node.scoring.types import FeatureVector
 
     shipped = FrozenModel.from_json(shipped_model_path("demo-integrated-cox-2.0.0.json").read_text())
     result = apply_model(shipped, FeatureVector(reference), clinical_record_from_mapping(CLINICAL))

@@ -97,11 +97,15 @@ def chest_ct_phantom(
     the slice averaging).  ``axis_ratios`` elongate it before lobulation.
     """
     if not (radius_mm > 0 and texture_hu >= 0 and halo_hu >= 0 and halo_mm > 0):
-        raise ValueError(f"chest_ct_phantom: radius_mm {radius_mm}, texture_hu {texture_hu}, halo_hu {halo_hu}, "
-                         f"halo_mm {halo_mm} (allowed: radius, halo_mm > 0; texture, halo >= 0)")
+        raise ValueError(
+            f"chest_ct_phantom: radius_mm {radius_mm}, texture_hu {texture_hu}, halo_hu {halo_hu}, "
+            f"halo_mm {halo_mm} (allowed: radius, halo_mm > 0; texture, halo >= 0)"
+        )
     rng = np.random.default_rng(seed)
     spacing_xy = float(np.round(rng.uniform(*IN_PLANE_SPACING_RANGE_MM), 4))
-    thickness = float(rng.choice(SLICE_THICKNESSES_MM, p=np.array(SLICE_THICKNESS_WEIGHTS) / sum(SLICE_THICKNESS_WEIGHTS)))
+    thickness = float(
+        rng.choice(SLICE_THICKNESSES_MM, p=np.array(SLICE_THICKNESS_WEIGHTS) / sum(SLICE_THICKNESS_WEIGHTS))
+    )
     # Thicker slices average more photons: less noise at the same dose and kernel.
     noise_sd = float(np.clip(rng.uniform(16.0, 36.0) * math.sqrt(2.0 / thickness), *NOISE_SD_RANGE_HU))
     fat_mm = rng.uniform(6.0, 22.0)
@@ -118,10 +122,16 @@ def chest_ct_phantom(
     nx = int(math.ceil(2 * half_xy / spacing_xy))
     n_slices = int(math.ceil(2 * half_z / thickness))
     nz_fine = n_slices * sub
-    origin = (centre[0] - (nx - 1) / 2 * spacing_xy, centre[1] - (nx - 1) / 2 * spacing_xy,
-              centre[2] - n_slices * thickness / 2 + fine_z / 2)
-    axes = [origin[0] + np.arange(nx) * spacing_xy, origin[1] + np.arange(nx) * spacing_xy,
-            origin[2] + np.arange(nz_fine) * fine_z]
+    origin = (
+        centre[0] - (nx - 1) / 2 * spacing_xy,
+        centre[1] - (nx - 1) / 2 * spacing_xy,
+        centre[2] - n_slices * thickness / 2 + fine_z / 2,
+    )
+    axes = [
+        origin[0] + np.arange(nx) * spacing_xy,
+        origin[1] + np.arange(nx) * spacing_xy,
+        origin[2] + np.arange(nz_fine) * fine_z,
+    ]
     grid = _Grid(axes, (spacing_xy, spacing_xy, fine_z))
 
     hu, lung = _anatomy(grid, rng, fat_mm)
@@ -143,9 +153,16 @@ def chest_ct_phantom(
     mask_image.CopyInformation(image)
     volume_ml = float(mask.sum()) * spacing_xy * spacing_xy * thickness / 1000.0
     layout = ChestPhantomLayout(
-        location=location, side=side, centre_mm=tuple(float(c) for c in centre),
-        in_plane_spacing_mm=spacing_xy, slice_thickness_mm=thickness, noise_sd_hu=noise_sd,
-        necrosis_hu=necrosis_hu, part_solid_rim_hu=rim_hu, tumour_volume_ml=volume_ml, size=(nx, nx, n_slices),
+        location=location,
+        side=side,
+        centre_mm=tuple(float(c) for c in centre),
+        in_plane_spacing_mm=spacing_xy,
+        slice_thickness_mm=thickness,
+        noise_sd_hu=noise_sd,
+        necrosis_hu=necrosis_hu,
+        part_solid_rim_hu=rim_hu,
+        tumour_volume_ml=volume_ml,
+        size=(nx, nx, n_slices),
     )
     return image, mask_image, layout
 
@@ -224,8 +241,13 @@ def _anatomy(grid: _Grid, rng, fat_mm: float) -> tuple[np.ndarray, np.ndarray]:
     rib_phase = np.mod(z + 12.0 * (y / ay) + rng.uniform(0, 25.0), 25.0)
     in_rib_layer = (depth >= fat_mm + muscle_mm) & (depth < fat_mm + muscle_mm + rib_mm)
     rib = in_rib_layer & (np.broadcast_to(rib_phase, grid.shape) < 11.0)
-    rib_core = rib & (np.broadcast_to(rib_phase, grid.shape) > 2.0) & (np.broadcast_to(rib_phase, grid.shape) < 9.0) \
-        & (depth > fat_mm + muscle_mm + 2.0) & (depth < fat_mm + muscle_mm + rib_mm - 2.0)
+    rib_core = (
+        rib
+        & (np.broadcast_to(rib_phase, grid.shape) > 2.0)
+        & (np.broadcast_to(rib_phase, grid.shape) < 9.0)
+        & (depth > fat_mm + muscle_mm + 2.0)
+        & (depth < fat_mm + muscle_mm + rib_mm - 2.0)
+    )
     hu[rib] = _CORTEX_HU
     hu[rib_core] = _MARROW_HU
     cavity = depth >= fat_mm + muscle_mm + rib_mm
@@ -237,23 +259,25 @@ def _anatomy(grid: _Grid, rng, fat_mm: float) -> tuple[np.ndarray, np.ndarray]:
     lung = cavity & ~mediastinum & ~spine & ~paravertebral
     gravity = 35.0 * np.clip(y / 90.0, -1, 1)  # posterior (dependent) lung is denser
     spacing_zyx = np.array(grid.spacing[::-1])
-    parenchyma = _smooth_field(rng, grid.shape, _PARENCHYMA_TEXTURE_MM / spacing_zyx) * rng.uniform(*_PARENCHYMA_TEXTURE_HU)
+    parenchyma = _smooth_field(rng, grid.shape, _PARENCHYMA_TEXTURE_MM / spacing_zyx) * rng.uniform(
+        *_PARENCHYMA_TEXTURE_HU
+    )
     hu[lung] = (_LUNG_HU + np.broadcast_to(gravity, grid.shape) + parenchyma)[lung]
     hu[mediastinum | paravertebral] = -90.0
     hu[spine & cavity] = _VERTEBRA_HU
     # Mediastinal contents (vertical cylinders and the heart below the carina), blood ~40 HU.
     vessels = [  # (x, y, radius, z from, z to)
-        (12.0, -20.0, 15.0, -40.0, 200.0),   # ascending aorta
-        (18.0, 45.0, 12.0, -200.0, 200.0),   # descending aorta
+        (12.0, -20.0, 15.0, -40.0, 200.0),  # ascending aorta
+        (18.0, 45.0, 12.0, -200.0, 200.0),  # descending aorta
         (-22.0, -12.0, 10.0, -10.0, 200.0),  # superior vena cava
-        (10.0, 8.0, 13.0, -30.0, 10.0),      # pulmonary trunk
+        (10.0, 8.0, 13.0, -30.0, 10.0),  # pulmonary trunk
     ]
     for vx, vy, vr, z0, z1 in vessels:
         tube = ((x - vx) ** 2 + (y - vy) ** 2 < vr**2) & (z > z0) & (z < z1)
         hu[np.broadcast_to(tube, grid.shape) & cavity] = _BLOOD_HU
     heart = (((x - 15.0) / 55.0) ** 2 + ((y + 25.0) / 40.0) ** 2 + ((z + 70.0) / 45.0) ** 2) < 1.0
     hu[np.broadcast_to(heart, grid.shape) & cavity & ~spine] = _BLOOD_HU
-    trachea_r = ((x - 0.0) ** 2 + (y - 20.0) ** 2)
+    trachea_r = (x - 0.0) ** 2 + (y - 20.0) ** 2
     above_carina = z > 20.0
     hu[np.broadcast_to((trachea_r < 10.0**2) & above_carina, grid.shape) & cavity] = 20.0
     hu[np.broadcast_to((trachea_r < 8.0**2) & above_carina, grid.shape) & cavity] = _AIR_HU

@@ -32,22 +32,24 @@ import csv
 import io
 import math
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Iterator, Mapping
 
 import pandas as pd
 
-from node.errors import NodeError
-from scoring.clinical import (
+from sclc_risk_node.node.errors import NodeError
+from sclc_risk_node.scoring.clinical import (
     ACCEPTED_FIELDS as CLINICAL_FIELDS,
+)
+from sclc_risk_node.scoring.clinical import (
     IDENTIFIER_FIELDS,
     ClinicalRecord,
     clinical_record_from_mapping,
 )
-from scoring.errors import ClinicalRecordError, InputError
-from scoring.types import FeatureSpec
+from sclc_risk_node.scoring.errors import ClinicalRecordError, InputError
+from sclc_risk_node.scoring.types import FeatureSpec
 
 OUTCOME_COLUMNS = ("pfs_months", "pfs_event", "os_months", "os_event")
 IMAGE_COLUMNS = ("ct", "seg")
@@ -162,15 +164,26 @@ class Cohort:
         rows = []
         for p in self.patients:
             c = p.clinical
-            rows.append({
-                "id": p.id, "split": p.split,
-                "pfs_months": p.pfs_months, "pfs_event": p.pfs_event,
-                "os_months": p.os_months, "os_event": p.os_event,
-                "t_stage": c.t_stage, "n_stage": c.n_stage, "m_stage": c.m_stage,
-                "overall_stage": c.overall_stage, "ecog": c.ecog, "lipi": int(c.lipi),
-                "age": c.age, "sex": c.sex,
-                "brain_metastases": c.brain_metastases, "liver_metastases": c.liver_metastases,
-            })
+            rows.append(
+                {
+                    "id": p.id,
+                    "split": p.split,
+                    "pfs_months": p.pfs_months,
+                    "pfs_event": p.pfs_event,
+                    "os_months": p.os_months,
+                    "os_event": p.os_event,
+                    "t_stage": c.t_stage,
+                    "n_stage": c.n_stage,
+                    "m_stage": c.m_stage,
+                    "overall_stage": c.overall_stage,
+                    "ecog": c.ecog,
+                    "lipi": int(c.lipi),
+                    "age": c.age,
+                    "sex": c.sex,
+                    "brain_metastases": c.brain_metastases,
+                    "liver_metastases": c.liver_metastases,
+                }
+            )
         return pd.DataFrame(rows).set_index("id")
 
 
@@ -319,9 +332,16 @@ def _parse_row(
     if problems:
         return None
     return CohortPatient(
-        id=patient_id, split=split, row=line,
-        pfs_months=pfs_months, pfs_event=pfs_event, os_months=os_months, os_event=os_event,
-        clinical=clinical, images=images, features=features,
+        id=patient_id,
+        split=split,
+        row=line,
+        pfs_months=pfs_months,
+        pfs_event=pfs_event,
+        os_months=os_months,
+        os_event=os_event,
+        clinical=clinical,
+        images=images,
+        features=features,
     )
 
 

@@ -60,11 +60,11 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -72,15 +72,15 @@ import SimpleITK as sitk
 from radiomics import getFeatureClasses
 from tqdm import tqdm
 
-from dicom_io.ct_series import read_ct_series
-from dicom_io.seg import read_tumour_segment
-from node.errors import NodeError
-from node.training.cohort import Cohort, ImageInputs
-from scoring.errors import InputError, MaskError
-from scoring.features import check_pyradiomics_version, extract_all_features, settings_hash
-from scoring.ring import peritumoral_ring
-from scoring.types import REGIONS, ExtractionSettings, RingDefinition
-from node.files import write_atomically
+from sclc_risk_node.dicom_io.ct_series import read_ct_series
+from sclc_risk_node.dicom_io.seg import read_tumour_segment
+from sclc_risk_node.node.errors import NodeError
+from sclc_risk_node.node.files import write_atomically
+from sclc_risk_node.node.training.cohort import Cohort, ImageInputs
+from sclc_risk_node.scoring.errors import InputError, MaskError
+from sclc_risk_node.scoring.features import check_pyradiomics_version, extract_all_features, settings_hash
+from sclc_risk_node.scoring.ring import peritumoral_ring
+from sclc_risk_node.scoring.types import REGIONS, ExtractionSettings, RingDefinition
 
 CACHE_FORMAT = 1
 DEFAULT_REGIONS = ("tumour", "ring")
@@ -115,7 +115,9 @@ class Perturbation:
 
     def __post_init__(self) -> None:
         if self.kind not in PERTURBATION_KINDS:
-            raise ExtractionError(f"perturbation: {self.kind!r} is not allowed (allowed: {', '.join(PERTURBATION_KINDS)})")
+            raise ExtractionError(
+                f"perturbation: {self.kind!r} is not allowed (allowed: {', '.join(PERTURBATION_KINDS)})"
+            )
 
     def as_mapping(self) -> dict[str, object]:
         if self.kind == "noise":
@@ -125,13 +127,18 @@ class Perturbation:
         return {"kind": self.kind, "radius_voxels": 1, "structuring_element": "ball"}
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, object]) -> "Perturbation":
-        return cls(kind=str(mapping["kind"]), noise_sd_hu=float(mapping.get("noise_sd_hu", 0.0)),
-                   shift_voxels=float(mapping.get("shift_voxels", 0.0)), seed=int(mapping.get("seed", 0)))
+    def from_mapping(cls, mapping: Mapping[str, object]) -> Perturbation:
+        return cls(
+            kind=str(mapping["kind"]),
+            noise_sd_hu=float(mapping.get("noise_sd_hu", 0.0)),
+            shift_voxels=float(mapping.get("shift_voxels", 0.0)),
+            seed=int(mapping.get("seed", 0)),
+        )
 
 
-def perturb_inputs(image: sitk.Image, tumour: sitk.Image, perturbation: Perturbation,
-                   patient_id: str) -> tuple[sitk.Image, sitk.Image]:
+def perturb_inputs(
+    image: sitk.Image, tumour: sitk.Image, perturbation: Perturbation, patient_id: str
+) -> tuple[sitk.Image, sitk.Image]:
     """The CT and tumour mask under ``perturbation`` (module docstring); ``MaskError`` if no tumour is left."""
     kind = perturbation.kind
     if kind in ("dilation", "erosion"):
@@ -144,7 +151,9 @@ def perturb_inputs(image: sitk.Image, tumour: sitk.Image, perturbation: Perturba
         digest = hashlib.sha256(patient_id.encode("utf-8")).digest()
         rng = np.random.default_rng([perturbation.seed, int.from_bytes(digest[:8], "little")])
         values = sitk.GetArrayFromImage(image).astype(np.float32)
-        noisy = sitk.GetImageFromArray(values + rng.normal(0.0, perturbation.noise_sd_hu, values.shape).astype(np.float32))
+        noisy = sitk.GetImageFromArray(
+            values + rng.normal(0.0, perturbation.noise_sd_hu, values.shape).astype(np.float32)
+        )
         noisy.CopyInformation(image)
         return noisy, tumour
     # shift: sample both on the grid moved by a fraction of a voxel along every axis (physical space)
@@ -155,10 +164,12 @@ def perturb_inputs(image: sitk.Image, tumour: sitk.Image, perturbation: Perturba
     reference.SetDirection(image.GetDirection())
     reference.SetOrigin(tuple(np.array(image.GetOrigin()) + offset))
     air = float(sitk.GetArrayViewFromImage(image).min())
-    shifted = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear, air,
-                            sitk.sitkFloat32)
-    fraction = sitk.Resample(sitk.Cast(tumour, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear, 0.0,
-                             sitk.sitkFloat32)
+    shifted = sitk.Resample(
+        sitk.Cast(image, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear, air, sitk.sitkFloat32
+    )
+    fraction = sitk.Resample(
+        sitk.Cast(tumour, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
     mask = sitk.Cast(sitk.BinaryThreshold(fraction, 0.5, 1e9, 1, 0), sitk.sitkUInt8)
     if not sitk.GetArrayViewFromImage(mask).any():
         raise MaskError("the shifted mask has no tumour voxel")
@@ -213,8 +224,17 @@ def extract_cohort_features(
     ``workers`` is ignored.  A patient that fails is listed in ``failures``
     with a one-line reason and the run goes on.
     """
-    return _extract(cohort, settings, [perturbation], feature_classes=feature_classes, regions=regions,
-                    cache_dir=cache_dir, scheduler=scheduler, workers=workers, progress=progress)[0]
+    return _extract(
+        cohort,
+        settings,
+        [perturbation],
+        feature_classes=feature_classes,
+        regions=regions,
+        cache_dir=cache_dir,
+        scheduler=scheduler,
+        workers=workers,
+        progress=progress,
+    )[0]
 
 
 def extract_perturbed_features(
@@ -239,14 +259,32 @@ def extract_perturbed_features(
     kinds = [p.kind for p in perturbations]
     if len(set(kinds)) != len(kinds):
         raise ExtractionError(f"perturbations: {kinds!r} repeats a kind (allowed: each kind once)")
-    results = _extract(patients, settings, list(perturbations), feature_classes=feature_classes, regions=regions,
-                       cache_dir=cache_dir, scheduler=scheduler, workers=workers, progress=progress)
+    results = _extract(
+        patients,
+        settings,
+        list(perturbations),
+        feature_classes=feature_classes,
+        regions=regions,
+        cache_dir=cache_dir,
+        scheduler=scheduler,
+        workers=workers,
+        progress=progress,
+    )
     return dict(zip(kinds, results))
 
 
-def _extract(cohort, settings: ExtractionSettings, perturbations: list[Perturbation | None], *, feature_classes,
-             regions, cache_dir: Path, scheduler: str | None, workers: int | None,
-             progress: bool) -> list[ExtractionResult]:
+def _extract(
+    cohort,
+    settings: ExtractionSettings,
+    perturbations: list[Perturbation | None],
+    *,
+    feature_classes,
+    regions,
+    cache_dir: Path,
+    scheduler: str | None,
+    workers: int | None,
+    progress: bool,
+) -> list[ExtractionResult]:
     check_pyradiomics_version(settings)
     regions = _canonical_regions(regions)
     classes = _canonical_feature_classes(feature_classes)
@@ -263,8 +301,10 @@ def _extract(cohort, settings: ExtractionSettings, perturbations: list[Perturbat
         cached: list
         computed: list
 
-    runs = [_Run(_Cache(Path(cache_dir), settings, classes, regions, perturbation), {}, {}, [], [], [])
-            for perturbation in perturbations]
+    runs = [
+        _Run(_Cache(Path(cache_dir), settings, classes, regions, perturbation), {}, {}, [], [], [])
+        for perturbation in perturbations
+    ]
     tasks = []
     for number, (perturbation, run) in enumerate(zip(perturbations, runs)):
         plain_perturbation = perturbation.as_mapping() if perturbation is not None else None
@@ -284,15 +324,30 @@ def _extract(cohort, settings: ExtractionSettings, perturbations: list[Perturbat
                 run.found[patient.id] = hit
                 run.cached.append(patient.id)
             else:
-                tasks.append(_Task(patient.id, patient.images, fingerprint, plain_settings, classes, regions,
-                                   plain_perturbation, number))
+                tasks.append(
+                    _Task(
+                        patient.id,
+                        patient.images,
+                        fingerprint,
+                        plain_settings,
+                        classes,
+                        regions,
+                        plain_perturbation,
+                        number,
+                    )
+                )
 
     named = [p.kind for p in perturbations if p is not None]
     description = "extracting features" + (f" ({', '.join(named)})" if named else "")
     cached_total = sum(len(run.cached) for run in runs)
-    with tqdm(total=len(tasks) + cached_total, initial=cached_total, desc=description,
-              unit="extraction" if named else "patient",
-              file=sys.stderr, disable=not progress) as bar:
+    with tqdm(
+        total=len(tasks) + cached_total,
+        initial=cached_total,
+        desc=description,
+        unit="extraction" if named else "patient",
+        file=sys.stderr,
+        disable=not progress,
+    ) as bar:
         stream = _run_on_dask(tasks, scheduler) if scheduler else _run_locally(tasks, workers)
         failed = 0
         for outcome in stream:
@@ -314,13 +369,15 @@ def _extract(cohort, settings: ExtractionSettings, perturbations: list[Perturbat
         kept = [pid for pid in order if pid in run.found]
         # Not DataFrame.from_dict: with rows of different columns it puts rows out of order.
         frame = pd.DataFrame([run.found[pid] for pid in kept], index=pd.Index(kept, name="id"), dtype=float)
-        results.append(ExtractionResult(
-            features=frame,
-            failures=tuple(ExtractionFailure(pid, run.failures[pid]) for pid in order if pid in run.failures),
-            computed=tuple(pid for pid in order if pid in computed_ids),
-            cached=tuple(run.cached),
-            precomputed=tuple(run.precomputed),
-        ))
+        results.append(
+            ExtractionResult(
+                features=frame,
+                failures=tuple(ExtractionFailure(pid, run.failures[pid]) for pid in order if pid in run.failures),
+                computed=tuple(pid for pid in order if pid in computed_ids),
+                cached=tuple(run.cached),
+                precomputed=tuple(run.precomputed),
+            )
+        )
     return results
 
 
@@ -453,7 +510,9 @@ def _canonical_regions(regions: Sequence[str]) -> tuple[str, ...]:
         regions = (regions,)
     unknown = [r for r in regions if r not in REGIONS]
     if unknown or not regions:
-        raise ExtractionError(f"regions: {list(regions)!r} is not allowed (allowed: one or more of {', '.join(REGIONS)})")
+        raise ExtractionError(
+            f"regions: {list(regions)!r} is not allowed (allowed: one or more of {', '.join(REGIONS)})"
+        )
     return tuple(r for r in REGIONS if r in regions)
 
 
@@ -476,7 +535,9 @@ def _worker_count(workers: int | None) -> int:
     if workers is None:
         return os.cpu_count() or 1
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ExtractionError(f"workers: {workers!r} is not allowed (allowed: an integer >= 1, or None for the CPU count)")
+        raise ExtractionError(
+            f"workers: {workers!r} is not allowed (allowed: an integer >= 1, or None for the CPU count)"
+        )
     return workers
 
 
@@ -485,8 +546,9 @@ def _worker_count(workers: int | None) -> int:
 
 
 class _Cache:
-    def __init__(self, root: Path, settings: ExtractionSettings, classes, regions,
-                 perturbation: Perturbation | None = None) -> None:
+    def __init__(
+        self, root: Path, settings: ExtractionSettings, classes, regions, perturbation: Perturbation | None = None
+    ) -> None:
         self.config = {
             "format": CACHE_FORMAT,
             "settings_sha256": settings_hash(settings),
@@ -521,14 +583,14 @@ class _Cache:
             return None
         return {name: math.nan if value is None else float(value) for name, value in document["features"].items()}
 
-    def store(self, outcome: "_Outcome") -> None:
+    def store(self, outcome: _Outcome) -> None:
         document = {
             "format": CACHE_FORMAT,
             "patient_id": outcome.patient_id,
             "config": self.config,
             "inputs": outcome.fingerprint,
             "seconds": round(outcome.seconds, 3),
-            "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
             # JSON has no NaN; null stands for "pyradiomics could not compute it".
             "features": {k: (None if math.isnan(v) else v) for k, v in outcome.features.items()},
         }
@@ -582,8 +644,11 @@ def _plain_settings(settings: ExtractionSettings) -> dict[str, object]:
         "pyradiomics_version": settings.pyradiomics_version,
         "settings": dict(settings.settings),
         "image_types": {name: dict(custom) for name, custom in settings.image_types.items()},
-        "ring": {"outward_mm": settings.ring.outward_mm, "inward_mm": settings.ring.inward_mm,
-                 "method": settings.ring.method},
+        "ring": {
+            "outward_mm": settings.ring.outward_mm,
+            "inward_mm": settings.ring.inward_mm,
+            "method": settings.ring.method,
+        },
     }
 
 
@@ -602,18 +667,22 @@ def _extract_task(task: _Task) -> _Outcome:
     start = time.perf_counter()
     try:
         features = extract_patient_features(
-            task.images, _settings_from_plain(task.settings),
-            feature_classes=task.feature_classes, regions=task.regions,
+            task.images,
+            _settings_from_plain(task.settings),
+            feature_classes=task.feature_classes,
+            regions=task.regions,
             perturbation=Perturbation.from_mapping(task.perturbation) if task.perturbation else None,
             patient_id=task.patient_id,
         )
     except InputError as exc:
         return _Outcome(task.patient_id, task.fingerprint, reason=_one_line(str(exc)), run=task.run)
     except Exception as exc:  # a bug or a resource problem must not end the cohort's run either
-        return _Outcome(task.patient_id, task.fingerprint, reason=_one_line(f"{type(exc).__name__}: {exc}"),
-                        run=task.run)
-    return _Outcome(task.patient_id, task.fingerprint, features=features, seconds=time.perf_counter() - start,
-                    run=task.run)
+        return _Outcome(
+            task.patient_id, task.fingerprint, reason=_one_line(f"{type(exc).__name__}: {exc}"), run=task.run
+        )
+    return _Outcome(
+        task.patient_id, task.fingerprint, features=features, seconds=time.perf_counter() - start, run=task.run
+    )
 
 
 def _one_line(text: str) -> str:
@@ -671,15 +740,21 @@ def _run_on_dask(tasks: list[_Task], scheduler: str) -> Iterator[_Outcome]:
     try:
         futures = {}
         for task in tasks:
-            key = f"sclc-extract-{hashlib.sha256(task.patient_id.encode('utf-8')).hexdigest()[:16]}-{os.urandom(4).hex()}"
+            key = (
+                f"sclc-extract-{hashlib.sha256(task.patient_id.encode('utf-8')).hexdigest()[:16]}-{os.urandom(4).hex()}"
+            )
             futures[client.submit(_extract_task, task, key=key, pure=False)] = task
         for future in distributed.as_completed(list(futures)):
             task = futures[future]
             try:
                 yield future.result()
             except Exception as exc:  # KilledWorker, a lost worker, a scheduler gone away
-                yield _Outcome(task.patient_id, task.fingerprint,
-                               reason=_one_line(f"Dask task failed: {type(exc).__name__}: {exc}"), run=task.run)
+                yield _Outcome(
+                    task.patient_id,
+                    task.fingerprint,
+                    reason=_one_line(f"Dask task failed: {type(exc).__name__}: {exc}"),
+                    run=task.run,
+                )
             finally:
                 future.release()
     finally:

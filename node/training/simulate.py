@@ -66,34 +66,38 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import multiprocessing
-import os
 import json
 import math
+import multiprocessing
+import os
 import sys
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 from scipy.optimize import brentq
 from tqdm import tqdm
 
-import SimpleITK as sitk
-
-from dicom_io.synthetic import SyntheticPatient, build_tumour_seg, synthetic_chest_phantom, write_ct_series
-from node.training.chest_phantom import (
+from sclc_risk_node.dicom_io.synthetic import (
+    SyntheticPatient,
+    build_tumour_seg,
+    synthetic_chest_phantom,
+    write_ct_series,
+)
+from sclc_risk_node.node.errors import NodeError
+from sclc_risk_node.node.files import write_atomically
+from sclc_risk_node.node.training.chest_phantom import (
     IN_PLANE_SPACING_RANGE_MM,
     NOISE_SD_RANGE_HU,
     SLICE_THICKNESSES_MM,
     chest_ct_phantom,
 )
-from node.errors import NodeError
-from scoring.clinical import clinical_record_from_mapping
-from scoring.errors import InputError
-from node.files import write_atomically
+from sclc_risk_node.scoring.clinical import clinical_record_from_mapping
+from sclc_risk_node.scoring.errors import InputError
 
 PAPER_SPLIT_SIZES: Mapping[str, int] = MappingProxyType(
     {"train": 253, "validation_1": 51, "validation_2": 75, "control": 57}
@@ -102,18 +106,24 @@ CHEMOIMMUNOTHERAPY = "chemoimmunotherapy"
 CHEMOTHERAPY = "chemotherapy"
 
 #: Published figures the simulation is calibrated to (months, proportions).
-PAPER_TARGETS: Mapping[str, object] = MappingProxyType({
-    "median_pfs_months": 7.1,
-    "pfs_at_months": {6: 0.607, 9: 0.382, 12: 0.283},
-    "median_follow_up_months": 12.1,
-    "os_at_months": {12: 0.75, 18: 0.585},
-    "control_median_pfs_months": 5.9,
-    "control_median_follow_up_months": 11.8,
-    "control_median_os_months": 13.7,
-    "male": 0.90, "stage_iv": 0.85, "ecog_below_2": 0.93,
-    "brain_metastases": 0.19, "liver_metastases": 0.20,
-    "age_mean": 62.0, "age_sd": 8.7,
-})
+PAPER_TARGETS: Mapping[str, object] = MappingProxyType(
+    {
+        "median_pfs_months": 7.1,
+        "pfs_at_months": {6: 0.607, 9: 0.382, 12: 0.283},
+        "median_follow_up_months": 12.1,
+        "os_at_months": {12: 0.75, 18: 0.585},
+        "control_median_pfs_months": 5.9,
+        "control_median_follow_up_months": 11.8,
+        "control_median_os_months": 13.7,
+        "male": 0.90,
+        "stage_iv": 0.85,
+        "ecog_below_2": 0.93,
+        "brain_metastases": 0.19,
+        "liver_metastases": 0.20,
+        "age_mean": 62.0,
+        "age_sd": 8.7,
+    }
+)
 
 # Clinical distributions.  Where the paper gives no figure (T, N, M descriptor,
 # LIPI), shares typical of extensive-stage SCLC series.
@@ -131,20 +141,24 @@ LIPI_SHARES = {"good": 0.38, "intermediate": 0.44, "poor": 0.18}
 AGE_MEAN, AGE_SD, AGE_RANGE = 62.0, 8.7, (30, 90)
 
 #: True log-hazard ratios of the clinical design variables (both arms).
-CLINICAL_EFFECTS: Mapping[str, float] = MappingProxyType({
-    "t_stage:T3-T4": 0.20,
-    "n_stage:N2-N3": 0.25,
-    "m_stage:M1c": 0.35,
-    "ecog>=2": 0.70,
-    "lipi": 0.35,
-})
-CLINICAL_DESIGN = MappingProxyType({
-    "t_stage:T3-T4": "1 if t_stage is T3 or T4",
-    "n_stage:N2-N3": "1 if n_stage is N2 or N3",
-    "m_stage:M1c": "1 if m_stage is M1c",
-    "ecog>=2": "1 if ecog >= 2",
-    "lipi": "LIPI factor count: good 0, intermediate 1, poor 2",
-})
+CLINICAL_EFFECTS: Mapping[str, float] = MappingProxyType(
+    {
+        "t_stage:T3-T4": 0.20,
+        "n_stage:N2-N3": 0.25,
+        "m_stage:M1c": 0.35,
+        "ecog>=2": 0.70,
+        "lipi": 0.35,
+    }
+)
+CLINICAL_DESIGN = MappingProxyType(
+    {
+        "t_stage:T3-T4": "1 if t_stage is T3 or T4",
+        "n_stage:N2-N3": "1 if n_stage is N2 or N3",
+        "m_stage:M1c": "1 if m_stage is M1c",
+        "ecog>=2": "1 if ecog >= 2",
+        "lipi": "LIPI factor count: good 0, intermediate 1, poor 2",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,24 +181,35 @@ class ImageParameter:
         return (self.high - self.low) / math.sqrt(12)
 
 
-IMAGE_PARAMETERS: Mapping[str, ImageParameter] = MappingProxyType({
-    "texture_hu": ImageParameter(
-        5.0, 90.0, 0.40, "texture_hu",
-        "amplitude (HU, SD) of the tumour's spatially correlated density variation: intratumoral heterogeneity",
-        ("tumour.original_firstorder_Variance", "tumour.original_firstorder_InterquartileRange"),
-    ),
-    "halo_hu": ImageParameter(
-        0.0, 300.0, 0.35, "halo_hu",
-        "ground-glass halo added to the lung within 3 mm outside the tumour (HU at the border, fading "
-        "linearly): peritumoral infiltration",
-        ("ring.original_firstorder_Mean", "ring.original_firstorder_Median"),
-    ),
-    "radius_mm": ImageParameter(
-        5.0, 30.0, 0.20, "radius_mm",
-        "equivalent-sphere radius of the lobulated tumour (mm; 0.5-113 ml, median about 20 ml)",
-        ("tumour.original_shape_MeshVolume", "tumour.original_shape_Maximum3DDiameter"),
-    ),
-})
+IMAGE_PARAMETERS: Mapping[str, ImageParameter] = MappingProxyType(
+    {
+        "texture_hu": ImageParameter(
+            5.0,
+            90.0,
+            0.40,
+            "texture_hu",
+            "amplitude (HU, SD) of the tumour's spatially correlated density variation: intratumoral heterogeneity",
+            ("tumour.original_firstorder_Variance", "tumour.original_firstorder_InterquartileRange"),
+        ),
+        "halo_hu": ImageParameter(
+            0.0,
+            300.0,
+            0.35,
+            "halo_hu",
+            "ground-glass halo added to the lung within 3 mm outside the tumour (HU at the border, fading "
+            "linearly): peritumoral infiltration",
+            ("ring.original_firstorder_Mean", "ring.original_firstorder_Median"),
+        ),
+        "radius_mm": ImageParameter(
+            5.0,
+            30.0,
+            0.20,
+            "radius_mm",
+            "equivalent-sphere radius of the lobulated tumour (mm; 0.5-113 ml, median about 20 ml)",
+            ("tumour.original_shape_MeshVolume", "tumour.original_shape_Maximum3DDiameter"),
+        ),
+    }
+)
 #: Each semi-axis is the radius times a ratio uniform on this range (normalised to geometric mean 1).
 AXIS_RATIO_RANGE = (0.85, 1.15)
 HALO_MM = 3.0
@@ -198,11 +223,13 @@ PFS_BREAKS_MONTHS = (0.0, 6.0, 7.1, 9.0, 12.0)
 CENSORING_MONTHS = {CHEMOIMMUNOTHERAPY: (2.0, 22.2), CHEMOTHERAPY: (2.0, 21.6)}
 
 #: True log-hazard ratios of post-progression survival (both arms).
-OS_EFFECTS: Mapping[str, float] = MappingProxyType({
-    "ecog>=2": 0.50,
-    "liver_metastases": 0.45,
-    "lipi": 0.30,
-})
+OS_EFFECTS: Mapping[str, float] = MappingProxyType(
+    {
+        "ecog>=2": 0.50,
+        "liver_metastases": 0.45,
+        "lipi": 0.30,
+    }
+)
 
 DEFAULT_IMAGE_SIZE = (64, 64, 32)
 DEFAULT_SPACING_MM = (1.0, 1.0, 2.0)
@@ -323,24 +350,26 @@ def simulate_patients(counts: Mapping[str, int], *, seed: int = 2023) -> tuple[S
         pfs, pfs_event, os_time, os_event = _draw_outcomes(draws, lp, arm, rng)
         seeds = rng.integers(0, 2**31 - 1, size=n)
         for i in range(n):
-            patients.append(SimulatedPatient(
-                id=f"SIM{len(patients) + 1:04d}",
-                split=split,
-                arm=arm,
-                clinical=MappingProxyType(_clinical_fields(draws, i)),
-                phantom=PhantomParameters(
-                    texture_hu=float(draws["texture_hu"][i]),
-                    halo_hu=float(draws["halo_hu"][i]),
-                    radius_mm=float(draws["radius_mm"][i]),
-                    axis_ratios=tuple(float(r) for r in draws["axis_ratios"][i]),
-                    seed=int(seeds[i]),
-                ),
-                linear_predictor=float(lp[i]),
-                pfs_months=float(pfs[i]),
-                pfs_event=bool(pfs_event[i]),
-                os_months=float(os_time[i]),
-                os_event=bool(os_event[i]),
-            ))
+            patients.append(
+                SimulatedPatient(
+                    id=f"SIM{len(patients) + 1:04d}",
+                    split=split,
+                    arm=arm,
+                    clinical=MappingProxyType(_clinical_fields(draws, i)),
+                    phantom=PhantomParameters(
+                        texture_hu=float(draws["texture_hu"][i]),
+                        halo_hu=float(draws["halo_hu"][i]),
+                        radius_mm=float(draws["radius_mm"][i]),
+                        axis_ratios=tuple(float(r) for r in draws["axis_ratios"][i]),
+                        seed=int(seeds[i]),
+                    ),
+                    linear_predictor=float(lp[i]),
+                    pfs_months=float(pfs[i]),
+                    pfs_event=bool(pfs_event[i]),
+                    os_months=float(os_time[i]),
+                    os_event=bool(os_event[i]),
+                )
+            )
     return tuple(patients)
 
 
@@ -359,20 +388,28 @@ def _draw_covariates(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     organ_sites = brain.astype(int) + liver.astype(int)
     m_without = _choice(rng, M_STAGE_WITHOUT_BRAIN_OR_LIVER, n)
     m_one_site = np.where(rng.random(n) < P_M1C_GIVEN_ONE_ORGAN_SITE, "M1c", "M1b")
-    m_stage = np.where(~stage_iv, "M0", np.where(organ_sites == 2, "M1c", np.where(organ_sites == 1, m_one_site, m_without)))
+    m_stage = np.where(
+        ~stage_iv, "M0", np.where(organ_sites == 2, "M1c", np.where(organ_sites == 1, m_one_site, m_without))
+    )
     t_stage = _choice(rng, T_STAGE_SHARES, n)
     n_stage = np.where(stage_iv, _choice(rng, N_STAGE_SHARES_STAGE_IV, n), _choice(rng, N_STAGE_SHARES_STAGE_III, n))
     ecog = _choice(rng, ECOG_SHARES, n).astype(int)
     lipi = _choice(rng, LIPI_SHARES, n)
-    image = {
-        name: rng.uniform(parameter.low, parameter.high, n) for name, parameter in IMAGE_PARAMETERS.items()
-    }
+    image = {name: rng.uniform(parameter.low, parameter.high, n) for name, parameter in IMAGE_PARAMETERS.items()}
     ratios = rng.uniform(*AXIS_RATIO_RANGE, size=(n, 3))
     ratios /= np.prod(ratios, axis=1, keepdims=True) ** (1 / 3)
     return {
-        "sex": np.where(male, "M", "F"), "age": age, "t_stage": t_stage, "n_stage": n_stage,
-        "m_stage": m_stage.astype(object), "ecog": ecog, "lipi": lipi,
-        "brain_metastases": brain, "liver_metastases": liver, "axis_ratios": ratios, **image,
+        "sex": np.where(male, "M", "F"),
+        "age": age,
+        "t_stage": t_stage,
+        "n_stage": n_stage,
+        "m_stage": m_stage.astype(object),
+        "ecog": ecog,
+        "lipi": lipi,
+        "brain_metastases": brain,
+        "liver_metastases": liver,
+        "axis_ratios": ratios,
+        **image,
     }
 
 
@@ -453,14 +490,14 @@ def _clinical_fields(draws: Mapping[str, np.ndarray], i: int) -> dict[str, objec
 # Calibration: baseline hazards solved on a large fixed reference population.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_population(arm: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
     rng = np.random.default_rng(_REFERENCE_SEED)
     draws = _draw_covariates(_REFERENCE_SAMPLE_SIZE, rng)
     return draws, _linear_predictor(draws, arm)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pfs_baseline(arm: str) -> PfsBaseline:
     """The baseline hazard whose marginal PFS in ``arm``'s population matches the paper (see module doc)."""
     if arm == CHEMOIMMUNOTHERAPY:
@@ -496,7 +533,7 @@ def _solve_cumulative_hazard(lp: np.ndarray, survival: float) -> float:
     return brentq(lambda h: float(np.mean(np.exp(-h * risk))) - survival, 1e-9, 100.0, xtol=1e-12)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def os_model(arm: str) -> OsModel:
     """Post-progression survival solved so the marginal OS matches the paper (see module doc)."""
     draws, lp = _reference_population(arm)
@@ -513,6 +550,7 @@ def os_model(arm: str) -> OsModel:
 
     os_at = PAPER_TARGETS["os_at_months"]
     if arm == CHEMOIMMUNOTHERAPY:
+
         def mismatch_at_18(shape: float) -> float:
             return survival(18.0, shape, scale_for(12.0, os_at[12], shape)) - os_at[18]
 
@@ -554,8 +592,9 @@ def simulate_cohort(
     if kind not in PHANTOM_KINDS:
         raise SimulationError(f"phantom: {kind!r} is not allowed (allowed: {', '.join(PHANTOM_KINDS)})")
     if kind == "chest-ct" and image_size is not None:
-        raise SimulationError("image_size: the chest-ct phantom draws its own grid (allowed: image_size only with "
-                              "phantom='box')")
+        raise SimulationError(
+            "image_size: the chest-ct phantom draws its own grid (allowed: image_size only with phantom='box')"
+        )
     image_size = tuple(image_size or DEFAULT_IMAGE_SIZE)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SimulationError(f"{out_dir} exists and is not an empty folder (allowed: a new or empty folder)")
@@ -566,28 +605,49 @@ def simulate_cohort(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, layouts = [], {}
     # Plain dicts: read-only mapping proxies do not pickle to worker processes.
-    jobs = [(out_dir, dataclasses.replace(patient, clinical=dict(patient.clinical)), kind, image_size, spacing_mm)
-            for patient in patients]
+    jobs = [
+        (out_dir, dataclasses.replace(patient, clinical=dict(patient.clinical)), kind, image_size, spacing_mm)
+        for patient in patients
+    ]
     workers = min(len(jobs), os.cpu_count() or 1) if workers is None else workers
     if not (isinstance(workers, int) and workers >= 1):
         raise SimulationError(f"workers: {workers!r} is not allowed (allowed: an integer >= 1)")
     with contextlib.ExitStack() as stack:
         if workers > 1:
             # Each phantom depends only on its own seed, so the order of work does not change the files.
-            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                           initializer=_one_itk_thread))
+            pool = stack.enter_context(
+                ProcessPoolExecutor(
+                    workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_itk_thread
+                )
+            )
             written = pool.map(_write_patient_job, jobs)
         else:
             written = map(_write_patient_job, jobs)
-        for patient, (row, layout) in zip(patients, tqdm(written, total=len(jobs), desc="writing phantoms",
-                                                         unit="patient", file=sys.stderr, disable=not progress)):
+        for patient, (row, layout) in zip(
+            patients,
+            tqdm(
+                written, total=len(jobs), desc="writing phantoms", unit="patient", file=sys.stderr, disable=not progress
+            ),
+        ):
             rows.append(row)
             layouts[patient.id] = layout
-    write_atomically(out_dir / "simulation_truth.json", json.dumps(
-        _truth(patients, seed=seed, scale=scale, counts=counts, kind=kind, image_size=image_size,
-               spacing_mm=spacing_mm, layouts=layouts),
-        indent=2,
-    ) + "\n")
+    write_atomically(
+        out_dir / "simulation_truth.json",
+        json.dumps(
+            _truth(
+                patients,
+                seed=seed,
+                scale=scale,
+                counts=counts,
+                kind=kind,
+                image_size=image_size,
+                spacing_mm=spacing_mm,
+                layouts=layouts,
+            ),
+            indent=2,
+        )
+        + "\n",
+    )
     csv_path = out_dir / "cohort.csv"
     write_atomically(csv_path, _cohort_csv(rows))
     return csv_path
@@ -614,13 +674,22 @@ def phantom_images(
     """One patient's CT (HU) and tumour mask, and what was drawn (for ``simulation_truth.json``)."""
     if kind == "chest-ct":
         image, mask, layout = chest_ct_phantom(
-            radius_mm=phantom.radius_mm, axis_ratios=phantom.axis_ratios, texture_hu=phantom.texture_hu,
-            halo_hu=phantom.halo_hu, halo_mm=HALO_MM, seed=phantom.seed,
+            radius_mm=phantom.radius_mm,
+            axis_ratios=phantom.axis_ratios,
+            texture_hu=phantom.texture_hu,
+            halo_hu=phantom.halo_hu,
+            halo_mm=HALO_MM,
+            seed=phantom.seed,
         )
         return image, mask, {name: getattr(layout, name) for name in layout.__slots__}
     image, mask = synthetic_chest_phantom(
-        size=tuple(image_size), spacing_mm=tuple(spacing_mm), tumour_radii_mm=phantom.box_radii_mm,
-        texture_hu=phantom.texture_hu, halo_hu=phantom.halo_hu, halo_mm=HALO_MM, seed=phantom.seed,
+        size=tuple(image_size),
+        spacing_mm=tuple(spacing_mm),
+        tumour_radii_mm=phantom.box_radii_mm,
+        texture_hu=phantom.texture_hu,
+        halo_hu=phantom.halo_hu,
+        halo_mm=HALO_MM,
+        seed=phantom.seed,
     )
     return image, mask, {"radii_mm": list(phantom.box_radii_mm)}
 
@@ -669,7 +738,7 @@ def _csv_value(value: object) -> object:
 
 
 def _cohort_csv(rows: Sequence[dict[str, object]]) -> str:
-    from node.csv_export import csv_text  # spreadsheet formula prefixes neutralised
+    from sclc_risk_node.node.csv_export import csv_text  # spreadsheet formula prefixes neutralised
 
     return csv_text(rows, list(rows[0]))
 
@@ -678,21 +747,29 @@ def _truth(patients, *, seed, scale, counts, kind, image_size, spacing_mm, layou
     arms = (CHEMOIMMUNOTHERAPY, CHEMOTHERAPY)
     return {
         "description": "SIMULATED cohort (node.training.simulate): synthetic phantoms, simulated clinical data "
-                       "and outcomes; no real patient.  Model and calibration: see the module docstring.",
+        "and outcomes; no real patient.  Model and calibration: see the module docstring.",
         "seed": seed,
         "scale": scale,
         "split_sizes": counts,
         "arm_of_split": {split: arm_of(split) for split in counts},
         "phantom": {"kind": kind, "halo_mm": HALO_MM, "axis_ratio_range": list(AXIS_RATIO_RANGE)}
-                   | ({"image_size": list(image_size), "spacing_mm": list(spacing_mm),
-                       "radius_range_mm": list(BOX_RADIUS_RANGE_MM)} if kind == "box" else
-                      {"generator": "node.training.chest_phantom.chest_ct_phantom",
-                       "slice_thicknesses_mm": list(SLICE_THICKNESSES_MM),
-                       "in_plane_spacing_range_mm": list(IN_PLANE_SPACING_RANGE_MM),
-                       "noise_sd_range_hu": list(NOISE_SD_RANGE_HU)}),
+        | (
+            {
+                "image_size": list(image_size),
+                "spacing_mm": list(spacing_mm),
+                "radius_range_mm": list(BOX_RADIUS_RANGE_MM),
+            }
+            if kind == "box"
+            else {
+                "generator": "sclc_risk_node.node.training.chest_phantom.chest_ct_phantom",
+                "slice_thicknesses_mm": list(SLICE_THICKNESSES_MM),
+                "in_plane_spacing_range_mm": list(IN_PLANE_SPACING_RANGE_MM),
+                "noise_sd_range_hu": list(NOISE_SD_RANGE_HU),
+            }
+        ),
         "pfs_model": {
             "kind": "proportional hazards, piecewise-constant baseline hazard per month; "
-                    "log-hazard = sum(coefficient * design variable) + sum(coefficient * image z-score)",
+            "log-hazard = sum(coefficient * design variable) + sum(coefficient * image z-score)",
             "time_unit": "months",
             "baseline_hazard": {
                 arm: {"breaks": list(pfs_baseline(arm).breaks), "hazards": list(pfs_baseline(arm).hazards)}
@@ -710,7 +787,10 @@ def _truth(patients, *, seed, scale, counts, kind, image_size, spacing_mm, layou
             name: {
                 "drives_hazard": p.log_hazard_ratio_per_sd != 0,
                 "distribution": "uniform",
-                "low": p.low, "high": p.high, "mean": p.mean, "sd": p.sd,
+                "low": p.low,
+                "high": p.high,
+                "mean": p.mean,
+                "sd": p.sd,
                 "z_score": f"({name} - {p.mean:g}) / {p.sd:.6g}",
                 "log_hazard_ratio_per_unit": p.log_hazard_ratio_per_sd / p.sd,
                 "phantom_argument": p.phantom_argument,
@@ -718,10 +798,11 @@ def _truth(patients, *, seed, scale, counts, kind, image_size, spacing_mm, layou
                 "expected_features": list(p.expected_features),
             }
             for name, p in IMAGE_PARAMETERS.items()
-        } | {"axis_ratios": {"drives_hazard": False, "meaning": "tumour elongation: a nuisance with no effect"}},
+        }
+        | {"axis_ratios": {"drives_hazard": False, "meaning": "tumour elongation: a nuisance with no effect"}},
         "os_model": {
             "kind": "death = progression + post-progression survival (Weibull proportional hazards); "
-                    "no death before progression; censored with PFS",
+            "no death before progression; censored with PFS",
             "post_progression_weibull": {
                 arm: {"shape": os_model(arm).shape, "scale_months": os_model(arm).scale_months} for arm in arms
             },
@@ -729,12 +810,17 @@ def _truth(patients, *, seed, scale, counts, kind, image_size, spacing_mm, layou
         },
         "paper_targets": json.loads(json.dumps(dict(PAPER_TARGETS))),
         "realised": {split: _summary([p for p in patients if p.split == split]) for split in counts}
-                    | {"chemoimmunotherapy (all)": _summary([p for p in patients if p.arm == CHEMOIMMUNOTHERAPY])},
+        | {"chemoimmunotherapy (all)": _summary([p for p in patients if p.arm == CHEMOIMMUNOTHERAPY])},
         "patients": [
             {
-                "id": p.id, "split": p.split, "arm": p.arm,
-                "texture_hu": p.phantom.texture_hu, "halo_hu": p.phantom.halo_hu, "radius_mm": p.phantom.radius_mm,
-                "radii_mm": list(p.phantom.radii_mm), "phantom_seed": p.phantom.seed,
+                "id": p.id,
+                "split": p.split,
+                "arm": p.arm,
+                "texture_hu": p.phantom.texture_hu,
+                "halo_hu": p.phantom.halo_hu,
+                "radius_mm": p.phantom.radius_mm,
+                "radii_mm": list(p.phantom.radii_mm),
+                "phantom_seed": p.phantom.seed,
                 "linear_predictor": p.linear_predictor,
                 "drawn": _plain_layout(layouts.get(p.id, {})),
             }

@@ -15,8 +15,8 @@
 Pure like the rest of `scoring`: arrays and tables in, plain values out.
 """
 
-from scoring.training.evaluation import SplitEvaluation, evaluate_split
-from scoring.training.method import (
+from sclc_risk_node.scoring.training.evaluation import SplitEvaluation, evaluate_split
+from sclc_risk_node.scoring.training.method import (
     FittedIntegratedModel,
     LassoCoxSelector,
     NoFeatureSelectedError,
@@ -24,7 +24,7 @@ from scoring.training.method import (
     fit_integrated_model,
     variance_inflation_factors,
 )
-from scoring.training.spec import ClinicalCandidate, EvaluationSettings, TrainingSpec, TrainingSpecError
+from sclc_risk_node.scoring.training.spec import ClinicalCandidate, EvaluationSettings, TrainingSpec, TrainingSpecError
 
 __all__ = [
     "ClinicalCandidate",

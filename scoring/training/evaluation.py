@@ -80,19 +80,20 @@ None wherever a number is undefined (never NaN).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from scoring import stats
-from scoring.clinical import ClinicalRecord
-from scoring.errors import ClinicalRecordError, InputError
-from scoring.model import BaselineSurvival, FrozenModel
-from scoring.risk import apply_model
-from scoring.training.spec import EvaluationSettings
-from scoring.types import FeatureVector
+from sclc_risk_node.scoring import stats
+from sclc_risk_node.scoring.clinical import ClinicalRecord
+from sclc_risk_node.scoring.errors import ClinicalRecordError, InputError
+from sclc_risk_node.scoring.model import BaselineSurvival, FrozenModel
+from sclc_risk_node.scoring.risk import apply_model
+from sclc_risk_node.scoring.training.spec import EvaluationSettings
+from sclc_risk_node.scoring.types import FeatureVector
 
 __all__ = [
     "DCA_THRESHOLDS",
@@ -172,12 +173,26 @@ def _baseline_cumulative_hazard(baseline: BaselineSurvival, months: np.ndarray) 
         return np.where(steps == 0, 0.0, -np.log(survival[np.maximum(steps - 1, 0)]))
 
 
-def calibration_summary(time: np.ndarray, event: np.ndarray, linear_predictor: np.ndarray,
-                        baseline: BaselineSurvival, horizons: Sequence[float]) -> dict[str, Any]:
+def calibration_summary(
+    time: np.ndarray,
+    event: np.ndarray,
+    linear_predictor: np.ndarray,
+    baseline: BaselineSurvival,
+    horizons: Sequence[float],
+) -> dict[str, Any]:
     """Calibration slope (Cox coefficient of the lp) and intercept (log O/E), module docstring."""
-    result: dict[str, Any] = {"slope": None, "slope_ci_low": None, "slope_ci_high": None, "slope_p_vs_1": None,
-                              "intercept_log_o_e": None, "observed_events": None, "expected_events": None,
-                              "truncated_at_months": None, "horizons": [], "reason": None}
+    result: dict[str, Any] = {
+        "slope": None,
+        "slope_ci_low": None,
+        "slope_ci_high": None,
+        "slope_p_vs_1": None,
+        "intercept_log_o_e": None,
+        "observed_events": None,
+        "expected_events": None,
+        "truncated_at_months": None,
+        "horizons": [],
+        "reason": None,
+    }
     horizon = min(max(horizons), baseline.valid_until)
     follow = np.minimum(time, horizon)
     observed = int(np.sum(event & (time <= horizon)))
@@ -190,8 +205,15 @@ def calibration_summary(time: np.ndarray, event: np.ndarray, linear_predictor: n
             continue
         predicted = _predicted_pfs(baseline, linear_predictor, months)
         km, low, high = kaplan_meier_at(time, event, months)
-        result["horizons"].append({"months": months, "mean_predicted": float(predicted.mean()), "observed": km,
-                                   "observed_ci_low": low, "observed_ci_high": high})
+        result["horizons"].append(
+            {
+                "months": months,
+                "mean_predicted": float(predicted.mean()),
+                "observed": km,
+                "observed_ci_low": low,
+                "observed_ci_high": high,
+            }
+        )
     if np.ptp(linear_predictor) == 0 or not event.any():
         result["reason"] = "the linear predictor is constant or there is no event"
         return result
@@ -203,24 +225,40 @@ def calibration_summary(time: np.ndarray, event: np.ndarray, linear_predictor: n
         return result
     from scipy.stats import norm
 
-    result.update(slope=fit.coef, slope_ci_low=fit.coef - 1.959963984540054 * fit.se,
-                  slope_ci_high=fit.coef + 1.959963984540054 * fit.se,
-                  slope_p_vs_1=float(2 * norm.sf(abs(fit.coef - 1.0) / fit.se)))
+    result.update(
+        slope=fit.coef,
+        slope_ci_low=fit.coef - 1.959963984540054 * fit.se,
+        slope_ci_high=fit.coef + 1.959963984540054 * fit.se,
+        slope_p_vs_1=float(2 * norm.sf(abs(fit.coef - 1.0) / fit.se)),
+    )
     return result
 
 
-def integrated_brier_score(train_time: np.ndarray, train_event: np.ndarray, time: np.ndarray, event: np.ndarray,
-                           baseline: BaselineSurvival, linear_predictor: np.ndarray,
-                           horizons: Sequence[float]) -> dict[str, Any]:
+def integrated_brier_score(
+    train_time: np.ndarray,
+    train_event: np.ndarray,
+    time: np.ndarray,
+    event: np.ndarray,
+    baseline: BaselineSurvival,
+    linear_predictor: np.ndarray,
+    horizons: Sequence[float],
+) -> dict[str, Any]:
     """IBS of the model's PFS curves and of the training Kaplan-Meier curve (module docstring)."""
     from sksurv.metrics import integrated_brier_score as sksurv_ibs
     from sksurv.nonparametric import kaplan_meier_estimator
 
     start = float(time.min())
-    end = min(float(max(horizons)), baseline.valid_until, float(time.max()) * (1 - 1e-9),
-              float(train_time.max()) * (1 - 1e-9))
-    result: dict[str, Any] = {"model": None, "kaplan_meier": None, "from_months": start, "to_months": end,
-                              "times": 50, "reason": None}
+    end = min(
+        float(max(horizons)), baseline.valid_until, float(time.max()) * (1 - 1e-9), float(train_time.max()) * (1 - 1e-9)
+    )
+    result: dict[str, Any] = {
+        "model": None,
+        "kaplan_meier": None,
+        "from_months": start,
+        "to_months": end,
+        "times": 50,
+        "reason": None,
+    }
     if end <= start:
         result["reason"] = f"no time window: the split's observations span {start:g}-{time.max():g} months"
         return result
@@ -230,10 +268,14 @@ def integrated_brier_score(train_time: np.ndarray, train_event: np.ndarray, time
     steps = np.searchsorted(km_times, grid, side="right")
     reference = np.where(steps == 0, 1.0, km_survival[np.maximum(steps - 1, 0)])
     try:
-        result["model"] = float(sksurv_ibs(_survival_y(train_time, train_event), _survival_y(time, event),
-                                           predicted, grid))
-        result["kaplan_meier"] = float(sksurv_ibs(_survival_y(train_time, train_event), _survival_y(time, event),
-                                                  np.tile(reference, (len(time), 1)), grid))
+        result["model"] = float(
+            sksurv_ibs(_survival_y(train_time, train_event), _survival_y(time, event), predicted, grid)
+        )
+        result["kaplan_meier"] = float(
+            sksurv_ibs(
+                _survival_y(train_time, train_event), _survival_y(time, event), np.tile(reference, (len(time), 1)), grid
+            )
+        )
     except ValueError as exc:
         result["reason"] = f"not computable here ({exc})"
     return result
@@ -241,16 +283,22 @@ def integrated_brier_score(train_time: np.ndarray, train_event: np.ndarray, time
 
 def _arm_comparison(time: np.ndarray, event: np.ndarray, treated: np.ndarray) -> dict[str, Any]:
     """HR treated vs control (Cox, Wald) and log-rank p among the given patients."""
-    entry: dict[str, Any] = {"n_treated": int(treated.sum()), "n_control": int((~treated).sum()),
-                             "hazard_ratio_treated_vs_control": None, "logrank": None, "reason": None}
+    entry: dict[str, Any] = {
+        "n_treated": int(treated.sum()),
+        "n_control": int((~treated).sum()),
+        "hazard_ratio_treated_vs_control": None,
+        "logrank": None,
+        "reason": None,
+    }
     if not treated.any() or treated.all():
         entry["reason"] = "no treated or no control patient"
         return entry
     if not event.any():
         entry["reason"] = "no events"
         return entry
-    frame = pd.DataFrame({"time": time, "event": event, "treated": treated.astype(float),
-                          "arm": np.where(treated, "treated", "control")})
+    frame = pd.DataFrame(
+        {"time": time, "event": event, "treated": treated.astype(float), "arm": np.where(treated, "treated", "control")}
+    )
     test = stats.logrank(frame, "time", "event", "arm")
     entry["logrank"] = {"chi2": test["chi2"], "df": test["df"], "p": test["p"]}
     try:
@@ -258,8 +306,7 @@ def _arm_comparison(time: np.ndarray, event: np.ndarray, treated: np.ndarray) ->
     except stats.CoxFitError as exc:
         entry["reason"] = f"hazard ratio not estimable: {exc}"
         return entry
-    entry["hazard_ratio_treated_vs_control"] = {"hr": cox.hr, "ci_low": cox.ci_low, "ci_high": cox.ci_high,
-                                                "p": cox.p}
+    entry["hazard_ratio_treated_vs_control"] = {"hr": cox.hr, "ci_low": cox.ci_low, "ci_high": cox.ci_high, "p": cox.p}
     return entry
 
 
@@ -270,9 +317,14 @@ def _km_block(time: np.ndarray, event: np.ndarray) -> dict[str, Any] | None:
     return {**km, "curve": _km_curve(time, event)}
 
 
-def predictive_analysis(treated_time: np.ndarray, treated_event: np.ndarray, treated_high: np.ndarray,
-                        control_time: np.ndarray, control_event: np.ndarray, control_high: np.ndarray
-                        ) -> dict[str, Any]:
+def predictive_analysis(
+    treated_time: np.ndarray,
+    treated_event: np.ndarray,
+    treated_high: np.ndarray,
+    control_time: np.ndarray,
+    control_event: np.ndarray,
+    control_high: np.ndarray,
+) -> dict[str, Any]:
     """Treated risk groups vs control, and the risk-group x treatment interaction (module docstring).
 
     ``groups[high|low]``: Kaplan-Meier of the treated patients of that risk
@@ -285,9 +337,14 @@ def predictive_analysis(treated_time: np.ndarray, treated_event: np.ndarray, tre
     event = np.concatenate([treated_event, control_event]).astype(bool)
     high = np.concatenate([treated_high, control_high]).astype(bool)
     treated = np.concatenate([np.ones(len(treated_time), bool), np.zeros(len(control_time), bool)])
-    result: dict[str, Any] = {"n_treated": int(len(treated_time)), "n_control": int(len(control_time)),
-                              "control": _km_block(time[~treated], event[~treated]), "groups": {},
-                              "interaction": None, "reason": None}
+    result: dict[str, Any] = {
+        "n_treated": int(len(treated_time)),
+        "n_control": int(len(control_time)),
+        "control": _km_block(time[~treated], event[~treated]),
+        "groups": {},
+        "interaction": None,
+        "reason": None,
+    }
     for label, members in (("high", high), ("low", ~high)):
         in_group_treated = members & treated
         versus_all = in_group_treated | ~treated
@@ -297,21 +354,44 @@ def predictive_analysis(treated_time: np.ndarray, treated_event: np.ndarray, tre
             "vs_control": _arm_comparison(time[versus_all], event[versus_all], treated[versus_all]),
             "vs_control_same_risk": _arm_comparison(time[members], event[members], treated[members]),
         }
-    frame = pd.DataFrame({"time": time, "event": event, "high_risk": high.astype(float),
-                          "treated": treated.astype(float), "high_risk:treated": (high & treated).astype(float)})
+    frame = pd.DataFrame(
+        {
+            "time": time,
+            "event": event,
+            "high_risk": high.astype(float),
+            "treated": treated.astype(float),
+            "high_risk:treated": (high & treated).astype(float),
+        }
+    )
     try:
         fit = stats.cox_fit(frame, "time", "event", ["high_risk", "treated", "high_risk:treated"])
     except (stats.CoxFitError, stats.SurvivalDataError) as exc:
         result["reason"] = f"interaction model not estimable: {exc}"
         return result
-    table = [{"name": name, "coef": c.coef, "hr": c.hr, "ci_low": c.ci_low, "ci_high": c.ci_high, "se": c.se,
-              "z": c.z, "p": c.p} for name, c in fit.coefficients.items()]
+    table = [
+        {
+            "name": name,
+            "coef": c.coef,
+            "hr": c.hr,
+            "ci_low": c.ci_low,
+            "ci_high": c.ci_high,
+            "se": c.se,
+            "z": c.z,
+            "p": c.p,
+        }
+        for name, c in fit.coefficients.items()
+    ]
     term = fit.coefficients["high_risk:treated"]
     result["interaction"] = {
         "model": "Cox (Efron ties): high_risk + treated + high_risk:treated",
         "table": table,
-        "coef": term.coef, "hr": term.hr, "ci_low": term.ci_low, "ci_high": term.ci_high, "p": term.p,
-        "n": fit.n, "events": fit.events,
+        "coef": term.coef,
+        "hr": term.hr,
+        "ci_low": term.ci_low,
+        "ci_high": term.ci_high,
+        "p": term.p,
+        "n": fit.n,
+        "events": fit.events,
     }
     return result
 
@@ -344,15 +424,25 @@ def bootstrap_c_index(
         estimate = _harrell_c(time, event, score)
         replicates = [_harrell_c(time[index], event[index], score[index]) for index in indices]
         used = np.array([value for value in replicates if value is not None], dtype=float)
-        low, high = (np.percentile(used, [2.5, 97.5]) if used.size else (None, None))
-        result[name] = {"estimate": estimate, "ci_low": low, "ci_high": high,
-                        "resamples": resamples, "resamples_used": int(used.size), "replicates": replicates}
+        low, high = np.percentile(used, [2.5, 97.5]) if used.size else (None, None)
+        result[name] = {
+            "estimate": estimate,
+            "ci_low": low,
+            "ci_high": high,
+            "resamples": resamples,
+            "resamples_used": int(used.size),
+            "replicates": replicates,
+        }
     return result
 
 
 def time_dependent_auc(
-    train_time: np.ndarray, train_event: np.ndarray, time: np.ndarray, event: np.ndarray,
-    score: np.ndarray, months: float,
+    train_time: np.ndarray,
+    train_event: np.ndarray,
+    time: np.ndarray,
+    event: np.ndarray,
+    score: np.ndarray,
+    months: float,
 ) -> tuple[float | None, str | None]:
     """Cumulative/dynamic AUC at ``months`` (IPCW from the training split); (None, reason) if undefined."""
     from sksurv.metrics import cumulative_dynamic_auc
@@ -395,8 +485,9 @@ def _km_curve(time: np.ndarray, event: np.ndarray) -> dict[str, list[float]]:
 
 def risk_group_survival(time: np.ndarray, event: np.ndarray, high: np.ndarray) -> dict[str, Any]:
     """Kaplan-Meier curves, medians, log-rank and HR of HIGH vs LOW for a risk grouping."""
-    frame = pd.DataFrame({"time": time, "event": event, "group": np.where(high, "high", "low"),
-                          "high_risk": high.astype(float)})
+    frame = pd.DataFrame(
+        {"time": time, "event": event, "group": np.where(high, "high", "low"), "high_risk": high.astype(float)}
+    )
     km = stats.kaplan_meier(frame, "time", "event", "group")["groups"]
     groups = {}
     for label in ("low", "high"):
@@ -405,8 +496,13 @@ def risk_group_survival(time: np.ndarray, event: np.ndarray, high: np.ndarray) -
             groups[label] = {"n": 0, "events": 0, "median": None, "ci_low": None, "ci_high": None, "curve": None}
             continue
         groups[label] = {**km[label], "curve": _km_curve(time[members], event[members])}
-    result: dict[str, Any] = {"groups": groups, "logrank": None, "hazard_ratio_high_vs_low": None,
-                              "hazard_ratio_low_vs_high": None, "reason": None}
+    result: dict[str, Any] = {
+        "groups": groups,
+        "logrank": None,
+        "hazard_ratio_high_vs_low": None,
+        "hazard_ratio_low_vs_high": None,
+        "reason": None,
+    }
     if not (high.any() and (~high).any()):
         result["reason"] = "every patient is in one risk group"
         return result
@@ -421,8 +517,12 @@ def risk_group_survival(time: np.ndarray, event: np.ndarray, high: np.ndarray) -
         result["reason"] = f"hazard ratio not estimable: {exc}"
         return result
     result["hazard_ratio_high_vs_low"] = {"hr": cox.hr, "ci_low": cox.ci_low, "ci_high": cox.ci_high, "p": cox.p}
-    result["hazard_ratio_low_vs_high"] = {"hr": 1.0 / cox.hr, "ci_low": 1.0 / cox.ci_high,
-                                          "ci_high": 1.0 / cox.ci_low, "p": cox.p}
+    result["hazard_ratio_low_vs_high"] = {
+        "hr": 1.0 / cox.hr,
+        "ci_low": 1.0 / cox.ci_high,
+        "ci_high": 1.0 / cox.ci_low,
+        "p": cox.p,
+    }
     return result
 
 
@@ -431,8 +531,9 @@ def calibration_group_count(n: int) -> int:
     return 10 if n >= 200 else 4
 
 
-def calibration(time: np.ndarray, event: np.ndarray, predicted_pfs: np.ndarray, months: float,
-                groups: int | None = None) -> dict[str, Any]:
+def calibration(
+    time: np.ndarray, event: np.ndarray, predicted_pfs: np.ndarray, months: float, groups: int | None = None
+) -> dict[str, Any]:
     """Mean predicted S(t) vs observed Kaplan-Meier S(t) in groups of equal size ranked by prediction."""
     groups = groups or calibration_group_count(len(time))
     if len(time) < 2 * groups:
@@ -441,21 +542,28 @@ def calibration(time: np.ndarray, event: np.ndarray, predicted_pfs: np.ndarray, 
     points = []
     for members in np.array_split(order, groups):
         observed, low, high = kaplan_meier_at(time[members], event[members], months)
-        points.append({
-            "n": int(members.size),
-            "events": int(event[members].sum()),
-            "predicted": float(predicted_pfs[members].mean()),
-            "predicted_min": float(predicted_pfs[members].min()),
-            "predicted_max": float(predicted_pfs[members].max()),
-            "observed": observed,
-            "observed_ci_low": low,
-            "observed_ci_high": high,
-        })
+        points.append(
+            {
+                "n": int(members.size),
+                "events": int(event[members].sum()),
+                "predicted": float(predicted_pfs[members].mean()),
+                "predicted_min": float(predicted_pfs[members].min()),
+                "predicted_max": float(predicted_pfs[members].max()),
+                "observed": observed,
+                "observed_ci_low": low,
+                "observed_ci_high": high,
+            }
+        )
     return {"months": months, "groups": points, "reason": None}
 
 
-def decision_curve(time: np.ndarray, event: np.ndarray, predicted_risk: np.ndarray, months: float,
-                   thresholds: Sequence[float] = DCA_THRESHOLDS) -> dict[str, Any]:
+def decision_curve(
+    time: np.ndarray,
+    event: np.ndarray,
+    predicted_risk: np.ndarray,
+    months: float,
+    thresholds: Sequence[float] = DCA_THRESHOLDS,
+) -> dict[str, Any]:
     """Net benefit of the model, treat-all and treat-none at ``months`` (module docstring formula)."""
     overall, _, _ = kaplan_meier_at(time, event, months)
     prevalence = 1.0 - overall
@@ -501,12 +609,20 @@ class SplitEvaluation:
     comparison: Mapping[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
-        return plain_json({
-            "split": self.split, "n": self.n, "events": self.events,
-            "median_follow_up_months": self.median_follow_up_months,
-            "horizons_months": list(self.horizons_months), "model": self.model, "settings": self.settings,
-            "radiomics": self.radiomics, "integrated": self.integrated, "comparison": self.comparison,
-        })
+        return plain_json(
+            {
+                "split": self.split,
+                "n": self.n,
+                "events": self.events,
+                "median_follow_up_months": self.median_follow_up_months,
+                "horizons_months": list(self.horizons_months),
+                "model": self.model,
+                "settings": self.settings,
+                "radiomics": self.radiomics,
+                "integrated": self.integrated,
+                "comparison": self.comparison,
+            }
+        )
 
 
 def _check_survival(time, event, n: int, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -524,8 +640,9 @@ def _check_survival(time, event, n: int, what: str) -> tuple[np.ndarray, np.ndar
 def _scores(model: FrozenModel, features: pd.DataFrame, clinical: Sequence[ClinicalRecord]):
     missing = [name for name in model.feature_names if name not in features.columns]
     if missing:
-        raise EvaluationDataError(f"features table lacks model feature{'s' if len(missing) > 1 else ''}: "
-                                  + ", ".join(missing))
+        raise EvaluationDataError(
+            f"features table lacks model feature{'s' if len(missing) > 1 else ''}: " + ", ".join(missing)
+        )
     values = features.loc[:, list(model.feature_names)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
     bad = ~np.isfinite(values)
     if bad.any():
@@ -557,8 +674,9 @@ def _predicted_pfs(baseline: BaselineSurvival, linear_predictor: np.ndarray, mon
     return np.array([baseline.survival_at(months, lp) for lp in linear_predictor])
 
 
-def _probability_curves(time, event, baseline: BaselineSurvival | None, linear_predictor, horizons,
-                        unavailable: str) -> tuple[list, list]:
+def _probability_curves(
+    time, event, baseline: BaselineSurvival | None, linear_predictor, horizons, unavailable: str
+) -> tuple[list, list]:
     calibrations, decisions = [], []
     for months in horizons:
         reason = None
@@ -608,10 +726,12 @@ def evaluate_split(
     radiomics_score, risk_score = _scores(model, features, clinical)
     horizons = tuple(float(h) for h in settings.horizons_months)
 
-    c_index = bootstrap_c_index(time, event, {"radiomics": radiomics_score, "integrated": risk_score},
-                                settings.bootstrap, settings.seed)
+    c_index = bootstrap_c_index(
+        time, event, {"radiomics": radiomics_score, "integrated": risk_score}, settings.bootstrap, settings.seed
+    )
     paired = [
-        b - a for a, b in zip(c_index["radiomics"].pop("replicates"), c_index["integrated"].pop("replicates"))
+        b - a
+        for a, b in zip(c_index["radiomics"].pop("replicates"), c_index["integrated"].pop("replicates"))
         if a is not None and b is not None
     ]
     estimates = (c_index["radiomics"]["estimate"], c_index["integrated"]["estimate"])
@@ -625,8 +745,13 @@ def evaluate_split(
     stored = _radiomics_only_baseline(model)
     blocks = {}
     for name, score, cutoff, baseline, linear_predictor in (
-        ("radiomics", radiomics_score, model.radiomics_cutoff,
-         None if stored is None else stored[1], None if stored is None else stored[0] * radiomics_score),
+        (
+            "radiomics",
+            radiomics_score,
+            model.radiomics_cutoff,
+            None if stored is None else stored[1],
+            None if stored is None else stored[0] * radiomics_score,
+        ),
         ("integrated", risk_score, model.risk_cutoff, model.baseline_survival, risk_score),
     ):
         auc = []
@@ -634,7 +759,11 @@ def evaluate_split(
             value, reason = time_dependent_auc(train_time, train_event, time, event, score, months)
             auc.append({"months": months, "auc": value, "reason": reason})
         calibrations, decisions = _probability_curves(
-            time, event, baseline, linear_predictor, horizons,
+            time,
+            event,
+            baseline,
+            linear_predictor,
+            horizons,
             "the model file has no radiomics-only baseline survival (training_summary.radiomics_only_cox)",
         )
         if baseline is None:
@@ -643,8 +772,7 @@ def evaluate_split(
             brier = {"model": None, "kaplan_meier": None, "reason": reason}
         else:
             summary_block = calibration_summary(time, event, linear_predictor, baseline, horizons)
-            brier = integrated_brier_score(train_time, train_event, time, event, baseline, linear_predictor,
-                                           horizons)
+            brier = integrated_brier_score(train_time, train_event, time, event, baseline, linear_predictor, horizons)
         blocks[name] = {
             "calibration_summary": summary_block,
             "integrated_brier_score": brier,
@@ -666,8 +794,12 @@ def evaluate_split(
         median_follow_up_months=follow_up["groups"]["all"]["median"],
         horizons_months=horizons,
         model={"name": identity.name, "version": identity.version, "sha256": identity.sha256},
-        settings={"bootstrap": settings.bootstrap, "seed": settings.seed,
-                  "calibration_groups": calibration_group_count(n), "dca_thresholds": "0.01-0.99 by 0.01"},
+        settings={
+            "bootstrap": settings.bootstrap,
+            "seed": settings.seed,
+            "calibration_groups": calibration_group_count(n),
+            "dca_thresholds": "0.01-0.99 by 0.01",
+        },
         radiomics=plain_json(blocks["radiomics"]),
         integrated=plain_json(blocks["integrated"]),
         comparison=plain_json({"c_index_integrated_minus_radiomics": difference}),

@@ -73,9 +73,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -83,17 +84,24 @@ from scipy import stats as sps
 from sklearn.base import BaseEstimator
 from sklearn.model_selection import StratifiedKFold
 
-from scoring import stats
-from scoring.clinical import ClinicalRecord
-from scoring.errors import ClinicalRecordError, InputError
-from scoring.domain import DomainRule, domain_from_training, transform_array
-from scoring.model import RADIOMICS_SCORE_TERM, REQUIRED_HORIZON_MONTHS, SCHEMA_VERSION, FrozenModel, seal
+from sclc_risk_node.scoring import stats
+from sclc_risk_node.scoring.clinical import ClinicalRecord
+from sclc_risk_node.scoring.domain import DomainRule, domain_from_training, transform_array
+from sclc_risk_node.scoring.errors import ClinicalRecordError, InputError
+from sclc_risk_node.scoring.model import (
+    RADIOMICS_SCORE_TERM,
+    REQUIRED_HORIZON_MONTHS,
+    SCHEMA_VERSION,
+    FrozenModel,
+    seal,
+)
+
 # The model file's rule for which image types an extraction produces; reused so
 # training refuses a feature the frozen model could never be given.
-from scoring.model import _produced_image_type_problem as model_image_type_problem
-from scoring.training.spec import ClinicalCandidate, LassoSpec, PreprocessingSpec, TrainingSpec
-from scoring.training.stability import StabilityScreen, stability_screen
-from scoring.types import FeatureSpec
+from sclc_risk_node.scoring.model import _produced_image_type_problem as model_image_type_problem
+from sclc_risk_node.scoring.training.spec import ClinicalCandidate, LassoSpec, PreprocessingSpec, TrainingSpec
+from sclc_risk_node.scoring.training.stability import StabilityScreen, stability_screen
+from sclc_risk_node.scoring.types import FeatureSpec
 
 __all__ = [
     "FittedIntegratedModel",
@@ -109,8 +117,10 @@ __all__ = [
 TIME, EVENT = "_time", "_event"
 STANDARDISATION = "z = (T(x) - training mean) / training sample SD (ddof=1), T = the feature's transform"
 LOG_TRANSFORM = "signed_log1p"
-AUTO_LOG_RULE = ("signed_log1p when every training value is >= 0 and the sample skewness "
-                 "(scipy.stats.skew, bias=False) exceeds {threshold:g}")
+AUTO_LOG_RULE = (
+    "signed_log1p when every training value is >= 0 and the sample skewness "
+    "(scipy.stats.skew, bias=False) exceeds {threshold:g}"
+)
 #: The applicability-domain rule written into every model (docs/model-format.md says why).
 DOMAIN_RULE = DomainRule(margin_fraction=0.1, max_abs_z=None)
 
@@ -201,8 +211,9 @@ def apply_transforms(raw: np.ndarray, transforms: Sequence[str]) -> np.ndarray:
 
 def _transformed_frame(table: pd.DataFrame, names: Sequence[str], transforms: Mapping[str, str]) -> pd.DataFrame:
     values = table.reindex(columns=list(names)).apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
-    return pd.DataFrame(apply_transforms(values, [transforms[name] for name in names]), index=table.index,
-                        columns=list(names))
+    return pd.DataFrame(
+        apply_transforms(values, [transforms[name] for name in names]), index=table.index, columns=list(names)
+    )
 
 
 # --------------------------------------------------------------------------- LASSO-Cox
@@ -227,8 +238,14 @@ class LassoCoxSelector(BaseEstimator):
     input order); ``fit_warnings_`` (distinct warning texts from the fits).
     """
 
-    def __init__(self, cv_folds: int = 10, seed: int = 0, n_alphas: int = 100,
-                 alpha_min_ratio: float | str = "auto", selection: str = "min"):
+    def __init__(
+        self,
+        cv_folds: int = 10,
+        seed: int = 0,
+        n_alphas: int = 100,
+        alpha_min_ratio: float | str = "auto",
+        selection: str = "min",
+    ):
         self.cv_folds = cv_folds
         self.seed = seed
         self.n_alphas = n_alphas
@@ -236,11 +253,16 @@ class LassoCoxSelector(BaseEstimator):
         self.selection = selection
 
     @classmethod
-    def from_spec(cls, spec: LassoSpec) -> "LassoCoxSelector":
-        return cls(cv_folds=spec.cv_folds, seed=spec.seed, n_alphas=spec.n_alphas,
-                   alpha_min_ratio=spec.alpha_min_ratio, selection=spec.selection)
+    def from_spec(cls, spec: LassoSpec) -> LassoCoxSelector:
+        return cls(
+            cv_folds=spec.cv_folds,
+            seed=spec.seed,
+            n_alphas=spec.n_alphas,
+            alpha_min_ratio=spec.alpha_min_ratio,
+            selection=spec.selection,
+        )
 
-    def fit(self, X, y) -> "LassoCoxSelector":
+    def fit(self, X, y) -> LassoCoxSelector:
         from sksurv.linear_model import CoxnetSurvivalAnalysis
 
         if self.selection not in ("min", "1se"):
@@ -306,8 +328,14 @@ class LassoCoxSelector(BaseEstimator):
         return self
 
     def _coxnet(self, estimator_class, alphas):
-        return estimator_class(l1_ratio=1.0, n_alphas=self.n_alphas, alphas=alphas,
-                               alpha_min_ratio=self.alpha_min_ratio, normalize=False, fit_baseline_model=False)
+        return estimator_class(
+            l1_ratio=1.0,
+            n_alphas=self.n_alphas,
+            alphas=alphas,
+            alpha_min_ratio=self.alpha_min_ratio,
+            normalize=False,
+            fit_baseline_model=False,
+        )
 
     @staticmethod
     def _fold_c_index(time: np.ndarray, event: np.ndarray, score: np.ndarray) -> float:
@@ -373,7 +401,9 @@ def _check_survival(time, event, n: int) -> tuple[np.ndarray, np.ndarray]:
     time = np.asarray(time, dtype=float).reshape(-1)
     raw_event = np.asarray(event).reshape(-1)
     if len(time) != n or len(raw_event) != n:
-        raise TrainingDataError(f"time ({len(time)}) and event ({len(raw_event)}) must have one value per patient ({n})")
+        raise TrainingDataError(
+            f"time ({len(time)}) and event ({len(raw_event)}) must have one value per patient ({n})"
+        )
     if not np.isfinite(time).all() or (time <= 0).any():
         bad = int(np.sum(~np.isfinite(time) | (time <= 0)))
         raise TrainingDataError(f"time must be finite months > 0; {bad} value{'s are' if bad > 1 else ' is'} not")
@@ -419,7 +449,9 @@ def _numeric_features(features: pd.DataFrame) -> np.ndarray:
     return np.column_stack(columns) if columns else np.empty((len(features), 0))
 
 
-def _encode_candidates(candidates: Sequence[ClinicalCandidate], records: Sequence[ClinicalRecord]) -> dict[str, np.ndarray]:
+def _encode_candidates(
+    candidates: Sequence[ClinicalCandidate], records: Sequence[ClinicalRecord]
+) -> dict[str, np.ndarray]:
     encoded = {}
     for candidate in candidates:
         values, missing = np.empty(len(records)), []
@@ -443,8 +475,16 @@ def _encode_candidates(candidates: Sequence[ClinicalCandidate], records: Sequenc
 
 def _cox_table(result: stats.CoxResult) -> list[dict[str, Any]]:
     return [
-        {"name": name, "coef": c.coef, "hr": c.hr, "ci_low": c.ci_low, "ci_high": c.ci_high,
-         "se": c.se, "z": c.z, "p": c.p}
+        {
+            "name": name,
+            "coef": c.coef,
+            "hr": c.hr,
+            "ci_low": c.ci_low,
+            "ci_high": c.ci_high,
+            "se": c.se,
+            "z": c.z,
+            "p": c.p,
+        }
         for name, c in result.coefficients.items()
     ]
 
@@ -496,8 +536,9 @@ def _spearman(radiomics_score: np.ndarray, encoded: Mapping[str, np.ndarray]) ->
             rows.append({"name": name, "rho": None, "p": None, "note": "constant in training"})
             continue
         result = sps.spearmanr(radiomics_score, values)
-        rows.append({"name": name, "rho": _finite_or_none(float(result.statistic)),
-                     "p": _finite_or_none(float(result.pvalue))})
+        rows.append(
+            {"name": name, "rho": _finite_or_none(float(result.statistic)), "p": _finite_or_none(float(result.pvalue))}
+        )
     return rows
 
 
@@ -519,25 +560,40 @@ def _breslow(linear_predictor: np.ndarray, centre: float, time: np.ndarray, even
     }
 
 
-def _stability(features: pd.DataFrame, names: list[str], transforms: Mapping[str, str], transformed: np.ndarray,
-               spec: TrainingSpec, perturbed: Mapping[str, pd.DataFrame] | None
-               ) -> tuple[StabilityScreen | None, dict[str, Any]]:
+def _stability(
+    features: pd.DataFrame,
+    names: list[str],
+    transforms: Mapping[str, str],
+    transformed: np.ndarray,
+    spec: TrainingSpec,
+    perturbed: Mapping[str, pd.DataFrame] | None,
+) -> tuple[StabilityScreen | None, dict[str, Any]]:
     """The screen over the usable candidates (transformed scale), and what the model file records of it."""
     settings = spec.stability.as_mapping()
     if not spec.stability.enabled:
         return None, {**settings, "ran": False, "note": "switched off (stability.enabled = false)"}
     if not perturbed:
-        return None, {**settings, "ran": False,
-                      "note": "no perturbed extraction was given (e.g. every training patient has precomputed "
-                              "features), so no feature was screened"}
+        return None, {
+            **settings,
+            "ran": False,
+            "note": "no perturbed extraction was given (e.g. every training patient has precomputed "
+            "features), so no feature was screened",
+        }
     original = pd.DataFrame(transformed, index=features.index, columns=names)
     screened = [label for label in original.index if all(label in table.index for table in perturbed.values())]
     tables = {name: _transformed_frame(table, names, transforms) for name, table in perturbed.items()}
-    screen = stability_screen(original.loc[screened], tables, threshold=spec.stability.icc_threshold,
-                              kind=spec.stability.icc, settings=settings)
+    screen = stability_screen(
+        original.loc[screened],
+        tables,
+        threshold=spec.stability.icc_threshold,
+        kind=spec.stability.icc,
+        settings=settings,
+    )
     if screen.patients < 3:
-        note = (f"only {screen.patients} training patients have every perturbed extraction (need 3);"
-                " no feature was screened")
+        note = (
+            f"only {screen.patients} training patients have every perturbed extraction (need 3);"
+            " no feature was screened"
+        )
         return None, {**settings, "ran": False, "note": note}
     return screen, screen.summary()
 
@@ -546,8 +602,13 @@ def _software_versions() -> dict[str, str]:
     import sklearn
     import sksurv
 
-    return {"numpy": np.__version__, "pandas": pd.__version__, "scipy": __import__("scipy").__version__,
-            "scikit-learn": sklearn.__version__, "scikit-survival": sksurv.__version__}
+    return {
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "scipy": __import__("scipy").__version__,
+        "scikit-learn": sklearn.__version__,
+        "scikit-survival": sksurv.__version__,
+    }
 
 
 def _applicability_domain(
@@ -560,11 +621,11 @@ def _applicability_domain(
     rule applies the margin on the model's scale, `scoring.domain`).
     """
     columns = {str(column): position for position, column in enumerate(features.columns)}
-    model_features = [FeatureSpec(f["region"], f["image_type"], f["feature_class"], f["feature"]).name
-                      for f in mapping["radiomics"]["features"]]
-    training = {
-        name: pd.to_numeric(features.iloc[:, columns[name]]).to_numpy(dtype=float) for name in model_features
-    }
+    model_features = [
+        FeatureSpec(f["region"], f["image_type"], f["feature_class"], f["feature"]).name
+        for f in mapping["radiomics"]["features"]
+    ]
+    training = {name: pd.to_numeric(features.iloc[:, columns[name]]).to_numpy(dtype=float) for name in model_features}
     return domain_from_training(training, radiomics_score, risk_score, DOMAIN_RULE).to_mapping()
 
 
@@ -658,8 +719,14 @@ def fit_integrated_model(
     radiomics_score = selector.predict(pd.DataFrame(x_lasso, columns=usable_names))
     radiomics_cutoff = float(np.median(radiomics_score))
     selected = [
-        (feature_specs[names.index(name)], float(selector.mean_[j]), float(selector.scale_[j]), float(selector.coef_[j]))
-        for j, name in enumerate(usable_names) if selector.coef_[j] != 0.0
+        (
+            feature_specs[names.index(name)],
+            float(selector.mean_[j]),
+            float(selector.scale_[j]),
+            float(selector.coef_[j]),
+        )
+        for j, name in enumerate(usable_names)
+        if selector.coef_[j] != 0.0
     ]
 
     # 3. clinical screening
@@ -689,9 +756,11 @@ def fit_integrated_model(
     radiomics_cox = stats.cox_fit(frame, TIME, EVENT, [RADIOMICS_SCORE_TERM])
     radiomics_coef = radiomics_cox.coefficients[RADIOMICS_SCORE_TERM].coef
     radiomics_lp = radiomics_coef * radiomics_score
-    radiomics_only = {"coefficient": radiomics_coef,
-                      **_breslow(radiomics_lp, float(radiomics_lp.mean()), time, event),
-                      "table": _cox_table(radiomics_cox)}
+    radiomics_only = {
+        "coefficient": radiomics_coef,
+        **_breslow(radiomics_lp, float(radiomics_lp.mean()), time, event),
+        "table": _cox_table(radiomics_cox),
+    }
 
     km = stats.kaplan_meier(pd.DataFrame({"time": time, "event": event}), "time", "event")["groups"]["all"]
     reverse = stats.kaplan_meier(pd.DataFrame({"time": time, "censored": ~event}), "time", "censored")
@@ -738,17 +807,27 @@ def fit_integrated_model(
             "unstable": [name for name in finite_names if name in unstable],
         },
         "log_transform": {
-            "setting": (spec.preprocessing.log_transform if isinstance(spec.preprocessing.log_transform, str)
-                        else list(spec.preprocessing.log_transform)),
-            "rule": (AUTO_LOG_RULE.format(threshold=spec.preprocessing.log_skewness)
-                     if spec.preprocessing.log_transform == "auto" else None),
+            "setting": (
+                spec.preprocessing.log_transform
+                if isinstance(spec.preprocessing.log_transform, str)
+                else list(spec.preprocessing.log_transform)
+            ),
+            "rule": (
+                AUTO_LOG_RULE.format(threshold=spec.preprocessing.log_skewness)
+                if spec.preprocessing.log_transform == "auto"
+                else None
+            ),
             "transformed_candidates": sum(1 for kind in transforms.values() if kind != "none"),
             "transformed_selected": [s.name for s, _, _, _ in selected if transforms[s.name] != "none"],
         },
         "stability": stability_summary,
         "standardisation": STANDARDISATION,
-        "lasso": {"selection": spec.lasso.selection, "alpha": selector.alpha_, "cv": cv_summary,
-                  "selected_features": [{"name": s.name, "coefficient": coef} for s, _, _, coef in selected]},
+        "lasso": {
+            "selection": spec.lasso.selection,
+            "alpha": selector.alpha_,
+            "cv": cv_summary,
+            "selected_features": [{"name": s.name, "coefficient": coef} for s, _, _, coef in selected],
+        },
         "radiomics_cutoff_rule": "training median",
         "clinical": clinical_summary,
         "spearman_radiomics_score": spearman,
@@ -766,19 +845,29 @@ def fit_integrated_model(
         "version": spec.model.version,
         "intended_use": spec.model.intended_use,
         "demonstration": spec.model.demonstration,
-        "created": created or datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        "created": created or datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
         "extraction": {
             "pyradiomics_version": extraction.pyradiomics_version,
             "settings": spec_mapping["extraction"]["settings"],
             "image_types": spec_mapping["extraction"]["image_types"],
-            "ring": {"outward_mm": extraction.ring.outward_mm, "inward_mm": extraction.ring.inward_mm,
-                     "method": extraction.ring.method},
+            "ring": {
+                "outward_mm": extraction.ring.outward_mm,
+                "inward_mm": extraction.ring.inward_mm,
+                "method": extraction.ring.method,
+            },
         },
         "radiomics": {
             "features": [
-                {"region": s.region, "image_type": s.image_type, "feature_class": s.feature_class,
-                 "feature": s.feature, "transform": transforms[s.name], "mean": mean, "sd": sd_value,
-                 "coefficient": coef}
+                {
+                    "region": s.region,
+                    "image_type": s.image_type,
+                    "feature_class": s.feature_class,
+                    "feature": s.feature,
+                    "transform": transforms[s.name],
+                    "mean": mean,
+                    "sd": sd_value,
+                    "coefficient": coef,
+                }
                 for s, mean, sd_value, coef in selected
             ],
             "cutoff": radiomics_cutoff,
@@ -794,21 +883,41 @@ def fit_integrated_model(
     # 7. Applicability domain (schema v2, scoring.domain)
     mapping["applicability_domain"] = _applicability_domain(features, mapping, radiomics_score, risk_score)
     diagnostics = {
-        **{key: summary[key] for key in ("n", "events", "median_follow_up_months", "median_pfs_months",
-                                          "dropped_features", "clinical", "spearman_radiomics_score", "vif",
-                                          "integrated_cox", "log_transform")},
+        **{
+            key: summary[key]
+            for key in (
+                "n",
+                "events",
+                "median_follow_up_months",
+                "median_pfs_months",
+                "dropped_features",
+                "clinical",
+                "spearman_radiomics_score",
+                "vif",
+                "integrated_cox",
+                "log_transform",
+            )
+        },
         "transforms": {name: kind for name, kind in transforms.items() if kind != "none"},
         "stability": screen.as_dict() if screen is not None else stability_summary,
         "c_index_training": {"radiomics": c_radiomics, "integrated": c_integrated},
         "lasso": {
             **summary["lasso"],
             "curve": [
-                {"alpha": float(alpha), "mean_c_index": _finite_or_none(float(mean_c)),
-                 "se_c_index": _finite_or_none(float(se_c)), "folds_scored": int(scored),
-                 "n_nonzero": int(nonzero)}
+                {
+                    "alpha": float(alpha),
+                    "mean_c_index": _finite_or_none(float(mean_c)),
+                    "se_c_index": _finite_or_none(float(se_c)),
+                    "folds_scored": int(scored),
+                    "n_nonzero": int(nonzero),
+                }
                 for alpha, mean_c, se_c, scored, nonzero in zip(
-                    selector.alphas_, selector.cv_mean_c_index_, selector.cv_se_c_index_,
-                    selector.cv_folds_scored_, selector.n_nonzero_)
+                    selector.alphas_,
+                    selector.cv_mean_c_index_,
+                    selector.cv_se_c_index_,
+                    selector.cv_folds_scored_,
+                    selector.n_nonzero_,
+                )
             ],
             "fit_warnings": selector.fit_warnings_,
         },
@@ -821,9 +930,17 @@ def fit_integrated_model(
         radiomics_score=tuple(float(v) for v in radiomics_score),
         risk_score=tuple(float(v) for v in risk_score),
         diagnostics=diagnostics,
-        design={"x": x_lasso, "names": usable_names, "alphas": selector.alphas_[: selector.alpha_index_ + 1],
-                "clinical": encoded, "survivors": list(survivors), "time": time, "event": event,
-                "feature_names": names, "raw": raw},
+        design={
+            "x": x_lasso,
+            "names": usable_names,
+            "alphas": selector.alphas_[: selector.alpha_index_ + 1],
+            "clinical": encoded,
+            "survivors": list(survivors),
+            "time": time,
+            "event": event,
+            "feature_names": names,
+            "raw": raw,
+        },
     )
     fitted.frozen_model()  # refuse to hand back anything the node would refuse to load
     return fitted

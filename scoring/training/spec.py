@@ -157,17 +157,19 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
-from scoring.clinical import MODEL_CLINICAL_FIELDS, ClinicalRecord
-from scoring.errors import InputError
-from scoring.model import RADIOMICS_SCORE_TERM, ClinicalCovariate, Encoding
+from sclc_risk_node.scoring.clinical import MODEL_CLINICAL_FIELDS, ClinicalRecord
+from sclc_risk_node.scoring.errors import InputError
+from sclc_risk_node.scoring.model import RADIOMICS_SCORE_TERM, ClinicalCovariate, Encoding
+
 # The model file's own rule for which encodings fit which field; reused so a
 # spec can never describe a covariate that the frozen model would refuse.
-from scoring.model import _encoding_problems as model_encoding_problems
-from scoring.types import REGIONS, ExtractionSettings, FeatureSpec, RingDefinition
+from sclc_risk_node.scoring.model import _encoding_problems as model_encoding_problems
+from sclc_risk_node.scoring.types import REGIONS, ExtractionSettings, FeatureSpec, RingDefinition
 
 __all__ = [
     "ALL_FEATURE_CLASSES",
@@ -188,7 +190,16 @@ __all__ = [
 DEFAULT_FEATURE_CLASSES = ("firstorder", "shape", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
 ALL_FEATURE_CLASSES = DEFAULT_FEATURE_CLASSES + ("shape2D",)
 PYRADIOMICS_IMAGE_TYPES = (
-    "Original", "Wavelet", "LoG", "Square", "SquareRoot", "Logarithm", "Exponential", "Gradient", "LBP2D", "LBP3D",
+    "Original",
+    "Wavelet",
+    "LoG",
+    "Square",
+    "SquareRoot",
+    "Logarithm",
+    "Exponential",
+    "Gradient",
+    "LBP2D",
+    "LBP3D",
 )
 ALPHA_SELECTION_RULES = ("min", "1se")
 ELIMINATION_RULES = ("single-pass", "backward")
@@ -277,8 +288,12 @@ class ClinicalCandidate:
 
     def as_model_covariate(self, coefficient: float) -> dict[str, Any]:
         """The ``clinical_covariates`` entry of a model file."""
-        return {"name": self.name, "field": self.field, "encoding": _plain(self.encoding),
-                "coefficient": float(coefficient)}
+        return {
+            "name": self.name,
+            "field": self.field,
+            "encoding": _plain(self.encoding),
+            "coefficient": float(coefficient),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,9 +331,16 @@ class StabilitySpec:
     icc_threshold: float = 0.75
 
     def as_mapping(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "patients": self.patients, "seed": self.seed,
-                "perturbations": list(self.perturbations), "noise_sd_hu": self.noise_sd_hu,
-                "shift_voxels": self.shift_voxels, "icc": self.icc, "icc_threshold": self.icc_threshold}
+        return {
+            "enabled": self.enabled,
+            "patients": self.patients,
+            "seed": self.seed,
+            "perturbations": list(self.perturbations),
+            "noise_sd_hu": self.noise_sd_hu,
+            "shift_voxels": self.shift_voxels,
+            "icc": self.icc,
+            "icc_threshold": self.icc_threshold,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,7 +364,7 @@ class TrainingSpec:
     validation: ValidationSpec = field(default_factory=lambda: ValidationSpec(seed=0))
 
     @classmethod
-    def from_toml(cls, text: str) -> "TrainingSpec":
+    def from_toml(cls, text: str) -> TrainingSpec:
         if isinstance(text, (bytes, bytearray)):
             try:
                 text = text.decode("utf-8")
@@ -355,11 +377,12 @@ class TrainingSpec:
         return cls.from_mapping(document)
 
     @classmethod
-    def from_mapping(cls, document: Mapping[str, Any]) -> "TrainingSpec":
+    def from_mapping(cls, document: Mapping[str, Any]) -> TrainingSpec:
         """Validate an already-parsed spec (the TOML document as nested dicts)."""
         root = _Table(document, "")
-        root.only({"model", "extraction", "lasso", "clinical", "evaluation", "preprocessing", "stability",
-                   "validation"})
+        root.only(
+            {"model", "extraction", "lasso", "clinical", "evaluation", "preprocessing", "stability", "validation"}
+        )
         lasso = _lasso_section(root.table("lasso", required=True))
         evaluation = _evaluation_section(root.table("evaluation", required=True))
         spec = cls(
@@ -377,7 +400,9 @@ class TrainingSpec:
     @property
     def extraction_settings(self) -> ExtractionSettings:
         """What pyradiomics must do, pinned to the installed pyradiomics version."""
-        from scoring.features import installed_pyradiomics_version  # imports pyradiomics: only when asked
+        from sclc_risk_node.scoring.features import (
+            installed_pyradiomics_version,  # imports pyradiomics: only when asked
+        )
 
         return ExtractionSettings(
             pyradiomics_version=installed_pyradiomics_version(),
@@ -390,8 +415,12 @@ class TrainingSpec:
         """The spec as plain data (the shape of the TOML document, every default filled in)."""
         ring = self.extraction.ring
         return {
-            "model": {"name": self.model.name, "version": self.model.version,
-                      "intended_use": self.model.intended_use, "demonstration": self.model.demonstration},
+            "model": {
+                "name": self.model.name,
+                "version": self.model.version,
+                "intended_use": self.model.intended_use,
+                "demonstration": self.model.demonstration,
+            },
             "extraction": {
                 "settings": _plain(self.extraction.settings),
                 "image_types": _plain(self.extraction.image_types),
@@ -399,26 +428,41 @@ class TrainingSpec:
                 "regions": list(self.extraction.regions),
                 "ring": {"outward_mm": ring.outward_mm, "inward_mm": ring.inward_mm, "method": ring.method},
             },
-            "lasso": {"cv_folds": self.lasso.cv_folds, "seed": self.lasso.seed, "n_alphas": self.lasso.n_alphas,
-                      "alpha_min_ratio": self.lasso.alpha_min_ratio, "selection": self.lasso.selection},
+            "lasso": {
+                "cv_folds": self.lasso.cv_folds,
+                "seed": self.lasso.seed,
+                "n_alphas": self.lasso.n_alphas,
+                "alpha_min_ratio": self.lasso.alpha_min_ratio,
+                "selection": self.lasso.selection,
+            },
             "clinical": {
-                "candidates": [{"name": c.name, "field": c.field, "encoding": _plain(c.encoding)}
-                               for c in self.clinical.candidates],
+                "candidates": [
+                    {"name": c.name, "field": c.field, "encoding": _plain(c.encoding)} for c in self.clinical.candidates
+                ],
                 "univariate_p": self.clinical.univariate_p,
                 "multivariate_p": self.clinical.multivariate_p,
                 "multivariate_elimination": self.clinical.multivariate_elimination,
             },
-            "evaluation": {"horizons_months": list(self.evaluation.horizons_months),
-                           "bootstrap": self.evaluation.bootstrap, "seed": self.evaluation.seed,
-                           "treated_splits": self.evaluation.treated_splits},
+            "evaluation": {
+                "horizons_months": list(self.evaluation.horizons_months),
+                "bootstrap": self.evaluation.bootstrap,
+                "seed": self.evaluation.seed,
+                "treated_splits": self.evaluation.treated_splits,
+            },
             "preprocessing": {
-                "log_transform": (self.preprocessing.log_transform if isinstance(self.preprocessing.log_transform, str)
-                                  else list(self.preprocessing.log_transform)),
+                "log_transform": (
+                    self.preprocessing.log_transform
+                    if isinstance(self.preprocessing.log_transform, str)
+                    else list(self.preprocessing.log_transform)
+                ),
                 "log_skewness": self.preprocessing.log_skewness,
             },
             "stability": self.stability.as_mapping(),
-            "validation": {"bootstrap": self.validation.bootstrap, "refit": self.validation.refit,
-                           "seed": self.validation.seed},
+            "validation": {
+                "bootstrap": self.validation.bootstrap,
+                "refit": self.validation.refit,
+                "seed": self.validation.seed,
+            },
         }
 
 
@@ -472,11 +516,12 @@ class _Table:
             return default
         return self.data[name]
 
-    def table(self, name: str, *, required: bool = False) -> "_Table":
+    def table(self, name: str, *, required: bool = False) -> _Table:
         return _Table(self.get(name, {}, required=required), self.key(name))
 
-    def text(self, name: str, *, required: bool = False, default: str | None = None,
-             pattern: re.Pattern | None = None) -> str:
+    def text(
+        self, name: str, *, required: bool = False, default: str | None = None, pattern: re.Pattern | None = None
+    ) -> str:
         value = self.get(name, default, required=required)
         if not isinstance(value, str) or not value.strip():
             raise self.fail(name, f"must be non-empty text, got {_describe(value)}")
@@ -571,7 +616,7 @@ def _lasso_section(table: _Table) -> LassoSpec:
     if ratio != "auto":
         ratio = table.number("alpha_min_ratio", default=0.0, low=0.0, high=1.0)
         if ratio >= 1.0:
-            raise table.fail("alpha_min_ratio", f"is {ratio:g} (must be \"auto\" or a number in (0, 1))")
+            raise table.fail("alpha_min_ratio", f'is {ratio:g} (must be "auto" or a number in (0, 1))')
     return LassoSpec(
         seed=table.integer("seed", required=True),
         cv_folds=table.integer("cv_folds", default=10, minimum=2),
@@ -662,7 +707,7 @@ def _preprocessing_section(table: _Table) -> PreprocessingSpec:
     value = table.get("log_transform", "auto")
     if isinstance(value, list):
         if not value or not all(isinstance(item, str) and item for item in value):
-            raise table.fail("log_transform", "must be \"auto\", \"none\" or a non-empty array of feature names")
+            raise table.fail("log_transform", 'must be "auto", "none" or a non-empty array of feature names')
         if len(set(value)) != len(value):
             raise table.fail("log_transform", "has repeated entries")
         for item in value:
@@ -674,8 +719,9 @@ def _preprocessing_section(table: _Table) -> PreprocessingSpec:
     elif value in ("auto", "none"):
         log_transform = value
     else:
-        raise table.fail("log_transform", f"is {_describe(value)} (allowed: \"auto\", \"none\", or an array of "
-                                          "feature names)")
+        raise table.fail(
+            "log_transform", f'is {_describe(value)} (allowed: "auto", "none", or an array of feature names)'
+        )
     return PreprocessingSpec(
         log_transform=log_transform,
         log_skewness=table.number("log_skewness", default=1.0, low=0.0, high=1000.0),
@@ -683,8 +729,7 @@ def _preprocessing_section(table: _Table) -> PreprocessingSpec:
 
 
 def _stability_section(table: _Table, default_seed: int) -> StabilitySpec:
-    table.only({"enabled", "patients", "seed", "perturbations", "noise_sd_hu", "shift_voxels", "icc",
-                "icc_threshold"})
+    table.only({"enabled", "patients", "seed", "perturbations", "noise_sd_hu", "shift_voxels", "icc", "icc_threshold"})
     return StabilitySpec(
         enabled=table.boolean("enabled") if "enabled" in table.data else True,
         patients=table.integer("patients", default=30, minimum=3),

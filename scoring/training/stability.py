@@ -38,8 +38,9 @@ Pure: tables in, plain values out.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -146,8 +147,7 @@ class StabilityScreen:
         return {
             **self.summary(),
             "features": [
-                {"name": name, "icc": value, "patients": int(self.patients_used[name]),
-                 "kept": name in set(self.kept)}
+                {"name": name, "icc": value, "patients": int(self.patients_used[name]), "kept": name in set(self.kept)}
                 for name, value in self.icc.items()
             ],
         }

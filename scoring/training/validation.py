@@ -46,15 +46,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from scoring import stats
-from scoring.domain import transform_array
-from scoring.model import RADIOMICS_SCORE_TERM
-from scoring.training.spec import TrainingSpec
+from sclc_risk_node.scoring import stats
+from sclc_risk_node.scoring.domain import transform_array
+from sclc_risk_node.scoring.model import RADIOMICS_SCORE_TERM
+from sclc_risk_node.scoring.training.spec import TrainingSpec
 
 __all__ = ["optimism_corrected", "proportional_hazards_test"]
 
@@ -88,8 +89,9 @@ class _Skip(Exception):
     """This resample cannot be refitted; the reason is counted."""
 
 
-def _refit_fixed_alpha(design: Mapping[str, Any], index: np.ndarray) -> tuple[np.ndarray, np.ndarray,
-                                                                            np.ndarray, np.ndarray]:
+def _refit_fixed_alpha(
+    design: Mapping[str, Any], index: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(radiomics score on the resample, on the original, integrated lp on the resample, on the original)."""
     from sksurv.linear_model import CoxnetSurvivalAnalysis
     from sksurv.util import Surv
@@ -106,8 +108,9 @@ def _refit_fixed_alpha(design: Mapping[str, Any], index: np.ndarray) -> tuple[np
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            path = CoxnetSurvivalAnalysis(l1_ratio=1.0, alphas=design["alphas"], normalize=False,
-                                          fit_baseline_model=False).fit(zb, Surv.from_arrays(event=eb, time=tb))
+            path = CoxnetSurvivalAnalysis(
+                l1_ratio=1.0, alphas=design["alphas"], normalize=False, fit_baseline_model=False
+            ).fit(zb, Surv.from_arrays(event=eb, time=tb))
         except (ArithmeticError, ValueError) as exc:
             raise _Skip(f"LASSO-Cox failed ({exc})") from None
     coef = np.asarray(path.coef_, dtype=float)[:, -1]
@@ -125,14 +128,18 @@ def _refit_fixed_alpha(design: Mapping[str, Any], index: np.ndarray) -> tuple[np
     except (stats.CoxFitError, stats.SurvivalDataError) as exc:
         raise _Skip(f"integrated Cox failed ({exc})") from None
     beta = np.array([fit.coefficients[name].coef for name in terms])
-    original = {RADIOMICS_SCORE_TERM: score, **{name: np.asarray(design["clinical"][name]) for name in design["survivors"]}}
+    original = {
+        RADIOMICS_SCORE_TERM: score,
+        **{name: np.asarray(design["clinical"][name]) for name in design["survivors"]},
+    }
     lp_b = np.column_stack([columns_b[name] for name in terms]) @ beta
     lp = np.column_stack([original[name] for name in terms]) @ beta
     return score_b, score, lp_b, lp
 
 
-def _linear_predictors(mapping: Mapping[str, Any], raw: pd.DataFrame,
-                       clinical: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _linear_predictors(
+    mapping: Mapping[str, Any], raw: pd.DataFrame, clinical: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """(radiomics score, risk score) of a fitted model mapping on raw features and encoded clinical columns."""
     score = np.zeros(len(raw))
     for feature in mapping["radiomics"]["features"]:
@@ -145,9 +152,14 @@ def _linear_predictors(mapping: Mapping[str, Any], raw: pd.DataFrame,
     return score, risk
 
 
-def _refit_full(design: Mapping[str, Any], index: np.ndarray, spec: TrainingSpec, clinical_records: Sequence,
-                encoded_all: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from scoring.training.method import TrainingDataError, fit_integrated_model
+def _refit_full(
+    design: Mapping[str, Any],
+    index: np.ndarray,
+    spec: TrainingSpec,
+    clinical_records: Sequence,
+    encoded_all: Mapping[str, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sclc_risk_node.scoring.training.method import TrainingDataError, fit_integrated_model
 
     names = list(design["names"])
     all_names = list(design["feature_names"])
@@ -157,8 +169,14 @@ def _refit_full(design: Mapping[str, Any], index: np.ndarray, spec: TrainingSpec
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fitted = fit_integrated_model(resample, [clinical_records[i] for i in index], design["time"][index],
-                                          design["event"][index], quiet, created="1970-01-01T00:00:00Z")
+            fitted = fit_integrated_model(
+                resample,
+                [clinical_records[i] for i in index],
+                design["time"][index],
+                design["event"][index],
+                quiet,
+                created="1970-01-01T00:00:00Z",
+            )
     except TrainingDataError as exc:
         raise _Skip(str(exc).split(";")[0]) from None
     score_b, lp_b = np.array(fitted.radiomics_score), np.array(fitted.risk_score)
@@ -176,8 +194,14 @@ def optimism_corrected(fitted, spec: TrainingSpec, clinical_records: Sequence | 
     settings = spec.validation
     result: dict[str, Any] = {
         "method": "Harrell's bootstrap optimism correction (Harrell, Lee & Mark, Stat Med 1996)",
-        "resamples": settings.bootstrap, "refit": settings.refit, "seed": settings.seed,
-        "resamples_used": 0, "skipped": {}, "radiomics": None, "integrated": None, "calibration_slope": None,
+        "resamples": settings.bootstrap,
+        "refit": settings.refit,
+        "seed": settings.seed,
+        "resamples_used": 0,
+        "skipped": {},
+        "radiomics": None,
+        "integrated": None,
+        "calibration_slope": None,
     }
     design = fitted.design
     if settings.bootstrap == 0:
@@ -189,8 +213,10 @@ def optimism_corrected(fitted, spec: TrainingSpec, clinical_records: Sequence | 
     if settings.refit == "full" and clinical_records is None:
         raise ValueError("refit = 'full' needs the training clinical records")
     time, event = np.asarray(design["time"], dtype=float), np.asarray(design["event"], dtype=bool)
-    apparent = {"radiomics": _harrell_c(time, event, np.asarray(fitted.radiomics_score)),
-                "integrated": _harrell_c(time, event, np.asarray(fitted.risk_score))}
+    apparent = {
+        "radiomics": _harrell_c(time, event, np.asarray(fitted.radiomics_score)),
+        "integrated": _harrell_c(time, event, np.asarray(fitted.risk_score)),
+    }
     encoded_all = design["clinical"]
     rng = np.random.default_rng(settings.seed)
     n = len(time)
@@ -243,13 +269,17 @@ def optimism_corrected(fitted, spec: TrainingSpec, clinical_records: Sequence | 
             "optimism": 1.0 - float(np.mean(slopes)),
             "resamples_used": len(slopes),
             "meaning": "Cox coefficient of the refitted linear predictor on the original training patients; "
-                       "below 1 means the predictions are too extreme",
+            "below 1 means the predictions are too extreme",
         }
     return result
 
 
-def proportional_hazards_test(time: Sequence[float], event: Sequence[bool], columns: Mapping[str, Sequence[float]],
-                              coefficients: Mapping[str, float] | None = None) -> dict[str, Any]:
+def proportional_hazards_test(
+    time: Sequence[float],
+    event: Sequence[bool],
+    columns: Mapping[str, Sequence[float]],
+    coefficients: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
     """Grambsch-Therneau test per term of a Cox model (lifelines), in the time transforms "rank" and "km".
 
     ``columns``: the model's terms (the integrated model: radiomics score and
@@ -267,8 +297,9 @@ def proportional_hazards_test(time: Sequence[float], event: Sequence[bool], colu
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fitter.fit(frame, duration_col=_TIME, event_col=_EVENT)
-        tests = {transform: proportional_hazard_test(fitter, frame, time_transform=transform)
-                 for transform in ("rank", "km")}
+        tests = {
+            transform: proportional_hazard_test(fitter, frame, time_transform=transform) for transform in ("rank", "km")
+        }
     terms = []
     for name in columns:
         row: dict[str, Any] = {"name": name}
@@ -279,11 +310,12 @@ def proportional_hazards_test(time: Sequence[float], event: Sequence[bool], colu
         terms.append(row)
     result: dict[str, Any] = {
         "method": "Grambsch-Therneau test on scaled Schoenfeld residuals (lifelines proportional_hazard_test), "
-                  "1 df per term",
+        "1 df per term",
         "terms": terms,
         "smallest_p": min(min(row["p_rank"], row["p_km"]) for row in terms) if terms else None,
     }
     if coefficients:
-        result["max_abs_coefficient_difference_from_lifelines"] = float(max(
-            abs(float(fitter.params_[name]) - float(coefficients[name])) for name in columns))
+        result["max_abs_coefficient_difference_from_lifelines"] = float(
+            max(abs(float(fitter.params_[name]) - float(coefficients[name])) for name in columns)
+        )
     return result

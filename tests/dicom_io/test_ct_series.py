@@ -28,9 +28,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_io.ct_series import read_ct_series
-from dicom_io.errors import DicomInputError
-from dicom_io.synthetic import (
+from sclc_risk_node.dicom_io.ct_series import read_ct_series
+from sclc_risk_node.dicom_io.errors import DicomInputError
+from sclc_risk_node.dicom_io.synthetic import (
     RESCALE_INTERCEPT_HU,
     SyntheticPatient,
     build_tumour_seg,
@@ -50,9 +50,7 @@ SPACING_XYZ = (0.8, 0.7, 2.5)
 
 @pytest.fixture(scope="module")
 def phantom() -> tuple[sitk.Image, sitk.Image]:
-    return synthetic_chest_phantom(
-        size=SIZE_XYZ, spacing_mm=SPACING_XYZ, tumour_radii_mm=(9.0, 8.0, 8.0)
-    )
+    return synthetic_chest_phantom(size=SIZE_XYZ, spacing_mm=SPACING_XYZ, tumour_radii_mm=(9.0, 8.0, 8.0))
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +118,7 @@ def test_reads_hu_volume_with_source_geometry(image, datasets, tmp_path):
     assert ct.frame_of_reference_uid == datasets[0].FrameOfReferenceUID
 
 
-def test_shuffled_nested_files_with_junk_and_other_objects_give_same_image(
-    phantom, image, datasets, tmp_path
-):
+def test_shuffled_nested_files_with_junk_and_other_objects_give_same_image(phantom, image, datasets, tmp_path):
     # Scrambled InstanceNumber and SliceLocation: only the positions may decide the order.
     rng = random.Random(7)
     for ds, number in zip(datasets, rng.sample(range(1, 13), 12)):
@@ -227,9 +223,9 @@ def test_one_late_slice_beyond_int16_turns_the_whole_volume_float32(image, datas
 
     assert ct.image.GetPixelID() == sitk.sitkFloat32
     by_z = sorted(datasets, key=lambda ds: float(ds.ImagePositionPatient[2]))
-    expected = np.stack(
-        [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in by_z]
-    ).astype(np.float32)
+    expected = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in by_z]).astype(
+        np.float32
+    )
     np.testing.assert_array_equal(sitk.GetArrayFromImage(ct.image), expected)
 
 
@@ -259,9 +255,7 @@ def test_spacing_jitter_within_tolerance_is_accepted(image, datasets, tmp_path):
 )
 def test_encoded_series_decodes_to_the_same_hu(image, datasets, transfer_syntax, tmp_path):
     paths = write_datasets(datasets, tmp_path, transfer_syntax_uid=transfer_syntax)
-    assert {pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID for p in paths} == {
-        transfer_syntax
-    }
+    assert {pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID for p in paths} == {transfer_syntax}
 
     assert_same_image(read_ct_series(tmp_path).image, image)
 
@@ -283,7 +277,8 @@ def test_explicit_big_endian_from_dcmtk_decodes_to_the_same_hu(image, datasets, 
 DCMDJPEG = Path("/usr/bin/dcmdjpeg")
 DCMODIFY = Path("/usr/bin/dcmodify")
 requires_dcmtk_jpeg = pytest.mark.skipif(
-    not (DCMCJPEG.exists() and DCMDJPEG.exists() and DCMODIFY.exists()), reason="DCMTK dcmcjpeg/dcmdjpeg/dcmodify missing"
+    not (DCMCJPEG.exists() and DCMDJPEG.exists() and DCMODIFY.exists()),
+    reason="DCMTK dcmcjpeg/dcmdjpeg/dcmodify missing",
 )
 
 
@@ -293,8 +288,11 @@ def jpeg_baseline_series(datasets, tmp_path) -> Path:
     lossy = tmp_path / "jpeg-baseline"
     lossy.mkdir()
     for path in plain:
-        subprocess.run([str(DCMCJPEG), "+eb", "+q", "60", "+un", str(path), str(lossy / path.name)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [str(DCMCJPEG), "+eb", "+q", "60", "+un", str(path), str(lossy / path.name)],
+            check=True,
+            capture_output=True,
+        )
     return lossy
 
 
@@ -307,7 +305,9 @@ def test_jpeg_baseline_ct_is_refused_naming_the_compression(datasets, tmp_path):
 
     message = refusal(lossy)
 
-    assert message.startswith(f"series {datasets[0].SeriesInstanceUID}: lossy-compressed CT is refused (12 of 12 instances; ")
+    assert message.startswith(
+        f"series {datasets[0].SeriesInstanceUID}: lossy-compressed CT is refused (12 of 12 instances; "
+    )
     assert 'Lossy Image Compression (0028,2110) is "01"' in message
     assert "scoring.allow_lossy_ct = true" in message
 
@@ -354,7 +354,7 @@ def test_lossless_and_uncompressed_series_are_not_flagged(datasets, tmp_path):
 def test_jpeg2000_is_lossy_unless_the_header_says_lossless():
     from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSNearLossless
 
-    from dicom_io.ct_series import lossy_compression_reason
+    from sclc_risk_node.dicom_io.ct_series import lossy_compression_reason
 
     def header(transfer_syntax, flag=None):
         ds = Dataset()
@@ -364,11 +364,18 @@ def test_jpeg2000_is_lossy_unless_the_header_says_lossless():
             ds.LossyImageCompression = flag
         return ds
 
-    assert lossy_compression_reason(header(JPEG2000)) == "transfer syntax JPEG 2000 Image Compression (1.2.840.10008.1.2.4.91) is lossy"
+    assert (
+        lossy_compression_reason(header(JPEG2000))
+        == "transfer syntax JPEG 2000 Image Compression (1.2.840.10008.1.2.4.91) is lossy"
+    )
     assert lossy_compression_reason(header(JPEG2000, "00")) is None
     assert lossy_compression_reason(header(JPEG2000Lossless)) is None
-    assert lossy_compression_reason(header(JPEGLSNearLossless, "00")) is not None  # near-lossless is lossy by definition
-    assert lossy_compression_reason(header(ExplicitVRLittleEndian, "01")) == 'Lossy Image Compression (0028,2110) is "01"'
+    assert (
+        lossy_compression_reason(header(JPEGLSNearLossless, "00")) is not None
+    )  # near-lossless is lossy by definition
+    assert (
+        lossy_compression_reason(header(ExplicitVRLittleEndian, "01")) == 'Lossy Image Compression (0028,2110) is "01"'
+    )
 
 
 def assert_dcmtk_conversion_keeps_hu(image, datasets, tmp_path, command, transfer_syntax):
@@ -406,8 +413,7 @@ def test_mr_series_only_is_refused(datasets, tmp_path):
     message = refusal(tmp_path)
 
     assert message == (
-        f"no CT series in {tmp_path}: modality MR is not CT "
-        f"(series {datasets[0].SeriesInstanceUID}, 12 instances)"
+        f"no CT series in {tmp_path}: modality MR is not CT (series {datasets[0].SeriesInstanceUID}, 12 instances)"
     )
 
 
@@ -440,8 +446,7 @@ def test_requested_series_absent_is_refused(datasets, tmp_path):
     message = refusal(tmp_path, series_instance_uid=absent)
 
     assert message == (
-        f"series {absent} not found in {tmp_path}; series present: "
-        f"{datasets[0].SeriesInstanceUID} (CT, 12 instances)"
+        f"series {absent} not found in {tmp_path}; series present: {datasets[0].SeriesInstanceUID} (CT, 12 instances)"
     )
 
 
@@ -537,9 +542,7 @@ def test_inconsistent_slice_attribute_is_refused(datasets, keyword, value, tmp_p
 def test_single_slice_is_refused(datasets, tmp_path):
     write_datasets(datasets[:1], tmp_path)
 
-    assert refusal(tmp_path) == (
-        f"series {datasets[0].SeriesInstanceUID} has 1 slice; a CT volume needs at least 2"
-    )
+    assert refusal(tmp_path) == (f"series {datasets[0].SeriesInstanceUID} has 1 slice; a CT volume needs at least 2")
 
 
 def test_slice_truncated_in_pixel_data_is_refused_by_name(datasets, tmp_path):

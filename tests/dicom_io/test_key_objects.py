@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.uid import KeyObjectSelectionDocumentStorage
 
-from dicom_io.key_objects import build_key_object_selection
-from dicom_io.key_slice import find_key_slice, mask_outlines_px
-from dicom_io.sr_writer import (
+from sclc_risk_node.dicom_io.key_objects import build_key_object_selection
+from sclc_risk_node.dicom_io.key_slice import find_key_slice, mask_outlines_px
+from sclc_risk_node.dicom_io.sr_writer import (
     DEMONSTRATION_NOTICE,
     build_key_slice_roi_sr,
     build_risk_sr,
@@ -81,23 +81,29 @@ def test_empty_mask_has_no_key_slice(study):
 @pytest.fixture(scope="module")
 def sr_path(study, tmp_path_factory):
     ct, segment = study
-    return write(build_risk_sr(ct, segment, make_clinical(), make_result(), content_datetime=WHEN),
-                 tmp_path_factory.mktemp("sr") / "SR.dcm")
+    return write(
+        build_risk_sr(ct, segment, make_clinical(), make_result(), content_datetime=WHEN),
+        tmp_path_factory.mktemp("sr") / "SR.dcm",
+    )
 
 
 @pytest.fixture(scope="module")
 def roi_sr_path(study, tmp_path_factory):
     ct, segment = study
     key = find_key_slice(ct, segment.mask)
-    return write(build_key_slice_roi_sr(ct, segment, make_result(), key, content_datetime=WHEN),
-                 tmp_path_factory.mktemp("sr") / "ROI.dcm")
+    return write(
+        build_key_slice_roi_sr(ct, segment, make_result(), key, content_datetime=WHEN),
+        tmp_path_factory.mktemp("sr") / "ROI.dcm",
+    )
 
 
 def test_roi_sr_draws_the_outline_on_the_key_slice_and_labels_it(study, roi_sr_path, sr_path):
     ct, segment = study
     key = find_key_slice(ct, segment.mask)
     roi = pydicom.dcmread(roi_sr_path)
-    series_uid, sr_uid = derive_sr_uids(ct.series_instance_uid, segment.segmentation.SOPInstanceUID, make_result().model.sha256)
+    series_uid, sr_uid = derive_sr_uids(
+        ct.series_instance_uid, segment.segmentation.SOPInstanceUID, make_result().model.sha256
+    )
     assert roi.SeriesInstanceUID == series_uid and roi.SOPInstanceUID != sr_uid and roi.InstanceNumber == 2
     assert roi.ConceptNameCodeSequence[0].CodeValue == "126000"  # OHIF loads TID 1500 only
     sr = hd.sr.srread(roi_sr_path)
@@ -113,12 +119,13 @@ def test_roi_sr_draws_the_outline_on_the_key_slice_and_labels_it(study, roi_sr_p
     assert labels["Progression-free survival at 12 months"] == (27.2, "%")
     assert labels["Area"][1] == "mm2"
     # OHIF shows NUM names, never the CODE risk group: the group and DEMO are in the score's name.
-    assert labels["High progression risk (DEMO model), risk score"] == (
-        round(make_result().risk_score, 3), "1")
+    assert labels["High progression risk (DEMO model), risk score"] == (round(make_result().risk_score, 3), "1")
     assert [site.value.value for site in planar.finding_sites] == ["39607008"]
     # Both SRs' Image Library hold exactly the key slice (not one entry per CT slice).
     for path in (roi_sr_path, sr_path):
-        library = [i for i in pydicom.dcmread(path).ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
+        library = [
+            i for i in pydicom.dcmread(path).ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"
+        ]
         refs = [
             image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
             for group in library[0].ContentSequence
@@ -131,7 +138,9 @@ def test_roi_sr_draws_the_outline_on_the_key_slice_and_labels_it(study, roi_sr_p
 def test_out_of_domain_roi_carries_no_estimates(study, tmp_path):
     ct, segment = study
     key = find_key_slice(ct, segment.mask)
-    path = write(build_key_slice_roi_sr(ct, segment, make_result(applicability=OUT_OF_DOMAIN), key), tmp_path / "ROI.dcm")
+    path = write(
+        build_key_slice_roi_sr(ct, segment, make_result(applicability=OUT_OF_DOMAIN), key), tmp_path / "ROI.dcm"
+    )
     [planar] = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
     assert planar.tracking_identifier == "Tumour: outside applicability domain (DEMO)"
     # No risk score, group or PFS; OHIF's label says why instead.
@@ -192,15 +201,24 @@ def test_dciodvfy_reports_no_errors_on_roi_sr_and_kos(which, request):
 @pytest.mark.external
 @pytest.mark.slow
 def test_pixelmed_finds_no_template_errors_in_the_roi_sr(roi_sr_path):
-    from tests.dicom_io.test_sr_writer import PIXELMED_JAR
     import shutil
+
+    from tests.dicom_io.test_sr_writer import PIXELMED_JAR
 
     java = shutil.which("java")
     if java is None or not PIXELMED_JAR.exists():
         pytest.skip("java or PixelMed is not installed")
     run = _run(
-        [java, "-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathTotalOpLimit=0",
-         "-cp", PIXELMED_JAR, "com.pixelmed.validate.DicomSRValidator", roi_sr_path],
+        [
+            java,
+            "-Djdk.xml.xpathExprOpLimit=0",
+            "-Djdk.xml.xpathExprGrpLimit=0",
+            "-Djdk.xml.xpathTotalOpLimit=0",
+            "-cp",
+            PIXELMED_JAR,
+            "com.pixelmed.validate.DicomSRValidator",
+            roi_sr_path,
+        ],
         timeout_s=300,
     )
     lines = (run.stdout + run.stderr).splitlines()

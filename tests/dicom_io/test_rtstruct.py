@@ -8,12 +8,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from dicom_io.ct_series import read_ct_series
-from dicom_io.errors import DicomInputError
-from dicom_io.rtstruct import read_tumour_rtstruct
-from dicom_io.seg import read_tumour_segment
-from dicom_io.synthetic import SyntheticPatient, build_tumour_seg, ct_datasets_from_image, synthetic_chest_phantom, write_datasets
-from scoring.errors import MaskError
+from sclc_risk_node.dicom_io.ct_series import read_ct_series
+from sclc_risk_node.dicom_io.errors import DicomInputError
+from sclc_risk_node.dicom_io.rtstruct import read_tumour_rtstruct
+from sclc_risk_node.dicom_io.seg import read_tumour_segment
+from sclc_risk_node.dicom_io.synthetic import (
+    SyntheticPatient,
+    build_tumour_seg,
+    ct_datasets_from_image,
+    synthetic_chest_phantom,
+    write_datasets,
+)
+from sclc_risk_node.scoring.errors import MaskError
 from tests.rtstruct_builder import build_rtstruct, contours_from_mask, save
 
 #: RTSTRUCT and SEG of one shape agree at least this well (the stated tolerance, docs/conformance-statement.md).
@@ -26,7 +32,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def make_study(folder: Path, direction=None):
-    image, mask = synthetic_chest_phantom(size=(48, 40, 12), spacing_mm=(0.8, 0.7, 2.5), tumour_radii_mm=(9.0, 8.0, 8.0))
+    image, mask = synthetic_chest_phantom(
+        size=(48, 40, 12), spacing_mm=(0.8, 0.7, 2.5), tumour_radii_mm=(9.0, 8.0, 8.0)
+    )
     if direction is not None:
         image.SetDirection(direction)
         mask.SetDirection(direction)
@@ -66,8 +74,12 @@ def test_an_analytic_sphere_as_polygons_matches_the_voxelised_sphere_seg(study, 
     # The SEG: voxel centres within the sphere.
     nx, ny, nz = image.GetSize()
     kk, jj, ii = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
-    points = np.array([image.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))
-                       for i, j, k in zip(ii.ravel(), jj.ravel(), kk.ravel())])
+    points = np.array(
+        [
+            image.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))
+            for i, j, k in zip(ii.ravel(), jj.ravel(), kk.ravel())
+        ]
+    )
     voxelised = (np.linalg.norm(points - centre, axis=1) <= radius_mm).reshape(nz, ny, nx).astype(np.uint8)
     # The RTSTRUCT: each slice's circle as a 90-gon.
     contours = {}
@@ -77,8 +89,13 @@ def test_an_analytic_sphere_as_polygons_matches_the_voxelised_sphere_seg(study, 
         if r2 <= 0:
             continue
         angles = np.linspace(0, 2 * np.pi, 90, endpoint=False)
-        circle = np.column_stack([centre[0] + np.sqrt(r2) * np.cos(angles), centre[1] + np.sqrt(r2) * np.sin(angles),
-                                  np.full(angles.shape, z)])
+        circle = np.column_stack(
+            [
+                centre[0] + np.sqrt(r2) * np.cos(angles),
+                centre[1] + np.sqrt(r2) * np.sin(angles),
+                np.full(angles.shape, z),
+            ]
+        )
         contours[k] = [circle]
     structure = read_tumour_rtstruct(save(build_rtstruct(datasets, contours), tmp_path / "rs.dcm"), ct)
     reference = seg_mask(ct, datasets, voxelised, tmp_path)
@@ -102,12 +119,22 @@ def test_the_tumour_roi_is_chosen_by_name_then_by_interpreted_type(study, tmp_pa
     assert structure.roi_name == "GTVp"
     # No GTV-like name: the single ROI of interpreted type TUMOR.
     structure = read_tumour_rtstruct(
-        build_rtstruct(datasets, contours, roi_name="Primary lesion", interpreted_type="TUMOR",
-                       extra_rois=[("Lung_L", "ORGAN", contours)]), ct)
+        build_rtstruct(
+            datasets,
+            contours,
+            roi_name="Primary lesion",
+            interpreted_type="TUMOR",
+            extra_rois=[("Lung_L", "ORGAN", contours)],
+        ),
+        ct,
+    )
     assert structure.roi_name == "Primary lesion"
     # Two GTV-like names: refused, listing them; a name (or a pattern) settles it.
     ambiguous = build_rtstruct(datasets, contours, roi_name="GTV", extra_rois=[("GTV_primary", "GTV", one_slice)])
-    with pytest.raises(DicomInputError, match=r"has 2 ROIs whose name matches the tumour pattern: 1 'GTV' \(GTV\), 2 'GTV_primary' \(GTV\); choose one by name"):
+    with pytest.raises(
+        DicomInputError,
+        match=r"has 2 ROIs whose name matches the tumour pattern: 1 'GTV' \(GTV\), 2 'GTV_primary' \(GTV\); choose one by name",
+    ):
         read_tumour_rtstruct(ambiguous, ct)
     assert read_tumour_rtstruct(ambiguous, ct, roi_name="gtv_primary").roi_number == 2
     assert read_tumour_rtstruct(ambiguous, ct, roi_name_pattern=r"primary").roi_number == 2
@@ -147,7 +174,9 @@ def test_a_seg_given_as_rtstruct_and_an_empty_roi(study, tmp_path):
     ct, datasets, mask = study
     seg_path = tmp_path / "seg.dcm"
     build_tumour_seg(datasets, sitk.GetArrayFromImage(mask)).save_as(seg_path, enforce_file_format=True)
-    with pytest.raises(DicomInputError, match=r"seg.dcm is not an RT Structure Set \(Segmentation Storage, modality SEG\)"):
+    with pytest.raises(
+        DicomInputError, match=r"seg.dcm is not an RT Structure Set \(Segmentation Storage, modality SEG\)"
+    ):
         read_tumour_rtstruct(seg_path, ct)
     tiny = build_rtstruct(datasets, {})
     with pytest.raises(DicomInputError, match="has no contours"):

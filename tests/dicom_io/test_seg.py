@@ -15,11 +15,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
 
-from dicom_io.ct_series import read_ct_series
-from dicom_io.errors import DicomInputError
-from dicom_io.inputs import CtSeries
-from dicom_io.seg import read_tumour_segment
-from dicom_io.synthetic import (
+from sclc_risk_node.dicom_io.ct_series import read_ct_series
+from sclc_risk_node.dicom_io.errors import DicomInputError
+from sclc_risk_node.dicom_io.inputs import CtSeries
+from sclc_risk_node.dicom_io.seg import read_tumour_segment
+from sclc_risk_node.dicom_io.synthetic import (
     SyntheticPatient,
     build_tumour_seg,
     ct_datasets_from_image,
@@ -27,7 +27,7 @@ from dicom_io.synthetic import (
     tumour_segment_description,
     write_datasets,
 )
-from scoring.errors import MaskError
+from sclc_risk_node.scoring.errors import MaskError
 
 PATIENT = SyntheticPatient()
 
@@ -274,8 +274,7 @@ def test_missing_segment_lists_the_segments(study, tmp_path):
     path = save(build_tumour_seg(study.datasets, study.mask, segment_descriptions=lung_only), tmp_path)
 
     assert refusal(path, study.ct) == (
-        "seg.dcm has no segment with property type SCT 108369006 (Neoplasm); "
-        "segments: 1 'Lung' (SCT 39607008 Lung)"
+        "seg.dcm has no segment with property type SCT 108369006 (Neoplasm); segments: 1 'Lung' (SCT 39607008 Lung)"
     )
     assert refusal(path, study.ct, segment_label="GTV") == (
         "seg.dcm has no segment labelled 'GTV'; segments: 1 'Lung' (SCT 39607008 Lung)"
@@ -291,14 +290,11 @@ def test_empty_segment_is_a_mask_error(study, tmp_path):
 
 
 def test_seg_of_another_series_is_refused(study, tmp_path):
-    other_series = ct_datasets_from_image(
-        study.image, PATIENT, frame_of_reference_uid=study.ct.frame_of_reference_uid
-    )
+    other_series = ct_datasets_from_image(study.image, PATIENT, frame_of_reference_uid=study.ct.frame_of_reference_uid)
     path = save(build_tumour_seg(other_series, study.mask), tmp_path)
 
     assert refusal(path, study.ct) == (
-        f"seg.dcm references series {other_series[0].SeriesInstanceUID}, "
-        f"not CT series {study.ct.series_instance_uid}"
+        f"seg.dcm references series {other_series[0].SeriesInstanceUID}, not CT series {study.ct.series_instance_uid}"
     )
 
 
@@ -315,9 +311,7 @@ def test_seg_in_another_frame_of_reference_is_refused(study, tmp_path):
 def shift_frame_positions(seg: Dataset, offset_mm: tuple[float, float, float]) -> Dataset:
     for frame in seg.PerFrameFunctionalGroupsSequence:
         plane = frame.PlanePositionSequence[0]
-        plane.ImagePositionPatient = [
-            round(float(v) + d, 6) for v, d in zip(plane.ImagePositionPatient, offset_mm)
-        ]
+        plane.ImagePositionPatient = [round(float(v) + d, 6) for v, d in zip(plane.ImagePositionPatient, offset_mm)]
     return seg
 
 
@@ -361,8 +355,7 @@ def test_frame_whose_position_contradicts_its_reference_is_refused(study, tmp_pa
     plane.ImagePositionPatient = [x, y, z + 2.5]
 
     assert refusal(save(seg, tmp_path), study.ct) == (
-        f"seg.dcm: frame 6 references CT slice {referenced} "
-        f"but its ImagePositionPatient lies on slice {referenced + 1}"
+        f"seg.dcm: frame 6 references CT slice {referenced} but its ImagePositionPatient lies on slice {referenced + 1}"
     )
 
 
@@ -394,8 +387,7 @@ def test_seg_truncated_in_pixel_data_is_refused(study, tmp_path):
     expected_bytes = 48 * 40 * 12 // 8  # BINARY frames are bit-packed
 
     assert refusal(path, study.ct) == (
-        f"seg.dcm: corrupt or truncated SEG (pixel data is {expected_bytes - 200} bytes, "
-        f"{expected_bytes} expected)"
+        f"seg.dcm: corrupt or truncated SEG (pixel data is {expected_bytes - 200} bytes, {expected_bytes} expected)"
     )
 
 

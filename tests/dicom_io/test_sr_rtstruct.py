@@ -8,8 +8,8 @@ import highdicom as hd
 import numpy as np
 import pytest
 
-from dicom_io.rtstruct import read_tumour_rtstruct
-from dicom_io.sr_writer import build_key_slice_roi_sr, build_risk_sr, derive_sr_uids
+from sclc_risk_node.dicom_io.rtstruct import read_tumour_rtstruct
+from sclc_risk_node.dicom_io.sr_writer import build_key_slice_roi_sr, build_risk_sr, derive_sr_uids
 from tests.dicom_io.test_sr_writer import (
     DCIODVFY,
     PIXELMED_ITEMS_NOT_IN_TEMPLATE,
@@ -62,9 +62,12 @@ def test_the_sr_cites_the_rtstruct_and_carries_its_contours(structure, rtstruct_
     first = np.asarray(polygons[0])
     assert np.allclose(first[0], first[-1]) and np.allclose(first[:-1], tumour.contours_mm[0], atol=1e-3)
     assert surface.frame_of_reference_uid == ct.frame_of_reference_uid
-    contour_slices = {int(round(ct.image.TransformPhysicalPointToContinuousIndex(tuple(c[0]))[2])) for c in tumour.contours_mm}
-    assert {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in surface.source_images_for_segmentation} == {
-        str(ct.headers[k].SOPInstanceUID) for k in contour_slices}
+    contour_slices = {
+        int(round(ct.image.TransformPhysicalPointToContinuousIndex(tuple(c[0]))[2])) for c in tumour.contours_mm
+    }
+    assert {
+        str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in surface.source_images_for_segmentation
+    } == {str(ct.headers[k].SOPInstanceUID) for k in contour_slices}
     assert group.tracking_identifier == "GTV_primary: progression risk (DEMO)"
     # The SR UIDs follow the RTSTRUCT instance as they follow a SEG.
     series_uid, sop_uid = derive_sr_uids(ct.series_instance_uid, tumour.sop_instance_uid, make_result().model.sha256)
@@ -72,7 +75,7 @@ def test_the_sr_cites_the_rtstruct_and_carries_its_contours(structure, rtstruct_
 
 
 def test_the_key_slice_roi_sr_is_built_for_an_rtstruct_too(structure):
-    from dicom_io.key_slice import find_key_slice
+    from sclc_risk_node.dicom_io.key_slice import find_key_slice
 
     ct, tumour = structure
     roi_sr = build_key_slice_roi_sr(ct, tumour, make_result(), find_key_slice(ct, tumour.mask), content_datetime=WHEN)
@@ -93,14 +96,25 @@ def test_pixelmed_finds_no_template_errors(rtstruct_sr_path):
     if java is None or not PIXELMED_JAR.exists():
         pytest.skip("java or PixelMed is not installed")
     run = _run(
-        [java, "-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathTotalOpLimit=0",
-         "-cp", PIXELMED_JAR, "com.pixelmed.validate.DicomSRValidator", rtstruct_sr_path],
+        [
+            java,
+            "-Djdk.xml.xpathExprOpLimit=0",
+            "-Djdk.xml.xpathExprGrpLimit=0",
+            "-Djdk.xml.xpathTotalOpLimit=0",
+            "-cp",
+            PIXELMED_JAR,
+            "com.pixelmed.validate.DicomSRValidator",
+            rtstruct_sr_path,
+        ],
         timeout_s=300,
     )
     lines = (run.stdout + run.stderr).splitlines()
     assert "IOD validation complete" in lines
     assert [line for line in lines if line.startswith("Error")] == [], "\n".join(lines[-40:])
-    assert not [line for line in lines if "Content Item not in template" in line
-                and not any(item in line for item in PIXELMED_ITEMS_NOT_IN_TEMPLATE)]
+    assert not [
+        line
+        for line in lines
+        if "Content Item not in template" in line and not any(item in line for item in PIXELMED_ITEMS_NOT_IN_TEMPLATE)
+    ]
     # Unlike the SEG's SR, not even the "Source Series for Segmentation" code-meaning warning.
     assert [line for line in lines if line.startswith("Warning") and "not in template" not in line] == []

@@ -17,23 +17,23 @@ import pydicom
 import pytest
 from pydicom.uid import Comprehensive3DSRStorage
 
-from dicom_io import codes
-from dicom_io.errors import DicomInputError
-from dicom_io.inputs import CtSeries, TumourSegment
-from dicom_io.sr_writer import (
+from sclc_risk_node.dicom_io import codes
+from sclc_risk_node.dicom_io.errors import DicomInputError
+from sclc_risk_node.dicom_io.inputs import CtSeries, TumourSegment
+from sclc_risk_node.dicom_io.sr_writer import (
     DEMONSTRATION_NOTICE,
     build_risk_sr,
     derive_sr_uids,
     read_risk_sr,
 )
-from dicom_io.synthetic import (
+from sclc_risk_node.dicom_io.synthetic import (
     SyntheticPatient,
     build_tumour_seg,
     ct_datasets_from_image,
     synthetic_chest_phantom,
 )
-from scoring.clinical import ClinicalRecord, Lipi
-from scoring.types import (
+from sclc_risk_node.scoring.clinical import ClinicalRecord, Lipi
+from sclc_risk_node.scoring.types import (
     DOMAIN_UNKNOWN,
     Applicability,
     DomainStatus,
@@ -134,8 +134,13 @@ def make_result(
 
 def make_clinical(**overrides) -> ClinicalRecord:
     fields = dict(
-        t_stage="T3", n_stage="N2", m_stage="M1c", ecog=1, lipi=Lipi.INTERMEDIATE,
-        lipi_source="given", patient_id="SYNTH-0001",
+        t_stage="T3",
+        n_stage="N2",
+        m_stage="M1c",
+        ecog=1,
+        lipi=Lipi.INTERMEDIATE,
+        lipi_source="given",
+        patient_id="SYNTH-0001",
     )
     fields.update(overrides)
     return ClinicalRecord(**fields)
@@ -376,11 +381,25 @@ def test_missing_segment_number_is_refused(study):
 
 def test_private_codes_are_unique_short_and_in_our_scheme():
     concepts = [
-        codes.RISK_GROUP, codes.RADIOMICS_SCORE, codes.RADIOMICS_CUTOFF, codes.RISK_SCORE, codes.RISK_CUTOFF,
-        codes.DEMONSTRATION_MODEL, codes.INTENDED_USE, codes.T_STAGE, codes.N_STAGE, codes.M_STAGE,
-        codes.ECOG_PERFORMANCE_STATUS, codes.LIPI, codes.LIPI_SOURCE,
-        *codes.PFS_PROBABILITY.values(), *codes.T_STAGE_VALUES.values(), *codes.N_STAGE_VALUES.values(),
-        *codes.M_STAGE_VALUES.values(), *codes.ECOG_VALUES.values(), *codes.LIPI_VALUES.values(),
+        codes.RISK_GROUP,
+        codes.RADIOMICS_SCORE,
+        codes.RADIOMICS_CUTOFF,
+        codes.RISK_SCORE,
+        codes.RISK_CUTOFF,
+        codes.DEMONSTRATION_MODEL,
+        codes.INTENDED_USE,
+        codes.T_STAGE,
+        codes.N_STAGE,
+        codes.M_STAGE,
+        codes.ECOG_PERFORMANCE_STATUS,
+        codes.LIPI,
+        codes.LIPI_SOURCE,
+        *codes.PFS_PROBABILITY.values(),
+        *codes.T_STAGE_VALUES.values(),
+        *codes.N_STAGE_VALUES.values(),
+        *codes.M_STAGE_VALUES.values(),
+        *codes.ECOG_VALUES.values(),
+        *codes.LIPI_VALUES.values(),
         *codes.LIPI_SOURCE_VALUES.values(),
     ]
     values = [c.value for c in concepts]
@@ -412,7 +431,9 @@ def test_reading_something_else_is_refused(study, demo_high_sr_path):
 
 
 def _run(command: list, *, timeout_s: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout_s)
+    return subprocess.run(
+        command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout_s
+    )
 
 
 def _require(tool: Path) -> None:
@@ -476,8 +497,10 @@ def test_dsr2html_shows_each_value_under_its_label(demo_high_sr_path, tmp_path):
         assert re.search(re.escape(label) + r"\n" + re.escape(value), text), f"{label} {value}"
     assert "zhao-integrated-cox" in text and f"sha256={SHA_A}" in text
     # Read top to bottom: the result first, the references last; a one-image library, not one line per slice.
-    assert text.index("Summary:") < text.index("Progression-free survival at 6 months:") < text.index(
-        "Referenced Segment:"
+    assert (
+        text.index("Summary:")
+        < text.index("Progression-free survival at 6 months:")
+        < text.index("Referenced Segment:")
     )
     assert text.count("CT image") == 1
     assert text.count(DEMONSTRATION_NOTICE) == 1
@@ -487,23 +510,23 @@ def test_dsr2html_shows_each_value_under_its_label(demo_high_sr_path, tmp_path):
 #: private concepts, the Summary TEXT, the "Full name" of a long feature, and the group-level TID 4019
 #: (highdicom's algorithm_id of TID 1411, newer than PixelMed's table).  Warnings, not errors.
 PIXELMED_ITEMS_NOT_IN_TEMPLATE = {
-    "CODE (RISKGROUP,99SCLCRN,\"Progression risk group\")",
-    "CODE (APPLICABILITY,99SCLCRN,\"Model applicability domain\")",
-    "CODE (WITHHELD,99SCLCRN,\"Risk estimates withheld\")",
-    "CODE (DEMOMODEL,99SCLCRN,\"Demonstration model\")",
-    "CODE (TSTAGE,99SCLCRN,\"Clinical T stage\")",
-    "CODE (NSTAGE,99SCLCRN,\"Clinical N stage\")",
-    "CODE (MSTAGE,99SCLCRN,\"Clinical M stage\")",
-    "CODE (ECOGPS,99SCLCRN,\"ECOG performance status\")",
-    "CODE (LIPI,99SCLCRN,\"Lung Immune Prognostic Index\")",
-    "CODE (LIPISRC,99SCLCRN,\"LIPI source\")",
-    "TEXT (121111,DCM,\"Summary\")",
-    "TEXT (APPLICDETAIL,99SCLCRN,\"Applicability assessment\")",
-    "TEXT (FULLNAME,99SCLCRN,\"Full name\")",
-    "TEXT (INTENDEDUSE,99SCLCRN,\"Intended use\")",
-    "TEXT (111001,DCM,\"Algorithm Name\")",
-    "TEXT (111002,DCM,\"Algorithm Parameters\")",
-    "TEXT (111003,DCM,\"Algorithm Version\")",
+    'CODE (RISKGROUP,99SCLCRN,"Progression risk group")',
+    'CODE (APPLICABILITY,99SCLCRN,"Model applicability domain")',
+    'CODE (WITHHELD,99SCLCRN,"Risk estimates withheld")',
+    'CODE (DEMOMODEL,99SCLCRN,"Demonstration model")',
+    'CODE (TSTAGE,99SCLCRN,"Clinical T stage")',
+    'CODE (NSTAGE,99SCLCRN,"Clinical N stage")',
+    'CODE (MSTAGE,99SCLCRN,"Clinical M stage")',
+    'CODE (ECOGPS,99SCLCRN,"ECOG performance status")',
+    'CODE (LIPI,99SCLCRN,"Lung Immune Prognostic Index")',
+    'CODE (LIPISRC,99SCLCRN,"LIPI source")',
+    'TEXT (121111,DCM,"Summary")',
+    'TEXT (APPLICDETAIL,99SCLCRN,"Applicability assessment")',
+    'TEXT (FULLNAME,99SCLCRN,"Full name")',
+    'TEXT (INTENDEDUSE,99SCLCRN,"Intended use")',
+    'TEXT (111001,DCM,"Algorithm Name")',
+    'TEXT (111002,DCM,"Algorithm Parameters")',
+    'TEXT (111003,DCM,"Algorithm Version")',
 }
 
 
@@ -514,8 +537,16 @@ def test_pixelmed_finds_no_template_errors(demo_high_sr_path):
     if java is None or not PIXELMED_JAR.exists():
         pytest.skip("java or PixelMed is not installed")
     run = _run(
-        [java, "-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathTotalOpLimit=0",
-         "-cp", PIXELMED_JAR, "com.pixelmed.validate.DicomSRValidator", demo_high_sr_path],
+        [
+            java,
+            "-Djdk.xml.xpathExprOpLimit=0",
+            "-Djdk.xml.xpathExprGrpLimit=0",
+            "-Djdk.xml.xpathTotalOpLimit=0",
+            "-cp",
+            PIXELMED_JAR,
+            "com.pixelmed.validate.DicomSRValidator",
+            demo_high_sr_path,
+        ],
         timeout_s=300,
     )
     lines = (run.stdout + run.stderr).splitlines()
@@ -558,7 +589,9 @@ def test_highdicom_srread_parses_the_groups_back(demo_high_sr_path, study):
 
 def _sr_for(study, tmp_path, result, **kwargs):
     ct, segment = study
-    path = write(build_risk_sr(ct, segment, make_clinical(), result, content_datetime=WHEN, **kwargs), tmp_path / "SR.dcm")
+    path = write(
+        build_risk_sr(ct, segment, make_clinical(), result, content_datetime=WHEN, **kwargs), tmp_path / "SR.dcm"
+    )
     return pydicom.dcmread(path), path
 
 

@@ -11,10 +11,10 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage
 
-from dicom_io.key_slice import find_key_slice
-from dicom_io.result_objects import OBJECT_KINDS, build_result_objects, check_kinds
-from dicom_io.sr_writer import DEMONSTRATION_NOTICE, derive_object_uids
-from dicom_io.summary import render_summary
+from sclc_risk_node.dicom_io.key_slice import find_key_slice
+from sclc_risk_node.dicom_io.result_objects import OBJECT_KINDS, build_result_objects, check_kinds
+from sclc_risk_node.dicom_io.sr_writer import DEMONSTRATION_NOTICE, derive_object_uids
+from sclc_risk_node.dicom_io.summary import render_summary
 from tests.dicom_io.test_sr_writer import (  # noqa: F401 - the module-scoped study fixture
     DCIODVFY,
     OUT_OF_DOMAIN,
@@ -53,10 +53,18 @@ def test_the_page_states_the_result_and_the_model(paths):
     pages, text = _pdf_text(document)
     assert pages == 1
     for expected in (
-        DEMONSTRATION_NOTICE.upper(), "HIGH RISK", "PFS 6 months: 61.8 %", "PFS 12 months: 27.2 %",
-        "Applicability domain unknown", "Key slice", "largest tumour cross-section", "peritumoral ring",
-        "risk score: radiomics_score  +0.621", "risk score: ecog  +0.222",
-        "Model: zhao-integrated-cox 1.2.0", "ID SYNTH-0001",
+        DEMONSTRATION_NOTICE.upper(),
+        "HIGH RISK",
+        "PFS 6 months: 61.8 %",
+        "PFS 12 months: 27.2 %",
+        "Applicability domain unknown",
+        "Key slice",
+        "largest tumour cross-section",
+        "peritumoral ring",
+        "risk score: radiomics_score  +0.621",
+        "risk score: ecog  +0.222",
+        "Model: zhao-integrated-cox 1.2.0",
+        "ID SYNTH-0001",
     ):
         assert expected in text, expected
 
@@ -99,12 +107,15 @@ def test_pdf_header_and_uids(paths, study):
     ct, segment = study
     pdf = pydicom.dcmread(paths["pdf"])
     assert pdf.SOPClassUID == EncapsulatedPDFStorage
-    assert (pdf.Modality, pdf.MIMETypeOfEncapsulatedDocument, pdf.BurnedInAnnotation) == ("DOC", "application/pdf", "YES")
+    assert (pdf.Modality, pdf.MIMETypeOfEncapsulatedDocument, pdf.BurnedInAnnotation) == (
+        "DOC",
+        "application/pdf",
+        "YES",
+    )
     assert pdf.DocumentTitle == "SCLC progression risk summary (DEMO)"
     assert pdf.StudyInstanceUID == ct.study_instance_uid
     uids = {
-        kind: derive_object_uids(kind, ct.series_instance_uid, segment.segmentation.SOPInstanceUID,
-                                 make_model().sha256)
+        kind: derive_object_uids(kind, ct.series_instance_uid, segment.segmentation.SOPInstanceUID, make_model().sha256)
         for kind in (*OBJECT_KINDS, "sr-roi")
     }
     assert (pdf.SeriesInstanceUID, pdf.SOPInstanceUID) == uids["pdf"]
@@ -137,7 +148,7 @@ def test_a_slice_of_a_temporary_image_outlives_the_image():
     A view of a freed SimpleITK image read garbage, or crashed the scoring worker with SIGSEGV once
     the image was large enough for its buffer to be unmapped.
     """
-    from dicom_io.summary import _slice_array
+    from sclc_risk_node.dicom_io.summary import _slice_array
 
     ring_slice = _slice_array(sitk.Image([512, 512, 40], sitk.sitkUInt8) + 1, 20)
     assert ring_slice.flags.owndata

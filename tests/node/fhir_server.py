@@ -28,8 +28,9 @@ KNOWN_PARAMETERS = {
 
 
 class RecordedFhirServer:
-    def __init__(self, resources: list[dict[str, Any]] | None = None, *, authorization: str | None = None,
-                 delay_s: float = 0.0):
+    def __init__(
+        self, resources: list[dict[str, Any]] | None = None, *, authorization: str | None = None, delay_s: float = 0.0
+    ):
         self.resources: list[dict[str, Any]] = list(resources or [])
         self.authorization = authorization
         self.delay_s = delay_s
@@ -52,7 +53,7 @@ class RecordedFhirServer:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}/fhir"
 
-    def __enter__(self) -> "RecordedFhirServer":
+    def __enter__(self) -> RecordedFhirServer:
         self._thread.start()
         return self
 
@@ -94,27 +95,34 @@ class RecordedFhirServer:
         matches = [r for r in self.resources if r.get("resourceType") == resource_type and _matches(r, params)]
         count = int(params.get("_count", ["100"])[0])
         offset = int(params.get("_offset", ["0"])[0])
-        page = matches[offset:offset + count]
+        page = matches[offset : offset + count]
         bundle = {
             "resourceType": "Bundle",
             "type": "searchset",
             "total": len(matches),
             "link": [{"relation": "self", "url": f"{self.base_url}/{resource_type}?{url.query}"}],
-            "entry": [{"fullUrl": f"{self.base_url}/{resource_type}/{r['id']}", "resource": r,
-                       "search": {"mode": "match"}} for r in page],
+            "entry": [
+                {"fullUrl": f"{self.base_url}/{resource_type}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+                for r in page
+            ],
         }
         if offset + count < len(matches):
             following = {k: v for k, v in params.items() if k != "_offset"}
             following["_offset"] = [str(offset + count)]
-            bundle["link"].append({
-                "relation": "next",
-                "url": f"{self.base_url}/{resource_type}?{urllib.parse.urlencode(following, doseq=True)}",
-            })
+            bundle["link"].append(
+                {
+                    "relation": "next",
+                    "url": f"{self.base_url}/{resource_type}?{urllib.parse.urlencode(following, doseq=True)}",
+                }
+            )
         self._send(handler, 200, bundle)
 
 
 def _outcome(text: str) -> dict[str, Any]:
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing", "diagnostics": text}]}
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "processing", "diagnostics": text}],
+    }
 
 
 def _matches(resource: dict[str, Any], params: dict[str, list[str]]) -> bool:

@@ -26,9 +26,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import pytest
 
@@ -109,7 +110,7 @@ class StoreScp:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def start(self) -> "StoreScp":
+    def start(self) -> StoreScp:
         if self.running:
             return self
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -128,7 +129,7 @@ class StoreScp:
         """Files storescp wrote (its temp files excluded), sorted by name."""
         return sorted(p for p in self.directory.iterdir() if p.is_file() and not p.name.startswith("."))
 
-    def __enter__(self) -> "StoreScp":
+    def __enter__(self) -> StoreScp:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -187,7 +188,7 @@ class Orthanc:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def start(self) -> "Orthanc":
+    def start(self) -> Orthanc:
         """Start (or restart, same ports and storage) and wait until ``GET /system`` answers."""
         if self.running:
             return self
@@ -200,7 +201,9 @@ class Orthanc:
                 env=peer_environment(),
             )
         _wait_until(self._answers, self.process, self.log_path, f"Orthanc on HTTP port {self.http_port}")
-        _wait_until(lambda: is_listening(self.dicom_port), self.process, self.log_path, f"Orthanc DICOM port {self.dicom_port}")
+        _wait_until(
+            lambda: is_listening(self.dicom_port), self.process, self.log_path, f"Orthanc DICOM port {self.dicom_port}"
+        )
         return self
 
     def stop(self) -> None:
@@ -256,7 +259,7 @@ class Orthanc:
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())
 
-    def __enter__(self) -> "Orthanc":
+    def __enter__(self) -> Orthanc:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -319,7 +322,9 @@ def start_orthanc(root: Path, **options: Any) -> Orthanc:
 # --- shared ---------------------------------------------------------------------------------
 
 
-def _wait_until(ready, process: subprocess.Popen, log_path: Path, what: str, timeout_s: float = START_TIMEOUT_S) -> None:
+def _wait_until(
+    ready, process: subprocess.Popen, log_path: Path, what: str, timeout_s: float = START_TIMEOUT_S
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

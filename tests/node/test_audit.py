@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from node.audit import AuditEventType, local_user
-from node.clinical_inbox import ClinicalInbox, file_reference
-from node.states import StudyState
-from node.study_machine import StudyMachine
+from sclc_risk_node.node.audit import AuditEventType, local_user
+from sclc_risk_node.node.clinical_inbox import ClinicalInbox, file_reference
+from sclc_risk_node.node.states import StudyState
+from sclc_risk_node.node.study_machine import StudyMachine
 from tests.node.dicom_tools import LOOPBACK, requires_dcmtk, storescu
 from tests.node.test_scp import NODE_AE, PACS_AE, Node, Phantom, scp_config
 from tests.node.test_study_machine import drive_to
@@ -50,8 +50,15 @@ def test_received_imported_sent_and_retried_are_audited_without_phi(node, tmp_pa
 
     inbox_dir = tmp_path / "inbox"
     inbox = ClinicalInbox(inbox_dir, node.spool)
-    record = {"accession_number": "SYNACC0001", "patient_id": "PAT-AUDIT-7", "t_stage": "T3", "n_stage": "N2",
-              "m_stage": "M1c", "ecog": 1, "lipi": "good"}
+    record = {
+        "accession_number": "SYNACC0001",
+        "patient_id": "PAT-AUDIT-7",
+        "t_stage": "T3",
+        "n_stage": "N2",
+        "m_stage": "M1c",
+        "ecog": 1,
+        "lipi": "good",
+    }
     path = inbox_dir / "SYNTH-0001.json"  # senders name files after patients
     path.write_text(json.dumps(record))
     past = time.time() - 5
@@ -72,8 +79,9 @@ def test_received_imported_sent_and_retried_are_audited_without_phi(node, tmp_pa
     assert retry.who == local_user() and retry.who.startswith("local user ") and retry.counts == {"resend": 1}
 
     failed = drive_to(node.spool, StudyState.FAILED)  # the delivery gave up
-    [gave_up] = [e for e in node.spool.audit_events(study_uid=failed.study_uid)
-                 if e.event is AuditEventType.SR_SEND_GAVE_UP]
+    [gave_up] = [
+        e for e in node.spool.audit_events(study_uid=failed.study_uid) if e.event is AuditEventType.SR_SEND_GAVE_UP
+    ]
     assert int(gave_up.outcome) == 8 and gave_up.destination == "pacs"
 
     text = all_audit_text(node.spool.database)
@@ -96,8 +104,8 @@ def test_the_audit_table_is_append_only(tmp_path):
 
 
 def test_sclc_node_audit_prints_json_lines_and_retry_names_the_local_user(tmp_path):
-    from node.config import load_config
-    from node.spool import Spool
+    from sclc_risk_node.node.config import load_config
+    from sclc_risk_node.node.spool import Spool
 
     config_path = tmp_path / "node.toml"
     config_path.write_text(f"""
@@ -111,13 +119,29 @@ inbox_directory = "{tmp_path}/inbox"
     config.prepare_directories()
     with Spool.open(config.spool.directory, database=config.spool.database, min_free_bytes=0) as spool:
         study = drive_to(spool, StudyState.EXPIRED)
-    run = lambda *args: subprocess.run([sys.executable, "-m", "node.cli", *args, "--config", str(config_path)],
-                                       capture_output=True, text=True, timeout=120)
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "sclc_risk_node.node.cli", *args, "--config", str(config_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
     assert run("retry", study.study_uid).returncode == 0
     proc = run("audit", "--study", study.study_uid)
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["event"] for e in events] == ["instances_received"] * 4 + ["retry"]
     assert events[-1]["who"] == local_user() and events[-1]["atna_event_id"] == "DCM 110103"
-    assert set(events[0]) == {"at", "event", "atna_event_id", "action", "outcome", "who", "destination",
-                              "study_instance_uid", "counts"}
+    assert set(events[0]) == {
+        "at",
+        "event",
+        "atna_event_id",
+        "action",
+        "outcome",
+        "who",
+        "destination",
+        "study_instance_uid",
+        "counts",
+    }

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from node.config import load_config
-from node.spool import Spool
-from node.states import StudyState
+from sclc_risk_node.node.config import load_config
+from sclc_risk_node.node.spool import Spool
+from sclc_risk_node.node.states import StudyState
 from tests.node.test_spool import StudyBuilder
 from tests.node.test_study_machine import drive_to
 
@@ -37,7 +37,9 @@ def spool(config_path):
 
 
 def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node.cli", *map(str, args)], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "sclc_risk_node.node.cli", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_status_names_what_an_incomplete_study_waits_for(config_path, spool):
@@ -55,7 +57,7 @@ def test_status_names_what_an_incomplete_study_waits_for(config_path, spool):
 
 
 def test_status_shows_failure_reason_and_delivery_errors(config_path, spool):
-    failed = drive_to(spool, StudyState.FAILED)
+    drive_to(spool, StudyState.FAILED)
     proc = run("status", "--config", config_path)
     assert proc.returncode == 0, proc.stderr
     assert "failed" in proc.stdout and "refused" in proc.stdout
@@ -93,7 +95,7 @@ def test_retry_acts_on_a_study_left_in_scoring_by_a_crash(config_path, spool):
 def test_retry_leaves_a_running_services_live_claim_alone(config_path, spool):
     import time
 
-    from node.study_machine import StudyMachine
+    from sclc_risk_node.node.study_machine import StudyMachine
 
     study = drive_to(spool, StudyState.READY)
     StudyMachine(spool).claim(study.study_uid, worker_id="host:9:live", now=time.time(), lease_s=900)
@@ -110,8 +112,18 @@ def test_retry_leaves_a_running_services_live_claim_alone(config_path, spool):
 def test_clinical_import_matches_a_received_study(config_path, spool, tmp_path):
     study = drive_to(spool, StudyState.WAITING_FOR_CLINICAL)
     record = tmp_path / "r.json"
-    record.write_text(json.dumps({"accession_number": study.accession, "t_stage": "T3", "n_stage": "N2",
-                                  "m_stage": "M1c", "ecog": 1, "lipi": "good"}))
+    record.write_text(
+        json.dumps(
+            {
+                "accession_number": study.accession,
+                "t_stage": "T3",
+                "n_stage": "N2",
+                "m_stage": "M1c",
+                "ecog": 1,
+                "lipi": "good",
+            }
+        )
+    )
     proc = run("clinical", "import", record, "--config", config_path)
     assert proc.returncode == 0, proc.stderr
     assert study.study_uid in proc.stdout
@@ -134,8 +146,19 @@ def test_clinical_import_does_not_claim_a_study_its_record_does_not_name(config_
     study = drive_to(spool, StudyState.WAITING_FOR_CLINICAL)
     other_study_uid = "1.2.826.0.1.3680043.8.498.999999"
     record = tmp_path / "r.json"
-    record.write_text(json.dumps({"accession_number": study.accession, "study_instance_uid": other_study_uid,
-                                  "t_stage": "T3", "n_stage": "N2", "m_stage": "M1c", "ecog": 1, "lipi": "good"}))
+    record.write_text(
+        json.dumps(
+            {
+                "accession_number": study.accession,
+                "study_instance_uid": other_study_uid,
+                "t_stage": "T3",
+                "n_stage": "N2",
+                "m_stage": "M1c",
+                "ecog": 1,
+                "lipi": "good",
+            }
+        )
+    )
     proc = run("clinical", "import", record, "--config", config_path)
     assert proc.returncode == 0, proc.stderr
     assert "attached to 0 study(ies) already received" in proc.stdout
@@ -158,7 +181,7 @@ def test_config_check_prints_the_real_paths_and_model(config_path, tmp_path):
 def test_config_check_finds_what_serve_would_refuse(tmp_path):
     import socket
 
-    from node.scoring_job import default_model_path
+    from sclc_risk_node.node.scoring_job import default_model_path
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -205,7 +228,11 @@ def test_database_and_its_wal_and_shm_are_0600_whatever_the_umask(tmp_path):
         with Spool.open(tmp_path / "spool", min_free_bytes=0) as spool:
             drive_to(spool, StudyState.RECEIVING)  # a write: the -wal and -shm exist now
             database = spool.database
-            companions = [database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")]
+            companions = [
+                database,
+                database.with_name(database.name + "-wal"),
+                database.with_name(database.name + "-shm"),
+            ]
             modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in companions}
     finally:
         os.umask(old)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.demo_study import DEMO_CLINICAL, write_demo_study
+from sclc_risk_node.node.demo_study import DEMO_CLINICAL, write_demo_study
 
 REQUIRED_JSON_KEYS = {
     "risk_group",
@@ -25,7 +25,7 @@ REQUIRED_JSON_KEYS = {
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", *map(str, args)],
+        [sys.executable, "-m", "sclc_risk_node.node.cli", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -41,8 +41,17 @@ def demo_study(tmp_path_factory):
 def scored_demo(demo_study, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     proc = run_cli(
-        "score", "--ct", demo_study.ct_dir, "--seg", demo_study.seg_path,
-        "--clinical", demo_study.clinical_path, "--out", out / "sr.dcm", "--json", out / "result.json",
+        "score",
+        "--ct",
+        demo_study.ct_dir,
+        "--seg",
+        demo_study.seg_path,
+        "--clinical",
+        demo_study.clinical_path,
+        "--out",
+        out / "sr.dcm",
+        "--json",
+        out / "result.json",
     )
     return proc, out
 
@@ -75,8 +84,17 @@ def test_rescoring_gives_the_same_sr_uid(demo_study, scored_demo, tmp_path):
     _, out = scored_demo
     first = json.loads((out / "result.json").read_text())
     proc = run_cli(
-        "score", "--ct", demo_study.ct_dir, "--seg", demo_study.seg_path,
-        "--clinical", demo_study.clinical_path, "--out", tmp_path / "sr.dcm", "--json", tmp_path / "r.json",
+        "score",
+        "--ct",
+        demo_study.ct_dir,
+        "--seg",
+        demo_study.seg_path,
+        "--clinical",
+        demo_study.clinical_path,
+        "--out",
+        tmp_path / "sr.dcm",
+        "--json",
+        tmp_path / "r.json",
     )
     assert proc.returncode == 0, proc.stderr
     second = json.loads((tmp_path / "r.json").read_text())
@@ -95,8 +113,15 @@ def test_bad_clinical_value_exits_2_naming_the_field(demo_study, tmp_path):
     clinical = tmp_path / "bad.json"
     clinical.write_text(json.dumps(record))
     proc = run_cli(
-        "score", "--ct", demo_study.ct_dir, "--seg", demo_study.seg_path,
-        "--clinical", clinical, "--out", tmp_path / "sr.dcm",
+        "score",
+        "--ct",
+        demo_study.ct_dir,
+        "--seg",
+        demo_study.seg_path,
+        "--clinical",
+        clinical,
+        "--out",
+        tmp_path / "sr.dcm",
     )
     assert proc.returncode == 2
     line = _one_error_line(proc)
@@ -109,23 +134,39 @@ def test_clinical_record_for_another_study_is_refused(demo_study, tmp_path):
     clinical = tmp_path / "other.json"
     clinical.write_text(json.dumps(record))
     proc = run_cli(
-        "score", "--ct", demo_study.ct_dir, "--seg", demo_study.seg_path,
-        "--clinical", clinical, "--out", tmp_path / "sr.dcm",
+        "score",
+        "--ct",
+        demo_study.ct_dir,
+        "--seg",
+        demo_study.seg_path,
+        "--clinical",
+        clinical,
+        "--out",
+        tmp_path / "sr.dcm",
     )
     assert proc.returncode == 2
     assert "1.2.3.4.5" in _one_error_line(proc)
 
 
 def test_tampered_model_is_refused(demo_study, tmp_path):
-    from node.scoring_job import default_model_path
+    from sclc_risk_node.node.scoring_job import default_model_path
 
     model = json.loads(default_model_path().read_text())
     model["risk_cutoff"] = model["risk_cutoff"] + 1.0
     tampered = tmp_path / "tampered.json"
     tampered.write_text(json.dumps(model))
     proc = run_cli(
-        "score", "--ct", demo_study.ct_dir, "--seg", demo_study.seg_path,
-        "--clinical", demo_study.clinical_path, "--model", tampered, "--out", tmp_path / "sr.dcm",
+        "score",
+        "--ct",
+        demo_study.ct_dir,
+        "--seg",
+        demo_study.seg_path,
+        "--clinical",
+        demo_study.clinical_path,
+        "--model",
+        tampered,
+        "--out",
+        tmp_path / "sr.dcm",
     )
     assert proc.returncode == 2
     assert "sha256" in _one_error_line(proc)
@@ -134,8 +175,15 @@ def test_tampered_model_is_refused(demo_study, tmp_path):
 def test_seg_is_not_a_seg(demo_study, tmp_path):
     ct_file = sorted(demo_study.ct_dir.iterdir())[0]
     proc = run_cli(
-        "score", "--ct", demo_study.ct_dir, "--seg", ct_file,
-        "--clinical", demo_study.clinical_path, "--out", tmp_path / "sr.dcm",
+        "score",
+        "--ct",
+        demo_study.ct_dir,
+        "--seg",
+        ct_file,
+        "--clinical",
+        demo_study.clinical_path,
+        "--out",
+        tmp_path / "sr.dcm",
     )
     assert proc.returncode == 2
     assert "SEG" in _one_error_line(proc) or "Segmentation" in _one_error_line(proc)
@@ -143,8 +191,15 @@ def test_seg_is_not_a_seg(demo_study, tmp_path):
 
 def test_missing_ct_folder(demo_study, tmp_path):
     proc = run_cli(
-        "score", "--ct", tmp_path / "nope", "--seg", demo_study.seg_path,
-        "--clinical", demo_study.clinical_path, "--out", tmp_path / "sr.dcm",
+        "score",
+        "--ct",
+        tmp_path / "nope",
+        "--seg",
+        demo_study.seg_path,
+        "--clinical",
+        demo_study.clinical_path,
+        "--out",
+        tmp_path / "sr.dcm",
     )
     assert proc.returncode == 2
     assert "nope" in _one_error_line(proc)

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from node.clinical_inbox import ClinicalInbox, file_reference, import_clinical_file
-from node.spool import Spool
-from scoring.clinical import clinical_record_from_mapping
-from scoring.errors import ClinicalRecordError
+from sclc_risk_node.node.clinical_inbox import ClinicalInbox, file_reference, import_clinical_file
+from sclc_risk_node.node.spool import Spool
+from sclc_risk_node.scoring.clinical import clinical_record_from_mapping
+from sclc_risk_node.scoring.errors import ClinicalRecordError
 
 RECORD = {
     "accession_number": "ACC-77",
@@ -91,11 +91,7 @@ def test_a_file_still_being_written_waits(tmp_path, spool):
 
 def test_csv_with_one_bad_row_imports_nothing(tmp_path, spool):
     path = tmp_path / "records.csv"
-    path.write_text(
-        "accession_number,t_stage,n_stage,m_stage,ecog,lipi\n"
-        "A1,T3,N2,M1c,1,good\n"
-        "A2,T3,N2,M1c,9,good\n"
-    )
+    path.write_text("accession_number,t_stage,n_stage,m_stage,ecog,lipi\nA1,T3,N2,M1c,1,good\nA2,T3,N2,M1c,9,good\n")
     with pytest.raises(ClinicalRecordError) as excinfo:
         import_clinical_file(spool, path, now=time.time())
     assert "ecog" in str(excinfo.value)
@@ -104,7 +100,7 @@ def test_csv_with_one_bad_row_imports_nothing(tmp_path, spool):
 
 
 def test_logs_name_no_patient_identifier(tmp_path, spool, capsys):
-    from node.logs import configure_logging
+    from sclc_risk_node.node.logs import configure_logging
 
     configure_logging("INFO")
     inbox_dir = tmp_path / "inbox"
@@ -181,5 +177,7 @@ def test_a_fifo_is_rejected_without_blocking_the_scan(tmp_path, spool):
     good.write_text(json.dumps(RECORD))
     _age(good)
     reports = {r.file_name: r for r in inbox.scan(now=time.time())}
-    assert reports["pipe.json"].problems == ("pipe.json: is not a regular file (a FIFO, device or socket); nothing was read",)
+    assert reports["pipe.json"].problems == (
+        "pipe.json: is not a regular file (a FIFO, device or socket); nothing was read",
+    )
     assert reports["record.json"].accepted

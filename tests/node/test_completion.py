@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-from node.completion import MIN_SERIES_INSTANCES, CompletionDecision, assess_images, evaluate
-from node.config import CompletionConfig
-from node.records import ImageSeries, SegmentationRefs, StudyRecord, StudySnapshot
-from node.states import StudyEvent, StudyState
+from sclc_risk_node.node.completion import MIN_SERIES_INSTANCES, CompletionDecision, assess_images, evaluate
+from sclc_risk_node.node.config import CompletionConfig
+from sclc_risk_node.node.records import ImageSeries, SegmentationRefs, StudyRecord, StudySnapshot
+from sclc_risk_node.node.states import StudyEvent, StudyState
 
 T0 = 1_767_225_600.0
 SETTINGS = CompletionConfig(grace_s=5.0, study_expiry_s=3600.0)
@@ -18,7 +18,9 @@ CT_SERIES = "1.2.3.1"
 CT_UIDS = tuple(f"{CT_SERIES}.{k}" for k in range(1, 13))
 
 
-def study(state=StudyState.RECEIVING, *, last_instance_at=T0, state_changed_at=T0, clinical_record_id=None) -> StudyRecord:
+def study(
+    state=StudyState.RECEIVING, *, last_instance_at=T0, state_changed_at=T0, clinical_record_id=None
+) -> StudyRecord:
     return StudyRecord(
         study_instance_uid="1.2.3",
         state=state,
@@ -46,7 +48,9 @@ def snapshot(*, record=None, segs=(), present=CT_UIDS, series_uid=CT_SERIES, fra
 
 def test_complete_images_after_the_grace_period_are_images_complete():
     decision = evaluate(snapshot(segs=[seg()]), T0 + 5, SETTINGS)
-    assert decision == CompletionDecision(StudyEvent.IMAGES_COMPLETE, "SEG 1.2.3.2.1: all 12 referenced CT instances present")
+    assert decision == CompletionDecision(
+        StudyEvent.IMAGES_COMPLETE, "SEG 1.2.3.2.1: all 12 referenced CT instances present"
+    )
 
 
 def test_nothing_happens_within_the_grace_period():
@@ -59,7 +63,9 @@ def test_no_fixed_idle_timer_a_complete_study_does_not_wait_for_minutes():
 
 def test_missing_referenced_instances_keep_it_receiving_whatever_the_quiet_time():
     assert evaluate(snapshot(segs=[seg()], present=CT_UIDS[:9]), T0 + 3000, SETTINGS) is None
-    assert assess_images(snapshot(segs=[seg()], present=CT_UIDS[:9]))[1] == ["SEG 1.2.3.2.1 references 12 CT instances, 3 missing"]
+    assert assess_images(snapshot(segs=[seg()], present=CT_UIDS[:9]))[1] == [
+        "SEG 1.2.3.2.1 references 12 CT instances, 3 missing"
+    ]
 
 
 def test_ct_without_seg_is_not_complete():
@@ -92,7 +98,9 @@ def test_seg_naming_only_a_series_needs_enough_instances_in_it(count, complete):
 
 def test_seg_naming_only_a_series_that_is_absent_says_so():
     gaps = assess_images(snapshot(segs=[seg(sops=(), series=("1.2.3.8",))]))[1]
-    assert gaps == ["SEG 1.2.3.2.1 references series 1.2.3.8 (no instance list), which has 0 instance(s); need at least 2"]
+    assert gaps == [
+        "SEG 1.2.3.2.1 references series 1.2.3.8 (no instance list), which has 0 instance(s); need at least 2"
+    ]
 
 
 def test_seg_naming_only_a_frame_of_reference_uses_the_series_in_it():
@@ -115,7 +123,10 @@ def test_expiry_reason_lists_everything_missing():
         StudyEvent.EXPIRED,
         "nothing new for 3600 s; missing: SEG 1.2.3.2.1 references 12 CT instances, 3 missing; no clinical record",
     )
-    assert evaluate(snapshot(), T0 + 3600, SETTINGS).reason == "nothing new for 3600 s; missing: no SEG or RTSTRUCT received; no clinical record"
+    assert (
+        evaluate(snapshot(), T0 + 3600, SETTINGS).reason
+        == "nothing new for 3600 s; missing: no SEG or RTSTRUCT received; no clinical record"
+    )
 
 
 def test_expiry_counts_from_the_last_activity_not_from_the_first_instance():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from node.config import (
+from sclc_risk_node.node.config import (
     CallerRule,
     ConfigError,
     DestinationConfig,
@@ -25,7 +25,7 @@ from node.config import (
     load_config,
     usable_cpu_count,
 )
-from scoring.errors import InputError
+from sclc_risk_node.scoring.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {"STATE_DIRECTORY": "/var/lib/sclc-risk-node"}
@@ -60,7 +60,11 @@ def test_node_runs_on_embedded_defaults_alone():
     assert config.scp.max_pdu_bytes == 16384 and config.scp.max_associations == 10
     assert config.scp.check_called_ae is True
     assert config.scp.tls.enabled is False
-    assert (config.scp.preassociation_timeout_s, config.scp.preassociation_per_ip, config.scp.preassociation_total) == (5, 4, 32)
+    assert (config.scp.preassociation_timeout_s, config.scp.preassociation_per_ip, config.scp.preassociation_total) == (
+        5,
+        4,
+        32,
+    )
     assert config.scp.refused_log_interval_s == 60
     assert (config.scp.max_decoded_bytes, config.scp.max_inflated_bytes) == (256 * 2**20, 32 * 2**20)
     assert config.spool.directory == state / "spool"
@@ -226,12 +230,21 @@ def test_too_long_ae_title_message(tmp_path):
         ('[scp]\nae_title = "A\\tB"', "scp.ae_title: 'A\\tB' contains a control or non-ASCII character"),
         ('[scp]\nbind_address = "localhost"', "scp.bind_address: 'localhost' is not an IP address"),
         ("[scp]\nallowed_callers = []", "scp.allowed_callers: is empty, which would refuse every caller"),
-        ('[[scp.allowed_callers]]\nae_title = "*"\nhost = "10.1.2.3/24"', "scp.allowed_callers[0].host: '10.1.2.3/24' is not"),
+        (
+            '[[scp.allowed_callers]]\nae_title = "*"\nhost = "10.1.2.3/24"',
+            "scp.allowed_callers[0].host: '10.1.2.3/24' is not",
+        ),
         ('[[scp.allowed_callers]]\nae_title = "*"', "scp.allowed_callers[0].host: missing"),
         ("[scp.tls]\nenabled = true", "scp.tls.cert_file: required when enabled = true"),
-        ("[scp]\npreassociation_timeout_s = 0.1", "scp.preassociation_timeout_s: 0.1 is out of range (must be between 0.5 and 60)"),
+        (
+            "[scp]\npreassociation_timeout_s = 0.1",
+            "scp.preassociation_timeout_s: 0.1 is out of range (must be between 0.5 and 60)",
+        ),
         ("[scp]\npreassociation_per_ip = 0", "scp.preassociation_per_ip: 0 is out of range"),
-        ("[scp]\npreassociation_per_ip = 8\npreassociation_total = 4", "scp.preassociation_per_ip: 8 is above preassociation_total (4)"),
+        (
+            "[scp]\npreassociation_per_ip = 8\npreassociation_total = 4",
+            "scp.preassociation_per_ip: 8 is above preassociation_total (4)",
+        ),
         ("[scp]\nrefused_log_interval_s = -1", "scp.refused_log_interval_s: -1.0 is out of range"),
         ("[scp]\nmax_decoded_bytes = 1000", "scp.max_decoded_bytes: 1000 is out of range (must be at least 1048576)"),
         ('[scp]\nmax_inflated_bytes = "32M"', "scp.max_inflated_bytes: expected an integer, got string '32M'"),
@@ -251,9 +264,18 @@ def test_too_long_ae_title_message(tmp_path):
         ("[http]\nport = 11112", "http.port: 11112 is also scp.port"),
         ('[logging]\nlevel = "verbose"', "logging.level: 'VERBOSE' is not one of DEBUG, INFO"),
         ('destinations = "pacs"', "destinations: expected an array of tables, got string 'pacs'"),
-        ('[[destinations]]\nname = "a b"\nae_title = "P"\nhost = "h"\nport = 104', "destinations[0].name: 'a b' must be"),
-        ('[[destinations]]\nname = "a"\nae_title = "P"\nhost = "pacs_x"\nport = 104', "destinations[0].host: 'pacs_x' is neither"),
-        ('[[destinations]]\nname = "a"\nae_title = "P"\nhost = "h"\nport = 0', "destinations[0].port: 0 is out of range"),
+        (
+            '[[destinations]]\nname = "a b"\nae_title = "P"\nhost = "h"\nport = 104',
+            "destinations[0].name: 'a b' must be",
+        ),
+        (
+            '[[destinations]]\nname = "a"\nae_title = "P"\nhost = "pacs_x"\nport = 104',
+            "destinations[0].host: 'pacs_x' is neither",
+        ),
+        (
+            '[[destinations]]\nname = "a"\nae_title = "P"\nhost = "h"\nport = 0',
+            "destinations[0].port: 0 is out of range",
+        ),
         ('[[destinations]]\nname = "a"\nae_title = "P"\nhost = "h"', "destinations[0].port: missing"),
         (
             '[[destinations]]\nname = "a"\nae_title = "P"\nhost = "h"\nport = 104\ntls = { enabled = true, cert_file = "c.pem" }',
@@ -307,7 +329,7 @@ def test_missing_file_and_bad_toml(tmp_path):
     with pytest.raises(ConfigError, match=r"config error: .*absent\.toml: config file does not exist"):
         load_config(tmp_path / "absent.toml", environ=ENV)
     with pytest.raises(ConfigError, match=r"node\.toml: not valid TOML: .*line 2"):
-        load_config(write(tmp_path, '[scp]\nport = = 1\n'), environ=ENV)
+        load_config(write(tmp_path, "[scp]\nport = = 1\n"), environ=ENV)
 
 
 # --- built in code: same rules, frozen ------------------------------------------------------
@@ -338,9 +360,27 @@ def make_certificate(directory: Path, name: str) -> tuple[Path, Path]:
         pytest.skip("openssl command not installed (Debian package openssl)")
     cert, key = directory / f"{name}.crt", directory / f"{name}.key"
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", key, "-out", cert, "-subj", f"/CN={name}", "-days", "2"],
-        check=True, capture_output=True, timeout=60,
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-subj",
+            f"/CN={name}",
+            "-days",
+            "2",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     return cert, key
 
@@ -375,7 +415,9 @@ def test_scp_tls_rejects_a_key_that_does_not_match(tmp_path):
 
 def test_scp_tls_files_must_exist_only_when_enabled(tmp_path):
     absent = tmp_path / "absent.pem"
-    assert not ScpTlsConfig(enabled=False, cert_file=absent, key_file=absent, ca_file=None, require_client_cert=True).enabled
+    assert not ScpTlsConfig(
+        enabled=False, cert_file=absent, key_file=absent, ca_file=None, require_client_cert=True
+    ).enabled
     with pytest.raises(ConfigError) as caught:
         ScpTlsConfig(enabled=True, cert_file=absent, key_file=absent, ca_file=absent, require_client_cert=True)
     assert [p.split(":")[0] for p in caught.value.problems] == ["cert_file", "key_file", "ca_file"]
@@ -403,7 +445,9 @@ def test_prepare_directories_names_the_key_that_cannot_be_created(tmp_path):
     with pytest.raises(ConfigError) as caught:
         config.prepare_directories()
     assert len(caught.value.problems) == 1
-    assert caught.value.problems[0].startswith(f"clinical.inbox_directory: '{blocker}/inbox' is not a writable directory")
+    assert caught.value.problems[0].startswith(
+        f"clinical.inbox_directory: '{blocker}/inbox' is not a writable directory"
+    )
 
 
 def test_prepare_directories_rejects_a_database_path_that_is_a_directory(tmp_path):

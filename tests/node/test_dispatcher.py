@@ -10,14 +10,14 @@ import time
 import pydicom
 import pytest
 
-from node.config import CompletionConfig
-from node.demo_study import DEMO_CLINICAL, write_demo_study
-from node.records import InstanceHeader
-from node.scoring_job import default_model_path
-from node.spool import Spool
-from node.states import StudyEvent, StudyState
-from node.study_machine import StudyMachine
-from node.worker import ScoringDispatcher
+from sclc_risk_node.node.config import CompletionConfig
+from sclc_risk_node.node.demo_study import DEMO_CLINICAL, write_demo_study
+from sclc_risk_node.node.records import InstanceHeader
+from sclc_risk_node.node.scoring_job import default_model_path
+from sclc_risk_node.node.spool import Spool
+from sclc_risk_node.node.states import StudyEvent, StudyState
+from sclc_risk_node.node.study_machine import StudyMachine
+from sclc_risk_node.node.worker import ScoringDispatcher
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +33,13 @@ def ready_study(tmp_path):
     for path in [*sorted(demo.ct_dir.iterdir()), demo.seg_path]:
         header = InstanceHeader.from_dataset(pydicom.dcmread(path, stop_before_pixels=True))
         spool.store_instance(path.read_bytes(), header, now=now - 60, source='AE "TEST" at 127.0.0.1')
-    spool.add_clinical_record(json.dumps(DEMO_CLINICAL), accession_number=DEMO_CLINICAL.get("accession_number"),
-                              patient_id=DEMO_CLINICAL.get("patient_id"), study_instance_uid=STUDY_UID, now=now - 60)
+    spool.add_clinical_record(
+        json.dumps(DEMO_CLINICAL),
+        accession_number=DEMO_CLINICAL.get("accession_number"),
+        patient_id=DEMO_CLINICAL.get("patient_id"),
+        study_instance_uid=STUDY_UID,
+        now=now - 60,
+    )
     machine = StudyMachine(spool)
     machine.advance_all(now=now, settings=CompletionConfig(grace_s=1.0, study_expiry_s=3600.0))
     assert spool.get_study(STUDY_UID).state is StudyState.READY
@@ -44,8 +49,16 @@ def ready_study(tmp_path):
 
 def test_a_killed_worker_sends_the_study_back_to_ready_and_counts_the_claim(ready_study):
     spool, machine = ready_study
-    dispatcher = ScoringDispatcher(spool, machine, workers=1, lease_s=600, model_path=default_model_path(),
-                                   destinations=[], segment_label=None, worker_id="host:1:live")
+    dispatcher = ScoringDispatcher(
+        spool,
+        machine,
+        workers=1,
+        lease_s=600,
+        model_path=default_model_path(),
+        destinations=[],
+        segment_label=None,
+        worker_id="host:1:live",
+    )
     try:
         assert dispatcher.dispatch(now=time.time()) == 1
         deadline = time.monotonic() + 60
@@ -76,7 +89,10 @@ def test_the_third_lost_worker_fails_the_study(ready_study):
     now = time.time()
     for attempt in range(1, 4):
         machine.claim(STUDY_UID, worker_id="host:2:live", now=now + attempt, lease_s=600)
-        transition = machine.record_worker_lost(STUDY_UID, worker_id="host:2:live", reason="worker process died: x",
-                                                now=now + attempt + 0.5)
+        transition = machine.record_worker_lost(
+            STUDY_UID, worker_id="host:2:live", reason="worker process died: x", now=now + attempt + 0.5
+        )
     assert transition.to_state is StudyState.FAILED
-    assert spool.get_study(STUDY_UID).failure_reason.startswith("scoring lost its worker 3 times (killed or out of memory?)")
+    assert spool.get_study(STUDY_UID).failure_reason.startswith(
+        "scoring lost its worker 3 times (killed or out of memory?)"
+    )

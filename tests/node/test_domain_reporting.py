@@ -10,18 +10,19 @@ import sys
 
 import pytest
 
-from node.clinical_files import load_clinical_file
-from node.config import ConfigError, default_config_text, load_config
-from node.demo_study import DEMO_PATIENT, write_demo_study
-from node.http_status import NodeMetrics
-from node.scoring_job import load_model_file, result_as_json, score_files
-from node.spool import Spool
-from node.states import StudyState
-from node.study_machine import StudyMachine, applicability_from_reason, scored_reason
-from scoring.risk import apply_model
-from scoring.types import DOMAIN_UNKNOWN
-from sclc_risk_node_models import shipped_model_path
-from tests.domain_models import DEMO_MODEL_FILENAME as V1_MODEL_FILENAME, demo_model_v2, demo_model_v2_json, expected_outside_bounds
+from sclc_risk_node.models import shipped_model_path
+from sclc_risk_node.node.clinical_files import load_clinical_file
+from sclc_risk_node.node.config import ConfigError, default_config_text, load_config
+from sclc_risk_node.node.demo_study import DEMO_PATIENT, write_demo_study
+from sclc_risk_node.node.http_status import NodeMetrics
+from sclc_risk_node.node.scoring_job import load_model_file, result_as_json, score_files
+from sclc_risk_node.node.spool import Spool
+from sclc_risk_node.node.states import StudyState
+from sclc_risk_node.node.study_machine import StudyMachine, applicability_from_reason, scored_reason
+from sclc_risk_node.scoring.risk import apply_model
+from sclc_risk_node.scoring.types import DOMAIN_UNKNOWN
+from tests.domain_models import DEMO_MODEL_FILENAME as V1_MODEL_FILENAME
+from tests.domain_models import demo_model_v2, demo_model_v2_json, expected_outside_bounds
 from tests.node.test_spool import ct_instance
 from tests.node.test_study_machine import T0, drive_to
 
@@ -30,8 +31,9 @@ LAHGLE = "ring.wavelet-HHL_glszm_LargeAreaHighGrayLevelEmphasis"
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sclc_risk_node.node.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,12 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base(demo):
     """The demo study scored with the shipped schema-v1 model (2.0.0, kept as the v1 example)."""
-    return score_files(demo.ct_dir, demo.seg_path, load_clinical_file(demo.clinical_path),
-                       load_model_file(shipped_model_path(V1_MODEL_FILENAME)))
+    return score_files(
+        demo.ct_dir,
+        demo.seg_path,
+        load_clinical_file(demo.clinical_path),
+        load_model_file(shipped_model_path(V1_MODEL_FILENAME)),
+    )
 
 
 def rescored(base, demo, model, *, report_out_of_domain=False):
@@ -68,8 +74,12 @@ def lahgle_sd(model) -> float:
 
 def test_v1_model_gives_domain_unknown_and_reports(base):
     as_json = result_as_json(base)
-    assert as_json["applicability"] == {"status": "unknown", "in_domain": None, "rule": DOMAIN_UNKNOWN.rule,
-                                        "violations": []}
+    assert as_json["applicability"] == {
+        "status": "unknown",
+        "in_domain": None,
+        "rule": DOMAIN_UNKNOWN.rule,
+        "violations": [],
+    }
     assert as_json["withheld"] is False
     assert as_json["risk_group"] in ("low", "high") and 0 < as_json["pfs_probability"]["6"] < 1
 
@@ -126,16 +136,36 @@ def narrow_model_file(base, tmp_path_factory):
 
 
 def test_score_cli_summary_says_outside_and_withholds(base, demo, narrow_model_file, tmp_path):
-    proc = run_cli("score", "--ct", demo.ct_dir, "--seg", demo.seg_path, "--clinical", demo.clinical_path,
-                   "--model", narrow_model_file, "--out", tmp_path / "sr.dcm", "--json", tmp_path / "r.json")
+    proc = run_cli(
+        "score",
+        "--ct",
+        demo.ct_dir,
+        "--seg",
+        demo.seg_path,
+        "--clinical",
+        demo.clinical_path,
+        "--model",
+        narrow_model_file,
+        "--out",
+        tmp_path / "sr.dcm",
+        "--json",
+        tmp_path / "r.json",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "*** OUTSIDE THE MODEL'S APPLICABILITY DOMAIN ***" in proc.stdout
     assert "Progression risk: WITHHELD" in proc.stdout
     assert "PFS at  6 months: withheld" in proc.stdout and "PFS at 12 months: withheld" in proc.stdout
     [line] = [line for line in proc.stdout.splitlines() if LAHGLE in line and "accepted" in line]
     z = next(t.value for t in base.result.radiomics_terms if t.name == LAHGLE)
-    assert line.split()[1:] == [f"{base.result.features[LAHGLE]:.4g}", "accepted", line.split()[3], "..",
-                                line.split()[5], "z", f"{z:+.1f}"]
+    assert line.split()[1:] == [
+        f"{base.result.features[LAHGLE]:.4g}",
+        "accepted",
+        line.split()[3],
+        "..",
+        line.split()[5],
+        "z",
+        f"{z:+.1f}",
+    ]
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["withheld"] is True and result["risk_group"] is None
     # One structured warning, without patient identity.
@@ -147,9 +177,22 @@ def test_score_cli_summary_says_outside_and_withholds(base, demo, narrow_model_f
 
 
 def test_score_cli_report_out_of_domain_option(demo, narrow_model_file, tmp_path):
-    proc = run_cli("score", "--ct", demo.ct_dir, "--seg", demo.seg_path, "--clinical", demo.clinical_path,
-                   "--model", narrow_model_file, "--out", tmp_path / "sr.dcm", "--json", tmp_path / "r.json",
-                   "--report-out-of-domain")
+    proc = run_cli(
+        "score",
+        "--ct",
+        demo.ct_dir,
+        "--seg",
+        demo.seg_path,
+        "--clinical",
+        demo.clinical_path,
+        "--model",
+        narrow_model_file,
+        "--out",
+        tmp_path / "sr.dcm",
+        "--json",
+        tmp_path / "r.json",
+        "--report-out-of-domain",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "*** OUTSIDE THE MODEL'S APPLICABILITY DOMAIN ***" in proc.stdout
     assert "reported with this flag" in proc.stdout
@@ -213,8 +256,10 @@ def test_scored_reason_round_trip():
 @pytest.fixture
 def config_path(tmp_path):
     path = tmp_path / "node.toml"
-    path.write_text(f'[spool]\ndirectory = "{tmp_path}/spool"\ndatabase = "{tmp_path}/node.sqlite3"\n'
-                    f'[clinical]\ninbox_directory = "{tmp_path}/inbox"\n')
+    path.write_text(
+        f'[spool]\ndirectory = "{tmp_path}/spool"\ndatabase = "{tmp_path}/node.sqlite3"\n'
+        f'[clinical]\ninbox_directory = "{tmp_path}/inbox"\n'
+    )
     return path
 
 
@@ -228,8 +273,15 @@ def test_status_shows_the_study_out_of_domain(config_path):
             uid = study.study_uid
             sr_bytes, _ = ct_instance(uid, f"{uid}.3", f"{uid}.3.1")  # any Part-10 file stands in for the SR
             StudyMachine(spool).record_scored(
-                uid, worker_id="w1", sr_sop_instance_uid=f"{uid}.3.1", sr_bytes=sr_bytes, destinations=["pacs"],
-                now=T0 + 4, applicability=applicability, withheld=withheld)
+                uid,
+                worker_id="w1",
+                sr_sop_instance_uid=f"{uid}.3.1",
+                sr_bytes=sr_bytes,
+                destinations=["pacs"],
+                now=T0 + 4,
+                applicability=applicability,
+                withheld=withheld,
+            )
             studies.append(study)
         study, inside = studies
     proc = run_cli("status", "--config", config_path)
@@ -237,8 +289,10 @@ def test_status_shows_the_study_out_of_domain(config_path):
     block = proc.stdout.split(study.study_uid, 1)[1].split(inside.study_uid, 1)[0]
     assert "applicability: OUTSIDE THE MODEL'S APPLICABILITY DOMAIN (risk group and PFS withheld)" in block
     assert "applicability: inside the model's applicability domain" in proc.stdout
-    rows = {row["study_instance_uid"]: row for row in json.loads(run_cli("status", "--json", "--config",
-                                                                         config_path).stdout)["studies"]}
+    rows = {
+        row["study_instance_uid"]: row
+        for row in json.loads(run_cli("status", "--json", "--config", config_path).stdout)["studies"]
+    }
     assert (rows[study.study_uid]["applicability"], rows[study.study_uid]["withheld"]) == ("out_of_domain", True)
     assert (rows[inside.study_uid]["applicability"], rows[inside.study_uid]["withheld"]) == ("in_domain", False)
 
@@ -260,13 +314,17 @@ def test_config_key_defaults_to_withholding(tmp_path):
 
 @pytest.mark.parametrize("report_out_of_domain", [False, True])
 def test_worker_task_carries_the_config_value(base, demo, narrow_model_file, report_out_of_domain):
-    from node.demo_study import DEMO_CLINICAL
-    from node.worker import ScoringTask, run_scoring_task
+    from sclc_risk_node.node.demo_study import DEMO_CLINICAL
+    from sclc_risk_node.node.worker import ScoringTask, run_scoring_task
 
     task = ScoringTask(
-        study_instance_uid=base.ct.study_instance_uid, ct_series_dir=demo.ct_dir,
-        ct_series_instance_uid=base.ct.series_instance_uid, seg_path=demo.seg_path,
-        clinical_json=json.dumps(DEMO_CLINICAL), model_path=narrow_model_file, segment_label=None,
+        study_instance_uid=base.ct.study_instance_uid,
+        ct_series_dir=demo.ct_dir,
+        ct_series_instance_uid=base.ct.series_instance_uid,
+        seg_path=demo.seg_path,
+        clinical_json=json.dumps(DEMO_CLINICAL),
+        model_path=narrow_model_file,
+        segment_label=None,
         report_out_of_domain=report_out_of_domain,
     )
     outcome = run_scoring_task(task)

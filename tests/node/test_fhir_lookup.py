@@ -16,17 +16,17 @@ import time
 import pydicom
 import pytest
 
-from node.clinical_inbox import ClinicalInbox
-from node.config import CompletionConfig, FhirConfig
-from node.demo_study import DEMO_PATIENT, write_demo_study
-from node.fhir_client import FhirClient, FhirServerError
-from node.fhir_lookup import WAITING_REASONS_FILENAME, FhirLookup, WaitingReasons
-from node.records import InstanceHeader
-from node.spool import Spool
-from node.states import StudyState
-from node.study_machine import StudyMachine
-from node.worker import ScoringDispatcher, run_scoring_task
-from scoring.clinical import clinical_record_from_mapping
+from sclc_risk_node.node.clinical_inbox import ClinicalInbox
+from sclc_risk_node.node.config import CompletionConfig, FhirConfig
+from sclc_risk_node.node.demo_study import DEMO_PATIENT, write_demo_study
+from sclc_risk_node.node.fhir_client import FhirClient, FhirServerError
+from sclc_risk_node.node.fhir_lookup import WAITING_REASONS_FILENAME, FhirLookup, WaitingReasons
+from sclc_risk_node.node.records import InstanceHeader
+from sclc_risk_node.node.spool import Spool
+from sclc_risk_node.node.states import StudyState
+from sclc_risk_node.node.study_machine import StudyMachine
+from sclc_risk_node.node.worker import ScoringDispatcher, run_scoring_task
+from sclc_risk_node.scoring.clinical import clinical_record_from_mapping
 from tests.fhir_fixtures import MRN_SYSTEM, bundle, complete_set, observation, patient, quantity
 
 PATIENT_ID = DEMO_PATIENT.patient_id
@@ -59,8 +59,13 @@ def spool(tmp_path):
 
 
 def fhir_config(server, **overrides) -> FhirConfig:
-    values = dict(enabled=True, base_url=server.base_url, patient_identifier_system=MRN_SYSTEM, timeout_s=5.0,
-                  retry_interval_s=60.0)
+    values = dict(
+        enabled=True,
+        base_url=server.base_url,
+        patient_identifier_system=MRN_SYSTEM,
+        timeout_s=5.0,
+        retry_interval_s=60.0,
+    )
     values.update(overrides)
     return FhirConfig(**values)
 
@@ -73,16 +78,20 @@ def waiting_study(spool, demo) -> str:
 
 
 def ehr(*extra, drop=()):
-    return [patient("p1", PATIENT_ID), patient("p2", "OTHER-PATIENT")] + [
-        r for r in complete_set(TODAY) if r["id"] not in drop
-    ] + list(extra)
+    return (
+        [patient("p1", PATIENT_ID), patient("p2", "OTHER-PATIENT")]
+        + [r for r in complete_set(TODAY) if r["id"] not in drop]
+        + list(extra)
+    )
 
 
 def test_fhir_search_gives_the_record_and_the_study_is_scored(spool, demo, tmp_path):
     from tests.node.fhir_server import RecordedFhirServer
 
     uid = waiting_study(spool, demo)
-    with RecordedFhirServer(ehr(observation("other-ecog", "89247-1", TODAY, subject="Patient/p2", valueInteger=4))) as server:
+    with RecordedFhirServer(
+        ehr(observation("other-ecog", "89247-1", TODAY, subject="Patient/p2", valueInteger=4))
+    ) as server:
         [outcome] = FhirLookup(spool, fhir_config(server)).run_once(now=1020.0)
         requests = list(server.requests)
     assert outcome.found and outcome.reason is None
@@ -92,20 +101,33 @@ def test_fhir_search_gives_the_record_and_the_study_is_scored(spool, demo, tmp_p
     observation_query = requests[1]["params"]
     assert observation_query["subject"] == ["Patient/p1"]
     assert observation_query["code"][0].split(",") == [
-        f"http://loinc.org|{code}" for code in ("89247-1", "21905-5", "21906-3", "21907-1", "2532-0", "6690-2", "751-8")]
-    assert sorted(observation_query["date"]) == [f"ge{TODAY - dt.timedelta(days=91)}", f"le{TODAY + dt.timedelta(days=1)}"]
+        f"http://loinc.org|{code}" for code in ("89247-1", "21905-5", "21906-3", "21907-1", "2532-0", "6690-2", "751-8")
+    ]
+    assert sorted(observation_query["date"]) == [
+        f"ge{TODAY - dt.timedelta(days=91)}",
+        f"le{TODAY + dt.timedelta(days=1)}",
+    ]
 
     row = spool.clinical_record_for(uid)
     record = clinical_record_from_mapping(json.loads(row.record_json))
-    assert (record.t_stage, record.n_stage, record.m_stage, record.ecog, record.lipi.label) == ("T3", "N2", "M1c", 1, "intermediate")
-    assert {p.resource for p in record.provenance} == {f"Observation/{i}" for i in ("ecog", "t", "n", "m", "ldh", "wbc", "anc")}
+    assert (record.t_stage, record.n_stage, record.m_stage, record.ecog, record.lipi.label) == (
+        "T3",
+        "N2",
+        "M1c",
+        1,
+        "intermediate",
+    )
+    assert {p.resource for p in record.provenance} == {
+        f"Observation/{i}" for i in ("ecog", "t", "n", "m", "ldh", "wbc", "anc")
+    }
     assert record.patient_id == PATIENT_ID and record.study_instance_uid == uid
 
     machine = StudyMachine(spool)
     machine.advance_all(now=1030.0, settings=COMPLETION)
     assert spool.get_study(uid).state is StudyState.READY
-    dispatcher = ScoringDispatcher(spool, machine, workers=1, lease_s=60, model_path=_model_path(),
-                                   destinations=[], segment_label=None)
+    dispatcher = ScoringDispatcher(
+        spool, machine, workers=1, lease_s=60, model_path=_model_path(), destinations=[], segment_label=None
+    )
     outcome = run_scoring_task(dispatcher._task_for(uid))
     assert outcome.error is None, outcome.error
     sr = pydicom.dcmread(pydicom.filebase.DicomBytesIO(outcome.sr_bytes))
@@ -115,7 +137,7 @@ def test_fhir_search_gives_the_record_and_the_study_is_scored(spool, demo, tmp_p
 
 
 def _model_path():
-    from node.scoring_job import default_model_path
+    from sclc_risk_node.node.scoring_job import default_model_path
 
     return default_model_path()
 
@@ -160,11 +182,17 @@ base_url = "http://127.0.0.1:9/fhir"
         uid = waiting_study(spool, demo)
         with RecordedFhirServer(ehr(drop=("ecog",))) as server:
             FhirLookup(spool, fhir_config(server)).run_once(now=1020.0)
-    proc = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(config_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sclc_risk_node.node.cli", "status", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert "waiting for: no clinical record (FHIR: missing: ECOG performance status (LOINC 89247-1): no usable " \
-           "Observation between" in proc.stdout
+    assert (
+        "waiting for: no clinical record (FHIR: missing: ECOG performance status (LOINC 89247-1): no usable "
+        "Observation between" in proc.stdout
+    )
     assert uid in proc.stdout
     reasons_text = (tmp_path / "spool" / WAITING_REASONS_FILENAME).read_text()
     assert PATIENT_ID not in reasons_text and PATIENT_ID not in proc.stdout + proc.stderr
@@ -185,14 +213,16 @@ def test_server_problems_are_waiting_reasons_without_phi(spool, demo, tmp_path, 
     assert outcome.reason == "FHIR: FHIR Patient search by the study's PatientID found 2 patients (needed: exactly one)"
     with RecordedFhirServer(ehr(), delay_s=1.0) as server:
         [outcome] = FhirLookup(spool, fhir_config(server, timeout_s=0.2)).run_once(now=1020.0)
-    assert outcome.reason.startswith("FHIR: FHIR Patient search: server unreachable (") and "timed out" in outcome.reason
+    assert (
+        outcome.reason.startswith("FHIR: FHIR Patient search: server unreachable (") and "timed out" in outcome.reason
+    )
     assert spool.get_study(uid).state is StudyState.WAITING_FOR_CLINICAL
     assert PATIENT_ID not in capsys.readouterr().out + outcome.reason
 
 
 def test_basic_auth_and_paging(tmp_path):
+    import sclc_risk_node.node.fhir_client as fhir_client
     from tests.node.fhir_server import RecordedFhirServer
-    import node.fhir_client as fhir_client
 
     password_file = tmp_path / "password"
     password_file.write_text("pw")
@@ -202,13 +232,16 @@ def test_basic_auth_and_paging(tmp_path):
         old = fhir_client.PAGE_SIZE
         fhir_client.PAGE_SIZE = 3
         try:
-            found = client.patient_resources(PATIENT_ID, since=TODAY - dt.timedelta(days=90), until=TODAY,
-                                             identifier_system=MRN_SYSTEM)
+            found = client.patient_resources(
+                PATIENT_ID, since=TODAY - dt.timedelta(days=90), until=TODAY, identifier_system=MRN_SYSTEM
+            )
         finally:
             fhir_client.PAGE_SIZE = old
         assert len(server.requests) == 1 + 3  # Patient, then three pages of Observations
     assert found.patient_refs == {"Patient/p1"}
-    assert sorted(r["id"] for r in found.resources if r["resourceType"] == "Observation") == sorted(f"e{i}" for i in range(7))
+    assert sorted(r["id"] for r in found.resources if r["resourceType"] == "Observation") == sorted(
+        f"e{i}" for i in range(7)
+    )
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path):
@@ -243,13 +276,17 @@ def test_a_bundle_with_another_patients_observation_is_rejected(spool, demo, tmp
     inbox = ClinicalInbox(inbox_dir, spool, fhir=FhirConfig(patient_identifier_system=MRN_SYSTEM))
     waiting_study(spool, demo)
     path = inbox_dir / "export.json"
-    path.write_text(json.dumps(bundle(ehr(observation("x", "751-8", TODAY, subject="Patient/p2",
-                                                    valueQuantity=quantity(3.0, "10*9/L"))))))
+    path.write_text(
+        json.dumps(
+            bundle(ehr(observation("x", "751-8", TODAY, subject="Patient/p2", valueQuantity=quantity(3.0, "10*9/L"))))
+        )
+    )
     _age(path)
     [report] = inbox.scan(now=time.time())
     assert not report.accepted
     assert report.problems == (
-        "ANC (LOINC 751-8) Observation/x is for another patient than the study's (its subject does not match)",)
+        "ANC (LOINC 751-8) Observation/x is for another patient than the study's (its subject does not match)",
+    )
     error_text = (inbox_dir / "rejected" / "export.json.error.txt").read_text()
     # The note names the item and the problem, never the file's content (the resource id, the patient).
     assert "ANC (LOINC 751-8): an Observation is for another patient than the study's" in error_text
@@ -257,7 +294,7 @@ def test_a_bundle_with_another_patients_observation_is_rejected(spool, demo, tmp
 
 
 def test_fhir_config_names_each_problem(tmp_path):
-    from node.config import ConfigError, load_config
+    from sclc_risk_node.node.config import ConfigError, load_config
 
     path = tmp_path / "node.toml"
     path.write_text('[fhir]\nenabled = true\nbase_url = "ehr.example.org"\nauth = "bearer"\n')
@@ -273,8 +310,8 @@ def test_fhir_config_names_each_problem(tmp_path):
 
 
 def test_clinical_import_of_a_fhir_bundle(spool, demo, tmp_path):
-    from node.clinical_inbox import import_clinical_file
-    from scoring.errors import ClinicalRecordError
+    from sclc_risk_node.node.clinical_inbox import import_clinical_file
+    from sclc_risk_node.scoring.errors import ClinicalRecordError
 
     path = tmp_path / "export.json"
     path.write_text(json.dumps(bundle(ehr())))

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from node.demo_study import DEMO_CLINICAL, write_demo_study
+from sclc_risk_node.node.demo_study import DEMO_CLINICAL, write_demo_study
 from tests.node.dicom_tools import echoscu, requires_dcmtk, storescu
 from tests.node.peers import free_port
 from tests.test_end_to_end import NODE_AE, NodeProcess, wait_for
@@ -124,7 +124,9 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
 def garbage_case(rng: random.Random) -> tuple[str, bytes]:
     """(kind, bytes to send on a fresh connection)."""
     rq = associate_rq()
-    kind = rng.choice(["random", "truncated_rq", "mutated_rq", "bad_item_length", "huge_length", "wrong_length", "other_pdu"])
+    kind = rng.choice(
+        ["random", "truncated_rq", "mutated_rq", "bad_item_length", "huge_length", "wrong_length", "other_pdu"]
+    )
     if kind == "random":
         return kind, rng.randbytes(rng.randint(0, 2048))
     if kind == "truncated_rq":
@@ -136,7 +138,9 @@ def garbage_case(rng: random.Random) -> tuple[str, bytes]:
         at = rq.index(b"\x20\x00", 74)
         return kind, rq[: at + 2] + struct.pack(">H", rng.randrange(65536)) + rq[at + 4 :]
     if kind == "huge_length":
-        return kind, pdu(rng.randint(1, 7), rng.randbytes(rng.randint(0, 64)), length=rng.choice([0xFFFFFFFF, 0x7FFFFFFF, 2**24]))
+        return kind, pdu(
+            rng.randint(1, 7), rng.randbytes(rng.randint(0, 64)), length=rng.choice([0xFFFFFFFF, 0x7FFFFFFF, 2**24])
+        )
     if kind == "wrong_length":
         body = rq[6:]
         return kind, pdu(0x01, body, length=max(0, len(body) + rng.choice([-50, -1, 1, 50, 4096])))
@@ -144,9 +148,13 @@ def garbage_case(rng: random.Random) -> tuple[str, bytes]:
 
 
 def after_association_case(rng: random.Random) -> tuple[str, bytes]:
-    kind = rng.choice(["random_pdata", "lying_pdv_length", "truncated_command", "bad_context_id", "random_bytes", "second_rq"])
+    kind = rng.choice(
+        ["random_pdata", "lying_pdv_length", "truncated_command", "bad_context_id", "random_bytes", "second_rq"]
+    )
     if kind == "random_pdata":
-        return kind, p_data([(1, rng.randrange(4), rng.randbytes(rng.randint(0, 512))) for _ in range(rng.randint(1, 3))])
+        return kind, p_data(
+            [(1, rng.randrange(4), rng.randbytes(rng.randint(0, 512))) for _ in range(rng.randint(1, 3))]
+        )
     if kind == "lying_pdv_length":
         data = rng.randbytes(rng.randint(0, 64))
         return kind, pdu(0x04, struct.pack(">IBB", rng.choice([0, 1, 2**31, len(data) + 100]), 1, 3) + data)
@@ -259,11 +267,15 @@ def test_fuzzed_dicom_port_then_the_node_still_echoes_stores_and_scores(tmp_path
         assert node.process.poll() is None, f"seed {seed}: the node exited:\n{node.log_tail()}"
         # Everything the fuzz opened ends within preassociation_timeout_s (5 s)
         # or, once associated, when the fuzzer's close is noticed.
-        wait_for(lambda: thread_count(pid) <= threads_before + 1, 30, f"threads back to {threads_before} (seed {seed})", node)
+        wait_for(
+            lambda: thread_count(pid) <= threads_before + 1, 30, f"threads back to {threads_before} (seed {seed})", node
+        )
 
         echo = echoscu(LOOPBACK, node.dicom_port, called_ae=NODE_AE)
         assert echo.ok, f"seed {seed}: {echo.output}"
-        sent = storescu(LOOPBACK, node.dicom_port, [demo.ct_dir, demo.seg_path], called_ae=NODE_AE, calling_ae="STORESCU")
+        sent = storescu(
+            LOOPBACK, node.dicom_port, [demo.ct_dir, demo.seg_path], called_ae=NODE_AE, calling_ae="STORESCU"
+        )
         assert sent.ok, f"seed {seed}: {sent.output}"
         node.drop_clinical_record(DEMO_CLINICAL)
         study_uid = DEMO_CLINICAL["study_instance_uid"]

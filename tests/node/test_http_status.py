@@ -10,8 +10,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.config import ConfigError, HttpConfig
-from node.http_status import HealthReport, NodeMetrics, start_http_server
+from sclc_risk_node.node.config import ConfigError, HttpConfig
+from sclc_risk_node.node.http_status import HealthReport, NodeMetrics, start_http_server
 
 LOOPBACK_ANY_PORT = HttpConfig(enabled=True, bind_address="127.0.0.1", port=0)
 
@@ -184,7 +184,9 @@ def test_unknown_paths_are_404(server, path):
 
 def test_registries_are_per_instance(spool):
     first = NodeMetrics(studies_by_state=spool.studies_by_state, outbox_depth=spool.outbox_depth, process_metrics=False)
-    second = NodeMetrics(studies_by_state=spool.studies_by_state, outbox_depth=spool.outbox_depth, process_metrics=False)
+    second = NodeMetrics(
+        studies_by_state=spool.studies_by_state, outbox_depth=spool.outbox_depth, process_metrics=False
+    )
     first.instance_received("ct", "stored")
     labels = {"sop_class": "ct", "outcome": "stored"}
     assert first.registry.get_sample_value("sclc_instances_received_total", labels) == 1
@@ -199,7 +201,12 @@ def test_unknown_label_values_are_refused(metrics):
 
 
 def test_disabled_server_is_not_started(metrics):
-    assert start_http_server(HttpConfig(enabled=False, bind_address="127.0.0.1", port=0), metrics, lambda: HealthReport(True)) is None
+    assert (
+        start_http_server(
+            HttpConfig(enabled=False, bind_address="127.0.0.1", port=0), metrics, lambda: HealthReport(True)
+        )
+        is None
+    )
 
 
 def test_busy_port_names_the_key(server, metrics):
@@ -227,6 +234,8 @@ def test_ipv6_loopback(metrics):
         probe.close()
     except OSError as exc:
         pytest.skip(f"no IPv6 loopback here: {exc}")
-    with start_http_server(HttpConfig(enabled=True, bind_address="::1", port=0), metrics, lambda: HealthReport(True)) as handle:
+    with start_http_server(
+        HttpConfig(enabled=True, bind_address="::1", port=0), metrics, lambda: HealthReport(True)
+    ) as handle:
         assert handle.url.startswith("http://[::1]:")
         assert get(handle.url + "/healthz")[0] == 200

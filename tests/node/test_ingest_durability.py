@@ -3,7 +3,7 @@ commit stays FULL, and a row lost with the WAL tail is rebuilt by recover() from
 
 from __future__ import annotations
 
-from node.records import StoreOutcome
+from sclc_risk_node.node.records import StoreOutcome
 from tests.node.test_spool import T0, StudyBuilder, open_spool
 
 
@@ -18,7 +18,10 @@ def test_only_the_instance_index_commit_skips_the_wal_fsync(tmp_path):
         upper = [s.strip().upper() for s in statements]
         normal, full = upper.index("PRAGMA SYNCHRONOUS = NORMAL"), upper.index("PRAGMA SYNCHRONOUS = FULL")
         # The write transaction (BEGIN IMMEDIATE ... COMMIT) runs between the two, and only it.
-        assert [s for s in upper[normal + 1:full] if s.startswith(("BEGIN", "COMMIT"))] == ["BEGIN IMMEDIATE", "COMMIT"]
+        assert [s for s in upper[normal + 1 : full] if s.startswith(("BEGIN", "COMMIT"))] == [
+            "BEGIN IMMEDIATE",
+            "COMMIT",
+        ]
         assert upper.count("PRAGMA SYNCHRONOUS = NORMAL") == 1
         # Back to FULL for every other transaction on this connection (state changes, outbox, SRs).
         assert connection.execute("PRAGMA synchronous").fetchone()[0] == 2

@@ -27,19 +27,19 @@ import pytest
 import SimpleITK as sitk
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
-    CTImageStorage,
     Comprehensive3DSRStorage,
+    CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, evt
 from structlog.testing import capture_logs
 
-from dicom_io.synthetic import SyntheticPatient, ct_datasets_from_image
-from node.config import DestinationConfig, NodeConfig, OutboxConfig, load_config
-from node.errors import InvalidTransition
-from node.http_status import NodeMetrics
-from node.outbox import (
+from sclc_risk_node.dicom_io.synthetic import SyntheticPatient, ct_datasets_from_image
+from sclc_risk_node.node.config import DestinationConfig, NodeConfig, OutboxConfig, load_config
+from sclc_risk_node.node.errors import InvalidTransition
+from sclc_risk_node.node.http_status import NodeMetrics
+from sclc_risk_node.node.outbox import (
     DeliveryOutcome,
     DeliveryResult,
     Outbox,
@@ -49,8 +49,8 @@ from node.outbox import (
     resend_study,
     send_sr,
 )
-from node.states import OutboxState, StudyEvent, StudyState
-from node.study_machine import StudyMachine
+from sclc_risk_node.node.states import OutboxState, StudyEvent, StudyState
+from sclc_risk_node.node.study_machine import StudyMachine
 from tests.node.peers import LOOPBACK, free_port, peers  # noqa: F401 - `peers` is a fixture
 from tests.node.test_spool import REPO_ROOT, T0, UID_ROOT, StudyBuilder, open_spool
 
@@ -69,7 +69,9 @@ def build_sr(study_uid: str, sr_uid: str) -> bytes:
     image = sitk.GetImageFromArray(np.zeros((2, 8, 8), np.int16))
     image.SetSpacing((1.0, 1.0, 2.0))
     patient = dataclasses.replace(PATIENT, study_instance_uid=study_uid)
-    ct = ct_datasets_from_image(image, patient, series_instance_uid=f"{study_uid}.7", frame_of_reference_uid=f"{study_uid}.8")
+    ct = ct_datasets_from_image(
+        image, patient, series_instance_uid=f"{study_uid}.7", frame_of_reference_uid=f"{study_uid}.8"
+    )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(uid=f"{UID_ROOT}.77"),
@@ -122,7 +124,12 @@ def scored_study(spool, number: int, destinations=("PACS1",)) -> ScoredStudy:
     sr_uid = f"{study.study_uid}.3.1"
     sr_bytes = build_sr(study.study_uid, sr_uid)
     machine.record_scored(
-        study.study_uid, worker_id="w1", sr_sop_instance_uid=sr_uid, sr_bytes=sr_bytes, destinations=destinations, now=T0 + 20
+        study.study_uid,
+        worker_id="w1",
+        sr_sop_instance_uid=sr_uid,
+        sr_bytes=sr_bytes,
+        destinations=destinations,
+        now=T0 + 20,
     )
     assert spool.get_study(study.study_uid).state is StudyState.SCORED
     return ScoredStudy(study.study_uid, sr_uid, sr_bytes)
@@ -175,8 +182,15 @@ def spool(tmp_path):
 class PynetdicomScp:
     """A small pynetdicom storage SCP on an ephemeral loopback port; the C-STORE handler decides the status."""
 
-    def __init__(self, handler, *, ae_title="PACS1AE", sop_classes=(Comprehensive3DSRStorage,), require_calling=(),
-                 ssl_context=None):
+    def __init__(
+        self,
+        handler,
+        *,
+        ae_title="PACS1AE",
+        sop_classes=(Comprehensive3DSRStorage,),
+        require_calling=(),
+        ssl_context=None,
+    ):
         self.ae = AE(ae_title=ae_title)
         self.ae.require_called_aet = True
         if require_calling:
@@ -247,7 +261,9 @@ def test_the_hold_must_outlast_the_longest_attempt(spool, tmp_path):
 # --- local failures: still attempts, still visible ------------------------------------------
 
 
-def test_a_destination_missing_from_the_config_and_a_missing_sr_file_are_failed_attempts_with_jittered_backoff(spool, tmp_path):
+def test_a_destination_missing_from_the_config_and_a_missing_sr_file_are_failed_attempts_with_jittered_backoff(
+    spool, tmp_path
+):
     gone = scored_study(spool, 1, destinations=("GONE",))
     lost = scored_study(spool, 2, destinations=("PACS1",))
     [lost_item] = spool.study_deliveries(lost.study_uid)
@@ -264,7 +280,9 @@ def test_a_destination_missing_from_the_config_and_a_missing_sr_file_are_failed_
     assert gone_item.last_error.startswith("destination 'GONE' is not in the configuration")
     [lost_item] = spool.study_deliveries(lost.study_uid)
     assert lost_item.last_error == f"cannot read the SR file {lost.sr_uid}.dcm for PACS1: No such file or directory"
-    assert sorted([gone_item.next_attempt_at, lost_item.next_attempt_at]) == pytest.approx(sorted(NOW + w for w in waits))
+    assert sorted([gone_item.next_attempt_at, lost_item.next_attempt_at]) == pytest.approx(
+        sorted(NOW + w for w in waits)
+    )
     assert counter(metrics, "sclc_sr_delivery_failures_total", "PACS1") == 1
     assert spool.outbox_depth() == 2
 
@@ -386,7 +404,9 @@ def test_after_max_attempts_the_study_fails_visibly_and_resend_delivers_it(spool
 
 @pytest.mark.external
 def test_orthanc_stores_the_sr_keeps_it_across_a_restart_and_a_resend_does_not_duplicate_it(spool, tmp_path, peers):
-    orthanc = peers.orthanc(tmp_path / "orthanc", ae_title="ORTHANC", modalities={"NODE": (NODE_AE, LOOPBACK, free_port())})
+    orthanc = peers.orthanc(
+        tmp_path / "orthanc", ae_title="ORTHANC", modalities={"NODE": (NODE_AE, LOOPBACK, free_port())}
+    )
     study = scored_study(spool, 1, destinations=("ORTHANC1",))
     config = node_config(tmp_path, [destination(orthanc.dicom_port, name="ORTHANC1", ae_title="ORTHANC")])
     outbox = make_outbox(spool, config)
@@ -524,9 +544,9 @@ def test_a_pacs_that_does_not_take_comprehensive_3d_sr_is_a_failed_attempt(spool
 _SENDER = textwrap.dedent(
     """
     import dataclasses, sys
-    from node.config import DestinationConfig, OutboxConfig, load_config
-    from node.outbox import Outbox, SendTimeouts
-    from node.spool import Spool
+    from sclc_risk_node.node.config import DestinationConfig, OutboxConfig, load_config
+    from sclc_risk_node.node.outbox import Outbox, SendTimeouts
+    from sclc_risk_node.node.spool import Spool
 
     spool_dir, state_dir, port, now, hold_s = sys.argv[1:]
     config = dataclasses.replace(
@@ -542,7 +562,9 @@ _SENDER = textwrap.dedent(
 
 
 @pytest.mark.external
-def test_a_delivery_claimed_by_a_killed_sender_is_sent_after_its_hold_and_only_then(spool, tmp_path, peers, pynetdicom_scp):
+def test_a_delivery_claimed_by_a_killed_sender_is_sent_after_its_hold_and_only_then(
+    spool, tmp_path, peers, pynetdicom_scp
+):
     arrived, release = threading.Event(), threading.Event()
 
     def never_answer(event):
@@ -554,7 +576,16 @@ def test_a_delivery_claimed_by_a_killed_sender_is_sent_after_its_hold_and_only_t
     study = scored_study(spool, 1)
     hold_s = 300.0
     sender = subprocess.Popen(
-        [sys.executable, "-c", _SENDER, str(spool.directory), str(tmp_path / "state"), str(hanging.port), str(NOW), str(hold_s)],
+        [
+            sys.executable,
+            "-c",
+            _SENDER,
+            str(spool.directory),
+            str(tmp_path / "state"),
+            str(hanging.port),
+            str(NOW),
+            str(hold_s),
+        ],
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -593,7 +624,7 @@ def test_a_delivery_claimed_by_a_killed_sender_is_sent_after_its_hold_and_only_t
 def test_tls_destination_receives_the_sr_and_an_untrusted_one_is_a_failed_attempt(spool, tmp_path, pynetdicom_scp):
     import ssl
 
-    from node.config import DestinationTlsConfig
+    from sclc_risk_node.node.config import DestinationTlsConfig
     from tests.node.test_scp import self_signed_certificate
 
     cert, key = self_signed_certificate(tmp_path)
@@ -624,10 +655,10 @@ def test_tls_destination_receives_the_sr_and_an_untrusted_one_is_a_failed_attemp
 
 # --- (7) every object of a study: SR, KOS, PDF, SC ---------------------------------------------------------------
 
-from dicom_io.inputs import CtSeries, TumourSegment  # noqa: E402
-from dicom_io.result_objects import OBJECT_KINDS, build_result_objects, object_kind  # noqa: E402
-from dicom_io.synthetic import build_tumour_seg, synthetic_chest_phantom  # noqa: E402
-from node.config import RESULT_OBJECT_KINDS, ConfigError  # noqa: E402
+from sclc_risk_node.dicom_io.inputs import CtSeries, TumourSegment  # noqa: E402
+from sclc_risk_node.dicom_io.result_objects import OBJECT_KINDS, build_result_objects, object_kind  # noqa: E402
+from sclc_risk_node.dicom_io.synthetic import build_tumour_seg, synthetic_chest_phantom  # noqa: E402
+from sclc_risk_node.node.config import RESULT_OBJECT_KINDS, ConfigError  # noqa: E402
 from tests.dicom_io.test_sr_writer import make_clinical, make_result  # noqa: E402
 
 
@@ -642,9 +673,14 @@ def result_objects_for(study_uid: str) -> dict[str, bytes]:
         header = pydicom.Dataset(ds)
         del header.PixelData
         headers.append(header)
-    ct = CtSeries(image=image, headers=tuple(headers), study_instance_uid=study_uid,
-                  series_instance_uid=str(datasets[0].SeriesInstanceUID),
-                  frame_of_reference_uid=str(datasets[0].FrameOfReferenceUID), source_paths=())
+    ct = CtSeries(
+        image=image,
+        headers=tuple(headers),
+        study_instance_uid=study_uid,
+        series_instance_uid=str(datasets[0].SeriesInstanceUID),
+        frame_of_reference_uid=str(datasets[0].FrameOfReferenceUID),
+        source_paths=(),
+    )
     segment = TumourSegment(mask=mask, segmentation=seg, segment_number=1, segment_label="Tumour")
     objects = build_result_objects(ct, segment, make_clinical(), make_result())
     encoded = {}
@@ -672,8 +708,12 @@ def scored_study_with_objects(spool, number: int, destinations, destination_obje
     encoded = result_objects_for(study.study_uid)
     uids = {kind: str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID) for kind, data in encoded.items()}
     machine.record_scored(
-        study.study_uid, worker_id="w1", sr_sop_instance_uid=uids["sr"], sr_bytes=encoded["sr"],
-        destinations=destinations, now=T0 + 20,
+        study.study_uid,
+        worker_id="w1",
+        sr_sop_instance_uid=uids["sr"],
+        sr_bytes=encoded["sr"],
+        destinations=destinations,
+        now=T0 + 20,
         extra_objects=[(object_kind(name), uids[name], encoded[name]) for name in ("sr-roi", "kos", "pdf", "sc")],
         destination_objects=destination_objects,
     )
@@ -684,9 +724,12 @@ def test_config_objects_default_to_all_four_and_unknown_ones_are_refused(tmp_pat
     assert RESULT_OBJECT_KINDS == OBJECT_KINDS
     assert destination(104).objects == ("sr", "kos", "pdf", "sc")
     path = tmp_path / "node.toml"
-    path.write_text('[[destinations]]\nname = "a"\nae_title = "A"\nhost = "127.0.0.1"\nport = 104\n'
-                    'objects = ["sr", "html"]\n')
-    with pytest.raises(ConfigError, match=r"destinations\[0\]\.objects: unknown object\(s\) 'html'; choose from sr, kos"):
+    path.write_text(
+        '[[destinations]]\nname = "a"\nae_title = "A"\nhost = "127.0.0.1"\nport = 104\nobjects = ["sr", "html"]\n'
+    )
+    with pytest.raises(
+        ConfigError, match=r"destinations\[0\]\.objects: unknown object\(s\) 'html'; choose from sr, kos"
+    ):
         load_config(path, environ={"STATE_DIRECTORY": str(tmp_path / "state")})
     path.write_text('[[destinations]]\nname = "a"\nae_title = "A"\nhost = "127.0.0.1"\nport = 104\nobjects = []\n')
     with pytest.raises(ConfigError, match=r"destinations\[0\]\.objects: is empty"):
@@ -700,8 +743,13 @@ def test_each_destination_gets_the_objects_it_is_configured_for(spool):
     queued = {(item.destination, item.sr_sop_instance_uid) for item in spool.study_deliveries(study.study_uid)}
     uids = study.uids
     assert queued == {
-        ("PACS1", uids["sr"]), ("PACS1", uids["sr-roi"]), ("PACS1", uids["kos"]),
-        ("VIEWER", uids["pdf"]), ("VIEWER", uids["sc"]), ("VIEWER", uids["sr"]), ("VIEWER", uids["sr-roi"]),
+        ("PACS1", uids["sr"]),
+        ("PACS1", uids["sr-roi"]),
+        ("PACS1", uids["kos"]),
+        ("VIEWER", uids["pdf"]),
+        ("VIEWER", uids["sc"]),
+        ("VIEWER", uids["sr"]),
+        ("VIEWER", uids["sr-roi"]),
     }
     # Every object is in the spool, whoever takes it.
     for kind, uid in uids.items():
@@ -736,19 +784,19 @@ def test_orthanc_gets_each_object_once_previews_the_sc_and_serves_the_pdf(spool,
 _SLOW_SENDER = textwrap.dedent(
     """
     import dataclasses, sys, time
-    import node.outbox
-    from node.config import DestinationConfig, OutboxConfig, load_config
-    from node.outbox import Outbox, SendTimeouts
-    from node.spool import Spool
+    import sclc_risk_node.node.outbox as outbox_module
+    from sclc_risk_node.node.config import DestinationConfig, OutboxConfig, load_config
+    from sclc_risk_node.node.outbox import Outbox, SendTimeouts
+    from sclc_risk_node.node.spool import Spool
 
-    real_send = node.outbox.send_sr
+    real_send = outbox_module.send_sr
 
     def send_then_linger(*args, **kwargs):
         result = real_send(*args, **kwargs)
         time.sleep(2.0)  # the PACS has the object; the node has not recorded it yet
         return result
 
-    node.outbox.send_sr = send_then_linger
+    outbox_module.send_sr = send_then_linger
     spool_dir, state_dir, port, now, hold_s = sys.argv[1:]
     config = dataclasses.replace(
         load_config(environ={"STATE_DIRECTORY": state_dir}),
@@ -768,9 +816,19 @@ def test_a_restart_during_delivery_leaves_exactly_one_copy_of_each_object_in_ort
     study = scored_study_with_objects(spool, 1, ("ORTHANC1",))
     hold_s = 300.0
     sender = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_SENDER, str(spool.directory), str(tmp_path / "state"), str(orthanc.dicom_port),
-         str(NOW), str(hold_s)],
-        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-c",
+            _SLOW_SENDER,
+            str(spool.directory),
+            str(tmp_path / "state"),
+            str(orthanc.dicom_port),
+            str(NOW),
+            str(hold_s),
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         for _ in range(600):
@@ -807,16 +865,21 @@ def test_a_scoring_worker_builds_every_object_from_real_files(tmp_path):
     """run_scoring_task on the bundled demo study (real pyradiomics, the shipped model): SR + the four others."""
     import json
 
-    from node.demo_study import DEMO_CLINICAL, write_demo_study
-    from node.scoring_job import default_model_path
-    from node.worker import ScoringTask, run_scoring_task
+    from sclc_risk_node.node.demo_study import DEMO_CLINICAL, write_demo_study
+    from sclc_risk_node.node.scoring_job import default_model_path
+    from sclc_risk_node.node.worker import ScoringTask, run_scoring_task
 
     demo = write_demo_study(tmp_path / "demo")
     ct_series_uid = str(pydicom.dcmread(sorted(demo.ct_dir.iterdir())[0], stop_before_pixels=True).SeriesInstanceUID)
     task = ScoringTask(
-        study_instance_uid=DEMO_CLINICAL["study_instance_uid"], ct_series_dir=demo.ct_dir,
-        ct_series_instance_uid=ct_series_uid, seg_path=demo.seg_path, clinical_json=json.dumps(DEMO_CLINICAL),
-        model_path=default_model_path(), segment_label=None, extra_object_kinds=("sr", "kos", "pdf", "sc"),
+        study_instance_uid=DEMO_CLINICAL["study_instance_uid"],
+        ct_series_dir=demo.ct_dir,
+        ct_series_instance_uid=ct_series_uid,
+        seg_path=demo.seg_path,
+        clinical_json=json.dumps(DEMO_CLINICAL),
+        model_path=default_model_path(),
+        segment_label=None,
+        extra_object_kinds=("sr", "kos", "pdf", "sc"),
     )
     outcome = run_scoring_task(task)
     assert outcome.error is None, outcome.error
@@ -829,8 +892,12 @@ def test_a_scoring_worker_builds_every_object_from_real_files(tmp_path):
     assert roi_sr.SeriesInstanceUID == risk_sr.SeriesInstanceUID and roi_sr.InstanceNumber == 2
     assert (kos.Modality, pdf.Modality, sc.Modality) == ("KO", "DOC", "OT")
     # One key slice for all: the ROI SR's outline, the KOS's key image and the page's source image.
-    key_image = str(kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
-                    .ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    key_image = str(
+        kos.CurrentRequestedProcedureEvidenceSequence[0]
+        .ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID
+    )
     assert str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) == key_image
     assert str(pdf.SourceInstanceSequence[0].ReferencedSOPInstanceUID) == key_image
     report = hd.sr.MeasurementReport.from_sequence(hd.sr.Comprehensive3DSR.from_dataset(roi_sr).content)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from node.completion import assess_images, evaluate
-from node.config import CompletionConfig
-from node.demo_study import write_demo_study
-from node.records import InstanceHeader
-from node.spool import Spool
-from node.states import StudyEvent
-from node.worker import choose_inputs
+from sclc_risk_node.node.completion import assess_images, evaluate
+from sclc_risk_node.node.config import CompletionConfig
+from sclc_risk_node.node.demo_study import write_demo_study
+from sclc_risk_node.node.records import InstanceHeader
+from sclc_risk_node.node.spool import Spool
+from sclc_risk_node.node.states import StudyEvent
+from sclc_risk_node.node.worker import choose_inputs
 from tests.rtstruct_builder import build_rtstruct, contours_from_mask, save
 
 COMPLETION = CompletionConfig(grace_s=1.0, study_expiry_s=3600.0)
@@ -23,8 +23,8 @@ def demo(tmp_path_factory):
     study = write_demo_study(folder)
     ct = sorted((pydicom.dcmread(p) for p in study.ct_dir.iterdir()), key=lambda ds: int(ds.InstanceNumber))
     seg = pydicom.dcmread(study.seg_path)
-    from dicom_io.ct_series import read_ct_series
-    from dicom_io.seg import read_tumour_segment
+    from sclc_risk_node.dicom_io.ct_series import read_ct_series
+    from sclc_risk_node.dicom_io.seg import read_tumour_segment
 
     mask = read_tumour_segment(study.seg_path, read_ct_series(study.ct_dir)).mask
     rtstruct = save(build_rtstruct(ct, contours_from_mask(mask)), folder / "rtstruct.dcm")
@@ -68,8 +68,8 @@ def test_completion_waits_for_every_ct_instance_the_rtstruct_references(demo, tm
 
 
 def test_the_receiver_takes_an_rtstruct_and_refuses_a_truncated_one(demo):
-    from node.errors import NodeError
-    from node.scp import STORAGE_CLASSES, read_received_dataset
+    from sclc_risk_node.node.errors import NodeError
+    from sclc_risk_node.node.scp import STORAGE_CLASSES, read_received_dataset
 
     _, _, _, rtstruct = demo
     encoded = rtstruct.read_bytes()

@@ -4,19 +4,24 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import os
 import time
 
 import pytest
 
-from node.demo_study import DEMO_CLINICAL, write_demo_study
-from node.scoring_job import default_model_path
-from node.spool import Spool
-from node.states import StudyState
-from node.study_machine import StudyMachine, applicability_from_reason, scored_reason, stage_seconds_from_reason
-from node.worker import ScoringTask, run_scoring_task
+from sclc_risk_node.node.demo_study import DEMO_CLINICAL, write_demo_study
+from sclc_risk_node.node.scoring_job import default_model_path
+from sclc_risk_node.node.spool import Spool
+from sclc_risk_node.node.states import StudyState
+from sclc_risk_node.node.study_machine import (
+    StudyMachine,
+    applicability_from_reason,
+    scored_reason,
+    stage_seconds_from_reason,
+)
+from sclc_risk_node.node.worker import ScoringTask, run_scoring_task
 from tests.node.test_spool import ct_instance
 from tests.node.test_study_machine import T0, drive_to
 
@@ -29,11 +34,15 @@ def demo(tmp_path_factory):
 
 
 def test_the_worker_reports_every_stage(demo):
-    from node.demo_study import DEMO_PATIENT
+    from sclc_risk_node.node.demo_study import DEMO_PATIENT
 
     task = ScoringTask(
-        study_instance_uid=DEMO_PATIENT.study_instance_uid, ct_series_dir=demo.ct_dir, ct_series_instance_uid=None,
-        seg_path=demo.seg_path, clinical_json=json.dumps(DEMO_CLINICAL), model_path=default_model_path(),
+        study_instance_uid=DEMO_PATIENT.study_instance_uid,
+        ct_series_dir=demo.ct_dir,
+        ct_series_instance_uid=None,
+        seg_path=demo.seg_path,
+        clinical_json=json.dumps(DEMO_CLINICAL),
+        model_path=default_model_path(),
         segment_label=None,
     )
     outcome = run_scoring_task(task)
@@ -50,20 +59,23 @@ def test_the_worker_reports_every_stage(demo):
 def test_stage_seconds_round_trip_through_the_scored_reason():
     stages = {"read": 1.2345, "ring": 0.2, "extract": 2.5, "model": 0.004, "sr": 0.31}
     reason = scored_reason("1.2.3", "out_of_domain", True, stages)
-    assert reason == ("SR 1.2.3; applicability out_of_domain; risk group and PFS withheld; "
-                      "stages read=1.234 ring=0.200 extract=2.500 model=0.004 sr=0.310")
+    assert reason == (
+        "SR 1.2.3; applicability out_of_domain; risk group and PFS withheld; "
+        "stages read=1.234 ring=0.200 extract=2.500 model=0.004 sr=0.310"
+    )
     assert applicability_from_reason(reason) == ("out_of_domain", True)
-    assert stage_seconds_from_reason(reason) == {"read": 1.234, "ring": 0.2, "extract": 2.5, "model": 0.004,
-                                                 "sr": 0.31}
+    assert stage_seconds_from_reason(reason) == {"read": 1.234, "ring": 0.2, "extract": 2.5, "model": 0.004, "sr": 0.31}
     assert stage_seconds_from_reason(scored_reason("1.2.3", None, False)) == {}
     assert stage_seconds_from_reason(None) == {}
 
 
 def test_status_json_shows_the_stage_split(tmp_path):
     config_path = tmp_path / "node.toml"
-    config_path.write_text(f'[spool]\ndirectory = "{tmp_path}/spool"\ndatabase = "{tmp_path}/node.sqlite3"\n'
-                           f'[clinical]\ninbox_directory = "{tmp_path}/inbox"\n')
-    from node.config import load_config
+    config_path.write_text(
+        f'[spool]\ndirectory = "{tmp_path}/spool"\ndatabase = "{tmp_path}/node.sqlite3"\n'
+        f'[clinical]\ninbox_directory = "{tmp_path}/inbox"\n'
+    )
+    from sclc_risk_node.node.config import load_config
 
     config = load_config(config_path)
     config.prepare_directories()
@@ -72,10 +84,17 @@ def test_status_json_shows_the_stage_split(tmp_path):
         study = drive_to(spool, StudyState.SCORING)
         uid = study.study_uid
         sr_bytes, _ = ct_instance(uid, f"{uid}.3", f"{uid}.3.1")  # any Part-10 file stands in for the SR
-        StudyMachine(spool).record_scored(uid, worker_id="w1", sr_sop_instance_uid=f"{uid}.3.1", sr_bytes=sr_bytes,
-                                          destinations=["pacs"], now=T0 + 4, applicability="in_domain",
-                                          stage_seconds=stages)
-    run = [sys.executable, "-m", "node.cli", "status", "--config", str(config_path)]
+        StudyMachine(spool).record_scored(
+            uid,
+            worker_id="w1",
+            sr_sop_instance_uid=f"{uid}.3.1",
+            sr_bytes=sr_bytes,
+            destinations=["pacs"],
+            now=T0 + 4,
+            applicability="in_domain",
+            stage_seconds=stages,
+        )
+    run = [sys.executable, "-m", "sclc_risk_node.node.cli", "status", "--config", str(config_path)]
     rows = json.loads(subprocess.run(run + ["--json"], capture_output=True, text=True, check=True).stdout)["studies"]
     assert rows[0]["stage_seconds"] == stages
     text = subprocess.run(run, capture_output=True, text=True, check=True).stdout
@@ -87,7 +106,7 @@ def test_the_worker_initialiser_imports_and_loads_the_model_once():
     code = (
         "import os, sys, time\n"
         "from node.worker import _worker_initialiser, _load_model\n"
-        "from sclc_risk_node_models import shipped_model_path\n"
+        "from sclc_risk_node.models import shipped_model_path\n"
         "path = shipped_model_path('demo-integrated-cox-2.0.0.json')\n"
         "assert 'radiomics' not in sys.modules\n"
         "_worker_initialiser(os.getppid(), str(path))\n"
@@ -104,11 +123,18 @@ def test_the_worker_initialiser_imports_and_loads_the_model_once():
 
 
 def test_workers_start_warm_with_the_dispatcher(tmp_path):
-    from node.worker import ScoringDispatcher
+    from sclc_risk_node.node.worker import ScoringDispatcher
 
     with Spool.open(tmp_path / "spool", min_free_bytes=0) as spool:
-        dispatcher = ScoringDispatcher(spool, StudyMachine(spool), workers=1, lease_s=60,
-                                       model_path=default_model_path(), destinations=[], segment_label=None)
+        dispatcher = ScoringDispatcher(
+            spool,
+            StudyMachine(spool),
+            workers=1,
+            lease_s=60,
+            model_path=default_model_path(),
+            destinations=[],
+            segment_label=None,
+        )
         try:
             assert dispatcher.dispatch(now=time.time()) == 0  # no study: the pool starts anyway
             pool = dispatcher._pool
@@ -125,7 +151,7 @@ def test_a_finished_stage_runs_the_next_job_at_once(tmp_path):
     import functools
     import threading
 
-    from node.service import JobIntervals
+    from sclc_risk_node.node.service import JobIntervals
     from tests.node.test_service import make_service
 
     service = make_service(tmp_path)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import socket
 import struct
-from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import time
 import tracemalloc
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +35,17 @@ from pydicom.uid import (
     SegmentationStorage,
     generate_uid,
 )
-from pynetdicom import AE, _config as pynetdicom_config
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification
 
-from dicom_io.synthetic import build_tumour_seg, synthetic_chest_phantom, write_ct_series, write_datasets
-from node import scp
-from node.config import CallerRule, ConfigError, ScpConfig, ScpTlsConfig
-from node.errors import NotPart10, SpoolBusy, SpoolFull, SpoolIOError, UnsafeUid
-from node.http_status import NodeMetrics
-from node.scp import (
+from sclc_risk_node.dicom_io.synthetic import build_tumour_seg, synthetic_chest_phantom, write_ct_series, write_datasets
+from sclc_risk_node.node import scp
+from sclc_risk_node.node.config import CallerRule, ConfigError, ScpConfig, ScpTlsConfig
+from sclc_risk_node.node.errors import NotPart10, SpoolBusy, SpoolFull, SpoolIOError, UnsafeUid
+from sclc_risk_node.node.http_status import NodeMetrics
+from sclc_risk_node.node.records import InstanceRecord
+from sclc_risk_node.node.scp import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
     STATUS_OUT_OF_RESOURCES,
@@ -55,8 +57,7 @@ from node.scp import (
     read_received_dataset,
     status_for_error,
 )
-from node.records import InstanceRecord
-from node.spool import Spool
+from sclc_risk_node.node.spool import Spool
 from tests.node.dicom_tools import LOOPBACK, PROPOSE, echoscu, requires_dcmtk, storescu
 
 NODE_AE = "SCLC_NODE"
@@ -78,7 +79,10 @@ def scp_config(**overrides) -> ScpConfig:
         dimse_timeout_s=10.0,
         network_timeout_s=10.0,
         check_called_ae=True,
-        allowed_callers=(CallerRule(ae_title=PACS_AE, host="127.0.0.1"), CallerRule(ae_title="ECHOSCU", host="127.0.0.1")),
+        allowed_callers=(
+            CallerRule(ae_title=PACS_AE, host="127.0.0.1"),
+            CallerRule(ae_title="ECHOSCU", host="127.0.0.1"),
+        ),
         tls=ScpTlsConfig(enabled=False, cert_file=None, key_file=None, ca_file=None, require_client_cert=False),
     )
     values.update(overrides)
@@ -279,7 +283,9 @@ def test_storescu_ct_and_seg_are_indexed_and_stored_as_received(node, phantom):
 )
 def test_compressed_series_is_stored_in_its_own_transfer_syntax(node, phantom, transfer_syntax):
     folder = phantom.compressed_dir(transfer_syntax)
-    result = storescu(LOOPBACK, node.port, [folder], called_ae=NODE_AE, calling_ae=PACS_AE, propose=PROPOSE[transfer_syntax])
+    result = storescu(
+        LOOPBACK, node.port, [folder], called_ae=NODE_AE, calling_ae=PACS_AE, propose=PROPOSE[transfer_syntax]
+    )
     assert result.ok, result.output
 
     instances = node.instances()
@@ -353,7 +359,9 @@ def test_source_address_outside_the_allow_list_is_closed_at_accept_and_logged(st
         outsider = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, bind_address=("127.0.0.2", 0))
     # Closed before any A-ASSOCIATE exchange: no A-ASSOCIATE-RJ, no association, no thread.
     assert not outsider.is_established and not outsider.is_rejected
-    assert [(e["peer_ip"], e["reason"]) for e in logs if e["event"] == "peer_refused"] == [("127.0.0.2", scp.REFUSED_ADDRESS)]
+    assert [(e["peer_ip"], e["reason"]) for e in logs if e["event"] == "peer_refused"] == [
+        ("127.0.0.2", scp.REFUSED_ADDRESS)
+    ]
     assert not [e for e in logs if e["event"].startswith("association_")]
 
     insider = scu().associate(LOOPBACK, node.port, ae_title=NODE_AE, bind_address=("127.0.0.1", 0))
@@ -479,7 +487,10 @@ def test_a_flood_from_an_allowed_network_is_held_to_its_per_address_budget(start
 
     with structlog.testing.capture_logs() as logs:
         held = open_flood(
-            node.port, opened_and_closed=FLOOD_CONNECTIONS // 2, silent=FLOOD_CONNECTIONS, stalled=FLOOD_CONNECTIONS // 2
+            node.port,
+            opened_and_closed=FLOOD_CONNECTIONS // 2,
+            silent=FLOOD_CONNECTIONS,
+            stalled=FLOOD_CONNECTIONS // 2,
         )
         try:
             during_s = pacs_round_trip(node, fresh_ct(phantom, "during"))
@@ -550,7 +561,13 @@ def test_corrupt_instances_get_cannot_understand_and_the_rest_is_stored(node, ph
 
     statuses = send(node, files, raw_files=True, monkeypatch=monkeypatch)
 
-    assert statuses == [STATUS_CANNOT_UNDERSTAND, *[STATUS_SUCCESS] * 4, STATUS_CANNOT_UNDERSTAND, STATUS_CANNOT_UNDERSTAND, *[STATUS_SUCCESS] * 4]
+    assert statuses == [
+        STATUS_CANNOT_UNDERSTAND,
+        *[STATUS_SUCCESS] * 4,
+        STATUS_CANNOT_UNDERSTAND,
+        STATUS_CANNOT_UNDERSTAND,
+        *[STATUS_SUCCESS] * 4,
+    ]
     assert set(node.instances()) == phantom.ct_uids
     assert (node.received("ct", "stored"), node.received("ct", "rejected")) == (8, 3)
 
@@ -583,7 +600,10 @@ def test_dataset_that_does_not_match_its_sop_class_gets_0xA900(node, phantom, tm
     def other_instance(ds):
         ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
 
-    files = [phantom.variant(name, edit) for name, edit in [("as-seg", ct_sent_as_seg), ("mr-in-ct", mr_in_ct), ("uid", other_instance)]]
+    files = [
+        phantom.variant(name, edit)
+        for name, edit in [("as-seg", ct_sent_as_seg), ("mr-in-ct", mr_in_ct), ("uid", other_instance)]
+    ]
     statuses = send(node, files, raw_files=True, monkeypatch=monkeypatch)
     assert statuses == [STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS] * 3
     assert node.instances() == {}
@@ -593,7 +613,9 @@ def test_dataset_that_does_not_match_its_sop_class_gets_0xA900(node, phantom, tm
 # --- resource limits (issue 10.4) --------------------------------------------------------
 
 
-def bytes_accepted(conn: socket.socket, header: bytes, *, chunk_bytes: int = 2**20, up_to_bytes: int = 96 * 2**20) -> int:
+def bytes_accepted(
+    conn: socket.socket, header: bytes, *, chunk_bytes: int = 2**20, up_to_bytes: int = 96 * 2**20
+) -> int:
     """Send ``header`` then zeros until the node stops reading or ``up_to_bytes`` went out; the bytes sent."""
     conn.settimeout(5)
     sent = 0
@@ -619,7 +641,9 @@ def test_an_oversized_association_request_is_not_read(start_node):
         finally:
             conn.close()
     assert sent < 32 * 2**20, f"the node went on reading: {sent} bytes"
-    assert (FLOODER_IP, scp.REFUSED_PDU_TOO_LARGE) in {(e["peer_ip"], e["reason"]) for e in logs if e["event"] == "peer_refused"}
+    assert (FLOODER_IP, scp.REFUSED_PDU_TOO_LARGE) in {
+        (e["peer_ip"], e["reason"]) for e in logs if e["event"] == "peer_refused"
+    }
 
 
 def test_a_pdu_beyond_the_announced_maximum_length_aborts_the_association(start_node):
@@ -635,7 +659,6 @@ def test_a_pdu_beyond_the_announced_maximum_length_aborts_the_association(start_
         conn.close()
     assert sent < 32 * 2**20, f"the node went on reading: {sent} bytes"
     assert send(node, []) == []  # and it still serves
-
 
 
 BOMB_INFLATED_BYTES = 64 * 2**20
@@ -834,9 +857,25 @@ def test_a_failing_log_sink_changes_no_status_and_admits_no_one(tmp_path, phanto
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     cert, key = directory / "node.crt", directory / "node.key"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     return cert, key
 

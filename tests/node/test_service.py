@@ -8,9 +8,9 @@ import urllib.request
 
 import pytest
 
-from node.config import load_config
-from node.service import NodeService, sd_notify
-from node.states import StudyState
+from sclc_risk_node.node.config import load_config
+from sclc_risk_node.node.service import NodeService, sd_notify
+from sclc_risk_node.node.states import StudyState
 from tests.node.dicom_tools import echoscu
 from tests.node.test_spool import T0, ct_instance
 from tests.node.test_study_machine import drive_to
@@ -19,13 +19,17 @@ S = StudyState
 
 
 def make_service(tmp_path, *, destinations: bool = True, min_free_bytes: int = 0) -> NodeService:
-    destination = """
+    destination = (
+        """
 [[destinations]]
 name = "pacs"
 ae_title = "PACS"
 host = "127.0.0.1"
 port = 1
-""" if destinations else ""
+"""
+        if destinations
+        else ""
+    )
     config_path = tmp_path / "node.toml"
     config_path.write_text(f"""
 [scp]
@@ -210,11 +214,19 @@ def test_unmatched_clinical_records_expire_after_the_configured_time(tmp_path):
         retention_s = service.config.clinical.unmatched_record_retention_s
         assert retention_s == 2592000  # the documented default, 30 days
         old = service.spool.add_clinical_record(
-            json.dumps({"ecog": 2}), accession_number="ACC-NEVER-CAME", patient_id="PAT-OLD",
-            study_instance_uid=None, now=now - retention_s - 1)
+            json.dumps({"ecog": 2}),
+            accession_number="ACC-NEVER-CAME",
+            patient_id="PAT-OLD",
+            study_instance_uid=None,
+            now=now - retention_s - 1,
+        )
         young = service.spool.add_clinical_record(
-            json.dumps({"ecog": 0}), accession_number="ACC-STILL-WAITING", patient_id=None,
-            study_instance_uid=None, now=now - 60)
+            json.dumps({"ecog": 0}),
+            accession_number="ACC-STILL-WAITING",
+            patient_id=None,
+            study_instance_uid=None,
+            now=now - 60,
+        )
         linked = drive_to(service.spool, S.READY)  # its record is old (T0) but in use
         service.clean_up()
         text = _database_text(service)

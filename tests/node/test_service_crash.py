@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from node.demo_study import DEMO_CLINICAL, write_demo_study
+from sclc_risk_node.node.demo_study import DEMO_CLINICAL, write_demo_study
 from tests.node.dicom_tools import requires_dcmtk, storescu
-from tests.test_end_to_end import NodeProcess, wait_for as wait_for_condition, worker_pids
+from tests.test_end_to_end import NodeProcess, worker_pids
+from tests.test_end_to_end import wait_for as wait_for_condition
 
 pytestmark = [pytest.mark.external, pytest.mark.slow, requires_dcmtk]
 
@@ -65,7 +66,6 @@ port = {self.http_port}
         return row["state"] if row else None
 
 
-
 def wait_for(condition, timeout_s: float, what: str, node: ServeProcess | None = None, interval_s: float = 0.05):
     # Polled finely: the test measures how soon scoring resumes after a restart.
     return wait_for_condition(condition, timeout_s, what, node, interval_s=interval_s)  # type: ignore[arg-type]
@@ -82,27 +82,46 @@ def test_three_kill9_during_scoring_still_score_the_study_and_each_restart_resum
         node.drop_clinical_record(DEMO_CLINICAL)
         resumed_after_s = []
         for round_number in range(3):
-            wait_for(lambda: node.state_now(study_uid) == "scoring", 60, f"scoring (round {round_number})", node,
-                     interval_s=0.01)
+            wait_for(
+                lambda: node.state_now(study_uid) == "scoring",
+                60,
+                f"scoring (round {round_number})",
+                node,
+                interval_s=0.01,
+            )
             children = worker_pids(node.process.pid)
             node.kill9()
             dead_claimant = node.study_row(study_uid)["claimed_by"]
             assert node.state_now(study_uid) == "scoring"
-            wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), 30,
-                     "the orphaned scoring workers to exit", node)
+            wait_for(
+                lambda: not any(Path(f"/proc/{pid}").exists() for pid in children),
+                30,
+                "the orphaned scoring workers to exit",
+                node,
+            )
             restarted = time.monotonic()
             node.start()
-            wait_for(lambda: (row := node.study_row(study_uid))["state"] == "scored"
-                     or (row["state"] == "scoring" and row["claimed_by"] != dead_claimant), RESUME_WITHIN_S,
-                     f"scoring to resume after restart {round_number + 1} (lease_s is {LEASE_S})", node)
+            wait_for(
+                lambda: (
+                    (row := node.study_row(study_uid))["state"] == "scored"
+                    or (row["state"] == "scoring" and row["claimed_by"] != dead_claimant)
+                ),
+                RESUME_WITHIN_S,
+                f"scoring to resume after restart {round_number + 1} (lease_s is {LEASE_S})",
+                node,
+            )
             resumed_after_s.append(time.monotonic() - restarted)
         wait_for(lambda: node.state_now(study_uid) in ("scored", "failed"), 120, "the outcome", node)
         row = node.study_row(study_uid)
         assert row["state"] == "scored", row["failure_reason"]
         assert row["claim_attempts"] == 1  # only the claim that finished counts; the three crashes do not
         with sqlite3.connect(f"file:{node.database}?mode=ro", uri=True) as connection:
-            events = [e for (e,) in connection.execute(
-                "SELECT event FROM study_events WHERE study_instance_uid = ? ORDER BY id", (study_uid,))]
+            events = [
+                e
+                for (e,) in connection.execute(
+                    "SELECT event FROM study_events WHERE study_instance_uid = ? ORDER BY id", (study_uid,)
+                )
+            ]
         assert events.count("service_restarted") == 3
         assert "lease_expired" not in events
         assert max(resumed_after_s) < RESUME_WITHIN_S

@@ -23,11 +23,11 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from node.errors import InvalidTransition, NotPart10, SpoolBusy, SpoolFull, UnsafeUid
-from node.records import SEGMENTATION_STORAGE, InstanceHeader, StoreOutcome
-from node.spool import TEMP_SUFFIX, Spool, free_bytes, place_file_atomically
-from node.states import OutboxState, StudyEvent, StudyState
-from node.study_machine import StudyMachine
+from sclc_risk_node.node.errors import InvalidTransition, NotPart10, SpoolBusy, SpoolFull, UnsafeUid
+from sclc_risk_node.node.records import SEGMENTATION_STORAGE, InstanceHeader, StoreOutcome
+from sclc_risk_node.node.spool import TEMP_SUFFIX, Spool, free_bytes, place_file_atomically
+from sclc_risk_node.node.states import OutboxState, StudyEvent, StudyState
+from sclc_risk_node.node.study_machine import StudyMachine
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: 2026-01-01T00:00:00Z; every test drives the clock from here.
@@ -171,7 +171,9 @@ def spool(tmp_path):
 
 
 def spooled_files(spool: Spool) -> set[str]:
-    return {p.relative_to(spool.directory).as_posix() for p in (spool.directory / "instances").rglob("*") if p.is_file()}
+    return {
+        p.relative_to(spool.directory).as_posix() for p in (spool.directory / "instances").rglob("*") if p.is_file()
+    }
 
 
 # --- opening ------------------------------------------------------------------------
@@ -210,7 +212,13 @@ def test_store_writes_the_received_bytes_at_the_uid_path_and_indexes_them(spool)
     data, header = ct_instance(f"{UID_ROOT}.1", f"{UID_ROOT}.1.1", f"{UID_ROOT}.1.1.1")
     assert spool.store_instance(data, header, now=T0) is StoreOutcome.STORED
 
-    path = spool.directory / "instances" / header.study_instance_uid / header.series_instance_uid / f"{header.sop_instance_uid}.dcm"
+    path = (
+        spool.directory
+        / "instances"
+        / header.study_instance_uid
+        / header.series_instance_uid
+        / f"{header.sop_instance_uid}.dcm"
+    )
     assert path.read_bytes() == data
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     [record] = spool.study_instances(header.study_instance_uid)
@@ -256,8 +264,11 @@ def test_same_sop_under_another_study_keeps_the_first_and_leaves_no_file(spool):
 def test_unsafe_uids_are_refused_before_any_path_is_built(bad_uid):
     with pytest.raises(UnsafeUid):
         InstanceHeader(
-            study_instance_uid=f"{UID_ROOT}.1", series_instance_uid=bad_uid, sop_instance_uid=f"{UID_ROOT}.1.1",
-            sop_class_uid=CTImageStorage, modality="CT",
+            study_instance_uid=f"{UID_ROOT}.1",
+            series_instance_uid=bad_uid,
+            sop_instance_uid=f"{UID_ROOT}.1.1",
+            sop_class_uid=CTImageStorage,
+            modality="CT",
         )
 
 
@@ -291,7 +302,9 @@ def test_a_new_instance_reopens_a_waiting_study(spool):
     study = StudyBuilder(1)
     study.store_all(spool, now=T0)
     StudyMachine(spool).apply(study.study_uid, StudyEvent.IMAGES_COMPLETE, now=T0 + 10)
-    data, header = ct_instance(study.study_uid, f"{study.study_uid}.9", f"{study.study_uid}.9.1", accession=study.accession)
+    data, header = ct_instance(
+        study.study_uid, f"{study.study_uid}.9", f"{study.study_uid}.9.1", accession=study.accession
+    )
     spool.store_instance(data, header, now=T0 + 20)
     record = spool.get_study(study.study_uid)
     assert record.state is StudyState.RECEIVING and record.last_instance_at == T0 + 20
@@ -328,7 +341,12 @@ def test_a_locked_database_is_reported_as_retryable_and_the_file_is_recovered_la
 def test_header_from_a_real_highdicom_seg_lists_the_ct_it_was_drawn_on(tmp_path):
     import numpy as np
 
-    from dicom_io.synthetic import SyntheticPatient, build_tumour_seg, ct_datasets_from_image, synthetic_chest_phantom
+    from sclc_risk_node.dicom_io.synthetic import (
+        SyntheticPatient,
+        build_tumour_seg,
+        ct_datasets_from_image,
+        synthetic_chest_phantom,
+    )
 
     image, mask = synthetic_chest_phantom(size=(16, 16, 4), spacing_mm=(2.0, 2.0, 3.0), tumour_radii_mm=(8.0, 8.0, 6.0))
     cts = ct_datasets_from_image(image, SyntheticPatient())
@@ -401,9 +419,9 @@ _STORE_LOOP = textwrap.dedent(
     from pathlib import Path
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
-    from node.logs import configure_logging
-    from node.records import InstanceHeader
-    from node.spool import Spool
+    from sclc_risk_node.node.logs import configure_logging
+    from sclc_risk_node.node.records import InstanceHeader
+    from sclc_risk_node.node.spool import Spool
 
     configure_logging("WARNING", stream=sys.stderr)
 
@@ -513,8 +531,12 @@ def test_clinical_records_with_a_different_accession_do_not_match(spool):
 def test_the_newest_clinical_record_wins_until_scoring(spool):
     study = StudyBuilder(1)
     study.store_all(spool, now=T0)
-    spool.add_clinical_record('{"ecog": 1}', accession_number=study.accession, patient_id=None, study_instance_uid=None, now=T0)
-    spool.add_clinical_record('{"ecog": 2}', accession_number=study.accession, patient_id=None, study_instance_uid=None, now=T0)
+    spool.add_clinical_record(
+        '{"ecog": 1}', accession_number=study.accession, patient_id=None, study_instance_uid=None, now=T0
+    )
+    spool.add_clinical_record(
+        '{"ecog": 2}', accession_number=study.accession, patient_id=None, study_instance_uid=None, now=T0
+    )
     assert json.loads(spool.clinical_record_for(study.study_uid).record_json) == {"ecog": 2}
 
 
@@ -528,7 +550,9 @@ def test_clinical_record_needs_match_keys_and_a_json_object(spool):
 # --- outbox --------------------------------------------------------------------------
 
 
-def scored_study(spool: Spool, number: int, destinations=("pacs-a", "pacs-b"), *, now: float = T0) -> tuple[StudyBuilder, str]:
+def scored_study(
+    spool: Spool, number: int, destinations=("pacs-a", "pacs-b"), *, now: float = T0
+) -> tuple[StudyBuilder, str]:
     study = StudyBuilder(number)
     study.store_all(spool, now=now)
     study.clinical(spool, now=now)
@@ -537,14 +561,24 @@ def scored_study(spool: Spool, number: int, destinations=("pacs-a", "pacs-b"), *
     machine.claim(study.study_uid, worker_id="w1", now=now + 11, lease_s=600)
     sr_uid = f"{study.study_uid}.3.1"
     sr_bytes, _ = ct_instance(study.study_uid, f"{study.study_uid}.3", sr_uid)
-    machine.record_scored(study.study_uid, worker_id="w1", sr_sop_instance_uid=sr_uid, sr_bytes=sr_bytes, destinations=destinations, now=now + 20)
+    machine.record_scored(
+        study.study_uid,
+        worker_id="w1",
+        sr_sop_instance_uid=sr_uid,
+        sr_bytes=sr_bytes,
+        destinations=destinations,
+        now=now + 20,
+    )
     return study, sr_uid
 
 
 def test_scored_study_has_one_pending_delivery_per_destination(spool):
     study, sr_uid = scored_study(spool, 1)
     items = spool.study_deliveries(study.study_uid)
-    assert [(i.destination, i.state, i.attempts) for i in items] == [("pacs-a", OutboxState.PENDING, 0), ("pacs-b", OutboxState.PENDING, 0)]
+    assert [(i.destination, i.state, i.attempts) for i in items] == [
+        ("pacs-a", OutboxState.PENDING, 0),
+        ("pacs-b", OutboxState.PENDING, 0),
+    ]
     assert items[0].sr_path.is_file() and items[0].sr_path.name == f"{sr_uid}.dcm"
     assert spool.outbox_depth() == 2
 
@@ -585,7 +619,9 @@ def test_a_delivery_taken_by_one_sender_is_not_due_for_another_until_its_hold_en
 def test_failed_attempts_back_off_then_give_up_and_fail_the_study(spool):
     study, _ = scored_study(spool, 1, destinations=("pacs-a",))
     [item] = spool.due_deliveries(now=T0 + 30)
-    after = spool.mark_attempt_failed(item.item_id, now=T0 + 30, error="association rejected", backoff_s=60, max_attempts=2)
+    after = spool.mark_attempt_failed(
+        item.item_id, now=T0 + 30, error="association rejected", backoff_s=60, max_attempts=2
+    )
     assert (after.state, after.attempts, after.next_attempt_at) == (OutboxState.PENDING, 1, T0 + 90)
     assert spool.due_deliveries(now=T0 + 89) == []
     spool.mark_attempt_failed(item.item_id, now=T0 + 90, error="association rejected", backoff_s=120, max_attempts=2)

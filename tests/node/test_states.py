@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from node.states import (
+from sclc_risk_node.node.states import (
     CLINICAL_LINKABLE_STATES,
     FINISHED_STATES,
     LEASE_HOLDER_EVENTS,
@@ -73,7 +73,11 @@ def test_resend_leads_back_to_scored_and_retry_to_receiving():
 
 def test_states_entered_with_a_reason_are_failed_and_expired():
     assert REASON_REQUIRED == {S.FAILED, S.EXPIRED}
-    assert {TRANSITIONS[(s, e)] for s, e in itertools.product(S, E) if (s, e) in TRANSITIONS and e in (E.SCORING_FAILED, E.DELIVERY_FAILED, E.EXPIRED)} == REASON_REQUIRED
+    assert {
+        TRANSITIONS[(s, e)]
+        for s, e in itertools.product(S, E)
+        if (s, e) in TRANSITIONS and e in (E.SCORING_FAILED, E.DELIVERY_FAILED, E.EXPIRED)
+    } == REASON_REQUIRED
 
 
 def test_state_sets_are_consistent():

@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from node.stats_cli import add_stats_parser
-from scoring.errors import InputError
+from sclc_risk_node.node.stats_cli import add_stats_parser
+from sclc_risk_node.scoring.errors import InputError
 
 
 def lung_frame() -> pd.DataFrame:
@@ -50,8 +50,20 @@ def run(parser, *argv) -> int:
 
 def test_cox_writes_r_matching_json_and_a_table(parser, lung_csv, tmp_path, capsys):
     out = tmp_path / "out" / "cox.json"
-    code = run(parser, "stats", "cox", lung_csv, "--time", "time", "--event", "status",
-               "--covariates", "age,sex", "--json", out)
+    code = run(
+        parser,
+        "stats",
+        "cox",
+        lung_csv,
+        "--time",
+        "time",
+        "--event",
+        "status",
+        "--covariates",
+        "age,sex",
+        "--json",
+        out,
+    )
     assert code == 0
     payload = json.loads(out.read_text())
     assert (payload["n"], payload["events"]) == (228, 165)
@@ -70,8 +82,10 @@ def test_cox_writes_r_matching_json_and_a_table(parser, lung_csv, tmp_path, caps
 
 def test_km_groups_with_null_for_unreached_limits(parser, lung_csv, tmp_path, capsys):
     out = tmp_path / "km.json"
-    assert run(parser, "stats", "km", lung_csv, "--time", "time", "--event", "status",
-               "--group", "ph.ecog", "--json", out) == 0
+    assert (
+        run(parser, "stats", "km", lung_csv, "--time", "time", "--event", "status", "--group", "ph.ecog", "--json", out)
+        == 0
+    )
     groups = json.loads(out.read_text())["groups"]
     assert groups["0"] == {"n": 63, "events": 37, "median": 394, "ci_low": 348, "ci_high": 574}
     assert groups["3"] == {"n": 1, "events": 1, "median": 118, "ci_low": None, "ci_high": None}
@@ -89,8 +103,12 @@ def test_km_without_group_is_all(parser, lung_csv, tmp_path):
 
 def test_logrank_json(parser, lung_csv, tmp_path, capsys):
     out = tmp_path / "lr.json"
-    assert run(parser, "stats", "logrank", lung_csv, "--time", "time", "--event", "status",
-               "--group", "sex", "--json", out) == 0
+    assert (
+        run(
+            parser, "stats", "logrank", lung_csv, "--time", "time", "--event", "status", "--group", "sex", "--json", out
+        )
+        == 0
+    )
     payload = json.loads(out.read_text())
     assert payload["df"] == 1
     assert payload["chi2"] == pytest.approx(10.3267, abs=5e-5)
@@ -150,4 +168,6 @@ def test_required_options(parser, lung_csv):
     with pytest.raises(SystemExit):
         parser.parse_args(["stats", "logrank", str(lung_csv), "--time", "time", "--event", "status"])
     with pytest.raises(SystemExit):
-        parser.parse_args(["stats", "cox", str(lung_csv), "--time", "time", "--event", "status", "--covariates", "age,"])
+        parser.parse_args(
+            ["stats", "cox", str(lung_csv), "--time", "time", "--event", "status", "--covariates", "age,"]
+        )

@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from node.config import CompletionConfig
-from node.errors import InvalidTransition, LeaseLost, UnknownStudy
-from node.states import TRANSITIONS, OutboxState, StudyEvent, StudyState
-from node.study_machine import StudyMachine
+from sclc_risk_node.node.config import CompletionConfig
+from sclc_risk_node.node.errors import InvalidTransition, LeaseLost, UnknownStudy
+from sclc_risk_node.node.states import TRANSITIONS, OutboxState, StudyEvent, StudyState
+from sclc_risk_node.node.study_machine import StudyMachine
 from tests.node.test_spool import T0, StudyBuilder, ct_instance, open_spool
 
 S, E = StudyState, StudyEvent
@@ -40,7 +40,9 @@ def drive_to(spool, state: StudyState) -> StudyBuilder:
     if state is S.SCORING:
         return study
     sr_bytes, _ = ct_instance(uid, f"{uid}.3", f"{uid}.3.1")
-    machine.record_scored(uid, worker_id="w1", sr_sop_instance_uid=f"{uid}.3.1", sr_bytes=sr_bytes, destinations=["pacs"], now=T0 + 4)
+    machine.record_scored(
+        uid, worker_id="w1", sr_sop_instance_uid=f"{uid}.3.1", sr_bytes=sr_bytes, destinations=["pacs"], now=T0 + 4
+    )
     if state is S.SCORED:
         return study
     [item] = spool.study_deliveries(uid)
@@ -188,8 +190,14 @@ def test_a_stale_worker_cannot_record_a_result(spool):
     machine.claim(study.study_uid, worker_id="w2", now=LATER, lease_s=60)
     sr_bytes, _ = ct_instance(study.study_uid, f"{study.study_uid}.3", f"{study.study_uid}.3.1")
     with pytest.raises(LeaseLost):
-        machine.record_scored(study.study_uid, worker_id="w1", sr_sop_instance_uid=f"{study.study_uid}.3.1",
-                              sr_bytes=sr_bytes, destinations=["pacs"], now=LATER + 1)
+        machine.record_scored(
+            study.study_uid,
+            worker_id="w1",
+            sr_sop_instance_uid=f"{study.study_uid}.3.1",
+            sr_bytes=sr_bytes,
+            destinations=["pacs"],
+            now=LATER + 1,
+        )
     assert spool.study_deliveries(study.study_uid) == []  # rolled back with the transition
     assert spool.get_study(study.study_uid).claimed_by == "w2"
 
@@ -203,7 +211,9 @@ def test_a_study_that_keeps_losing_its_worker_fails_instead_of_looping(spool):
         now += 61
         [transition] = machine.reclaim_stale_leases(now=now, max_claim_attempts=3)
     assert transition.to_state is S.FAILED
-    assert spool.get_study(study.study_uid).failure_reason == "scoring lost its worker 3 times (killed or out of memory?)"
+    assert (
+        spool.get_study(study.study_uid).failure_reason == "scoring lost its worker 3 times (killed or out of memory?)"
+    )
 
 
 def test_claims_of_a_service_instance_that_is_gone_are_released_at_start_up_and_do_not_count(spool):
@@ -252,8 +262,8 @@ def test_retry_of_a_study_left_in_scoring_needs_a_dead_claim(spool):
 
 
 def test_only_one_service_may_hold_a_spool(spool, tmp_path):
-    from node.errors import SpoolBusy
-    from node.spool import Spool
+    from sclc_risk_node.node.errors import SpoolBusy
+    from sclc_risk_node.node.spool import Spool
 
     assert not spool.service_running()
     spool.lock_service("host:4:first")
@@ -355,8 +365,14 @@ def test_retry_after_a_delivery_failure_resends_only_what_gave_up(spool):
     machine = StudyMachine(spool)
     study = drive_to(spool, S.SCORING)
     sr_bytes, _ = ct_instance(study.study_uid, f"{study.study_uid}.3", f"{study.study_uid}.3.1")
-    machine.record_scored(study.study_uid, worker_id="w1", sr_sop_instance_uid=f"{study.study_uid}.3.1",
-                          sr_bytes=sr_bytes, destinations=["pacs-a", "pacs-b"], now=T0 + 10)
+    machine.record_scored(
+        study.study_uid,
+        worker_id="w1",
+        sr_sop_instance_uid=f"{study.study_uid}.3.1",
+        sr_bytes=sr_bytes,
+        destinations=["pacs-a", "pacs-b"],
+        now=T0 + 10,
+    )
     a, b = spool.study_deliveries(study.study_uid)
     spool.mark_delivered(a.item_id, now=T0 + 11)
     spool.mark_attempt_failed(b.item_id, now=T0 + 12, error="refused", backoff_s=1, max_attempts=1)

@@ -85,7 +85,12 @@ def test_security_exposure_is_ok():
 def test_security_score_notices_a_weakened_unit(tmp_path):
     weakened = tmp_path / UNIT.name
     text = UNIT.read_text()
-    for line in ("PrivateUsers=yes", "ProtectSystem=strict", "CapabilityBoundingSet=", "SystemCallFilter=@system-service"):
+    for line in (
+        "PrivateUsers=yes",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=",
+        "SystemCallFilter=@system-service",
+    ):
         text = text.replace(f"\n{line}\n", "\n")
     weakened.write_text(text)
     result = analyze("security", "--offline=true", f"--threshold={int(MAX_EXPOSURE * 10)}", weakened)

@@ -11,7 +11,7 @@ another patient's, so its extraction fails and the run must go on.  The
 frozen model then scores one simulated study through `sclc-node score`.
 
 Until the lead registers `add_training_parsers` in node/cli.py, the commands
-run as ``python -m node.training_cli`` (same parsers, same exit statuses);
+run as ``python -m sclc_risk_node.node.training_cli`` (same parsers, same exit statuses);
 afterwards as ``python -m node.cli``.
 """
 
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from node.training.report import FIGURE_KINDS, REPORT_KEYS, SPLIT_KEYS
-from node.training.simulate import simulate_cohort
-from node.training_cli import add_training_parsers
-from scoring.model import FrozenModel, canonical_sha256
+from sclc_risk_node.node.training.report import FIGURE_KINDS, REPORT_KEYS, SPLIT_KEYS
+from sclc_risk_node.node.training.simulate import simulate_cohort
+from sclc_risk_node.node.training_cli import add_training_parsers
+from sclc_risk_node.scoring.model import FrozenModel, canonical_sha256
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SPEC = """
@@ -87,26 +87,34 @@ icc_threshold = 0.5
 [validation]
 bootstrap = 20
 """
-EVALUATION_KEYS = {"split", "n", "events", "median_follow_up_months", "horizons_months", "model", "settings",
-                   "radiomics", "integrated", "comparison"}
-MODEL_BLOCK_KEYS = {"score", "cutoff", "c_index", "time_dependent_auc", "risk_groups", "calibration",
-                    "decision_curve"}
+EVALUATION_KEYS = {
+    "split",
+    "n",
+    "events",
+    "median_follow_up_months",
+    "horizons_months",
+    "model",
+    "settings",
+    "radiomics",
+    "integrated",
+    "comparison",
+}
+MODEL_BLOCK_KEYS = {"score", "cutoff", "c_index", "time_dependent_auc", "risk_groups", "calibration", "decision_curve"}
 
 
 def _registered_in_sclc_node() -> bool:
-    from node.cli import build_parser
+    from sclc_risk_node.node.cli import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return "train" in commands.choices
 
 
-ENTRY = "node.cli" if _registered_in_sclc_node() else "node.training_cli"
+ENTRY = "sclc_risk_node.node.cli" if _registered_in_sclc_node() else "sclc_risk_node.node.training_cli"
 
 
 def sclc_node(*args, module: str = ENTRY) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -129,19 +137,36 @@ def cohort(tmp_path_factory) -> dict:
     spec = folder.parent / "spec.toml"
     spec.write_text(SPEC, encoding="utf-8")
     truth = json.loads((folder / "simulation_truth.json").read_text())
-    return {"folder": folder, "csv": edited, "rows": rows, "spec": spec, "truth": truth,
-            "broken_line": rows.index(broken) + 2}
+    return {
+        "folder": folder,
+        "csv": edited,
+        "rows": rows,
+        "spec": spec,
+        "truth": truth,
+        "broken_line": rows.index(broken) + 2,
+    }
 
 
 @pytest.fixture(scope="module")
 def trained(cohort) -> dict:
     out = cohort["folder"].parent / "run1"
-    proc = sclc_node("train", "--cohort", cohort["csv"], "--spec", cohort["spec"], "--out", out / "model.json",
-                     "--report", out / "report", "--workers", "2", "--no-progress")
+    proc = sclc_node(
+        "train",
+        "--cohort",
+        cohort["csv"],
+        "--spec",
+        cohort["spec"],
+        "--out",
+        out / "model.json",
+        "--report",
+        out / "report",
+        "--workers",
+        "2",
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report" / "report.json").read_text())
-    return {"proc": proc, "out": out, "model_path": out / "model.json", "report_dir": out / "report",
-            "report": report}
+    return {"proc": proc, "out": out, "model_path": out / "model.json", "report_dir": out / "report", "report": report}
 
 
 # --------------------------------------------------------------------------- the model file
@@ -154,7 +179,7 @@ def test_the_model_file_loads_and_its_seal_verifies(trained):
     assert canonical_sha256(mapping) == mapping["sha256"] == model.identity.sha256
     assert model.identity.name == "test-integrated-cox" and model.identity.demonstration is True
     assert trained["report"]["model"]["sha256"] == model.identity.sha256
-    verify = sclc_node("model", "verify", trained["model_path"], module="node.cli")
+    verify = sclc_node("model", "verify", trained["model_path"], module="sclc_risk_node.node.cli")
     assert verify.returncode == 0, verify.stderr
     assert model.identity.sha256 in verify.stdout
 
@@ -163,8 +188,11 @@ SIZE_MEASURES = ("Volume", "Diameter", "AxisLength", "SurfaceArea")
 
 
 def test_lasso_selects_a_feature_that_carries_the_simulated_signal(trained, cohort):
-    expected = {name for parameter in cohort["truth"]["image_parameters"].values()
-                for name in parameter.get("expected_features", ())}
+    expected = {
+        name
+        for parameter in cohort["truth"]["image_parameters"].values()
+        for name in parameter.get("expected_features", ())
+    }
     selected = {f["name"]: f["coefficient"] for f in trained["report"]["training"]["selected_features"]}
     # The tumour radius drives the simulated hazard, so every size measure of the tumour or of the ring
     # around it carries that signal, with a positive coefficient (bigger = shorter PFS); with the stability
@@ -183,8 +211,16 @@ def test_the_integrated_model_discriminates_at_least_as_well_as_radiomics_alone_
 
 def test_the_summary_names_splits_features_c_indices_and_files(trained):
     stdout = trained["proc"].stdout
-    for text in ("train 40", "validation_1 8", "validation_2 12", "control 9", "failed 1", "C-index",
-                 str(trained["model_path"]), "report.html"):
+    for text in (
+        "train 40",
+        "validation_1 8",
+        "validation_2 12",
+        "control 9",
+        "failed 1",
+        "C-index",
+        str(trained["model_path"]),
+        "report.html",
+    ):
         assert text in stdout, text
     for feature in trained["report"]["training"]["selected_features"]:
         assert feature["name"] in stdout
@@ -219,8 +255,12 @@ def test_an_extraction_failure_is_reported_by_csv_line_and_the_run_goes_on(train
     validation = report["splits"]["validation_2"]
     assert (validation["n"], validation["n_used"]) == (12, 11)
     assert validation["excluded"][0]["row"] == cohort["broken_line"]
-    assert report["extraction"]["counts"] == {"computed": len(cohort["rows"]) - 1, "cached": 0, "precomputed": 0,
-                                              "failed": 1}
+    assert report["extraction"]["counts"] == {
+        "computed": len(cohort["rows"]) - 1,
+        "cached": 0,
+        "precomputed": 0,
+        "failed": 1,
+    }
     ids = {row["id"] for row in cohort["rows"]}
     text = (trained["report_dir"] / "report.json").read_text() + (trained["report_dir"] / "report.html").read_text()
     assert not any(patient_id in text for patient_id in ids), "patient ids must not appear in the report"
@@ -256,9 +296,23 @@ def test_every_figure_is_a_real_png(trained):
 
 def test_report_html_is_self_contained(trained):
     page = (trained["report_dir"] / "report.html").read_text(encoding="utf-8")
-    for text in ("train", "validation_1", "validation_2", "control", "Validation set 2", "Control group",
-                 "C-index (95% CI)", "AUC 6 m", "AUC 12 m", "HR low vs high", "log-rank p", "VIF", "Spearman",
-                 "Univariate", "CSV line"):
+    for text in (
+        "train",
+        "validation_1",
+        "validation_2",
+        "control",
+        "Validation set 2",
+        "Control group",
+        "C-index (95% CI)",
+        "AUC 6 m",
+        "AUC 12 m",
+        "HR low vs high",
+        "log-rank p",
+        "VIF",
+        "Spearman",
+        "Univariate",
+        "CSV line",
+    ):
         assert text in page, text
     assert page.count('src="data:image/png;base64,') == len(trained["report"]["figures"])
     for external in ("http://", "https://", "<link", "<script", 'src="figures', "url("):
@@ -337,9 +391,9 @@ def test_the_treatment_comparison_with_the_control_split(trained):
 
 
 def test_the_model_card_renders_the_shipped_demo_model():
-    from node.scoring_job import default_model_path
+    from sclc_risk_node.node.scoring_job import default_model_path
 
-    proc = sclc_node(default_model_path(), module="node.training.model_card")
+    proc = sclc_node(default_model_path(), module="sclc_risk_node.node.training.model_card")
     assert proc.returncode == 0, proc.stderr
     model = json.loads(Path(default_model_path()).read_text())
     assert proc.stdout.startswith(f"# Model card: {model['name']} {model['version']}")
@@ -351,14 +405,31 @@ def test_the_model_card_renders_the_shipped_demo_model():
 
 def test_a_second_run_with_the_same_cache_recomputes_nothing(trained, cohort):
     out = cohort["folder"].parent / "run2"
-    proc = sclc_node("train", "--cohort", cohort["csv"], "--spec", cohort["spec"], "--out", out / "model.json",
-                     "--report", out / "report", "--cache", trained["report_dir"] / "feature-cache",
-                     "--workers", "2", "--no-progress")
+    proc = sclc_node(
+        "train",
+        "--cohort",
+        cohort["csv"],
+        "--spec",
+        cohort["spec"],
+        "--out",
+        out / "model.json",
+        "--report",
+        out / "report",
+        "--cache",
+        trained["report_dir"] / "feature-cache",
+        "--workers",
+        "2",
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report" / "report.json").read_text())
     # Failures are not cached: the broken patient is tried again (and fails again).
-    assert report["extraction"]["counts"] == {"computed": 0, "cached": len(cohort["rows"]) - 1, "precomputed": 0,
-                                              "failed": 1}
+    assert report["extraction"]["counts"] == {
+        "computed": 0,
+        "cached": len(cohort["rows"]) - 1,
+        "precomputed": 0,
+        "failed": 1,
+    }
     first, second = (json.loads(p.read_text()) for p in (trained["model_path"], out / "model.json"))
     assert second["radiomics"] == first["radiomics"]
     assert second["clinical_covariates"] == first["clinical_covariates"]
@@ -366,8 +437,18 @@ def test_a_second_run_with_the_same_cache_recomputes_nothing(trained, cohort):
 
 def test_an_existing_model_file_is_not_replaced_without_force(trained, cohort):
     before = trained["model_path"].read_bytes()
-    proc = sclc_node("train", "--cohort", cohort["csv"], "--spec", cohort["spec"], "--out", trained["model_path"],
-                     "--report", cohort["folder"].parent / "run3", "--no-progress")
+    proc = sclc_node(
+        "train",
+        "--cohort",
+        cohort["csv"],
+        "--spec",
+        cohort["spec"],
+        "--out",
+        trained["model_path"],
+        "--report",
+        cohort["folder"].parent / "run3",
+        "--no-progress",
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: --out:") and "--force" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -377,8 +458,18 @@ def test_an_existing_model_file_is_not_replaced_without_force(trained, cohort):
 def test_a_misspelt_spec_key_stops_the_run_with_one_line_naming_it(cohort, tmp_path):
     spec = tmp_path / "bad.toml"
     spec.write_text(SPEC.replace("cv_folds = 10", "cv_fold = 10"), encoding="utf-8")
-    proc = sclc_node("train", "--cohort", cohort["csv"], "--spec", spec, "--out", tmp_path / "m.json",
-                     "--report", tmp_path / "report", "--no-progress")
+    proc = sclc_node(
+        "train",
+        "--cohort",
+        cohort["csv"],
+        "--spec",
+        spec,
+        "--out",
+        tmp_path / "m.json",
+        "--report",
+        tmp_path / "report",
+        "--no-progress",
+    )
     assert proc.returncode == 2
     assert "lasso.cv_fold" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -386,8 +477,18 @@ def test_a_misspelt_spec_key_stops_the_run_with_one_line_naming_it(cohort, tmp_p
 
 
 def test_a_missing_cohort_file_is_one_line_and_exit_2(cohort, tmp_path):
-    proc = sclc_node("train", "--cohort", tmp_path / "nope.csv", "--spec", cohort["spec"], "--out",
-                     tmp_path / "m.json", "--report", tmp_path / "report", "--no-progress")
+    proc = sclc_node(
+        "train",
+        "--cohort",
+        tmp_path / "nope.csv",
+        "--spec",
+        cohort["spec"],
+        "--out",
+        tmp_path / "m.json",
+        "--report",
+        tmp_path / "report",
+        "--no-progress",
+    )
     assert proc.returncode == 2
     assert "nope.csv" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
@@ -397,14 +498,39 @@ def test_a_missing_cohort_file_is_one_line_and_exit_2(cohort, tmp_path):
 
 def test_the_trained_model_scores_a_study_through_sclc_node_score(trained, cohort, tmp_path):
     row = next(r for r in cohort["rows"] if r["split"] == "validation_1")
-    clinical = {name: row[name] for name in ("t_stage", "n_stage", "m_stage", "ecog", "lipi", "age", "sex",
-                                             "brain_metastases", "liver_metastases")}
+    clinical = {
+        name: row[name]
+        for name in (
+            "t_stage",
+            "n_stage",
+            "m_stage",
+            "ecog",
+            "lipi",
+            "age",
+            "sex",
+            "brain_metastases",
+            "liver_metastases",
+        )
+    }
     clinical["patient_id"] = row["id"]
     (tmp_path / "clinical.json").write_text(json.dumps(clinical), encoding="utf-8")
     folder = cohort["folder"]
-    proc = sclc_node("score", "--ct", folder / row["ct"], "--seg", folder / row["seg"], "--clinical",
-                     tmp_path / "clinical.json", "--model", trained["model_path"], "--out", tmp_path / "sr.dcm",
-                     "--json", tmp_path / "result.json", module="node.cli")
+    proc = sclc_node(
+        "score",
+        "--ct",
+        folder / row["ct"],
+        "--seg",
+        folder / row["seg"],
+        "--clinical",
+        tmp_path / "clinical.json",
+        "--model",
+        trained["model_path"],
+        "--out",
+        tmp_path / "sr.dcm",
+        "--json",
+        tmp_path / "result.json",
+        module="sclc_risk_node.node.cli",
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["model"]["name"] == "test-integrated-cox"
@@ -429,20 +555,43 @@ def test_simulate_cohort_prints_the_csv_path_and_refuses_a_used_folder(tmp_path)
 def test_add_training_parsers_registers_both_commands_on_any_parser():
     parser = argparse.ArgumentParser(prog="sclc-node")
     add_training_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", "--cohort", "c.csv", "--spec", "s.toml", "--out", "m.json", "--report", "r",
-                              "--workers", "3", "--scheduler", "tcp://127.0.0.1:8786"])
+    args = parser.parse_args(
+        [
+            "train",
+            "--cohort",
+            "c.csv",
+            "--spec",
+            "s.toml",
+            "--out",
+            "m.json",
+            "--report",
+            "r",
+            "--workers",
+            "3",
+            "--scheduler",
+            "tcp://127.0.0.1:8786",
+        ]
+    )
     assert (args.cohort, args.workers, args.scheduler, args.cache, args.force) == (
-        Path("c.csv"), 3, "tcp://127.0.0.1:8786", None, False)
+        Path("c.csv"),
+        3,
+        "tcp://127.0.0.1:8786",
+        None,
+        False,
+    )
     assert callable(args.handler)
     args = parser.parse_args(["simulate-cohort", "out", "--scale", "0.5"])
     assert (args.out_dir, args.scale, args.seed) == (Path("out"), 0.5, 2023)
     with pytest.raises(SystemExit):
-        parser.parse_args(["train", "--cohort", "c.csv", "--spec", "s.toml", "--out", "m.json", "--report", "r",
-                           "--workers", "0"])
+        parser.parse_args(
+            ["train", "--cohort", "c.csv", "--spec", "s.toml", "--out", "m.json", "--report", "r", "--workers", "0"]
+        )
 
 
-@pytest.mark.skipif(not _registered_in_sclc_node(),
-                    reason="node/cli.py does not call add_training_parsers yet (the lead adds that line)")
+@pytest.mark.skipif(
+    not _registered_in_sclc_node(),
+    reason="node/cli.py does not call add_training_parsers yet (the lead adds that line)",
+)
 def test_sclc_node_itself_offers_train_and_simulate_cohort():
-    proc = sclc_node("--help", module="node.cli")
+    proc = sclc_node("--help", module="sclc_risk_node.node.cli")
     assert "train" in proc.stdout and "simulate-cohort" in proc.stdout

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from node.training.cohort import CohortError, load_cohort, parse_cohort_csv
-from scoring.clinical import Lipi
-from scoring.errors import InputError
+from sclc_risk_node.node.training.cohort import CohortError, load_cohort, parse_cohort_csv
+from sclc_risk_node.scoring.clinical import Lipi
+from sclc_risk_node.scoring.errors import InputError
 
 HEADER = "id,split,pfs_months,pfs_event,os_months,os_event,t_stage,n_stage,m_stage,ecog,lipi,anc,wbc,ldh,ldh_uln,age,sex,brain_metastases,liver_metastases,ct,seg"
 
@@ -39,14 +39,17 @@ def test_a_valid_cohort_is_read_with_every_kind_of_row(tmp_path):
     for name in ("p1", "p2", "p3"):
         make_inputs(tmp_path, name)
     absolute_ct = tmp_path / "p3" / "ct.nrrd"
-    path = write_csv(tmp_path, f"""
+    path = write_csv(
+        tmp_path,
+        f"""
         {HEADER},tumour.original_firstorder_Mean,ring.wavelet-LLH_glcm_Correlation
         A-1,train,7.5,1,12.0,0,T4,N3,M1c,1,poor,,,,,63,male,yes,no,p1/ct,p1/seg.dcm,,
         A-2,Train,3.25,true,,,t2,n1,M1a,0,,7.0,9.0,260,250,,,,,p2/ct,p2/labels.nii.gz,,
         A-3,validation_1,12,0,13,1,T3,N2,M0,2,good,,,,,,F,,,{absolute_ct},p3/labels.nii.gz,,
         A-4,validation_2,1.5,FALSE,,,T1a,N0,M1b,0,intermediate,,,,,,,,,,,12.5,nan
         A-5,control,5.9,1,8.0,1,T4,N2,M1b,1,1,,,,,,,no,true,p1/ct,p1/seg.dcm,,
-    """)
+    """,
+    )
     cohort = load_cohort(path)
 
     assert cohort.ids == ("A-1", "A-2", "A-3", "A-4", "A-5")
@@ -81,10 +84,13 @@ def test_a_valid_cohort_is_read_with_every_kind_of_row(tmp_path):
 
 def test_a_given_identifier_is_kept_and_the_id_is_not_forced_on_it(tmp_path):
     make_inputs(tmp_path, "p1")
-    path = write_csv(tmp_path, """
+    path = write_csv(
+        tmp_path,
+        """
         id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,accession_number,ct,seg
         R1,train,4,1,T4,N3,M1c,1,good,ACC77,p1/ct,p1/seg.dcm
-    """)
+    """,
+    )
     record = load_cohort(path).patients[0].clinical
     assert record.accession_number == "ACC77" and record.patient_id is None
 
@@ -93,7 +99,9 @@ def test_every_bad_value_is_reported_at_once_with_row_column_value_and_what_is_a
     make_inputs(tmp_path, "p1")
     (tmp_path / "p1" / "notes.txt").write_text("not an image")
     (tmp_path / "p1" / "plain.dcm").write_bytes(b"no preamble")
-    path = write_csv(tmp_path, f"""
+    path = write_csv(
+        tmp_path,
+        f"""
         {HEADER},tumour.original_firstorder_Mean
         ,train,5,1,,,T4,N3,M1c,1,good,,,,,,,,,p1/ct,p1/seg.dcm,
         SECRET-ID-9,train,5,1,,,T4,N3,M1c,1,good,,,,,,,,,p1/ct,p1/seg.dcm,
@@ -112,7 +120,8 @@ def test_every_bad_value_is_reported_at_once_with_row_column_value_and_what_is_a
         B15,train,9,1,,,T4,N3,M1c,1,good,,,,,,,,,p1/ct,,
         B16,train,9
         B17,train,9,1,,,T4,N3,M1c,1,good,,,,,,,,,,,inf
-    """)
+    """,
+    )
     problems = problems_of(path)
     expected = [
         "row 2: id: missing (allowed: a non-empty text, unique in the file)",
@@ -151,10 +160,13 @@ def test_every_bad_value_is_reported_at_once_with_row_column_value_and_what_is_a
 
 
 def test_a_row_with_some_feature_columns_empty_is_refused(tmp_path):
-    path = write_csv(tmp_path, """
+    path = write_csv(
+        tmp_path,
+        """
         id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,tumour.original_firstorder_Mean,ring.original_firstorder_Mean
         F1,train,4,1,T4,N3,M1c,1,good,1.5,
-    """)
+    """,
+    )
     (problem,) = problems_of(path)
     assert problem.startswith("row 2: feature columns: 1 of 2 empty (ring.original_firstorder_Mean)")
 
@@ -162,24 +174,39 @@ def test_a_row_with_some_feature_columns_empty_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("header", "fragment"),
     [
-        ("id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,ct,seg,ecgo",
-         "header: 'ecgo': unknown column (allowed: id, split, pfs_months"),
-        ("id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,ct,seg,SPLIT",
-         "header: column 'split' appears twice"),
-        ("id,split,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,ct,seg",
-         "header: column pfs_months is missing (required: id, split, pfs_months"),
-        ("id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,ct,seg",
-         "header: neither lipi nor all of anc, wbc, ldh, ldh_uln"),
-        ("id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,ct",
-         "header: column ct without column seg"),
-        ("id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi",
-         "header: no image columns (ct, seg) and no feature columns"),
-        ("id,split,pfs_months,pfs_event,os_months,t_stage,n_stage,m_stage,ecog,lipi,ct,seg",
-         "header: os_months and os_event come together"),
-        ("id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,lung.original_firstorder_Mean",
-         "header: 'lung.original_firstorder_Mean': not a feature name"),
-        ("id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,tumour.Mean",
-         "header: 'tumour.Mean': not a feature name"),
+        (
+            "id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,ct,seg,ecgo",
+            "header: 'ecgo': unknown column (allowed: id, split, pfs_months",
+        ),
+        (
+            "id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,ct,seg,SPLIT",
+            "header: column 'split' appears twice",
+        ),
+        (
+            "id,split,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,ct,seg",
+            "header: column pfs_months is missing (required: id, split, pfs_months",
+        ),
+        (
+            "id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,ct,seg",
+            "header: neither lipi nor all of anc, wbc, ldh, ldh_uln",
+        ),
+        ("id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,ct", "header: column ct without column seg"),
+        (
+            "id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi",
+            "header: no image columns (ct, seg) and no feature columns",
+        ),
+        (
+            "id,split,pfs_months,pfs_event,os_months,t_stage,n_stage,m_stage,ecog,lipi,ct,seg",
+            "header: os_months and os_event come together",
+        ),
+        (
+            "id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,lung.original_firstorder_Mean",
+            "header: 'lung.original_firstorder_Mean': not a feature name",
+        ),
+        (
+            "id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,tumour.Mean",
+            "header: 'tumour.Mean': not a feature name",
+        ),
         ("id;split;pfs_months;pfs_event", "header: looks semicolon-separated"),
         ("id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,,ct,seg", "header: column 10 has no name"),
     ],
@@ -192,11 +219,14 @@ def test_header_problems_are_named(tmp_path, header, fragment):
 
 def test_a_cohort_needs_a_train_split(tmp_path):
     make_inputs(tmp_path, "p1")
-    path = write_csv(tmp_path, """
+    path = write_csv(
+        tmp_path,
+        """
         id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,ct,seg
         V1,validation,4,1,T4,N3,M1c,1,good,p1/ct,p1/seg.dcm
         C1,control,4,1,T4,N3,M1c,1,good,p1/ct,p1/seg.dcm
-    """)
+    """,
+    )
     assert problems_of(path) == (
         "split: no row is in the train split (present: control, validation; allowed: at least one train row)",
     )
@@ -207,7 +237,10 @@ def test_a_cohort_needs_a_train_split(tmp_path):
     [
         ("", "csv: empty"),
         ("\n\n", "csv: empty"),
-        ("id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,ct,seg\n", "csv: a header but no patient rows"),
+        (
+            "id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,ct,seg\n",
+            "csv: a header but no patient rows",
+        ),
         ('id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,ct,seg\n"X"y,train\n', "csv: not valid CSV"),
     ],
 )
@@ -229,11 +262,14 @@ def test_a_missing_or_binary_file_is_refused(tmp_path):
 
 def test_the_message_lists_every_problem_in_one_line(tmp_path):
     make_inputs(tmp_path, "p1")
-    path = write_csv(tmp_path, """
+    path = write_csv(
+        tmp_path,
+        """
         id,split,pfs_months,pfs_event,t_stage,n_stage,m_stage,ecog,lipi,ct,seg
         M1,train,0,1,T4,N3,M1c,1,good,p1/ct,p1/seg.dcm
         M2,train,4,x,T4,N3,M1c,1,good,p1/ct,p1/seg.dcm
-    """)
+    """,
+    )
     with pytest.raises(CohortError) as caught:
         load_cohort(path)
     message = str(caught.value)

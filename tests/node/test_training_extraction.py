@@ -27,15 +27,15 @@ import pytest
 import radiomics
 import SimpleITK as sitk
 
-from dicom_io.ct_series import read_ct_series
-from dicom_io.seg import read_tumour_segment
-from node.training.cohort import load_cohort
-from node.training.extraction import ExtractionError, extract_cohort_features, extract_patient_features
-from node.training.simulate import simulate_cohort
-from scoring.errors import FeatureExtractionError
-from scoring.features import extract_all_features
-from scoring.ring import peritumoral_ring
-from scoring.types import ExtractionSettings
+from sclc_risk_node.dicom_io.ct_series import read_ct_series
+from sclc_risk_node.dicom_io.seg import read_tumour_segment
+from sclc_risk_node.node.training.cohort import load_cohort
+from sclc_risk_node.node.training.extraction import ExtractionError, extract_cohort_features, extract_patient_features
+from sclc_risk_node.node.training.simulate import simulate_cohort
+from sclc_risk_node.scoring.errors import FeatureExtractionError
+from sclc_risk_node.scoring.features import extract_all_features
+from sclc_risk_node.scoring.ring import peritumoral_ring
+from sclc_risk_node.scoring.types import ExtractionSettings
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = ExtractionSettings(
@@ -62,9 +62,15 @@ def cohort(tmp_path_factory) -> Cohort:
     simulate_cohort(folder, scale=0.05, image_size=(48, 48, 24), progress=False)
     with open(folder / "cohort.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
-    roles = {"dicom": rows[0]["id"], "nrrd": rows[1]["id"], "other_series_seg": rows[2]["id"],
-             "empty_label": rows[3]["id"], "off_grid_label": rows[4]["id"], "precomputed": rows[5]["id"],
-             "dicom_ct_label_image": rows[6]["id"]}
+    roles = {
+        "dicom": rows[0]["id"],
+        "nrrd": rows[1]["id"],
+        "other_series_seg": rows[2]["id"],
+        "empty_label": rows[3]["id"],
+        "off_grid_label": rows[4]["id"],
+        "precomputed": rows[5]["id"],
+        "dicom_ct_label_image": rows[6]["id"],
+    }
     by_id = {row["id"]: row for row in rows}
 
     def loaded(row):
@@ -128,7 +134,9 @@ def direct(ct_image: sitk.Image, tumour: sitk.Image) -> dict[str, float]:
     ring = peritumoral_ring(tumour, SETTINGS.ring)
     values = {}
     for region, mask in (("tumour", tumour), ("ring", ring)):
-        values.update({f"{region}.{k}": v for k, v in extract_all_features(ct_image, mask, SETTINGS, list(CLASSES)).items()})
+        values.update(
+            {f"{region}.{k}": v for k, v in extract_all_features(ct_image, mask, SETTINGS, list(CLASSES)).items()}
+        )
     return values
 
 
@@ -177,8 +185,10 @@ def test_broken_patients_are_listed_with_a_one_line_reason_and_the_others_succee
     reasons = {failure.patient_id: failure.reason for failure in result.failures}
     assert set(reasons) == {cohort.id_of(role) for role in BROKEN}
     assert all("\n" not in reason for reason in reasons.values())
-    assert "not CT series" in reasons[cohort.id_of("other_series_seg")] or "FrameOfReferenceUID" in reasons[
-        cohort.id_of("other_series_seg")]
+    assert (
+        "not CT series" in reasons[cohort.id_of("other_series_seg")]
+        or "FrameOfReferenceUID" in reasons[cohort.id_of("other_series_seg")]
+    )
     assert "no voxel has label 1" in reasons[cohort.id_of("empty_label")]
     assert "not on the CT's grid: origin" in reasons[cohort.id_of("off_grid_label")]
 
@@ -228,12 +238,18 @@ def test_a_killed_run_resumes_with_the_patients_not_yet_done(cohort, baseline, t
         "extract_cohort_features(load_cohort(Path(sys.argv[2])), settings, feature_classes=json.loads(sys.argv[3]),\n"
         "                        cache_dir=Path(sys.argv[4]), workers=1, progress=False)\n"
     )
-    plain = {"pyradiomics_version": SETTINGS.pyradiomics_version, "settings": dict(SETTINGS.settings),
-             "image_types": {k: dict(v) for k, v in SETTINGS.image_types.items()}}
+    plain = {
+        "pyradiomics_version": SETTINGS.pyradiomics_version,
+        "settings": dict(SETTINGS.settings),
+        "image_types": {k: dict(v) for k, v in SETTINGS.image_types.items()},
+    }
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
         [sys.executable, "-c", script, json.dumps(plain), str(cohort.csv), json.dumps(CLASSES), str(cache)],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 90
@@ -262,8 +278,9 @@ def _patient_files(cache: Path) -> list[Path]:
 def test_a_dask_cluster_gives_the_same_features_as_local_processes(cohort, baseline, tmp_path):
     distributed = pytest.importorskip("distributed")
     first, _ = baseline
-    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
-                                  silence_logs=logging.ERROR) as cluster:
+    with distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, silence_logs=logging.ERROR
+    ) as cluster:
         on_dask = run(cohort, tmp_path / "cache", scheduler=cluster.scheduler_address)
     pd.testing.assert_frame_equal(on_dask.features, first.features, check_exact=True)
     assert on_dask.failures == first.failures
@@ -300,8 +317,9 @@ def test_a_different_pyradiomics_pin_is_refused(cohort, tmp_path):
 def test_one_region_only(cohort):
     patient = load_cohort(cohort.csv).patient(cohort.id_of("dicom"))
     tumour_only = extract_patient_features(patient.images, SETTINGS, feature_classes=["firstorder"], regions=["tumour"])
-    assert tumour_only and all(name.startswith("tumour.original_firstorder_") or
-                               name.startswith("tumour.wavelet-") for name in tumour_only)
+    assert tumour_only and all(
+        name.startswith("tumour.original_firstorder_") or name.startswith("tumour.wavelet-") for name in tumour_only
+    )
 
 
 # --------------------------------------------------------------------------- perturbed extractions (stability screen)
@@ -309,20 +327,32 @@ def test_one_region_only(cohort):
 
 @pytest.fixture(scope="module")
 def perturbed(cohort, baseline, tmp_path_factory):
-    from node.training.extraction import Perturbation
+    from sclc_risk_node.node.training.extraction import Perturbation
 
-    patients = [p for p in load_cohort(cohort.csv)
-                if p.id in {cohort.id_of("dicom"), cohort.id_of("nrrd"), cohort.id_of("precomputed")}]
+    patients = [
+        p
+        for p in load_cohort(cohort.csv)
+        if p.id in {cohort.id_of("dicom"), cohort.id_of("nrrd"), cohort.id_of("precomputed")}
+    ]
     cache = tmp_path_factory.mktemp("cache-perturbed")
     perturbations = {
-        "dilation": Perturbation("dilation"), "erosion": Perturbation("erosion"),
-        "noise": Perturbation("noise", noise_sd_hu=20.0, seed=3), "shift": Perturbation("shift", shift_voxels=0.5),
+        "dilation": Perturbation("dilation"),
+        "erosion": Perturbation("erosion"),
+        "noise": Perturbation("noise", noise_sd_hu=20.0, seed=3),
+        "shift": Perturbation("shift", shift_voxels=0.5),
     }
-    from node.training.extraction import extract_perturbed_features
+    from sclc_risk_node.node.training.extraction import extract_perturbed_features
 
     # All four perturbations in one pool of workers.
-    results = extract_perturbed_features(patients, SETTINGS, list(perturbations.values()), feature_classes=CLASSES,
-                                         cache_dir=cache, progress=False, workers=2)
+    results = extract_perturbed_features(
+        patients,
+        SETTINGS,
+        list(perturbations.values()),
+        feature_classes=CLASSES,
+        cache_dir=cache,
+        progress=False,
+        workers=2,
+    )
     assert list(results) == list(perturbations)
     return results, perturbations, patients, cache
 
@@ -340,8 +370,10 @@ def test_perturbed_extractions_move_the_features_they_should(cohort, baseline, p
         assert results["dilation"].features.at[pid, volume] > 1.15 * before[volume]
         assert results["erosion"].features.at[pid, volume] < 0.85 * before[volume]
         # The ring is rebuilt from the perturbed tumour mask.
-        assert results["dilation"].features.at[pid, "ring.original_shape_VoxelVolume"] != before[
-            "ring.original_shape_VoxelVolume"]
+        assert (
+            results["dilation"].features.at[pid, "ring.original_shape_VoxelVolume"]
+            != before["ring.original_shape_VoxelVolume"]
+        )
         # Noise leaves the mask alone and widens the intensity distribution.
         noisy = results["noise"].features.loc[pid]
         assert noisy[volume] == before[volume]
@@ -359,15 +391,22 @@ def test_each_perturbation_has_its_own_cache_and_a_rerun_reads_it(cohort, pertur
     kinds = sorted(json.loads((f / "config.json").read_text())["perturbation"]["kind"] for f in folders)
     assert kinds == ["dilation", "erosion", "noise", "shift"]
     # A single-perturbation run finds the same cache folder.
-    again = extract_cohort_features(patients, SETTINGS, feature_classes=CLASSES, cache_dir=cache, progress=False,
-                                    workers=1, perturbation=perturbations["noise"])
+    again = extract_cohort_features(
+        patients,
+        SETTINGS,
+        feature_classes=CLASSES,
+        cache_dir=cache,
+        progress=False,
+        workers=1,
+        perturbation=perturbations["noise"],
+    )
     assert again.computed == () and len(again.cached) == 2
     pd.testing.assert_frame_equal(again.features, results["noise"].features)
 
 
 def test_noise_is_reproducible_per_patient_and_erosion_of_a_tiny_mask_is_a_clear_error():
-    from node.training.extraction import Perturbation, perturb_inputs
-    from scoring.errors import MaskError
+    from sclc_risk_node.node.training.extraction import Perturbation, perturb_inputs
+    from sclc_risk_node.scoring.errors import MaskError
 
     image = sitk.GetImageFromArray(np.full((10, 10, 10), -800, dtype=np.int16))
     mask = sitk.GetImageFromArray(np.zeros((10, 10, 10), dtype=np.uint8))

@@ -13,10 +13,10 @@ import pytest
 import SimpleITK as sitk
 from lifelines import CoxPHFitter, KaplanMeierFitter
 
-from dicom_io.ct_series import read_ct_series
-from dicom_io.seg import read_tumour_segment
-from node.training.cohort import load_cohort
-from node.training.simulate import (
+from sclc_risk_node.dicom_io.ct_series import read_ct_series
+from sclc_risk_node.dicom_io.seg import read_tumour_segment
+from sclc_risk_node.node.training.cohort import load_cohort
+from sclc_risk_node.node.training.simulate import (
     CHEMOIMMUNOTHERAPY,
     CHEMOTHERAPY,
     CLINICAL_EFFECTS,
@@ -29,7 +29,7 @@ from node.training.simulate import (
     simulate_patients,
     split_sizes,
 )
-from scoring.clinical import clinical_record_from_mapping
+from sclc_risk_node.scoring.clinical import clinical_record_from_mapping
 
 LARGE = 40_000
 
@@ -98,13 +98,21 @@ def test_baseline_characteristics_match_the_paper(large_sample, arm):
 @pytest.mark.parametrize("arm", [CHEMOIMMUNOTHERAPY, CHEMOTHERAPY])
 def test_a_cox_fit_recovers_the_true_log_hazard_ratios(large_sample, arm):
     patients = large_sample[arm][:20_000]
-    draws = {name: np.array([p.clinical[name] for p in patients], dtype=object)
-             for name in ("t_stage", "n_stage", "m_stage", "ecog", "lipi", "liver_metastases")}
+    draws = {
+        name: np.array([p.clinical[name] for p in patients], dtype=object)
+        for name in ("t_stage", "n_stage", "m_stage", "ecog", "lipi", "liver_metastases")
+    }
     draws |= {name: np.array([getattr(p.phantom, name) for p in patients]) for name in IMAGE_PARAMETERS}
     design = {name: clinical_design(draws)[name] for name in CLINICAL_EFFECTS}
     z = image_z_scores(draws)
-    frame = pd.DataFrame({**design, **{f"z:{n}": v for n, v in z.items()},
-                          "time": [p.pfs_months for p in patients], "event": [p.pfs_event for p in patients]})
+    frame = pd.DataFrame(
+        {
+            **design,
+            **{f"z:{n}": v for n, v in z.items()},
+            "time": [p.pfs_months for p in patients],
+            "event": [p.pfs_event for p in patients],
+        }
+    )
     fitted = CoxPHFitter().fit(frame, "time", "event").params_
     for name, beta in CLINICAL_EFFECTS.items():
         assert fitted[name] == pytest.approx(beta, abs=0.08), name
@@ -137,7 +145,11 @@ def test_simulation_is_deterministic_per_seed():
 
 
 def test_split_sizes_follow_the_paper_and_scale():
-    assert split_sizes() == dict(PAPER_SPLIT_SIZES) == {"train": 253, "validation_1": 51, "validation_2": 75, "control": 57}
+    assert (
+        split_sizes()
+        == dict(PAPER_SPLIT_SIZES)
+        == {"train": 253, "validation_1": 51, "validation_2": 75, "control": 57}
+    )
     assert sum(split_sizes().values()) == 436
     assert split_sizes(0.25) == {"train": 63, "validation_1": 13, "validation_2": 19, "control": 14}
     assert split_sizes(0.001) == {"train": 1, "validation_1": 1, "validation_2": 1, "control": 1}
@@ -227,7 +239,8 @@ def test_the_default_phantom_is_a_chest_ct_written_as_dicom_with_its_drawn_geome
         layout = drawn[patient.id]["drawn"]
         assert ct.image.GetSize() == tuple(layout["size"])
         assert ct.image.GetSpacing() == pytest.approx(
-            (layout["in_plane_spacing_mm"], layout["in_plane_spacing_mm"], layout["slice_thickness_mm"]), abs=1e-4)
+            (layout["in_plane_spacing_mm"], layout["in_plane_spacing_mm"], layout["slice_thickness_mm"]), abs=1e-4
+        )
         spacings.add(ct.image.GetSpacing()[2])
         mask = sitk.GetArrayFromImage(read_tumour_segment(patient.images.seg, ct).mask).astype(bool)
         volume_ml = mask.sum() * np.prod(ct.image.GetSpacing()) / 1000
@@ -237,8 +250,10 @@ def test_the_default_phantom_is_a_chest_ct_written_as_dicom_with_its_drawn_geome
         hu = sitk.GetArrayViewFromImage(ct.image)
         assert (hu[~mask] < -950).any() and (hu[~mask] > 200).any() or layout["location"] == "central"
         assert np.median(hu[~mask][hu[~mask] < -500]) == pytest.approx(-850, abs=40)  # lung
-        assert pydicom.dcmread(next(patient.images.ct.iterdir()), stop_before_pixels=True).SeriesDescription \
+        assert (
+            pydicom.dcmread(next(patient.images.ct.iterdir()), stop_before_pixels=True).SeriesDescription
             == "Simulated chest CT (phantom)"
+        )
     assert len(spacings) >= 2  # several slice thicknesses among four patients
 
 

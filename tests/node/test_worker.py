@@ -9,10 +9,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.config import load_config
-from node.demo_study import DEMO_CLINICAL, write_demo_study
-from node.scoring_job import default_model_path
-from node.worker import ScoringTask, run_scoring_task
+from sclc_risk_node.node.config import load_config
+from sclc_risk_node.node.demo_study import DEMO_CLINICAL, write_demo_study
+from sclc_risk_node.node.scoring_job import default_model_path
+from sclc_risk_node.node.worker import ScoringTask, run_scoring_task
 
 DCMCJPEG = Path("/usr/bin/dcmcjpeg")
 
@@ -32,7 +32,9 @@ def task(demo, *, allow_lossy_ct: bool) -> ScoringTask:
     return ScoringTask(
         study_instance_uid=DEMO_CLINICAL["study_instance_uid"],
         ct_series_dir=demo.ct_dir,
-        ct_series_instance_uid=str(pydicom.dcmread(next(demo.ct_dir.iterdir()), stop_before_pixels=True).SeriesInstanceUID),
+        ct_series_instance_uid=str(
+            pydicom.dcmread(next(demo.ct_dir.iterdir()), stop_before_pixels=True).SeriesInstanceUID
+        ),
         seg_path=demo.seg_path,
         clinical_json=json.dumps(DEMO_CLINICAL),
         model_path=default_model_path(),

@@ -11,7 +11,7 @@ import copy
 import json
 from typing import Any
 
-from scoring.model import seal
+from sclc_risk_node.scoring.model import seal
 
 # (region, image_type, feature_class, feature, mean, sd, coefficient)
 FIXTURE_FEATURES = (
@@ -61,20 +61,37 @@ def model_content() -> dict[str, Any]:
             "cutoff": 0.125,
         },
         "clinical_covariates": [
-            {"name": "overall_stage:IV", "field": "overall_stage",
-             "encoding": {"kind": "indicator", "levels": ["IV"]}, "coefficient": 0.5},
-            {"name": "ecog>=2", "field": "ecog",
-             "encoding": {"kind": "threshold", "at_least": 2}, "coefficient": 0.75},
-            {"name": "lipi", "field": "lipi",
-             "encoding": {"kind": "ordinal", "map": {"good": 0, "intermediate": 1, "poor": 2}},
-             "coefficient": 0.25},
-            {"name": "t_stage:T3-T4", "field": "t_stage",
-             "encoding": {"kind": "indicator", "levels": ["T3", "T4"]}, "coefficient": 0.25},
-            {"name": "n_stage", "field": "n_stage",
-             "encoding": {"kind": "ordinal", "map": {"N0": 0, "N1": 1, "N2": 2, "N3": 3}},
-             "coefficient": 0.125},
-            {"name": "m_stage:M1c", "field": "m_stage",
-             "encoding": {"kind": "indicator", "levels": ["M1c"]}, "coefficient": 0.125},
+            {
+                "name": "overall_stage:IV",
+                "field": "overall_stage",
+                "encoding": {"kind": "indicator", "levels": ["IV"]},
+                "coefficient": 0.5,
+            },
+            {"name": "ecog>=2", "field": "ecog", "encoding": {"kind": "threshold", "at_least": 2}, "coefficient": 0.75},
+            {
+                "name": "lipi",
+                "field": "lipi",
+                "encoding": {"kind": "ordinal", "map": {"good": 0, "intermediate": 1, "poor": 2}},
+                "coefficient": 0.25,
+            },
+            {
+                "name": "t_stage:T3-T4",
+                "field": "t_stage",
+                "encoding": {"kind": "indicator", "levels": ["T3", "T4"]},
+                "coefficient": 0.25,
+            },
+            {
+                "name": "n_stage",
+                "field": "n_stage",
+                "encoding": {"kind": "ordinal", "map": {"N0": 0, "N1": 1, "N2": 2, "N3": 3}},
+                "coefficient": 0.125,
+            },
+            {
+                "name": "m_stage:M1c",
+                "field": "m_stage",
+                "encoding": {"kind": "indicator", "levels": ["M1c"]},
+                "coefficient": 0.125,
+            },
         ],
         "radiomics_score_coefficient": 0.75,
         "risk_cutoff": 2.5,
@@ -115,8 +132,16 @@ FIXTURE_DOMAIN_FEATURES = {
 def distribution(minimum: float, maximum: float, mean: float, sd: float) -> dict[str, Any]:
     """A plausible training distribution: quantiles spread evenly between min and max."""
     width = maximum - minimum
-    quantiles = {key: minimum + width * q for key, q in
-                 (("p01", 0.03125), ("p05", 0.0625), ("p50", (mean - minimum) / width), ("p95", 0.9375), ("p99", 0.96875))}
+    quantiles = {
+        key: minimum + width * q
+        for key, q in (
+            ("p01", 0.03125),
+            ("p05", 0.0625),
+            ("p50", (mean - minimum) / width),
+            ("p95", 0.9375),
+            ("p99", 0.96875),
+        )
+    }
     return {"min": minimum, "max": maximum, "mean": mean, "sd": sd, "quantiles": quantiles}
 
 

@@ -9,7 +9,7 @@ a shape when its centre lies inside (or on) the shape.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from scoring.clinical import (
+from sclc_risk_node.scoring.clinical import (
     ClinicalRecord,
     LabValues,
     Lipi,
@@ -16,7 +16,7 @@ from scoring.clinical import (
     parse_clinical_json,
     parse_clinical_json_many,
 )
-from scoring.errors import ClinicalRecordError, InputError
+from sclc_risk_node.scoring.errors import ClinicalRecordError, InputError
 
 BASE = {
     "patient_id": "PAT-0001",
@@ -52,8 +52,17 @@ def test_minimal_json_record_parses():
 
 @pytest.mark.parametrize(
     ("given", "stage", "substage"),
-    [("T2", "T2", None), ("t2", "T2", None), ("2", "T2", None), (2, "T2", None), (" T4 ", "T4", None),
-     ("T1a", "T1", "T1a"), ("t1MI", "T1", "T1mi"), ("2b", "T2", "T2b"), ("T1c", "T1", "T1c")],
+    [
+        ("T2", "T2", None),
+        ("t2", "T2", None),
+        ("2", "T2", None),
+        (2, "T2", None),
+        (" T4 ", "T4", None),
+        ("T1a", "T1", "T1a"),
+        ("t1MI", "T1", "T1mi"),
+        ("2b", "T2", "T2b"),
+        ("T1c", "T1", "T1c"),
+    ],
 )
 def test_t_stage_spellings_normalise_to_main_stage(given, stage, substage):
     parsed = record(t_stage=given)
@@ -77,8 +86,14 @@ def test_ecog_accepts_integral_values(given, expected):
 
 @pytest.mark.parametrize(
     ("given", "expected"),
-    [("good", Lipi.GOOD), ("Intermediate", Lipi.INTERMEDIATE), ("POOR", Lipi.POOR), (0, Lipi.GOOD),
-     ("1", Lipi.INTERMEDIATE), (2, Lipi.POOR)],
+    [
+        ("good", Lipi.GOOD),
+        ("Intermediate", Lipi.INTERMEDIATE),
+        ("POOR", Lipi.POOR),
+        (0, Lipi.GOOD),
+        ("1", Lipi.INTERMEDIATE),
+        (2, Lipi.POOR),
+    ],
 )
 def test_lipi_labels_and_numbers(given, expected):
     assert record(lipi=given).lipi is expected
@@ -86,8 +101,16 @@ def test_lipi_labels_and_numbers(given, expected):
 
 def test_keys_are_case_insensitive_and_blank_values_are_missing():
     parsed = clinical_record_from_mapping(
-        {"Patient_ID": "P", " T_Stage ": "T1", "N_STAGE": "N0", "M_stage": "M0", "ECOG": "0", "LIPI": "good",
-         "accession_number": "", "age": None}
+        {
+            "Patient_ID": "P",
+            " T_Stage ": "T1",
+            "N_STAGE": "N0",
+            "M_stage": "M0",
+            "ECOG": "0",
+            "LIPI": "good",
+            "accession_number": "",
+            "age": None,
+        }
     )
     assert parsed.t_stage == "T1" and parsed.accession_number is None and parsed.age is None
 
@@ -109,8 +132,17 @@ def test_any_one_identifier_is_enough():
 
 def test_every_invalid_field_is_reported_in_one_error():
     problems = problems_of(
-        {"patient_id": "PAT-0001", "t_stage": "T5", "n_stage": "N4", "m_stage": "M2", "ecog": 7, "lipi": "bad",
-         "age": -3, "sex": "x", "brain_metastases": "maybe"}
+        {
+            "patient_id": "PAT-0001",
+            "t_stage": "T5",
+            "n_stage": "N4",
+            "m_stage": "M2",
+            "ecog": 7,
+            "lipi": "bad",
+            "age": -3,
+            "sex": "x",
+            "brain_metastases": "maybe",
+        }
     )
     assert problems == (
         "t_stage: 'T5' is not an AJCC 8th-edition T stage"
@@ -126,17 +158,21 @@ def test_every_invalid_field_is_reported_in_one_error():
 
 
 def test_error_message_joins_all_problems_and_is_an_input_error():
-    with pytest.raises(InputError, match=r"^invalid clinical record: ecog: 7 is out of range \(allowed: integer 0-4\)$"):
+    with pytest.raises(
+        InputError, match=r"^invalid clinical record: ecog: 7 is out of range \(allowed: integer 0-4\)$"
+    ):
         record(ecog=7)
 
 
 @pytest.mark.parametrize(
     ("value", "problem"),
-    [(1.5, "ecog: 1.5 is not an integer (allowed: integer 0-4)"),
-     ("abc", "ecog: 'abc' is not a number (allowed: integer 0-4)"),
-     (True, "ecog: true is not a number (allowed: integer 0-4)"),
-     (-1, "ecog: -1 is out of range (allowed: integer 0-4)"),
-     ("5", "ecog: '5' is out of range (allowed: integer 0-4)")],
+    [
+        (1.5, "ecog: 1.5 is not an integer (allowed: integer 0-4)"),
+        ("abc", "ecog: 'abc' is not a number (allowed: integer 0-4)"),
+        (True, "ecog: true is not a number (allowed: integer 0-4)"),
+        (-1, "ecog: -1 is out of range (allowed: integer 0-4)"),
+        ("5", "ecog: '5' is out of range (allowed: integer 0-4)"),
+    ],
 )
 def test_bad_ecog(value, problem):
     assert problems_of({**BASE, "ecog": value}) == (problem,)
@@ -190,7 +226,13 @@ def test_identifier_values_never_appear_in_errors_or_repr():
     secret_id, secret_acc = "DOE^JANE-1234567", "ACC-SECRET-12345678"
     with pytest.raises(ClinicalRecordError) as caught:
         clinical_record_from_mapping(
-            {**BASE, "patient_id": secret_id, "accession_number": secret_acc, "study_instance_uid": "1.2.abc", "ecog": 9}
+            {
+                **BASE,
+                "patient_id": secret_id,
+                "accession_number": secret_acc,
+                "study_instance_uid": "1.2.abc",
+                "ecog": 9,
+            }
         )
     message = str(caught.value)
     assert secret_id not in message and "ACC-SECRET" not in message and "1.2.abc" not in message
@@ -200,8 +242,9 @@ def test_identifier_values_never_appear_in_errors_or_repr():
 
 
 def test_identifier_in_a_shifted_column_is_withheld():
-    problems = problems_of({**BASE, "patient_id": "DOE^JANE", "accession_number": "A77", "t_stage": "DOE^JANE",
-                            "n_stage": "A77"})
+    problems = problems_of(
+        {**BASE, "patient_id": "DOE^JANE", "accession_number": "A77", "t_stage": "DOE^JANE", "n_stage": "A77"}
+    )
     assert problems == (
         "t_stage: '(withheld)' is not an AJCC 8th-edition T stage"
         " (allowed: T1, T2, T3, T4, or a descriptor T1mi, T1a, T1b, T1c, T2a, T2b)",
@@ -210,7 +253,9 @@ def test_identifier_in_a_shifted_column_is_withheld():
 
 
 def test_long_values_are_shortened_in_messages():
-    assert problems_of({**BASE, "ecog": 10**400}) == (f"ecog: {'1' + '0' * 22}… is not a number (allowed: integer 0-4)",)
+    assert problems_of({**BASE, "ecog": 10**400}) == (
+        f"ecog: {'1' + '0' * 22}… is not a number (allowed: integer 0-4)",
+    )
 
 
 def test_numeric_identifier_is_refused_without_its_value():
@@ -300,18 +345,32 @@ def test_partial_labs_are_refused_even_with_lipi_given():
 @pytest.mark.parametrize(
     ("t", "n", "m", "group", "overall"),
     [
-        ("T1", "N0", "M0", "IA1-IA3", "I-II"), ("T1a", "N0", "M0", "IA1", "I-II"), ("T1mi", "N0", "M0", "IA1", "I-II"),
-        ("T1b", "N0", "M0", "IA2", "I-II"), ("T1c", "N0", "M0", "IA3", "I-II"),
-        ("T2", "N0", "M0", "IB-IIA", "I-II"), ("T2a", "N0", "M0", "IB", "I-II"), ("T2b", "N0", "M0", "IIA", "I-II"),
-        ("T3", "N0", "M0", "IIB", "I-II"), ("T4", "N0", "M0", "IIIA", "III"),
-        ("T1", "N1", "M0", "IIB", "I-II"), ("T2b", "N1", "M0", "IIB", "I-II"),
-        ("T3", "N1", "M0", "IIIA", "III"), ("T4", "N1", "M0", "IIIA", "III"),
-        ("T1c", "N2", "M0", "IIIA", "III"), ("T2", "N2", "M0", "IIIA", "III"),
-        ("T3", "N2", "M0", "IIIB", "III"), ("T4", "N2", "M0", "IIIB", "III"),
-        ("T1", "N3", "M0", "IIIB", "III"), ("T2", "N3", "M0", "IIIB", "III"),
-        ("T3", "N3", "M0", "IIIC", "III"), ("T4", "N3", "M0", "IIIC", "III"),
-        ("T1", "N0", "M1a", "IVA", "IV"), ("T4", "N3", "M1b", "IVA", "IV"),
-        ("T2", "N1", "M1c", "IVB", "IV"), ("T1a", "N0", "M1", "IVA-IVB", "IV"),
+        ("T1", "N0", "M0", "IA1-IA3", "I-II"),
+        ("T1a", "N0", "M0", "IA1", "I-II"),
+        ("T1mi", "N0", "M0", "IA1", "I-II"),
+        ("T1b", "N0", "M0", "IA2", "I-II"),
+        ("T1c", "N0", "M0", "IA3", "I-II"),
+        ("T2", "N0", "M0", "IB-IIA", "I-II"),
+        ("T2a", "N0", "M0", "IB", "I-II"),
+        ("T2b", "N0", "M0", "IIA", "I-II"),
+        ("T3", "N0", "M0", "IIB", "I-II"),
+        ("T4", "N0", "M0", "IIIA", "III"),
+        ("T1", "N1", "M0", "IIB", "I-II"),
+        ("T2b", "N1", "M0", "IIB", "I-II"),
+        ("T3", "N1", "M0", "IIIA", "III"),
+        ("T4", "N1", "M0", "IIIA", "III"),
+        ("T1c", "N2", "M0", "IIIA", "III"),
+        ("T2", "N2", "M0", "IIIA", "III"),
+        ("T3", "N2", "M0", "IIIB", "III"),
+        ("T4", "N2", "M0", "IIIB", "III"),
+        ("T1", "N3", "M0", "IIIB", "III"),
+        ("T2", "N3", "M0", "IIIB", "III"),
+        ("T3", "N3", "M0", "IIIC", "III"),
+        ("T4", "N3", "M0", "IIIC", "III"),
+        ("T1", "N0", "M1a", "IVA", "IV"),
+        ("T4", "N3", "M1b", "IVA", "IV"),
+        ("T2", "N1", "M1c", "IVB", "IV"),
+        ("T1a", "N0", "M1", "IVA-IVB", "IV"),
     ],
 )
 def test_stage_groups(t, n, m, group, overall):
@@ -357,8 +416,13 @@ def test_json_many_reports_problems_per_record():
 
 @pytest.mark.parametrize(
     ("text", "fragment"),
-    [("{", "json: not valid JSON"), ('{"ecog": NaN}', "NaN is not a number"),
-     ('{"ecog": 1, "ecog": 2}', "key 'ecog' appears twice"), ("[]", "an empty list"), ("3", "a int")],
+    [
+        ("{", "json: not valid JSON"),
+        ('{"ecog": NaN}', "NaN is not a number"),
+        ('{"ecog": 1, "ecog": 2}', "key 'ecog' appears twice"),
+        ("[]", "an empty list"),
+        ("3", "a int"),
+    ],
 )
 def test_json_syntax_problems(text, fragment):
     with pytest.raises(ClinicalRecordError, match=fragment):
@@ -414,9 +478,12 @@ def test_csv_duplicate_study_is_refused():
 
 @pytest.mark.parametrize(
     ("text", "fragment"),
-    [("", "csv: empty"), ("patient_id,t_stage\n", "a header but no record rows"),
-     ("patient_id;t_stage;ecog\nP;T1;0\n", "looks semicolon-separated"),
-     ('patient_id,t_stage\n"P,T1\n', "csv: not valid CSV")],
+    [
+        ("", "csv: empty"),
+        ("patient_id,t_stage\n", "a header but no record rows"),
+        ("patient_id;t_stage;ecog\nP;T1;0\n", "looks semicolon-separated"),
+        ('patient_id,t_stage\n"P,T1\n', "csv: not valid CSV"),
+    ],
 )
 def test_csv_structure_problems(text, fragment):
     with pytest.raises(ClinicalRecordError, match=fragment):
@@ -437,18 +504,44 @@ def test_clinical_record_doc_examples_parse_as_described():
     assert (parsed.t_stage, parsed.t_substage, parsed.stage_group, parsed.overall_stage) == ("T2", "T2b", "IVB", "IV")
     assert (parsed.lipi, parsed.lipi_source) == (Lipi.INTERMEDIATE, "labs")
     assert [(r.lipi, r.lipi_source) for r in parse_clinical_csv(csv_example)] == [
-        (Lipi.GOOD, "given"), (Lipi.POOR, "labs"), (Lipi.INTERMEDIATE, "given")]
+        (Lipi.GOOD, "given"),
+        (Lipi.POOR, "labs"),
+        (Lipi.INTERMEDIATE, "given"),
+    ]
 
 
 @pytest.mark.parametrize(
     "mapping",
     [
         {"accession_number": "A1", "t_stage": "T1a", "n_stage": "N2", "m_stage": "M1c", "ecog": 1, "lipi": "poor"},
-        {"patient_id": "P1", "study_instance_uid": "1.2.3", "t_stage": "T4", "n_stage": "N0", "m_stage": "M0",
-         "ecog": 0, "anc": 6.0, "wbc": 7.0, "ldh": 300, "ldh_uln": 250, "age": 61, "sex": "F",
-         "brain_metastases": False, "liver_metastases": False},
-        {"accession_number": "A2", "t_stage": "T3", "n_stage": "N3", "m_stage": "M1b", "ecog": 2, "lipi": 1,
-         "anc": 4.0, "wbc": 9.0, "ldh": 300, "ldh_uln": 250},
+        {
+            "patient_id": "P1",
+            "study_instance_uid": "1.2.3",
+            "t_stage": "T4",
+            "n_stage": "N0",
+            "m_stage": "M0",
+            "ecog": 0,
+            "anc": 6.0,
+            "wbc": 7.0,
+            "ldh": 300,
+            "ldh_uln": 250,
+            "age": 61,
+            "sex": "F",
+            "brain_metastases": False,
+            "liver_metastases": False,
+        },
+        {
+            "accession_number": "A2",
+            "t_stage": "T3",
+            "n_stage": "N3",
+            "m_stage": "M1b",
+            "ecog": 2,
+            "lipi": 1,
+            "anc": 4.0,
+            "wbc": 9.0,
+            "ldh": 300,
+            "ldh_uln": 250,
+        },
     ],
 )
 def test_to_mapping_round_trips(mapping):

@@ -14,11 +14,11 @@ import pytest
 import radiomics
 import SimpleITK as sitk
 
-from scoring.crop import interpolator_support_voxels, plan_crop
-from scoring.features import extract_model_features
-from scoring.pipeline import model_features
-from scoring.ring import peritumoral_ring
-from scoring.types import ExtractionSettings, FeatureSpec, RingDefinition
+from sclc_risk_node.scoring.crop import interpolator_support_voxels, plan_crop
+from sclc_risk_node.scoring.features import extract_model_features
+from sclc_risk_node.scoring.pipeline import model_features
+from sclc_risk_node.scoring.ring import peritumoral_ring
+from sclc_risk_node.scoring.types import ExtractionSettings, FeatureSpec, RingDefinition
 from tests.realdata import pyradiomics_case
 from tests.scoring.phantoms import ellipsoid_mask, textured_ct
 
@@ -66,7 +66,9 @@ def assert_same(crop_first, whole):
     for name, expected in whole.items():
         assert math.isfinite(expected)
         assert abs(crop_first[name] - expected) <= RELATIVE * max(abs(expected), 1e-9), (
-            name, crop_first[name], expected
+            name,
+            crop_first[name],
+            expected,
         )
 
 
@@ -84,8 +86,9 @@ def test_real_lung_cases_give_whole_volume_values(lung):
     assert plan.extraction_in_crop, plan.reason
     # The crop is a real one in-plane: the point of the exercise.
     assert plan.box.size[0] < image.GetSize()[0] and plan.box.size[1] < image.GetSize()[1]
-    assert_same(model_features(image, tumour, SPECS, MODEL_SETTINGS).values,
-                whole_volume(image, tumour, SPECS, MODEL_SETTINGS))
+    assert_same(
+        model_features(image, tumour, SPECS, MODEL_SETTINGS).values, whole_volume(image, tumour, SPECS, MODEL_SETTINGS)
+    )
 
 
 def synthetic(size, spacing_mm, semi_axes_mm, centre_mm, seed):
@@ -96,24 +99,28 @@ def synthetic(size, spacing_mm, semi_axes_mm, centre_mm, seed):
 def test_a_small_tumour_deep_in_a_large_volume_gives_whole_volume_values():
     # The benchmark's geometry (0.7 x 0.7 x 1 mm), where 1 mm resampling puts
     # pyradiomics' grid off the CT's by a fraction of a voxel that depends on the crop.
-    image, tumour = synthetic((190, 170, 100), (0.7, 0.7, 1.0), (9.0, 7.0, 11.0),
-                              (-31.3 + 71.0, 17.9 + 60.0, -402.5 + 50.0), 3)
+    image, tumour = synthetic(
+        (190, 170, 100), (0.7, 0.7, 1.0), (9.0, 7.0, 11.0), (-31.3 + 71.0, 17.9 + 60.0, -402.5 + 50.0), 3
+    )
     plan = plan_crop(tumour, MODEL_SETTINGS)
     assert plan.extraction_in_crop and plan.box.voxels < 0.5 * np.prod(image.GetSize())
     assert all(lo > 0 for lo in plan.box.lower)
     assert all(lo + n < size for lo, n, size in zip(plan.box.lower, plan.box.size, image.GetSize()))
-    assert_same(model_features(image, tumour, SPECS, MODEL_SETTINGS).values,
-                whole_volume(image, tumour, SPECS, MODEL_SETTINGS))
+    assert_same(
+        model_features(image, tumour, SPECS, MODEL_SETTINGS).values, whole_volume(image, tumour, SPECS, MODEL_SETTINGS)
+    )
 
 
 def test_a_tumour_cut_by_the_image_edge_gives_whole_volume_values():
     # The crop meets the image edge there; the ring's edge replication and pyradiomics' clipping must agree.
-    image, tumour = synthetic((120, 110, 60), (0.8, 0.8, 2.0), (10.0, 8.0, 12.0),
-                              (-31.3 + 4.0, 17.9 + 50.0, -402.5 + 60.0), 5)
+    image, tumour = synthetic(
+        (120, 110, 60), (0.8, 0.8, 2.0), (10.0, 8.0, 12.0), (-31.3 + 4.0, 17.9 + 50.0, -402.5 + 60.0), 5
+    )
     plan = plan_crop(tumour, MODEL_SETTINGS)
     assert plan.box.lower[0] == 0
-    assert_same(model_features(image, tumour, SPECS, MODEL_SETTINGS).values,
-                whole_volume(image, tumour, SPECS, MODEL_SETTINGS))
+    assert_same(
+        model_features(image, tumour, SPECS, MODEL_SETTINGS).values, whole_volume(image, tumour, SPECS, MODEL_SETTINGS)
+    )
 
 
 OTHER_SPECS = [
@@ -132,12 +139,30 @@ OTHER_SPECS = [
 @pytest.mark.parametrize(
     "settings, in_crop",
     [
-        ({"binWidth": 10, "voxelArrayShift": 300, "resegmentRange": [-300, 300],
-          "resampledPixelSpacing": [1.2, 1.2, 1.2], "interpolator": "sitkLinear", "padDistance": 6, "label": 1}, True),
+        (
+            {
+                "binWidth": 10,
+                "voxelArrayShift": 300,
+                "resegmentRange": [-300, 300],
+                "resampledPixelSpacing": [1.2, 1.2, 1.2],
+                "interpolator": "sitkLinear",
+                "padDistance": 6,
+                "label": 1,
+            },
+            True,
+        ),
         ({"binWidth": 25, "resampledPixelSpacing": [0.8, 0.8, 0], "interpolator": "sitkBSpline", "label": 1}, True),
         ({"binWidth": 25, "preCrop": True, "label": 1}, True),
-        ({"binWidth": 25, "normalize": True, "resampledPixelSpacing": [1, 1, 1], "interpolator": "sitkBSpline",
-          "label": 1}, False),
+        (
+            {
+                "binWidth": 25,
+                "normalize": True,
+                "resampledPixelSpacing": [1, 1, 1],
+                "interpolator": "sitkBSpline",
+                "label": 1,
+            },
+            False,
+        ),
         ({"binWidth": 25, "label": 1}, False),
     ],
     ids=["linear-1.2mm-resegmented", "in-plane-only", "precrop-no-resampling", "normalize", "no-resampling"],
@@ -149,18 +174,22 @@ def test_other_preprocessing_gives_whole_volume_values(settings, in_crop):
         image_types={"Original": {}, "Wavelet": {"wavelet": "haar"}, "LoG": {"sigma": [1.5]}},
         ring=RingDefinition(3.0, 1.0),
     )
-    image, tumour = synthetic((110, 100, 40), (0.8, 0.8, 2.5), (9.0, 8.0, 12.0),
-                              (-31.3 + 40.0, 17.9 + 45.0, -402.5 + 50.0), 9)
+    image, tumour = synthetic(
+        (110, 100, 40), (0.8, 0.8, 2.5), (9.0, 8.0, 12.0), (-31.3 + 40.0, 17.9 + 45.0, -402.5 + 50.0), 9
+    )
     plan = plan_crop(tumour, extraction)
     assert plan.extraction_in_crop is in_crop
     assert plan.box.voxels < np.prod(image.GetSize())
-    assert_same(model_features(image, tumour, OTHER_SPECS, extraction).values,
-                whole_volume(image, tumour, OTHER_SPECS, extraction))
+    assert_same(
+        model_features(image, tumour, OTHER_SPECS, extraction).values,
+        whole_volume(image, tumour, OTHER_SPECS, extraction),
+    )
 
 
 def test_the_ring_on_the_crop_is_the_whole_volume_ring():
-    image, tumour = synthetic((100, 100, 50), (0.7, 0.7, 1.0), (8.0, 6.0, 9.0),
-                              (-31.3 + 30.0, 17.9 + 40.0, -402.5 + 20.0), 1)
+    image, tumour = synthetic(
+        (100, 100, 50), (0.7, 0.7, 1.0), (8.0, 6.0, 9.0), (-31.3 + 30.0, 17.9 + 40.0, -402.5 + 20.0), 1
+    )
     plan = plan_crop(tumour, MODEL_SETTINGS)
     cropped_ring = peritumoral_ring(plan.box.apply(tumour), MODEL_SETTINGS.ring)
     whole_ring = peritumoral_ring(tumour, MODEL_SETTINGS.ring)

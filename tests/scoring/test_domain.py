@@ -8,9 +8,8 @@ import math
 
 import pytest
 
-from tests.scoring.model_fixtures import model_content, model_content_v2, sealed_model
-from tests.scoring.test_risk import CLINICAL_A, CLINICAL_B, FEATURES_A, FEATURES_B, MEAN, SPHERICITY, score
-from scoring.domain import (
+from sclc_risk_node.models import shipped_model_path
+from sclc_risk_node.scoring.domain import (
     ApplicabilityDomain,
     DomainRule,
     FeatureScale,
@@ -19,10 +18,11 @@ from scoring.domain import (
     inverse_transform_value,
     transform_value,
 )
-from scoring.errors import ModelFileError
-from scoring.model import FrozenModel, canonical_json
-from scoring.types import DOMAIN_UNKNOWN, DomainStatus, DomainViolation
-from sclc_risk_node_models import shipped_model_path
+from sclc_risk_node.scoring.errors import ModelFileError
+from sclc_risk_node.scoring.model import FrozenModel, canonical_json
+from sclc_risk_node.scoring.types import DOMAIN_UNKNOWN, DomainStatus, DomainViolation
+from tests.scoring.model_fixtures import model_content, model_content_v2, sealed_model
+from tests.scoring.test_risk import CLINICAL_A, CLINICAL_B, FEATURES_A, FEATURES_B, MEAN, SPHERICITY, score
 
 
 def v2_model(change=None, **rule) -> FrozenModel:
@@ -56,7 +56,9 @@ def test_seal_covers_the_domain():
     assert b'"applicability_domain"' in canonical_json(sealed)
     tampered = copy.deepcopy(sealed)
     tampered["applicability_domain"]["features"][MEAN]["max"] = 1000.0  # widen the domain after freezing
-    with pytest.raises(ModelFileError, match=r"^model file sha256 mismatch: .*\(file was modified after it was frozen\)$"):
+    with pytest.raises(
+        ModelFileError, match=r"^model file sha256 mismatch: .*\(file was modified after it was frozen\)$"
+    ):
         FrozenModel.from_mapping(tampered)
     rule_tampered = copy.deepcopy(sealed)
     rule_tampered["applicability_domain"]["rule"]["margin_fraction"] = 10.0
@@ -76,20 +78,33 @@ def test_v1_files_still_load_and_give_domain_unknown():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda c: c["applicability_domain"]["features"].pop(SPHERICITY),
-         f"applicability_domain.features lacks model feature(s) {SPHERICITY}"),
-        (lambda c: c["applicability_domain"]["features"].update(
-            {"ring.original_glcm_Idn": c["applicability_domain"]["features"][MEAN]}),
-         "applicability_domain.features has ring.original_glcm_Idn, which the model does not use"),
-        (lambda c: c["applicability_domain"]["features"][MEAN]["quantiles"].update(p99=99.0),
-         f"applicability_domain.features[{MEAN}]: min <= p01 <= p05 <= p50 <= p95 <= p99 <= max does not hold"),
-        (lambda c: c["applicability_domain"]["risk_score"].update(min=7.0),
-         "applicability_domain.risk_score: min 7 must be below max 7"),
-        (lambda c: c.update(schema_version=1),
-         "applicability_domain needs schema_version 2"),
-        (lambda c: (c.pop("applicability_domain"), c.update(schema_version=1),
-                    c["radiomics"]["features"][0].update(transform="none")),
-         "radiomics.features[0]: transform needs schema_version 2"),
+        (
+            lambda c: c["applicability_domain"]["features"].pop(SPHERICITY),
+            f"applicability_domain.features lacks model feature(s) {SPHERICITY}",
+        ),
+        (
+            lambda c: c["applicability_domain"]["features"].update(
+                {"ring.original_glcm_Idn": c["applicability_domain"]["features"][MEAN]}
+            ),
+            "applicability_domain.features has ring.original_glcm_Idn, which the model does not use",
+        ),
+        (
+            lambda c: c["applicability_domain"]["features"][MEAN]["quantiles"].update(p99=99.0),
+            f"applicability_domain.features[{MEAN}]: min <= p01 <= p05 <= p50 <= p95 <= p99 <= max does not hold",
+        ),
+        (
+            lambda c: c["applicability_domain"]["risk_score"].update(min=7.0),
+            "applicability_domain.risk_score: min 7 must be below max 7",
+        ),
+        (lambda c: c.update(schema_version=1), "applicability_domain needs schema_version 2"),
+        (
+            lambda c: (
+                c.pop("applicability_domain"),
+                c.update(schema_version=1),
+                c["radiomics"]["features"][0].update(transform="none"),
+            ),
+            "radiomics.features[0]: transform needs schema_version 2",
+        ),
     ],
 )
 def test_semantic_domain_problems_are_named(change, message):
@@ -99,14 +114,22 @@ def test_semantic_domain_problems_are_named(change, message):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda c: c["applicability_domain"]["rule"].update(kind="convex-hull"),
-         "model file key 'applicability_domain.rule.kind' is \"convex-hull\" (allowed: \"widened-training-range\")"),
-        (lambda c: c["applicability_domain"]["rule"].update(margin_fraction=-0.1),
-         "model file key 'applicability_domain.rule.margin_fraction' is -0.1 (must be >= 0)"),
-        (lambda c: c["applicability_domain"]["features"][MEAN]["quantiles"].pop("p05"),
-         f"model file missing required key 'applicability_domain.features.{MEAN}.quantiles.p05'"),
-        (lambda c: c["radiomics"]["features"][0].update(transform="log"),
-         "model file key 'radiomics.features[0].transform' is \"log\" (allowed: \"none\", \"signed_log1p\")"),
+        (
+            lambda c: c["applicability_domain"]["rule"].update(kind="convex-hull"),
+            'model file key \'applicability_domain.rule.kind\' is "convex-hull" (allowed: "widened-training-range")',
+        ),
+        (
+            lambda c: c["applicability_domain"]["rule"].update(margin_fraction=-0.1),
+            "model file key 'applicability_domain.rule.margin_fraction' is -0.1 (must be >= 0)",
+        ),
+        (
+            lambda c: c["applicability_domain"]["features"][MEAN]["quantiles"].pop("p05"),
+            f"model file missing required key 'applicability_domain.features.{MEAN}.quantiles.p05'",
+        ),
+        (
+            lambda c: c["radiomics"]["features"][0].update(transform="log"),
+            'model file key \'radiomics.features[0].transform\' is "log" (allowed: "none", "signed_log1p")',
+        ),
     ],
 )
 def test_schema_domain_problems_are_named(change, message):
@@ -151,8 +174,13 @@ def test_risk_score_alone_out_of_range():
     # A narrow risk-score domain (training 0..1, margin 0 here) puts only the risk score out.
     def narrow(content):
         content["applicability_domain"]["risk_score"] = {
-            "min": 0.0, "max": 1.0, "mean": 0.5, "sd": 0.25,
-            "quantiles": {"p01": 0.0, "p05": 0.0625, "p50": 0.5, "p95": 0.9375, "p99": 1.0}}
+            "min": 0.0,
+            "max": 1.0,
+            "mean": 0.5,
+            "sd": 0.25,
+            "quantiles": {"p01": 0.0, "p05": 0.0625, "p50": 0.5, "p95": 0.9375, "p99": 1.0},
+        }
+
     model = v2_model(narrow, margin_fraction=0.0)
     result = score(FEATURES_B, {**CLINICAL_A, "m_stage": "M1c"}, model)
     assert [v.name for v in result.applicability.violations] == ["risk_score"]
@@ -188,8 +216,13 @@ def test_transformed_feature_is_z_scored_after_the_transform_and_judged_in_raw_u
         feature = content["radiomics"]["features"][3]
         feature.update(transform="signed_log1p", mean=math.log1p(1000.0), sd=1.0)
         content["applicability_domain"]["features"][SPHERICITY] = {
-            "min": 100.0, "max": 10000.0, "mean": 2000.0, "sd": 1500.0,
-            "quantiles": {"p01": 110.0, "p05": 200.0, "p50": 1000.0, "p95": 8000.0, "p99": 9500.0}}
+            "min": 100.0,
+            "max": 10000.0,
+            "mean": 2000.0,
+            "sd": 1500.0,
+            "quantiles": {"p01": 110.0, "p05": 200.0, "p50": 1000.0, "p95": 8000.0, "p99": 9500.0},
+        }
+
     model = v2_model(log_feature)
     term = model.radiomics_terms[3]
     assert term.transform == "signed_log1p"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scoring.model import FrozenModel, seal
-from scoring.risk import apply_model
-from scoring.types import DomainStatus, FeatureVector
+from sclc_risk_node.scoring.model import FrozenModel, seal
+from sclc_risk_node.scoring.risk import apply_model
+from sclc_risk_node.scoring.types import DomainStatus, FeatureVector
 from tests.scoring.test_training_method import N_TRAIN, cohort, fitted, spec, training_split  # noqa: F401 - fixtures
 
 

@@ -12,15 +12,15 @@ import radiomics
 import SimpleITK as sitk
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
-from scoring.errors import FeatureExtractionError, MaskError
-from scoring.features import (
+from sclc_risk_node.scoring.errors import FeatureExtractionError, MaskError
+from sclc_risk_node.scoring.features import (
     check_pyradiomics_version,
     extract_all_features,
     extract_model_features,
     settings_hash,
 )
-from scoring.ring import peritumoral_ring
-from scoring.types import ExtractionSettings, FeatureSpec, RingDefinition
+from sclc_risk_node.scoring.ring import peritumoral_ring
+from sclc_risk_node.scoring.types import ExtractionSettings, FeatureSpec, RingDefinition
 from tests.scoring.phantoms import ellipsoid_mask, sphere_mask, textured_ct
 
 INSTALLED = radiomics.__version__.lstrip("v")
@@ -135,7 +135,9 @@ def test_extract_all_features_is_the_full_run_without_diagnostics(phantom, refer
     expected = {k: float(v) for k, v in reference[0]["tumour"].items() if not k.startswith("diagnostics_")}
     assert everything == expected
     assert {key.split("_")[0] for key in everything} == {
-        "original", "log-sigma-1-0-mm-3D", "log-sigma-2-0-mm-3D",
+        "original",
+        "log-sigma-1-0-mm-3D",
+        "log-sigma-2-0-mm-3D",
         *(f"wavelet-{band}" for band in ("LLL", "LLH", "LHL", "LHH", "HLL", "HLH", "HHL", "HHH")),
     }
 
@@ -201,8 +203,9 @@ def test_a_value_pyradiomics_cannot_compute_is_named():
     image.CopyInformation(tumour)
     settings = ExtractionSettings(INSTALLED, {"binCount": 16, "label": 1}, {"Original": {}})
     spec = FeatureSpec.from_name("tumour.original_firstorder_Skewness")
-    with np.errstate(all="ignore"), pytest.raises(
-        FeatureExtractionError, match=r"tumour.original_firstorder_Skewness is not finite \(nan\)"
+    with (
+        np.errstate(all="ignore"),
+        pytest.raises(FeatureExtractionError, match=r"tumour.original_firstorder_Skewness is not finite \(nan\)"),
     ):
         extract_model_features(image, {"tumour": tumour}, [spec], settings)
 
@@ -227,13 +230,16 @@ def test_pinned_pyradiomics_version_must_be_installed(phantom):
 
 def test_settings_hash_is_stable_and_covers_everything():
     # A fixed value: caches keyed by it survive refactoring of the canonical form only on purpose.
-    assert settings_hash(
-        ExtractionSettings(
-            "3.1.4",
-            {"binWidth": 25, "resampledPixelSpacing": [1.0, 1.0, 1.0], "interpolator": "sitkBSpline", "label": 1},
-            {"Original": {}, "Wavelet": {}, "LoG": {"sigma": [1.0, 2.0]}},
+    assert (
+        settings_hash(
+            ExtractionSettings(
+                "3.1.4",
+                {"binWidth": 25, "resampledPixelSpacing": [1.0, 1.0, 1.0], "interpolator": "sitkBSpline", "label": 1},
+                {"Original": {}, "Wavelet": {}, "LoG": {"sigma": [1.0, 2.0]}},
+            )
         )
-    ) == "821803a24d2ed52cc717bc6bdcececd38fbc511c2a51746a3f373fb81a7683ae"
+        == "821803a24d2ed52cc717bc6bdcececd38fbc511c2a51746a3f373fb81a7683ae"
+    )
 
     base = settings_hash(SETTINGS)
     reordered = ExtractionSettings(

@@ -6,8 +6,8 @@ import datetime as dt
 
 import pytest
 
-from scoring.clinical import Lipi, ValueProvenance, clinical_record_from_mapping
-from scoring.fhir_mapping import (
+from sclc_risk_node.scoring.clinical import Lipi, ValueProvenance, clinical_record_from_mapping
+from sclc_risk_node.scoring.fhir_mapping import (
     FhirRecordError,
     StudyContext,
     clinical_record_from_fhir,
@@ -23,8 +23,9 @@ STUDY = StudyContext("PAT-SECRET-9", "1.2.826.0.1.3680043.8.498.77", STUDY_DATE,
 def record_from(resources, *, lookback_days=90):
     parsed = parse_resources(bundle([patient("p1", STUDY.patient_id), *resources]))
     refs = patient_references(parsed, STUDY.patient_id, MRN_SYSTEM)
-    return clinical_record_from_fhir(parsed, STUDY, patient_refs=refs, lookback_days=lookback_days,
-                                     identifier_system=MRN_SYSTEM)
+    return clinical_record_from_fhir(
+        parsed, STUDY, patient_refs=refs, lookback_days=lookback_days, identifier_system=MRN_SYSTEM
+    )
 
 
 def problems_of(resources, **kwargs) -> tuple[str, ...]:
@@ -46,10 +47,22 @@ def test_complete_set_gives_the_same_record_the_inbox_makes_with_provenance():
     assert (record.labs.ldh, record.labs.ldh_uln) == (310.0, 250.0)
     assert record.lipi is Lipi.INTERMEDIATE and record.lipi_source == "labs"
     assert (record.patient_id, record.study_instance_uid, record.accession_number) == (
-        STUDY.patient_id, STUDY.study_instance_uid, "ACC-9")
+        STUDY.patient_id,
+        STUDY.study_instance_uid,
+        "ACC-9",
+    )
     day = (STUDY_DATE - dt.timedelta(days=3)).isoformat()
     assert ValueProvenance("ldh_uln", "LOINC 2532-0", "Observation/ldh", day) in record.provenance
-    assert {p.field for p in record.provenance} == {"ecog", "t_stage", "n_stage", "m_stage", "ldh", "ldh_uln", "wbc", "anc"}
+    assert {p.field for p in record.provenance} == {
+        "ecog",
+        "t_stage",
+        "n_stage",
+        "m_stage",
+        "ldh",
+        "ldh_uln",
+        "wbc",
+        "anc",
+    }
     # The record travels as JSON through the spool and reads back equal, provenance included.
     assert clinical_record_from_mapping(record.to_mapping()) == record
 
@@ -63,19 +76,27 @@ def test_most_recent_value_on_or_before_the_study_date_within_the_window_wins():
     ]
     record = record_from(resources)
     assert record.ecog == 2
-    assert ValueProvenance("ecog", "LOINC 89247-1", "Observation/ecog-same-day", STUDY_DATE.isoformat()) in record.provenance
+    assert (
+        ValueProvenance("ecog", "LOINC 89247-1", "Observation/ecog-same-day", STUDY_DATE.isoformat())
+        in record.provenance
+    )
 
 
 def test_ecog_as_a_loinc_answer_code():
-    resources = replace(complete_set(STUDY_DATE), "ecog", valueInteger=None,
-                        valueCodeableConcept={"coding": [{"system": "http://loinc.org", "code": "LA9624-3"}]})
+    resources = replace(
+        complete_set(STUDY_DATE),
+        "ecog",
+        valueInteger=None,
+        valueCodeableConcept={"coding": [{"system": "http://loinc.org", "code": "LA9624-3"}]},
+    )
     assert record_from(resources).ecog == 2
 
 
 def test_a_missing_code_is_named_with_the_window():
     resources = [r for r in complete_set(STUDY_DATE) if r["id"] != "anc"]
     assert problems_of(resources) == (
-        "missing: ANC (LOINC 751-8): no usable Observation between 2023-12-21 and the study date 2024-03-20",)
+        "missing: ANC (LOINC 751-8): no usable Observation between 2023-12-21 and the study date 2024-03-20",
+    )
 
 
 def test_values_older_than_the_window_do_not_count():
@@ -86,35 +107,58 @@ def test_values_older_than_the_window_do_not_count():
 def test_different_values_on_the_same_latest_date_are_a_conflict():
     day = STUDY_DATE - dt.timedelta(days=3)
     resources = complete_set(STUDY_DATE) + [
-        observation("t-other", "21905-5", day, valueCodeableConcept={"text": "cT4"})]
+        observation("t-other", "21905-5", day, valueCodeableConcept={"text": "cT4"})
+    ]
     (problem,) = problems_of(resources)
-    assert problem.startswith(f"conflict: clinical T category (LOINC 21905-5) has different values at {day.isoformat()}")
+    assert problem.startswith(
+        f"conflict: clinical T category (LOINC 21905-5) has different values at {day.isoformat()}"
+    )
     assert "Observation/t: t_stage T3" in problem and "Observation/t-other: t_stage T4" in problem
 
 
 def test_wrong_units_are_refused_naming_the_unit_and_code():
     resources = replace(complete_set(STUDY_DATE), "anc", valueQuantity=quantity(69, "%"))
-    resources = replace(resources, "ldh", valueQuantity=quantity(5.2, "ukat/L"),
-                        referenceRange=[{"high": quantity(250, "U/L")}])
+    resources = replace(
+        resources, "ldh", valueQuantity=quantity(5.2, "ukat/L"), referenceRange=[{"high": quantity(250, "U/L")}]
+    )
     problems = problems_of(resources)
-    assert "ANC (LOINC 751-8) Observation/anc: wrong unit '%' (allowed UCUM: 10*9/L, 10*3/uL, 10*3/mm3, /nL, 10*6/mL, /uL, /mm3)" in problems
+    assert (
+        "ANC (LOINC 751-8) Observation/anc: wrong unit '%' (allowed UCUM: 10*9/L, 10*3/uL, 10*3/mm3, /nL, 10*6/mL, /uL, /mm3)"
+        in problems
+    )
     assert any(p.startswith("LDH (LOINC 2532-0) Observation/ldh: wrong unit 'ukat/L'") for p in problems)
 
 
 def test_ldh_without_a_reference_range_has_no_uln():
     resources = replace(complete_set(STUDY_DATE), "ldh", referenceRange=[])
     assert problems_of(resources) == (
-        "LDH (LOINC 2532-0) Observation/ldh has 0 reference-range upper limits (needed: exactly one, the ULN in U/L)",)
+        "LDH (LOINC 2532-0) Observation/ldh has 0 reference-range upper limits (needed: exactly one, the ULN in U/L)",
+    )
 
 
 def test_unknown_value_codes_are_refused():
-    resources = replace(complete_set(STUDY_DATE), "ecog", valueInteger=None,
-                        valueCodeableConcept={"coding": [{"system": "http://loinc.org", "code": "LA0000-0"}]})
-    resources = replace(resources, "n", valueCodeableConcept={
-        "coding": [{"system": "http://snomed.info/sct", "code": "999999"}]})
+    resources = replace(
+        complete_set(STUDY_DATE),
+        "ecog",
+        valueInteger=None,
+        valueCodeableConcept={"coding": [{"system": "http://loinc.org", "code": "LA0000-0"}]},
+    )
+    resources = replace(
+        resources, "n", valueCodeableConcept={"coding": [{"system": "http://snomed.info/sct", "code": "999999"}]}
+    )
     problems = problems_of(resources)
-    assert any(p.startswith("ECOG performance status (LOINC 89247-1) Observation/ecog: unknown value code (http://loinc.org LA0000-0)") for p in problems)
-    assert any(p.startswith("clinical N category (LOINC 21906-3) Observation/n: unknown value code (http://snomed.info/sct 999999)") for p in problems)
+    assert any(
+        p.startswith(
+            "ECOG performance status (LOINC 89247-1) Observation/ecog: unknown value code (http://loinc.org LA0000-0)"
+        )
+        for p in problems
+    )
+    assert any(
+        p.startswith(
+            "clinical N category (LOINC 21906-3) Observation/n: unknown value code (http://snomed.info/sct 999999)"
+        )
+        for p in problems
+    )
 
 
 def test_an_out_of_range_value_names_its_observation():
@@ -125,10 +169,12 @@ def test_an_out_of_range_value_names_its_observation():
 
 def test_an_observation_for_another_patient_is_refused():
     resources = complete_set(STUDY_DATE) + [
-        observation("intruder", "89247-1", STUDY_DATE, subject="Patient/p2", valueInteger=0)]
+        observation("intruder", "89247-1", STUDY_DATE, subject="Patient/p2", valueInteger=0)
+    ]
     assert problems_of(resources) == (
         "ECOG performance status (LOINC 89247-1) Observation/intruder is for another patient than the study's"
-        " (its subject does not match)",)
+        " (its subject does not match)",
+    )
 
 
 def test_a_logical_subject_reference_by_identifier_counts_as_the_patient():

@@ -16,11 +16,11 @@ import SimpleITK as sitk
 from radiomics import getFeatureClasses
 from radiomics.base import RadiomicsFeaturesBase
 
-from node.cli import main
-from node.ibsi_cli import default_data_dir, load_references, read_phantom
-from scoring import ibsi
-from scoring.errors import InputError
-from scoring.ibsi import (
+from sclc_risk_node.node.cli import main
+from sclc_risk_node.node.ibsi_cli import default_data_dir, load_references, read_phantom
+from sclc_risk_node.scoring import ibsi
+from sclc_risk_node.scoring.errors import InputError
+from sclc_risk_node.scoring.ibsi import (
     ALL_ADJUSTMENTS,
     CONFIGURATIONS,
     FEATURE_MAP,

@@ -11,9 +11,9 @@ import re
 import jsonschema
 import pytest
 
-from tests.scoring.model_fixtures import BASELINE_SURVIVAL, BASELINE_TIMES, model_content, sealed_model, sealed_model_json
-from scoring.errors import InputError, ModelFileError
-from scoring.model import (
+from sclc_risk_node.models import shipped_model_path
+from sclc_risk_node.scoring.errors import InputError, ModelFileError
+from sclc_risk_node.scoring.model import (
     BaselineSurvival,
     FrozenModel,
     canonical_json,
@@ -21,8 +21,14 @@ from scoring.model import (
     load_shipped_schema,
     seal,
 )
-from scoring.types import FeatureSpec, RingDefinition
-from sclc_risk_node_models import shipped_model_path
+from sclc_risk_node.scoring.types import FeatureSpec, RingDefinition
+from tests.scoring.model_fixtures import (
+    BASELINE_SURVIVAL,
+    BASELINE_TIMES,
+    model_content,
+    sealed_model,
+    sealed_model_json,
+)
 
 
 def load_changed(change) -> FrozenModel:
@@ -63,7 +69,13 @@ def test_fixture_model_loads_with_all_parts():
     assert model.radiomics_cutoff == 0.125 and model.radiomics_score_coefficient == 0.75
     assert model.risk_cutoff == 2.5
     assert [c.name for c in model.clinical_covariates] == [
-        "overall_stage:IV", "ecog>=2", "lipi", "t_stage:T3-T4", "n_stage", "m_stage:M1c"]
+        "overall_stage:IV",
+        "ecog>=2",
+        "lipi",
+        "t_stage:T3-T4",
+        "n_stage",
+        "m_stage:M1c",
+    ]
     assert model.clinical_fields == ("overall_stage", "ecog", "lipi", "t_stage", "n_stage", "m_stage")
     assert model.baseline_survival == BaselineSurvival(tuple(BASELINE_TIMES), tuple(BASELINE_SURVIVAL), 18.0, 2.5)
     assert model.training_summary["cohort"].startswith("none")
@@ -86,7 +98,7 @@ def test_canonical_sha256_follows_the_documented_procedure():
     expected_bytes = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     assert canonical_json(content) == expected_bytes
     assert canonical_sha256(content) == hashlib.sha256(expected_bytes).hexdigest()
-    assert "Prüfung".encode("utf-8") in canonical_json(content)
+    assert "Prüfung".encode() in canonical_json(content)
 
 
 def test_hash_ignores_the_sha256_key_layout_and_key_order():
@@ -151,8 +163,10 @@ def test_a_wrong_hash_format_is_a_schema_error():
         (("sha256",), "model file missing required key 'sha256'"),
         (("radiomics", "cutoff"), "model file missing required key 'radiomics.cutoff'"),
         (("extraction", "ring"), "model file missing required key 'extraction.ring'"),
-        (("baseline_survival", "linear_predictor_centre"),
-         "model file missing required key 'baseline_survival.linear_predictor_centre'"),
+        (
+            ("baseline_survival", "linear_predictor_centre"),
+            "model file missing required key 'baseline_survival.linear_predictor_centre'",
+        ),
     ],
 )
 def test_missing_key(path, message):
@@ -176,7 +190,9 @@ def test_missing_key_inside_a_feature():
 def test_several_missing_keys_are_counted():
     sealed = sealed_model()
     del sealed["risk_cutoff"], sealed["created"]
-    with pytest.raises(ModelFileError, match=r"missing required key '(risk_cutoff|created)' \(and 1 more schema problem\)$"):
+    with pytest.raises(
+        ModelFileError, match=r"missing required key '(risk_cutoff|created)' \(and 1 more schema problem\)$"
+    ):
         FrozenModel.from_mapping(sealed)
 
 
@@ -191,35 +207,62 @@ def test_unknown_key_is_refused():
         (lambda c: c.update(risk_cutoff="2.5"), "model file key 'risk_cutoff' must be number, got string \"2.5\""),
         (lambda c: c.update(demonstration="yes"), "model file key 'demonstration' must be boolean, got string \"yes\""),
         (lambda c: c.update(demonstration=1), "model file key 'demonstration' must be boolean, got number 1"),
-        (lambda c: c["radiomics"]["features"][0].update(mean=None),
-         "model file key 'radiomics.features[0].mean' must be number, got null"),
+        (
+            lambda c: c["radiomics"]["features"][0].update(mean=None),
+            "model file key 'radiomics.features[0].mean' must be number, got null",
+        ),
         (lambda c: c.update(clinical_covariates={}), "model file key 'clinical_covariates' must be array, got object"),
         (lambda c: c.update(schema_version=3), "model file schema_version 3 is not supported (this node reads 1, 2)"),
         (lambda c: c.update(schema_version=2), "model file missing required key 'applicability_domain'"),
-        (lambda c: c["radiomics"]["features"][1].update(region="lung"),
-         "model file key 'radiomics.features[1].region' is \"lung\" (allowed: \"tumour\", \"ring\")"),
-        (lambda c: c["radiomics"]["features"][1].update(sd=0),
-         "model file key 'radiomics.features[1].sd' is 0 (must be > 0)"),
-        (lambda c: c["radiomics"].update(features=[]), "model file key 'radiomics.features' has 0 entries (needs at least 1)"),
-        (lambda c: c["baseline_survival"]["survival"].__setitem__(0, 1.5),
-         "model file key 'baseline_survival.survival[0]' is 1.5 (must be <= 1)"),
-        (lambda c: c["baseline_survival"].update(valid_until=11.5),
-         "model file key 'baseline_survival.valid_until' is 11.5 (must be >= 12)"),
-        (lambda c: c["baseline_survival"].update(time_unit="days"),
-         "model file key 'baseline_survival.time_unit' is \"days\" (allowed: \"months\")"),
-        (lambda c: c["clinical_covariates"][0].update(field="stage"),
-         "model file key 'clinical_covariates[0].field' is \"stage\""),
-        (lambda c: c["clinical_covariates"][1]["encoding"].update(kind="spline"),
-         "model file key 'clinical_covariates[1].encoding.kind' is \"spline\""),
-        (lambda c: c["clinical_covariates"][1]["encoding"].pop("at_least"),
-         "model file missing required key 'clinical_covariates[1].encoding.at_least'"),
-        (lambda c: c["clinical_covariates"][0]["encoding"].update(at_least=2),
-         "model file has unknown key 'clinical_covariates[0].encoding.at_least'"),
+        (
+            lambda c: c["radiomics"]["features"][1].update(region="lung"),
+            'model file key \'radiomics.features[1].region\' is "lung" (allowed: "tumour", "ring")',
+        ),
+        (
+            lambda c: c["radiomics"]["features"][1].update(sd=0),
+            "model file key 'radiomics.features[1].sd' is 0 (must be > 0)",
+        ),
+        (
+            lambda c: c["radiomics"].update(features=[]),
+            "model file key 'radiomics.features' has 0 entries (needs at least 1)",
+        ),
+        (
+            lambda c: c["baseline_survival"]["survival"].__setitem__(0, 1.5),
+            "model file key 'baseline_survival.survival[0]' is 1.5 (must be <= 1)",
+        ),
+        (
+            lambda c: c["baseline_survival"].update(valid_until=11.5),
+            "model file key 'baseline_survival.valid_until' is 11.5 (must be >= 12)",
+        ),
+        (
+            lambda c: c["baseline_survival"].update(time_unit="days"),
+            'model file key \'baseline_survival.time_unit\' is "days" (allowed: "months")',
+        ),
+        (
+            lambda c: c["clinical_covariates"][0].update(field="stage"),
+            "model file key 'clinical_covariates[0].field' is \"stage\"",
+        ),
+        (
+            lambda c: c["clinical_covariates"][1]["encoding"].update(kind="spline"),
+            "model file key 'clinical_covariates[1].encoding.kind' is \"spline\"",
+        ),
+        (
+            lambda c: c["clinical_covariates"][1]["encoding"].pop("at_least"),
+            "model file missing required key 'clinical_covariates[1].encoding.at_least'",
+        ),
+        (
+            lambda c: c["clinical_covariates"][0]["encoding"].update(at_least=2),
+            "model file has unknown key 'clinical_covariates[0].encoding.at_least'",
+        ),
         (lambda c: c.update(created="yesterday"), "model file key 'created' is \"yesterday\" (must match"),
-        (lambda c: c["clinical_covariates"][0].update(encoding={"levels": ["IV"]}),
-         "model file missing required key 'clinical_covariates[0].encoding.kind'"),
-        (lambda c: c["extraction"]["image_types"].update(Median={}),
-         "model file key 'extraction.image_types' has a key \"Median\" that is not allowed (allowed: \"Original\","),
+        (
+            lambda c: c["clinical_covariates"][0].update(encoding={"levels": ["IV"]}),
+            "model file missing required key 'clinical_covariates[0].encoding.kind'",
+        ),
+        (
+            lambda c: c["extraction"]["image_types"].update(Median={}),
+            'model file key \'extraction.image_types\' has a key "Median" that is not allowed (allowed: "Original",',
+        ),
         (lambda c: c.update(training_summary=[]), "model file key 'training_summary' must be object, got array"),
     ],
 )
@@ -272,46 +315,79 @@ def duplicate_first_feature(content):
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
-        (duplicate_first_feature,
-         "radiomics.features[4]: duplicate feature ring.original_firstorder_Mean (also radiomics.features[0])"),
-        (lambda c: c["radiomics"]["features"][3].update(image_type="wavelet-HHH"),
-         "radiomics.features[3]: tumour.wavelet-HHH_shape_Sphericity: shape features exist only for image type original"),
-        (lambda c: c["radiomics"]["features"][2].update(image_type="log-sigma-3-0-mm-3D"),
-         "radiomics.features[2]: image type log-sigma-3-0-mm-3D needs LoG sigma 3.0 (extraction gives ['2-0'])"),
-        (lambda c: c["extraction"]["image_types"]["LoG"].update(sigma=[2]),
-         "radiomics.features[2]: image type log-sigma-2-0-mm-3D needs LoG sigma 2.0 (extraction gives ['2'])"),
-        (lambda c: c["extraction"]["image_types"].pop("Wavelet"),
-         "radiomics.features[1]: image type wavelet-LLH needs image type Wavelet enabled in extraction.image_types"),
-        (lambda c: c["radiomics"]["features"][0].update(image_type="median"),
-         "radiomics.features[0]: image type median is not a pyradiomics image type"),
-        (lambda c: c["extraction"]["ring"].update(outward_mm=0, inward_mm=0),
-         "extraction.ring: ring must have a positive thickness"),
-        (lambda c: c["clinical_covariates"][3]["encoding"].update(levels=["T3", "T5"]),
-         "clinical_covariates[3] (t_stage:T3-T4): levels ['T5'] are not levels of t_stage (allowed: T1, T2, T3, T4)"),
-        (lambda c: c["clinical_covariates"][0]["encoding"].update(levels=["I-II", "III", "IV"]),
-         "clinical_covariates[0] (overall_stage:IV): indicator of every level of overall_stage is constant 1"),
-        (lambda c: c["clinical_covariates"][2]["encoding"]["map"].pop("poor"),
-         "clinical_covariates[2] (lipi): ordinal map must cover exactly good, intermediate, poor"
-         " (unknown: [], unmapped: ['poor'])"),
-        (lambda c: c["clinical_covariates"][3].update(encoding={"kind": "numeric"}),
-         "clinical_covariates[3] (t_stage:T3-T4): numeric encoding needs a numeric field (ecog, lipi, age), not t_stage"),
-        (lambda c: c["clinical_covariates"][1]["encoding"].update(at_least=5),
-         "clinical_covariates[1] (ecog>=2): threshold at_least 5 makes ecog (0-4) a constant"),
-        (lambda c: c["clinical_covariates"].append(
-            {"name": "age", "field": "age", "encoding": {"kind": "indicator", "levels": ["70"]}, "coefficient": 1}),
-         "clinical_covariates[6] (age): indicator encoding needs a categorical field, age is numeric only"),
-        (lambda c: c["clinical_covariates"][5].update(name="lipi"),
-         "clinical_covariates[5] (lipi): duplicate covariate name (also clinical_covariates[2])"),
-        (lambda c: c["clinical_covariates"][5].update(name="radiomics_score"),
-         "the name radiomics_score is reserved"),
-        (lambda c: c["baseline_survival"]["survival"].__setitem__(5, 0.9),
-         "baseline_survival.survival must not increase over time"),
-        (lambda c: c["baseline_survival"]["times"].__setitem__(2, 2.0),
-         "baseline_survival.times must be strictly increasing"),
-        (lambda c: c["baseline_survival"]["times"].append(16.0),
-         "baseline_survival: 10 times but 9 survival values"),
-        (lambda c: c["baseline_survival"].update(valid_until=14.0),
-         "baseline_survival.valid_until 14 is before the last time 15"),
+        (
+            duplicate_first_feature,
+            "radiomics.features[4]: duplicate feature ring.original_firstorder_Mean (also radiomics.features[0])",
+        ),
+        (
+            lambda c: c["radiomics"]["features"][3].update(image_type="wavelet-HHH"),
+            "radiomics.features[3]: tumour.wavelet-HHH_shape_Sphericity: shape features exist only for image type original",
+        ),
+        (
+            lambda c: c["radiomics"]["features"][2].update(image_type="log-sigma-3-0-mm-3D"),
+            "radiomics.features[2]: image type log-sigma-3-0-mm-3D needs LoG sigma 3.0 (extraction gives ['2-0'])",
+        ),
+        (
+            lambda c: c["extraction"]["image_types"]["LoG"].update(sigma=[2]),
+            "radiomics.features[2]: image type log-sigma-2-0-mm-3D needs LoG sigma 2.0 (extraction gives ['2'])",
+        ),
+        (
+            lambda c: c["extraction"]["image_types"].pop("Wavelet"),
+            "radiomics.features[1]: image type wavelet-LLH needs image type Wavelet enabled in extraction.image_types",
+        ),
+        (
+            lambda c: c["radiomics"]["features"][0].update(image_type="median"),
+            "radiomics.features[0]: image type median is not a pyradiomics image type",
+        ),
+        (
+            lambda c: c["extraction"]["ring"].update(outward_mm=0, inward_mm=0),
+            "extraction.ring: ring must have a positive thickness",
+        ),
+        (
+            lambda c: c["clinical_covariates"][3]["encoding"].update(levels=["T3", "T5"]),
+            "clinical_covariates[3] (t_stage:T3-T4): levels ['T5'] are not levels of t_stage (allowed: T1, T2, T3, T4)",
+        ),
+        (
+            lambda c: c["clinical_covariates"][0]["encoding"].update(levels=["I-II", "III", "IV"]),
+            "clinical_covariates[0] (overall_stage:IV): indicator of every level of overall_stage is constant 1",
+        ),
+        (
+            lambda c: c["clinical_covariates"][2]["encoding"]["map"].pop("poor"),
+            "clinical_covariates[2] (lipi): ordinal map must cover exactly good, intermediate, poor"
+            " (unknown: [], unmapped: ['poor'])",
+        ),
+        (
+            lambda c: c["clinical_covariates"][3].update(encoding={"kind": "numeric"}),
+            "clinical_covariates[3] (t_stage:T3-T4): numeric encoding needs a numeric field (ecog, lipi, age), not t_stage",
+        ),
+        (
+            lambda c: c["clinical_covariates"][1]["encoding"].update(at_least=5),
+            "clinical_covariates[1] (ecog>=2): threshold at_least 5 makes ecog (0-4) a constant",
+        ),
+        (
+            lambda c: c["clinical_covariates"].append(
+                {"name": "age", "field": "age", "encoding": {"kind": "indicator", "levels": ["70"]}, "coefficient": 1}
+            ),
+            "clinical_covariates[6] (age): indicator encoding needs a categorical field, age is numeric only",
+        ),
+        (
+            lambda c: c["clinical_covariates"][5].update(name="lipi"),
+            "clinical_covariates[5] (lipi): duplicate covariate name (also clinical_covariates[2])",
+        ),
+        (lambda c: c["clinical_covariates"][5].update(name="radiomics_score"), "the name radiomics_score is reserved"),
+        (
+            lambda c: c["baseline_survival"]["survival"].__setitem__(5, 0.9),
+            "baseline_survival.survival must not increase over time",
+        ),
+        (
+            lambda c: c["baseline_survival"]["times"].__setitem__(2, 2.0),
+            "baseline_survival.times must be strictly increasing",
+        ),
+        (lambda c: c["baseline_survival"]["times"].append(16.0), "baseline_survival: 10 times but 9 survival values"),
+        (
+            lambda c: c["baseline_survival"].update(valid_until=14.0),
+            "baseline_survival.valid_until 14 is before the last time 15",
+        ),
         (lambda c: c.update(created="2024-13-40T00:00:00Z"), "created '2024-13-40T00:00:00Z' is not a valid date-time"),
     ],
 )
@@ -348,8 +424,22 @@ def test_sd_check_does_not_rely_on_the_schema():
 
 @pytest.mark.parametrize(
     ("months", "expected"),
-    [(0.0, 1.0), (0.999, 1.0), (1.0, 0.98), (1.5, 0.98), (4.4999, 0.9), (4.5, 0.82), (5.999, 0.82), (6.0, 0.7),
-     (6.001, 0.7), (11.999, 0.5), (12.0, 0.35), (14.0, 0.35), (15.0, 0.3), (18.0, 0.3)],
+    [
+        (0.0, 1.0),
+        (0.999, 1.0),
+        (1.0, 0.98),
+        (1.5, 0.98),
+        (4.4999, 0.9),
+        (4.5, 0.82),
+        (5.999, 0.82),
+        (6.0, 0.7),
+        (6.001, 0.7),
+        (11.999, 0.5),
+        (12.0, 0.35),
+        (14.0, 0.35),
+        (15.0, 0.3),
+        (18.0, 0.3),
+    ],
 )
 def test_baseline_is_a_right_continuous_step_function(months, expected):
     baseline = BaselineSurvival(tuple(BASELINE_TIMES), tuple(BASELINE_SURVIVAL), 18.0, 0.0)
@@ -357,8 +447,8 @@ def test_baseline_is_a_right_continuous_step_function(months, expected):
 
 
 def test_baseline_matches_scikit_survival_step_function_on_its_domain():
-    from sksurv.functions import StepFunction
     import numpy as np
+    from sksurv.functions import StepFunction
 
     oracle = StepFunction(np.array(BASELINE_TIMES), np.array(BASELINE_SURVIVAL))
     baseline = BaselineSurvival(tuple(BASELINE_TIMES), tuple(BASELINE_SURVIVAL), 18.0, 0.0)

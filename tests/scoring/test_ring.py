@@ -9,9 +9,9 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial import cKDTree
 
-from scoring.errors import MaskError
-from scoring.ring import describe_ring, peritumoral_ring
-from scoring.types import RingDefinition
+from sclc_risk_node.scoring.errors import MaskError
+from sclc_risk_node.scoring.ring import describe_ring, peritumoral_ring
+from sclc_risk_node.scoring.types import RingDefinition
 from tests.scoring.phantoms import (
     ellipsoid_distance_mm,
     ellipsoid_mask,

@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 
+from sclc_risk_node.scoring.clinical import clinical_record_from_mapping
+from sclc_risk_node.scoring.errors import ClinicalRecordError, FeatureExtractionError
+from sclc_risk_node.scoring.model import FrozenModel
+from sclc_risk_node.scoring.risk import PFS_HORIZONS_MONTHS, apply_model
+from sclc_risk_node.scoring.types import FeatureVector, RiskGroup
 from tests.scoring.model_fixtures import model_content, sealed_model
-from scoring.clinical import clinical_record_from_mapping
-from scoring.errors import ClinicalRecordError, FeatureExtractionError
-from scoring.model import FrozenModel
-from scoring.risk import PFS_HORIZONS_MONTHS, apply_model
-from scoring.types import FeatureVector, RiskGroup
 
 MEAN = "ring.original_firstorder_Mean"
 CORRELATION = "tumour.wavelet-LLH_glcm_Correlation"
@@ -105,8 +105,7 @@ def test_missing_features_are_all_named():
     with pytest.raises(FeatureExtractionError) as caught:
         score(features, CLINICAL_A)
     assert str(caught.value) == (
-        "feature vector lacks 2 features that model test-fixture-integrated 0.0.1 needs: "
-        f"{CORRELATION}, {ZONE_ENTROPY}"
+        f"feature vector lacks 2 features that model test-fixture-integrated 0.0.1 needs: {CORRELATION}, {ZONE_ENTROPY}"
     )
 
 
@@ -114,8 +113,12 @@ def test_optional_clinical_fields_a_model_reads():
     def add_covariates(content):
         content["clinical_covariates"] += [
             {"name": "age", "field": "age", "encoding": {"kind": "numeric"}, "coefficient": 0.0625},
-            {"name": "liver_metastases", "field": "liver_metastases",
-             "encoding": {"kind": "indicator", "levels": ["yes"]}, "coefficient": 0.5},
+            {
+                "name": "liver_metastases",
+                "field": "liver_metastases",
+                "encoding": {"kind": "indicator", "levels": ["yes"]},
+                "coefficient": 0.5,
+            },
         ]
 
     model = model_with(add_covariates)
@@ -125,9 +128,7 @@ def test_optional_clinical_fields_a_model_reads():
     assert result.integrated_terms[-2].value == 64.0 and result.integrated_terms[-1].value == 1.0
     with pytest.raises(ClinicalRecordError) as caught:
         score(FEATURES_B, CLINICAL_B, model)
-    assert caught.value.problems == (
-        "age: missing (allowed: any recorded value; the model's covariate age needs it)",
-    )
+    assert caught.value.problems == ("age: missing (allowed: any recorded value; the model's covariate age needs it)",)
 
 
 def test_pfs_matches_scikit_survival_for_a_model_fitted_by_it():
@@ -152,7 +153,8 @@ def test_pfs_matches_scikit_survival_for_a_model_fitted_by_it():
         content["radiomics"]["features"] = [feature]
         content["radiomics_score_coefficient"] = radiomics_coef
         content["clinical_covariates"] = [
-            {"name": "ecog", "field": "ecog", "encoding": {"kind": "numeric"}, "coefficient": ecog_coef}]
+            {"name": "ecog", "field": "ecog", "encoding": {"kind": "numeric"}, "coefficient": ecog_coef}
+        ]
         content["baseline_survival"] = {
             "time_unit": "months",
             "times": [float(t) for t in baseline.x],

@@ -62,8 +62,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scoring.errors import InputError
-from scoring.stats import (
+from sclc_risk_node.scoring.errors import InputError
+from sclc_risk_node.scoring.stats import (
     CoxFitError,
     SurvivalDataError,
     cox_fit,
@@ -132,12 +132,29 @@ def test_cox_lung_age_sex_matches_r_summary(lung):
     # [SURV-EX] summary(coxph(Surv(time, status) ~ age + sex, lung))
     result = cox_fit(lung, "time", "status", ["age", "sex"])
     assert (result.n, result.events, result.n_dropped) == (228, 165, 0)
-    check_rows(result, {
-        "age": {"coef": "0.017045", "hr": "1.017191", "se": "0.009223", "z": "1.848", "p": "0.06459",
-                "ci_low": "0.9990", "ci_high": "1.0357"},
-        "sex": {"coef": "-0.513219", "hr": "0.598566", "se": "0.167458", "z": "-3.065", "p": "0.00218",
-                "ci_low": "0.4311", "ci_high": "0.8311"},
-    })
+    check_rows(
+        result,
+        {
+            "age": {
+                "coef": "0.017045",
+                "hr": "1.017191",
+                "se": "0.009223",
+                "z": "1.848",
+                "p": "0.06459",
+                "ci_low": "0.9990",
+                "ci_high": "1.0357",
+            },
+            "sex": {
+                "coef": "-0.513219",
+                "hr": "0.598566",
+                "se": "0.167458",
+                "z": "-3.065",
+                "p": "0.00218",
+                "ci_low": "0.4311",
+                "ci_high": "0.8311",
+            },
+        },
+    )
     assert_r(result.concordance, "0.603", "concordance")
 
 
@@ -145,25 +162,34 @@ def test_cox_drops_rows_with_missing_covariates_like_r(lung):
     # [SURV-EX] coxph(Surv(time, status) ~ ph.ecog + age, lung): n= 227, 164 events, 1 deleted
     result = cox_fit(lung, "time", "status", ["ph.ecog", "age"])
     assert (result.n, result.events, result.n_dropped) == (227, 164, 1)
-    check_rows(result, {
-        "ph.ecog": {"coef": "0.443485", "hr": "1.558128", "se": "0.115831", "z": "3.829", "p": "0.000129"},
-        "age": {"coef": "0.011281", "hr": "1.011345", "se": "0.009319", "z": "1.211", "p": "0.226082"},
-    })
+    check_rows(
+        result,
+        {
+            "ph.ecog": {"coef": "0.443485", "hr": "1.558128", "se": "0.115831", "z": "3.829", "p": "0.000129"},
+            "age": {"coef": "0.011281", "hr": "1.011345", "se": "0.009319", "z": "1.211", "p": "0.226082"},
+        },
+    )
 
 
 def test_cox_lung_age_sex_ecog_matches_r(lung):
     result = cox_fit(lung, "time", "status", ["age", "sex", "ph.ecog"])
     assert (result.n, result.events) == (227, 164)
-    check_rows(result, {  # [PBOOT] estimates and sqrt(diag(vcov))
-        "age": {"coef": "0.01106676", "se": "0.009267411"},
-        "sex": {"coef": "-0.55261240", "se": "0.167739054"},
-        "ph.ecog": {"coef": "0.46372848", "se": "0.113577266"},
-    })
-    check_rows(result, {  # [STHDA-COX]
-        "age": {"hr": "1.011128", "z": "1.194", "p": "0.232416", "ci_low": "0.9929", "ci_high": "1.0297"},
-        "sex": {"hr": "0.575445", "z": "-3.294", "p": "0.000986", "ci_low": "0.4142", "ci_high": "0.7994"},
-        "ph.ecog": {"hr": "1.589991", "z": "4.083", "p": "4.45e-05", "ci_low": "1.2727", "ci_high": "1.9864"},
-    })
+    check_rows(
+        result,
+        {  # [PBOOT] estimates and sqrt(diag(vcov))
+            "age": {"coef": "0.01106676", "se": "0.009267411"},
+            "sex": {"coef": "-0.55261240", "se": "0.167739054"},
+            "ph.ecog": {"coef": "0.46372848", "se": "0.113577266"},
+        },
+    )
+    check_rows(
+        result,
+        {  # [STHDA-COX]
+            "age": {"hr": "1.011128", "z": "1.194", "p": "0.232416", "ci_low": "0.9929", "ci_high": "1.0297"},
+            "sex": {"hr": "0.575445", "z": "-3.294", "p": "0.000986", "ci_low": "0.4142", "ci_high": "0.7994"},
+            "ph.ecog": {"hr": "1.589991", "z": "4.083", "p": "4.45e-05", "ci_low": "1.2727", "ci_high": "1.9864"},
+        },
+    )
     assert_r(result.concordance, "0.637", "concordance")
 
 
@@ -171,8 +197,20 @@ def test_cox_concordance_with_tied_risk_scores(lung):
     # [STHDA-COX] summary(coxph(Surv(time, status) ~ sex, data = lung)): a binary
     # covariate, so most pairs are tied on the risk score and count 1/2.
     result = cox_fit(lung, "time", "status", ["sex"])
-    check_rows(result, {"sex": {"coef": "-0.5310", "hr": "0.5880", "se": "0.1672", "z": "-3.176",
-                                "p": "0.00149", "ci_low": "0.4237", "ci_high": "0.816"}})
+    check_rows(
+        result,
+        {
+            "sex": {
+                "coef": "-0.5310",
+                "hr": "0.5880",
+                "se": "0.1672",
+                "z": "-3.176",
+                "p": "0.00149",
+                "ci_low": "0.4237",
+                "ci_high": "0.816",
+            }
+        },
+    )
     assert_r(result.concordance, "0.579", "concordance")
 
 
@@ -187,27 +225,60 @@ def test_cox_veteran_full_model_matches_r(veteran):
     covariates = ["trt", "smallcell", "adeno", "large", "karno", "diagtime", "age", "prior"]
     result = cox_fit(veteran, "time", "status", covariates)
     assert (result.n, result.events) == (137, 128)
-    check_rows(result, {
-        "trt": {"coef": "2.946e-01", "se": "2.075e-01", "z": "1.419", "p": "0.15577",
-                "ci_low": "0.8939", "ci_high": "2.0166"},
-        "smallcell": {"coef": "8.616e-01", "se": "2.753e-01", "z": "3.130", "p": "0.00175",
-                      "ci_low": "1.3799", "ci_high": "4.0597"},
-        "adeno": {"coef": "1.196e+00", "se": "3.009e-01", "z": "3.975", "p": "7.05e-05",
-                  "ci_low": "1.8336", "ci_high": "5.9647"},
-        "large": {"coef": "4.013e-01", "se": "2.827e-01", "z": "1.420", "p": "0.15574"},
-        "karno": {"coef": "-3.282e-02", "se": "5.508e-03", "z": "-5.958", "p": "2.55e-09"},
-        "diagtime": {"coef": "8.132e-05", "se": "9.136e-03", "z": "0.009", "p": "0.99290"},
-        "age": {"coef": "-8.706e-03", "se": "9.300e-03", "z": "-0.936", "p": "0.34920"},
-        "prior": {"coef": "7.159e-03", "se": "2.323e-02", "z": "0.308", "p": "0.75794"},
-    })
+    check_rows(
+        result,
+        {
+            "trt": {
+                "coef": "2.946e-01",
+                "se": "2.075e-01",
+                "z": "1.419",
+                "p": "0.15577",
+                "ci_low": "0.8939",
+                "ci_high": "2.0166",
+            },
+            "smallcell": {
+                "coef": "8.616e-01",
+                "se": "2.753e-01",
+                "z": "3.130",
+                "p": "0.00175",
+                "ci_low": "1.3799",
+                "ci_high": "4.0597",
+            },
+            "adeno": {
+                "coef": "1.196e+00",
+                "se": "3.009e-01",
+                "z": "3.975",
+                "p": "7.05e-05",
+                "ci_low": "1.8336",
+                "ci_high": "5.9647",
+            },
+            "large": {"coef": "4.013e-01", "se": "2.827e-01", "z": "1.420", "p": "0.15574"},
+            "karno": {"coef": "-3.282e-02", "se": "5.508e-03", "z": "-5.958", "p": "2.55e-09"},
+            "diagtime": {"coef": "8.132e-05", "se": "9.136e-03", "z": "0.009", "p": "0.99290"},
+            "age": {"coef": "-8.706e-03", "se": "9.300e-03", "z": "-0.936", "p": "0.34920"},
+            "prior": {"coef": "7.159e-03", "se": "2.323e-02", "z": "0.308", "p": "0.75794"},
+        },
+    )
 
 
 def test_cox_veteran_treatment_only(veteran):
     # [VA-TRT] treat2 0.01774 1.01790 0.18066 0.098 0.922; CI 0.7144-1.45; Concordance= 0.525
     data = veteran.assign(treat2=veteran["trt"] - 1)
     result = cox_fit(data, "time", "status", ["treat2"])
-    check_rows(result, {"treat2": {"coef": "0.01774", "hr": "1.01790", "se": "0.18066", "z": "0.098",
-                                   "p": "0.922", "ci_low": "0.7144", "ci_high": "1.45"}})
+    check_rows(
+        result,
+        {
+            "treat2": {
+                "coef": "0.01774",
+                "hr": "1.01790",
+                "se": "0.18066",
+                "z": "0.098",
+                "p": "0.922",
+                "ci_low": "0.7144",
+                "ci_high": "1.45",
+            }
+        },
+    )
     assert_r(result.concordance, "0.525", "concordance")
 
 
@@ -283,11 +354,13 @@ def test_km_midpoint_rule_when_curve_sits_at_one_half(veteran):
 @pytest.fixture
 def r_quantile_test1() -> pd.DataFrame:
     # [SURV-Q] test1: the NA status row is dropped by survfit
-    return pd.DataFrame({
-        "time": [9, 3, 1, 1, 6, 6, 8, 10],
-        "status": [1, None, 1, 0, 1, 1, 0, 0],
-        "x": [0, 2, 1, 1, 1, 0, 0, 0],
-    })
+    return pd.DataFrame(
+        {
+            "time": [9, 3, 1, 1, 6, 6, 8, 10],
+            "status": [1, None, 1, 0, 1, 1, 0, 0],
+            "x": [0, 2, 1, 1, 1, 0, 0, 0],
+        }
+    )
 
 
 def test_km_median_limits_match_r_quantile_tests(r_quantile_test1):
@@ -376,11 +449,13 @@ def test_unknown_column_is_named(lung):
 
 
 def test_missing_values_and_blank_strings_are_dropped():
-    data = pd.DataFrame({
-        "t": [5, 8, 12, np.nan, 20, 25, 30],
-        "e": [1, 1, 0, 1, " ", 1, 1],
-        "g": ["a", "b", "a", "b", "a", None, "b"],
-    })
+    data = pd.DataFrame(
+        {
+            "t": [5, 8, 12, np.nan, 20, 25, 30],
+            "e": [1, 1, 0, 1, " ", 1, 1],
+            "g": ["a", "b", "a", "b", "a", None, "b"],
+        }
+    )
     result = kaplan_meier(data, "t", "e", "g")
     assert result["n_dropped"] == 3
     assert {k: v["n"] for k, v in result["groups"].items()} == {"a": 2, "b": 2}
@@ -397,12 +472,14 @@ def test_bad_times_and_covariates_are_named():
 
 
 def test_unestimable_models_raise_cox_fit_error():
-    data = pd.DataFrame({
-        "t": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
-        "e": [1, 0, 1, 1, 0, 1],
-        "a": [1.0, 2.0, 3.0, 1.0, 2.0, 5.0],
-        "k": [7.0] * 6,
-    })
+    data = pd.DataFrame(
+        {
+            "t": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            "e": [1, 0, 1, 1, 0, 1],
+            "a": [1.0, 2.0, 3.0, 1.0, 2.0, 5.0],
+            "k": [7.0] * 6,
+        }
+    )
     with pytest.raises(CoxFitError, match=r"covariate 'k' is constant"):
         cox_fit(data, "t", "e", ["a", "k"])
     with pytest.raises(CoxFitError, match=r"collinear"):

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 from sksurv.nonparametric import kaplan_meier_estimator
 
-from scoring import stats
-from scoring.clinical import ClinicalRecord, Lipi
-from scoring.model import FrozenModel
-from scoring.risk import apply_model
-from scoring.training import EvaluationSettings, TrainingSpec, evaluate_split, fit_integrated_model
-from scoring.training.evaluation import (
+from sclc_risk_node.scoring import stats
+from sclc_risk_node.scoring.clinical import ClinicalRecord, Lipi
+from sclc_risk_node.scoring.model import FrozenModel
+from sclc_risk_node.scoring.risk import apply_model
+from sclc_risk_node.scoring.training import EvaluationSettings, TrainingSpec, evaluate_split, fit_integrated_model
+from sclc_risk_node.scoring.training.evaluation import (
     EvaluationDataError,
     bootstrap_c_index,
     calibration,
@@ -23,7 +23,7 @@ from scoring.training.evaluation import (
     kaplan_meier_at,
     time_dependent_auc,
 )
-from scoring.types import FeatureVector
+from sclc_risk_node.scoring.types import FeatureVector
 from tests.scoring.model_fixtures import FIXTURE_FEATURES, sealed_model
 from tests.scoring.test_training_method import N_TRAIN, SPEC_TOML, simulate_cohort
 
@@ -38,8 +38,14 @@ def cohort():
 @pytest.fixture(scope="module")
 def model(cohort):
     features, records, time, event = cohort
-    fitted = fit_integrated_model(features.iloc[:N_TRAIN], records[:N_TRAIN], time[:N_TRAIN], event[:N_TRAIN],
-                                  TrainingSpec.from_toml(SPEC_TOML), created="2024-06-01T00:00:00Z")
+    fitted = fit_integrated_model(
+        features.iloc[:N_TRAIN],
+        records[:N_TRAIN],
+        time[:N_TRAIN],
+        event[:N_TRAIN],
+        TrainingSpec.from_toml(SPEC_TOML),
+        created="2024-06-01T00:00:00Z",
+    )
     return fitted.frozen_model()
 
 
@@ -51,8 +57,9 @@ def held_out(cohort):
 @pytest.fixture(scope="module")
 def evaluation(model, cohort):
     train_time, train_event = cohort[2][:N_TRAIN], cohort[3][:N_TRAIN]
-    return evaluate_split(model, *held_out(cohort), train_time=train_time, train_event=train_event,
-                          settings=SETTINGS, split="held-out")
+    return evaluate_split(
+        model, *held_out(cohort), train_time=train_time, train_event=train_event, settings=SETTINGS, split="held-out"
+    )
 
 
 def scores(model, features, records):
@@ -153,11 +160,18 @@ def test_c_index_matches_harrell_and_its_ci_contains_it(evaluation, model, cohor
 
 def test_evaluation_is_reproducible_with_the_seed(evaluation, model, cohort):
     train_time, train_event = cohort[2][:N_TRAIN], cohort[3][:N_TRAIN]
-    again = evaluate_split(model, *held_out(cohort), train_time=train_time, train_event=train_event,
-                           settings=SETTINGS, split="held-out")
+    again = evaluate_split(
+        model, *held_out(cohort), train_time=train_time, train_event=train_event, settings=SETTINGS, split="held-out"
+    )
     assert again.as_dict() == evaluation.as_dict()
-    reseeded = evaluate_split(model, *held_out(cohort), train_time=train_time, train_event=train_event,
-                              settings=EvaluationSettings(seed=12, bootstrap=200), split="held-out")
+    reseeded = evaluate_split(
+        model,
+        *held_out(cohort),
+        train_time=train_time,
+        train_event=train_event,
+        settings=EvaluationSettings(seed=12, bootstrap=200),
+        split="held-out",
+    )
     assert reseeded.integrated["c_index"]["ci_low"] != evaluation.integrated["c_index"]["ci_low"]
     assert reseeded.integrated["c_index"]["estimate"] == evaluation.integrated["c_index"]["estimate"]
 
@@ -173,8 +187,9 @@ def test_risk_groups_agree_with_scoring_stats(evaluation, model, cohort):
     features, records, time, event = held_out(cohort)
     _, risk = scores(model, features, records)
     high = risk > model.risk_cutoff
-    frame = pd.DataFrame({"time": time, "event": event, "group": np.where(high, "high", "low"),
-                          "high": high.astype(float)})
+    frame = pd.DataFrame(
+        {"time": time, "event": event, "group": np.where(high, "high", "low"), "high": high.astype(float)}
+    )
     km = stats.kaplan_meier(frame, "time", "event", "group")["groups"]
     groups = evaluation.integrated["risk_groups"]
     for label in ("low", "high"):
@@ -222,8 +237,9 @@ def test_decision_curve_reference_strategies(evaluation, model, cohort):
         assert thresholds[0] == 0.01 and thresholds[-1] == 0.99 and len(thresholds) == 99
         assert curve["prevalence"] == pytest.approx(prevalence)
         assert curve["net_benefit_treat_none"] == [0.0] * 99
-        np.testing.assert_allclose(curve["net_benefit_treat_all"],
-                                   prevalence - (1 - prevalence) * thresholds / (1 - thresholds))
+        np.testing.assert_allclose(
+            curve["net_benefit_treat_all"], prevalence - (1 - prevalence) * thresholds / (1 - thresholds)
+        )
         predicted_risk = np.array([1 - model.baseline_survival.survival_at(months, lp) for lp in risk])
         model_nb = np.array(curve["net_benefit_model"])
         below_everyone = thresholds < predicted_risk.min()
@@ -253,8 +269,13 @@ def test_result_is_clean_json(evaluation):
 
 def test_horizon_beyond_follow_up_is_none_with_a_reason(model, cohort):
     train_time, train_event = cohort[2][:N_TRAIN], cohort[3][:N_TRAIN]
-    result = evaluate_split(model, *held_out(cohort), train_time=train_time, train_event=train_event,
-                            settings=EvaluationSettings(seed=1, bootstrap=20, horizons_months=(12.0, 30.0)))
+    result = evaluate_split(
+        model,
+        *held_out(cohort),
+        train_time=train_time,
+        train_event=train_event,
+        settings=EvaluationSettings(seed=1, bootstrap=20, horizons_months=(12.0, 30.0)),
+    )
     auc = result.integrated["time_dependent_auc"]
     assert auc[0]["auc"] is not None and auc[1]["auc"] is None and "30 months is beyond" in auc[1]["reason"]
     assert result.integrated["calibration"][1]["groups"] is None and result.integrated["calibration"][1]["reason"]
@@ -268,16 +289,35 @@ def test_model_without_radiomics_only_baseline_has_no_radiomics_probabilities():
     model = FrozenModel.from_mapping(sealed_model())
     rng = np.random.default_rng(3)
     n = 60
-    features = pd.DataFrame({
-        f"{region}.{image_type}_{feature_class}_{feature}": rng.normal(mean, sd, n)
-        for region, image_type, feature_class, feature, mean, sd, _ in FIXTURE_FEATURES
-    })
-    records = [ClinicalRecord(t_stage=str(rng.choice(["T2", "T4"])), n_stage="N2", m_stage="M1c",
-                              ecog=int(rng.choice([0, 1, 2])), lipi=Lipi(int(rng.choice([0, 1, 2]))),
-                              lipi_source="given", patient_id=f"F{i}") for i in range(n)]
+    features = pd.DataFrame(
+        {
+            f"{region}.{image_type}_{feature_class}_{feature}": rng.normal(mean, sd, n)
+            for region, image_type, feature_class, feature, mean, sd, _ in FIXTURE_FEATURES
+        }
+    )
+    records = [
+        ClinicalRecord(
+            t_stage=str(rng.choice(["T2", "T4"])),
+            n_stage="N2",
+            m_stage="M1c",
+            ecog=int(rng.choice([0, 1, 2])),
+            lipi=Lipi(int(rng.choice([0, 1, 2]))),
+            lipi_source="given",
+            patient_id=f"F{i}",
+        )
+        for i in range(n)
+    ]
     time, event = rng.uniform(1, 17, n), rng.random(n) < 0.6
-    result = evaluate_split(model, features, records, time, event, train_time=time, train_event=event,
-                            settings=EvaluationSettings(seed=1, bootstrap=20))
+    result = evaluate_split(
+        model,
+        features,
+        records,
+        time,
+        event,
+        train_time=time,
+        train_event=event,
+        settings=EvaluationSettings(seed=1, bootstrap=20),
+    )
     for entry in result.radiomics["calibration"] + result.radiomics["decision_curve"]:
         assert "radiomics_only_cox" in entry["reason"]
     assert all(entry["reason"] is None for entry in result.integrated["calibration"])
@@ -291,7 +331,7 @@ def test_missing_model_feature_is_named(model, cohort):
 
 
 def test_bootstrap_survives_resamples_without_events_or_comparable_pairs():
-    from scoring.training.evaluation import bootstrap_c_index
+    from sclc_risk_node.scoring.training.evaluation import bootstrap_c_index
 
     time = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
     event = np.array([True, False, False, False, False, False, False, False, False])

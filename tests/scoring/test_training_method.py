@@ -20,10 +20,10 @@ from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.linear_model.coxph import BreslowEstimator
 from sksurv.util import Surv
 
-from scoring.clinical import ClinicalRecord, Lipi
-from scoring.model import FrozenModel, seal
-from scoring.risk import apply_model
-from scoring.training import (
+from sclc_risk_node.scoring.clinical import ClinicalRecord, Lipi
+from sclc_risk_node.scoring.model import FrozenModel, seal
+from sclc_risk_node.scoring.risk import apply_model
+from sclc_risk_node.scoring.training import (
     LassoCoxSelector,
     NoFeatureSelectedError,
     TrainingDataError,
@@ -32,16 +32,14 @@ from scoring.training import (
     fit_integrated_model,
     variance_inflation_factors,
 )
-from scoring.types import FeatureVector
+from sclc_risk_node.scoring.types import FeatureVector
 
 SIGNAL_FEATURES = (
     "ring.wavelet-LLH_glcm_Correlation",
     "tumour.original_firstorder_Skewness",
     "ring.original_glszm_ZoneEntropy",
 )
-NOISE_FEATURES = tuple(
-    f"{'tumour' if k % 2 else 'ring'}.original_firstorder_Noise{k:02d}" for k in range(40)
-)
+NOISE_FEATURES = tuple(f"{'tumour' if k % 2 else 'ring'}.original_firstorder_Noise{k:02d}" for k in range(40))
 CONSTANT_FEATURE = "tumour.original_shape_Sphericity"
 BROKEN_FEATURE = "ring.wavelet-HHH_ngtdm_Busyness"
 N_TRAIN = 200
@@ -101,12 +99,18 @@ def simulate_cohort(n: int = 300, seed: int = 2):
     lipi = rng.choice([0, 1, 2], p=[0.45, 0.35, 0.2], size=n)
     t_stage = rng.choice(["T1", "T2", "T3", "T4"], size=n)
     records = [
-        ClinicalRecord(t_stage=str(t_stage[i]), n_stage="N2", m_stage="M1c", ecog=int(ecog[i]),
-                       lipi=Lipi(int(lipi[i])), lipi_source="given", patient_id=f"SIM{i:04d}")
+        ClinicalRecord(
+            t_stage=str(t_stage[i]),
+            n_stage="N2",
+            m_stage="M1c",
+            ecog=int(ecog[i]),
+            lipi=Lipi(int(lipi[i])),
+            lipi_source="given",
+            patient_id=f"SIM{i:04d}",
+        )
         for i in range(n)
     ]
-    log_hazard = (0.7 * signal[:, 0] - 0.6 * signal[:, 1] + 0.5 * signal[:, 2]
-                  + 1.0 * (ecog >= 2) + 0.6 * lipi)
+    log_hazard = 0.7 * signal[:, 0] - 0.6 * signal[:, 1] + 0.5 * signal[:, 2] + 1.0 * (ecog >= 2) + 0.6 * lipi
     pfs = rng.exponential(16.0 * np.exp(-log_hazard))
     follow_up = rng.uniform(8.0, 24.0, size=n)
     time = np.round(np.minimum(pfs, follow_up), 3).clip(min=0.01)
@@ -163,9 +167,7 @@ def test_one_se_rule_picks_a_sparser_model_within_one_standard_error(spec, cohor
     assert by_1se.alpha_ >= by_min.alpha_
     assert len(by_1se.selected_features_) <= len(by_min.selected_features_)
     best = by_min.alpha_index_
-    assert by_1se.cv_mean_c_index_[by_1se.alpha_index_] >= (
-        by_min.cv_mean_c_index_[best] - by_min.cv_se_c_index_[best]
-    )
+    assert by_1se.cv_mean_c_index_[by_1se.alpha_index_] >= (by_min.cv_mean_c_index_[best] - by_min.cv_se_c_index_[best])
     # sklearn contract: parameters round-trip, predict gives sum(coef * z).
     assert by_1se.get_params()["selection"] == "1se"
     z = (usable.to_numpy() - usable.mean().to_numpy()) / usable.std().to_numpy()
@@ -175,8 +177,10 @@ def test_one_se_rule_picks_a_sparser_model_within_one_standard_error(spec, cohor
 def test_features_with_non_finite_values_or_zero_variance_are_dropped_and_reported(fitted):
     dropped = fitted.diagnostics["dropped_features"]
     assert dropped == {"non_finite": [BROKEN_FEATURE], "zero_variance": [CONSTANT_FEATURE], "unstable": []}
-    names = {f"{f['region']}.{f['image_type']}_{f['feature_class']}_{f['feature']}"
-             for f in fitted.model_mapping["radiomics"]["features"]}
+    names = {
+        f"{f['region']}.{f['image_type']}_{f['feature_class']}_{f['feature']}"
+        for f in fitted.model_mapping["radiomics"]["features"]
+    }
     assert not names & {BROKEN_FEATURE, CONSTANT_FEATURE}
 
 
@@ -201,7 +205,9 @@ def test_univariate_screen_keeps_ecog_and_lipi_and_drops_t_stage(fitted):
 
 def test_backward_elimination_refits_until_every_p_is_below_the_threshold(cohort):
     # A lenient univariate threshold lets T stage into the multivariate model.
-    lenient = SPEC_TOML.replace("[clinical]\n", '[clinical]\nunivariate_p = 1.0\nmultivariate_elimination = "backward"\n')
+    lenient = SPEC_TOML.replace(
+        "[clinical]\n", '[clinical]\nunivariate_p = 1.0\nmultivariate_elimination = "backward"\n'
+    )
     fitted = fit_integrated_model(*training_split(cohort), TrainingSpec.from_toml(lenient))
     steps = fitted.diagnostics["clinical"]["multivariate"]
     assert steps[0]["terms"] == ["ecog>=2", "lipi", "t_stage:T3-T4"]
@@ -229,13 +235,16 @@ def test_cutoffs_are_training_medians(fitted):
 def test_integrated_model_and_baseline_agree_with_scikit_survival(fitted, cohort):
     """Coefficients = CoxPHSurvivalAnalysis (Efron); S(t|lp) = sksurv's Breslow prediction, whatever the centre."""
     _, records, time, event = training_split(cohort)
-    design = np.column_stack([
-        fitted.radiomics_score,
-        [float(r.ecog >= 2) for r in records],
-        [float(int(r.lipi)) for r in records],
-    ])
+    design = np.column_stack(
+        [
+            fitted.radiomics_score,
+            [float(r.ecog >= 2) for r in records],
+            [float(int(r.lipi)) for r in records],
+        ]
+    )
     reference = CoxPHSurvivalAnalysis(ties="efron", n_iter=200, tol=1e-12).fit(
-        design, Surv.from_arrays(event=event, time=time))
+        design, Surv.from_arrays(event=event, time=time)
+    )
     mapping = fitted.model_mapping
     coefficients = [mapping["radiomics_score_coefficient"], *(c["coefficient"] for c in mapping["clinical_covariates"])]
     np.testing.assert_allclose(coefficients, reference.coef_, rtol=1e-6)
@@ -304,20 +313,27 @@ def test_no_selected_feature_is_a_clear_error():
     time = rng.exponential(8.0, size=n) + 0.1
     event = rng.random(n) < 0.7
     time[np.argmax(time)] = max(time.max(), 13.0)  # follow-up reaches the required 12 months
-    records = [ClinicalRecord(t_stage="T2", n_stage="N2", m_stage="M1c", ecog=1, lipi=Lipi.GOOD,
-                              lipi_source="given", patient_id=f"N{i}") for i in range(n)]
+    records = [
+        ClinicalRecord(
+            t_stage="T2", n_stage="N2", m_stage="M1c", ecog=1, lipi=Lipi.GOOD, lipi_source="given", patient_id=f"N{i}"
+        )
+        for i in range(n)
+    ]
     sparse = TrainingSpec.from_toml(SPEC_TOML.replace("seed = 7", 'seed = 7\nselection = "1se"'))
     with pytest.raises(NoFeatureSelectedError, match="LASSO-Cox selected no feature: at the chosen alpha"):
         fit_integrated_model(features, records, time, event, sparse)
 
 
 def test_missing_clinical_field_is_named(cohort):
-    with_age = SPEC_TOML + """
+    with_age = (
+        SPEC_TOML
+        + """
 [[clinical.candidates]]
 name = "age>=65"
 field = "age"
 encoding = { kind = "threshold", at_least = 65 }
 """
+    )
     with pytest.raises(TrainingDataError, match=r"clinical field 'age' \(candidate age>=65\) is missing for 200"):
         fit_integrated_model(*training_split(cohort), TrainingSpec.from_toml(with_age))
 
@@ -352,10 +368,10 @@ def test_spec_defaults(spec):
 
 
 def test_module_docstring_example_is_a_valid_spec():
-    from scoring.training import spec as spec_module
+    from sclc_risk_node.scoring.training import spec as spec_module
 
     doc = spec_module.__doc__
-    example = doc[doc.index("A complete example::") + len("A complete example::"):]
+    example = doc[doc.index("A complete example::") + len("A complete example::") :]
     text = "\n".join(line[4:] for line in example.splitlines())
     parsed = TrainingSpec.from_toml(text)
     assert [c.name for c in parsed.clinical.candidates] == ["overall_stage:IV", "ecog>=2", "lipi", "t_stage:T3-T4"]
@@ -371,8 +387,10 @@ def test_module_docstring_example_is_a_valid_spec():
         (("seed = 7", 'seed = 7\nselection = "best"'), "'lasso.selection' is 'best'"),
         (("[clinical]\n", "[clinical]\nunivariate_p = 1.5\n"), "'clinical.univariate_p' is 1.5"),
         (('levels = ["T3", "T4"]', 'levels = ["T5"]'), "'clinical.candidates[2].encoding': levels"),
-        (('kind = "threshold", at_least = 2', 'kind = "threshold"'),
-         "missing required key 'clinical.candidates[0].encoding.at_least'"),
+        (
+            ('kind = "threshold", at_least = 2', 'kind = "threshold"'),
+            "missing required key 'clinical.candidates[0].encoding.at_least'",
+        ),
         (('field = "ecog"', 'field = "ecg"'), "'clinical.candidates[0].field' is 'ecg'"),
         (('name = "lipi"', 'name = "ecog>=2"'), "'clinical.candidates[1].name' repeats 'ecog>=2'"),
         (("Wavelet = {}", "Wavelets = {}"), "unknown key 'extraction.image_types.Wavelets'"),

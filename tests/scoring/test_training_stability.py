@@ -16,13 +16,13 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from scoring.model import FrozenModel
-from scoring.risk import apply_model
-from scoring.training import TrainingDataError, TrainingSpec, TrainingSpecError, fit_integrated_model
-from scoring.training.method import choose_log_transforms
-from scoring.training.spec import PreprocessingSpec
-from scoring.training.stability import icc, icc_per_feature, stability_screen
-from scoring.types import FeatureVector
+from sclc_risk_node.scoring.model import FrozenModel
+from sclc_risk_node.scoring.risk import apply_model
+from sclc_risk_node.scoring.training import TrainingDataError, TrainingSpec, TrainingSpecError, fit_integrated_model
+from sclc_risk_node.scoring.training.method import choose_log_transforms
+from sclc_risk_node.scoring.training.spec import PreprocessingSpec
+from sclc_risk_node.scoring.training.stability import icc, icc_per_feature, stability_screen
+from sclc_risk_node.scoring.types import FeatureVector
 from tests.scoring.test_training_method import SIGNAL_FEATURES, SPEC_TOML, simulate_cohort, training_split
 
 UNSTABLE = SIGNAL_FEATURES[0]
@@ -35,8 +35,9 @@ SHROUT_FLEISS = [[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5,
 def test_icc_reproduces_shrout_and_fleiss_worked_example():
     # Their Table 4: ICC(1,1) = .17, ICC(3,1) = .71; the exact values from their mean squares
     # (BMS 11.24, WMS 6.26, EMS 1.02, k 4) are 0.1657 and 0.7148.
-    assert icc(SHROUT_FLEISS, "ICC(1,1)") == pytest.approx((11.241667 - 6.263889) / (11.241667 + 3 * 6.263889),
-                                                           abs=1e-6)
+    assert icc(SHROUT_FLEISS, "ICC(1,1)") == pytest.approx(
+        (11.241667 - 6.263889) / (11.241667 + 3 * 6.263889), abs=1e-6
+    )
     assert round(icc(SHROUT_FLEISS, "ICC(1,1)"), 2) == 0.17
     assert round(icc(SHROUT_FLEISS, "ICC(3,1)"), 2) == 0.71
 
@@ -90,8 +91,7 @@ def screened(cohort):
 def test_stability_screen_drops_a_feature_replaced_by_noise_under_perturbation(cohort):
     features = training_split(cohort)[0]
     tables = perturbed_tables(features)
-    screen = stability_screen(features.iloc[:40, :10], {k: v.iloc[:, :10] for k, v in tables.items()},
-                              threshold=0.75)
+    screen = stability_screen(features.iloc[:40, :10], {k: v.iloc[:, :10] for k, v in tables.items()}, threshold=0.75)
     assert screen.patients == 40
     assert screen.extractions == ("original", "dilation", "erosion", "noise", "shift")
     assert UNSTABLE in screen.dropped
@@ -135,10 +135,15 @@ def test_a_screen_that_keeps_nothing_is_a_clear_error(cohort):
 
 def test_auto_log_transform_picks_heavy_tailed_non_negative_features_only():
     rng = np.random.default_rng(3)
-    raw = np.column_stack([rng.lognormal(8, 1.2, 500), rng.normal(50, 5, 500), -rng.lognormal(0, 1, 500),
-                           rng.exponential(1.0, 500) - 0.5])
-    names = ["a.original_shape_MeshVolume", "b.original_firstorder_Mean", "c.original_firstorder_Minimum",
-             "d.original_firstorder_Skewness"]
+    raw = np.column_stack(
+        [rng.lognormal(8, 1.2, 500), rng.normal(50, 5, 500), -rng.lognormal(0, 1, 500), rng.exponential(1.0, 500) - 0.5]
+    )
+    names = [
+        "a.original_shape_MeshVolume",
+        "b.original_firstorder_Mean",
+        "c.original_firstorder_Minimum",
+        "d.original_firstorder_Skewness",
+    ]
     chosen = choose_log_transforms(raw, names, PreprocessingSpec("auto", 1.0))
     assert sps.skew(raw[:, 0], bias=False) > 1 and sps.skew(raw[:, 3], bias=False) > 1
     assert chosen == {names[0]: "signed_log1p", names[1]: "none", names[2]: "none", names[3]: "none"}
@@ -161,13 +166,18 @@ def size_cohort(cohort):
 
 
 def test_the_transform_is_applied_before_z_scoring_and_written_into_the_model(size_cohort):
-    spec = TrainingSpec.from_toml(SPEC_TOML.replace('[extraction.image_types]',
-                                                    'feature_classes = ["firstorder", "shape", "glcm", "glszm", '
-                                                    '"ngtdm"]\n\n[extraction.image_types]'))
+    spec = TrainingSpec.from_toml(
+        SPEC_TOML.replace(
+            "[extraction.image_types]",
+            'feature_classes = ["firstorder", "shape", "glcm", "glszm", "ngtdm"]\n\n[extraction.image_types]',
+        )
+    )
     train = tuple(part[:200] for part in size_cohort)
     fitted = fit_integrated_model(*train, spec, created="2024-06-01T00:00:00Z")
-    features = {f"{f['region']}.{f['image_type']}_{f['feature_class']}_{f['feature']}": f
-                for f in fitted.model_mapping["radiomics"]["features"]}
+    features = {
+        f"{f['region']}.{f['image_type']}_{f['feature_class']}_{f['feature']}": f
+        for f in fitted.model_mapping["radiomics"]["features"]
+    }
     assert SIZE_FEATURE in features
     entry = features[SIZE_FEATURE]
     assert entry["transform"] == "signed_log1p"
@@ -183,15 +193,18 @@ def test_the_transform_is_applied_before_z_scoring_and_written_into_the_model(si
         assert result.radiomics_score == pytest.approx(fitted.radiomics_score[row], abs=1e-9)
 
 
-@pytest.mark.parametrize("edit, message", [
-    ("[preprocessing]\nlog_transform = 'some'\n", "key 'preprocessing.log_transform' is 'some'"),
-    ("[preprocessing]\nlog_transform = ['nonsense']\n", "key 'preprocessing.log_transform' has 'nonsense'"),
-    ("[stability]\nicc = 'ICC(2,1)'\n", "key 'stability.icc' is 'ICC(2,1)' (allowed: ICC(1,1), ICC(3,1))"),
-    ("[stability]\nperturbations = ['rotation']\n", "key 'stability.perturbations' has 'rotation'"),
-    ("[stability]\npatients = 2\n", "key 'stability.patients' is 2 (must be >= 3)"),
-    ("[validation]\nrefit = 'quick'\n", "key 'validation.refit' is 'quick'"),
-    ("[validation]\nbootstrap = 5\n", "key 'validation.bootstrap' is 5 (must be 0 to switch it off, or >= 10)"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("[preprocessing]\nlog_transform = 'some'\n", "key 'preprocessing.log_transform' is 'some'"),
+        ("[preprocessing]\nlog_transform = ['nonsense']\n", "key 'preprocessing.log_transform' has 'nonsense'"),
+        ("[stability]\nicc = 'ICC(2,1)'\n", "key 'stability.icc' is 'ICC(2,1)' (allowed: ICC(1,1), ICC(3,1))"),
+        ("[stability]\nperturbations = ['rotation']\n", "key 'stability.perturbations' has 'rotation'"),
+        ("[stability]\npatients = 2\n", "key 'stability.patients' is 2 (must be >= 3)"),
+        ("[validation]\nrefit = 'quick'\n", "key 'validation.refit' is 'quick'"),
+        ("[validation]\nbootstrap = 5\n", "key 'validation.bootstrap' is 5 (must be 0 to switch it off, or >= 10)"),
+    ],
+)
 def test_new_spec_keys_are_checked(edit, message):
     with pytest.raises(TrainingSpecError, match=__import__("re").escape(message)):
         TrainingSpec.from_toml(SPEC_TOML + "\n" + edit)
@@ -200,9 +213,15 @@ def test_new_spec_keys_are_checked(edit, message):
 def test_new_spec_defaults_are_on_record():
     mapping = TrainingSpec.from_toml(SPEC_TOML).to_mapping()
     assert mapping["preprocessing"] == {"log_transform": "auto", "log_skewness": 1.0}
-    assert mapping["stability"] == {"enabled": True, "patients": 30, "seed": 7,
-                                    "perturbations": ["dilation", "erosion", "noise", "shift"],
-                                    "noise_sd_hu": 10.0, "shift_voxels": 0.5, "icc": "ICC(1,1)",
-                                    "icc_threshold": 0.75}
+    assert mapping["stability"] == {
+        "enabled": True,
+        "patients": 30,
+        "seed": 7,
+        "perturbations": ["dilation", "erosion", "noise", "shift"],
+        "noise_sd_hu": 10.0,
+        "shift_voxels": 0.5,
+        "icc": "ICC(1,1)",
+        "icc_threshold": 0.75,
+    }
     assert mapping["validation"] == {"bootstrap": 200, "refit": "fixed-alpha", "seed": 11}
     assert math.isclose(mapping["evaluation"]["bootstrap"], 200)

@@ -15,20 +15,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from node.training import simulate as sim
-from scoring.model import BaselineSurvival
-from scoring.training import TrainingSpec, fit_integrated_model
-from scoring.training.evaluation import calibration_summary, integrated_brier_score, predictive_analysis
-from scoring.training.validation import optimism_corrected, proportional_hazards_test
+from sclc_risk_node.node.training import simulate as sim
+from sclc_risk_node.scoring.model import BaselineSurvival
+from sclc_risk_node.scoring.training import TrainingSpec, fit_integrated_model
+from sclc_risk_node.scoring.training.evaluation import calibration_summary, integrated_brier_score, predictive_analysis
+from sclc_risk_node.scoring.training.validation import optimism_corrected, proportional_hazards_test
 from tests.scoring.test_training_method import SPEC_TOML, simulate_cohort, training_split
-
 
 # --------------------------------------------------------------------------- predictive analysis (Fig 7)
 
 
 def _true_risk(patient: sim.SimulatedPatient) -> float:
-    draws = {key: np.array([value], dtype=object if key == "m_stage" else None)
-             for key, value in patient.clinical.items()}
+    draws = {
+        key: np.array([value], dtype=object if key == "m_stage" else None) for key, value in patient.clinical.items()
+    }
     design = sim.clinical_design(draws)
     lp = sum(beta * design[name][0] for name, beta in sim.CLINICAL_EFFECTS.items())
     for name, parameter in sim.IMAGE_PARAMETERS.items():
@@ -44,17 +44,23 @@ def simulated():
     high = risk > np.median(risk[treated])
     time = np.array([p.pfs_months for p in patients])
     event = np.array([p.pfs_event for p in patients])
-    analysis = predictive_analysis(time[treated], event[treated], high[treated],
-                                   time[~treated], event[~treated], high[~treated])
+    analysis = predictive_analysis(
+        time[treated], event[treated], high[treated], time[~treated], event[~treated], high[~treated]
+    )
     return {"time": time, "event": event, "high": high, "treated": treated, "analysis": analysis}
 
 
 def test_interaction_test_agrees_with_lifelines(simulated):
     from lifelines import CoxPHFitter
 
-    frame = pd.DataFrame({"time": simulated["time"], "event": simulated["event"].astype(int),
-                          "high_risk": simulated["high"].astype(float),
-                          "treated": simulated["treated"].astype(float)})
+    frame = pd.DataFrame(
+        {
+            "time": simulated["time"],
+            "event": simulated["event"].astype(int),
+            "high_risk": simulated["high"].astype(float),
+            "treated": simulated["treated"].astype(float),
+        }
+    )
     frame["high_risk:treated"] = frame["high_risk"] * frame["treated"]
     fitter = CoxPHFitter().fit(frame, "time", "event", fit_options={"precision": 1e-12, "max_steps": 200})
     interaction = simulated["analysis"]["interaction"]
@@ -84,8 +90,9 @@ def test_the_simulated_cohort_shows_the_papers_pattern(simulated):
 def test_predictive_analysis_says_why_a_comparison_is_missing():
     time = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     event = np.array([1, 1, 0, 1, 1, 0], dtype=bool)
-    result = predictive_analysis(time[:3], event[:3], np.array([True, True, True]),
-                                 time[3:], event[3:], np.array([True, True, True]))
+    result = predictive_analysis(
+        time[:3], event[:3], np.array([True, True, True]), time[3:], event[3:], np.array([True, True, True])
+    )
     assert result["groups"]["low"]["vs_control"]["reason"] == "no treated or no control patient"
     assert result["groups"]["low"]["treated"] is None
     assert result["interaction"] is None and "not estimable" in result["reason"]
@@ -104,8 +111,7 @@ def _exponential_cohort(n: int, seed: int, rate: float = 0.1):
 
 def _exponential_baseline(rate: float = 0.1) -> BaselineSurvival:
     times = tuple(np.linspace(0.1, 24.0, 240))
-    return BaselineSurvival(times=times, survival=tuple(np.exp(-rate * np.array(times))), valid_until=24.0,
-                            centre=0.0)
+    return BaselineSurvival(times=times, survival=tuple(np.exp(-rate * np.array(times))), valid_until=24.0, centre=0.0)
 
 
 def test_calibration_of_the_true_model_has_slope_one_and_intercept_zero():
@@ -116,10 +122,12 @@ def test_calibration_of_the_true_model_has_slope_one_and_intercept_zero():
     assert summary["intercept_log_o_e"] == pytest.approx(0.0, abs=0.06)
     assert summary["truncated_at_months"] == 12.0
     # Predictions twice as extreme: slope about 0.5; a doubled baseline hazard: log O/E about -log 2.
-    assert calibration_summary(time, event, 2 * lp, _exponential_baseline(), (6.0, 12.0))["slope"] == \
-        pytest.approx(0.5, abs=0.05)
-    assert calibration_summary(time, event, lp, _exponential_baseline(0.2), (6.0, 12.0))["intercept_log_o_e"] == \
-        pytest.approx(-math.log(2), abs=0.08)
+    assert calibration_summary(time, event, 2 * lp, _exponential_baseline(), (6.0, 12.0))["slope"] == pytest.approx(
+        0.5, abs=0.05
+    )
+    assert calibration_summary(time, event, lp, _exponential_baseline(0.2), (6.0, 12.0))[
+        "intercept_log_o_e"
+    ] == pytest.approx(-math.log(2), abs=0.08)
 
 
 def test_integrated_brier_score_of_an_informative_model_beats_kaplan_meier():
@@ -132,8 +140,12 @@ def test_integrated_brier_score_of_an_informative_model_beats_kaplan_meier():
     result = integrated_brier_score(train_time, train_event, time, event, baseline, lp, (6.0, 12.0))
     assert result["model"] < result["kaplan_meier"] < 0.25
     grid = np.linspace(result["from_months"], result["to_months"], 50)
-    direct = sksurv_ibs(Surv.from_arrays(train_event, train_time), Surv.from_arrays(event, time),
-                        np.exp(-0.1 * grid[None, :] * np.exp(lp)[:, None]), grid)
+    direct = sksurv_ibs(
+        Surv.from_arrays(train_event, train_time),
+        Surv.from_arrays(event, time),
+        np.exp(-0.1 * grid[None, :] * np.exp(lp)[:, None]),
+        grid,
+    )
     assert result["model"] == pytest.approx(direct, abs=2e-3)  # the baseline is a 0.1-month step function
 
 
@@ -156,7 +168,8 @@ def test_optimism_corrected_c_index_is_below_the_apparent_one_and_reproducible(f
     assert 0 < integrated["optimism"] < 0.1
     assert integrated["corrected"] == pytest.approx(integrated["apparent"] - integrated["optimism"])
     assert integrated["optimism"] == pytest.approx(
-        integrated["mean_bootstrap_apparent"] - integrated["mean_bootstrap_test"])
+        integrated["mean_bootstrap_apparent"] - integrated["mean_bootstrap_test"]
+    )
     assert 0.6 < result["calibration_slope"]["corrected"] < 1.0
     assert optimism_corrected(fitted, spec) == result
 
@@ -178,8 +191,7 @@ def test_proportional_hazards_test_flags_a_time_varying_effect_only():
     later = 3.0 + rng.exponential(1.0 / (0.2 * np.exp(0.5 * steady + np.log(0.5) * varying)))
     time = np.where(first < 3.0, first, later)
     censor = rng.uniform(5.0, 20.0, n)
-    result = proportional_hazards_test(np.minimum(time, censor), time <= censor,
-                                       {"steady": steady, "varying": varying})
+    result = proportional_hazards_test(np.minimum(time, censor), time <= censor, {"steady": steady, "varying": varying})
     rows = {row["name"]: row for row in result["terms"]}
     assert rows["varying"]["p_rank"] < 0.001 and rows["varying"]["p_km"] < 0.001
     assert rows["steady"]["p_rank"] > 0.01

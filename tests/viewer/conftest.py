@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_io.result_objects import build_result_objects
-from node.clinical_files import load_clinical_file
-from node.demo_study import DEMO_PATIENT, write_demo_study
-from node.scoring_job import ScoredStudy, default_model_path, load_model_file, score_files
+from sclc_risk_node.dicom_io.result_objects import build_result_objects
+from sclc_risk_node.node.clinical_files import load_clinical_file
+from sclc_risk_node.node.demo_study import DEMO_PATIENT, write_demo_study
+from sclc_risk_node.node.scoring_job import ScoredStudy, default_model_path, load_model_file, score_files
 from tests.node.dicom_tools import STORESCU, ToolResult, storescu
 from tests.node.peers import LOOPBACK, ORTHANC, Orthanc, peers  # noqa: F401 (fixture)
 from tests.viewer.ohif import OhifServer, chromium_executable, ohif_dist_dir, ohif_version
@@ -85,7 +85,9 @@ def demo_scored(tmp_path_factory) -> tuple[Path, ScoredStudy]:
     """The bundled demo study (`sclc-node demo`), scored by the node's own code with the shipped model."""
     workdir = tmp_path_factory.mktemp("demo")
     study = write_demo_study(workdir)
-    scored = score_files(study.ct_dir, study.seg_path, load_clinical_file(study.clinical_path), load_model_file(default_model_path()))
+    scored = score_files(
+        study.ct_dir, study.seg_path, load_clinical_file(study.clinical_path), load_model_file(default_model_path())
+    )
     return workdir, scored
 
 

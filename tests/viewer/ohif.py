@@ -98,12 +98,12 @@ def app_config_js(origin: str) -> str:
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server's name
         # Requests go to the server's log file instead of stderr (pytest would show hundreds of lines).
         with self.server.lock:
-            self.server.log.write(("%s %s\n" % (self.log_date_time_string(), format % args)))
+            self.server.log.write(f"{self.log_date_time_string()} {format % args}\n")
             self.server.log.flush()
 
     def end_headers(self) -> None:
@@ -206,7 +206,7 @@ class OhifServer:
     def viewer_url(self, study_instance_uid: str) -> str:
         return f"{self.url}/viewer?StudyInstanceUIDs={study_instance_uid}"
 
-    def start(self) -> "OhifServer":
+    def start(self) -> OhifServer:
         if not (self.dist / "index.html").is_file():
             raise FileNotFoundError(f"OHIF dist folder {self.dist} has no index.html (run scripts/test.sh)")
         self._server = _Server(self.dist, self.orthanc_http_port, self.log_path)
@@ -224,7 +224,7 @@ class OhifServer:
             self._thread.join(timeout=10)
             self._thread = None
 
-    def __enter__(self) -> "OhifServer":
+    def __enter__(self) -> OhifServer:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

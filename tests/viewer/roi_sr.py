@@ -27,8 +27,8 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom.sr.coding import Code
 
-from dicom_io import codes
-from node.scoring_job import ScoredStudy
+from sclc_risk_node.dicom_io import codes
+from sclc_risk_node.node.scoring_job import ScoredStudy
 
 # Test-only concepts, in the node's private scheme so the SR stays declared.
 RISK_LABEL = {
@@ -150,7 +150,9 @@ def build_roi_sr(scored: ScoredStudy, *, with_volumetric_group: bool = False) ->
         sop_instance_uid=hd.UID.from_uuid(str(uuid.uuid5(_NAMESPACE, seed + "/instance"))),
         instance_number=1,
         manufacturer="sclc-risk-node tests",
-        series_description="TEST volumetric + planar ROI (harness)" if with_volumetric_group else "TEST planar ROI (harness)",
+        series_description="TEST volumetric + planar ROI (harness)"
+        if with_volumetric_group
+        else "TEST planar ROI (harness)",
         is_complete=True,
         is_final=False,
         coding_schemes=[codes.private_coding_scheme()],

@@ -188,7 +188,9 @@ def test_the_nodes_key_slice_roi_in_ohif(viewer: Viewer, demo_scored, node_objec
     page, group, overlay = _open_node_roi_sr(viewer, demo_scored, node_objects)
     viewer.screenshot(page, "node-key-slice-roi")
 
-    assert overlay["outlines"] == [len(next(i for i in group.ContentSequence if i.ValueType == "SCOORD").GraphicData) // 2]
+    assert overlay["outlines"] == [
+        len(next(i for i in group.ContentSequence if i.ValueType == "SCOORD").GraphicData) // 2
+    ]
     assert overlay["texts"] == ohif_label_lines(group)
     assert f"{round(100 * scored.result.pfs_probability[6], 1):.2f} %" in overlay["texts"][0]
     key_header = next(h for h in scored.ct.headers if h.SOPInstanceUID == referenced_image_uid(group))
