@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+from numpy.typing import NDArray
 from scipy.spatial import cKDTree
 
 from sclc_risk_node.scoring.errors import MaskError
@@ -83,42 +84,44 @@ def peritumoral_ring(tumour_mask: sitk.Image, ring: RingDefinition) -> sitk.Imag
     if ring.method != SIGNED_DISTANCE_MM:
         raise MaskError(f"unknown ring method {ring.method!r}; supported: {', '.join(RING_METHODS)}")
     tumour = _tumour_array(tumour_mask)
-    spacing_mm = np.array(tumour_mask.GetSpacing()[::-1], dtype=float)  # array (z, y, x) order
+    spacing_xyz_mm: tuple[float, float, float] = tumour_mask.GetSpacing()
+    spacing_mm = np.array(spacing_xyz_mm[::-1], dtype=np.float64)  # array (z, y, x) order
 
     ring_array = _signed_distance_ring(tumour, spacing_mm, ring.outward_mm, ring.inward_mm)
     if not ring_array.any():
         raise MaskError(
             f"peritumoral ring is empty ({describe_ring(ring)}): no voxel centre of the "
-            f"{_format_spacing(tumour_mask.GetSpacing())} mm grid lies in it (ring too thin for the grid, "
+            f"{_format_spacing(spacing_xyz_mm)} mm grid lies in it (ring too thin for the grid, "
             "or no tumour border inside the image)"
         )
-    result = sitk.GetImageFromArray(ring_array.astype(np.uint8))
+    result: sitk.Image = sitk.GetImageFromArray(ring_array.astype(np.uint8))
     result.CopyInformation(tumour_mask)
     return result
 
 
-def _tumour_array(tumour_mask: sitk.Image) -> np.ndarray:
+def _tumour_array(tumour_mask: sitk.Image) -> NDArray[np.bool_]:
     if not isinstance(tumour_mask, sitk.Image):
         raise MaskError(f"tumour mask must be a SimpleITK image, got {type(tumour_mask).__name__}")
     if tumour_mask.GetDimension() != 3:
         raise MaskError(f"tumour mask must be 3-D, got {tumour_mask.GetDimension()}-D")
     if tumour_mask.GetNumberOfComponentsPerPixel() != 1:
         raise MaskError("tumour mask must have scalar pixels, got a vector image")
-    pixel_type = tumour_mask.GetPixelIDValue()
+    pixel_type: int = tumour_mask.GetPixelIDValue()
     if pixel_type not in _INTEGER_PIXEL_TYPES:
         raise MaskError(f"tumour mask must have an integer pixel type, got {tumour_mask.GetPixelIDTypeAsString()}")
-    spacing = tumour_mask.GetSpacing()
+    spacing: tuple[float, float, float] = tumour_mask.GetSpacing()
     if not all(math.isfinite(s) and s > 0 for s in spacing):
         raise MaskError(f"tumour mask spacing must be finite and positive, got {spacing}")
-    direction = np.array(tumour_mask.GetDirection(), dtype=float).reshape(3, 3)
+    direction_cosines: tuple[float, ...] = tumour_mask.GetDirection()
+    direction = np.array(direction_cosines, dtype=np.float64).reshape(3, 3)
     if not np.allclose(direction @ direction.T, np.eye(3), atol=1e-4):
         raise MaskError("tumour mask direction cosines are not orthonormal")
 
-    values = sitk.GetArrayViewFromImage(tumour_mask)
+    values: NDArray[np.integer] = sitk.GetArrayViewFromImage(tumour_mask)
     if values.min() < 0 or values.max() > 1:
         labels = np.unique(values).tolist()
         raise MaskError(f"tumour mask must hold only 0 and 1, found labels {labels[:10]}")
-    tumour = values == 1
+    tumour: NDArray[np.bool_] = values == 1
     if not tumour.any():
         raise MaskError("tumour mask is empty: no voxel is labelled 1")
     return tumour
@@ -137,8 +140,8 @@ _INTEGER_PIXEL_TYPES = {
 
 
 def _signed_distance_ring(
-    tumour: np.ndarray, spacing_mm: np.ndarray, outward_mm: float, inward_mm: float
-) -> np.ndarray:
+    tumour: NDArray[np.bool_], spacing_mm: NDArray[np.float64], outward_mm: float, inward_mm: float
+) -> NDArray[np.bool_]:
     # Put the coarsest axis first: it is the one slices are interpolated across.
     slice_axis = int(np.argmax(spacing_mm))
     order = [slice_axis] + [a for a in range(3) if a != slice_axis]
@@ -174,14 +177,16 @@ def _signed_distance_ring(
 
 
 def _distance_to_surface_mm(
-    centres_mm: np.ndarray, points_mm: np.ndarray, normals: np.ndarray, up_to_mm: float
-) -> np.ndarray:
+    centres_mm: NDArray[np.float64], points_mm: NDArray[np.float64], normals: NDArray[np.float64], up_to_mm: float
+) -> NDArray[np.float64]:
     """Distance from each centre to the surface: to the tangent plane at the nearest surface point.
 
     The plane, rather than the point, removes the bias of a sampled surface:
     the nearest sample is usually a little to the side of the foot of the
     perpendicular, which would make every distance slightly too long.
     """
+    distance_mm: NDArray[np.float64]
+    nearest: NDArray[np.intp]
     distance_mm, nearest = cKDTree(points_mm).query(centres_mm, distance_upper_bound=up_to_mm)
     far = ~np.isfinite(distance_mm)
     nearest[far] = 0  # farther than any ring reaches; the value below is discarded
@@ -200,16 +205,17 @@ def ring_pad_voxels(spacing_mm: tuple[float, ...], ring: RingDefinition) -> tupl
     box, or reaches the image edge where the box does not fit, gives the
     same ring.
     """
-    return _pad_voxels(np.array(spacing_mm, dtype=float), ring.outward_mm, ring.inward_mm)
+    return _pad_voxels(np.array(spacing_mm, dtype=np.float64), ring.outward_mm, ring.inward_mm)
 
 
-def _pad_voxels(spacing_mm: np.ndarray, outward_mm: float, inward_mm: float) -> tuple[int, ...]:
+def _pad_voxels(spacing_mm: NDArray[np.float64], outward_mm: float, inward_mm: float) -> tuple[int, ...]:
     margin_mm = max(outward_mm, inward_mm) + 2 * float(np.linalg.norm(spacing_mm))
     return tuple(int(math.ceil(margin_mm / s)) + 2 for s in spacing_mm)
 
 
-def _padded_box(tumour: np.ndarray, pad_voxels: tuple[int, ...]) -> tuple[list[int], list[int]]:
-    lower, upper = [], []
+def _padded_box(tumour: NDArray[np.bool_], pad_voxels: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    lower: list[int] = []
+    upper: list[int] = []
     for axis in range(3):
         present = np.nonzero(tumour.any(axis=tuple(a for a in range(3) if a != axis)))[0]
         pad = pad_voxels[axis]
@@ -218,7 +224,7 @@ def _padded_box(tumour: np.ndarray, pad_voxels: tuple[int, ...]) -> tuple[list[i
     return lower, upper
 
 
-def _crop_with_edge_replication(array: np.ndarray, lower: list[int], upper: list[int]) -> np.ndarray:
+def _crop_with_edge_replication(array: NDArray[np.bool_], lower: list[int], upper: list[int]) -> NDArray[np.bool_]:
     # Replicating the edge means a tumour cut by the field of view continues
     # beyond it, so its cut face is not mistaken for a border.
     inside = tuple(slice(max(lo, 0), min(hi, n)) for lo, hi, n in zip(lower, upper, array.shape))
@@ -244,7 +250,7 @@ class _Cap:
         a, b, c = self.area_polynomial
         return a + b * beyond_slices + c * beyond_slices**2
 
-    def level(self, end_level: np.ndarray, beyond_mm: float, floor_mm: float) -> np.ndarray:
+    def level(self, end_level: NDArray[np.float64], beyond_mm: float, floor_mm: float) -> NDArray[np.float64]:
         # The end slice's outline, shrunk uniformly until its area is the extrapolated one.
         end_radius = _equivalent_radius_mm(self.area_mm2(0.0))
         if beyond_mm < self.length_mm:
@@ -257,7 +263,9 @@ def _equivalent_radius_mm(area_mm2: float) -> float:
     return math.sqrt(max(area_mm2, 0.0) / math.pi)
 
 
-def _surface_function(tumour: np.ndarray, spacing_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[_Cap]]:
+def _surface_function(
+    tumour: NDArray[np.bool_], spacing_mm: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64], list[_Cap]]:
     """The per-slice signed distance (smoothed; empty slices filled from the caps), slice areas and caps."""
     level = _per_slice_signed_distance_mm(tumour, spacing_mm)
     areas_mm2 = tumour.sum(axis=(1, 2)) * float(spacing_mm[1] * spacing_mm[2])
@@ -272,7 +280,7 @@ def _surface_function(tumour: np.ndarray, spacing_mm: np.ndarray) -> tuple[np.nd
         sigmas[0] = 0.0
     image = sitk.GetImageFromArray(level.astype(np.float32))
     image.SetSpacing([float(s) for s in spacing_mm[::-1]])
-    smoothed = sitk.GetArrayFromImage(
+    smoothed: NDArray[np.float64] = sitk.GetArrayFromImage(
         sitk.DiscreteGaussian(
             image,
             variance=[s * s for s in sigmas[::-1]],
@@ -290,12 +298,12 @@ def _surface_function(tumour: np.ndarray, spacing_mm: np.ndarray) -> tuple[np.nd
     return smoothed, areas_mm2, caps
 
 
-def _floor_mm(spacing_mm: np.ndarray) -> float:
+def _floor_mm(spacing_mm: NDArray[np.float64]) -> float:
     # The smallest value an empty slice may take: the border is at least half an in-plane voxel away.
     return 0.5 * float(spacing_mm[1:].min())
 
 
-def _per_slice_signed_distance_mm(tumour: np.ndarray, spacing_mm: np.ndarray) -> np.ndarray:
+def _per_slice_signed_distance_mm(tumour: NDArray[np.bool_], spacing_mm: NDArray[np.float64]) -> NDArray[np.float64]:
     # A huge slice spacing turns ITK's 3-D Maurer transform into independent 2-D ones.
     spacing = (float(spacing_mm[2]), float(spacing_mm[1]), _FAR_MM)
     to_tumour = _distance_to_nearest_mm(tumour, spacing)
@@ -307,19 +315,20 @@ def _per_slice_signed_distance_mm(tumour: np.ndarray, spacing_mm: np.ndarray) ->
     return np.clip(signed, -_FAR_MM, _FAR_MM)
 
 
-def _distance_to_nearest_mm(targets: np.ndarray, spacing_xyz: tuple[float, float, float]) -> np.ndarray:
+def _distance_to_nearest_mm(targets: NDArray[np.bool_], spacing_xyz: tuple[float, float, float]) -> NDArray[np.float64]:
     """Distance from each voxel centre to the nearest ``targets`` centre (0 on targets)."""
     if not targets.any():
         return np.full(targets.shape, _FAR_MM)
     image = sitk.GetImageFromArray(targets.astype(np.uint8))
     image.SetSpacing(spacing_xyz)
     distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
-    return np.maximum(sitk.GetArrayFromImage(distance).astype(np.float64), 0.0)
+    distance_mm: NDArray[np.float64] = sitk.GetArrayFromImage(distance).astype(np.float64)
+    return np.maximum(distance_mm, 0.0)
 
 
-def _caps(areas_mm2: np.ndarray, slice_mm: float) -> list[_Cap]:
+def _caps(areas_mm2: NDArray[np.float64], slice_mm: float) -> list[_Cap]:
     occupied = areas_mm2 > 0
-    caps = []
+    caps: list[_Cap] = []
     for step in (+1, -1):
         for end in _block_ends(occupied, step):
             run = [end]
@@ -371,10 +380,10 @@ def _smallest_root_in_unit_interval(c: float, b: float, a: float) -> float | Non
 
 
 def _fill_empty_slices(
-    level: np.ndarray, occupied: np.ndarray, caps: list[_Cap], slice_mm: float, floor_mm: float
+    level: NDArray[np.float64], occupied: NDArray[np.bool_], caps: list[_Cap], slice_mm: float, floor_mm: float
 ) -> None:
     """Give each slice without tumour the value of the nearest caps (the lowest, where two runs meet)."""
-    empty_values = {}
+    empty_values: dict[int, NDArray[np.float64]] = {}
     for cap in caps:
         for n, target in enumerate(_slices_beyond(cap, occupied), start=1):
             value = cap.level(level[cap.end], n * slice_mm, floor_mm)
@@ -383,9 +392,9 @@ def _fill_empty_slices(
         level[target] = value
 
 
-def _slices_beyond(cap: _Cap, occupied: np.ndarray) -> list[int]:
+def _slices_beyond(cap: _Cap, occupied: NDArray[np.bool_]) -> list[int]:
     """The empty slices after ``cap.end`` up to the next tumour slice or the end of the stack."""
-    beyond = []
+    beyond: list[int] = []
     target = cap.end + cap.step
     while 0 <= target < len(occupied) and not occupied[target]:
         beyond.append(target)
@@ -393,9 +402,9 @@ def _slices_beyond(cap: _Cap, occupied: np.ndarray) -> list[int]:
     return beyond
 
 
-def _block_ends(occupied: np.ndarray, step: int) -> list[int]:
+def _block_ends(occupied: NDArray[np.bool_], step: int) -> list[int]:
     """Last slice of each run of tumour slices, seen in direction ``step``."""
-    ends = []
+    ends: list[int] = []
     for i, here in enumerate(occupied):
         neighbour = i + step
         if here and (neighbour < 0 or neighbour >= len(occupied) or not occupied[neighbour]):
@@ -404,9 +413,9 @@ def _block_ends(occupied: np.ndarray, step: int) -> list[int]:
 
 
 def _surface_points_mm(
-    level: np.ndarray, areas_mm2: np.ndarray, caps: list[_Cap], spacing_mm: np.ndarray
-) -> np.ndarray:
-    """Points where the interpolated ``level`` crosses zero, in mm from voxel centre (0, 0, 0)."""
+    level: NDArray[np.float64], areas_mm2: NDArray[np.float64], caps: list[_Cap], spacing_mm: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Points where the interpolated ``level`` crosses zero, in mm from voxel centre (0, 0, 0), and the normals there."""
     extent_mm = np.array(level.shape) * spacing_mm
     step_mm = max(_SURFACE_STEP_MM, float((np.prod(extent_mm) / _MAX_SURFACE_GRID_VOXELS) ** (1 / 3)))
     factors = np.maximum(1, np.ceil(spacing_mm / step_mm - 1e-9)).astype(int)
@@ -421,11 +430,12 @@ def _surface_points_mm(
     reference = sitk.Image([int(n * f) for n, f in zip(level.shape[::-1], factors[::-1])], sitk.sitkFloat32)
     reference.SetSpacing([float(s) for s in fine_spacing[::-1]])
     reference.SetOrigin([float(o) for o in fine_origin[::-1]])
-    fine = sitk.GetArrayFromImage(
+    fine: NDArray[np.float32] = sitk.GetArrayFromImage(
         sitk.Resample(stack, reference, sitk.Transform(), sitk.sitkLinear, float(_FAR_MM), sitk.sitkFloat32)
     )
 
-    points, normals = [], []
+    points: list[NDArray[np.float64]] = []
+    normals: list[NDArray[np.float64]] = []
     for axis in range(3):
         before = np.moveaxis(fine, axis, 0)[:-1]
         after = np.moveaxis(fine, axis, 0)[1:]
@@ -434,9 +444,8 @@ def _surface_points_mm(
         fraction = a / (a - b)
         # moveaxis put `axis` first and kept the others in order.
         other = [x for x in range(3) if x != axis]
-        low = [None, None, None]
-        low[axis] = crossing[0]
-        low[other[0]], low[other[1]] = crossing[1], crossing[2]
+        low_by_axis = {axis: crossing[0], other[0]: crossing[1], other[1]: crossing[2]}
+        low = [low_by_axis[a] for a in range(3)]
         high = list(low)
         high[axis] = low[axis] + 1
         position = np.stack(low, axis=1).astype(np.float64)
@@ -446,7 +455,9 @@ def _surface_points_mm(
     return np.concatenate(points), np.concatenate(normals)
 
 
-def _gradient_at(values: np.ndarray, index: list[np.ndarray], spacing_mm: np.ndarray) -> np.ndarray:
+def _gradient_at(
+    values: NDArray[np.float32], index: list[NDArray[np.intp]], spacing_mm: NDArray[np.float64]
+) -> NDArray[np.float64]:
     """Central-difference gradient of ``values`` at the voxels ``index`` (one array per axis)."""
     gradient = np.empty((len(index[0]), 3))
     for axis in range(3):
@@ -460,8 +471,13 @@ def _gradient_at(values: np.ndarray, index: list[np.ndarray], spacing_mm: np.nda
 
 
 def _across_slices(
-    level: np.ndarray, areas_mm2: np.ndarray, caps: list[_Cap], factor: int, slice_mm: float, floor_mm: float
-) -> np.ndarray:
+    level: NDArray[np.float64],
+    areas_mm2: NDArray[np.float64],
+    caps: list[_Cap],
+    factor: int,
+    slice_mm: float,
+    floor_mm: float,
+) -> NDArray[np.float32]:
     """``level`` at ``factor`` sub-slices per slice.
 
     Between two tumour slices: the linear blend of their distance maps
@@ -474,13 +490,13 @@ def _across_slices(
     occupied = areas_mm2 > 0
     position = (np.arange(n_slices * factor) + 0.5) / factor - 0.5  # in slices
     lower = np.clip(np.floor(position).astype(int), 0, n_slices - 1)
-    across = level[lower].copy()  # the margins beyond the first/last slice centre
+    across: NDArray[np.float64] = level[lower].copy()  # the margins beyond the first/last slice centre
 
-    capped = {}
+    capped: dict[int, NDArray[np.float64]] = {}
     for cap in caps:
         reach = len(_slices_beyond(cap, occupied)) + 1
         beyond = (position - cap.end) * cap.step
-        for j in np.nonzero((beyond > 0) & (beyond < reach))[0]:
+        for j in map(int, np.nonzero((beyond > 0) & (beyond < reach))[0]):
             value = cap.level(level[cap.end], beyond[j] * slice_mm, floor_mm)
             capped[j] = value if j not in capped else np.minimum(capped[j], value)
 
@@ -509,9 +525,9 @@ def _catmull_rom(p0: float, p1: float, p2: float, p3: float, t: float) -> float:
     return 0.5 * (2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2 + (3 * p1 - p0 - 3 * p2 + p3) * t**3)
 
 
-def _near_border(tumour: np.ndarray, spacing_mm: np.ndarray, reach_mm: float) -> np.ndarray:
+def _near_border(tumour: NDArray[np.bool_], spacing_mm: NDArray[np.float64], reach_mm: float) -> NDArray[np.bool_]:
     """Voxels within ``reach_mm`` of a voxel centre on the other side of the border: a superset of the ring."""
-    spacing = tuple(float(s) for s in spacing_mm[::-1])
+    spacing = (float(spacing_mm[2]), float(spacing_mm[1]), float(spacing_mm[0]))
     to_tumour = _distance_to_nearest_mm(tumour, spacing)
     to_background = _distance_to_nearest_mm(~tumour, spacing)
     return np.where(tumour, to_background, to_tumour) <= reach_mm
