@@ -33,7 +33,9 @@ whole-volume extraction on real and synthetic cases.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import SupportsIndex, SupportsInt, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -50,6 +52,8 @@ _PREFILTER_TOLERANCE = 1e-12
 _BSPLINE_ORDERS = {"sitkBSpline": 3, "sitkBSpline2": 2, "sitkBSpline3": 3, "sitkBSpline4": 4, "sitkBSpline5": 5}
 _SHORT_SUPPORT = {"sitkNearestNeighbor": 1, "sitkLinear": 1, "sitkBSpline1": 1, "sitkLabelLinear": 1}
 
+_T = TypeVar("_T")
+
 
 @dataclass(frozen=True, slots=True)
 class VolumeGrid:
@@ -62,16 +66,24 @@ class VolumeGrid:
 
     @classmethod
     def of(cls, image: sitk.Image) -> VolumeGrid:
+        """The grid of a 3-D ``image``; ``MaskError`` for any other dimension."""
+        dimension: int = image.GetDimension()
+        if dimension != 3:
+            raise MaskError(f"tumour mask must be 3-D, got {dimension}-D")
+        size: tuple[int, ...] = image.GetSize()
+        origin_mm: tuple[float, ...] = image.GetOrigin()
+        spacing_mm: tuple[float, ...] = image.GetSpacing()
+        direction: tuple[float, ...] = image.GetDirection()
         return cls(
-            tuple(int(n) for n in image.GetSize()),
-            tuple(float(v) for v in image.GetOrigin()),
-            tuple(float(v) for v in image.GetSpacing()),
-            tuple(float(v) for v in image.GetDirection()),
+            _xyz(int(n) for n in size),
+            _xyz(float(v) for v in origin_mm),
+            _xyz(float(v) for v in spacing_mm),
+            tuple(float(v) for v in direction),
         )
 
     def reference_image(self) -> sitk.Image:
         """A one-voxel image on this grid: its index <-> mm arithmetic is the whole volume's, bit for bit."""
-        image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+        image: sitk.Image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
         image.SetOrigin(self.origin_mm)
         image.SetSpacing(self.spacing_mm)
         image.SetDirection(self.direction)
@@ -90,13 +102,15 @@ class CropBox:
         """The box cut from ``image`` (on ``grid``); the physical geometry is kept."""
         if tuple(image.GetSize()) != self.grid.size:
             raise MaskError(f"image of size {image.GetSize()} is not on the {self.grid.size} grid of the crop")
-        return sitk.RegionOfInterest(image, list(self.size), list(self.lower))
+        cropped: sitk.Image = sitk.RegionOfInterest(image, list(self.size), list(self.lower))
+        return cropped
 
     def paste(self, cropped: sitk.Image, reference: sitk.Image) -> sitk.Image:
         """``cropped`` put back on ``reference``'s whole grid, zero elsewhere."""
-        whole = sitk.Image(reference.GetSize(), cropped.GetPixelID())
+        whole: sitk.Image = sitk.Image(reference.GetSize(), cropped.GetPixelID())
         whole.CopyInformation(reference)
-        return sitk.Paste(whole, cropped, cropped.GetSize(), [0, 0, 0], list(self.lower))
+        pasted: sitk.Image = sitk.Paste(whole, cropped, cropped.GetSize(), [0, 0, 0], list(self.lower))
+        return pasted
 
     @property
     def voxels(self) -> int:
@@ -140,13 +154,13 @@ def plan_crop(tumour_mask: sitk.Image, settings: ExtractionSettings) -> CropPlan
     else:
         extra = _pyradiomics_margin_voxels(grid.spacing_mm, settings.settings)
         margin = tuple(r + e for r, e in zip(ring_pad, extra))
-    lower = tuple(max(lo - m, 0) for lo, m in zip(lower_xyz, margin))
-    upper = tuple(min(hi + m, n - 1) for hi, m, n in zip(upper_xyz, margin, grid.size))
-    size = tuple(hi - lo + 1 for lo, hi in zip(lower, upper))
+    lower = _xyz(max(lo - m, 0) for lo, m in zip(lower_xyz, margin))
+    upper = _xyz(min(hi + m, n - 1) for hi, m, n in zip(upper_xyz, margin, grid.size))
+    size = _xyz(hi - lo + 1 for lo, hi in zip(lower, upper))
     return CropPlan(CropBox(lower, size, grid), not reason, reason)
 
 
-def why_not_in_crop(settings) -> str:
+def why_not_in_crop(settings: Mapping[str, object]) -> str:
     """Why pyradiomics, with these settings, needs the whole image; empty when a crop gives its values."""
     if settings.get("normalize", False):
         return "normalize is on: pyradiomics normalises with the whole image's mean and deviation"
@@ -158,21 +172,34 @@ def why_not_in_crop(settings) -> str:
     return ""
 
 
-def _pyradiomics_margin_voxels(spacing_mm: tuple[float, ...], settings) -> tuple[int, ...]:
-    pad = int(settings.get("padDistance", 5))
+def _pyradiomics_margin_voxels(spacing_mm: tuple[float, ...], settings: Mapping[str, object]) -> tuple[int, ...]:
+    pad = _int_setting(settings, "padDistance", 5)
     resampled = settings.get("resampledPixelSpacing")
     if settings.get("interpolator") is None or resampled is None:
         return tuple(pad for _ in spacing_mm)
+    if not isinstance(resampled, Iterable):
+        raise TypeError(f"pyradiomics setting resampledPixelSpacing must be a list, got {resampled!r}")
     support = interpolator_support_voxels(settings["interpolator"])
+    if support is None:
+        # why_not_in_crop keeps such settings off the crop; plan_crop asks it first.
+        raise ValueError(f"interpolator {settings['interpolator']!r} has no known support")
     margin = []
     for s, r in zip(spacing_mm, resampled):
-        r = float(r) or s  # 0 keeps the original spacing in pyradiomics
+        r_mm = float(r) or s  # 0 keeps the original spacing in pyradiomics
         # pad + 1 resampled voxels for the rounding of the grid, +1 CT voxel for the half-voxel shift.
-        margin.append(int(math.ceil((pad + 1) * max(r, s) / s)) + 1 + support)
+        margin.append(int(math.ceil((pad + 1) * max(r_mm, s) / s)) + 1 + support)
     return tuple(margin)
 
 
-def _label_bounding_box(mask: sitk.Image) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _int_setting(settings: Mapping[str, object], key: str, default: int) -> int:
+    """``int(settings[key])`` as pyradiomics reads it; a value ``int()`` cannot take is a TypeError, as in ``int()``."""
+    value = settings.get(key, default)
+    if not isinstance(value, (str, bytes, SupportsInt, SupportsIndex)):
+        raise TypeError(f"pyradiomics setting {key} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _label_bounding_box(mask: sitk.Image) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Lowest and highest index (x, y, z) holding label 1."""
     if mask.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUInt64):
         mask = sitk.Cast(mask == 1, sitk.sitkUInt8)
@@ -181,9 +208,15 @@ def _label_bounding_box(mask: sitk.Image) -> tuple[tuple[int, ...], tuple[int, .
     statistics.Execute(mask)  # in C++, without a whole-volume numpy temporary
     if 1 not in statistics.GetLabels():
         raise MaskError("tumour mask is empty: no voxel is labelled 1")
-    box = statistics.GetBoundingBox(1)  # x, y, z lower, then sizes
-    lower = tuple(int(v) for v in box[:3])
-    return lower, tuple(lo + int(n) - 1 for lo, n in zip(lower, box[3:]))
+    box: tuple[int, ...] = statistics.GetBoundingBox(1)  # x, y, z lower, then sizes
+    lower = _xyz(int(v) for v in box[:3])
+    return lower, _xyz(lo + int(n) - 1 for lo, n in zip(lower, box[3:]))
+
+
+def _xyz(values: Iterable[_T]) -> tuple[_T, _T, _T]:
+    """The three (x, y, z) values of a 3-D grid quantity."""
+    x, y, z = values
+    return x, y, z
 
 
 def _interpolator_name(interpolator: object) -> str:

@@ -15,6 +15,7 @@ import radiomics
 import SimpleITK as sitk
 
 from sclc_risk_node.scoring.crop import interpolator_support_voxels, plan_crop
+from sclc_risk_node.scoring.errors import MaskError
 from sclc_risk_node.scoring.features import extract_model_features
 from sclc_risk_node.scoring.pipeline import model_features
 from sclc_risk_node.scoring.ring import peritumoral_ring
@@ -221,3 +222,12 @@ def test_settings_that_make_pyradiomics_read_the_whole_image_say_why():
         plan = plan_crop(tumour, ExtractionSettings(INSTALLED, settings, {"Original": {}}))
         assert not plan.extraction_in_crop
         assert plan.reason.startswith(reason)
+
+
+def test_a_2d_mask_is_a_mask_error_not_a_garbled_crop():
+    # The crop box is (x, y, z); a 2-D mask used to give a 1-axis box that SimpleITK then rejected.
+    tumour = sitk.GetImageFromArray(np.pad(np.ones((3, 3), np.uint8), 4))
+    with pytest.raises(MaskError, match="3-D"):
+        plan_crop(tumour, MODEL_SETTINGS)
+    with pytest.raises(MaskError, match="3-D"):
+        model_features(sitk.Cast(tumour, sitk.sitkInt16), tumour, SPECS, MODEL_SETTINGS)
