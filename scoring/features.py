@@ -16,12 +16,14 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, SupportsFloat, TypeAlias
 
 import numpy as np
 import radiomics
 import SimpleITK as sitk
+from numpy.typing import NDArray
 from radiomics import getFeatureClasses, getImageTypes, imageoperations
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
@@ -37,6 +39,11 @@ def _quiet_pyradiomics() -> None:
 
 
 _quiet_pyradiomics()
+
+#: A JSON value, as ``settings_hash`` hashes it.
+_Json: TypeAlias = "None | bool | int | float | str | list[_Json] | dict[str, _Json]"
+#: One image a pyradiomics filter yields: the image, its image type, the settings it was made with.
+_FilteredImage: TypeAlias = tuple[sitk.Image, str, Mapping[str, Any]]
 
 # pyradiomics' filter (the ``imageType`` key) that produces each image-type prefix.
 _SINGLE_IMAGE_FILTERS = {
@@ -109,13 +116,14 @@ def extract_all_features(
             extractor.enableFeatureClassByName(feature_class)
     _check_mask_labels(mask, "mask", extractor.settings.get("label", 1))
     try:
-        result = extractor.execute(image, mask)
+        result: Mapping[str, object] = extractor.execute(image, mask)
     except ValueError as error:
         # execute raises ValueError for unusable masks (single voxel, geometry, resegmentation).
         raise MaskError(f"mask unusable for pyradiomics: {error}") from error
     except Exception as error:
         raise FeatureExtractionError(f"pyradiomics failed: {type(error).__name__}: {error}") from error
-    return {key: float(value) for key, value in result.items() if not key.startswith("diagnostics_")}
+    # Every non-diagnostics entry is a feature value (a numpy scalar or 0-d array).
+    return {key: float(value) for key, value in result.items() if not key.startswith("diagnostics_")}  # type: ignore[arg-type]
 
 
 def extract_model_features(
@@ -241,6 +249,8 @@ def _plan(specs: Sequence[FeatureSpec], settings: ExtractionSettings) -> dict[st
             )
         if filter_name == "LoG":
             sigmas = settings.image_types["LoG"].get("sigma", settings.settings.get("sigma", []))
+            if not isinstance(sigmas, Iterable):
+                raise TypeError(f"LoG sigma must be a list of numbers, got {sigmas!r}")
             if spec.image_type not in {_log_image_type(sigma) for sigma in sigmas}:
                 raise FeatureExtractionError(
                     f"{spec.name}: image type {spec.image_type!r} is not one of the configured "
@@ -260,7 +270,7 @@ def _extract_region(
 ) -> dict[str, float]:
     """``RadiomicsFeatureExtractor.execute`` for one mask, restricted to ``plan``."""
     extractor = RadiomicsFeatureExtractor(**dict(settings.settings))
-    run_settings = extractor.settings.copy()
+    run_settings: dict[str, Any] = extractor.settings.copy()
 
     try:
         image, mask = _load_image(extractor, image, mask, source, run_settings)
@@ -274,7 +284,7 @@ def _extract_region(
     except ValueError as error:
         raise MaskError(f"{region} region unusable for pyradiomics: {error}") from error
 
-    results: dict[str, float] = {}
+    results: dict[str, SupportsFloat] = {}
     resegment_shape = run_settings.get("resegmentShape", False)
     if resegment_shape and resegmented is not None:
         mask = resegmented
@@ -295,7 +305,9 @@ def _extract_region(
             # Each sigma is filtered separately, so only the needed ones are run.
             arguments["sigma"] = [s for s in arguments.get("sigma", []) if _log_image_type(s) in wanted]
         produced = set()
-        generator = getattr(imageoperations, f"get{filter_name}Image")(image, mask, **arguments)
+        generator: Iterator[_FilteredImage] = getattr(imageoperations, f"get{filter_name}Image")(
+            image, mask, **arguments
+        )
         for filtered, image_type, filter_arguments in _wanted_images(generator, wanted, region):
             produced.add(image_type)
             extractor.enabledFeatures = plan.texture_features(image_type)
@@ -315,14 +327,24 @@ def _extract_region(
     return {key: float(value) for key, value in results.items()}
 
 
-def _load_image(extractor, image: sitk.Image, mask: sitk.Image, source: _CroppedSource | None, run_settings: dict):
-    """``extractor.loadImage``; on a crop, with the resampling grid of the whole volume."""
+def _load_image(
+    extractor: RadiomicsFeatureExtractor,
+    image: sitk.Image,
+    mask: sitk.Image,
+    source: _CroppedSource | None,
+    run_settings: Mapping[str, Any],
+) -> tuple[sitk.Image, sitk.Image]:
+    """``extractor.loadImage``; on a crop, with the resampling grid of the whole volume.
+
+    ``run_settings`` are the extractor's settings, as pyradiomics validated them.
+    """
     resampling = run_settings.get("interpolator") is not None and run_settings.get("resampledPixelSpacing") is not None
     if source is None or not resampling:
         # Without resampling, loadImage's only crop (preCrop: bounding box + padDistance,
         # clipped to the image) is the same box on the crop as on the whole volume.
-        return extractor.loadImage(image, mask, None, **run_settings)
-    checked = imageoperations.getMask(mask, **run_settings)  # pyradiomics' label checks and UInt32 cast
+        loaded: tuple[sitk.Image, sitk.Image] = extractor.loadImage(image, mask, None, **run_settings)
+        return loaded
+    checked: sitk.Image = imageoperations.getMask(mask, **run_settings)  # pyradiomics' label checks and UInt32 cast
     return _resample_in_whole_volume(image, checked, _anchored_at_origin(mask, source.box), source, **run_settings)
 
 
@@ -336,16 +358,17 @@ def _anchored_at_origin(mask: sitk.Image, crop: CropBox) -> sitk.Image:
     arithmetic is bit for bit that of the whole volume.  Only the mask needs
     this: the image's interpolators are continuous.
     """
-    anchored = sitk.Image([lo + n for lo, n in zip(crop.lower, mask.GetSize())], mask.GetPixelID())
+    anchored: sitk.Image = sitk.Image([lo + n for lo, n in zip(crop.lower, mask.GetSize())], mask.GetPixelID())
     anchored.SetOrigin(crop.grid.origin_mm)
     anchored.SetSpacing(crop.grid.spacing_mm)
     anchored.SetDirection(crop.grid.direction)
-    return sitk.Paste(anchored, mask, mask.GetSize(), [0, 0, 0], list(crop.lower))
+    pasted: sitk.Image = sitk.Paste(anchored, mask, mask.GetSize(), [0, 0, 0], list(crop.lower))
+    return pasted
 
 
 def _resample_in_whole_volume(
-    image: sitk.Image, mask: sitk.Image, anchored_mask: sitk.Image, source: _CroppedSource, **kwargs
-):
+    image: sitk.Image, mask: sitk.Image, anchored_mask: sitk.Image, source: _CroppedSource, **kwargs: Any
+) -> tuple[sitk.Image, sitk.Image]:
     """``imageoperations.resampleImage`` (pyradiomics 3.1.4) for ``image`` and ``mask``, the crop of ``source``.
 
     pyradiomics aligns its grid to the index space of the mask it is given:
@@ -360,20 +383,26 @@ def _resample_in_whole_volume(
     they touch only the voxels they need, and on an int16 CT the truncation
     of a value that is an integer up to rounding (a sample on a voxel centre,
     as at 0.8 -> 1.2 mm) then follows the whole volume's arithmetic exactly.
+
+    ``kwargs`` are the extractor's settings, as pyradiomics validated them.
     """
-    resampled_spacing = np.array(kwargs["resampledPixelSpacing"], dtype=float)
-    interpolator = kwargs.get("interpolator", sitk.sitkBSpline)
-    pad_distance = kwargs.get("padDistance", 5)
-    mask_spacing = np.array(mask.GetSpacing())
-    image_spacing = np.array(image.GetSpacing())
+    resampled_spacing: NDArray[np.float64] = np.array(kwargs["resampledPixelSpacing"], dtype=np.float64)
+    interpolator: str | int = kwargs.get("interpolator", sitk.sitkBSpline)
+    pad_distance: int = kwargs.get("padDistance", 5)
+    mask_spacing_mm: tuple[float, ...] = mask.GetSpacing()
+    image_spacing_mm: tuple[float, ...] = image.GetSpacing()
+    mask_spacing = np.array(mask_spacing_mm)
+    image_spacing = np.array(image_spacing_mm)
     resampled_spacing = np.where(resampled_spacing == 0, mask_spacing, resampled_spacing)
-    bb = imageoperations._checkROI(image, mask, **kwargs)  # lower bounds then sizes, crop index space
-    nd = mask.GetDimension()
+    # lower bounds then sizes, crop index space
+    bb: NDArray[np.int64] = imageoperations._checkROI(image, mask, **kwargs)
+    nd: int = mask.GetDimension()
     resampled_spacing = np.where(bb[nd:] != 1, resampled_spacing, mask_spacing)
     if np.allclose(image_spacing, resampled_spacing):
         # No interpolation: pyradiomics crops the bounding box + padDistance, clipped to the image,
         # which is the same box on the crop (it holds that box, or reaches the edge with it).
-        return imageoperations.resampleImage(image, mask, **kwargs)
+        resampled: tuple[sitk.Image, sitk.Image] = imageoperations.resampleImage(image, mask, **kwargs)
+        return resampled
 
     spacing_ratio = mask_spacing / resampled_spacing
     grid = source.box.grid
@@ -385,7 +414,7 @@ def _resample_in_whole_volume(
     new_upper = np.where(new_upper > max_upper, max_upper, new_upper)
     new_size = np.array(new_upper - new_lower + 1, dtype="int").tolist()
     new_origin_index = np.array(0.5 * (resampled_spacing - mask_spacing) / mask_spacing) + new_lower / spacing_ratio
-    new_origin = grid.reference_image().TransformContinuousIndexToPhysicalPoint(new_origin_index)
+    new_origin: tuple[float, ...] = grid.reference_image().TransformContinuousIndexToPhysicalPoint(new_origin_index)
 
     if isinstance(interpolator, str):
         interpolator = getattr(sitk, interpolator)
@@ -396,13 +425,14 @@ def _resample_in_whole_volume(
     resample.SetOutputOrigin(new_origin)
     resample.SetOutputPixelType(image.GetPixelID())
     resample.SetInterpolator(interpolator)
-    resampled_image = resample.Execute(image if has_prefilter(interpolator) else source.whole)
+    resampled_image: sitk.Image = resample.Execute(image if has_prefilter(interpolator) else source.whole)
     resample.SetOutputPixelType(mask.GetPixelID())
     resample.SetInterpolator(sitk.sitkNearestNeighbor)
-    return resampled_image, resample.Execute(anchored_mask)
+    resampled_mask: sitk.Image = resample.Execute(anchored_mask)
+    return resampled_image, resampled_mask
 
 
-def _wanted_images(generator, wanted: set[str], region: str):
+def _wanted_images(generator: Iterator[_FilteredImage], wanted: set[str], region: str) -> Iterator[_FilteredImage]:
     """The filter's images that are wanted; the others are dropped as soon as they are made."""
     while True:
         try:
@@ -417,7 +447,7 @@ def _wanted_images(generator, wanted: set[str], region: str):
             yield filtered, image_type, arguments
 
 
-def _guarded(compute, region: str):
+def _guarded(compute: Callable[[], Mapping[str, SupportsFloat]], region: str) -> Mapping[str, SupportsFloat]:
     try:
         return compute()
     except (FeatureExtractionError, MaskError):
@@ -440,7 +470,7 @@ def _filter_for(image_type: str) -> str:
     raise FeatureExtractionError(f"unknown pyradiomics image type {image_type!r}")
 
 
-def _log_image_type(sigma) -> str:
+def _log_image_type(sigma: object) -> str:
     # pyradiomics' own naming: sigma 2.0 -> "log-sigma-2-0-mm-3D", sigma 2 -> "log-sigma-2-mm-3D".
     return "log-sigma-{}-mm-3D".format(str(sigma).replace(".", "-"))
 
@@ -458,7 +488,7 @@ def _check_image_types(settings: ExtractionSettings) -> None:
             )
 
 
-def _check_mask_labels(mask: sitk.Image, what: str, label) -> None:
+def _check_mask_labels(mask: sitk.Image, what: str, label: object) -> None:
     if not isinstance(mask, sitk.Image):
         raise MaskError(f"{what} must be a SimpleITK image, got {type(mask).__name__}")
     if mask.GetNumberOfComponentsPerPixel() != 1:
@@ -472,7 +502,7 @@ def _normalise_version(version: str) -> str:
     return version[1:] if version[:1] in ("v", "V") else version
 
 
-def _canonical(value, where: str):
+def _canonical(value: object, where: str) -> _Json:
     if isinstance(value, Mapping):
         return {str(key): _canonical(item, f"{where}.{key}") for key, item in value.items()}
     if isinstance(value, (list, tuple)):
