@@ -37,11 +37,14 @@ import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
 import radiomics
 import SimpleITK as sitk
+from numpy.typing import NDArray
 from radiomics import getFeatureClasses, imageoperations
+from radiomics.base import RadiomicsFeaturesBase
 
 from sclc_risk_node.scoring.errors import InputError, MaskError
 from sclc_risk_node.scoring.features import extract_all_features, installed_pyradiomics_version
@@ -52,6 +55,9 @@ CT_PHANTOM = "ct_phantom"
 
 #: The feature classes compared; shape2D has no IBSI counterpart.
 FEATURE_CLASSES = ("shape", "firstorder", "glcm", "glrlm", "glszm", "ngtdm", "gldm")
+
+#: An interpolation grid, SimpleITK order (x, y, z): size, spacing (mm), origin (mm).
+Grid: TypeAlias = tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]
 
 
 class Method(str, enum.Enum):
@@ -396,22 +402,24 @@ def prepare_phantom(image: sitk.Image, mask: sitk.Image) -> tuple[sitk.Image, si
     """The phantom as IBSI asks: intensities as 32-bit floats rounded to integers, mask as 0/1 ``UInt8``."""
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError("the phantom image must be a 3D scalar image")
-    if mask.GetSize() != image.GetSize() or not np.allclose(mask.GetSpacing(), image.GetSpacing(), atol=1e-4):
+    mask_size: tuple[int, ...] = mask.GetSize()
+    image_size: tuple[int, ...] = image.GetSize()
+    mask_spacing_mm: tuple[float, ...] = mask.GetSpacing()
+    image_spacing_mm: tuple[float, ...] = image.GetSpacing()
+    if mask_size != image_size or not np.allclose(mask_spacing_mm, image_spacing_mm, atol=1e-4):
         raise MaskError(
-            f"the phantom mask grid (size {mask.GetSize()}, spacing {mask.GetSpacing()}) differs from the "
-            f"image grid (size {image.GetSize()}, spacing {image.GetSpacing()})"
+            f"the phantom mask grid (size {mask_size}, spacing {mask_spacing_mm}) differs from the "
+            f"image grid (size {image_size}, spacing {image_spacing_mm})"
         )
-    image = sitk.Round(sitk.Cast(image, sitk.sitkFloat32))
-    mask = sitk.Cast(sitk.Round(sitk.Cast(mask, sitk.sitkFloat32)) > 0, sitk.sitkUInt8)
-    mask.CopyInformation(image)
-    if not np.any(sitk.GetArrayViewFromImage(mask)):
+    rounded: sitk.Image = sitk.Round(sitk.Cast(image, sitk.sitkFloat32))
+    binary: sitk.Image = sitk.Cast(sitk.Round(sitk.Cast(mask, sitk.sitkFloat32)) > 0, sitk.sitkUInt8)
+    binary.CopyInformation(rounded)
+    if not np.any(sitk.GetArrayViewFromImage(binary)):
         raise MaskError("the phantom mask is empty")
-    return image, mask
+    return rounded, binary
 
 
-def centred_grid(
-    image: sitk.Image, spacing_mm: Sequence[float | None], centred: bool = True
-) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
+def centred_grid(image: sitk.Image, spacing_mm: Sequence[float | None], centred: bool = True) -> Grid:
     """(size, spacing, origin) of the IBSI interpolation grid.
 
     The grid size is the fractional size rounded up, and the centre of the new
@@ -419,19 +427,23 @@ def centred_grid(
     interpolation"); ``None`` keeps an axis' spacing.  ``centred=False``
     keeps the original origin instead (pyradiomics' choice).
     """
-    old_size = np.array(image.GetSize(), dtype=float)
-    old_spacing = np.array(image.GetSpacing(), dtype=float)
+    size: tuple[int, ...] = image.GetSize()
+    spacing: tuple[float, ...] = image.GetSpacing()
+    direction_cosines: tuple[float, ...] = image.GetDirection()
+    origin_mm: tuple[float, ...] = image.GetOrigin()
+    old_size = np.array(size, dtype=np.float64)
+    old_spacing = np.array(spacing, dtype=np.float64)
     new_spacing = np.array([old if new is None else float(new) for old, new in zip(old_spacing, spacing_mm)])
     new_size = np.ceil(old_size * old_spacing / new_spacing).astype(int)
-    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
-    old_centre = np.array(image.GetOrigin()) + direction @ ((old_size - 1) / 2 * old_spacing)
+    direction = np.array(direction_cosines, dtype=np.float64).reshape(3, 3)
+    old_centre = np.array(origin_mm) + direction @ ((old_size - 1) / 2 * old_spacing)
     new_origin = old_centre - direction @ ((new_size - 1) / 2 * new_spacing)
     if not centred:
-        new_origin = np.array(image.GetOrigin(), dtype=float)
+        new_origin = np.array(origin_mm, dtype=np.float64)
     return tuple(int(s) for s in new_size), tuple(float(s) for s in new_spacing), tuple(float(o) for o in new_origin)
 
 
-def _resample(image: sitk.Image, grid, interpolator: int) -> sitk.Image:
+def _resample(image: sitk.Image, grid: Grid, interpolator: int) -> sitk.Image:
     size, spacing, origin = grid
     resampler = sitk.ResampleImageFilter()
     resampler.SetSize(size)
@@ -442,7 +454,8 @@ def _resample(image: sitk.Image, grid, interpolator: int) -> sitk.Image:
     resampler.SetOutputPixelType(sitk.sitkFloat32)
     # The grid is larger than the image: IBSI extrapolates with the nearest boundary intensity.
     resampler.SetUseNearestNeighborExtrapolator(True)
-    return resampler.Execute(image)
+    resampled: sitk.Image = resampler.Execute(image)
+    return resampled
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,8 +518,8 @@ def ibsi_process(
         else:
             mask = sitk.Cast(_resample(mask, grid, sitk.sitkNearestNeighbor), sitk.sitkUInt8)
         mask.CopyInformation(image)
-    values = sitk.GetArrayFromImage(image)
-    morphological = sitk.GetArrayFromImage(mask).astype(bool)
+    values: NDArray[np.float32] = sitk.GetArrayFromImage(image)
+    morphological: NDArray[np.bool_] = sitk.GetArrayFromImage(mask).astype(bool)
     if not morphological.any():
         raise MaskError(f"configuration {configuration.name}: the interpolated mask is empty")
     keep = morphological.copy()
@@ -522,7 +535,7 @@ def ibsi_process(
         keep &= np.abs(values - centre) <= configuration.outlier_sigma * spread
     if not keep.any():
         raise MaskError(f"configuration {configuration.name}: re-segmentation removed every voxel")
-    intensity = sitk.GetImageFromArray(keep.astype(np.uint8))
+    intensity: sitk.Image = sitk.GetImageFromArray(keep.astype(np.uint8))
     intensity.CopyInformation(image)
     lower = None
     if configuration.bin_width is not None and adjustments.bins_from_bound:
@@ -544,7 +557,7 @@ def _ibsi_binning_class(base: type, lower_bound: float | None) -> type:
     if lower_bound is None:
         return base
 
-    def _applyBinning(self, matrix):
+    def _applyBinning(self: RadiomicsFeaturesBase, matrix: NDArray[np.float64]) -> NDArray[np.int_]:
         width = float(self.settings["binWidth"])
         roi = matrix[self.maskArray]
         edges = np.arange(lower_bound, roi.max() + 2 * width, width)
