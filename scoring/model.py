@@ -59,6 +59,9 @@ RADIOMICS_SCORE_TERM = "radiomics_score"
 #: The model must predict PFS at least this far (months): the node reports S(6) and S(12).
 REQUIRED_HORIZON_MONTHS = 12.0
 
+#: How a clinical field may become a number (`Encoding.kind`).
+ENCODING_KINDS = ("indicator", "ordinal", "numeric", "threshold")
+
 _NUMERIC_RANGES = {"ecog": ECOG_RANGE, "lipi": (0, 2), "age": AGE_RANGE}
 
 
@@ -110,7 +113,8 @@ def _shipped_schema_text() -> str:
 
 def load_shipped_schema() -> dict[str, Any]:
     """The JSON schema shipped in the ``sclc_risk_node.models`` package (a fresh copy)."""
-    return json.loads(_shipped_schema_text())
+    schema: dict[str, Any] = json.loads(_shipped_schema_text())
+    return schema
 
 
 @functools.lru_cache(maxsize=4)
@@ -138,13 +142,16 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", in
 def _describe_schema_error(error: jsonschema.ValidationError) -> str:
     path = _json_path(error.absolute_path)
     key = f"'{path}'" if path else "(top level)"
-    instance, expected = error.instance, error.validator_value
+    # iter_errors sets both on every error it yields (the stubs also allow "unset"): the part of
+    # the file that failed, and the schema keyword's value; JSON values of any type.
+    instance: Any = error.instance
+    expected: Any = error.validator_value
     if error.validator == "required":
         missing = [name for name in expected if name not in instance]
         full = f"{path}.{missing[0]}" if path else missing[0]
         return f"model file missing required key '{full}'"
     if error.validator == "additionalProperties":
-        allowed = error.schema.get("properties", {})
+        allowed = error.schema.get("properties", {}) if isinstance(error.schema, Mapping) else {}
         extra = [name for name in instance if name not in allowed]
         full = f"{path}.{extra[0]}" if path else extra[0]
         return f"model file has unknown key '{full}' (allowed here: {', '.join(allowed)})"
@@ -229,17 +236,29 @@ class Encoding:
     mapping: Mapping[str, float] = dataclass_field(default_factory=lambda: MappingProxyType({}))
     at_least: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.kind not in ENCODING_KINDS:
+            raise ValueError(f"encoding kind {self.kind!r} is not one of {', '.join(ENCODING_KINDS)}")
+        if self.kind == "threshold" and self.at_least is None:
+            raise ValueError("a threshold encoding needs at_least")
+
     @property
     def reads_level(self) -> bool:
         return self.kind in ("indicator", "ordinal")
 
     def encode(self, level: str | None, number: float | None) -> float:
+        """The encoded value of a field's ``level`` (indicator, ordinal) or ``number`` (numeric, threshold)."""
         if self.kind == "indicator":
             return 1.0 if level in self.levels else 0.0
         if self.kind == "ordinal":
+            if level is None:
+                raise ValueError("an ordinal encoding needs the field's level")
             return float(self.mapping[level])
+        if number is None:
+            raise ValueError(f"a {self.kind} encoding needs the field's number")
         if self.kind == "numeric":
             return float(number)
+        assert self.at_least is not None  # __post_init__: a threshold has its bound
         return 1.0 if number >= self.at_least else 0.0
 
 
@@ -294,7 +313,8 @@ class BaselineSurvival:
         except OverflowError:
             # exp overflows only for an enormous hazard; any S0 < 1 then goes to 0.
             return 1.0 if baseline == 1.0 else 0.0
-        return baseline**relative_hazard
+        survival: float = baseline**relative_hazard  # real: 0 <= S0 <= 1 and the exponent is positive
+        return survival
 
 
 def _freeze(value: Any) -> Any:
@@ -471,6 +491,9 @@ def _domain_problems(data: Mapping[str, Any]) -> list[str]:
             if "transform" in feature
         ]
         return problems
+    if domain is None:
+        # The shipped schema requires it for v2; a caller's own schema may not.
+        return ["schema_version 2 needs an applicability_domain"]
     names = [_feature_spec(feature).name for feature in features]
     recorded = list(domain["features"])
     problems = []

@@ -15,6 +15,7 @@ from sclc_risk_node.models import shipped_model_path
 from sclc_risk_node.scoring.errors import InputError, ModelFileError
 from sclc_risk_node.scoring.model import (
     BaselineSurvival,
+    Encoding,
     FrozenModel,
     canonical_json,
     canonical_sha256,
@@ -26,6 +27,7 @@ from tests.scoring.model_fixtures import (
     BASELINE_SURVIVAL,
     BASELINE_TIMES,
     model_content,
+    model_content_v2,
     sealed_model,
     sealed_model_json,
 )
@@ -410,6 +412,16 @@ def test_radiomics_only_model_is_allowed():
     assert load_changed(lambda c: c.update(clinical_covariates=[])).clinical_covariates == ()
 
 
+def test_a_v2_file_without_a_domain_is_refused_under_a_schema_that_allows_it():
+    # The shipped schema requires the domain for v2; the semantic check used to index None (a TypeError).
+    schema = load_shipped_schema()
+    del schema["if"], schema["then"]
+    content = model_content_v2()
+    del content["applicability_domain"]
+    with pytest.raises(ModelFileError, match="schema_version 2 needs an applicability_domain"):
+        FrozenModel.from_mapping(sealed_model(content), schema=schema)
+
+
 def test_sd_check_does_not_rely_on_the_schema():
     schema = load_shipped_schema()
     del schema["$defs"]["feature"]["properties"]["sd"]["exclusiveMinimum"]
@@ -483,3 +495,25 @@ def test_model_format_doc_example_is_a_valid_sealed_model():
     model = FrozenModel.from_json(example)
     assert model.identity.name == "example-integrated-cox" and model.identity.demonstration is True
     assert model.identity.sha256 in doc
+
+
+# --- clinical encodings -------------------------------------------------------------
+
+
+def test_a_threshold_encoding_without_its_bound_is_refused_when_built():
+    # It used to build, and then compared the field's number with None when a study was scored.
+    with pytest.raises(ValueError, match="threshold encoding needs at_least"):
+        Encoding(kind="threshold")
+    with pytest.raises(ValueError, match="encoding kind 'thresold' is not one of"):
+        Encoding(kind="thresold", at_least=2.0)
+    assert Encoding(kind="threshold", at_least=2.0).encode(None, 2.0) == 1.0
+
+
+def test_an_encoding_given_no_value_says_which_it_needs():
+    with pytest.raises(ValueError, match="threshold encoding needs the field's number"):
+        Encoding(kind="threshold", at_least=2.0).encode(None, None)
+    with pytest.raises(ValueError, match="numeric encoding needs the field's number"):
+        Encoding(kind="numeric").encode("x", None)
+    with pytest.raises(ValueError, match="ordinal encoding needs the field's level"):
+        Encoding(kind="ordinal", mapping={"a": 1.0}).encode(None, 1.0)
+    assert Encoding(kind="indicator", levels=frozenset({"a"})).encode(None, None) == 0.0
