@@ -36,6 +36,7 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from sclc_risk_node.scoring.types import Applicability, DomainStatus, DomainViolation
 
@@ -62,13 +63,13 @@ def transform_value(kind: str, value: float) -> float:
     raise ValueError(f"feature transform {kind!r} is not one of {', '.join(TRANSFORMS)}")
 
 
-def transform_array(kind: str, values: np.ndarray) -> np.ndarray:
+def transform_array(kind: str, values: ArrayLike) -> NDArray[np.float64]:
     """Vectorised `transform_value` (the training side applies it to whole columns)."""
-    values = np.asarray(values, dtype=float)
+    array = np.asarray(values, dtype=np.float64)
     if kind == "none":
-        return values
+        return array
     if kind == "signed_log1p":
-        return np.sign(values) * np.log1p(np.abs(values))
+        return np.sign(array) * np.log1p(np.abs(array))
     raise ValueError(f"feature transform {kind!r} is not one of {', '.join(TRANSFORMS)}")
 
 

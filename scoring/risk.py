@@ -69,7 +69,9 @@ def apply_model(model: FrozenModel, features: FeatureVector, clinical: ClinicalR
     """
     feature_terms = radiomics_terms(model, features)
     radiomics_score = math.fsum(term.contribution for term in feature_terms)
-    integrated_terms = (TermContribution(RADIOMICS_SCORE_TERM, radiomics_score, model.radiomics_score_coefficient),)
+    integrated_terms: tuple[TermContribution, ...] = (
+        TermContribution(RADIOMICS_SCORE_TERM, radiomics_score, model.radiomics_score_coefficient),
+    )
     integrated_terms += tuple(
         TermContribution(covariate.name, covariate.encode(clinical), covariate.coefficient)
         for covariate in model.clinical_covariates
