@@ -65,10 +65,14 @@ class FhirClient:
         config = self.config
         try:
             if config.auth == "basic":
+                if config.password_file is None:
+                    raise FhirServerError('FHIR auth "basic" needs a password_file')
                 password = config.password_file.read_text(encoding="utf-8").strip()
                 token = base64.b64encode(f"{config.username}:{password}".encode()).decode("ascii")
                 return f"Basic {token}"
             if config.auth == "bearer":
+                if config.token_file is None:
+                    raise FhirServerError('FHIR auth "bearer" needs a token_file')
                 return f"Bearer {config.token_file.read_text(encoding='utf-8').strip()}"
         except OSError as exc:
             raise FhirServerError(f"FHIR credentials file cannot be read: {exc.strerror or exc}") from None
@@ -134,7 +138,7 @@ class FhirClient:
         """
         token = f"{identifier_system}|{patient_id}" if identifier_system else patient_id
         patients = self.search("Patient", [("identifier", token)])
-        ids = sorted({p.get("id") for p in patients if isinstance(p.get("id"), str)})
+        ids = sorted({found for found in (p.get("id") for p in patients) if isinstance(found, str)})
         if len(ids) != 1:
             raise FhirServerError(
                 f"FHIR Patient search by the study's PatientID found {len(ids)} patients (needed: exactly one)"

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 #: Keys whose values are identifying.  Compared case-insensitively, ignoring "_".
 PHI_KEYS = frozenset(
@@ -40,7 +41,7 @@ def register_phi_values(values: Iterable[str | None]) -> None:
     _registered_phi.update(str(v) for v in values if v and len(str(v)) >= 3)
 
 
-def drop_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def drop_phi(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     for key in list(event_dict):
         if key.replace("_", "").lower() in PHI_KEYS:
             event_dict[key] = REDACTED
@@ -81,7 +82,7 @@ def configure_logging(level: str = "INFO", stream=None) -> None:
         stream = _CurrentStream("stdout")
     elif stream is sys.stderr:
         stream = _CurrentStream("stderr")
-    shared = [
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
