@@ -25,10 +25,51 @@ import os
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
+
+if TYPE_CHECKING:  # the imports themselves stay lazy: pyradiomics is slow to import
+    import SimpleITK as sitk
+
+    from sclc_risk_node.scoring.ibsi import ConfigurationReport, ReferenceValue
 
 EXIT_OK = 0
 DATA_DIR_ENV = "SCLC_IBSI_DATA"
 REFERENCE_FILE = "ibsi_reference_values.csv"
+
+
+class FeatureRowJson(TypedDict):
+    """One feature of a report in ``--json`` output; ``value`` is null when not computed."""
+
+    pyradiomics: str
+    ibsi_tag: str
+    ibsi_name: str
+    value: float | None
+    reference: float
+    tolerance: float
+    outcome: str
+
+
+class ReportJson(TypedDict):
+    """One configuration and method in ``--json`` output."""
+
+    configuration: str
+    data_set: str
+    description: str
+    method: str
+    pyradiomics_settings: dict[str, object]
+    counts: dict[str, int]
+    features: list[FeatureRowJson]
+
+
+class IbsiJson(TypedDict):
+    """The whole ``--json`` document."""
+
+    pyradiomics_version: str
+    data_dir: str
+    reference: str
+    match_rule: str
+    ibsi_adjustments_off: list[str]
+    reports: list[ReportJson]
 
 
 def default_data_dir() -> Path:
@@ -50,21 +91,21 @@ def default_data_dir() -> Path:
     return repository.parent / "shared" / "data" / "ibsi"
 
 
-def load_references():
+def load_references() -> dict[tuple[str, str], ReferenceValue]:
     from sclc_risk_node.scoring.ibsi import parse_reference_csv
 
     text = resources.files("sclc_risk_node.node").joinpath(REFERENCE_FILE).read_text(encoding="utf-8")
     return parse_reference_csv(text)
 
 
-def read_phantom(data_dir: Path, data_set: str):
+def read_phantom(data_dir: Path, data_set: str) -> tuple[sitk.Image, sitk.Image]:
     """(image, mask) of one phantom folder (``image.nii.gz``, ``mask.nii.gz``)."""
     import SimpleITK as sitk
 
     from sclc_risk_node.scoring.errors import InputError
 
     folder = Path(data_dir) / data_set
-    images = []
+    images: list[sitk.Image] = []
     for name in ("image.nii.gz", "mask.nii.gz"):
         path = folder / name
         if not path.is_file():
@@ -80,7 +121,9 @@ def read_phantom(data_dir: Path, data_set: str):
     return images[0], images[1]
 
 
-def run(data_dir: Path, configuration_names: list[str], methods: list[str], without: Sequence[str] = ()):
+def run(
+    data_dir: Path, configuration_names: Sequence[str], methods: Sequence[str], without: Sequence[str] = ()
+) -> list[ConfigurationReport]:
     """Reports for every configuration and method, each phantom read once.
 
     ``without`` names IBSI adjustments to switch off in the ``ibsi`` method (to measure what each one does).
@@ -91,8 +134,8 @@ def run(data_dir: Path, configuration_names: list[str], methods: list[str], with
     for name in without:
         adjustments = adjustments.without(name)
     references = load_references()
-    phantoms: dict[str, tuple] = {}
-    reports = []
+    phantoms: dict[str, tuple[sitk.Image, sitk.Image]] = {}
+    reports: list[ConfigurationReport] = []
     for name in configuration_names:
         configuration = ibsi.CONFIGURATIONS[name]
         if configuration.data_set not in phantoms:
@@ -114,7 +157,7 @@ def _number(value: float | None) -> str:
     return f"{value:.3e}"
 
 
-def format_report(report, mismatches_only: bool = False) -> str:
+def format_report(report: ConfigurationReport, mismatches_only: bool = False) -> str:
     from sclc_risk_node.scoring.ibsi import Outcome
 
     configuration = report.configuration
@@ -134,7 +177,7 @@ def format_report(report, mismatches_only: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _summary_line(report) -> str:
+def _summary_line(report: ConfigurationReport) -> str:
     from sclc_risk_node.scoring.ibsi import Outcome
 
     total = len(report.comparisons)
@@ -143,11 +186,11 @@ def _summary_line(report) -> str:
     return f"{report.configuration.name:<8} {report.method.value:<6} {matched}/{total} matched ({counts})"
 
 
-def report_as_json(reports, data_dir: Path, without: Sequence[str] = ()) -> dict:
+def report_as_json(reports: Sequence[ConfigurationReport], data_dir: Path, without: Sequence[str] = ()) -> IbsiJson:
     from sclc_risk_node.scoring.features import installed_pyradiomics_version
     from sclc_risk_node.scoring.ibsi import Outcome
 
-    def plain(value):
+    def plain(value: float | None) -> float | None:
         return None if value is None or not math.isfinite(value) else value
 
     return {
@@ -220,7 +263,7 @@ def cmd_ibsi(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_ibsi_parser(subparsers) -> argparse.ArgumentParser:
+def add_ibsi_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Register ``ibsi`` on the ``sclc-node`` sub-parser set."""
     from sclc_risk_node.scoring.ibsi import CONFIGURATIONS, IbsiAdjustments
 

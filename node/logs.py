@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
-from structlog.typing import EventDict, Processor, WrappedLogger
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 #: Keys whose values are identifying.  Compared case-insensitively, ignoring "_".
 PHI_KEYS = frozenset(
@@ -67,7 +67,8 @@ class _CurrentStream:
         self.name = name
 
     def write(self, text: str) -> int:
-        return getattr(sys, self.name).write(text)
+        stream: TextIO = getattr(sys, self.name)
+        return stream.write(text)
 
     def flush(self) -> None:
         getattr(sys, self.name).flush()
@@ -113,5 +114,6 @@ def configure_logging(level: str = "INFO", stream=None) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
-def get_logger(**context: Any):
-    return structlog.get_logger("sclc-node").bind(**context)
+def get_logger(**context: Any) -> FilteringBoundLogger:
+    logger: FilteringBoundLogger = structlog.get_logger("sclc-node").bind(**context)
+    return logger
