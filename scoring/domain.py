@@ -33,7 +33,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final, TypedDict
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -47,8 +47,8 @@ RULE_WIDENED_TRAINING_RANGE = "widened-training-range"
 #: Quantiles recorded per quantity, as model-file keys -> fraction.
 QUANTILES = MappingProxyType({"p01": 0.01, "p05": 0.05, "p50": 0.50, "p95": 0.95, "p99": 0.99})
 #: The names of the two score quantities in `DomainViolation.name`.
-RADIOMICS_SCORE = "radiomics_score"
-RISK_SCORE = "risk_score"
+RADIOMICS_SCORE: Final = "radiomics_score"
+RISK_SCORE: Final = "risk_score"
 
 # expm1 overflows a double just above 709.78.
 _LARGEST_LOG = 709.0
@@ -84,6 +84,34 @@ def inverse_transform_value(kind: str, value: float) -> float:
     raise ValueError(f"feature transform {kind!r} is not one of {', '.join(TRANSFORMS)}")
 
 
+class DistributionDocument(TypedDict):
+    """A ``training_distribution`` of the model file (models/frozen-model.schema.json)."""
+
+    min: float
+    max: float
+    mean: float
+    sd: float
+    quantiles: Mapping[str, float]
+
+
+class RuleDocument(TypedDict):
+    """The model file's ``applicability_domain.rule``."""
+
+    kind: str
+    margin_fraction: float
+    max_abs_z: float | None
+
+
+class DomainDocument(TypedDict):
+    """The model file's ``applicability_domain`` section (schema v2)."""
+
+    rule: RuleDocument
+    training_n: int
+    features: Mapping[str, DistributionDocument]
+    radiomics_score: DistributionDocument
+    risk_score: DistributionDocument
+
+
 @dataclass(frozen=True, slots=True)
 class TrainingDistribution:
     """One quantity over the training set, in its own units (a feature before any transform).
@@ -112,7 +140,7 @@ class TrainingDistribution:
         )
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> TrainingDistribution:
+    def from_mapping(cls, mapping: DistributionDocument) -> TrainingDistribution:
         return cls(
             minimum=float(mapping["min"]),
             maximum=float(mapping["max"]),
@@ -164,7 +192,7 @@ class DomainRule:
             raise ValueError(f"max_abs_z must be a finite number > 0 or null, got {self.max_abs_z!r}")
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> DomainRule:
+    def from_mapping(cls, mapping: RuleDocument) -> DomainRule:
         max_abs_z = mapping.get("max_abs_z")
         return cls(mapping["kind"], float(mapping["margin_fraction"]), None if max_abs_z is None else float(max_abs_z))
 
@@ -207,7 +235,7 @@ class ApplicabilityDomain:
     risk_score: TrainingDistribution
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> ApplicabilityDomain:
+    def from_mapping(cls, mapping: DomainDocument) -> ApplicabilityDomain:
         return cls(
             rule=DomainRule.from_mapping(mapping["rule"]),
             training_n=int(mapping["training_n"]),
