@@ -64,6 +64,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TypedDict, Unpack
 
 import highdicom as hd
 import numpy as np
@@ -87,6 +88,8 @@ from sclc_risk_node.scoring.types import (
 )
 
 SOFTWARE_NAME = "sclc-risk-node"
+#: The series of the SRs (and their key-slice ROI SR) unless the caller gives another.
+RESULT_SERIES_NUMBER = 9001
 
 #: Stated once, in the summary at the top, of every object written with a demonstration model.
 DEMONSTRATION_NOTICE = "demonstration model — not for clinical use"
@@ -581,6 +584,23 @@ def _tracking_text(segment: TumourSource, result: RiskResult, report_out_of_doma
     return f"{segment.segment_label}: {what}{demo}"
 
 
+class SrDocumentOptions(TypedDict, total=False):
+    """Document attributes either SR builder takes as keyword arguments (the two SRs share a series).
+
+    ``series_number`` defaults to ``RESULT_SERIES_NUMBER``, ``manufacturer`` to
+    ``SOFTWARE_NAME``, ``software_version`` to the installed package version,
+    ``content_datetime`` (local time) to now; the institution names are left out
+    unless given.
+    """
+
+    series_number: int
+    manufacturer: str
+    software_version: str | None
+    institution_name: str | None
+    institutional_department_name: str | None
+    content_datetime: _dt.datetime | None
+
+
 def build_risk_sr(
     ct: CtSeries,
     segment: TumourSource,
@@ -588,13 +608,8 @@ def build_risk_sr(
     result: RiskResult,
     *,
     report_out_of_domain: bool = False,
-    series_number: int = 9001,
     instance_number: int = 1,
-    manufacturer: str = SOFTWARE_NAME,
-    software_version: str | None = None,
-    institution_name: str | None = None,
-    institutional_department_name: str | None = None,
-    content_datetime: _dt.datetime | None = None,
+    **options: Unpack[SrDocumentOptions],
 ) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 Comprehensive 3D SR for one scored study.
 
@@ -605,8 +620,8 @@ def build_risk_sr(
     slice (``dicom_io.key_slice``), which ``build_key_slice_roi_sr`` outlines.
     ``report_out_of_domain`` decides whether an out-of-domain study's risk
     group and PFS are reported (see the module docstring).
-    ``software_version`` defaults to the installed package version;
-    ``content_datetime`` (local time) defaults to now.  The SR is COMPLETE,
+    The document attributes (series number, manufacturer, software version,
+    institution, content date/time) are ``SrDocumentOptions``.  The SR is COMPLETE,
     UNVERIFIED and PRELIMINARY: a machine result for a radiologist to read,
     not the definitive report.  Raises ``ValueError`` for a value the SR
     cannot represent (unknown stage, non-finite score, PFS horizon other
@@ -623,13 +638,8 @@ def build_risk_sr(
         result=result,
         series_uid=series_uid,
         sop_instance_uid=sop_instance_uid,
-        series_number=series_number,
         instance_number=instance_number,
-        manufacturer=manufacturer,
-        software_version=software_version,
-        institution_name=institution_name,
-        institutional_department_name=institutional_department_name,
-        content_datetime=content_datetime,
+        options=options,
     )
 
 
@@ -640,13 +650,8 @@ def build_key_slice_roi_sr(
     key_slice: KeySlice,
     *,
     report_out_of_domain: bool = False,
-    series_number: int = 9001,
     instance_number: int = 2,
-    manufacturer: str = SOFTWARE_NAME,
-    software_version: str | None = None,
-    institution_name: str | None = None,
-    institutional_department_name: str | None = None,
-    content_datetime: _dt.datetime | None = None,
+    **options: Unpack[SrDocumentOptions],
 ) -> hd.sr.Comprehensive3DSR:
     """A second TID 1500 SR, in the risk SR's series: the tumour outline on the key slice (TID 1410).
 
@@ -672,13 +677,8 @@ def build_key_slice_roi_sr(
         result=result,
         series_uid=series_uid,
         sop_instance_uid=sop_instance_uid,
-        series_number=series_number,
         instance_number=instance_number,
-        manufacturer=manufacturer,
-        software_version=software_version,
-        institution_name=institution_name,
-        institutional_department_name=institutional_department_name,
-        content_datetime=content_datetime,
+        options=options,
     )
 
 
@@ -690,15 +690,11 @@ def _sr_document(
     result: RiskResult,
     series_uid: str,
     sop_instance_uid: str,
-    series_number: int,
     instance_number: int,
-    manufacturer: str,
-    software_version: str | None,
-    institution_name: str | None,
-    institutional_department_name: str | None,
-    content_datetime: _dt.datetime | None,
+    options: SrDocumentOptions,
 ) -> hd.sr.Comprehensive3DSR:
-    software_version = software_version_or_installed(software_version)
+    software_version = software_version_or_installed(options.get("software_version"))
+    manufacturer = options.get("manufacturer", SOFTWARE_NAME)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_device_context=device_observer(manufacturer, software_version)
@@ -712,19 +708,19 @@ def _sr_document(
         # One image, the key slice: OHIF needs the library, a reader needs no list of every slice.
         referenced_images=[key_slice_header],
     )
-    when = content_datetime or _dt.datetime.now()
+    when = options.get("content_datetime") or _dt.datetime.now()
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
         series_instance_uid=series_uid,
-        series_number=series_number,
+        series_number=options.get("series_number", RESULT_SERIES_NUMBER),
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
         manufacturer=manufacturer,
         manufacturer_model_name=SOFTWARE_NAME,
         software_versions=software_version,
-        institution_name=institution_name,
-        institutional_department_name=institutional_department_name,
+        institution_name=options.get("institution_name"),
+        institutional_department_name=options.get("institutional_department_name"),
         is_complete=True,
         is_final=False,
         is_verified=False,
