@@ -36,6 +36,7 @@ from matplotlib.path import Path as PolygonPath
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from sclc_risk_node.dicom_io.ct_reference import check_drawn_on_ct
 from sclc_risk_node.dicom_io.errors import DicomInputError
 from sclc_risk_node.dicom_io.inputs import CtSeries, TumourStructure
 from sclc_risk_node.scoring.errors import MaskError
@@ -73,7 +74,13 @@ def read_tumour_rtstruct(
     rois = _rois(dataset, name)
     number = _choose_roi(rois, name, roi_name, roi_name_pattern)
     roi = rois[number]
-    _check_belongs_to_ct(dataset, roi, ct, name)
+    check_drawn_on_ct(
+        ct,
+        name,
+        frame_of_reference_uid=roi.frame_of_reference_uid,
+        referenced_series_uids=referenced_series_uids(dataset),
+        frame_of_reference_owner=f"ROI {roi.number} '{roi.name}'",
+    )
     mask_array, contours_mm = _rasterise(dataset, roi, ct, name, slice_tolerance)
     if not mask_array.any():
         raise MaskError(f"ROI {number} '{roi.name}' of {name} fills no voxel of CT series {ct.series_instance_uid}")
@@ -169,17 +176,6 @@ def referenced_series_uids(dataset: Dataset) -> list[str]:
         for series in study.get("RTReferencedSeriesSequence", [])
         if "SeriesInstanceUID" in series
     ]
-
-
-def _check_belongs_to_ct(dataset: Dataset, roi: _Roi, ct: CtSeries, name: str) -> None:
-    if roi.frame_of_reference_uid and roi.frame_of_reference_uid != ct.frame_of_reference_uid:
-        raise DicomInputError(
-            f"{name}: ROI {roi.number} '{roi.name}' is in frame of reference {roi.frame_of_reference_uid}, "
-            f"but CT series {ct.series_instance_uid} is in {ct.frame_of_reference_uid}"
-        )
-    series = referenced_series_uids(dataset)
-    if series and ct.series_instance_uid not in series:
-        raise DicomInputError(f"{name} references series {', '.join(series)}, not CT series {ct.series_instance_uid}")
 
 
 def _rasterise(

@@ -43,6 +43,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
+from sclc_risk_node.dicom_io.ct_reference import check_drawn_on_ct
 from sclc_risk_node.dicom_io.errors import DicomInputError
 from sclc_risk_node.dicom_io.inputs import CtSeries, TumourSegment
 from sclc_risk_node.scoring.errors import MaskError
@@ -80,7 +81,13 @@ def read_tumour_segment(
     name = source_path.name if source_path is not None else f"SEG {dataset.get('SOPInstanceUID', '?')}"
     # A caller's Dataset is copied: from_dataset(copy=False) would change its class in place.
     segmentation = _parse_segmentation(dataset, name, copy=source_path is None)
-    _check_belongs_to_ct(segmentation, ct, name)
+    frame_of_reference = segmentation.get("FrameOfReferenceUID")
+    check_drawn_on_ct(
+        ct,
+        name,
+        frame_of_reference_uid=str(frame_of_reference) if frame_of_reference else None,
+        referenced_series_uids=_referenced_series_uids(segmentation),
+    )
     segment_number = _choose_segment(segmentation, name, segment_label, property_type)
     description = segmentation.get_segment_description(segment_number)
     label = str(description.segment_label)
@@ -142,22 +149,12 @@ def _check_native_pixel_data_length(segmentation: hd.seg.Segmentation, name: str
         )
 
 
-def _check_belongs_to_ct(segmentation: hd.seg.Segmentation, ct: CtSeries, name: str) -> None:
-    frame_of_reference = segmentation.get("FrameOfReferenceUID")
-    if frame_of_reference and str(frame_of_reference) != ct.frame_of_reference_uid:
-        raise DicomInputError(
-            f"{name} has FrameOfReferenceUID {frame_of_reference}, but CT series "
-            f"{ct.series_instance_uid} has {ct.frame_of_reference_uid}"
-        )
-    referenced_series = [
+def _referenced_series_uids(segmentation: hd.seg.Segmentation) -> list[str]:
+    return [
         str(item.SeriesInstanceUID)
         for item in segmentation.get("ReferencedSeriesSequence", [])
         if "SeriesInstanceUID" in item
     ]
-    if referenced_series and ct.series_instance_uid not in referenced_series:
-        raise DicomInputError(
-            f"{name} references series {', '.join(referenced_series)}, not CT series {ct.series_instance_uid}"
-        )
 
 
 def _choose_segment(
