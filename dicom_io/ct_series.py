@@ -186,7 +186,7 @@ def _index_folder(folder: Path, *, recursive: bool) -> list[_IndexedFile]:
 def _candidate_files(folder: Path, *, recursive: bool) -> list[Path]:
     if not recursive:
         return sorted(p for p in folder.iterdir() if p.is_file())
-    found = []
+    found: list[Path] = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         found.extend(Path(root) / f for f in sorted(files))
@@ -325,7 +325,7 @@ class _SeriesGeometry:
         direction = np.column_stack([row_cosine, column_cosine, normal])
         return cls(
             order=tuple(int(i) for i in order),
-            origin=tuple(float(v) for v in sorted_positions[0]),
+            origin=(float(sorted_positions[0][0]), float(sorted_positions[0][1]), float(sorted_positions[0][2])),
             spacing=(pixel_spacing[1], pixel_spacing[0], z_spacing),
             direction=tuple(float(v) for v in direction.ravel()),
             rows=rows,

@@ -26,6 +26,7 @@ Only the header is needed: an RTSTRUCT has no pixel data.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from matplotlib.path import Path as PolygonPath
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
@@ -61,8 +63,8 @@ def read_tumour_rtstruct(
     Structure Set, does not belong to ``ct`` or its contours do not lie on CT
     slices, and ``MaskError`` when the chosen ROI fills no voxel.
     """
-    source_path = Path(rtstruct) if not isinstance(rtstruct, Dataset) else None
-    dataset = _read_dataset(source_path) if source_path is not None else rtstruct
+    source_path = None if isinstance(rtstruct, Dataset) else Path(rtstruct)
+    dataset = rtstruct if isinstance(rtstruct, Dataset) else _read_dataset(Path(rtstruct))
     name = source_path.name if source_path is not None else f"RTSTRUCT {dataset.get('SOPInstanceUID', '?')}"
     sop_class = dataset.get("SOPClassUID")
     if not sop_class:
@@ -222,15 +224,16 @@ def _rasterise(
     return mask.astype(np.uint8), used
 
 
-def _index_transform(image: sitk.Image):
+def _index_transform(image: sitk.Image) -> Callable[[NDArray[np.float64]], NDArray[np.float64]]:
     """Physical (x, y, z) mm -> continuous (i, j, k) voxel index, vectorised (SimpleITK's geometry, LPS)."""
     direction = np.array(image.GetDirection()).reshape(3, 3)
     spacing = np.array(image.GetSpacing())
     origin = np.array(image.GetOrigin())
     inverse = np.linalg.inv(direction @ np.diag(spacing))
 
-    def to_index(points: np.ndarray) -> np.ndarray:
-        return (points - origin) @ inverse.T
+    def to_index(points: NDArray[np.float64]) -> NDArray[np.float64]:
+        index: NDArray[np.float64] = (points - origin) @ inverse.T
+        return index
 
     return to_index
 

@@ -29,6 +29,7 @@ MaximumFractionalValue (fraction ≥ 0.5), for PROBABILITY and OCCUPANCY alike.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,8 @@ def read_tumour_segment(
     Raises ``DicomInputError`` when the SEG cannot be read or does not belong
     to ``ct``, and ``MaskError`` when the chosen segment is empty.
     """
-    source_path = Path(seg) if not isinstance(seg, Dataset) else None
-    dataset = _read_dataset(seg) if source_path is not None else seg
+    source_path = None if isinstance(seg, Dataset) else Path(seg)
+    dataset = seg if isinstance(seg, Dataset) else _read_dataset(Path(seg))
     name = source_path.name if source_path is not None else f"SEG {dataset.get('SOPInstanceUID', '?')}"
     # A caller's Dataset is copied: from_dataset(copy=False) would change its class in place.
     segmentation = _parse_segmentation(dataset, name, copy=source_path is None)
@@ -310,7 +311,8 @@ class _FrameChecker:
         per_frame = self._per_frame[frame_number - 1] if self._per_frame else Dataset()
         for groups in (per_frame, self._shared):
             if keyword in groups and len(groups[keyword].value) > 0:
-                return groups[keyword].value[0]
+                item: Dataset = groups[keyword].value[0]
+                return item
         return None
 
     def _frame_holds(self, frame_number: int, segment_number: int) -> bool:
@@ -358,14 +360,14 @@ class _FrameChecker:
             raise DicomInputError(f"{self._name}: frame {frame_number} references {len(slices)} CT slices")
         return slices.pop() if slices else None
 
-    def _continuous_index(self, image_position) -> np.ndarray:
+    def _continuous_index(self, image_position: Sequence[float]) -> NDArray[np.float64]:
         point = tuple(float(v) for v in image_position)
         return np.array(self._ct.image.TransformPhysicalPointToContinuousIndex(point))
 
-    def _nearest_slice(self, image_position) -> int:
+    def _nearest_slice(self, image_position: Sequence[float]) -> int:
         return int(np.rint(self._continuous_index(image_position)[2]))
 
-    def _slice_by_position(self, frame_number: int, image_position) -> int:
+    def _slice_by_position(self, frame_number: int, image_position: Sequence[float]) -> int:
         index = self._continuous_index(image_position)
         nearest = np.rint(index)
         off_grid = np.abs(index - nearest)
