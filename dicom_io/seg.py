@@ -216,6 +216,9 @@ def _segment_mask(
     mask = np.zeros((nz, ny, nx), dtype=np.uint8)
     if not frames.slice_of_frame:
         return mask
+    # Frames placed by position have an ImagePositionPatient, and so do frames placed by reference
+    # in a SEG with a frame of reference (highdicom's from_dataset requires it): the volume path
+    # stacks any mix of the two.
     try:
         if frames.all_by_reference:
             # Spatial locations were checked per frame (a "NO" reference places nothing), and an
@@ -240,6 +243,11 @@ def _segment_mask(
             f"{name}: cannot decode the frames of segment {segment_number} ({_one_line(exc)})"
         ) from exc
     mask[slices] = _threshold(segmentation, stored, segment_number)
+    stray = sorted(set(np.flatnonzero(mask.any(axis=(1, 2))).tolist()) - set(frames.slice_of_frame.values()))
+    if stray:  # highdicom's stacking must agree with the frame-by-frame check above
+        raise DicomInputError(
+            f"{name}: segment {segment_number} fills CT slices {stray} that none of its frames lands on"
+        )
     return mask
 
 
