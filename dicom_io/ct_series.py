@@ -30,6 +30,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+from pydicom.misc import is_dicom
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -52,7 +53,6 @@ from pydicom.uid import (
 from sclc_risk_node.dicom_io.errors import DicomInputError
 from sclc_risk_node.dicom_io.inputs import CtSeries
 
-_PART10_MAGIC_OFFSET = 128
 _MULTI_FRAME_CT_CLASSES = {EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage}
 #: DS values carry ~6 decimals; direction cosines off by more than this are a real difference.
 _ORIENTATION_TOLERANCE = 1e-4
@@ -173,7 +173,7 @@ def read_ct_series(
 def _index_folder(folder: Path, *, recursive: bool) -> list[_IndexedFile]:
     indexed = []
     for path in _candidate_files(folder, recursive=recursive):
-        if not _has_part10_magic(path):
+        if not _is_part10_file(path):
             continue
         name = str(path.relative_to(folder))
         header = _read_header(path, name)
@@ -186,20 +186,19 @@ def _index_folder(folder: Path, *, recursive: bool) -> list[_IndexedFile]:
 def _candidate_files(folder: Path, *, recursive: bool) -> list[Path]:
     if not recursive:
         return sorted(p for p in folder.iterdir() if p.is_file())
-    found = []
+    found: list[Path] = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         found.extend(Path(root) / f for f in sorted(files))
     return found
 
 
-def _has_part10_magic(path: Path) -> bool:
+def _is_part10_file(path: Path) -> bool:
+    """A DICOM Part 10 file (preamble + "DICM"): anything else in the folder is skipped unread."""
     try:
-        with path.open("rb") as stream:
-            preamble_and_magic = stream.read(_PART10_MAGIC_OFFSET + 4)
-    except OSError:
+        return is_dicom(path)
+    except OSError:  # a dangling link or an unreadable file is no CT instance either
         return False
-    return preamble_and_magic[_PART10_MAGIC_OFFSET:] == b"DICM"
 
 
 def _read_header(path: Path, name: str) -> Dataset | None:
@@ -326,7 +325,7 @@ class _SeriesGeometry:
         direction = np.column_stack([row_cosine, column_cosine, normal])
         return cls(
             order=tuple(int(i) for i in order),
-            origin=tuple(float(v) for v in sorted_positions[0]),
+            origin=(float(sorted_positions[0][0]), float(sorted_positions[0][1]), float(sorted_positions[0][2])),
             spacing=(pixel_spacing[1], pixel_spacing[0], z_spacing),
             direction=tuple(float(v) for v in direction.ravel()),
             rows=rows,

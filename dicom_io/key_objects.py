@@ -10,6 +10,7 @@ the observer is the node (a device).  UIDs are derived like the SR's
 from __future__ import annotations
 
 import highdicom as hd
+from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from sclc_risk_node.dicom_io.header_values import sanitised_header
@@ -35,7 +36,7 @@ KOS_SERIES_NUMBER = 9002
 _DESCRIPTION_MAX_CHARS = 1024
 
 
-def key_image_header(key_slice: KeySlice):
+def key_image_header(key_slice: KeySlice) -> Dataset:
     """The key image's header, sanitised, with the type 2 attributes highdicom copies present."""
     header = sanitised_header(key_slice.header)
     for keyword in _COPIED_TYPE2_KEYWORDS:

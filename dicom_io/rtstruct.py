@@ -26,6 +26,7 @@ Only the header is needed: an RTSTRUCT has no pixel data.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +34,11 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from matplotlib.path import Path as PolygonPath
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from sclc_risk_node.dicom_io.ct_reference import check_drawn_on_ct
 from sclc_risk_node.dicom_io.errors import DicomInputError
 from sclc_risk_node.dicom_io.inputs import CtSeries, TumourStructure
 from sclc_risk_node.scoring.errors import MaskError
@@ -60,8 +63,8 @@ def read_tumour_rtstruct(
     Structure Set, does not belong to ``ct`` or its contours do not lie on CT
     slices, and ``MaskError`` when the chosen ROI fills no voxel.
     """
-    source_path = Path(rtstruct) if not isinstance(rtstruct, Dataset) else None
-    dataset = _read_dataset(source_path) if source_path is not None else rtstruct
+    source_path = None if isinstance(rtstruct, Dataset) else Path(rtstruct)
+    dataset = rtstruct if isinstance(rtstruct, Dataset) else _read_dataset(Path(rtstruct))
     name = source_path.name if source_path is not None else f"RTSTRUCT {dataset.get('SOPInstanceUID', '?')}"
     sop_class = dataset.get("SOPClassUID")
     if not sop_class:
@@ -73,7 +76,13 @@ def read_tumour_rtstruct(
     rois = _rois(dataset, name)
     number = _choose_roi(rois, name, roi_name, roi_name_pattern)
     roi = rois[number]
-    _check_belongs_to_ct(dataset, roi, ct, name)
+    check_drawn_on_ct(
+        ct,
+        name,
+        frame_of_reference_uid=roi.frame_of_reference_uid,
+        referenced_series_uids=referenced_series_uids(dataset),
+        frame_of_reference_owner=f"ROI {roi.number} '{roi.name}'",
+    )
     mask_array, contours_mm = _rasterise(dataset, roi, ct, name, slice_tolerance)
     if not mask_array.any():
         raise MaskError(f"ROI {number} '{roi.name}' of {name} fills no voxel of CT series {ct.series_instance_uid}")
@@ -171,17 +180,6 @@ def referenced_series_uids(dataset: Dataset) -> list[str]:
     ]
 
 
-def _check_belongs_to_ct(dataset: Dataset, roi: _Roi, ct: CtSeries, name: str) -> None:
-    if roi.frame_of_reference_uid and roi.frame_of_reference_uid != ct.frame_of_reference_uid:
-        raise DicomInputError(
-            f"{name}: ROI {roi.number} '{roi.name}' is in frame of reference {roi.frame_of_reference_uid}, "
-            f"but CT series {ct.series_instance_uid} is in {ct.frame_of_reference_uid}"
-        )
-    series = referenced_series_uids(dataset)
-    if series and ct.series_instance_uid not in series:
-        raise DicomInputError(f"{name} references series {', '.join(series)}, not CT series {ct.series_instance_uid}")
-
-
 def _rasterise(
     dataset: Dataset, roi: _Roi, ct: CtSeries, name: str, slice_tolerance: float
 ) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -226,15 +224,16 @@ def _rasterise(
     return mask.astype(np.uint8), used
 
 
-def _index_transform(image: sitk.Image):
+def _index_transform(image: sitk.Image) -> Callable[[NDArray[np.float64]], NDArray[np.float64]]:
     """Physical (x, y, z) mm -> continuous (i, j, k) voxel index, vectorised (SimpleITK's geometry, LPS)."""
     direction = np.array(image.GetDirection()).reshape(3, 3)
     spacing = np.array(image.GetSpacing())
     origin = np.array(image.GetOrigin())
     inverse = np.linalg.inv(direction @ np.diag(spacing))
 
-    def to_index(points: np.ndarray) -> np.ndarray:
-        return (points - origin) @ inverse.T
+    def to_index(points: NDArray[np.float64]) -> NDArray[np.float64]:
+        index: NDArray[np.float64] = (points - origin) @ inverse.T
+        return index
 
     return to_index
 

@@ -1,14 +1,16 @@
 """Read the tumour segment of a DICOM SEG as a binary mask on the CT grid.
 
-highdicom parses the SEG and decodes its frames (bit-packed BINARY, FRACTIONAL,
-LABELMAP, any transfer syntax).  Placing frames on the CT is done here, frame
-by frame, rather than with ``Segmentation.get_volume().match_geometry()``:
-in highdicom 0.28 ``match_geometry`` silently crops away frames that fall
-outside the target (a SEG shifted by five slices loses those voxels without
-a word) and subsamples grids whose spacing is an integer multiple of the
-target's.  Here both are errors that name the frame.
+highdicom parses the SEG, decodes its frames (bit-packed BINARY, FRACTIONAL,
+LABELMAP, any transfer syntax) and stacks the chosen segment: with
+``get_pixels_by_source_instance`` over the CT's instances when every frame
+names its source slice, else with ``get_volume``, whose affine lays the
+volume's slices on the CT.  ``Volume.match_geometry`` is not used: in
+highdicom 0.28 it silently crops away frames that fall outside the target (a
+SEG shifted by five slices loses those voxels without a word) and subsamples
+grids whose spacing is an integer multiple of the target's.  So every frame
+is checked first, and the checks below are errors that name the frame.
 
-Each frame of the chosen segment lands on one CT slice:
+Each frame of the chosen segment must land on one CT slice:
 
 * by reference, when the frame's DerivationImageSequence/SourceImageSequence
   names a CT instance (with spatial locations preserved);
@@ -27,17 +29,22 @@ MaximumFractionalValue (fraction ≥ 0.5), for PROBABILITY and OCCUPANCY alike.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
+from sclc_risk_node.dicom_io.ct_reference import check_drawn_on_ct
 from sclc_risk_node.dicom_io.errors import DicomInputError
 from sclc_risk_node.dicom_io.inputs import CtSeries, TumourSegment
 from sclc_risk_node.scoring.errors import MaskError
@@ -70,17 +77,22 @@ def read_tumour_segment(
     Raises ``DicomInputError`` when the SEG cannot be read or does not belong
     to ``ct``, and ``MaskError`` when the chosen segment is empty.
     """
-    source_path = Path(seg) if not isinstance(seg, Dataset) else None
-    dataset = _read_dataset(seg) if source_path is not None else seg
+    source_path = None if isinstance(seg, Dataset) else Path(seg)
+    dataset = seg if isinstance(seg, Dataset) else _read_dataset(Path(seg))
     name = source_path.name if source_path is not None else f"SEG {dataset.get('SOPInstanceUID', '?')}"
     # A caller's Dataset is copied: from_dataset(copy=False) would change its class in place.
     segmentation = _parse_segmentation(dataset, name, copy=source_path is None)
-    _check_belongs_to_ct(segmentation, ct, name)
+    frame_of_reference = segmentation.get("FrameOfReferenceUID")
+    check_drawn_on_ct(
+        ct,
+        name,
+        frame_of_reference_uid=str(frame_of_reference) if frame_of_reference else None,
+        referenced_series_uids=_referenced_series_uids(segmentation),
+    )
     segment_number = _choose_segment(segmentation, name, segment_label, property_type)
     description = segmentation.get_segment_description(segment_number)
     label = str(description.segment_label)
-    placer = _FramePlacer(segmentation, ct, name, position_tolerance)
-    mask_array = placer.segment_mask(segment_number)
+    mask_array = _segment_mask(segmentation, ct, name, segment_number, position_tolerance)
     if not mask_array.any():
         raise MaskError(f"segment {segment_number} '{label}' of {name} is empty on CT series {ct.series_instance_uid}")
     mask = sitk.GetImageFromArray(mask_array)
@@ -138,22 +150,12 @@ def _check_native_pixel_data_length(segmentation: hd.seg.Segmentation, name: str
         )
 
 
-def _check_belongs_to_ct(segmentation: hd.seg.Segmentation, ct: CtSeries, name: str) -> None:
-    frame_of_reference = segmentation.get("FrameOfReferenceUID")
-    if frame_of_reference and str(frame_of_reference) != ct.frame_of_reference_uid:
-        raise DicomInputError(
-            f"{name} has FrameOfReferenceUID {frame_of_reference}, but CT series "
-            f"{ct.series_instance_uid} has {ct.frame_of_reference_uid}"
-        )
-    referenced_series = [
+def _referenced_series_uids(segmentation: hd.seg.Segmentation) -> list[str]:
+    return [
         str(item.SeriesInstanceUID)
         for item in segmentation.get("ReferencedSeriesSequence", [])
         if "SeriesInstanceUID" in item
     ]
-    if referenced_series and ct.series_instance_uid not in referenced_series:
-        raise DicomInputError(
-            f"{name} references series {', '.join(referenced_series)}, not CT series {ct.series_instance_uid}"
-        )
 
 
 def _choose_segment(
@@ -192,8 +194,81 @@ def _describe_segments(segmentation: hd.seg.Segmentation, only: list[int] | None
     return ", ".join(parts) or "none"
 
 
-class _FramePlacer:
-    """Maps SEG frames onto CT slice indices and builds one segment's mask."""
+@dataclass(frozen=True)
+class _FrameSlices:
+    """Which CT slice each frame of one segment lands on, and whether all were placed by reference."""
+
+    slice_of_frame: dict[int, int]
+    all_by_reference: bool
+
+
+def _segment_mask(
+    segmentation: hd.seg.Segmentation, ct: CtSeries, name: str, segment_number: int, position_tolerance: float
+) -> NDArray[np.uint8]:
+    """The segment as a z-y-x uint8 mask on the CT grid.
+
+    The frames are checked first (see the module docstring); highdicom then decodes the
+    segment and stacks it, by CT instance when every frame names its source slice, else
+    as a volume laid on the CT by its affine.
+    """
+    frames = _FrameChecker(segmentation, ct, name, position_tolerance).frame_slices(segment_number)
+    nx, ny, nz = ct.image.GetSize()
+    mask = np.zeros((nz, ny, nx), dtype=np.uint8)
+    if not frames.slice_of_frame:
+        return mask
+    # Frames placed by position have an ImagePositionPatient, and so do frames placed by reference
+    # in a SEG with a frame of reference (highdicom's from_dataset requires it): the volume path
+    # stacks any mix of the two.
+    try:
+        if frames.all_by_reference:
+            # Spatial locations were checked per frame (a "NO" reference places nothing), and an
+            # absent SpatialLocationsPreserved means YES here as before; highdicom would refuse it.
+            stored = segmentation.get_pixels_by_source_instance(
+                ct.sop_instance_uids,
+                segment_numbers=[segment_number],
+                ignore_spatial_locations=True,
+                assert_missing_frames_are_empty=True,
+                rescale_fractional=False,
+                skip_overlap_checks=True,
+            )[..., 0]
+            slices = np.arange(nz)
+        else:
+            volume = segmentation.get_volume(
+                segment_numbers=[segment_number], rescale_fractional=False, skip_overlap_checks=True
+            )
+            stored = volume.array[..., 0]
+            slices = np.array([_ct_slice_of_point(ct, volume.affine @ (j, 0.0, 0.0, 1.0)) for j in range(len(stored))])
+    except Exception as exc:  # decoders and highdicom's indexing raise anything on corrupt input
+        raise DicomInputError(
+            f"{name}: cannot decode the frames of segment {segment_number} ({_one_line(exc)})"
+        ) from exc
+    mask[slices] = _threshold(segmentation, stored, segment_number)
+    stray = sorted(set(np.flatnonzero(mask.any(axis=(1, 2))).tolist()) - set(frames.slice_of_frame.values()))
+    if stray:  # highdicom's stacking must agree with the frame-by-frame check above
+        raise DicomInputError(
+            f"{name}: segment {segment_number} fills CT slices {stray} that none of its frames lands on"
+        )
+    return mask
+
+
+def _ct_slice_of_point(ct: CtSeries, point: NDArray[np.float64]) -> int:
+    xyz = (float(point[0]), float(point[1]), float(point[2]))
+    return int(np.rint(ct.image.TransformPhysicalPointToContinuousIndex(xyz)[2]))
+
+
+def _threshold(segmentation: hd.seg.Segmentation, stored: NDArray[Any], segment_number: int) -> NDArray[np.uint8]:
+    """Stored values → tumour (1) or not (0): fractions at least half the maximum, labels equal to the segment."""
+    if segmentation.segmentation_type == hd.seg.SegmentationTypeValues.LABELMAP:
+        # highdicom already maps a single requested segment of a label map to 0/1.
+        return (stored > 0).astype(np.uint8)
+    if segmentation.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL:
+        maximum = float(segmentation.MaximumFractionalValue)
+        return (stored >= FRACTIONAL_THRESHOLD * maximum).astype(np.uint8)
+    return (stored > 0).astype(np.uint8)
+
+
+class _FrameChecker:
+    """Finds the CT slice of every frame of a segment, refusing frames that do not land on one."""
 
     def __init__(
         self,
@@ -214,36 +289,38 @@ class _FramePlacer:
         self._shared = segmentation.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
         self._per_frame = segmentation.get("PerFrameFunctionalGroupsSequence", [])
         self._labelmap = segmentation.segmentation_type == hd.seg.SegmentationTypeValues.LABELMAP
-        self._fractional = segmentation.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
 
-    def segment_mask(self, segment_number: int) -> np.ndarray:
+    def frame_slices(self, segment_number: int) -> _FrameSlices:
         rows, columns = int(self._seg.Rows), int(self._seg.Columns)
-        nx, ny, nz = self._size_xyz
+        nx, ny, _ = self._size_xyz
         if (rows, columns) != (ny, nx):
             raise DicomInputError(
                 f"{self._name} frames are {rows}×{columns}, CT series "
                 f"{self._ct.series_instance_uid} slices are {ny}×{nx}"
             )
-        mask = np.zeros((nz, ny, nx), dtype=np.uint8)
+        slice_of_frame: dict[int, int] = {}
         frame_of_slice: dict[int, int] = {}
+        all_by_reference = True
         for frame_number in range(1, int(self._seg.get("NumberOfFrames", 1)) + 1):
             if not self._frame_holds(frame_number, segment_number):
                 continue
-            k = self._slice_index(frame_number)
+            k, by_reference = self._slice_index(frame_number)
             if k in frame_of_slice:
                 raise DicomInputError(
                     f"{self._name}: frames {frame_of_slice[k]} and {frame_number} of segment "
                     f"{segment_number} both land on CT slice {k}"
                 )
             frame_of_slice[k] = frame_number
-            mask[k] = self._frame_mask(frame_number, segment_number)
-        return mask
+            slice_of_frame[frame_number] = k
+            all_by_reference = all_by_reference and by_reference
+        return _FrameSlices(slice_of_frame, all_by_reference)
 
     def _functional_group(self, frame_number: int, keyword: str) -> Dataset | None:
         per_frame = self._per_frame[frame_number - 1] if self._per_frame else Dataset()
         for groups in (per_frame, self._shared):
             if keyword in groups and len(groups[keyword].value) > 0:
-                return groups[keyword].value[0]
+                item: Dataset = groups[keyword].value[0]
+                return item
         return None
 
     def _frame_holds(self, frame_number: int, segment_number: int) -> bool:
@@ -254,19 +331,8 @@ class _FramePlacer:
             raise DicomInputError(f"{self._name}: frame {frame_number} has no SegmentIdentificationSequence")
         return int(identification.ReferencedSegmentNumber) == segment_number
 
-    def _frame_mask(self, frame_number: int, segment_number: int) -> np.ndarray:
-        try:
-            stored = self._seg.get_stored_frame(frame_number)
-        except Exception as exc:  # decoders raise anything on corrupt pixel data
-            raise DicomInputError(f"{self._name}: cannot decode frame {frame_number} ({_one_line(exc)})") from exc
-        if self._labelmap:
-            return (stored == segment_number).astype(np.uint8)
-        if self._fractional:
-            maximum = float(self._seg.MaximumFractionalValue)
-            return (stored >= FRACTIONAL_THRESHOLD * maximum).astype(np.uint8)
-        return (stored > 0).astype(np.uint8)
-
-    def _slice_index(self, frame_number: int) -> int:
+    def _slice_index(self, frame_number: int) -> tuple[int, bool]:
+        """The frame's CT slice, and whether it was found by the frame's source reference."""
         by_reference = self._slice_by_reference(frame_number)
         position = self._functional_group(frame_number, "PlanePositionSequence")
         if position is None or "ImagePositionPatient" not in position:
@@ -275,7 +341,7 @@ class _FramePlacer:
                     f"{self._name}: frame {frame_number} references no instance of CT series "
                     f"{self._ct.series_instance_uid} and has no ImagePositionPatient"
                 )
-            return by_reference
+            return by_reference, True
         if by_reference is not None:
             k = self._nearest_slice(position.ImagePositionPatient)
             if k != by_reference:
@@ -283,9 +349,9 @@ class _FramePlacer:
                     f"{self._name}: frame {frame_number} references CT slice {by_reference} "
                     f"but its ImagePositionPatient lies on slice {k}"
                 )
-            return by_reference
+            return by_reference, True
         self._check_in_plane_geometry(frame_number)
-        return self._slice_by_position(frame_number, position.ImagePositionPatient)
+        return self._slice_by_position(frame_number, position.ImagePositionPatient), False
 
     def _slice_by_reference(self, frame_number: int) -> int | None:
         derivation = self._functional_group(frame_number, "DerivationImageSequence")
@@ -302,14 +368,14 @@ class _FramePlacer:
             raise DicomInputError(f"{self._name}: frame {frame_number} references {len(slices)} CT slices")
         return slices.pop() if slices else None
 
-    def _continuous_index(self, image_position) -> np.ndarray:
+    def _continuous_index(self, image_position: Sequence[float]) -> NDArray[np.float64]:
         point = tuple(float(v) for v in image_position)
         return np.array(self._ct.image.TransformPhysicalPointToContinuousIndex(point))
 
-    def _nearest_slice(self, image_position) -> int:
+    def _nearest_slice(self, image_position: Sequence[float]) -> int:
         return int(np.rint(self._continuous_index(image_position)[2]))
 
-    def _slice_by_position(self, frame_number: int, image_position) -> int:
+    def _slice_by_position(self, frame_number: int, image_position: Sequence[float]) -> int:
         index = self._continuous_index(image_position)
         nearest = np.rint(index)
         off_grid = np.abs(index - nearest)

@@ -61,9 +61,10 @@ import importlib.metadata
 import math
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any, TypedDict, TypeVar, Unpack
 
 import highdicom as hd
 import numpy as np
@@ -87,6 +88,9 @@ from sclc_risk_node.scoring.types import (
 )
 
 SOFTWARE_NAME = "sclc-risk-node"
+_K = TypeVar("_K")  # the key type of a code table (a stage, an ECOG grade, a risk group)
+#: The series of the SRs (and their key-slice ROI SR) unless the caller gives another.
+RESULT_SERIES_NUMBER = 9001
 
 #: Stated once, in the summary at the top, of every object written with a demonstration model.
 DEMONSTRATION_NOTICE = "demonstration model — not for clinical use"
@@ -182,7 +186,7 @@ def _algorithm_identification(model: ModelIdentity) -> hd.sr.AlgorithmIdentifica
     )
 
 
-def _lookup(table: Mapping, key, field: str) -> Code:
+def _lookup(table: Mapping[_K, Code], key: _K, field: str) -> Code:
     try:
         return table[key]
     except KeyError:
@@ -309,7 +313,11 @@ def risk_label(result: RiskResult, *, report_out_of_domain: bool = False) -> str
 # --- content items ----------------------------------------------------------------------
 
 
-def _text(name: Code, value: str, relationship=hd.sr.RelationshipTypeValues.CONTAINS) -> hd.sr.TextContentItem:
+def _text(
+    name: Code,
+    value: str,
+    relationship: hd.sr.RelationshipTypeValues = hd.sr.RelationshipTypeValues.CONTAINS,
+) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(name=name, value=value, relationship_type=relationship)
 
 
@@ -461,7 +469,7 @@ def document_header(ct: CtSeries) -> Dataset:
 
 def device_observer(manufacturer: str, software_version: str) -> hd.sr.ObserverContext:
     return hd.sr.ObserverContext(
-        observer_type=codes.OBSERVER_TYPE_DEVICE,
+        observer_type=hd.sr.CodedConcept.from_code(codes.OBSERVER_TYPE_DEVICE),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=_DEVICE_OBSERVER_UID,
             name=SOFTWARE_NAME,
@@ -528,7 +536,7 @@ def _volumetric_group(
     return group
 
 
-def _roi_reference(segment: TumourSource, ct: CtSeries) -> dict:
+def _roi_reference(segment: TumourSource, ct: CtSeries) -> dict[str, Any]:
     """TID 1411's ROI: the SEG segment (Referenced Segment), or an RTSTRUCT ROI's own contours.
 
     TID 1411 names its ROI by Referenced Segment (a SEG only), Image Region,
@@ -581,6 +589,23 @@ def _tracking_text(segment: TumourSource, result: RiskResult, report_out_of_doma
     return f"{segment.segment_label}: {what}{demo}"
 
 
+class SrDocumentOptions(TypedDict, total=False):
+    """Document attributes either SR builder takes as keyword arguments (the two SRs share a series).
+
+    ``series_number`` defaults to ``RESULT_SERIES_NUMBER``, ``manufacturer`` to
+    ``SOFTWARE_NAME``, ``software_version`` to the installed package version,
+    ``content_datetime`` (local time) to now; the institution names are left out
+    unless given.
+    """
+
+    series_number: int
+    manufacturer: str
+    software_version: str | None
+    institution_name: str | None
+    institutional_department_name: str | None
+    content_datetime: _dt.datetime | None
+
+
 def build_risk_sr(
     ct: CtSeries,
     segment: TumourSource,
@@ -588,13 +613,8 @@ def build_risk_sr(
     result: RiskResult,
     *,
     report_out_of_domain: bool = False,
-    series_number: int = 9001,
     instance_number: int = 1,
-    manufacturer: str = SOFTWARE_NAME,
-    software_version: str | None = None,
-    institution_name: str | None = None,
-    institutional_department_name: str | None = None,
-    content_datetime: _dt.datetime | None = None,
+    **options: Unpack[SrDocumentOptions],
 ) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 Comprehensive 3D SR for one scored study.
 
@@ -605,8 +625,8 @@ def build_risk_sr(
     slice (``dicom_io.key_slice``), which ``build_key_slice_roi_sr`` outlines.
     ``report_out_of_domain`` decides whether an out-of-domain study's risk
     group and PFS are reported (see the module docstring).
-    ``software_version`` defaults to the installed package version;
-    ``content_datetime`` (local time) defaults to now.  The SR is COMPLETE,
+    The document attributes (series number, manufacturer, software version,
+    institution, content date/time) are ``SrDocumentOptions``.  The SR is COMPLETE,
     UNVERIFIED and PRELIMINARY: a machine result for a radiologist to read,
     not the definitive report.  Raises ``ValueError`` for a value the SR
     cannot represent (unknown stage, non-finite score, PFS horizon other
@@ -623,13 +643,8 @@ def build_risk_sr(
         result=result,
         series_uid=series_uid,
         sop_instance_uid=sop_instance_uid,
-        series_number=series_number,
         instance_number=instance_number,
-        manufacturer=manufacturer,
-        software_version=software_version,
-        institution_name=institution_name,
-        institutional_department_name=institutional_department_name,
-        content_datetime=content_datetime,
+        options=options,
     )
 
 
@@ -640,13 +655,8 @@ def build_key_slice_roi_sr(
     key_slice: KeySlice,
     *,
     report_out_of_domain: bool = False,
-    series_number: int = 9001,
     instance_number: int = 2,
-    manufacturer: str = SOFTWARE_NAME,
-    software_version: str | None = None,
-    institution_name: str | None = None,
-    institutional_department_name: str | None = None,
-    content_datetime: _dt.datetime | None = None,
+    **options: Unpack[SrDocumentOptions],
 ) -> hd.sr.Comprehensive3DSR:
     """A second TID 1500 SR, in the risk SR's series: the tumour outline on the key slice (TID 1410).
 
@@ -672,33 +682,26 @@ def build_key_slice_roi_sr(
         result=result,
         series_uid=series_uid,
         sop_instance_uid=sop_instance_uid,
-        series_number=series_number,
         instance_number=instance_number,
-        manufacturer=manufacturer,
-        software_version=software_version,
-        institution_name=institution_name,
-        institutional_department_name=institutional_department_name,
-        content_datetime=content_datetime,
+        options=options,
     )
 
 
 def _sr_document(
-    groups: list,
+    groups: Sequence[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    ],
     *,
     key_slice_header: Dataset,
     evidence: list[Dataset],
     result: RiskResult,
     series_uid: str,
     sop_instance_uid: str,
-    series_number: int,
     instance_number: int,
-    manufacturer: str,
-    software_version: str | None,
-    institution_name: str | None,
-    institutional_department_name: str | None,
-    content_datetime: _dt.datetime | None,
+    options: SrDocumentOptions,
 ) -> hd.sr.Comprehensive3DSR:
-    software_version = software_version_or_installed(software_version)
+    software_version = software_version_or_installed(options.get("software_version"))
+    manufacturer = options.get("manufacturer", SOFTWARE_NAME)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_device_context=device_observer(manufacturer, software_version)
@@ -712,19 +715,19 @@ def _sr_document(
         # One image, the key slice: OHIF needs the library, a reader needs no list of every slice.
         referenced_images=[key_slice_header],
     )
-    when = content_datetime or _dt.datetime.now()
+    when = options.get("content_datetime") or _dt.datetime.now()
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
         series_instance_uid=series_uid,
-        series_number=series_number,
+        series_number=options.get("series_number", RESULT_SERIES_NUMBER),
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
         manufacturer=manufacturer,
         manufacturer_model_name=SOFTWARE_NAME,
         software_versions=software_version,
-        institution_name=institution_name,
-        institutional_department_name=institutional_department_name,
+        institution_name=options.get("institution_name"),
+        institutional_department_name=options.get("institutional_department_name"),
         is_complete=True,
         is_final=False,
         is_verified=False,
@@ -870,7 +873,7 @@ class RiskSrContent:
     key_slice_sop_instance_uid: str | None = None
 
 
-def _reverse(table: Mapping) -> dict[tuple[str, str], object]:
+def _reverse(table: Mapping[_K, Code]) -> dict[tuple[str, str], _K]:
     return {(code.value, code.scheme_designator): key for key, code in table.items()}
 
 
@@ -907,28 +910,38 @@ def read_risk_sr(dataset: Dataset) -> RiskSrContent:
     features: dict[str, float] = {}
     contributions: dict[str, dict[str, float]] = {"radiomics_term": {}, "integrated_term": {}}
     for measurement in group.get_measurements():
-        name = measurement.name
-        kind = codes.named_concept_kind(name)
-        months = codes.pfs_horizon_months(name)
+        concept = measurement.name
+        kind = codes.named_concept_kind(concept)
+        months = codes.pfs_horizon_months(concept)
         if kind is not None:
-            full_name = _full_name(measurement[0], name.meaning, kind)
+            full_name = _full_name(measurement[0], concept.meaning, kind)
             (features if kind == "feature" else contributions[kind])[full_name] = measurement.value
         elif months is not None:
             pfs_probability[months] = round(measurement.value / 100.0, PERCENT_DECIMALS + 2)
         else:
-            numbers[(name.value, name.scheme_designator)] = measurement.value
+            numbers[(concept.value, concept.scheme_designator)] = measurement.value
 
-    evaluations = {(e.name.value, e.name.scheme_designator): e.value for e in group.get_qualitative_evaluations()}
+    evaluations: dict[tuple[str, str], hd.sr.CodedConcept] = {}
+    for evaluation in group.get_qualitative_evaluations():
+        # highdicom 0.28 annotates QualitativeEvaluation.value as int | float; it is the CODE item's concept.
+        value: object = evaluation.value
+        if not isinstance(value, hd.sr.CodedConcept):
+            raise fail(f"{evaluation.name.meaning!r} has no coded value")
+        evaluations[(evaluation.name.value, evaluation.name.scheme_designator)] = value
 
-    def coded(concept: Code, table: Mapping, *, required: bool = True):
+    def coded_if_present(concept: Code, table: Mapping[_K, Code]) -> _K | None:
         value = evaluations.get((concept.value, concept.scheme_designator))
         if value is None:
-            if required:
-                raise fail(f"no CODE {concept.meaning!r}")
             return None
         key = _reverse(table).get((value.value, value.scheme_designator))
         if key is None:
             raise fail(f"{concept.meaning!r} has unexpected value {value.meaning!r}")
+        return key
+
+    def coded(concept: Code, table: Mapping[_K, Code]) -> _K:
+        key = coded_if_present(concept, table)
+        if key is None:
+            raise fail(f"no CODE {concept.meaning!r}")
         return key
 
     yes_no = {True: codes.YES, False: codes.NO}
@@ -957,7 +970,8 @@ def read_risk_sr(dataset: Dataset) -> RiskSrContent:
     segment_numbers = referenced.referenced_segment_numbers or []
     if len(segment_numbers) != 1:
         raise fail(f"Referenced Segment names {len(segment_numbers)} segment numbers, expected 1")
-    risk_group = coded(codes.RISK_GROUP, codes.RISK_GROUP_VALUES, required=not withheld)
+    risk_group = (coded_if_present if withheld else coded)(codes.RISK_GROUP, codes.RISK_GROUP_VALUES)
+    lossy = coded_if_present(codes.LOSSY_INPUT, yes_no)
     key_slice_uid = None
     for planar in report.get_planar_roi_measurement_groups():
         region = planar.roi
@@ -985,7 +999,7 @@ def read_risk_sr(dataset: Dataset) -> RiskSrContent:
         applicability=DomainStatus(coded(codes.APPLICABILITY, codes.APPLICABILITY_VALUES)),
         applicability_text=_text_item(group[0], codes.APPLICABILITY_DETAIL) or "",
         estimates_withheld=withheld,
-        lossy_compression=bool(coded(codes.LOSSY_INPUT, yes_no, required=False)),
+        lossy_compression=lossy is True,
         summary=summary,
         model=ModelIdentity(
             name=name,

@@ -24,6 +24,7 @@ import datetime as _dt
 import io
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import matplotlib
@@ -31,6 +32,7 @@ import numpy as np
 import SimpleITK as sitk
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
@@ -85,10 +87,11 @@ def summary_title(result: RiskResult) -> str:
     return "SCLC progression risk summary" + (" (DEMO)" if result.model.demonstration else "")
 
 
-def _slice_array(image: sitk.Image, index: int) -> np.ndarray:
+def _slice_array(image: sitk.Image, index: int) -> NDArray[Any]:
     # A copy, not a view: a view does not keep ``image`` alive, and callers pass temporaries
     # (the ring); reading a view of a freed image crashed the scoring worker (SIGSEGV in numpy).
-    return sitk.GetArrayViewFromImage(image)[index].copy()
+    view: NDArray[Any] = sitk.GetArrayViewFromImage(image)
+    return np.array(view[index], copy=True)
 
 
 def _crop_box(mask_slice: np.ndarray, spacing_xy_mm: tuple[float, float]) -> tuple[slice, slice]:
@@ -120,7 +123,7 @@ def render_summary(
     title = summary_title(result)
     with matplotlib.rc_context({"text.parse_math": False, "font.family": "DejaVu Sans", "svg.hashsalt": "0"}):
         fig = Figure(figsize=PAGE_SIZE_IN, dpi=SC_DPI)
-        FigureCanvasAgg(fig)
+        canvas = FigureCanvasAgg(fig)  # becomes fig.canvas; kept typed as the Agg canvas for buffer_rgba
         fig.patch.set_facecolor("white")
         if model.demonstration:
             fig.patches.append(
@@ -251,7 +254,8 @@ def render_summary(
             },
         )
         fig.canvas.draw()
-        rgb = np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy()
+        # matplotlib's Agg backend carries no annotations.
+        rgb = np.asarray(canvas.buffer_rgba())[:, :, :3].copy()  # type: ignore[no-untyped-call]
     return RenderedSummary(pdf=pdf.getvalue(), rgb=rgb, title=title)
 
 
@@ -281,7 +285,7 @@ def patient_line(header: Dataset) -> str:
     return " · ".join(parts)
 
 
-def _copied_patient_study(header: Dataset) -> dict:
+def _copied_patient_study(header: Dataset) -> dict[str, Any]:
     return dict(
         patient_id=header.get("PatientID") or None,
         patient_name=header.get("PatientName") or None,
@@ -297,7 +301,7 @@ def _copied_patient_study(header: Dataset) -> dict:
 
 def _document_attributes(
     result: RiskResult, software_version: str, institution_name: str | None, when: _dt.datetime
-) -> dict:
+) -> dict[str, Any]:
     """The series, equipment and content attributes the PDF and the SC share (as the SRs)."""
     return dict(
         series_description=series_description(result.model),

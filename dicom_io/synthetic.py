@@ -12,6 +12,7 @@ import datetime as _dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import highdicom as hd
 import numpy as np
@@ -19,6 +20,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
@@ -77,6 +79,15 @@ def _ds_decimal(value: float) -> str:
         if float(text) == value:
             break
     return best
+
+
+class CtSeriesOptions(TypedDict, total=False):
+    """The series attributes ``write_ct_series`` passes on to ``ct_datasets_from_image``."""
+
+    series_instance_uid: str | None
+    frame_of_reference_uid: str | None
+    series_number: int
+    series_description: str
 
 
 def ct_datasets_from_image(
@@ -176,7 +187,7 @@ def write_datasets(datasets: Sequence[Dataset], out_dir: Path, *, transfer_synta
             if pydicom.uid.UID(transfer_syntax_uid).is_compressed:
                 ds.compress(transfer_syntax_uid)
             else:
-                ds.file_meta.TransferSyntaxUID = transfer_syntax_uid
+                ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(transfer_syntax_uid)
         path = out_dir / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -195,7 +206,7 @@ def write_ct_series(
     patient: SyntheticPatient | None = None,
     *,
     transfer_syntax_uid: str | None = None,
-    **kwargs,
+    **kwargs: Unpack[CtSeriesOptions],
 ) -> list[Dataset]:
     """Write ``image`` as a CT series into ``out_dir``; return the datasets written."""
     datasets = ct_datasets_from_image(image, patient or SyntheticPatient(), **kwargs)
@@ -206,7 +217,7 @@ def write_ct_series(
 def tumour_segment_description(
     *,
     label: str = "Tumour",
-    property_type: hd.sr.CodedConcept | pydicom.sr.coding.Code = codes.SCT.Neoplasm,
+    property_type: hd.sr.CodedConcept | Code = codes.SCT.Neoplasm,
     segment_number: int = 1,
 ) -> hd.seg.SegmentDescription:
     return hd.seg.SegmentDescription(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from typing import Any
 import pydicom
 
 from sclc_risk_node.node.config import FhirConfig
+from sclc_risk_node.node.files import write_atomically
 from sclc_risk_node.node.logs import get_logger, register_phi_values
 from sclc_risk_node.node.records import StudyRecord
 from sclc_risk_node.node.states import StudyState
@@ -102,10 +102,7 @@ class WaitingReasons:
                     data[study_uid] = entry
             if keep is not None:
                 data = {uid: entry for uid, entry in data.items() if keep(uid)}
-            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-            os.chmod(temporary, 0o600)
-            os.replace(temporary, self.path)
+            write_atomically(self.path, json.dumps(data, indent=1, sort_keys=True), mode=0o600)
 
 
 def store_record(spool, record: ClinicalRecord, *, now: float) -> None:

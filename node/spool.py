@@ -43,7 +43,6 @@ import os
 import shutil
 import sqlite3
 import stat
-import tempfile
 import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -61,6 +60,7 @@ from sclc_risk_node.node.errors import (
     SpoolSchemaError,
     UnknownStudy,
 )
+from sclc_risk_node.node.files import write_atomically
 from sclc_risk_node.node.logs import get_logger
 from sclc_risk_node.node.records import (
     ClinicalRecordRow,
@@ -198,19 +198,11 @@ def place_file_atomically(final_path: Path, data: bytes, *, root: Path) -> None:
     directory = final_path.parent
     try:
         _make_directories_durably(directory, root)
-        fd, temp_name = tempfile.mkstemp(dir=directory, prefix="." + final_path.name + ".", suffix=TEMP_SUFFIX)
     except OSError as exc:
         raise _os_error(exc, f"cannot create a file in {directory}") from exc
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fdatasync(handle.fileno())
-        os.replace(temp_name, final_path)
-        _fsync_directory(directory)
+        write_atomically(final_path, data, mode=0o600, durable=True, temp_suffix=TEMP_SUFFIX)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
         raise _os_error(exc, f"cannot write {final_path.name}") from exc
 
 

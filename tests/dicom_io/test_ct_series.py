@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import random
 import shutil
 import subprocess
@@ -139,6 +140,63 @@ def test_shuffled_nested_files_with_junk_and_other_objects_give_same_image(phant
 
     assert_same_image(ct.image, image)
     assert [h.InstanceNumber for h in ct.headers] == [ds.InstanceNumber for ds in datasets]
+
+
+def part10_bytes(dataset: Dataset) -> bytes:
+    stream = io.BytesIO()
+    dataset.save_as(stream, enforce_file_format=True)
+    return stream.getvalue()
+
+
+def files_around_the_part10_rule(folder: Path, other_series: Dataset) -> dict[str, bool]:
+    """Files on both sides of the Part 10 rule, each with whether the folder reader must open it."""
+    encoded = part10_bytes(other_series)
+    assert encoded[128:132] == b"DICM"
+    files = {
+        "preamble-without-DICM.dcm": (encoded[:128] + b"DICN" + encoded[132:], False),
+        "dataset-without-preamble.dcm": (encoded[132:], False),
+        "DICM-at-the-start.dcm": (b"DICM" + encoded[132:], False),
+        "too-short.dcm": (b"\0" * 130, False),
+        "notes.txt": (b"tumour on slice 5\n", False),
+        "empty.dcm": (b"", False),
+        "magic-then-garbage.dcm": (b"\0" * 128 + b"DICM" + b"\xff" * 64, True),
+    }
+    for name, (data, _) in files.items():
+        (folder / name).write_bytes(data)
+    (folder / "dangling-link.dcm").symlink_to(folder / "absent.dcm")
+    return {name: opened for name, (_, opened) in files.items()} | {"dangling-link.dcm": False}
+
+
+def test_part10_rule_accepts_and_refuses_the_same_files_as_the_former_byte_check(datasets, tmp_path):
+    from sclc_risk_node.dicom_io.ct_series import _is_part10_file
+
+    expected = files_around_the_part10_rule(tmp_path, datasets[0])
+
+    def former_rule(path: Path) -> bool:  # the hand-written check pydicom.misc.is_dicom replaced
+        try:
+            return path.read_bytes()[128:132] == b"DICM"
+        except OSError:
+            return False
+
+    for name, opened in expected.items():
+        assert _is_part10_file(tmp_path / name) is opened is former_rule(tmp_path / name), name
+
+
+def test_files_without_part10_magic_are_skipped_unread(image, datasets, tmp_path):
+    other_series = ct_datasets_from_image(image, PATIENT)[0]  # read, it would make two series
+    write_datasets(datasets, tmp_path)
+    expected = files_around_the_part10_rule(tmp_path, other_series)
+    (tmp_path / "magic-then-garbage.dcm").unlink()
+    assert not any(expected[p.name] for p in tmp_path.iterdir() if p.name in expected)
+
+    assert_same_image(read_ct_series(tmp_path).image, image)
+
+
+def test_file_with_part10_magic_but_garbage_is_refused_by_name(datasets, tmp_path):
+    write_datasets(datasets, tmp_path)
+    (tmp_path / "magic-then-garbage.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)
+
+    assert refusal(tmp_path).startswith("magic-then-garbage.dcm: corrupt or truncated DICOM file (")
 
 
 def test_flat_reading_ignores_subfolders(datasets, tmp_path):
