@@ -433,8 +433,11 @@ _TYPE_ERRORS = frozenset(
 def _problems(error: ValidationError, root: type) -> list[str]:
     """One ``dotted.key: why`` line per pydantic error, in the order pydantic found them."""
     problems: list[str] = []
+    names = [f.name for f in dataclasses.fields(root)] if dataclasses.is_dataclass(root) else []
     for item in error.errors(include_url=False):
         loc = tuple(item["loc"])
+        if loc and isinstance(loc[0], int) and loc[0] < len(names):  # a positional argument
+            loc = (names[loc[0]], *loc[1:])
         where = _dotted_loc(loc)
         kind = item["type"]
         ctx = item.get("ctx") or {}
