@@ -431,8 +431,13 @@ _TYPE_ERRORS = frozenset(
 
 
 def _problems(error: ValidationError, root: type) -> list[str]:
-    """One ``dotted.key: why`` line per pydantic error, in the order pydantic found them."""
-    problems: list[str] = []
+    """One ``dotted.key: why`` line per pydantic error.
+
+    Pydantic reports a table's unknown keys after its known ones; they are moved
+    first, as an operator reads a misspelt key before what follows from it.
+    """
+    found: list[tuple[list[tuple[int, int]], list[str]]] = []
+    first_seen: dict[tuple[int | str, ...], int] = {}
     names = [f.name for f in dataclasses.fields(root)] if dataclasses.is_dataclass(root) else []
     for item in error.errors(include_url=False):
         loc = tuple(item["loc"])
@@ -441,12 +446,19 @@ def _problems(error: ValidationError, root: type) -> list[str]:
         where = _dotted_loc(loc)
         kind = item["type"]
         ctx = item.get("ctx") or {}
+        unknown = kind in ("unexpected_keyword_argument", "extra_forbidden")
+        order = [
+            (0, 0)
+            if unknown and depth == len(loc) - 1
+            else (1, first_seen.setdefault(loc[: depth + 1], len(first_seen)))
+            for depth in range(len(loc))
+        ]
         if kind == _CROSS:
-            problems += [_dotted(where, f"{name}: {text}") for name, text in ctx["problems"]]
+            found.append((order, [_dotted(where, f"{name}: {text}") for name, text in ctx["problems"]]))
             continue
         if kind == _PROBLEM:
             why = ctx["problem"]
-        elif kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        elif unknown:
             _annotation, section = _annotation_at(root, loc)
             why = "unknown key" + _unknown_key_hint(str(loc[-1]), section)
         elif kind in ("missing", "missing_keyword_argument"):
@@ -456,8 +468,9 @@ def _problems(error: ValidationError, root: type) -> list[str]:
             why = f"expected {_describe_type(annotation)}, got {_describe_value(item['input'])}"
         else:  # anything else pydantic finds: its own words, still under the key
             why = item["msg"]
-        problems.append(f"{where}: {why}" if where else why)
-    return problems
+        found.append((order, [f"{where}: {why}" if where else why]))
+    found.sort(key=lambda entry: entry[0])
+    return [problem for _order, problems in found for problem in problems]
 
 
 # --- sections ----------------------------------------------------------------------
