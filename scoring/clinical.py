@@ -652,7 +652,11 @@ class ClinicalInput(BaseModel):
         context = info.context if isinstance(info.context, Mapping) else {}
         raw: Mapping[str, object] = context.get("raw", {})
         # The keys as given (invalid values included) when parsing; else the fields that are set.
-        given = set(raw) if "raw" in context else {name for name in type(self).model_fields if getattr(self, name)}
+        given = (
+            set(raw)
+            if "raw" in context
+            else {name for name in type(self).model_fields if getattr(self, name) not in (None, ())}
+        )
         rules: list[tuple[str, str]] = []
         if not given & set(IDENTIFIER_FIELDS):
             rules.append(
