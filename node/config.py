@@ -329,17 +329,14 @@ def _absolute(value: Path) -> Path:
 
 _Path = Annotated[Path, Strict(), AfterValidator(_absolute)]
 StatePath = Annotated[_Path, _toml_path("state", optional=False)]
-ConfigPath = Annotated[_Path, _toml_path("config", optional=False)]
 OptionalConfigPath = Annotated[_Path | None, _toml_path("config", optional=True)]
-Seconds = Annotated[float, Strict()]
 Flag = Annotated[bool, Strict()]
-Integer = Annotated[int, Strict()]
 Text = Annotated[str, Strict()]
 OptionalText = Annotated[Text | None, BeforeValidator(_none_for_empty_string)]
 AeTitle = Annotated[str, Strict(), _normalised(_strip_padding), _checked(_ae_title)]
 
 #: Every section: unknown keys refused, scalars strict, instances frozen.
-SECTION_CONFIG = ConfigDict(extra="forbid", validate_default=False)
+SECTION_CONFIG = ConfigDict(extra="forbid")
 #: Fields of `NodeConfig` that the loader sets; a TOML file may not.
 DERIVED_KEYS = ("state_directory", "source")
 
@@ -404,7 +401,8 @@ def _annotation_at(root: type, loc: tuple[int | str, ...]) -> tuple[Any, type | 
 
 
 def _toml_keys(section: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(section) if f.name not in DERIVED_KEYS or section is not NodeConfig]
+    derived = DERIVED_KEYS if section is NodeConfig else ()
+    return [f.name for f in dataclasses.fields(section) if f.name not in derived]
 
 
 def _unknown_key_hint(name: str, section: type | None) -> str:
