@@ -25,10 +25,14 @@ Relative paths resolve:
 * paths the node only reads (certificates, model file) against the directory
   of the config file (the working directory when running on the defaults).
 
-Each section is a frozen, slotted dataclass that validates in `__post_init__`,
-so one built in code (e.g. in a test) is held to the same rules as one loaded
-from TOML.  Field types drive the TOML conversion; per-key checks sit in the
-field metadata, cross-key checks in `_cross_checks`.
+Each section is a frozen, slotted pydantic dataclass (``extra="forbid"``, strict
+scalars), so one built in code (e.g. in a test, or by `dataclasses.replace`) is
+held to the same rules as one loaded from TOML.  Pydantic does the type checks
+and the conversion; per-key checks are `AfterValidator`s in the field's
+`Annotated` type, cross-key checks sit in `_cross_checks`, and `_problems`
+turns pydantic's errors back into the ``dotted.key: why`` lines above.  They are
+dataclasses rather than `BaseModel`s because callers rely on dataclass
+behaviour (`dataclasses.replace`, `dataclasses.fields`, `FrozenInstanceError`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import errno
+import functools
 import ipaddress
 import math
 import os
@@ -44,11 +49,22 @@ import ssl
 import tomllib
 import types
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from functools import cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 
 from sclc_risk_node.scoring.errors import InputError
 
@@ -210,31 +226,12 @@ def _log_level(value: str) -> str | None:
 # --- typing helpers ----------------------------------------------------------------
 
 
-@cache
-def _type_hints(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
-
-
 def _unwrap_optional(annotation: Any) -> tuple[bool, Any]:
     if get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in get_args(annotation) if a is not type(None)]
         if len(args) == 1 and len(get_args(annotation)) == 2:
             return True, args[0]
     return False, annotation
-
-
-def _is_instance(value: Any, annotation: Any) -> bool:
-    optional, inner = _unwrap_optional(annotation)
-    if value is None:
-        return optional
-    if get_origin(inner) is tuple:
-        (item_type, _ellipsis) = get_args(inner)
-        return isinstance(value, tuple) and all(_is_instance(v, item_type) for v in value)
-    if inner is Path:
-        return isinstance(value, Path) and value.is_absolute()
-    if inner in (int, float) and isinstance(value, bool):
-        return False
-    return isinstance(value, inner)
 
 
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", Path: "an absolute path"}
@@ -258,63 +255,36 @@ def _describe_value(value: Any) -> str:
     return f"{kind} {shown}".strip()
 
 
-# --- declaring keys ----------------------------------------------------------------
+# --- declaring keys: pydantic does the work, these annotate it ----------------------
+#
+# Each section is a pydantic dataclass (frozen, slotted, ``extra="forbid"``), so one
+# built in code is validated exactly like one loaded from TOML, and callers keep
+# what a dataclass gives them (`dataclasses.replace`, `fields`, equality, hashing).
+# Scalars are strict (no "80" -> 80, no 1 -> true); a TOML integer is accepted where
+# a number of seconds is expected.  A per-key check is an `AfterValidator` that
+# raises our own problem text; `_problems` turns pydantic's errors back into
+# ``dotted.key: why`` lines.
+
+_PROBLEM = "config_problem"
+_CROSS = "config_cross_checks"
 
 
-def _key(
-    check: Check | None = None,
-    *,
-    relative_to: str | None = None,
-    normalise: Callable[[str], str] | None = None,
-    default: Any = dataclasses.MISSING,
-) -> Any:
-    """A config key.
-
-    ``check`` returns a problem text or None; ``normalise`` canonicalises a string
-    before it is checked and stored; ``relative_to`` ("state" or "config") is the
-    base of a relative path.  Keys without a default are required.
-    """
-    return field(default=default, metadata={"check": check, "relative_to": relative_to, "normalise": normalise})
+def _problem(text: str) -> PydanticCustomError:
+    return PydanticCustomError(_PROBLEM, "{problem}", {"problem": text})
 
 
-def _derived(default: Any = dataclasses.MISSING) -> Any:
-    """A field that is not read from TOML (set by the loader)."""
-    return field(default=default, metadata={"toml": False})
+def _checked(check: Check) -> AfterValidator:
+    def validate(value: Any) -> Any:
+        problem = check(value)
+        if problem:
+            raise _problem(problem)
+        return value
+
+    return AfterValidator(validate)
 
 
-class _Validated:
-    """Mixin: run every key's type and value check, then the cross-key checks."""
-
-    __slots__ = ()
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            object.__setattr__(self, f.name, _normalised(f, getattr(self, f.name)))
-        problems: list[str] = []
-        hints = _type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            problem = _field_problem(f, getattr(self, f.name), hints[f.name])
-            if problem:
-                problems.append(f"{f.name}: {problem}")
-        if not problems:
-            problems += [f"{name}: {problem}" for name, problem in self._cross_checks()]
-        if problems:
-            raise ConfigError(problems)
-
-    def _cross_checks(self) -> Iterator[tuple[str, str]]:
-        return iter(())
-
-
-def _field_problem(f: dataclasses.Field, value: Any, annotation: Any) -> str | None:
-    if not _is_instance(value, annotation):
-        return f"expected {_describe_type(annotation)}, got {_describe_value(value)}"
-    check = f.metadata.get("check")
-    return check(value) if check and value is not None else None
-
-
-def _normalised(f: dataclasses.Field, value: Any) -> Any:
-    normalise = f.metadata.get("normalise")
-    return normalise(value) if normalise and isinstance(value, str) else value
+def _normalised(normalise: Callable[[str], str]) -> BeforeValidator:
+    return BeforeValidator(lambda value: normalise(value) if isinstance(value, str) else value)
 
 
 def _strip_padding(value: str) -> str:
@@ -322,15 +292,195 @@ def _strip_padding(value: str) -> str:
     return value.strip(" ") or value
 
 
+def _toml_context(info: ValidationInfo) -> Mapping[str, Path] | None:
+    """The path bases when the value comes from TOML (`load_config`); None when built in code."""
+    context = info.context
+    return context.get("bases") if isinstance(context, Mapping) else None
+
+
+def _none_for_empty_string(value: Any, info: ValidationInfo) -> Any:
+    # TOML has no null: "" means unset, for an optional key read from a file.
+    return None if value == "" and _toml_context(info) is not None else value
+
+
+def _toml_path(relative_to: str, *, optional: bool) -> BeforeValidator:
+    def convert(value: Any, info: ValidationInfo) -> Any:
+        bases = _toml_context(info)
+        if bases is None:  # built in code: must already be an absolute Path
+            return value
+        if optional and value == "":
+            return None
+        if not isinstance(value, str):
+            kind = 'a path string (or "" for none)' if optional else "a path string"
+            raise _problem(f"expected {kind}, got {_describe_value(value)}")
+        if not value.strip():
+            raise _problem("must not be empty")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else bases[relative_to] / path
+
+    return BeforeValidator(convert)
+
+
+def _absolute(value: Path) -> Path:
+    if not value.is_absolute():
+        raise _problem(f"expected an absolute path, got {_describe_value(value)}")
+    return value
+
+
+_Path = Annotated[Path, Strict(), AfterValidator(_absolute)]
+StatePath = Annotated[_Path, _toml_path("state", optional=False)]
+OptionalConfigPath = Annotated[_Path | None, _toml_path("config", optional=True)]
+Flag = Annotated[bool, Strict()]
+Text = Annotated[str, Strict()]
+OptionalText = Annotated[Text | None, BeforeValidator(_none_for_empty_string)]
+AeTitle = Annotated[str, Strict(), _normalised(_strip_padding), _checked(_ae_title)]
+
+#: Every section: unknown keys refused, scalars strict, instances frozen.
+SECTION_CONFIG = ConfigDict(extra="forbid")
+#: Fields of `NodeConfig` that the loader sets; a TOML file may not.
+DERIVED_KEYS = ("state_directory", "source")
+
+_S = TypeVar("_S")
+
+
+def _config_errors(cls: type[_S]) -> type[_S]:
+    """Direct construction (and `dataclasses.replace`) raises `ConfigError`, as loading does."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as exc:
+            raise ConfigError(_problems(exc, cls)) from None
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+class _Section:
+    """Base of every section: the cross-key checks run once every key is valid, all reported at once."""
+
+    __slots__ = ()
+
+    def _cross_checks(self) -> Iterator[tuple[str, str]]:
+        return iter(())
+
+    @model_validator(mode="after")
+    def _cross_checked(self) -> Any:
+        problems = tuple(self._cross_checks())
+        if problems:
+            raise PydanticCustomError(_CROSS, "{problems}", {"problems": problems})
+        return self
+
+
+# --- pydantic's errors -> "dotted.key: why" ---------------------------------------
+
+
+def _dotted_loc(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _annotation_at(root: type, loc: tuple[int | str, ...]) -> tuple[Any, type | None]:
+    """The declared type at ``loc`` and the section class that holds its last key."""
+    annotation: Any = root
+    holder: type | None = None
+    for part in loc:
+        _optional, inner = _unwrap_optional(annotation)
+        if isinstance(part, int) and get_origin(inner) is tuple:
+            annotation = get_args(inner)[0]
+        elif isinstance(part, str) and dataclasses.is_dataclass(inner) and isinstance(inner, type):
+            holder = inner
+            annotation = get_type_hints(inner).get(part, Any)
+        else:
+            return Any, None
+    return annotation, holder
+
+
+def _toml_keys(section: type) -> list[str]:
+    derived = DERIVED_KEYS if section is NodeConfig else ()
+    return [f.name for f in dataclasses.fields(section) if f.name not in derived]
+
+
+def _unknown_key_hint(name: str, section: type | None) -> str:
+    if section is None:
+        return ""
+    keys = _toml_keys(section)
+    close = difflib.get_close_matches(name, keys, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(keys)})"
+
+
+_TYPE_ERRORS = frozenset(
+    {
+        "bool_type",
+        "int_type",
+        "float_type",
+        "string_type",
+        "tuple_type",
+        "dataclass_type",
+        "dataclass_exact_type",
+        "is_instance_of",
+        "path_type",
+    }
+)
+
+
+def _problems(error: ValidationError, root: type) -> list[str]:
+    """One ``dotted.key: why`` line per pydantic error.
+
+    Pydantic reports a table's unknown keys after its known ones; they are moved
+    first, as an operator reads a misspelt key before what follows from it.
+    """
+    found: list[tuple[list[tuple[int, int]], list[str]]] = []
+    first_seen: dict[tuple[int | str, ...], int] = {}
+    names = [f.name for f in dataclasses.fields(root)] if dataclasses.is_dataclass(root) else []
+    for item in error.errors(include_url=False):
+        loc = tuple(item["loc"])
+        if loc and isinstance(loc[0], int) and loc[0] < len(names):  # a positional argument
+            loc = (names[loc[0]], *loc[1:])
+        where = _dotted_loc(loc)
+        kind = item["type"]
+        ctx = item.get("ctx") or {}
+        unknown = kind in ("unexpected_keyword_argument", "extra_forbidden")
+        order = [
+            (0, 0)
+            if unknown and depth == len(loc) - 1
+            else (1, first_seen.setdefault(loc[: depth + 1], len(first_seen)))
+            for depth in range(len(loc))
+        ]
+        if kind == _CROSS:
+            found.append((order, [_dotted(where, f"{name}: {text}") for name, text in ctx["problems"]]))
+            continue
+        if kind == _PROBLEM:
+            why = ctx["problem"]
+        elif unknown:
+            _annotation, section = _annotation_at(root, loc)
+            why = "unknown key" + _unknown_key_hint(str(loc[-1]), section)
+        elif kind in ("missing", "missing_keyword_argument"):
+            why = "missing"
+        elif kind in _TYPE_ERRORS:
+            annotation, _section = _annotation_at(root, loc)
+            why = f"expected {_describe_type(annotation)}, got {_describe_value(item['input'])}"
+        else:  # anything else pydantic finds: its own words, still under the key
+            why = item["msg"]
+        found.append((order, [f"{where}: {why}" if where else why]))
+    found.sort(key=lambda entry: entry[0])
+    return [problem for _order, problems in found for problem in problems]
+
+
 # --- sections ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class CallerRule(_Validated):
+@_config_errors
+@dataclass(frozen=True, slots=True, config=SECTION_CONFIG)
+class CallerRule(_Section):
     """One entry of `scp.allowed_callers`: a calling AE title ("*" = any) from a host or network."""
 
-    ae_title: str = _key(_ae_title_or_any, normalise=_strip_padding)
-    host: str = _key(_ip_network)
+    ae_title: Annotated[str, Strict(), _normalised(_strip_padding), _checked(_ae_title_or_any)]
+    host: Annotated[str, Strict(), _checked(_ip_network)]
 
     @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -350,15 +500,16 @@ def client_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addres
     return ip
 
 
-@dataclass(frozen=True, slots=True)
-class ScpTlsConfig(_Validated):
+@_config_errors
+@dataclass(frozen=True, slots=True, config=SECTION_CONFIG)
+class ScpTlsConfig(_Section):
     """`[scp.tls]`: DICOM TLS on the receiving port (PS3.15 B.1)."""
 
-    enabled: bool = _key()
-    cert_file: Path | None = _key(relative_to="config")
-    key_file: Path | None = _key(relative_to="config")
-    ca_file: Path | None = _key(relative_to="config")
-    require_client_cert: bool = _key()
+    enabled: Flag
+    cert_file: OptionalConfigPath
+    key_file: OptionalConfigPath
+    ca_file: OptionalConfigPath
+    require_client_cert: Flag
 
     def _cross_checks(self) -> Iterator[tuple[str, str]]:
         if not self.enabled:
@@ -395,36 +546,37 @@ class ScpTlsConfig(_Validated):
         return context
 
 
-@dataclass(frozen=True, slots=True)
-class ScpConfig(_Validated):
+@_config_errors
+@dataclass(frozen=True, slots=True, config=SECTION_CONFIG)
+class ScpConfig(_Section):
     """`[scp]`: the storage SCP that receives CT and SEG from the PACS."""
 
-    ae_title: str = _key(_ae_title, normalise=_strip_padding)
-    bind_address: str = _key(_ip_address)
-    port: int = _key(_port)
-    max_pdu_bytes: int = _key(_pdu_bytes)
-    max_associations: int = _key(_range(1, 1000))
-    acse_timeout_s: float = _key(_positive)
-    dimse_timeout_s: float = _key(_positive)
-    network_timeout_s: float = _key(_positive)
-    check_called_ae: bool = _key()
-    allowed_callers: tuple[CallerRule, ...] = _key()
-    tls: ScpTlsConfig = _key()
+    ae_title: AeTitle
+    bind_address: Annotated[str, Strict(), _checked(_ip_address)]
+    port: Annotated[int, Strict(), _checked(_port)]
+    max_pdu_bytes: Annotated[int, Strict(), _checked(_pdu_bytes)]
+    max_associations: Annotated[int, Strict(), _checked(_range(1, 1000))]
+    acse_timeout_s: Annotated[float, Strict(), _checked(_positive)]
+    dimse_timeout_s: Annotated[float, Strict(), _checked(_positive)]
+    network_timeout_s: Annotated[float, Strict(), _checked(_positive)]
+    check_called_ae: Flag
+    allowed_callers: tuple[CallerRule, ...]
+    tls: ScpTlsConfig
     # Connections that have not yet sent an A-ASSOCIATE-RQ ("pending"): they are
     # unauthenticated, so they get a short deadline and a budget of their own and
     # never count against max_associations (node.scp.ConnectionGate).
     #: Seconds from TCP accept (TLS handshake included) to a complete A-ASSOCIATE-RQ.
-    preassociation_timeout_s: float = _key(_range(0.5, 60), default=5.0)
+    preassociation_timeout_s: Annotated[float, Strict(), _checked(_range(0.5, 60))] = 5.0
     #: Pending connections allowed at once from one IP address.
-    preassociation_per_ip: int = _key(_range(1, 100), default=4)
+    preassociation_per_ip: Annotated[int, Strict(), _checked(_range(1, 100))] = 4
     #: Pending connections allowed at once from all addresses together.
-    preassociation_total: int = _key(_range(1, 1000), default=32)
+    preassociation_total: Annotated[int, Strict(), _checked(_range(1, 1000))] = 32
     #: One ``peer_refused`` log line per (IP, reason) per this many seconds.
-    refused_log_interval_s: float = _key(_range(0, 86400), default=60.0)
+    refused_log_interval_s: Annotated[float, Strict(), _checked(_range(0, 86400))] = 60.0
     #: Largest decoded pixel data of one instance (Rows × Columns × frames × samples × bytes).
-    max_decoded_bytes: int = _key(_range(MIN_INSTANCE_LIMIT_BYTES), default=256 * 2**20)
+    max_decoded_bytes: Annotated[int, Strict(), _checked(_range(MIN_INSTANCE_LIMIT_BYTES))] = 256 * 2**20
     #: Largest inflated data set of a Deflated Explicit VR Little Endian instance.
-    max_inflated_bytes: int = _key(_range(MIN_INSTANCE_LIMIT_BYTES), default=32 * 2**20)
+    max_inflated_bytes: Annotated[int, Strict(), _checked(_range(MIN_INSTANCE_LIMIT_BYTES))] = 32 * 2**20
 
     def _cross_checks(self) -> Iterator[tuple[str, str]]:
         if not self.allowed_callers:
@@ -454,37 +606,40 @@ class ScpConfig(_Validated):
         return any(ip in rule.network for rule in self.allowed_callers)
 
 
-@dataclass(frozen=True, slots=True)
-class SpoolConfig(_Validated):
+@_config_errors
+@dataclass(frozen=True, slots=True, config=SECTION_CONFIG)
+class SpoolConfig(_Section):
     """`[spool]`: where received instances, SRs and the SQLite state live."""
 
-    directory: Path = _key(relative_to="state")
-    database: Path = _key(relative_to="state")
-    min_free_bytes: int = _key(_non_negative)
-    retention_after_delivery_s: float = _key(_non_negative)
-    retention_failed_s: float = _key(_non_negative)
+    directory: StatePath
+    database: StatePath
+    min_free_bytes: Annotated[int, Strict(), _checked(_non_negative)]
+    retention_after_delivery_s: Annotated[float, Strict(), _checked(_non_negative)]
+    retention_failed_s: Annotated[float, Strict(), _checked(_non_negative)]
 
 
-@dataclass(frozen=True, slots=True)
-class CompletionConfig(_Validated):
+@_config_errors
+@dataclass(frozen=True, slots=True, config=SECTION_CONFIG)
+class CompletionConfig(_Section):
     """`[completion]`: when a study counts as complete, or is given up on."""
 
-    grace_s: float = _key(_positive)
-    study_expiry_s: float = _key(_positive)
+    grace_s: Annotated[float, Strict(), _checked(_positive)]
+    study_expiry_s: Annotated[float, Strict(), _checked(_positive)]
 
     def _cross_checks(self) -> Iterator[tuple[str, str]]:
         if self.grace_s >= self.study_expiry_s:
             yield "grace_s", f"{self.grace_s} must be shorter than study_expiry_s ({self.study_expiry_s})"
 
 
-@dataclass(frozen=True, slots=True)
-class ClinicalConfig(_Validated):
+@_config_errors
+@dataclass(frozen=True, slots=True, config=SECTION_CONFIG)
+class ClinicalConfig(_Section):
     """`[clinical]`: the folder clinical records (JSON/CSV) are dropped into."""
 
-    inbox_directory: Path = _key(relative_to="state")
-    poll_interval_s: float = _key(_positive)
+    inbox_directory: StatePath
+    poll_interval_s: Annotated[float, Strict(), _checked(_positive)]
     #: A record no study uses (never matched, or superseded by a correction) is deleted this long after it arrived.
-    unmatched_record_retention_s: float = _key(_non_negative, default=2592000.0)
+    unmatched_record_retention_s: Annotated[float, Strict(), _checked(_non_negative)] = 2592000.0
 
 
 FHIR_AUTH_MODES = ("none", "basic", "bearer")
@@ -494,28 +649,29 @@ def _fhir_auth(value: str) -> str | None:
     return None if value in FHIR_AUTH_MODES else f"{value!r} is not one of {', '.join(FHIR_AUTH_MODES)}"
 
 
-@dataclass(frozen=True, slots=True)
-class FhirConfig(_Validated):
+@_config_errors
+@dataclass(frozen=True, slots=True, config=SECTION_CONFIG)
+class FhirConfig(_Section):
     """`[fhir]`: look up missing clinical records on a FHIR R4 server (node.fhir_client, node.fhir_lookup)."""
 
-    enabled: bool = _key(default=False)
+    enabled: Flag = False
     #: e.g. "https://ehr.example.org/fhir"; required when enabled.
-    base_url: str = _key(default="")
-    auth: str = _key(_fhir_auth, normalise=str.lower, default="none")
-    username: str | None = _key(default=None)
+    base_url: Text = ""
+    auth: Annotated[str, Strict(), _normalised(str.lower), _checked(_fhir_auth)] = "none"
+    username: OptionalText = None
     #: Secrets are read from files (mode 0600), never written in this config.
-    password_file: Path | None = _key(relative_to="config", default=None)
-    token_file: Path | None = _key(relative_to="config", default=None)
+    password_file: OptionalConfigPath = None
+    token_file: OptionalConfigPath = None
     #: None: the system trust store.
-    ca_file: Path | None = _key(relative_to="config", default=None)
+    ca_file: OptionalConfigPath = None
     #: Patient.identifier system the DICOM PatientID belongs to; None: search by value alone.
-    patient_identifier_system: str | None = _key(default=None)
+    patient_identifier_system: OptionalText = None
     #: Observations older than this before the study date are not used.
-    lookback_days: float = _key(_positive, default=90.0)
+    lookback_days: Annotated[float, Strict(), _checked(_positive)] = 90.0
     #: Per HTTP request (connect and each read).
-    timeout_s: float = _key(_positive, default=10.0)
+    timeout_s: Annotated[float, Strict(), _checked(_positive)] = 10.0
     #: A study still waiting is looked up again after this long.
-    retry_interval_s: float = _key(_positive, default=300.0)
+    retry_interval_s: Annotated[float, Strict(), _checked(_positive)] = 300.0
 
     def _cross_checks(self) -> Iterator[tuple[str, str]]:
         if not self.enabled:
@@ -536,35 +692,41 @@ class FhirConfig(_Validated):
                 yield name, problem
 
 
-@dataclass(frozen=True, slots=True)
-class ScoringConfig(_Validated):
+@_config_errors
+@dataclass(frozen=True, slots=True, config=SECTION_CONFIG)
+class ScoringConfig(_Section):
     """`[scoring]`: the model and the workers that run it."""
 
     #: None: the shipped demonstration model (`node.scoring_job.default_model_path()`).
-    model_file: Path | None = _key(_readable_file, relative_to="config")
-    workers: int = _key(_workers)
-    lease_s: float = _key(_positive)
+    model_file: Annotated[Annotated[_Path, _checked(_readable_file)] | None, _toml_path("config", optional=True)]
+    workers: Annotated[int, Strict(), _checked(_workers)]
+    lease_s: Annotated[float, Strict(), _checked(_positive)]
     #: None: the segment whose property type is SCT Neoplasm.
-    segment_label: str | None = _key(_not_blank)
+    segment_label: Annotated[
+        Annotated[str, Strict(), _checked(_not_blank)] | None, BeforeValidator(_none_for_empty_string)
+    ]
     #: False: a lossy-compressed CT series fails scoring with a reason naming the transfer syntax.
-    allow_lossy_ct: bool = _key(default=False)
+    allow_lossy_ct: Flag = False
     #: RTSTRUCT input: regular expression (case-insensitive) for the tumour ROI's name; None: GTV-like
     #: names (`dicom_io.rtstruct.DEFAULT_ROI_NAME_PATTERN`), then RT ROI Interpreted Type GTV/TUMOR.
-    rtstruct_roi_pattern: str | None = _key(_regex, default=None)
+    rtstruct_roi_pattern: Annotated[
+        Annotated[str, Strict(), _checked(_regex)] | None, BeforeValidator(_none_for_empty_string)
+    ] = None
     #: False: an out-of-domain result withholds risk group and PFS (scoring.domain, docs/model-format.md).
-    report_out_of_domain: bool = _key(default=False)
+    report_out_of_domain: Flag = False
 
 
-@dataclass(frozen=True, slots=True)
-class DestinationTlsConfig(_Validated):
+@_config_errors
+@dataclass(frozen=True, slots=True, config=SECTION_CONFIG)
+class DestinationTlsConfig(_Section):
     """`destinations[].tls`: DICOM TLS when sending to that destination."""
 
-    enabled: bool = _key(default=False)
+    enabled: Flag = False
     #: None: the system trust store.
-    ca_file: Path | None = _key(relative_to="config", default=None)
+    ca_file: OptionalConfigPath = None
     #: Client certificate and key, for destinations that require one (both or neither).
-    cert_file: Path | None = _key(relative_to="config", default=None)
-    key_file: Path | None = _key(relative_to="config", default=None)
+    cert_file: OptionalConfigPath = None
+    key_file: OptionalConfigPath = None
 
     def _cross_checks(self) -> Iterator[tuple[str, str]]:
         if not self.enabled:
@@ -610,66 +772,71 @@ def _object_kinds(value: tuple[str, ...]) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class DestinationConfig(_Validated):
+@_config_errors
+@dataclass(frozen=True, slots=True, config=SECTION_CONFIG)
+class DestinationConfig(_Section):
     """One `[[destinations]]` entry: a C-STORE SCP the node's objects are sent to."""
 
-    name: str = _key(_name)
-    ae_title: str = _key(_ae_title, normalise=_strip_padding)
-    host: str = _key(_host)
-    port: int = _key(_positive_port)
-    tls: DestinationTlsConfig = _key(default=DestinationTlsConfig())
+    name: Annotated[str, Strict(), _checked(_name)]
+    ae_title: AeTitle
+    host: Annotated[str, Strict(), _checked(_host)]
+    port: Annotated[int, Strict(), _checked(_positive_port)]
+    tls: DestinationTlsConfig = DestinationTlsConfig()
     #: Which of the study's objects this destination gets (default: all four).
-    objects: tuple[str, ...] = _key(_object_kinds, default=RESULT_OBJECT_KINDS)
+    objects: Annotated[tuple[Text, ...], _checked(_object_kinds)] = RESULT_OBJECT_KINDS
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxConfig(_Validated):
+@_config_errors
+@dataclass(frozen=True, slots=True, config=SECTION_CONFIG)
+class OutboxConfig(_Section):
     """`[outbox]`: retries of SR deliveries (exponential backoff with a cap)."""
 
-    initial_backoff_s: float = _key(_positive)
-    max_backoff_s: float = _key(_positive)
+    initial_backoff_s: Annotated[float, Strict(), _checked(_positive)]
+    max_backoff_s: Annotated[float, Strict(), _checked(_positive)]
     #: 0: retry forever (the delivery stays visible as pending).
-    max_attempts: int = _key(_non_negative)
+    max_attempts: Annotated[int, Strict(), _checked(_non_negative)]
 
     def _cross_checks(self) -> Iterator[tuple[str, str]]:
         if self.initial_backoff_s > self.max_backoff_s:
             yield "initial_backoff_s", f"{self.initial_backoff_s} is above max_backoff_s ({self.max_backoff_s})"
 
 
-@dataclass(frozen=True, slots=True)
-class HttpConfig(_Validated):
+@_config_errors
+@dataclass(frozen=True, slots=True, config=SECTION_CONFIG)
+class HttpConfig(_Section):
     """`[http]`: /healthz and /metrics (see node.http_status)."""
 
-    enabled: bool = _key()
-    bind_address: str = _key(_ip_address)
-    port: int = _key(_port)
+    enabled: Flag
+    bind_address: Annotated[str, Strict(), _checked(_ip_address)]
+    port: Annotated[int, Strict(), _checked(_port)]
 
 
-@dataclass(frozen=True, slots=True)
-class LoggingConfig(_Validated):
+@_config_errors
+@dataclass(frozen=True, slots=True, config=SECTION_CONFIG)
+class LoggingConfig(_Section):
     """`[logging]`: JSON lines on stdout (journald)."""
 
-    level: str = _key(_log_level, normalise=str.upper)
+    level: Annotated[str, Strict(), _normalised(str.upper), _checked(_log_level)]
 
 
-@dataclass(frozen=True, slots=True)
-class NodeConfig(_Validated):
-    scp: ScpConfig = _key()
-    spool: SpoolConfig = _key()
-    completion: CompletionConfig = _key()
-    clinical: ClinicalConfig = _key()
-    scoring: ScoringConfig = _key()
-    outbox: OutboxConfig = _key()
-    http: HttpConfig = _key()
-    logging: LoggingConfig = _key()
-    #: Base of relative writable paths (see module docstring).
-    state_directory: Path = _derived()
-    #: The file loaded over the defaults; None when running on the embedded defaults.
-    source: Path | None = _derived()
+@_config_errors
+@dataclass(frozen=True, slots=True, config=SECTION_CONFIG)
+class NodeConfig(_Section):
+    scp: ScpConfig
+    spool: SpoolConfig
+    completion: CompletionConfig
+    clinical: ClinicalConfig
+    scoring: ScoringConfig
+    outbox: OutboxConfig
+    http: HttpConfig
+    logging: LoggingConfig
+    #: Base of relative writable paths (see module docstring); set by the loader, not a TOML key.
+    state_directory: _Path
+    #: The file loaded over the defaults; None when running on the embedded defaults.  Not a TOML key.
+    source: _Path | None
     #: Empty: SRs are produced and kept in the spool but sent nowhere.
-    destinations: tuple[DestinationConfig, ...] = _key(default=())
-    fhir: FhirConfig = _key(default=FhirConfig())
+    destinations: tuple[DestinationConfig, ...] = ()
+    fhir: FhirConfig = FhirConfig()
 
     def _cross_checks(self) -> Iterator[tuple[str, str]]:
         seen: dict[str, int] = {}
@@ -761,7 +928,7 @@ def load_config(path: Path | None = None, *, environ: Mapping[str, str] | None =
         config_directory = source.parent
     state_directory = default_state_directory(environ)
     bases = {"state": state_directory, "config": config_directory}
-    return _build(NodeConfig, raw, "", bases, {"state_directory": state_directory, "source": source})
+    return _validated(raw, bases, state_directory=state_directory, source=source)
 
 
 def _parse_toml(text: str, where: str) -> dict[str, Any]:
@@ -785,71 +952,20 @@ def _dotted(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _build(cls: type, raw: Any, where: str, bases: Mapping[str, Path], derived_values: Mapping[str, Any] | None = None):
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{where}: expected a table, got {_describe_value(raw)}"])
-    hints = _type_hints(cls)
-    keys = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("toml", True)}
-    problems = []
-    for name in raw:
-        if name not in keys:
-            close = difflib.get_close_matches(name, keys, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(keys)})"
-            problems.append(f"{_dotted(where, name)}: unknown key{hint}")
-    values: dict[str, Any] = dict(derived_values or {})
-    for name, f in keys.items():
-        if name not in raw:
-            if f.default is dataclasses.MISSING:
-                problems.append(f"{_dotted(where, name)}: missing")
-            continue
-        try:
-            values[name] = _convert(raw[name], hints[name], _dotted(where, name), f.metadata.get("relative_to"), bases)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-            continue
-        # Check each key now, so one bad key does not hide the others' problems;
-        # the constructor below repeats this and adds the cross-key checks.
-        problem = _field_problem(f, _normalised(f, values[name]), hints[name])
-        if problem:
-            problems.append(f"{_dotted(where, name)}: {problem}")
+_NODE_CONFIG = TypeAdapter(NodeConfig)
+
+
+def _validated(
+    raw: dict[str, Any], bases: Mapping[str, Path], *, state_directory: Path, source: Path | None
+) -> NodeConfig:
+    """Pydantic validates the merged TOML; every problem becomes one ``dotted.key: why`` line."""
+    problems = [f"{name}: unknown key{_unknown_key_hint(name, NodeConfig)}" for name in DERIVED_KEYS if name in raw]
+    values = {name: value for name, value in raw.items() if name not in DERIVED_KEYS}
+    values.update(state_directory=state_directory, source=source)
+    try:
+        config = _NODE_CONFIG.validate_python(values, context={"bases": bases})
+    except ValidationError as exc:
+        problems += _problems(exc, NodeConfig)
     if problems:
         raise ConfigError(problems)
-    try:
-        return cls(**values)
-    except ConfigError as exc:
-        raise ConfigError([_dotted(where, problem) for problem in exc.problems]) from None
-
-
-def _convert(raw: Any, annotation: Any, where: str, relative_to: str | None, bases: Mapping[str, Path]) -> Any:
-    declared = annotation
-    optional, annotation = _unwrap_optional(annotation)
-    if optional and raw == "":
-        return None
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, raw, where, bases)
-    if get_origin(annotation) is tuple:
-        if not isinstance(raw, list):
-            raise ConfigError([f"{where}: expected an array of tables, got {_describe_value(raw)}"])
-        (item_type, _ellipsis) = get_args(annotation)
-        items, problems = [], []
-        for index, item in enumerate(raw):
-            try:
-                items.append(_convert(item, item_type, f"{where}[{index}]", relative_to, bases))
-            except ConfigError as exc:
-                problems.extend(exc.problems)
-        if problems:
-            raise ConfigError(problems)
-        return tuple(items)
-    if annotation is Path:
-        if not isinstance(raw, str):
-            kind = 'a path string (or "" for none)' if optional else "a path string"
-            raise ConfigError([f"{where}: expected {kind}, got {_describe_value(raw)}"])
-        if not raw.strip():
-            raise ConfigError([f"{where}: must not be empty"])
-        path = Path(raw).expanduser()
-        return path if path.is_absolute() else bases[relative_to or "config"] / path
-    if annotation is float and isinstance(raw, int) and not isinstance(raw, bool):
-        return float(raw)
-    if not _is_instance(raw, annotation):
-        raise ConfigError([f"{where}: expected {_describe_type(declared)}, got {_describe_value(raw)}"])
-    return raw
+    return config

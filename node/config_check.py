@@ -119,7 +119,7 @@ def _service_running(config: NodeConfig) -> str | None:
 
 def _listen_problems(section: str, address: str, port: int, serving: str | None) -> list[str]:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    problems = []
+    problems: list[str] = []
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((address, 0))

@@ -5,6 +5,13 @@ per row) and are validated field by field; every problem in a record is
 reported at once in one `ClinicalRecordError`.  The accepted formats are
 documented in docs/clinical-record.md.
 
+Validation is pydantic's: `ClinicalInput` (a model with ``extra="forbid"``)
+parses each field as given, with a validator per field for the lenient
+spellings, and checks the rules over the whole record; `ClinicalRecord`,
+`LabValues` and `ValueProvenance` are frozen pydantic dataclasses, so one
+built in code is held to the same types.  `_problems` turns pydantic's errors
+into the ``field: why (allowed: ...)`` problems the formats document.
+
 Identifiers (patient_id, accession_number, study_instance_uid) are PHI: no
 message raised here ever contains their values, and they are hidden from the
 record's repr.
@@ -13,14 +20,31 @@ record's repr.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import enum
+import functools
 import io
 import math
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass as stdlib_dataclass
 from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
+from typing import Annotated, Any, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 
 from sclc_risk_node.scoring.errors import ClinicalRecordError
 from sclc_risk_node.scoring.strict_json import loads_strict
@@ -80,19 +104,73 @@ CLINICAL_FIELD_LEVELS: Mapping[str, tuple[str, ...]] = MappingProxyType(
 #: Fields that also have a numeric value a model may use directly.
 NUMERIC_CLINICAL_FIELDS = ("ecog", "lipi", "age")
 MODEL_CLINICAL_FIELDS = tuple(sorted(set(CLINICAL_FIELD_LEVELS) | set(NUMERIC_CLINICAL_FIELDS)))
+LIPI_SOURCES = ("given", "labs", "given+labs")
+
+# --- pydantic: the records and the input are pydantic models; these turn its
+# errors into the ``field: why (allowed: ...)`` problems of `ClinicalRecordError`.
+
+_PROBLEM = "clinical_problem"
+_RULES = "clinical_rules"
+#: Records and their parts: unknown fields refused, instances frozen.
+_RECORD_CONFIG = ConfigDict(extra="forbid")
 
 
-@dataclass(frozen=True, slots=True)
+def _problem(text: str) -> PydanticCustomError:
+    return PydanticCustomError(_PROBLEM, "{problem}", {"problem": text})
+
+
+def _construction_problems(error: ValidationError, cls: type) -> list[str]:
+    """Problems of a record built directly in code: ``field: value is not allowed (...)``."""
+    problems: list[str] = []
+    names = [f.name for f in dataclasses.fields(cls)]
+    for item in error.errors(include_url=False):
+        loc, kind, ctx = item["loc"], item["type"], item.get("ctx") or {}
+        if loc and isinstance(loc[0], int) and loc[0] < len(names):  # a positional argument
+            loc = (names[loc[0]], *loc[1:])
+        name = ".".join(str(part) for part in loc) or "record"
+        if kind == _RULES:
+            problems += [text for _slot, text in ctx["rules"]]
+        elif kind == _PROBLEM:
+            problems.append(f"{name}: {ctx['problem']}")
+        elif name == "ecog":
+            problems.append(f"ecog: {item['input']!r} is not allowed (allowed: integer 0-4)")
+        elif name == "lipi":
+            problems.append(f"lipi: {item['input']!r} is not allowed (allowed: Lipi)")
+        else:
+            problems.append(f"{name}: {item['input']!r} is not allowed ({item['msg']})")
+    return problems
+
+
+_T = TypeVar("_T")
+
+
+def _clinical_errors(cls: type[_T]) -> type[_T]:
+    """Direct construction raises `ClinicalRecordError` listing every problem, as parsing does."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as exc:
+            raise ClinicalRecordError(_construction_problems(exc, cls)) from None
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+@_clinical_errors
+@dataclass(frozen=True, slots=True, config=_RECORD_CONFIG)
 class LabValues:
     """Blood counts and LDH used to compute LIPI.
 
     ``anc`` and ``wbc`` in the same unit (e.g. 10^9/L); ``ldh`` and ``ldh_uln`` in the same unit (U/L).
     """
 
-    anc: float
-    wbc: float
-    ldh: float
-    ldh_uln: float
+    anc: Annotated[float, Strict()]
+    wbc: Annotated[float, Strict()]
+    ldh: Annotated[float, Strict()]
+    ldh_uln: Annotated[float, Strict()]
 
     @property
     def dnlr(self) -> float:
@@ -147,7 +225,11 @@ _N0_BY_SUBSTAGE = {"T1mi": "IA1", "T1a": "IA1", "T1b": "IA2", "T1c": "IA3", "T2a
 _M1_STAGE_GROUPS = {"M1": "IVA-IVB", "M1a": "IVA", "M1b": "IVA", "M1c": "IVB"}
 
 
-@dataclass(frozen=True, slots=True)
+_NonBlankText = Annotated[str, Strict(), Field(pattern=r"\S")]
+
+
+@_clinical_errors
+@dataclass(frozen=True, slots=True, config=_RECORD_CONFIG)
 class ValueProvenance:
     """Where one record value came from: the FHIR resource and its clinically relevant date.
 
@@ -156,10 +238,10 @@ class ValueProvenance:
     (``Observation/abc``) and ``date`` its effective date/time as written (ISO 8601).
     """
 
-    field: str
-    code: str
-    resource: str
-    date: str
+    field: _NonBlankText
+    code: _NonBlankText
+    resource: _NonBlankText
+    date: _NonBlankText
 
     def to_mapping(self) -> dict[str, str]:
         return {"field": self.field, "code": self.code, "resource": self.resource, "date": self.date}
@@ -168,7 +250,17 @@ class ValueProvenance:
 _PROVENANCE_KEYS = ("field", "code", "resource", "date")
 
 
-@dataclass(frozen=True, slots=True)
+def _one_of(allowed: tuple[str, ...]) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise _problem(f"{value!r} is not allowed (allowed: {', '.join(allowed)})")
+        return value
+
+    return AfterValidator(check)
+
+
+@_clinical_errors
+@dataclass(frozen=True, slots=True, config=_RECORD_CONFIG)
 class ClinicalRecord:
     """One patient's clinical inputs, validated.
 
@@ -179,53 +271,44 @@ class ClinicalRecord:
     ``t_substage`` keeps an AJCC descriptor such as ``T1a`` when one was given
     (``t_stage`` is then its main stage).  ``age`` (years), ``sex`` (F/M/O),
     ``brain_metastases`` and ``liver_metastases`` are optional.
+
+    A pydantic dataclass: one built directly in code is held to the same types
+    and values as one parsed by `clinical_record_from_mapping` (which first
+    accepts the lenient spellings, see `ClinicalInput`).
     """
 
-    t_stage: str
-    n_stage: str
-    m_stage: str
-    ecog: int
+    t_stage: Annotated[str, Strict(), _one_of(T_STAGES)]
+    n_stage: Annotated[str, Strict(), _one_of(N_STAGES)]
+    m_stage: Annotated[str, Strict(), _one_of(M_STAGES)]
+    ecog: Annotated[int, Strict(), Field(ge=ECOG_RANGE[0], le=ECOG_RANGE[1])]
+    #: A `Lipi`; an integer 0-2 is turned into one.
     lipi: Lipi
-    lipi_source: str
-    patient_id: str | None = field(default=None, repr=False)
-    accession_number: str | None = field(default=None, repr=False)
-    study_instance_uid: str | None = field(default=None, repr=False)
+    lipi_source: Annotated[str, Strict(), _one_of(LIPI_SOURCES)]
+    patient_id: Annotated[str, Strict()] | None = Field(default=None, repr=False)
+    accession_number: Annotated[str, Strict()] | None = Field(default=None, repr=False)
+    study_instance_uid: Annotated[str, Strict()] | None = Field(default=None, repr=False)
     labs: LabValues | None = None
-    t_substage: str | None = None
-    age: float | None = None
-    sex: str | None = None
-    brain_metastases: bool | None = None
-    liver_metastases: bool | None = None
+    t_substage: Annotated[str, Strict()] | None = None
+    age: Annotated[float, Strict()] | None = None
+    sex: Annotated[str, Strict(), _one_of(SEXES)] | None = None
+    brain_metastases: Annotated[bool, Strict()] | None = None
+    liver_metastases: Annotated[bool, Strict()] | None = None
     provenance: tuple[ValueProvenance, ...] = ()
 
-    def __post_init__(self) -> None:
-        # A guard for records built directly in code; parsed records already
-        # passed the fuller checks in `clinical_record_from_mapping`.
-        if isinstance(self.lipi, int) and not isinstance(self.lipi, Lipi) and self.lipi in (0, 1, 2):
-            object.__setattr__(self, "lipi", Lipi(self.lipi))
-        problems = []
-        if self.t_stage not in T_STAGES:
-            problems.append(f"t_stage: {self.t_stage!r} is not allowed (allowed: {', '.join(T_STAGES)})")
+    @model_validator(mode="after")
+    def _consistent(self) -> ClinicalRecord:
+        rules = []
         if self.t_substage is not None and (self.t_substage not in T_SUBSTAGES or self.t_substage[:2] != self.t_stage):
-            problems.append(f"t_substage: {self.t_substage!r} does not refine t_stage {self.t_stage!r}")
-        if self.n_stage not in N_STAGES:
-            problems.append(f"n_stage: {self.n_stage!r} is not allowed (allowed: {', '.join(N_STAGES)})")
-        if self.m_stage not in M_STAGES:
-            problems.append(f"m_stage: {self.m_stage!r} is not allowed (allowed: {', '.join(M_STAGES)})")
-        if isinstance(self.ecog, bool) or not isinstance(self.ecog, int) or not 0 <= self.ecog <= 4:
-            problems.append(f"ecog: {self.ecog!r} is not allowed (allowed: integer 0-4)")
-        if not isinstance(self.lipi, Lipi):
-            problems.append(f"lipi: {self.lipi!r} is not allowed (allowed: Lipi)")
-        if self.lipi_source not in ("given", "labs", "given+labs"):
-            problems.append(f"lipi_source: {self.lipi_source!r} is not allowed (allowed: given, labs, given+labs)")
+            rules.append(("t_substage", f"t_substage: {self.t_substage!r} does not refine t_stage {self.t_stage!r}"))
         if ("labs" in self.lipi_source) != (self.labs is not None):
-            problems.append(f"lipi_source: {self.lipi_source!r} does not match whether labs are present")
+            rules.append(("lipi_source", f"lipi_source: {self.lipi_source!r} does not match whether labs are present"))
         if not any(getattr(self, name) for name in IDENTIFIER_FIELDS):
-            problems.append(f"identifier: missing (allowed: at least one of {', '.join(IDENTIFIER_FIELDS)})")
-        if self.sex is not None and self.sex not in SEXES:
-            problems.append(f"sex: {self.sex!r} is not allowed (allowed: {', '.join(SEXES)})")
-        if problems:
-            raise ClinicalRecordError(problems)
+            rules.append(
+                ("identifier", f"identifier: missing (allowed: at least one of {', '.join(IDENTIFIER_FIELDS)})")
+            )
+        if rules:
+            raise PydanticCustomError(_RULES, "{rules}", {"rules": tuple(rules)})
+        return self
 
     def to_mapping(self) -> dict[str, object]:
         """The record as documented input keys; `clinical_record_from_mapping` reads it back to an equal record."""
@@ -283,10 +366,10 @@ class ClinicalRecord:
             return str(self.ecog)
         if field_name == "lipi":
             return self.lipi.label
-        value = getattr(self, field_name)
+        value: object = getattr(self, field_name)
         if isinstance(value, bool):
             return "yes" if value else "no"
-        return value
+        return None if value is None else str(value)
 
     def number(self, field_name: str) -> float | None:
         """The field's numeric value (ECOG score, LIPI factor count, age in years); None if not recorded."""
@@ -364,50 +447,44 @@ def _stage_token(value: object, letter: str) -> str | None:
     return f"{letter}{match.group(1)}{match.group(2).lower()}"
 
 
-def _parse_t(value: object, problems: list[str]) -> tuple[str | None, str | None]:
+def _t_stage(value: object) -> str:
+    """The T stage as written, canonical: a main stage (``T2``) or a descriptor (``T1a``)."""
     token = _stage_token(value, "T")
-    if token in T_STAGES:
-        return token, None
-    if token in T_SUBSTAGES:
-        return token[:2], token
+    if token in T_STAGES or token in T_SUBSTAGES:
+        return token
     allowed = ", ".join(T_STAGES) + ", or a descriptor " + ", ".join(T_SUBSTAGES)
-    problems.append(f"t_stage: {_show(value)} is not an AJCC 8th-edition T stage (allowed: {allowed})")
-    return None, None
+    raise _problem(f"{_show(value)} is not an AJCC 8th-edition T stage (allowed: {allowed})")
 
 
-def _parse_n(value: object, problems: list[str]) -> str | None:
+def _n_stage(value: object) -> str:
     token = _stage_token(value, "N")
     if token in N_STAGES:
         return token
-    problems.append(f"n_stage: {_show(value)} is not an AJCC 8th-edition N stage (allowed: {', '.join(N_STAGES)})")
-    return None
+    raise _problem(f"{_show(value)} is not an AJCC 8th-edition N stage (allowed: {', '.join(N_STAGES)})")
 
 
-def _parse_m(value: object, problems: list[str]) -> str | None:
+def _m_stage(value: object) -> str:
     token = _stage_token(value, "M")
     if token in M_STAGES:
         return token
-    problems.append(f"m_stage: {_show(value)} is not an AJCC 8th-edition M stage (allowed: {', '.join(M_STAGES)})")
-    return None
+    raise _problem(f"{_show(value)} is not an AJCC 8th-edition M stage (allowed: {', '.join(M_STAGES)})")
 
 
-def _parse_ecog(value: object, problems: list[str]) -> int | None:
+def _ecog(value: object) -> int:
     number = _number(value)
     if number is None:
-        problems.append(f"ecog: {_show(value)} is not a number (allowed: integer 0-4)")
-    elif not number.is_integer():
-        problems.append(f"ecog: {_show(value)} is not an integer (allowed: integer 0-4)")
-    elif not ECOG_RANGE[0] <= number <= ECOG_RANGE[1]:
-        problems.append(f"ecog: {_show(value)} is out of range (allowed: integer 0-4)")
-    else:
-        return int(number)
-    return None
+        raise _problem(f"{_show(value)} is not a number (allowed: integer 0-4)")
+    if not number.is_integer():
+        raise _problem(f"{_show(value)} is not an integer (allowed: integer 0-4)")
+    if not ECOG_RANGE[0] <= number <= ECOG_RANGE[1]:
+        raise _problem(f"{_show(value)} is out of range (allowed: integer 0-4)")
+    return int(number)
 
 
 _LIPI_ALLOWED = "good, intermediate, poor or 0-2"
 
 
-def _parse_lipi(value: object, problems: list[str]) -> Lipi | None:
+def _lipi(value: object) -> Lipi:
     if isinstance(value, Lipi):
         return value
     if isinstance(value, str) and value.strip().lower() in ("good", "intermediate", "poor"):
@@ -415,96 +492,79 @@ def _parse_lipi(value: object, problems: list[str]) -> Lipi | None:
     number = _integer(value)
     if number is not None and 0 <= number <= 2:
         return Lipi(number)
-    problems.append(f"lipi: {_show(value)} is not a LIPI class (allowed: {_LIPI_ALLOWED})")
-    return None
+    raise _problem(f"{_show(value)} is not a LIPI class (allowed: {_LIPI_ALLOWED})")
 
 
-def _parse_positive(name: str, value: object, problems: list[str]) -> float | None:
+def _positive(value: object) -> float:
     number = _number(value)
     if number is None:
-        problems.append(f"{name}: {_show(value)} is not a number (allowed: positive number)")
-    elif number <= 0:
-        problems.append(f"{name}: {_show(value)} is not positive (allowed: positive number)")
-    else:
-        return number
-    return None
+        raise _problem(f"{_show(value)} is not a number (allowed: positive number)")
+    if number <= 0:
+        raise _problem(f"{_show(value)} is not positive (allowed: positive number)")
+    return number
 
 
 _TRUE_WORDS = ("true", "yes", "y", "1")
 _FALSE_WORDS = ("false", "no", "n", "0")
 
 
-def _parse_flag(name: str, value: object, problems: list[str]) -> bool | None:
+def _flag(value: object) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
         return value.strip().lower() in _TRUE_WORDS
-    problems.append(f"{name}: {_show(value)} is not a yes/no value (allowed: true/false, yes/no, 1/0)")
-    return None
+    raise _problem(f"{_show(value)} is not a yes/no value (allowed: true/false, yes/no, 1/0)")
 
 
 _SEX_WORDS = {"f": "F", "female": "F", "m": "M", "male": "M", "o": "O", "other": "O"}
 
 
-def _parse_sex(value: object, problems: list[str]) -> str | None:
+def _sex(value: object) -> str:
     if isinstance(value, str) and value.strip().lower() in _SEX_WORDS:
         return _SEX_WORDS[value.strip().lower()]
-    problems.append(f"sex: {_show(value)} is not allowed (allowed: F, M, O, female, male, other)")
-    return None
+    raise _problem(f"{_show(value)} is not allowed (allowed: F, M, O, female, male, other)")
 
 
-def _parse_age(value: object, problems: list[str]) -> float | None:
+def _age(value: object) -> float:
     number = _number(value)
     if number is None:
-        problems.append(f"age: {_show(value)} is not a number (allowed: years 0-130)")
-    elif not AGE_RANGE[0] <= number <= AGE_RANGE[1]:
-        problems.append(f"age: {_show(value)} is out of range (allowed: years 0-130)")
-    else:
-        return number
-    return None
+        raise _problem(f"{_show(value)} is not a number (allowed: years 0-130)")
+    if not AGE_RANGE[0] <= number <= AGE_RANGE[1]:
+        raise _problem(f"{_show(value)} is out of range (allowed: years 0-130)")
+    return number
 
 
-def _parse_identifier(name: str, value: object, problems: list[str]) -> str | None:
-    # Values are PHI: the messages below describe the problem without them.
-    if isinstance(value, int) and not isinstance(value, bool):
-        # A JSON number would have lost leading zeros; insist on a string.
-        problems.append(f"{name}: (value withheld) is a number (allowed: a string, so leading zeros survive)")
-        return None
-    if not isinstance(value, str):
-        problems.append(f"{name}: (value withheld) is not text (allowed: a string)")
-        return None
-    text = value.strip()
-    limit = _IDENTIFIER_MAX_LENGTH[name]
-    if len(text) > limit:
-        problems.append(f"{name}: (value withheld) has {len(text)} characters (allowed: at most {limit})")
-        return None
-    if "\\" in text or any(ord(ch) < 32 for ch in text):
-        problems.append(f"{name}: (value withheld) contains a backslash or control character (allowed: DICOM text)")
-        return None
-    if name == "study_instance_uid" and not _UID_PATTERN.match(text):
-        problems.append(f"{name}: (value withheld) is not a DICOM UID (allowed: digits separated by dots)")
-        return None
-    return text
+def _identifier(name: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        # Values are PHI: the messages below describe the problem without them.
+        if isinstance(value, int) and not isinstance(value, bool):
+            # A JSON number would have lost leading zeros; insist on a string.
+            raise _problem("(value withheld) is a number (allowed: a string, so leading zeros survive)")
+        if not isinstance(value, str):
+            raise _problem("(value withheld) is not text (allowed: a string)")
+        text = value.strip()
+        limit = _IDENTIFIER_MAX_LENGTH[name]
+        if len(text) > limit:
+            raise _problem(f"(value withheld) has {len(text)} characters (allowed: at most {limit})")
+        if "\\" in text or any(ord(ch) < 32 for ch in text):
+            raise _problem("(value withheld) contains a backslash or control character (allowed: DICOM text)")
+        if name == "study_instance_uid" and not _UID_PATTERN.match(text):
+            raise _problem("(value withheld) is not a DICOM UID (allowed: digits separated by dots)")
+        return text
+
+    return parse
 
 
-def _parse_provenance(value: object, problems: list[str]) -> tuple[ValueProvenance, ...]:
-    allowed = f"a JSON list of objects with the text keys {', '.join(_PROVENANCE_KEYS)}"
+_PROVENANCE_ALLOWED = f"a JSON list of objects with the text keys {', '.join(_PROVENANCE_KEYS)}"
+
+
+def _provenance_list(value: object) -> object:
+    # The entries themselves are `ValueProvenance`s, validated by pydantic (see `_field_problems`).
     if not isinstance(value, list):
-        problems.append(f"{PROVENANCE_FIELD}: {_show(value)} is not a list (allowed: {allowed})")
-        return ()
-    items = []
-    for index, item in enumerate(value, start=1):
-        if (
-            not isinstance(item, Mapping)
-            or set(item) != set(_PROVENANCE_KEYS)
-            or not all(isinstance(item[key], str) and item[key].strip() for key in _PROVENANCE_KEYS)
-        ):
-            problems.append(f"{PROVENANCE_FIELD}: entry {index} is malformed (allowed: {allowed})")
-            continue
-        items.append(ValueProvenance(**{key: item[key] for key in _PROVENANCE_KEYS}))
-    return tuple(items)
+        raise _problem(f"{_show(value)} is not a list (allowed: {_PROVENANCE_ALLOWED})")
+    return tuple(value)
 
 
 def _is_missing(value: object) -> bool:
@@ -522,6 +582,7 @@ def _labs_reason(labs: LabValues) -> str:
 
 
 def _normalise_keys(mapping: Mapping[object, object], problems: list[str]) -> dict[str, object]:
+    # Keys are case-insensitive and trimmed (spreadsheet headers); pydantic then refuses unknown ones.
     normalised: dict[str, object] = {}
     for key, value in mapping.items():
         name = str(key).strip().lower()
@@ -529,96 +590,7 @@ def _normalise_keys(mapping: Mapping[object, object], problems: list[str]) -> di
             problems.append(f"{name}: given more than once (allowed: each field once)")
             continue
         normalised[name] = value
-    unknown = [name for name in normalised if name not in ACCEPTED_FIELDS]
-    for name in unknown:
-        problems.append(f"{name}: unknown field (allowed: {', '.join(ACCEPTED_FIELDS)})")
-    return {name: value for name, value in normalised.items() if name not in unknown}
-
-
-def _record_problems(mapping: Mapping[object, object]) -> tuple[ClinicalRecord | None, list[str]]:
-    problems: list[str] = []
-    values = {name: value for name, value in _normalise_keys(mapping, problems).items() if not _is_missing(value)}
-
-    identifiers = {}
-    for name in IDENTIFIER_FIELDS:
-        if name in values:
-            identifiers[name] = _parse_identifier(name, values[name], problems)
-    if not any(name in values for name in IDENTIFIER_FIELDS):
-        problems.append(f"identifier: missing (allowed: at least one of {', '.join(IDENTIFIER_FIELDS)})")
-
-    for name in REQUIRED_FIELDS:
-        if name not in values:
-            problems.append(f"{name}: missing (allowed: {_REQUIRED_ALLOWED[name]})")
-    t_stage, t_substage = _parse_t(values["t_stage"], problems) if "t_stage" in values else (None, None)
-    n_stage = _parse_n(values["n_stage"], problems) if "n_stage" in values else None
-    m_stage = _parse_m(values["m_stage"], problems) if "m_stage" in values else None
-    ecog = _parse_ecog(values["ecog"], problems) if "ecog" in values else None
-
-    given_lipi = _parse_lipi(values["lipi"], problems) if "lipi" in values else None
-    labs = None
-    lab_names_given = [name for name in LAB_FIELDS if name in values]
-    if lab_names_given and len(lab_names_given) < len(LAB_FIELDS):
-        missing = [name for name in LAB_FIELDS if name not in values]
-        problems.append(
-            f"labs: {', '.join(lab_names_given)} given but {', '.join(missing)} missing"
-            f" (allowed: all four of {', '.join(LAB_FIELDS)} or none)"
-        )
-    lab_numbers = {name: _parse_positive(name, values[name], problems) for name in lab_names_given}
-    if len(lab_numbers) == len(LAB_FIELDS) and None not in lab_numbers.values():
-        if lab_numbers["anc"] >= lab_numbers["wbc"]:
-            problems.append(
-                f"anc: {_show(values['anc'])} is not less than wbc {_show(values['wbc'])}"
-                " (allowed: anc < wbc, both in the same unit)"
-            )
-        else:
-            labs = LabValues(**lab_numbers)
-    if "lipi" not in values and not lab_names_given:
-        problems.append(
-            f"lipi: missing (allowed: {_LIPI_ALLOWED}, or all four labs {', '.join(LAB_FIELDS)} to compute it)"
-        )
-
-    lipi, lipi_source = given_lipi, "given"
-    if labs is not None:
-        computed = lipi_from_labs(labs)
-        if given_lipi is not None and given_lipi != computed:
-            problems.append(
-                f"lipi: given {_lipi_description(given_lipi)} but labs give {_lipi_description(computed)}:"
-                f" {_labs_reason(labs)} (allowed: a LIPI that agrees with the labs, or only one of them)"
-            )
-        lipi, lipi_source = computed, ("given+labs" if given_lipi is not None else "labs")
-
-    optional: dict[str, object] = {}
-    if "age" in values:
-        optional["age"] = _parse_age(values["age"], problems)
-    if "sex" in values:
-        optional["sex"] = _parse_sex(values["sex"], problems)
-    for name in ("brain_metastases", "liver_metastases"):
-        if name in values:
-            optional[name] = _parse_flag(name, values[name], problems)
-            if optional[name] and m_stage in ("M0", "M1a"):
-                problems.append(
-                    f"{name}: true contradicts m_stage {m_stage} (allowed: false, or m_stage M1, M1b or M1c,"
-                    " since extrathoracic organ metastases are M1b/M1c)"
-                )
-
-    provenance = _parse_provenance(values[PROVENANCE_FIELD], problems) if PROVENANCE_FIELD in values else ()
-
-    if problems:
-        return None, _redact_identifiers(problems, values)
-    record = ClinicalRecord(
-        provenance=provenance,
-        t_stage=t_stage,
-        n_stage=n_stage,
-        m_stage=m_stage,
-        ecog=ecog,
-        lipi=lipi,
-        lipi_source=lipi_source,
-        labs=labs,
-        t_substage=t_substage,
-        **identifiers,
-        **optional,
-    )
-    return record, []
+    return normalised
 
 
 _REQUIRED_ALLOWED = {
@@ -628,8 +600,227 @@ _REQUIRED_ALLOWED = {
     "ecog": "integer 0-4",
 }
 
+_PatientId = Annotated[str, Strict(), BeforeValidator(_identifier("patient_id"))]
+_AccessionNumber = Annotated[str, Strict(), BeforeValidator(_identifier("accession_number"))]
+_StudyUid = Annotated[str, Strict(), BeforeValidator(_identifier("study_instance_uid"))]
+_LabValue = Annotated[float, Strict(), BeforeValidator(_positive)]
+_Flag = Annotated[bool, Strict(), BeforeValidator(_flag)]
 
-def clinical_record_from_mapping(mapping: Mapping[object, object]) -> ClinicalRecord:
+
+class ClinicalInput(BaseModel):
+    """One record as given (JSON object or CSV row), each field parsed by its own validator.
+
+    Keys are the documented input fields; anything else is refused (``extra="forbid"``).
+    Every field is optional here: which ones a record needs is a rule over the whole
+    record (`_record_rules`), so that a missing field and a malformed one are reported
+    together.  Lenient spellings (``t2``, ``2``, ``"yes"``, ``"female"``) are turned
+    into the canonical value by the field's `BeforeValidator`; the declared type then
+    holds pydantic to it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    patient_id: _PatientId | None = None
+    accession_number: _AccessionNumber | None = None
+    study_instance_uid: _StudyUid | None = None
+    #: A main stage (T1..T4) or an AJCC descriptor (T1mi, T1a ... T2b).
+    t_stage: Annotated[str, Strict(), BeforeValidator(_t_stage)] | None = None
+    n_stage: Annotated[str, Strict(), BeforeValidator(_n_stage)] | None = None
+    m_stage: Annotated[str, Strict(), BeforeValidator(_m_stage)] | None = None
+    ecog: Annotated[int, Strict(), BeforeValidator(_ecog)] | None = None
+    lipi: Annotated[Lipi, Strict(), BeforeValidator(_lipi)] | None = None
+    anc: _LabValue | None = None
+    wbc: _LabValue | None = None
+    ldh: _LabValue | None = None
+    ldh_uln: _LabValue | None = None
+    age: Annotated[float, Strict(), BeforeValidator(_age)] | None = None
+    sex: Annotated[str, Strict(), BeforeValidator(_sex)] | None = None
+    brain_metastases: _Flag | None = None
+    liver_metastases: _Flag | None = None
+    provenance: Annotated[tuple[ValueProvenance, ...], BeforeValidator(_provenance_list)] = ()
+
+    @property
+    def labs(self) -> LabValues | None:
+        """The four lab values when all four are given and anc < wbc (else `_record_rules` complains)."""
+        if self.anc is None or self.wbc is None or self.ldh is None or self.ldh_uln is None or self.anc >= self.wbc:
+            return None
+        return LabValues(self.anc, self.wbc, self.ldh, self.ldh_uln)
+
+    @model_validator(mode="after")
+    def _record_rules(self, info: ValidationInfo) -> ClinicalInput:
+        """The rules over several fields, run on the fields that parsed; all problems at once."""
+        context = info.context if isinstance(info.context, Mapping) else {}
+        raw: Mapping[str, object] = context.get("raw", {})
+        # The keys as given (invalid values included) when parsing; else the fields that are set.
+        given = (
+            set(raw)
+            if "raw" in context
+            else {name for name in type(self).model_fields if getattr(self, name) not in (None, ())}
+        )
+        rules: list[tuple[str, str]] = []
+        if not given & set(IDENTIFIER_FIELDS):
+            rules.append(
+                ("identifier", f"identifier: missing (allowed: at least one of {', '.join(IDENTIFIER_FIELDS)})")
+            )
+        rules += [
+            (f"missing:{name}", f"{name}: missing (allowed: {_REQUIRED_ALLOWED[name]})")
+            for name in REQUIRED_FIELDS
+            if name not in given
+        ]
+        lab_names_given = [name for name in LAB_FIELDS if name in given]
+        if lab_names_given and len(lab_names_given) < len(LAB_FIELDS):
+            missing = [name for name in LAB_FIELDS if name not in given]
+            rules.append(
+                (
+                    "labs",
+                    f"labs: {', '.join(lab_names_given)} given but {', '.join(missing)} missing"
+                    f" (allowed: all four of {', '.join(LAB_FIELDS)} or none)",
+                )
+            )
+        if self.anc is not None and self.wbc is not None and self.ldh is not None and self.ldh_uln is not None:
+            if self.anc >= self.wbc:
+                shown_anc, shown_wbc = _show(raw.get("anc", self.anc)), _show(raw.get("wbc", self.wbc))
+                rules.append(
+                    (
+                        "anc<wbc",
+                        f"anc: {shown_anc} is not less than wbc {shown_wbc} (allowed: anc < wbc, both in the same unit)",
+                    )
+                )
+        if "lipi" not in given and not lab_names_given:
+            rules.append(
+                (
+                    "lipi:missing",
+                    f"lipi: missing (allowed: {_LIPI_ALLOWED}, or all four labs {', '.join(LAB_FIELDS)} to compute it)",
+                )
+            )
+        labs = self.labs
+        if labs is not None and self.lipi is not None and self.lipi != lipi_from_labs(labs):
+            rules.append(
+                (
+                    "lipi:labs",
+                    f"lipi: given {_lipi_description(self.lipi)} but labs give {_lipi_description(lipi_from_labs(labs))}:"
+                    f" {_labs_reason(labs)} (allowed: a LIPI that agrees with the labs, or only one of them)",
+                )
+            )
+        for name in ("brain_metastases", "liver_metastases"):
+            if getattr(self, name) and self.m_stage in ("M0", "M1a"):
+                rules.append(
+                    (
+                        f"{name}:m_stage",
+                        f"{name}: true contradicts m_stage {self.m_stage} (allowed: false, or m_stage M1, M1b or M1c,"
+                        " since extrathoracic organ metastases are M1b/M1c)",
+                    )
+                )
+        if rules:
+            raise PydanticCustomError(_RULES, "{rules}", {"rules": tuple(rules)})
+        return self
+
+    def record(self) -> ClinicalRecord:
+        """The validated record (LIPI from the labs when they are given)."""
+        assert self.t_stage and self.n_stage and self.m_stage and self.ecog is not None  # by `_record_rules`
+        labs = self.labs
+        if labs is not None:
+            lipi, source = lipi_from_labs(labs), ("given+labs" if self.lipi is not None else "labs")
+        else:
+            assert self.lipi is not None  # by `_record_rules`
+            lipi, source = self.lipi, "given"
+        return ClinicalRecord(
+            t_stage=self.t_stage[:2],
+            t_substage=self.t_stage if self.t_stage in T_SUBSTAGES else None,
+            n_stage=self.n_stage,
+            m_stage=self.m_stage,
+            ecog=self.ecog,
+            lipi=lipi,
+            lipi_source=source,
+            labs=labs,
+            patient_id=self.patient_id,
+            accession_number=self.accession_number,
+            study_instance_uid=self.study_instance_uid,
+            age=self.age,
+            sex=self.sex,
+            brain_metastases=self.brain_metastases,
+            liver_metastases=self.liver_metastases,
+            provenance=self.provenance,
+        )
+
+
+#: The order problems are reported in: the record's fields as documented, each
+#: cross-field rule next to the field it is about.
+_PROBLEM_ORDER = (
+    "unknown",
+    "patient_id",
+    "accession_number",
+    "study_instance_uid",
+    "identifier",
+    *(f"missing:{name}" for name in REQUIRED_FIELDS),
+    *REQUIRED_FIELDS,
+    "lipi",
+    "labs",
+    *LAB_FIELDS,
+    "anc<wbc",
+    "lipi:missing",
+    "lipi:labs",
+    "age",
+    "sex",
+    "brain_metastases",
+    "brain_metastases:m_stage",
+    "liver_metastases",
+    "liver_metastases:m_stage",
+    PROVENANCE_FIELD,
+)
+
+
+def _problems(error: ValidationError) -> list[tuple[str, str]]:
+    """Pydantic's errors as (order key, ``"field: why"``); the field is the key as given."""
+    problems: list[tuple[str, str]] = []
+    malformed_entries: set[int] = set()
+    for item in error.errors(include_url=False):
+        loc, kind, ctx = tuple(item["loc"]), item["type"], item.get("ctx") or {}
+        if kind == _RULES:
+            problems += list(ctx["rules"])
+            continue
+        name = str(loc[0]) if loc else "record"
+        if kind == "extra_forbidden":
+            problems.append(("unknown", f"{name}: unknown field (allowed: {', '.join(ACCEPTED_FIELDS)})"))
+        elif kind == _PROBLEM:
+            problems.append((name, f"{name}: {ctx['problem']}"))
+        elif name == PROVENANCE_FIELD and len(loc) > 1 and isinstance(loc[1], int):
+            # One line per malformed entry, however many of its keys are wrong.
+            if loc[1] not in malformed_entries:
+                malformed_entries.add(loc[1])
+                problems.append((name, f"{name}: entry {loc[1] + 1} is malformed (allowed: {_PROVENANCE_ALLOWED})"))
+        else:  # a parser returned the wrong type: a bug here, still reported under the field
+            problems.append((name, f"{name}: {item['msg']}"))
+    return problems
+
+
+def _record_problems(mapping: Mapping[object, object]) -> tuple[ClinicalRecord | None, list[str]]:
+    """Validate one record: pydantic parses every field, then checks the rules over the whole record.
+
+    Pydantic skips a model's own rules while any field is invalid; to report a
+    malformed field and a missing one together, the rules are then run again on
+    the fields that did parse.
+    """
+    problems: list[str] = []
+    values = {name: value for name, value in _normalise_keys(mapping, problems).items() if not _is_missing(value)}
+    context = {"raw": values}
+    try:
+        record = ClinicalInput.model_validate(values, context=context).record()
+        return (None, _redact_identifiers(problems, values)) if problems else (record, [])
+    except ValidationError as exc:
+        found = _problems(exc)
+        invalid = {str(item["loc"][0]) for item in exc.errors() if item["loc"] and item["type"] != _RULES}
+    if invalid:
+        parsed = {name: value for name, value in values.items() if name not in invalid}
+        try:
+            ClinicalInput.model_validate(parsed, context=context)
+        except ValidationError as rules:
+            found += _problems(rules)
+    found.sort(key=lambda item: _PROBLEM_ORDER.index(item[0]) if item[0] in _PROBLEM_ORDER else len(_PROBLEM_ORDER))
+    return None, _redact_identifiers(problems + [text for _, text in found], values)
+
+
+def clinical_record_from_mapping(mapping: Mapping[object, object] | object) -> ClinicalRecord:
     """Validate one record given as field -> value (keys are case-insensitive).
 
     Missing values are ``None`` or blank strings.  Raises `ClinicalRecordError`
@@ -638,12 +829,12 @@ def clinical_record_from_mapping(mapping: Mapping[object, object]) -> ClinicalRe
     if not isinstance(mapping, Mapping):
         raise ClinicalRecordError([f"record: a {type(mapping).__name__} is not an object (allowed: a JSON object)"])
     record, problems = _record_problems(mapping)
-    if problems:
+    if record is None:
         raise ClinicalRecordError(problems)
     return record
 
 
-@dataclass(frozen=True, slots=True)
+@stdlib_dataclass(frozen=True, slots=True)
 class _RowProblem:
     """A row that could not even become a mapping; reported in row order."""
 
@@ -671,7 +862,9 @@ def _records_from_mappings(items: Iterable[tuple[str, object]]) -> list[Clinical
 
 def _duplicate_problems(labelled: list[tuple[str, ClinicalRecord]]) -> list[str]:
     # Two records for one study would make matching ambiguous.
-    problems, seen_uid, seen_ids = [], {}, {}
+    problems: list[str] = []
+    seen_uid: dict[str, str] = {}
+    seen_ids: dict[tuple[str | None, ...], str] = {}
     for label, record in labelled:
         uid = record.study_instance_uid
         if uid is not None:

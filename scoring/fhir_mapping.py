@@ -217,7 +217,7 @@ def clinical_record_from_fhir(
             problems.append(f"{label} is for another patient than the study's (its subject does not match)")
             continue
         effective, local_date, effective_text = _effective(resource)
-        if effective is None:
+        if effective is None or local_date is None:  # both or neither (`_effective`)
             problems.append(f"{label} has no effective date (effectiveDateTime, effectivePeriod or issued)")
             continue
         if not earliest <= local_date <= study.study_date:
@@ -298,7 +298,7 @@ def _subject_is_patient(subject: Any, patient_refs: set[str], patient_id: str, i
         reference = subject.reference
         # An absolute reference ".../Patient/<id>" (Bundle fullUrl style) names the same resource.
         match = re.search(r"(Patient/[^/]+?)(?:/_history/[^/]+)?$", reference)
-        return bool(match) and match.group(1) in patient_refs
+        return match is not None and match.group(1) in patient_refs
     return _identifier_matches(subject.identifier, patient_id, identifier_system)
 
 

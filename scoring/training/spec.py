@@ -1,10 +1,11 @@
 """The training specification: everything a researcher fixes before fitting a model.
 
 A spec is a TOML document.  `TrainingSpec.from_toml` validates it completely
-and raises `TrainingSpecError` naming the offending key (``lasso.cv_folds``,
+(pydantic models of the document, ``extra="forbid"``) and raises
+`TrainingSpecError` naming the offending key (``lasso.cv_folds``,
 ``clinical.candidates[2].encoding.kind``); unknown keys are refused rather than
 ignored, because a misspelt ``univariate_p`` silently falling back to its
-default would change the model.
+default would change the model.  Every problem found is reported, joined by "; ".
 
 Sections and keys (defaults in brackets; keys without a default are required):
 
@@ -157,10 +158,13 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Any, get_args
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from sclc_risk_node.scoring.clinical import MODEL_CLINICAL_FIELDS, ClinicalRecord
 from sclc_risk_node.scoring.errors import InputError
@@ -379,23 +383,10 @@ class TrainingSpec:
     @classmethod
     def from_mapping(cls, document: Mapping[str, Any]) -> TrainingSpec:
         """Validate an already-parsed spec (the TOML document as nested dicts)."""
-        root = _Table(document, "")
-        root.only(
-            {"model", "extraction", "lasso", "clinical", "evaluation", "preprocessing", "stability", "validation"}
-        )
-        lasso = _lasso_section(root.table("lasso", required=True))
-        evaluation = _evaluation_section(root.table("evaluation", required=True))
-        spec = cls(
-            model=_model_section(root.table("model", required=True)),
-            extraction=_extraction_section(root.table("extraction", required=True)),
-            lasso=lasso,
-            clinical=_clinical_section(root.table("clinical")),
-            evaluation=evaluation,
-            preprocessing=_preprocessing_section(root.table("preprocessing")),
-            stability=_stability_section(root.table("stability"), default_seed=lasso.seed),
-            validation=_validation_section(root.table("validation"), default_seed=evaluation.seed),
-        )
-        return spec
+        try:
+            return _Document.model_validate(document).spec()
+        except ValidationError as exc:
+            raise TrainingSpecError("; ".join(_problems(exc))) from None
 
     @property
     def extraction_settings(self) -> ExtractionSettings:
@@ -488,267 +479,424 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else text[:39] + "…"
 
 
-class _Table:
-    """One TOML table plus its dotted path, for error messages that name the key."""
+# --------------------------------------------------------------------------- the TOML document, in pydantic
+#
+# `_Document` and its section models describe the TOML file: unknown keys are
+# refused (``extra="forbid"``) and each key has a validator that checks and
+# canonicalises its value.  The public sections above stay plain frozen
+# dataclasses (code builds them directly, e.g. `PreprocessingSpec("none")`);
+# `_Document.spec()` turns a validated document into them.  A validator raises
+# `_SpecProblem`s naming the key relative to where pydantic found the error;
+# `_problems` turns pydantic's errors into the spec's own sentences.
 
-    def __init__(self, data: Any, path: str):
-        if not isinstance(data, Mapping):
-            raise TrainingSpecError(f"training spec key '{path}' must be a table, got {_describe(data)}")
-        self.data, self.path = data, path
+_SPEC = "training_spec_problem"
 
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
 
-    def fail(self, name: str, problem: str) -> TrainingSpecError:
-        return TrainingSpecError(f"training spec key '{self.key(name)}' {problem}")
+def _fail(problem: str, key: str = "") -> PydanticCustomError:
+    """``training spec key 'path.key' <problem>``."""
+    return PydanticCustomError(_SPEC, "{problem}", {"form": "key", "problem": problem, "key": key})
 
-    def only(self, allowed: set[str]) -> None:
-        for name in self.data:
-            if name not in allowed:
-                raise TrainingSpecError(
-                    f"training spec has unknown key '{self.key(name)}' (allowed here: {', '.join(sorted(allowed))})"
-                )
 
-    def get(self, name: str, default: Any = None, *, required: bool = False) -> Any:
-        if name not in self.data:
-            if required:
-                raise TrainingSpecError(f"training spec is missing required key '{self.key(name)}'")
-            return default
-        return self.data[name]
+def _unknown(key: str, allowed: Iterable[str]) -> PydanticCustomError:
+    return PydanticCustomError(
+        _SPEC, "unknown key {key}", {"form": "unknown", "problem": ", ".join(sorted(allowed)), "key": key}
+    )
 
-    def table(self, name: str, *, required: bool = False) -> _Table:
-        return _Table(self.get(name, {}, required=required), self.key(name))
 
-    def text(
-        self, name: str, *, required: bool = False, default: str | None = None, pattern: re.Pattern | None = None
-    ) -> str:
-        value = self.get(name, default, required=required)
+def _missing(key: str) -> PydanticCustomError:
+    return PydanticCustomError(_SPEC, "missing {key}", {"form": "missing", "problem": "", "key": key})
+
+
+#: Stands for the quoted dotted path in a `_sentence` (used where a message names the key mid-sentence).
+_HERE = "\0"
+
+
+def _sentence(text: str, key: str = "") -> PydanticCustomError:
+    return PydanticCustomError(_SPEC, "{problem}", {"form": "sentence", "problem": text, "key": key})
+
+
+def _text(pattern: re.Pattern[str] | None = None) -> BeforeValidator:
+    def check(value: Any) -> str:
         if not isinstance(value, str) or not value.strip():
-            raise self.fail(name, f"must be non-empty text, got {_describe(value)}")
+            raise _fail(f"must be non-empty text, got {_describe(value)}")
         if pattern is not None and not pattern.fullmatch(value):
-            raise self.fail(name, f"is {_describe(value)} (must match {pattern.pattern})")
+            raise _fail(f"is {_describe(value)} (must match {pattern.pattern})")
         return value
 
-    def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
-        value = self.get(name, default)
+    return BeforeValidator(check)
+
+
+def _choice(allowed: tuple[str, ...]) -> BeforeValidator:
+    def check(value: Any) -> str:
         if value not in allowed:
-            raise self.fail(name, f"is {_describe(value)} (allowed: {', '.join(allowed)})")
-        return value
+            raise _fail(f"is {_describe(value)} (allowed: {', '.join(allowed)})")
+        return str(value)
 
-    def boolean(self, name: str, *, required: bool = False) -> bool:
-        value = self.get(name, required=required)
-        if not isinstance(value, bool):
-            raise self.fail(name, f"must be true or false, got {_describe(value)}")
-        return value
+    return BeforeValidator(check)
 
-    def integer(self, name: str, *, default: int | None = None, required: bool = False, minimum: int = 0) -> int:
-        value = self.get(name, default, required=required)
+
+def _check_boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(f"must be true or false, got {_describe(value)}")
+    return value
+
+
+def _integer(minimum: int = 0) -> BeforeValidator:
+    def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(name, f"must be an integer, got {_describe(value)}")
+            raise _fail(f"must be an integer, got {_describe(value)}")
         if value < minimum:
-            raise self.fail(name, f"is {value} (must be >= {minimum})")
+            raise _fail(f"is {value} (must be >= {minimum})")
         return value
 
-    def number(self, name: str, *, default: float, low: float, high: float, open_low: bool = True) -> float:
-        value = self.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.fail(name, f"must be a number, got {_describe(value)}")
+    return BeforeValidator(check)
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _number(low: float, high: float, *, open_low: bool = True) -> BeforeValidator:
+    def check(value: Any) -> float:
+        if not _is_number(value):
+            raise _fail(f"must be a number, got {_describe(value)}")
         if not ((low < value) if open_low else (low <= value)) or not value <= high:
             bound = "(" if open_low else "["
-            raise self.fail(name, f"is {value:g} (must be in {bound}{low:g}, {high:g}])")
+            raise _fail(f"is {value:g} (must be in {bound}{low:g}, {high:g}])")
         return float(value)
 
-    def string_list(self, name: str, default: tuple[str, ...], allowed: tuple[str, ...]) -> tuple[str, ...]:
-        value = self.get(name, list(default))
+    return BeforeValidator(check)
+
+
+def _string_list(allowed: tuple[str, ...]) -> BeforeValidator:
+    def check(value: Any) -> tuple[str, ...]:
         if not isinstance(value, list) or not value:
-            raise self.fail(name, f"must be a non-empty array, got {_describe(value)}")
+            raise _fail(f"must be a non-empty array, got {_describe(value)}")
         for item in value:
             if item not in allowed:
-                raise self.fail(name, f"has {_describe(item)}, not one of {', '.join(allowed)}")
+                raise _fail(f"has {_describe(item)}, not one of {', '.join(allowed)}")
         if len(set(value)) != len(value):
-            raise self.fail(name, "has repeated entries")
+            raise _fail("has repeated entries")
         return tuple(value)
 
-
-# --------------------------------------------------------------------------- sections
-
-
-def _model_section(table: _Table) -> ModelSpec:
-    table.only({"name", "version", "intended_use", "demonstration"})
-    return ModelSpec(
-        name=table.text("name", required=True, pattern=_MODEL_NAME_PATTERN),
-        version=table.text("version", required=True, pattern=_MODEL_VERSION_PATTERN),
-        intended_use=table.text("intended_use", required=True),
-        demonstration=table.boolean("demonstration", required=True),
-    )
+    return BeforeValidator(check)
 
 
-def _extraction_section(table: _Table) -> ExtractionSpec:
-    table.only({"settings", "image_types", "feature_classes", "regions", "ring"})
-    settings = table.table("settings", required=True).data
-    image_types = table.table("image_types", required=True)
-    if not image_types.data:
-        raise TrainingSpecError(f"training spec key '{image_types.path}' must enable at least one image type")
-    image_types.only(set(PYRADIOMICS_IMAGE_TYPES))
-    for name in image_types.data:
-        image_types.table(name)
-    ring = table.table("ring")
-    ring.only({"outward_mm", "inward_mm", "method"})
-    outward = ring.number("outward_mm", default=2.0, low=0.0, high=100.0, open_low=False)
-    inward = ring.number("inward_mm", default=2.0, low=0.0, high=100.0, open_low=False)
-    method = ring.text("method", default=RingDefinition().method)
-    try:
-        ring_definition = RingDefinition(outward, inward, method)
-    except ValueError as exc:
-        raise TrainingSpecError(f"training spec key '{ring.path}': {exc}") from None
-    return ExtractionSpec(
-        settings=settings,
-        image_types=image_types.data,
-        feature_classes=table.string_list("feature_classes", DEFAULT_FEATURE_CLASSES, ALL_FEATURE_CLASSES),
-        regions=table.string_list("regions", REGIONS, REGIONS),
-        ring=ring_definition,
-    )
+_Boolean = Annotated[bool, Strict(), BeforeValidator(_check_boolean)]
+_Seed = Annotated[int, Strict(), _integer()]
+_Names = Annotated[tuple[str, ...], Strict()]
+_Probability = Annotated[float, Strict(), _number(0.0, 1.0)]
+_Table = dict[str, Any]
 
 
-def _lasso_section(table: _Table) -> LassoSpec:
-    table.only({"cv_folds", "seed", "n_alphas", "alpha_min_ratio", "selection"})
-    ratio = table.get("alpha_min_ratio", "auto")
-    if ratio != "auto":
-        ratio = table.number("alpha_min_ratio", default=0.0, low=0.0, high=1.0)
-        if ratio >= 1.0:
-            raise table.fail("alpha_min_ratio", f'is {ratio:g} (must be "auto" or a number in (0, 1))')
-    return LassoSpec(
-        seed=table.integer("seed", required=True),
-        cv_folds=table.integer("cv_folds", default=10, minimum=2),
-        n_alphas=table.integer("n_alphas", default=100, minimum=2),
-        alpha_min_ratio=ratio,
-        selection=table.choice("selection", ALPHA_SELECTION_RULES, "min"),
-    )
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-def _clinical_section(table: _Table) -> ClinicalSpec:
-    table.only({"candidates", "univariate_p", "multivariate_p", "multivariate_elimination"})
-    raw = table.get("candidates", [])
-    if not isinstance(raw, list):
-        raise table.fail("candidates", f"must be an array of tables ([[clinical.candidates]]), got {_describe(raw)}")
-    candidates: list[ClinicalCandidate] = []
-    first_index: dict[str, int] = {}
-    for index, item in enumerate(raw):
-        candidate = _candidate(_Table(item, f"{table.key('candidates')}[{index}]"))
-        if candidate.name in first_index:
-            raise TrainingSpecError(
-                f"training spec key '{table.key('candidates')}[{index}].name' repeats {candidate.name!r}"
-                f" (also candidates[{first_index[candidate.name]}])"
-            )
-        first_index[candidate.name] = index
-        candidates.append(candidate)
-    return ClinicalSpec(
-        candidates=tuple(candidates),
-        univariate_p=table.number("univariate_p", default=0.05, low=0.0, high=1.0),
-        multivariate_p=table.number("multivariate_p", default=0.05, low=0.0, high=1.0),
-        multivariate_elimination=table.choice("multivariate_elimination", ELIMINATION_RULES, "single-pass"),
-    )
+class _ModelSection(_Section):
+    name: Annotated[str, _text(_MODEL_NAME_PATTERN)]
+    version: Annotated[str, _text(_MODEL_VERSION_PATTERN)]
+    intended_use: Annotated[str, _text()]
+    demonstration: _Boolean
 
 
-def _candidate(table: _Table) -> ClinicalCandidate:
-    table.only({"name", "field", "encoding"})
-    name = table.text("name", required=True, pattern=_COVARIATE_NAME_PATTERN)
-    if name == RADIOMICS_SCORE_TERM:
-        raise table.fail("name", f"is {name!r}, which is reserved for the radiomics-score term")
-    field_name = table.get("field", required=True)
-    if field_name not in MODEL_CLINICAL_FIELDS:
-        raise table.fail("field", f"is {_describe(field_name)} (allowed: {', '.join(MODEL_CLINICAL_FIELDS)})")
-    encoding = table.table("encoding", required=True)
-    encoding.get("kind", required=True)
-    kind = encoding.choice("kind", ENCODING_KINDS, default="")
+class _RingSection(_Section):
+    outward_mm: Annotated[float, _number(0.0, 100.0, open_low=False)] = 2.0
+    inward_mm: Annotated[float, _number(0.0, 100.0, open_low=False)] = 2.0
+    method: Annotated[str, _text()] = RingDefinition().method
+
+    @model_validator(mode="after")
+    def _is_a_ring(self) -> _RingSection:
+        try:
+            RingDefinition(self.outward_mm, self.inward_mm, self.method)
+        except ValueError as exc:
+            raise _sentence(f"training spec key '{_HERE}': {exc}") from None
+        return self
+
+
+def _image_types(value: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, Mapping):
+        raise _fail(f"must be a table, got {_describe(value)}")
+    if not value:
+        raise _sentence(f"training spec key '{_HERE}' must enable at least one image type")
+    for name, arguments in value.items():
+        if name not in PYRADIOMICS_IMAGE_TYPES:
+            raise _unknown(name, PYRADIOMICS_IMAGE_TYPES)
+        if not isinstance(arguments, Mapping):
+            raise _fail(f"must be a table, got {_describe(arguments)}", name)
+    return {name: dict(arguments) for name, arguments in value.items()}
+
+
+class _ExtractionSection(_Section):
+    settings: _Table
+    image_types: Annotated[dict[str, _Table], BeforeValidator(_image_types)]
+    feature_classes: Annotated[_Names, _string_list(ALL_FEATURE_CLASSES)] = DEFAULT_FEATURE_CLASSES
+    regions: Annotated[_Names, _string_list(REGIONS)] = REGIONS
+    ring: _RingSection = _RingSection()
+
+
+def _alpha_min_ratio(value: Any) -> float | str:
+    if value == "auto":
+        return "auto"
+    if not _is_number(value):
+        raise _fail(f"must be a number, got {_describe(value)}")
+    if not 0.0 < value <= 1.0:
+        raise _fail(f"is {value:g} (must be in (0, 1])")
+    if value >= 1.0:
+        raise _fail(f'is {value:g} (must be "auto" or a number in (0, 1))')
+    return float(value)
+
+
+class _LassoSection(_Section):
+    seed: _Seed
+    cv_folds: Annotated[int, _integer(2)] = 10
+    n_alphas: Annotated[int, _integer(2)] = 100
+    alpha_min_ratio: Annotated[float | str, BeforeValidator(_alpha_min_ratio)] = "auto"
+    selection: Annotated[str, _choice(ALPHA_SELECTION_RULES)] = "min"
+
+
+def _encoding(field_name: str, encoding: Mapping[str, Any]) -> dict[str, Any]:
+    """The candidate's ``encoding`` table, held to the model file's own rules (keys relative to the candidate)."""
+    if "kind" not in encoding:
+        raise _missing("encoding.kind")
+    kind = encoding["kind"]
+    if kind not in ENCODING_KINDS:
+        raise _fail(f"is {_describe(kind)} (allowed: {', '.join(ENCODING_KINDS)})", "encoding.kind")
     extra = {"indicator": "levels", "ordinal": "map", "threshold": "at_least"}.get(kind)
-    encoding.only({"kind"} | ({extra} if extra else set()))
+    allowed = {"kind"} | ({extra} if extra else set())
+    for name in encoding:
+        if name not in allowed:
+            raise _unknown(f"encoding.{name}", allowed)
+    if extra is not None and extra not in encoding:
+        raise _missing(f"encoding.{extra}")
     if kind == "indicator":
-        levels = encoding.get("levels", required=True)
+        levels = encoding["levels"]
         if not isinstance(levels, list) or not levels or not all(isinstance(level, str) for level in levels):
-            raise encoding.fail("levels", f"must be a non-empty array of level names, got {_describe(levels)}")
+            raise _fail(f"must be a non-empty array of level names, got {_describe(levels)}", "encoding.levels")
         if len(set(levels)) != len(levels):
-            raise encoding.fail("levels", "has repeated entries")
+            raise _fail("has repeated entries", "encoding.levels")
     elif kind == "ordinal":
-        mapping = encoding.table("map", required=True)
-        for level, value in mapping.data.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise mapping.fail(level, f"must be a number, got {_describe(value)}")
-    elif kind == "threshold":
-        value = encoding.get("at_least", required=True)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise encoding.fail("at_least", f"must be a number, got {_describe(value)}")
-    problems = model_encoding_problems(encoding.path, field_name, _plain(encoding.data))
+        mapping = encoding["map"]
+        if not isinstance(mapping, Mapping):
+            raise _fail(f"must be a table, got {_describe(mapping)}", "encoding.map")
+        for level, value in mapping.items():
+            if not _is_number(value):
+                raise _fail(f"must be a number, got {_describe(value)}", f"encoding.map.{level}")
+    elif kind == "threshold" and not _is_number(encoding["at_least"]):
+        raise _fail(f"must be a number, got {_describe(encoding['at_least'])}", "encoding.at_least")
+    plain: dict[str, Any] = _plain(encoding)
+    problems = model_encoding_problems(_HERE, field_name, plain)
     if problems:
-        raise TrainingSpecError("training spec key " + "; ".join(problems).replace(encoding.path, f"'{encoding.path}'"))
-    return ClinicalCandidate(name=name, field=field_name, encoding=_plain(encoding.data))
+        raise _sentence("training spec key " + "; ".join(problems).replace(_HERE, f"'{_HERE}'"), "encoding")
+    return plain
 
 
-def _evaluation_section(table: _Table) -> EvaluationSettings:
-    table.only({"horizons_months", "bootstrap", "seed", "treated_splits"})
-    horizons = table.get("horizons_months", [6, 12])
-    if not isinstance(horizons, list) or not horizons:
-        raise table.fail("horizons_months", f"must be a non-empty array of months, got {_describe(horizons)}")
-    for value in horizons:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise table.fail("horizons_months", f"has {_describe(value)} (each must be a number of months > 0)")
-    if len(set(horizons)) != len(horizons):
-        raise table.fail("horizons_months", "has repeated entries")
-    return EvaluationSettings(
-        seed=table.integer("seed", required=True),
-        horizons_months=tuple(float(value) for value in horizons),
-        bootstrap=table.integer("bootstrap", default=1000, minimum=10),
-        treated_splits=table.choice("treated_splits", TREATED_SPLITS, "all"),
-    )
+def _covariate_name(value: Any) -> Any:
+    if value == RADIOMICS_SCORE_TERM:
+        raise _fail(f"is {value!r}, which is reserved for the radiomics-score term")
+    return value
 
 
-def _preprocessing_section(table: _Table) -> PreprocessingSpec:
-    table.only({"log_transform", "log_skewness"})
-    value = table.get("log_transform", "auto")
+class _CandidateSection(_Section):
+    name: Annotated[str, _text(_COVARIATE_NAME_PATTERN), AfterValidator(_covariate_name)]
+    field: Annotated[str, _choice(MODEL_CLINICAL_FIELDS)]
+    encoding: _Table
+
+    @model_validator(mode="after")
+    def _encoding_fits_the_field(self) -> _CandidateSection:
+        _encoding(self.field, self.encoding)
+        return self
+
+
+def _candidate_array(value: Any) -> Any:
+    if not isinstance(value, list):
+        raise _fail(f"must be an array of tables ([[clinical.candidates]]), got {_describe(value)}")
+    return tuple(value)
+
+
+class _ClinicalSection(_Section):
+    candidates: Annotated[tuple[_CandidateSection, ...], BeforeValidator(_candidate_array)] = ()
+    univariate_p: _Probability = 0.05
+    multivariate_p: _Probability = 0.05
+    multivariate_elimination: Annotated[str, _choice(ELIMINATION_RULES)] = "single-pass"
+
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> _ClinicalSection:
+        first_index: dict[str, int] = {}
+        for index, candidate in enumerate(self.candidates):
+            if candidate.name in first_index:
+                raise _sentence(
+                    f"training spec key '{_HERE}' repeats {candidate.name!r} (also candidates[{first_index[candidate.name]}])",
+                    f"candidates[{index}].name",
+                )
+            first_index[candidate.name] = index
+        return self
+
+
+def _horizons(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise _fail(f"must be a non-empty array of months, got {_describe(value)}")
+    for item in value:
+        if not (_is_number(item) and item > 0):
+            raise _fail(f"has {_describe(item)} (each must be a number of months > 0)")
+    if len(set(value)) != len(value):
+        raise _fail("has repeated entries")
+    return tuple(float(item) for item in value)
+
+
+class _EvaluationSection(_Section):
+    seed: _Seed
+    horizons_months: Annotated[tuple[float, ...], BeforeValidator(_horizons)] = (6.0, 12.0)
+    bootstrap: Annotated[int, _integer(10)] = 1000
+    treated_splits: Annotated[str, _choice(TREATED_SPLITS)] = "all"
+
+
+def _log_transform(value: Any) -> str | tuple[str, ...]:
     if isinstance(value, list):
         if not value or not all(isinstance(item, str) and item for item in value):
-            raise table.fail("log_transform", 'must be "auto", "none" or a non-empty array of feature names')
+            raise _fail('must be "auto", "none" or a non-empty array of feature names')
         if len(set(value)) != len(value):
-            raise table.fail("log_transform", "has repeated entries")
+            raise _fail("has repeated entries")
         for item in value:
             try:
                 FeatureSpec.from_name(item)
             except ValueError as exc:
-                raise table.fail("log_transform", f"has {_describe(item)}, not a feature name ({exc})") from None
-        log_transform: str | tuple[str, ...] = tuple(value)
-    elif value in ("auto", "none"):
-        log_transform = value
-    else:
-        raise table.fail(
-            "log_transform", f'is {_describe(value)} (allowed: "auto", "none", or an array of feature names)'
+                raise _fail(f"has {_describe(item)}, not a feature name ({exc})") from None
+        return tuple(value)
+    if value in ("auto", "none"):
+        return str(value)
+    raise _fail(f'is {_describe(value)} (allowed: "auto", "none", or an array of feature names)')
+
+
+class _PreprocessingSection(_Section):
+    log_transform: Annotated[str | tuple[str, ...], BeforeValidator(_log_transform)] = "auto"
+    log_skewness: Annotated[float, _number(0.0, 1000.0)] = 1.0
+
+
+class _StabilitySection(_Section):
+    enabled: _Boolean = True
+    patients: Annotated[int, _integer(3)] = 30
+    #: None: the LASSO seed.
+    seed: _Seed | None = None
+    perturbations: Annotated[_Names, _string_list(PERTURBATIONS)] = PERTURBATIONS
+    noise_sd_hu: Annotated[float, _number(0.0, 1000.0)] = 10.0
+    shift_voxels: Annotated[float, _number(0.0, 1.0)] = 0.5
+    icc: Annotated[str, _choice(ICC_KINDS)] = "ICC(1,1)"
+    icc_threshold: Annotated[float, _number(-1.0, 1.0, open_low=False)] = 0.75
+
+
+def _validation_bootstrap(value: int) -> int:
+    if 0 < value < 10:
+        raise _fail(f"is {value} (must be 0 to switch it off, or >= 10)")
+    return value
+
+
+class _ValidationSection(_Section):
+    bootstrap: Annotated[int, _integer(0), AfterValidator(_validation_bootstrap)] = 200
+    refit: Annotated[str, _choice(REFIT_RULES)] = "fixed-alpha"
+    #: None: the evaluation seed.
+    seed: _Seed | None = None
+
+
+class _Document(_Section):
+    """The whole TOML document."""
+
+    model: _ModelSection
+    extraction: _ExtractionSection
+    lasso: _LassoSection
+    clinical: _ClinicalSection = _ClinicalSection()
+    evaluation: _EvaluationSection
+    preprocessing: _PreprocessingSection = _PreprocessingSection()
+    stability: _StabilitySection = _StabilitySection()
+    validation: _ValidationSection = _ValidationSection()
+
+    def spec(self) -> TrainingSpec:
+        extraction, clinical, stability = self.extraction, self.clinical, self.stability
+        ring = extraction.ring
+        return TrainingSpec(
+            model=ModelSpec(**self.model.model_dump()),
+            extraction=ExtractionSpec(
+                settings=extraction.settings,
+                image_types=extraction.image_types,
+                feature_classes=extraction.feature_classes,
+                regions=extraction.regions,
+                ring=RingDefinition(ring.outward_mm, ring.inward_mm, ring.method),
+            ),
+            lasso=LassoSpec(**self.lasso.model_dump()),
+            clinical=ClinicalSpec(
+                candidates=tuple(
+                    ClinicalCandidate(name=c.name, field=c.field, encoding=_plain(c.encoding))
+                    for c in clinical.candidates
+                ),
+                univariate_p=clinical.univariate_p,
+                multivariate_p=clinical.multivariate_p,
+                multivariate_elimination=clinical.multivariate_elimination,
+            ),
+            evaluation=EvaluationSettings(**self.evaluation.model_dump()),
+            preprocessing=PreprocessingSpec(**self.preprocessing.model_dump()),
+            stability=StabilitySpec(
+                **{**stability.model_dump(), "seed": self.lasso.seed if stability.seed is None else stability.seed}
+            ),
+            validation=ValidationSpec(
+                bootstrap=self.validation.bootstrap,
+                refit=self.validation.refit,
+                seed=self.evaluation.seed if self.validation.seed is None else self.validation.seed,
+            ),
         )
-    return PreprocessingSpec(
-        log_transform=log_transform,
-        log_skewness=table.number("log_skewness", default=1.0, low=0.0, high=1000.0),
-    )
 
 
-def _stability_section(table: _Table, default_seed: int) -> StabilitySpec:
-    table.only({"enabled", "patients", "seed", "perturbations", "noise_sd_hu", "shift_voxels", "icc", "icc_threshold"})
-    return StabilitySpec(
-        enabled=table.boolean("enabled") if "enabled" in table.data else True,
-        patients=table.integer("patients", default=30, minimum=3),
-        seed=table.integer("seed", default=default_seed),
-        perturbations=table.string_list("perturbations", PERTURBATIONS, PERTURBATIONS),
-        noise_sd_hu=table.number("noise_sd_hu", default=10.0, low=0.0, high=1000.0),
-        shift_voxels=table.number("shift_voxels", default=0.5, low=0.0, high=1.0, open_low=True),
-        icc=table.choice("icc", ICC_KINDS, "ICC(1,1)"),
-        icc_threshold=table.number("icc_threshold", default=0.75, low=-1.0, high=1.0, open_low=False),
-    )
+def _dotted(loc: Iterable[int | str]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
 
 
-def _validation_section(table: _Table, default_seed: int) -> ValidationSpec:
-    table.only({"bootstrap", "refit", "seed"})
-    bootstrap = table.integer("bootstrap", default=200, minimum=0)
-    if 0 < bootstrap < 10:
-        raise table.fail("bootstrap", f"is {bootstrap} (must be 0 to switch it off, or >= 10)")
-    return ValidationSpec(
-        bootstrap=bootstrap,
-        refit=table.choice("refit", REFIT_RULES, "fixed-alpha"),
-        seed=table.integer("seed", default=default_seed),
-    )
+def _join(path: str, key: str) -> str:
+    if not key:
+        return path
+    return f"{path}{key}" if key.startswith("[") or not path else f"{path}.{key}"
+
+
+def _section_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The section model that holds the key at ``loc`` (for "allowed here")."""
+    section: Any = _Document
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(section, type) and issubclass(section, BaseModel)) or part not in section.model_fields:
+            return None
+        annotation = section.model_fields[part].annotation
+        args = [arg for arg in get_args(annotation) if arg is not Ellipsis] or [annotation]
+        section = next((arg for arg in args if isinstance(arg, type) and issubclass(arg, BaseModel)), None)
+    return section if isinstance(section, type) and issubclass(section, BaseModel) else None
+
+
+def _problems(error: ValidationError) -> list[str]:
+    """Each pydantic error as the spec's own sentence naming the dotted key."""
+    problems = []
+    for item in error.errors(include_url=False):
+        loc = tuple(item["loc"])
+        where = _dotted(loc)
+        kind, ctx = item["type"], item.get("ctx") or {}
+        if kind == _SPEC:
+            path, form, problem = _join(where, ctx["key"]), ctx["form"], ctx["problem"]
+            if form == "unknown":
+                problems.append(f"training spec has unknown key '{path}' (allowed here: {problem})")
+            elif form == "missing":
+                problems.append(f"training spec is missing required key '{path}'")
+            elif form == "sentence":
+                problems.append(problem.replace(_HERE, path))
+            else:
+                problems.append(f"training spec key '{path}' {problem}")
+        elif kind == "missing":
+            problems.append(f"training spec is missing required key '{where}'")
+        elif kind == "extra_forbidden":
+            section = _section_at(loc)
+            allowed = ", ".join(sorted(section.model_fields)) if section is not None else ""
+            problems.append(f"training spec has unknown key '{where}' (allowed here: {allowed})")
+        elif kind in ("model_type", "dict_type", "model_attributes_type"):
+            problems.append(f"training spec key '{where}' must be a table, got {_describe(item['input'])}")
+        else:
+            problems.append(f"training spec key '{where}' {item['msg']}")
+    return problems
