@@ -100,7 +100,7 @@ from sclc_risk_node.node.study_machine import StudyMachine
 
 if TYPE_CHECKING:
     from sclc_risk_node.node.config import DestinationConfig, NodeConfig
-    from sclc_risk_node.node.http_status import NodeMetrics
+    from sclc_risk_node.node.metrics import NodeMetrics
     from sclc_risk_node.node.spool import Spool
 
 # --- DIMSE statuses (PS3.4 Table B.2-1, PS3.7 Annex C) -------------------------------

@@ -105,8 +105,8 @@ from sclc_risk_node.node.audit import dicom_peer
 from sclc_risk_node.node.config import ConfigError, ScpConfig
 from sclc_risk_node.node.config import client_address as normalised_ip
 from sclc_risk_node.node.errors import NodeError, NotPart10, UnsafeUid
-from sclc_risk_node.node.http_status import NodeMetrics
 from sclc_risk_node.node.logs import get_logger
+from sclc_risk_node.node.metrics import NodeMetrics
 from sclc_risk_node.node.records import InstanceHeader, StoreOutcome
 from sclc_risk_node.node.spool import Spool
 from sclc_risk_node.scoring.errors import InputError

@@ -24,8 +24,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sclc_risk_node.node.clinical_inbox import ClinicalInbox
 from sclc_risk_node.node.config import NodeConfig
 from sclc_risk_node.node.fhir_lookup import FhirLookup
-from sclc_risk_node.node.http_status import HealthReport, NodeMetrics, start_http_server
+from sclc_risk_node.node.http_status import HealthReport, start_http_server
 from sclc_risk_node.node.logs import get_logger
+from sclc_risk_node.node.metrics import NodeMetrics
 from sclc_risk_node.node.outbox import Outbox
 from sclc_risk_node.node.scoring_job import default_model_path, load_model_file
 from sclc_risk_node.node.scp import DicomReceiver

@@ -43,7 +43,7 @@ from sclc_risk_node.dicom_io.synthetic import build_tumour_seg, synthetic_chest_
 from sclc_risk_node.node import scp
 from sclc_risk_node.node.config import CallerRule, ConfigError, ScpConfig, ScpTlsConfig
 from sclc_risk_node.node.errors import NotPart10, SpoolBusy, SpoolFull, SpoolIOError, UnsafeUid
-from sclc_risk_node.node.http_status import NodeMetrics
+from sclc_risk_node.node.metrics import NodeMetrics
 from sclc_risk_node.node.records import InstanceRecord
 from sclc_risk_node.node.scp import (
     STATUS_CANNOT_UNDERSTAND,
