@@ -41,8 +41,8 @@ warning log line carrying the status so a site can follow it up.
 just before sending it (`Spool.start_delivery` with a hold longer than the
 longest possible attempt, so the claim of a sender killed mid-send expires
 and the row becomes due again), sends, and records the outcome:
-`Spool.mark_delivered` (which moves the study to ``delivered`` once every
-destination accepted) or `Spool.mark_attempt_failed` with the backoff
+`StudyMachine.mark_delivered` (which moves the study to ``delivered`` once every
+destination accepted) or `StudyMachine.mark_attempt_failed` with the backoff
 
     backoff_s = min(initial_backoff_s * 2**(attempts - 1) * (1 + jitter), max_backoff_s)
 
@@ -529,6 +529,8 @@ class Outbox:
         if not 0.0 <= jitter_fraction < 1.0:
             raise ValueError(f"jitter_fraction must be in [0, 1), not {jitter_fraction}")
         self.spool = spool
+        # A delivery's result can finish the study (delivered, or failed when it gives up).
+        self.machine = StudyMachine(spool)
         self.config = config
         self.metrics = metrics
         self.log = log if log is not None else get_logger(stage="outbox")
@@ -605,7 +607,7 @@ class Outbox:
         )
         if result.delivered:
             try:
-                transition = self.spool.mark_delivered(item.item_id, now=now)
+                transition = self.machine.mark_delivered(item.item_id, now=now)
             except InvalidTransition as exc:
                 # Someone else settled the row meanwhile (our hold ran out); the PACS has the SR either way.
                 self.log.warning("sr_delivered_row_already_settled", error=str(exc), **context)
@@ -635,7 +637,7 @@ class Outbox:
             jitter=self.jitter_fraction * self.rng.random(),
         )
         try:
-            after = self.spool.mark_attempt_failed(
+            after = self.machine.mark_attempt_failed(
                 item.item_id, now=now, error=str(result.error), backoff_s=wait_s, max_attempts=settings.max_attempts
             )
         except InvalidTransition as exc:

@@ -190,7 +190,7 @@ def _rtstruct_references(ds: Any) -> tuple[str | None, list[object], list[object
 
 
 class StoreOutcome(enum.StrEnum):
-    """What `Spool.store_instance` did.  All three mean "safely on disk": acknowledge success."""
+    """What `StudyMachine.store_instance` did.  All three mean "safely on disk": acknowledge success."""
 
     STORED = "stored"
     DUPLICATE = "duplicate"

@@ -38,7 +38,7 @@ the reason (neither is PHI).
 Receiving.  `handle_store` keeps the instance exactly as it arrived (the
 encoded data set from the wire behind a file meta header written by
 pynetdicom); it parses it only to check that it is whole and to read the
-header fields the spool indexes, then hands the bytes to `Spool.store_instance`,
+header fields the spool indexes, then hands the bytes to `StudyMachine.store_instance`,
 which fsyncs, renames and commits before it returns.  Only then is success
 answered.  Each failure has its own status (`STATUS_*`, see `status_for_error`).
 Resource limits come first (`InstanceLimits`): a deflated data set is inflated
@@ -46,7 +46,7 @@ against a cap before pydicom inflates it whole, and the decoded pixel size the
 header announces is bounded; beyond either, 0xA700.
 
 Handlers get their dependencies through pynetdicom's binding
-(``(evt.EVT_C_STORE, handle_store, [spool, metrics, log, registry, clock, limits])``), never from
+(``(evt.EVT_C_STORE, handle_store, [machine, metrics, log, registry, clock, limits])``), never from
 module globals.  This module and ``outbox.py`` are the only importers of
 pynetdicom.
 """
@@ -109,6 +109,7 @@ from sclc_risk_node.node.logs import get_logger
 from sclc_risk_node.node.metrics import NodeMetrics
 from sclc_risk_node.node.records import InstanceHeader, StoreOutcome
 from sclc_risk_node.node.spool import Spool
+from sclc_risk_node.node.study_machine import StudyMachine
 from sclc_risk_node.scoring.errors import InputError
 
 # --- DIMSE statuses (PS3.4 B.2.3 Storage, PS3.7 C.4.2 status classes) ----------------
@@ -979,7 +980,7 @@ def handle_echo(event: evt.Event) -> int:
 
 def handle_store(
     event: evt.Event,
-    spool: Spool,
+    machine: StudyMachine,
     metrics: NodeMetrics | None,
     log: Any,
     registry: AssociationRegistry | None = None,
@@ -1009,7 +1010,7 @@ def handle_store(
         bound = bound.bind(study_uid=header.study_instance_uid, series_uid=header.series_instance_uid)
         check_matches_request(header, sop_class_uid, str(request.AffectedSOPInstanceUID or ""))
         source = dicom_peer(info.calling_ae_title, info.address) if info else None  # the audit trail's "who"
-        outcome = spool.store_instance(encoded, header, now=clock(), source=source)
+        outcome = machine.store_instance(encoded, header, now=clock(), source=source)
     except Exception as exc:  # noqa: BLE001 - the boundary: every exception becomes a status
         status = status_for_error(exc)
         fields = dict(status=f"0x{status:04X}", error_type=type(exc).__name__)
@@ -1062,6 +1063,8 @@ class DicomReceiver:
     ) -> None:
         self.config = config
         self.spool = spool
+        # Receiving files each instance under its study: a lifecycle step, so it goes through the machine.
+        self.machine = StudyMachine(spool)
         self.metrics = metrics
         self.clock = clock
         self.transfer_syntaxes = decodable_transfer_syntaxes()
@@ -1100,7 +1103,7 @@ class DicomReceiver:
             (evt.EVT_RELEASED, handle_closed, [registry, log]),
             (evt.EVT_ABORTED, handle_closed, [registry, log]),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.spool, self.metrics, log, registry, self.clock, self.limits]),
+            (evt.EVT_C_STORE, handle_store, [self.machine, self.metrics, log, registry, self.clock, self.limits]),
         ]
 
     def start(self) -> None:

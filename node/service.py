@@ -215,7 +215,7 @@ class NodeService:
 
     def start(self) -> None:
         self.spool.lock_service(self.instance_id)
-        report = self.spool.recover(now=time.time())
+        report = self.machine.recover(now=time.time())
         self.log.info("spool_recovered", **_report_fields(report))
         self.resume_previous_instance_work()
         self.guard_disk()
