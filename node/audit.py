@@ -55,7 +55,7 @@ class Statements(Protocol):
     `AuditEvent.from_row`, so importing the spool here would close a cycle.
     """
 
-    def execute(self, name: str, /, **params: Any) -> int: ...
+    def execute(self, name: str, **params: Any) -> int: ...
 
 
 class AuditEventType(enum.StrEnum):

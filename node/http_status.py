@@ -79,7 +79,7 @@ class _Handler(BaseHTTPRequestHandler):
             report = self.server.health()
         except Exception as exc:  # noqa: BLE001 - a failing check means unhealthy, not a crash
             _log().warning("health_check_failed", error_type=type(exc).__name__, error=str(exc))
-            body = {"status": "error", "error": type(exc).__name__}
+            body: dict[str, object] = {"status": "error", "error": type(exc).__name__}
             status = HTTPStatus.SERVICE_UNAVAILABLE
         else:
             body = {"status": "ok" if report.healthy else "unhealthy", "checks": dict(report.checks)}
@@ -111,7 +111,8 @@ class _StatusServer(ThreadingHTTPServer):
         # HTTPServer.server_bind would resolve the bind address with getfqdn(),
         # a DNS lookup that can stall start-up; the name is unused here.
         socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        host, self.server_port = self.server_address[:2]
+        self.server_name = str(host)
 
 
 class _StatusServer6(_StatusServer):
@@ -130,7 +131,7 @@ class HttpStatusServer:
 
     @property
     def host(self) -> str:
-        return self._server.server_address[0]
+        return str(self._server.server_address[0])
 
     @property
     def port(self) -> int:

@@ -429,6 +429,7 @@ def send_sr(
                 error=f"association with {_address(destination)} aborted before it was accepted",
             )
 
+        send_error: str | None
         try:
             response = assoc.send_c_store(dataset)
         except Exception as exc:  # noqa: BLE001 - encoding trouble or a connection lost mid-send

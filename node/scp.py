@@ -98,7 +98,8 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom makes these names at import
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from sclc_risk_node.node.audit import dicom_peer
@@ -140,7 +141,7 @@ REJECT_CALLING_AE_NOT_RECOGNISED = 0x03
 REJECT_CALLED_AE_NOT_RECOGNISED = 0x07
 REJECT_LOCAL_LIMIT_EXCEEDED = 0x02
 
-_REJECT_REASONS = {
+_REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
     (REJECT_SOURCE_SERVICE_USER, REJECT_NO_REASON): "no reason given",
     (REJECT_SOURCE_SERVICE_USER, REJECT_CALLING_AE_NOT_RECOGNISED): "calling AE title not recognised",
     (REJECT_SOURCE_SERVICE_USER, REJECT_CALLED_AE_NOT_RECOGNISED): "called AE title not recognised",
@@ -270,7 +271,7 @@ def check_inflated_size(deflated: bytes | memoryview, max_inflated_bytes: int) -
     fed = 0  # input bytes handed to the inflater
     try:
         while fed < len(view) and not inflater.eof:
-            pending = view[fed : fed + _INFLATE_INPUT_BYTES]
+            pending: bytes | memoryview = view[fed : fed + _INFLATE_INPUT_BYTES]
             fed += len(pending)
             while pending and not inflater.eof:
                 total += len(inflater.decompress(pending, _INFLATE_STEP_BYTES))
@@ -811,16 +812,30 @@ class GatedAssociationServer(ThreadedAssociationServer):
 
     daemon_threads = True  # a pending connection must not delay interpreter exit
 
-    def __init__(self, *args: Any, gate: ConnectionGate, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        ae: AE,
+        address: tuple[str, int] | tuple[str, int, int, int],
+        ae_title: str,
+        contexts: list[Any],
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: list[Any] | None = None,
+        *,
+        gate: ConnectionGate,
+    ) -> None:
         self.gate = gate
         self._slots: dict[Any, PendingSlot] = {}
         self._slots_lock = threading.Lock()
-        super().__init__(*args, request_handler=GatedRequestHandler, **kwargs)
+        super().__init__(
+            ae, address, ae_title, contexts, ssl_context, evt_handlers, request_handler=GatedRequestHandler
+        )
 
     def get_request(self) -> tuple[socket.socket, Any]:
         # Accept only.  pynetdicom would do the TLS handshake here, in the one
         # accepting thread, where a peer that never completes it blocks every
         # other caller; GatedRequestHandler does it in the connection's thread.
+        if self.socket is None:
+            raise OSError("the listening socket is closed")  # socketserver skips the request
         return self.socket.accept()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
@@ -949,7 +964,7 @@ def handle_rejected(event: evt.Event, registry: AssociationRegistry, log: Any) -
 def handle_accepted(event: evt.Event, registry: AssociationRegistry, log: Any) -> None:
     """EVT_ACCEPTED: log who is sending and which SOP classes we took."""
     assoc = event.assoc
-    accepted = sorted({UID(cx.abstract_syntax).name for cx in assoc.accepted_contexts})
+    accepted = sorted({UID(str(cx.abstract_syntax)).name for cx in assoc.accepted_contexts})
     refused = len(assoc.rejected_contexts)
     _emit(
         log,
@@ -994,12 +1009,14 @@ def handle_store(
     """
     _message_handled(event.assoc)
     request = event.request
+    # EVT_C_STORE always carries a C-STORE request; pynetdicom types it as any DIMSE message.
+    affected_sop_uid = str(request.AffectedSOPInstanceUID or "") if isinstance(request, C_STORE) else ""
     sop_class_uid = str(event.context.abstract_syntax)
     storage_class = STORAGE_CLASSES.get(UID(sop_class_uid))
     label = storage_class.metrics_label if storage_class else "other"
     info = registry.info(event.assoc) if registry is not None else None
     bound = log.bind(
-        sop_uid=str(request.AffectedSOPInstanceUID or ""),
+        sop_uid=affected_sop_uid,
         sop_class=UID(sop_class_uid).name,
         transfer_syntax=UID(event.context.transfer_syntax).name,
         **(_peer_fields(info) if info else {}),
@@ -1008,7 +1025,7 @@ def handle_store(
         encoded = event.encoded_dataset()
         header = header_of(read_received_dataset(encoded, limits))
         bound = bound.bind(study_uid=header.study_instance_uid, series_uid=header.series_instance_uid)
-        check_matches_request(header, sop_class_uid, str(request.AffectedSOPInstanceUID or ""))
+        check_matches_request(header, sop_class_uid, affected_sop_uid)
         source = dicom_peer(info.calling_ae_title, info.address) if info else None  # the audit trail's "who"
         outcome = machine.store_instance(encoded, header, now=clock(), source=source)
     except Exception as exc:  # noqa: BLE001 - the boundary: every exception becomes a status

@@ -24,7 +24,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sclc_risk_node.node.clinical_inbox import ClinicalInbox
 from sclc_risk_node.node.config import NodeConfig
 from sclc_risk_node.node.fhir_lookup import FhirLookup
-from sclc_risk_node.node.http_status import HealthReport, start_http_server
+from sclc_risk_node.node.http_status import HealthReport, HttpStatusServer, start_http_server
 from sclc_risk_node.node.logs import get_logger
 from sclc_risk_node.node.metrics import NodeMetrics
 from sclc_risk_node.node.outbox import Outbox
@@ -121,7 +121,7 @@ class NodeService:
             executors={"default": SchedulerThreadPool(max_workers=4)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
         )
-        self.http = None
+        self.http: HttpStatusServer | None = None
         self._stopped = threading.Event()
         self._disk_low = False
 

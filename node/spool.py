@@ -655,7 +655,7 @@ class Spool:
                 raise UnknownStudy(f"no study {study_uid} in the spool")
             if study["clinical_record_id"] is None:
                 return None
-            row = tx.one("clinical_record_by_id", record_id=study["clinical_record_id"])
+            row = tx.row("clinical_record_by_id", record_id=study["clinical_record_id"])
         return ClinicalRecordRow.from_row(row)
 
     # --- reading ---
@@ -769,7 +769,7 @@ class Spool:
             sha256=digest,
             now=now,
         )
-        owner = tx.one("sr_by_uid", sr_uid=sr_sop_instance_uid)
+        owner = tx.row("sr_by_uid", sr_uid=sr_sop_instance_uid)
         if owner["study_instance_uid"] != study_uid:
             raise InvalidTransition(
                 f"SR {sr_sop_instance_uid} already belongs to study {owner['study_instance_uid']}",
@@ -813,7 +813,7 @@ class Spool:
         with self.transaction() as tx:
             if not tx.execute("start_delivery", item_id=item_id, now=now, sending_until=now + hold_s):
                 raise InvalidTransition(f"outbox item {item_id} is not due (already taken, delivered or waiting)")
-            row = tx.one("outbox_item", item_id=item_id)
+            row = tx.row("outbox_item", item_id=item_id)
         return OutboxItem.from_row(row, self.directory)
 
     def study_deliveries(self, study_uid: str) -> list[OutboxItem]:
@@ -824,7 +824,7 @@ class Spool:
     def outbox_depth(self) -> int:
         """Deliveries not yet accepted (pending, sending or given up)."""
         with self.transaction(write=False) as tx:
-            return tx.one("outbox_depth")["n"]
+            return int(tx.row("outbox_depth")["n"])
 
     # --- retention ---
 

@@ -120,6 +120,11 @@ def apply_event(
         raise ValueError("event claimed needs a worker_id and a positive lease_s")
 
     claims = target is StudyState.SCORING
+    lease_until: float | None = None
+    if claims:
+        if not lease_s or lease_s <= 0:  # only `claimed` enters scoring, and it was checked above
+            raise ValueError(f"event {event} enters scoring and needs a positive lease_s")
+        lease_until = now + lease_s
     if event in CLAIMANT_GUARDED_EVENTS and not worker_id:
         raise ValueError(f"event {event} needs the worker_id of the claim it ends")
     # The claim that a service restart ended does not count toward max_claim_attempts.
@@ -133,7 +138,7 @@ def apply_event(
         now=now,
         failure_reason=reason if target in REASON_REQUIRED else None,
         claimed_by=worker_id if claims else None,
-        lease_until=now + lease_s if claims else None,
+        lease_until=lease_until,
         claim_increment=claim_increment,
         reset_claim_attempts=target is StudyState.RECEIVING,
         clears_purge=event is StudyEvent.INSTANCE_STORED,
