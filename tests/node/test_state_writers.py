@@ -33,22 +33,22 @@ from tests.node.peers import peers, requires_storescp  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 NODE = REPO / "node"
-#: The module that runs every statement for its callers; the writer is whoever called it.
 SPOOL = NODE / "spool.py"
-STUDY_MACHINE = NODE / "study_machine.py"
+#: `Transaction` runs every statement for its callers; the writer is whoever called it.
+TRANSACTION_METHODS = {"_run", "execute", "insert", "one", "row", "all"}
 
 
 @dataclass(frozen=True)
 class StateWrite:
     statement: str  # "insert" or "update"
-    writer: str  # repository-relative file of the innermost project frame outside the spool
+    writer: str  # repository-relative file of the innermost project frame that is not `Transaction`
     function: str
 
 
 def _writer(stack: traceback.StackSummary) -> tuple[str, str]:
     for frame in reversed(stack):
         path = Path(frame.filename).resolve()
-        if path == SPOOL or REPO not in path.parents:
+        if (path == SPOOL and frame.name in TRANSACTION_METHODS) or REPO not in path.parents:
             continue
         return path.relative_to(REPO).as_posix(), frame.name
     return "<no project frame>", ""
@@ -64,7 +64,7 @@ def state_writes(monkeypatch) -> Iterator[list[StateWrite]]:
         if table == "studies" and (
             action == sqlite3.SQLITE_INSERT or (action == sqlite3.SQLITE_UPDATE and column == "state")
         ):
-            writer, function = _writer(traceback.extract_stack())
+            writer, function = _writer(traceback.extract_stack()[:-1])  # without this function's own frame
             writes.append(StateWrite("insert" if action == sqlite3.SQLITE_INSERT else "update", writer, function))
         return sqlite3.SQLITE_OK
 
@@ -83,7 +83,9 @@ def test_the_recorder_names_a_writer_that_is_not_the_machine(tmp_path, state_wri
     with Spool.open(tmp_path / "spool", min_free_bytes=0) as spool:
         with spool.transaction() as tx:
             tx._connection.execute("UPDATE studies SET state = state WHERE 0")
-    assert [(w.statement, w.writer) for w in state_writes] == [("update", "tests/node/test_state_writers.py")]
+    assert [(w.statement, w.writer, w.function) for w in state_writes] == [
+        ("update", "tests/node/test_state_writers.py", "test_the_recorder_names_a_writer_that_is_not_the_machine")
+    ]
 
 
 def wait_for(condition, timeout_s: float, what: str):
