@@ -5,9 +5,9 @@ transactions, and reads.  It never changes a study's state: ``studies.state``
 and the columns that move with it (``state_changed_at``, ``failure_reason``,
 the scoring lease, ``claim_attempts``), and the linking of a clinical record
 (which can move a study on), are written only by `node.study_machine`, which
-calls into the spool (never the other way round).  Where a file operation and a transition
-must commit together (receiving an instance, re-indexing one at recovery) the
-spool takes an ``on_indexed`` callable that the machine supplies.
+calls into the spool (never the other way round).  Where a file operation
+and a transition must commit together (receiving an instance, re-indexing
+one at recovery) the spool takes an ``on_indexed`` callable from the machine.
 
 Durability before acknowledgement.  `Spool.place_instance` writes the bytes it
 was given to a temp file in the destination folder, fsyncs it, renames it over
