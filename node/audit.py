@@ -45,10 +45,17 @@ import pwd
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:  # the spool passes its Transaction in; only the spool imports sqlite3
-    from sclc_risk_node.node.spool import Transaction
+
+class Statements(Protocol):
+    """What `record_in` needs of `node.spool.Transaction`: named statements.
+
+    A protocol rather than an import: the spool reads audit events back with
+    `AuditEvent.from_row`, so importing the spool here would close a cycle.
+    """
+
+    def execute(self, name: str, **params: Any) -> int: ...
 
 
 class AuditEventType(enum.StrEnum):
@@ -132,7 +139,7 @@ class AuditEvent:
         }
 
 
-def record_in(tx: Transaction, event: AuditEvent) -> None:
+def record_in(tx: Statements, event: AuditEvent) -> None:
     """Append ``event`` inside ``tx``: it commits or rolls back with the action it describes."""
     tx.execute(
         "insert_audit_event",

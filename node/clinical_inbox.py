@@ -45,6 +45,7 @@ from sclc_risk_node.node.clinical_files import (
 )
 from sclc_risk_node.node.logs import get_logger, register_phi_values
 from sclc_risk_node.node.states import StudyState
+from sclc_risk_node.node.study_machine import StudyMachine
 from sclc_risk_node.scoring.clinical import ACCEPTED_FIELDS, ClinicalRecord
 from sclc_risk_node.scoring.errors import ClinicalRecordError, InputError
 
@@ -110,8 +111,9 @@ def import_clinical_records(
         # Checked before storing anything, so a file is imported whole or not at all.
         raise ClinicalRecordError(unmatchable)
     register_phi_values(value for r in records for value in (r.patient_id, r.accession_number))
+    machine = StudyMachine(spool)  # linking a record can move a waiting study on: the machine's job
     stored = [
-        spool.add_clinical_record(
+        machine.add_clinical_record(
             json.dumps(record.to_mapping(), sort_keys=True),
             accession_number=record.accession_number,
             patient_id=record.patient_id,

@@ -31,7 +31,9 @@ from sclc_risk_node.node.config import FhirConfig
 from sclc_risk_node.node.files import write_atomically
 from sclc_risk_node.node.logs import get_logger, register_phi_values
 from sclc_risk_node.node.records import StudyRecord
+from sclc_risk_node.node.spool import Spool
 from sclc_risk_node.node.states import StudyState
+from sclc_risk_node.node.study_machine import StudyMachine
 from sclc_risk_node.scoring.clinical import ClinicalRecord
 from sclc_risk_node.scoring.errors import ClinicalRecordError, InputError
 from sclc_risk_node.scoring.fhir_mapping import (
@@ -105,8 +107,8 @@ class WaitingReasons:
             write_atomically(self.path, json.dumps(data, indent=1, sort_keys=True), mode=0o600)
 
 
-def store_record(spool, record: ClinicalRecord, *, now: float) -> None:
-    spool.add_clinical_record(
+def store_record(spool: Spool, record: ClinicalRecord, *, now: float) -> None:
+    StudyMachine(spool).add_clinical_record(
         json.dumps(record.to_mapping(), sort_keys=True),
         accession_number=record.accession_number,
         patient_id=record.patient_id,

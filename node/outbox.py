@@ -41,8 +41,8 @@ warning log line carrying the status so a site can follow it up.
 just before sending it (`Spool.start_delivery` with a hold longer than the
 longest possible attempt, so the claim of a sender killed mid-send expires
 and the row becomes due again), sends, and records the outcome:
-`Spool.mark_delivered` (which moves the study to ``delivered`` once every
-destination accepted) or `Spool.mark_attempt_failed` with the backoff
+`StudyMachine.mark_delivered` (which moves the study to ``delivered`` once every
+destination accepted) or `StudyMachine.mark_attempt_failed` with the backoff
 
     backoff_s = min(initial_backoff_s * 2**(attempts - 1) * (1 + jitter), max_backoff_s)
 
@@ -100,7 +100,7 @@ from sclc_risk_node.node.study_machine import StudyMachine
 
 if TYPE_CHECKING:
     from sclc_risk_node.node.config import DestinationConfig, NodeConfig
-    from sclc_risk_node.node.http_status import NodeMetrics
+    from sclc_risk_node.node.metrics import NodeMetrics
     from sclc_risk_node.node.spool import Spool
 
 # --- DIMSE statuses (PS3.4 Table B.2-1, PS3.7 Annex C) -------------------------------
@@ -429,6 +429,7 @@ def send_sr(
                 error=f"association with {_address(destination)} aborted before it was accepted",
             )
 
+        send_error: str | None
         try:
             response = assoc.send_c_store(dataset)
         except Exception as exc:  # noqa: BLE001 - encoding trouble or a connection lost mid-send
@@ -529,6 +530,8 @@ class Outbox:
         if not 0.0 <= jitter_fraction < 1.0:
             raise ValueError(f"jitter_fraction must be in [0, 1), not {jitter_fraction}")
         self.spool = spool
+        # A delivery's result can finish the study (delivered, or failed when it gives up).
+        self.machine = StudyMachine(spool)
         self.config = config
         self.metrics = metrics
         self.log = log if log is not None else get_logger(stage="outbox")
@@ -605,7 +608,7 @@ class Outbox:
         )
         if result.delivered:
             try:
-                transition = self.spool.mark_delivered(item.item_id, now=now)
+                transition = self.machine.mark_delivered(item.item_id, now=now)
             except InvalidTransition as exc:
                 # Someone else settled the row meanwhile (our hold ran out); the PACS has the SR either way.
                 self.log.warning("sr_delivered_row_already_settled", error=str(exc), **context)
@@ -635,7 +638,7 @@ class Outbox:
             jitter=self.jitter_fraction * self.rng.random(),
         )
         try:
-            after = self.spool.mark_attempt_failed(
+            after = self.machine.mark_attempt_failed(
                 item.item_id, now=now, error=str(result.error), backoff_s=wait_s, max_attempts=settings.max_attempts
             )
         except InvalidTransition as exc:

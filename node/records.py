@@ -145,8 +145,8 @@ class InstanceHeader:
             frame_of_reference_uid=header.frame_of_reference_uid,
             accession_number=header.accession_number,
             patient_id=header.patient_id,
-            referenced_series_instance_uids=tuple(series),
-            referenced_sop_instance_uids=tuple(instances),
+            referenced_series_instance_uids=_uids(series),
+            referenced_sop_instance_uids=_uids(instances),
         )
 
     def _with_rtstruct_references(self, ds: Any) -> InstanceHeader:
@@ -160,8 +160,8 @@ class InstanceHeader:
             frame_of_reference_uid=self.frame_of_reference_uid or frame_of_reference,
             accession_number=self.accession_number,
             patient_id=self.patient_id,
-            referenced_series_instance_uids=tuple(series),
-            referenced_sop_instance_uids=tuple(instances),
+            referenced_series_instance_uids=_uids(series),
+            referenced_sop_instance_uids=_uids(instances),
         )
 
 
@@ -190,7 +190,7 @@ def _rtstruct_references(ds: Any) -> tuple[str | None, list[object], list[object
 
 
 class StoreOutcome(enum.StrEnum):
-    """What `Spool.store_instance` did.  All three mean "safely on disk": acknowledge success."""
+    """What `StudyMachine.store_instance` did.  All three mean "safely on disk": acknowledge success."""
 
     STORED = "stored"
     DUPLICATE = "duplicate"

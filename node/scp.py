@@ -38,7 +38,7 @@ the reason (neither is PHI).
 Receiving.  `handle_store` keeps the instance exactly as it arrived (the
 encoded data set from the wire behind a file meta header written by
 pynetdicom); it parses it only to check that it is whole and to read the
-header fields the spool indexes, then hands the bytes to `Spool.store_instance`,
+header fields the spool indexes, then hands the bytes to `StudyMachine.store_instance`,
 which fsyncs, renames and commits before it returns.  Only then is success
 answered.  Each failure has its own status (`STATUS_*`, see `status_for_error`).
 Resource limits come first (`InstanceLimits`): a deflated data set is inflated
@@ -46,7 +46,7 @@ against a cap before pydicom inflates it whole, and the decoded pixel size the
 header announces is bounded; beyond either, 0xA700.
 
 Handlers get their dependencies through pynetdicom's binding
-(``(evt.EVT_C_STORE, handle_store, [spool, metrics, log, registry, clock, limits])``), never from
+(``(evt.EVT_C_STORE, handle_store, [machine, metrics, log, registry, clock, limits])``), never from
 module globals.  This module and ``outbox.py`` are the only importers of
 pynetdicom.
 """
@@ -98,17 +98,19 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom makes these names at import
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from sclc_risk_node.node.audit import dicom_peer
 from sclc_risk_node.node.config import ConfigError, ScpConfig
 from sclc_risk_node.node.config import client_address as normalised_ip
 from sclc_risk_node.node.errors import NodeError, NotPart10, UnsafeUid
-from sclc_risk_node.node.http_status import NodeMetrics
 from sclc_risk_node.node.logs import get_logger
+from sclc_risk_node.node.metrics import NodeMetrics
 from sclc_risk_node.node.records import InstanceHeader, StoreOutcome
 from sclc_risk_node.node.spool import Spool
+from sclc_risk_node.node.study_machine import StudyMachine
 from sclc_risk_node.scoring.errors import InputError
 
 # --- DIMSE statuses (PS3.4 B.2.3 Storage, PS3.7 C.4.2 status classes) ----------------
@@ -139,7 +141,7 @@ REJECT_CALLING_AE_NOT_RECOGNISED = 0x03
 REJECT_CALLED_AE_NOT_RECOGNISED = 0x07
 REJECT_LOCAL_LIMIT_EXCEEDED = 0x02
 
-_REJECT_REASONS = {
+_REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
     (REJECT_SOURCE_SERVICE_USER, REJECT_NO_REASON): "no reason given",
     (REJECT_SOURCE_SERVICE_USER, REJECT_CALLING_AE_NOT_RECOGNISED): "calling AE title not recognised",
     (REJECT_SOURCE_SERVICE_USER, REJECT_CALLED_AE_NOT_RECOGNISED): "called AE title not recognised",
@@ -269,7 +271,7 @@ def check_inflated_size(deflated: bytes | memoryview, max_inflated_bytes: int) -
     fed = 0  # input bytes handed to the inflater
     try:
         while fed < len(view) and not inflater.eof:
-            pending = view[fed : fed + _INFLATE_INPUT_BYTES]
+            pending: bytes | memoryview = view[fed : fed + _INFLATE_INPUT_BYTES]
             fed += len(pending)
             while pending and not inflater.eof:
                 total += len(inflater.decompress(pending, _INFLATE_STEP_BYTES))
@@ -810,16 +812,30 @@ class GatedAssociationServer(ThreadedAssociationServer):
 
     daemon_threads = True  # a pending connection must not delay interpreter exit
 
-    def __init__(self, *args: Any, gate: ConnectionGate, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        ae: AE,
+        address: tuple[str, int] | tuple[str, int, int, int],
+        ae_title: str,
+        contexts: list[Any],
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: list[Any] | None = None,
+        *,
+        gate: ConnectionGate,
+    ) -> None:
         self.gate = gate
         self._slots: dict[Any, PendingSlot] = {}
         self._slots_lock = threading.Lock()
-        super().__init__(*args, request_handler=GatedRequestHandler, **kwargs)
+        super().__init__(
+            ae, address, ae_title, contexts, ssl_context, evt_handlers, request_handler=GatedRequestHandler
+        )
 
     def get_request(self) -> tuple[socket.socket, Any]:
         # Accept only.  pynetdicom would do the TLS handshake here, in the one
         # accepting thread, where a peer that never completes it blocks every
         # other caller; GatedRequestHandler does it in the connection's thread.
+        if self.socket is None:
+            raise OSError("the listening socket is closed")  # socketserver skips the request
         return self.socket.accept()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
@@ -948,7 +964,7 @@ def handle_rejected(event: evt.Event, registry: AssociationRegistry, log: Any) -
 def handle_accepted(event: evt.Event, registry: AssociationRegistry, log: Any) -> None:
     """EVT_ACCEPTED: log who is sending and which SOP classes we took."""
     assoc = event.assoc
-    accepted = sorted({UID(cx.abstract_syntax).name for cx in assoc.accepted_contexts})
+    accepted = sorted({UID(str(cx.abstract_syntax)).name for cx in assoc.accepted_contexts})
     refused = len(assoc.rejected_contexts)
     _emit(
         log,
@@ -979,7 +995,7 @@ def handle_echo(event: evt.Event) -> int:
 
 def handle_store(
     event: evt.Event,
-    spool: Spool,
+    machine: StudyMachine,
     metrics: NodeMetrics | None,
     log: Any,
     registry: AssociationRegistry | None = None,
@@ -993,12 +1009,14 @@ def handle_store(
     """
     _message_handled(event.assoc)
     request = event.request
+    # EVT_C_STORE always carries a C-STORE request; pynetdicom types it as any DIMSE message.
+    affected_sop_uid = str(request.AffectedSOPInstanceUID or "") if isinstance(request, C_STORE) else ""
     sop_class_uid = str(event.context.abstract_syntax)
     storage_class = STORAGE_CLASSES.get(UID(sop_class_uid))
     label = storage_class.metrics_label if storage_class else "other"
     info = registry.info(event.assoc) if registry is not None else None
     bound = log.bind(
-        sop_uid=str(request.AffectedSOPInstanceUID or ""),
+        sop_uid=affected_sop_uid,
         sop_class=UID(sop_class_uid).name,
         transfer_syntax=UID(event.context.transfer_syntax).name,
         **(_peer_fields(info) if info else {}),
@@ -1007,9 +1025,9 @@ def handle_store(
         encoded = event.encoded_dataset()
         header = header_of(read_received_dataset(encoded, limits))
         bound = bound.bind(study_uid=header.study_instance_uid, series_uid=header.series_instance_uid)
-        check_matches_request(header, sop_class_uid, str(request.AffectedSOPInstanceUID or ""))
+        check_matches_request(header, sop_class_uid, affected_sop_uid)
         source = dicom_peer(info.calling_ae_title, info.address) if info else None  # the audit trail's "who"
-        outcome = spool.store_instance(encoded, header, now=clock(), source=source)
+        outcome = machine.store_instance(encoded, header, now=clock(), source=source)
     except Exception as exc:  # noqa: BLE001 - the boundary: every exception becomes a status
         status = status_for_error(exc)
         fields = dict(status=f"0x{status:04X}", error_type=type(exc).__name__)
@@ -1062,6 +1080,8 @@ class DicomReceiver:
     ) -> None:
         self.config = config
         self.spool = spool
+        # Receiving files each instance under its study: a lifecycle step, so it goes through the machine.
+        self.machine = StudyMachine(spool)
         self.metrics = metrics
         self.clock = clock
         self.transfer_syntaxes = decodable_transfer_syntaxes()
@@ -1100,7 +1120,7 @@ class DicomReceiver:
             (evt.EVT_RELEASED, handle_closed, [registry, log]),
             (evt.EVT_ABORTED, handle_closed, [registry, log]),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.spool, self.metrics, log, registry, self.clock, self.limits]),
+            (evt.EVT_C_STORE, handle_store, [self.machine, self.metrics, log, registry, self.clock, self.limits]),
         ]
 
     def start(self) -> None:

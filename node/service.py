@@ -24,8 +24,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sclc_risk_node.node.clinical_inbox import ClinicalInbox
 from sclc_risk_node.node.config import NodeConfig
 from sclc_risk_node.node.fhir_lookup import FhirLookup
-from sclc_risk_node.node.http_status import HealthReport, NodeMetrics, start_http_server
+from sclc_risk_node.node.http_status import HealthReport, HttpStatusServer, start_http_server
 from sclc_risk_node.node.logs import get_logger
+from sclc_risk_node.node.metrics import NodeMetrics
 from sclc_risk_node.node.outbox import Outbox
 from sclc_risk_node.node.scoring_job import default_model_path, load_model_file
 from sclc_risk_node.node.scp import DicomReceiver
@@ -120,7 +121,7 @@ class NodeService:
             executors={"default": SchedulerThreadPool(max_workers=4)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
         )
-        self.http = None
+        self.http: HttpStatusServer | None = None
         self._stopped = threading.Event()
         self._disk_low = False
 
@@ -214,7 +215,7 @@ class NodeService:
 
     def start(self) -> None:
         self.spool.lock_service(self.instance_id)
-        report = self.spool.recover(now=time.time())
+        report = self.machine.recover(now=time.time())
         self.log.info("spool_recovered", **_report_fields(report))
         self.resume_previous_instance_work()
         self.guard_disk()

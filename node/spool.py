@@ -1,6 +1,15 @@
 """The durable spool: received files on disk, all state in SQLite.  The only module that imports sqlite3.
 
-Durability before acknowledgement.  `Spool.store_instance` writes the bytes it
+The spool is files plus named queries: it places and removes files, runs
+transactions, and reads.  It never changes a study's state: ``studies.state``
+and the columns that move with it (``state_changed_at``, ``failure_reason``,
+the scoring lease, ``claim_attempts``), and the linking of a clinical record
+(which can move a study on), are written only by `node.study_machine`, which
+calls into the spool (never the other way round).  Where a file operation
+and a transition must commit together (receiving an instance, re-indexing
+one at recovery) the spool takes an ``on_indexed`` callable from the machine.
+
+Durability before acknowledgement.  `Spool.place_instance` writes the bytes it
 was given to a temp file in the destination folder, fsyncs it, renames it over
 the final name, fsyncs the folder, and only then commits the index row (with
 the study row and, when the study changes state, its event row) in one
@@ -45,7 +54,7 @@ import sqlite3
 import stat
 import threading
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -76,16 +85,7 @@ from sclc_risk_node.node.records import (
     Transition,
     safe_uid,
 )
-from sclc_risk_node.node.states import (
-    CLINICAL_LINKABLE_STATES,
-    FINISHED_STATES,
-    OutboxState,
-    StudyEvent,
-    StudyState,
-    target_state,
-)
-from sclc_risk_node.node.study_machine import apply_event
-from sclc_risk_node.scoring.errors import InputError
+from sclc_risk_node.node.states import FINISHED_STATES, StudyState
 
 SCHEMA_VERSION = 2
 DATABASE_FILENAME = "node.sqlite3"
@@ -266,14 +266,29 @@ class Transaction:
 
     def insert(self, name: str, **params: Any) -> int:
         """Run an INSERT; return the new row's id."""
-        return int(self._run(name, params).lastrowid)
+        row_id = self._run(name, params).lastrowid
+        if row_id is None:
+            raise LookupError(f"query {name} inserted no row")
+        return row_id
 
     def one(self, name: str, **params: Any) -> dict[str, Any] | None:
         row = self._run(name, params).fetchone()
         return dict(row) if row is not None else None
 
+    def row(self, name: str, **params: Any) -> dict[str, Any]:
+        """`one` for a query that always finds its row (an aggregate, a row this transaction just read or wrote)."""
+        row = self.one(name, **params)
+        if row is None:
+            raise LookupError(f"query {name} found no row for {params}")
+        return row
+
     def all(self, name: str, **params: Any) -> list[dict[str, Any]]:
         return [dict(row) for row in self._run(name, params).fetchall()]
+
+
+#: Runs inside the transaction that indexed a new instance (``tx, header, now``): the study
+#: machine creates or advances its study there (`StudyMachine.store_instance`, `StudyMachine.recover`).
+InstanceIndexed = Callable[[Transaction, InstanceHeader, float], None]
 
 
 def _translate_sqlite_error(exc: sqlite3.Error) -> Exception | None:
@@ -517,16 +532,17 @@ class Spool:
 
     # --- receiving ---
 
-    def store_instance(
-        self, encoded_bytes: bytes, header: InstanceHeader, *, now: float, source: str | None = None
+    def place_instance(
+        self, encoded_bytes: bytes, header: InstanceHeader, *, now: float, on_indexed: InstanceIndexed
     ) -> StoreOutcome:
         """Durably store one received instance (a Part-10 file as received) and index it.
 
         Returns only after the file is fsynced in place and its row committed:
         acknowledge the C-STORE after this returns, never before.  A SOP
         Instance UID already stored is not written again (see `StoreOutcome`).
-        ``source`` is who sent it (`node.audit.dicom_peer`), for the audit
-        event committed with the index row.
+        ``on_indexed`` runs inside the index row's transaction when the
+        instance is new: `StudyMachine.store_instance` creates or advances the
+        study there, so the row, the study and its event commit together.
         """
         if encoded_bytes[128:132] != PART10_MAGIC:
             raise NotPart10(
@@ -547,7 +563,7 @@ class Spool:
                 # so the commit need not wait for the disk (issue 9: a third fsync per instance).
                 with self.transaction(reconstructible=True) as tx:
                     outcome = self._index_instance(
-                        tx, header, relative_path, len(encoded_bytes), digest, now, source=source
+                        tx, header, relative_path, len(encoded_bytes), digest, now, on_indexed
                     )
                 if outcome is not StoreOutcome.STORED:
                     # Lost a race with the same SOP Instance UID arriving under another study
@@ -579,8 +595,7 @@ class Spool:
         size_bytes: int,
         digest: str,
         now: float,
-        *,
-        source: str | None = None,
+        on_indexed: InstanceIndexed,
     ) -> StoreOutcome:
         inserted = tx.execute(
             "upsert_instance",
@@ -599,61 +614,9 @@ class Spool:
         )
         if not inserted:
             existing = tx.one("instance_by_sop", sop_uid=header.sop_instance_uid)
-            assert existing is not None
+            assert existing is not None  # the upsert matched nothing only because the row exists
             return self._duplicate_outcome(existing, header, digest)
-        study_uid = header.study_instance_uid
-        keys = dict(study_uid=study_uid, accession_number=header.accession_number, patient_id=header.patient_id)
-        if tx.execute("create_study", now=now, **keys):
-            # Creation is not a transition of the table (there is no "before"), but it is
-            # history: the event row with from_state NULL says when and with what it began.
-            created = Transition(
-                study_uid,
-                None,
-                StudyState.RECEIVING,
-                StudyEvent.INSTANCE_STORED,
-                f"first instance {header.sop_instance_uid} ({header.modality or 'no modality'})",
-                now,
-            )
-            tx.execute(
-                "insert_study_event",
-                study_uid=study_uid,
-                from_state=None,
-                to_state=str(created.to_state),
-                event=str(created.event),
-                reason=created.reason,
-                now=now,
-            )
-            tx.applied.append(created)
-        else:
-            tx.execute("touch_study_for_instance", now=now, **keys)
-            state = StudyState(tx.one("study_by_uid", study_uid=study_uid)["state"])
-            if target_state(state, StudyEvent.INSTANCE_STORED) is not None:
-                apply_event(
-                    tx,
-                    study_uid,
-                    StudyEvent.INSTANCE_STORED,
-                    now=now,
-                    reason=f"new {header.modality or 'instance'} {header.sop_instance_uid}: completion is judged again",
-                )
-            elif state is not StudyState.RECEIVING:
-                _log().warning(
-                    "instance_after_scoring_started",
-                    study_uid=study_uid,
-                    sop_uid=header.sop_instance_uid,
-                    state=str(state),
-                    note="stored, but the study is not re-scored automatically",
-                )
-        self._link_clinical_record_to_study(tx, study_uid, now=now)
-        audit.record_in(
-            tx,
-            audit.AuditEvent(
-                audit.AuditEventType.INSTANCES_RECEIVED,
-                who=source or "unknown sender",
-                at=now,
-                study_instance_uid=study_uid,
-                counts={"instances": 1},
-            ),
-        )
+        on_indexed(tx, header, now)
         return StoreOutcome.STORED
 
     def _remove_file(self, relative_path: str) -> None:
@@ -663,96 +626,6 @@ class Spool:
             _fsync_directory(path.parent)
 
     # --- clinical records ---
-
-    def add_clinical_record(
-        self,
-        record_json: str,
-        *,
-        accession_number: str | None,
-        patient_id: str | None,
-        study_instance_uid: str | None,
-        now: float,
-        source: str | None = None,
-    ) -> ClinicalRecordRow:
-        """Store a validated clinical record (JSON text) and attach it to every study it matches.
-
-        Matching: by accession number when the record and the study both have
-        one; otherwise by patient ID and Study Instance UID together.  The
-        newest matching record is the study's record, so sending a corrected
-        record replaces the earlier one until scoring starts.  Studies that
-        arrive later are matched when their first instance is indexed.
-        """
-        try:
-            parsed = json.loads(record_json)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"clinical record is not valid JSON: {exc}") from None
-        if not isinstance(parsed, dict):
-            raise InputError("clinical record must be a JSON object")
-        accession_number = (accession_number or "").strip() or None
-        patient_id = (patient_id or "").strip() or None
-        study_instance_uid = (study_instance_uid or "").strip() or None
-        if accession_number is None and (patient_id is None or study_instance_uid is None):
-            raise InputError("clinical record needs an accession number, or a patient ID and a study instance UID")
-        with self.transaction() as tx:
-            record_id = tx.insert(
-                "insert_clinical_record",
-                record_json=record_json,
-                accession_number=accession_number,
-                patient_id=patient_id,
-                study_uid=study_instance_uid,
-                now=now,
-            )
-            for row in tx.all(
-                "studies_matching_clinical_record",
-                accession_number=accession_number,
-                patient_id=patient_id,
-                study_uid=study_instance_uid,
-            ):
-                self._link_clinical_record_to_study(tx, row["study_instance_uid"], now=now)
-            stored = tx.one("clinical_record_by_id", record_id=record_id)
-            linked = [r["study_instance_uid"] for r in tx.all("studies_linked_to_record", record_id=record_id)]
-            for study_uid in linked or [None]:
-                audit.record_in(
-                    tx,
-                    audit.AuditEvent(
-                        audit.AuditEventType.RECORD_IMPORTED,
-                        who=source or "unknown source",
-                        at=now,
-                        study_instance_uid=study_uid,
-                        counts={"records": 1, "studies_attached": len(linked)},
-                    ),
-                )
-        _log().info("clinical_record_stored", record_id=record_id)
-        return ClinicalRecordRow.from_row(stored)
-
-    def attach_clinical_records(self, *, now: float) -> list[Transition]:
-        """Re-run matching for every study that can still take a record (a safety net for housekeeping)."""
-        with self.transaction() as tx:
-            for row in tx.all("list_studies", states=_states_json(CLINICAL_LINKABLE_STATES), limit=-1):
-                self._link_clinical_record_to_study(tx, row["study_instance_uid"], now=now)
-            return list(tx.applied)
-
-    def _link_clinical_record_to_study(self, tx: Transaction, study_uid: str, *, now: float) -> None:
-        study = tx.one("study_by_uid", study_uid=study_uid)
-        match = tx.one(
-            "newest_clinical_record_for_study",
-            accession_number=study["accession_number"],
-            patient_id=study["patient_id"],
-            study_uid=study_uid,
-        )
-        if match is None:
-            return
-        linked = tx.execute(
-            "link_clinical_record",
-            study_uid=study_uid,
-            record_id=match["id"],
-            states=_states_json(CLINICAL_LINKABLE_STATES),
-        )
-        if not linked:
-            return
-        state = StudyState(study["state"])
-        if target_state(state, StudyEvent.CLINICAL_ATTACHED) is not None:
-            apply_event(tx, study_uid, StudyEvent.CLINICAL_ATTACHED, now=now, reason=f"clinical record {match['id']}")
 
     def audit_events(
         self, *, since: float = 0.0, study_uid: str | None = None, limit: int = -1
@@ -774,7 +647,7 @@ class Spool:
                 raise UnknownStudy(f"no study {study_uid} in the spool")
             if study["clinical_record_id"] is None:
                 return None
-            row = tx.one("clinical_record_by_id", record_id=study["clinical_record_id"])
+            row = tx.row("clinical_record_by_id", record_id=study["clinical_record_id"])
         return ClinicalRecordRow.from_row(row)
 
     # --- reading ---
@@ -888,7 +761,7 @@ class Spool:
             sha256=digest,
             now=now,
         )
-        owner = tx.one("sr_by_uid", sr_uid=sr_sop_instance_uid)
+        owner = tx.row("sr_by_uid", sr_uid=sr_sop_instance_uid)
         if owner["study_instance_uid"] != study_uid:
             raise InvalidTransition(
                 f"SR {sr_sop_instance_uid} already belongs to study {owner['study_instance_uid']}",
@@ -932,88 +805,7 @@ class Spool:
         with self.transaction() as tx:
             if not tx.execute("start_delivery", item_id=item_id, now=now, sending_until=now + hold_s):
                 raise InvalidTransition(f"outbox item {item_id} is not due (already taken, delivered or waiting)")
-            row = tx.one("outbox_item", item_id=item_id)
-        return OutboxItem.from_row(row, self.directory)
-
-    def mark_delivered(self, item_id: int, *, now: float) -> Transition | None:
-        """Record a successful C-STORE of the SR; the study becomes ``delivered`` when it was the last."""
-        with self.transaction() as tx:
-            if not tx.execute("mark_delivery_delivered", item_id=item_id, now=now):
-                raise InvalidTransition(f"outbox item {item_id} is not pending or sending")
-            item = tx.one("outbox_item", item_id=item_id)
-            study_uid = item["study_instance_uid"]
-            audit.record_in(
-                tx,
-                audit.AuditEvent(
-                    audit.AuditEventType.SR_SENT,
-                    who="sclc-node outbox",
-                    at=now,
-                    study_instance_uid=study_uid,
-                    destination=item["destination"],
-                    counts={"sr": 1},
-                ),
-            )
-            if tx.one("undelivered_count_for_study", study_uid=study_uid)["n"]:
-                return None
-            study = tx.one("study_by_uid", study_uid=study_uid)
-            if target_state(StudyState(study["state"]), StudyEvent.DELIVERED) is None:
-                return None
-            return apply_event(
-                tx,
-                study_uid,
-                StudyEvent.DELIVERED,
-                now=now,
-                reason=f"SR {item['sr_sop_instance_uid']} accepted by every destination",
-            )
-
-    def mark_attempt_failed(
-        self, item_id: int, *, now: float, error: str, backoff_s: float, max_attempts: int = 0
-    ) -> OutboxItem:
-        """Record a failed delivery attempt: retry after ``backoff_s``, or give up.
-
-        ``max_attempts`` 0 retries forever.  Giving up marks the delivery
-        ``failed`` and the study ``failed`` (reason names the destination and
-        the error); `StudyMachine.retry` resends it.
-        """
-        with self.transaction() as tx:
-            item = tx.one("outbox_item", item_id=item_id)
-            if item is None:
-                raise InvalidTransition(f"no outbox item {item_id}")
-            attempts = item["attempts"] + 1
-            give_up = bool(max_attempts) and attempts >= max_attempts
-            if not tx.execute(
-                "mark_delivery_attempt_failed",
-                item_id=item_id,
-                state=str(OutboxState.FAILED if give_up else OutboxState.PENDING),
-                next_attempt_at=now + backoff_s,
-                error=error,
-                now=now,
-            ):
-                raise InvalidTransition(f"outbox item {item_id} is not pending or sending")
-            if give_up:
-                study_uid = item["study_instance_uid"]
-                audit.record_in(
-                    tx,
-                    audit.AuditEvent(
-                        audit.AuditEventType.SR_SEND_GAVE_UP,
-                        who="sclc-node outbox",
-                        at=now,
-                        study_instance_uid=study_uid,
-                        destination=item["destination"],
-                        counts={"sr": 1, "attempts": attempts},
-                        outcome=audit.Outcome.SERIOUS_FAILURE,
-                    ),
-                )
-                study = tx.one("study_by_uid", study_uid=study_uid)
-                if target_state(StudyState(study["state"]), StudyEvent.DELIVERY_FAILED) is not None:
-                    apply_event(
-                        tx,
-                        study_uid,
-                        StudyEvent.DELIVERY_FAILED,
-                        now=now,
-                        reason=f"SR delivery to {item['destination']} gave up after {attempts} attempts: {error}",
-                    )
-            row = tx.one("outbox_item", item_id=item_id)
+            row = tx.row("outbox_item", item_id=item_id)
         return OutboxItem.from_row(row, self.directory)
 
     def study_deliveries(self, study_uid: str) -> list[OutboxItem]:
@@ -1024,7 +816,7 @@ class Spool:
     def outbox_depth(self) -> int:
         """Deliveries not yet accepted (pending, sending or given up)."""
         with self.transaction(write=False) as tx:
-            return tx.one("outbox_depth")["n"]
+            return int(tx.row("outbox_depth")["n"])
 
     # --- retention ---
 
@@ -1110,8 +902,11 @@ class Spool:
 
     # --- crash recovery ---
 
-    def recover(self, *, now: float) -> RecoveryReport:
+    def recover(self, *, now: float, on_indexed: InstanceIndexed) -> RecoveryReport:
         """Bring files and index back in line after a crash.  Run at startup, before receiving.
+
+        `StudyMachine.recover` runs it, with the ``on_indexed`` that files a
+        re-indexed instance under its study (as `place_instance` does).
 
         * temp files (``*.partial``) are deleted: their store never returned;
         * a spooled file without a row (crash between rename and commit) is
@@ -1174,7 +969,7 @@ class Spool:
                         len(data),
                         hashlib.sha256(data).hexdigest(),
                         now,
-                        source="spool recovery (a received file indexed at start-up)",
+                        on_indexed,
                     )
             if outcome is StoreOutcome.STORED:
                 reindexed.append(header.sop_instance_uid)

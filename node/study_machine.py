@@ -22,36 +22,67 @@ Guards beyond the state:
 * ``retry`` / ``resend`` only while the study's files are not purged, and
   ``resend`` only when an SR exists.
 
+Everything that moves a study goes through here, including the operations
+where a transition commits together with other rows: receiving an instance
+(`StudyMachine.store_instance`: a new study, or ``instance_stored``) and
+re-indexing one at start-up (`StudyMachine.recover`), linking a clinical
+record (``clinical_attached``), and the outbox's results (``delivered``,
+``delivery_failed``).
+
 This module runs SQL only through the `Transaction` it is handed (named
-queries in ``queries.sql``); `node.spool` owns the connection.  `StudyMachine`
-wraps the common operations, each in a transaction of its own.
+queries in ``queries.sql``); `node.spool` owns the connection and the files,
+and never imports this module.  `StudyMachine` wraps the common operations,
+each in a transaction of its own.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from sclc_risk_node.node import audit, completion
 from sclc_risk_node.node.errors import InvalidTransition, LeaseLost, UnknownStudy
-from sclc_risk_node.node.records import StudyRecord, Transition
+from sclc_risk_node.node.logs import get_logger
+from sclc_risk_node.node.records import (
+    ClinicalRecordRow,
+    InstanceHeader,
+    OutboxItem,
+    RecoveryReport,
+    StoreOutcome,
+    StudyRecord,
+    Transition,
+)
+from sclc_risk_node.node.spool import Spool, Transaction
 from sclc_risk_node.node.states import (
+    CLINICAL_LINKABLE_STATES,
     LEASE_HOLDER_EVENTS,
     REASON_REQUIRED,
+    OutboxState,
     StudyEvent,
     StudyState,
     target_state,
 )
-
-if TYPE_CHECKING:  # spool imports this module; a runtime import would be circular
-    from sclc_risk_node.node.spool import Spool, Transaction
+from sclc_risk_node.scoring.errors import InputError
 
 #: A study whose worker lost its lease this many times is failed instead of
 #: re-queued: it probably kills its worker (out of memory, a crashing decoder).
 DEFAULT_MAX_CLAIM_ATTEMPTS = 3
 #: Events that end one particular claim: they apply only while ``claimed_by`` is the worker_id given.
 CLAIMANT_GUARDED_EVENTS = LEASE_HOLDER_EVENTS | {StudyEvent.WORKER_LOST, StudyEvent.SERVICE_RESTARTED}
+#: The audit trail's ``who`` for an instance that `Spool.recover` found on disk without its row.
+RECOVERY_SOURCE = "spool recovery (a received file indexed at start-up)"
+
+
+def _log() -> Any:
+    # Looked up per call so configure_logging() applies.  The receiving and clinical-record
+    # lines keep the "spool" stage they had before the lifecycle moved here.
+    return get_logger(stage="spool")
+
+
+def _states_json(states: Iterable[StudyState]) -> str:
+    return json.dumps(sorted(str(s) for s in states))
 
 
 def apply_event(
@@ -71,9 +102,7 @@ def apply_event(
     the ``worker_id`` that holds the lease.
     """
     event = StudyEvent(event)
-    row = tx.one("study_by_uid", study_uid=study_uid)
-    if row is None:
-        raise UnknownStudy(f"no study {study_uid} in the spool")
+    row = _study_row(tx, study_uid)
     current = StudyState(row["state"])
     target = target_state(current, event)
     if target is None:
@@ -91,6 +120,11 @@ def apply_event(
         raise ValueError("event claimed needs a worker_id and a positive lease_s")
 
     claims = target is StudyState.SCORING
+    lease_until: float | None = None
+    if claims:
+        if not lease_s or lease_s <= 0:  # only `claimed` enters scoring, and it was checked above
+            raise ValueError(f"event {event} enters scoring and needs a positive lease_s")
+        lease_until = now + lease_s
     if event in CLAIMANT_GUARDED_EVENTS and not worker_id:
         raise ValueError(f"event {event} needs the worker_id of the claim it ends")
     # The claim that a service restart ended does not count toward max_claim_attempts.
@@ -104,7 +138,7 @@ def apply_event(
         now=now,
         failure_reason=reason if target in REASON_REQUIRED else None,
         claimed_by=worker_id if claims else None,
-        lease_until=now + lease_s if claims else None,
+        lease_until=lease_until,
         claim_increment=claim_increment,
         reset_claim_attempts=target is StudyState.RECEIVING,
         clears_purge=event is StudyEvent.INSTANCE_STORED,
@@ -141,7 +175,7 @@ def apply_event(
 
 
 def _guard_failure(
-    row: dict, current: StudyState, event: StudyEvent, worker_id: str | None, now: float
+    row: Mapping[str, Any], current: StudyState, event: StudyEvent, worker_id: str | None, now: float
 ) -> InvalidTransition:
     study_uid = row["study_instance_uid"]
     context = dict(study_uid=study_uid, state=str(current), event=str(event))
@@ -158,6 +192,98 @@ def _guard_failure(
     if event is StudyEvent.RESEND:
         return InvalidTransition(f"study {study_uid} has no SR to resend; use retry", **context)
     return InvalidTransition(f"study {study_uid}: {event} was pre-empted by a concurrent change", **context)
+
+
+def _study_row(tx: Transaction, study_uid: str) -> dict[str, Any]:
+    row = tx.one("study_by_uid", study_uid=study_uid)
+    if row is None:
+        raise UnknownStudy(f"no study {study_uid} in the spool")
+    return row
+
+
+def instance_indexed(tx: Transaction, header: InstanceHeader, now: float, *, source: str | None) -> None:
+    """A new instance's row was just written in ``tx``: create its study or judge it again.
+
+    The spool calls this (as ``on_indexed``) inside the index row's transaction,
+    so the instance, the study and the event rows commit together.
+    """
+    study_uid = header.study_instance_uid
+    keys = dict(study_uid=study_uid, accession_number=header.accession_number, patient_id=header.patient_id)
+    if tx.execute("create_study", now=now, **keys):
+        # Creation is not a transition of the table (there is no "before"), but it is
+        # history: the event row with from_state NULL says when and with what it began.
+        created = Transition(
+            study_uid,
+            None,
+            StudyState.RECEIVING,
+            StudyEvent.INSTANCE_STORED,
+            f"first instance {header.sop_instance_uid} ({header.modality or 'no modality'})",
+            now,
+        )
+        tx.execute(
+            "insert_study_event",
+            study_uid=study_uid,
+            from_state=None,
+            to_state=str(created.to_state),
+            event=str(created.event),
+            reason=created.reason,
+            now=now,
+        )
+        tx.applied.append(created)
+    else:
+        tx.execute("touch_study_for_instance", now=now, **keys)
+        state = StudyState(_study_row(tx, study_uid)["state"])
+        if target_state(state, StudyEvent.INSTANCE_STORED) is not None:
+            apply_event(
+                tx,
+                study_uid,
+                StudyEvent.INSTANCE_STORED,
+                now=now,
+                reason=f"new {header.modality or 'instance'} {header.sop_instance_uid}: completion is judged again",
+            )
+        elif state is not StudyState.RECEIVING:
+            _log().warning(
+                "instance_after_scoring_started",
+                study_uid=study_uid,
+                sop_uid=header.sop_instance_uid,
+                state=str(state),
+                note="stored, but the study is not re-scored automatically",
+            )
+    link_clinical_record(tx, study_uid, now=now)
+    audit.record_in(
+        tx,
+        audit.AuditEvent(
+            audit.AuditEventType.INSTANCES_RECEIVED,
+            who=source or "unknown sender",
+            at=now,
+            study_instance_uid=study_uid,
+            counts={"instances": 1},
+        ),
+    )
+
+
+def link_clinical_record(tx: Transaction, study_uid: str, *, now: float) -> None:
+    """Point the study at its newest matching clinical record; a waiting study becomes ready."""
+    study = _study_row(tx, study_uid)
+    match = tx.one(
+        "newest_clinical_record_for_study",
+        accession_number=study["accession_number"],
+        patient_id=study["patient_id"],
+        study_uid=study_uid,
+    )
+    if match is None:
+        return
+    linked = tx.execute(
+        "link_clinical_record",
+        study_uid=study_uid,
+        record_id=match["id"],
+        states=_states_json(CLINICAL_LINKABLE_STATES),
+    )
+    if not linked:
+        return
+    state = StudyState(study["state"])
+    if target_state(state, StudyEvent.CLINICAL_ATTACHED) is not None:
+        apply_event(tx, study_uid, StudyEvent.CLINICAL_ATTACHED, now=now, reason=f"clinical record {match['id']}")
 
 
 def scored_reason(
@@ -226,6 +352,182 @@ class StudyMachine:
         with self.spool.transaction() as tx:
             return apply_event(tx, study_uid, event, now=now, reason=reason, worker_id=worker_id, lease_s=lease_s)
 
+    # --- receiving ---
+
+    def store_instance(
+        self, encoded_bytes: bytes, header: InstanceHeader, *, now: float, source: str | None = None
+    ) -> StoreOutcome:
+        """Durably store one received instance (a Part-10 file as received), index it and file it under its study.
+
+        Returns only after the file is fsynced in place and its row committed
+        (`Spool.place_instance`): acknowledge the C-STORE after this returns,
+        never before.  A SOP Instance UID already stored is not written again
+        (see `StoreOutcome`).  The first instance creates the study
+        (``receiving``); a later one sends a waiting or expired study back to
+        ``receiving``.  ``source`` is who sent it (`node.audit.dicom_peer`),
+        for the audit event committed with the index row.
+        """
+        return self.spool.place_instance(
+            encoded_bytes, header, now=now, on_indexed=functools.partial(instance_indexed, source=source)
+        )
+
+    def recover(self, *, now: float) -> RecoveryReport:
+        """`Spool.recover` at start-up: an instance file found without its row is filed as if just received."""
+        return self.spool.recover(now=now, on_indexed=functools.partial(instance_indexed, source=RECOVERY_SOURCE))
+
+    # --- clinical records ---
+
+    def add_clinical_record(
+        self,
+        record_json: str,
+        *,
+        accession_number: str | None,
+        patient_id: str | None,
+        study_instance_uid: str | None,
+        now: float,
+        source: str | None = None,
+    ) -> ClinicalRecordRow:
+        """Store a validated clinical record (JSON text) and attach it to every study it matches.
+
+        Matching: by accession number when the record and the study both have
+        one; otherwise by patient ID and Study Instance UID together.  The
+        newest matching record is the study's record, so sending a corrected
+        record replaces the earlier one until scoring starts.  Studies that
+        arrive later are matched when their first instance is indexed.
+        """
+        try:
+            parsed = json.loads(record_json)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"clinical record is not valid JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise InputError("clinical record must be a JSON object")
+        accession_number = (accession_number or "").strip() or None
+        patient_id = (patient_id or "").strip() or None
+        study_instance_uid = (study_instance_uid or "").strip() or None
+        if accession_number is None and (patient_id is None or study_instance_uid is None):
+            raise InputError("clinical record needs an accession number, or a patient ID and a study instance UID")
+        with self.spool.transaction() as tx:
+            record_id = tx.insert(
+                "insert_clinical_record",
+                record_json=record_json,
+                accession_number=accession_number,
+                patient_id=patient_id,
+                study_uid=study_instance_uid,
+                now=now,
+            )
+            for row in tx.all(
+                "studies_matching_clinical_record",
+                accession_number=accession_number,
+                patient_id=patient_id,
+                study_uid=study_instance_uid,
+            ):
+                link_clinical_record(tx, row["study_instance_uid"], now=now)
+            stored = tx.row("clinical_record_by_id", record_id=record_id)
+            linked = [r["study_instance_uid"] for r in tx.all("studies_linked_to_record", record_id=record_id)]
+            for study_uid in linked or [None]:
+                audit.record_in(
+                    tx,
+                    audit.AuditEvent(
+                        audit.AuditEventType.RECORD_IMPORTED,
+                        who=source or "unknown source",
+                        at=now,
+                        study_instance_uid=study_uid,
+                        counts={"records": 1, "studies_attached": len(linked)},
+                    ),
+                )
+        _log().info("clinical_record_stored", record_id=record_id)
+        return ClinicalRecordRow.from_row(stored)
+
+    def attach_clinical_records(self, *, now: float) -> list[Transition]:
+        """Re-run matching for every study that can still take a record (a safety net for housekeeping)."""
+        with self.spool.transaction() as tx:
+            for row in tx.all("list_studies", states=_states_json(CLINICAL_LINKABLE_STATES), limit=-1):
+                link_clinical_record(tx, row["study_instance_uid"], now=now)
+            return list(tx.applied)
+
+    # --- delivery ---
+
+    def mark_delivered(self, item_id: int, *, now: float) -> Transition | None:
+        """Record a successful C-STORE of the SR; the study becomes ``delivered`` when it was the last."""
+        with self.spool.transaction() as tx:
+            if not tx.execute("mark_delivery_delivered", item_id=item_id, now=now):
+                raise InvalidTransition(f"outbox item {item_id} is not pending or sending")
+            item = tx.row("outbox_item", item_id=item_id)
+            study_uid = item["study_instance_uid"]
+            audit.record_in(
+                tx,
+                audit.AuditEvent(
+                    audit.AuditEventType.SR_SENT,
+                    who="sclc-node outbox",
+                    at=now,
+                    study_instance_uid=study_uid,
+                    destination=item["destination"],
+                    counts={"sr": 1},
+                ),
+            )
+            if tx.row("undelivered_count_for_study", study_uid=study_uid)["n"]:
+                return None
+            study = _study_row(tx, study_uid)
+            if target_state(StudyState(study["state"]), StudyEvent.DELIVERED) is None:
+                return None
+            return apply_event(
+                tx,
+                study_uid,
+                StudyEvent.DELIVERED,
+                now=now,
+                reason=f"SR {item['sr_sop_instance_uid']} accepted by every destination",
+            )
+
+    def mark_attempt_failed(
+        self, item_id: int, *, now: float, error: str, backoff_s: float, max_attempts: int = 0
+    ) -> OutboxItem:
+        """Record a failed delivery attempt: retry after ``backoff_s``, or give up.
+
+        ``max_attempts`` 0 retries forever.  Giving up marks the delivery
+        ``failed`` and the study ``failed`` (reason names the destination and
+        the error); `StudyMachine.retry` resends it.
+        """
+        with self.spool.transaction() as tx:
+            item = tx.one("outbox_item", item_id=item_id)
+            if item is None:
+                raise InvalidTransition(f"no outbox item {item_id}")
+            attempts = item["attempts"] + 1
+            give_up = bool(max_attempts) and attempts >= max_attempts
+            if not tx.execute(
+                "mark_delivery_attempt_failed",
+                item_id=item_id,
+                state=str(OutboxState.FAILED if give_up else OutboxState.PENDING),
+                next_attempt_at=now + backoff_s,
+                error=error,
+                now=now,
+            ):
+                raise InvalidTransition(f"outbox item {item_id} is not pending or sending")
+            if give_up:
+                study_uid = item["study_instance_uid"]
+                audit.record_in(
+                    tx,
+                    audit.AuditEvent(
+                        audit.AuditEventType.SR_SEND_GAVE_UP,
+                        who="sclc-node outbox",
+                        at=now,
+                        study_instance_uid=study_uid,
+                        destination=item["destination"],
+                        counts={"sr": 1, "attempts": attempts},
+                        outcome=audit.Outcome.SERIOUS_FAILURE,
+                    ),
+                )
+                study = _study_row(tx, study_uid)
+                if target_state(StudyState(study["state"]), StudyEvent.DELIVERY_FAILED) is not None:
+                    apply_event(
+                        tx,
+                        study_uid,
+                        StudyEvent.DELIVERY_FAILED,
+                        now=now,
+                        reason=f"SR delivery to {item['destination']} gave up after {attempts} attempts: {error}",
+                    )
+            row = tx.row("outbox_item", item_id=item_id)
+        return OutboxItem.from_row(row, self.spool.directory)
+
     # --- completion ---
 
     def advance(self, study_uid: str, *, now: float, settings: completion.CompletionSettings) -> list[Transition]:
@@ -272,7 +574,7 @@ class StudyMachine:
                 lease_s=lease_s,
                 reason=f"worker {worker_id}",
             )
-            return StudyRecord.from_row(tx.one("study_by_uid", study_uid=study_uid))
+            return StudyRecord.from_row(_study_row(tx, study_uid))
 
     def claim_next(self, *, worker_id: str, now: float, lease_s: float) -> StudyRecord | None:
         """Claim the study that has been ready longest, or return None."""
@@ -290,7 +592,7 @@ class StudyMachine:
                 lease_s=lease_s,
                 reason=f"worker {worker_id}",
             )
-            return StudyRecord.from_row(tx.one("study_by_uid", study_uid=study_uid))
+            return StudyRecord.from_row(_study_row(tx, study_uid))
 
     def renew_lease(self, study_uid: str, *, worker_id: str, now: float, lease_s: float) -> None:
         """Heartbeat of a long scoring run.  `LeaseLost` if the study was reclaimed meanwhile."""
@@ -368,9 +670,7 @@ class StudyMachine:
         kills its worker (out of memory, a crashing decoder) and fails.
         """
         with self.spool.transaction() as tx:
-            row = tx.one("study_by_uid", study_uid=study_uid)
-            if row is None:
-                raise UnknownStudy(f"no study {study_uid} in the spool")
+            row = _study_row(tx, study_uid)
             if row["claim_attempts"] >= max_claim_attempts:
                 return apply_event(
                     tx,
@@ -457,9 +757,7 @@ class StudyMachine:
         (the service releases an earlier instance's claims itself at start-up).
         """
         with self.spool.transaction() as tx:
-            row = tx.one("study_by_uid", study_uid=study_uid)
-            if row is None:
-                raise UnknownStudy(f"no study {study_uid} in the spool")
+            row = _study_row(tx, study_uid)
             state = StudyState(row["state"])
             if state is StudyState.SCORING and service_running and row["lease_until"] > now:
                 raise InvalidTransition(

@@ -335,7 +335,7 @@ class ScoringDispatcher:
             self._pool = None
             future = self._executor().submit(run_scoring_task, task)
         self._in_flight[study_uid] = future
-        future.add_done_callback(lambda f, uid=study_uid: self._outcome_arrived(uid, f))
+        future.add_done_callback(functools.partial(self._outcome_arrived, study_uid))
         self._log.info("scoring_started", study_uid=study_uid)
 
     def _outcome_arrived(self, study_uid: str, future: Future) -> None:
@@ -395,6 +395,11 @@ class ScoringDispatcher:
         if outcome.error:
             self.machine.record_scoring_failed(study_uid, worker_id=self.worker_id, reason=outcome.error, now=now)
             self._log.warning("scoring_failed", study_uid=study_uid, reason=outcome.error)
+            return
+        if outcome.result_json is None or outcome.sr_bytes is None or outcome.sr_sop_instance_uid is None:
+            # `run_scoring_task` returns an error or a whole result; anything else is a bug in it.
+            reason = "worker process returned neither a result nor an error"
+            self.machine.record_scoring_failed(study_uid, worker_id=self.worker_id, reason=reason, now=now)
             return
         result = json.loads(outcome.result_json)
         applicability = result["applicability"]["status"]

@@ -11,6 +11,7 @@ import pytest
 from sclc_risk_node.node.config import load_config
 from sclc_risk_node.node.spool import Spool
 from sclc_risk_node.node.states import StudyState
+from sclc_risk_node.node.study_machine import StudyMachine
 from tests.node.test_spool import StudyBuilder
 from tests.node.test_study_machine import drive_to
 
@@ -44,7 +45,7 @@ def run(*args) -> subprocess.CompletedProcess:
 
 def test_status_names_what_an_incomplete_study_waits_for(config_path, spool):
     study = StudyBuilder(501, ct_count=3)
-    spool.store_instance(*study.ct(0), now=1000.0)  # one CT slice, no SEG, no clinical record
+    StudyMachine(spool).store_instance(*study.ct(0), now=1000.0)  # one CT slice, no SEG, no clinical record
     proc = run("status", "--config", config_path)
     assert proc.returncode == 0, proc.stderr
     assert study.study_uid in proc.stdout

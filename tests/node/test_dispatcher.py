@@ -32,8 +32,8 @@ def ready_study(tmp_path):
     now = time.time()
     for path in [*sorted(demo.ct_dir.iterdir()), demo.seg_path]:
         header = InstanceHeader.from_dataset(pydicom.dcmread(path, stop_before_pixels=True))
-        spool.store_instance(path.read_bytes(), header, now=now - 60, source='AE "TEST" at 127.0.0.1')
-    spool.add_clinical_record(
+        StudyMachine(spool).store_instance(path.read_bytes(), header, now=now - 60, source='AE "TEST" at 127.0.0.1')
+    StudyMachine(spool).add_clinical_record(
         json.dumps(DEMO_CLINICAL),
         accession_number=DEMO_CLINICAL.get("accession_number"),
         patient_id=DEMO_CLINICAL.get("patient_id"),

@@ -14,7 +14,7 @@ from sclc_risk_node.models import shipped_model_path
 from sclc_risk_node.node.clinical_files import load_clinical_file
 from sclc_risk_node.node.config import ConfigError, default_config_text, load_config
 from sclc_risk_node.node.demo_study import DEMO_PATIENT, write_demo_study
-from sclc_risk_node.node.http_status import NodeMetrics
+from sclc_risk_node.node.metrics import NodeMetrics
 from sclc_risk_node.node.scoring_job import load_model_file, result_as_json, score_files
 from sclc_risk_node.node.spool import Spool
 from sclc_risk_node.node.states import StudyState

@@ -48,7 +48,7 @@ def demo(tmp_path_factory):
 def store_study(spool: Spool, demo, *, now: float) -> str:
     for path in sorted(demo.ct_dir.iterdir()) + [demo.seg_path]:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        spool.store_instance(path.read_bytes(), InstanceHeader.from_dataset(ds), now=now)
+        StudyMachine(spool).store_instance(path.read_bytes(), InstanceHeader.from_dataset(ds), now=now)
     return DEMO_PATIENT.study_instance_uid
 
 

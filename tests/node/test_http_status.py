@@ -11,7 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sclc_risk_node.node.config import ConfigError, HttpConfig
-from sclc_risk_node.node.http_status import HealthReport, NodeMetrics, start_http_server
+from sclc_risk_node.node.http_status import HealthReport, start_http_server
+from sclc_risk_node.node.metrics import NodeMetrics
 
 LOOPBACK_ANY_PORT = HttpConfig(enabled=True, bind_address="127.0.0.1", port=0)
 

@@ -4,6 +4,7 @@ commit stays FULL, and a row lost with the WAL tail is rebuilt by recover() from
 from __future__ import annotations
 
 from sclc_risk_node.node.records import StoreOutcome
+from sclc_risk_node.node.study_machine import StudyMachine
 from tests.node.test_spool import T0, StudyBuilder, open_spool
 
 
@@ -13,7 +14,7 @@ def test_only_the_instance_index_commit_skips_the_wal_fsync(tmp_path):
         connection = spool._connection()
         connection.set_trace_callback(statements.append)
         study = StudyBuilder(1)
-        assert spool.store_instance(*study.ct(0), now=T0) is StoreOutcome.STORED
+        assert StudyMachine(spool).store_instance(*study.ct(0), now=T0) is StoreOutcome.STORED
 
         upper = [s.strip().upper() for s in statements]
         normal, full = upper.index("PRAGMA SYNCHRONOUS = NORMAL"), upper.index("PRAGMA SYNCHRONOUS = FULL")
@@ -37,12 +38,12 @@ def test_an_instance_row_lost_with_the_wal_tail_is_rebuilt_from_its_file(tmp_pat
     with open_spool(tmp_path / "spool") as spool:
         study = StudyBuilder(2)
         for k in range(3):
-            spool.store_instance(*study.ct(k), now=T0 + k)
+            StudyMachine(spool).store_instance(*study.ct(k), now=T0 + k)
         lost = study.ct_uids[2]
         with spool.transaction() as tx:
             tx._connection.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (lost,))
 
-        report = spool.recover(now=T0 + 10)
+        report = StudyMachine(spool).recover(now=T0 + 10)
 
         assert report.reindexed_sop_instance_uids == (lost,)
         assert {r.sop_instance_uid for r in spool.study_instances(study.study_uid)} == set(study.ct_uids)

@@ -38,7 +38,7 @@ from structlog.testing import capture_logs
 from sclc_risk_node.dicom_io.synthetic import SyntheticPatient, ct_datasets_from_image
 from sclc_risk_node.node.config import DestinationConfig, NodeConfig, OutboxConfig, load_config
 from sclc_risk_node.node.errors import InvalidTransition
-from sclc_risk_node.node.http_status import NodeMetrics
+from sclc_risk_node.node.metrics import NodeMetrics
 from sclc_risk_node.node.outbox import (
     DeliveryOutcome,
     DeliveryResult,

@@ -11,6 +11,7 @@ from sclc_risk_node.node.demo_study import write_demo_study
 from sclc_risk_node.node.records import InstanceHeader
 from sclc_risk_node.node.spool import Spool
 from sclc_risk_node.node.states import StudyEvent
+from sclc_risk_node.node.study_machine import StudyMachine
 from sclc_risk_node.node.worker import choose_inputs
 from tests.rtstruct_builder import build_rtstruct, contours_from_mask, save
 
@@ -33,7 +34,7 @@ def demo(tmp_path_factory):
 
 def store(spool, path, now):
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    spool.store_instance(path.read_bytes(), InstanceHeader.from_dataset(ds), now=now)
+    StudyMachine(spool).store_instance(path.read_bytes(), InstanceHeader.from_dataset(ds), now=now)
 
 
 def test_rtstruct_header_lists_the_ct_instances_it_was_drawn_on(demo):

@@ -43,7 +43,7 @@ from sclc_risk_node.dicom_io.synthetic import build_tumour_seg, synthetic_chest_
 from sclc_risk_node.node import scp
 from sclc_risk_node.node.config import CallerRule, ConfigError, ScpConfig, ScpTlsConfig
 from sclc_risk_node.node.errors import NotPart10, SpoolBusy, SpoolFull, SpoolIOError, UnsafeUid
-from sclc_risk_node.node.http_status import NodeMetrics
+from sclc_risk_node.node.metrics import NodeMetrics
 from sclc_risk_node.node.records import InstanceRecord
 from sclc_risk_node.node.scp import (
     STATUS_CANNOT_UNDERSTAND,
@@ -796,7 +796,7 @@ def test_storescu_reports_out_of_resources(start_node, phantom):
 
 
 def test_unexpected_error_answers_0xC211_and_the_association_goes_on(node, phantom, monkeypatch):
-    real_store = node.spool.store_instance
+    real_store = node.receiver.machine.store_instance
     calls = []
 
     def flaky(*args, **kwargs):
@@ -805,7 +805,7 @@ def test_unexpected_error_answers_0xC211_and_the_association_goes_on(node, phant
             raise RuntimeError("bug")
         return real_store(*args, **kwargs)
 
-    monkeypatch.setattr(node.spool, "store_instance", flaky)
+    monkeypatch.setattr(node.receiver.machine, "store_instance", flaky)
     assert send(node, phantom.ct_files[:2]) == [STATUS_PROCESSING_FAILURE, STATUS_SUCCESS]
     assert len(node.instances()) == 1
 

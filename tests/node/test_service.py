@@ -213,14 +213,14 @@ def test_unmatched_clinical_records_expire_after_the_configured_time(tmp_path):
         now = time.time()
         retention_s = service.config.clinical.unmatched_record_retention_s
         assert retention_s == 2592000  # the documented default, 30 days
-        old = service.spool.add_clinical_record(
+        old = service.machine.add_clinical_record(
             json.dumps({"ecog": 2}),
             accession_number="ACC-NEVER-CAME",
             patient_id="PAT-OLD",
             study_instance_uid=None,
             now=now - retention_s - 1,
         )
-        young = service.spool.add_clinical_record(
+        young = service.machine.add_clinical_record(
             json.dumps({"ecog": 0}),
             accession_number="ACC-STILL-WAITING",
             patient_id=None,

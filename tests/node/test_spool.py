@@ -150,13 +150,13 @@ class StudyBuilder:
 
     def store_all(self, spool: Spool, *, now: float) -> None:
         for k in range(self.ct_count):
-            spool.store_instance(*self.ct(k), now=now)
-        spool.store_instance(*self.seg(), now=now)
+            StudyMachine(spool).store_instance(*self.ct(k), now=now)
+        StudyMachine(spool).store_instance(*self.seg(), now=now)
 
     def clinical(self, spool: Spool, *, now: float, **overrides) -> None:
         keys = dict(accession_number=self.accession, patient_id=self.patient_id, study_instance_uid=self.study_uid)
         keys.update(overrides)
-        spool.add_clinical_record(json.dumps({"ecog": 1, "t_stage": "T2"}), now=now, **keys)
+        StudyMachine(spool).add_clinical_record(json.dumps({"ecog": 1, "t_stage": "T2"}), now=now, **keys)
 
 
 def open_spool(path: Path, **kwargs) -> Spool:
@@ -210,7 +210,7 @@ def test_transaction_rolls_back_on_error(spool):
 
 def test_store_writes_the_received_bytes_at_the_uid_path_and_indexes_them(spool):
     data, header = ct_instance(f"{UID_ROOT}.1", f"{UID_ROOT}.1.1", f"{UID_ROOT}.1.1.1")
-    assert spool.store_instance(data, header, now=T0) is StoreOutcome.STORED
+    assert StudyMachine(spool).store_instance(data, header, now=T0) is StoreOutcome.STORED
 
     path = (
         spool.directory
@@ -232,8 +232,8 @@ def test_store_writes_the_received_bytes_at_the_uid_path_and_indexes_them(spool)
 
 def test_same_sop_same_bytes_is_a_duplicate_no_op(spool):
     data, header = ct_instance(f"{UID_ROOT}.1", f"{UID_ROOT}.1.1", f"{UID_ROOT}.1.1.1")
-    spool.store_instance(data, header, now=T0)
-    assert spool.store_instance(data, header, now=T0 + 50) is StoreOutcome.DUPLICATE
+    StudyMachine(spool).store_instance(data, header, now=T0)
+    assert StudyMachine(spool).store_instance(data, header, now=T0 + 50) is StoreOutcome.DUPLICATE
     study = spool.get_study(header.study_instance_uid)
     assert study.instance_count == 1 and study.last_instance_at == T0  # a re-send does not restart the grace
 
@@ -242,8 +242,8 @@ def test_same_sop_different_bytes_keeps_the_first(spool):
     first, header = ct_instance(f"{UID_ROOT}.1", f"{UID_ROOT}.1.1", f"{UID_ROOT}.1.1.1")
     second, _ = ct_instance(f"{UID_ROOT}.1", f"{UID_ROOT}.1.1", f"{UID_ROOT}.1.1.1")
     assert first != second
-    spool.store_instance(first, header, now=T0)
-    assert spool.store_instance(second, header, now=T0 + 1) is StoreOutcome.DUPLICATE_KEPT_FIRST
+    StudyMachine(spool).store_instance(first, header, now=T0)
+    assert StudyMachine(spool).store_instance(second, header, now=T0 + 1) is StoreOutcome.DUPLICATE_KEPT_FIRST
     [record] = spool.study_instances(header.study_instance_uid)
     assert record.path.read_bytes() == first
 
@@ -251,8 +251,8 @@ def test_same_sop_different_bytes_keeps_the_first(spool):
 def test_same_sop_under_another_study_keeps_the_first_and_leaves_no_file(spool):
     first, header = ct_instance(f"{UID_ROOT}.1", f"{UID_ROOT}.1.1", f"{UID_ROOT}.7")
     other, other_header = ct_instance(f"{UID_ROOT}.2", f"{UID_ROOT}.2.1", f"{UID_ROOT}.7")
-    spool.store_instance(first, header, now=T0)
-    assert spool.store_instance(other, other_header, now=T0) is StoreOutcome.DUPLICATE_KEPT_FIRST
+    StudyMachine(spool).store_instance(first, header, now=T0)
+    assert StudyMachine(spool).store_instance(other, other_header, now=T0) is StoreOutcome.DUPLICATE_KEPT_FIRST
     assert spool.get_study(f"{UID_ROOT}.2") is None
     assert spooled_files(spool) == {spool.instance_relative_path(header)}
 
@@ -284,7 +284,7 @@ def test_uid_of_64_characters_is_accepted_and_65_is_not():
 def test_bytes_without_part10_preamble_are_refused(spool):
     data, header = ct_instance(f"{UID_ROOT}.1", f"{UID_ROOT}.1.1", f"{UID_ROOT}.1.1.1")
     with pytest.raises(NotPart10):
-        spool.store_instance(data[132:], header, now=T0)
+        StudyMachine(spool).store_instance(data[132:], header, now=T0)
     assert spool.get_study(header.study_instance_uid) is None
 
 
@@ -293,7 +293,7 @@ def test_spool_full_refuses_before_writing(tmp_path):
     with open_spool(tmp_path / "s", min_free_bytes=free_bytes(tmp_path) * 1000) as full:
         data, header = ct_instance(f"{UID_ROOT}.1", f"{UID_ROOT}.1.1", f"{UID_ROOT}.1.1.1")
         with pytest.raises(SpoolFull) as caught:
-            full.store_instance(data, header, now=T0)
+            StudyMachine(full).store_instance(data, header, now=T0)
         assert caught.value.retryable
         assert spooled_files(full) == set() and full.get_study(header.study_instance_uid) is None
 
@@ -305,7 +305,7 @@ def test_a_new_instance_reopens_a_waiting_study(spool):
     data, header = ct_instance(
         study.study_uid, f"{study.study_uid}.9", f"{study.study_uid}.9.1", accession=study.accession
     )
-    spool.store_instance(data, header, now=T0 + 20)
+    StudyMachine(spool).store_instance(data, header, now=T0 + 20)
     record = spool.get_study(study.study_uid)
     assert record.state is StudyState.RECEIVING and record.last_instance_at == T0 + 20
     assert spool.study_events(study.study_uid)[-1].event is StudyEvent.INSTANCE_STORED
@@ -319,7 +319,7 @@ def test_an_instance_after_scoring_started_is_stored_without_a_transition(spool)
     machine.apply(study.study_uid, StudyEvent.IMAGES_COMPLETE, now=T0 + 10)
     machine.claim(study.study_uid, worker_id="w1", now=T0 + 11, lease_s=60)
     data, header = ct_instance(study.study_uid, study.series_uid, f"{study.series_uid}.99", accession=study.accession)
-    assert spool.store_instance(data, header, now=T0 + 12) is StoreOutcome.STORED
+    assert StudyMachine(spool).store_instance(data, header, now=T0 + 12) is StoreOutcome.STORED
     assert spool.get_study(study.study_uid).state is StudyState.SCORING
 
 
@@ -329,10 +329,10 @@ def test_a_locked_database_is_reported_as_retryable_and_the_file_is_recovered_la
         data, header = ct_instance(f"{UID_ROOT}.1", f"{UID_ROOT}.1.1", f"{UID_ROOT}.1.1.1")
         with holder.transaction():  # another process holding the write lock too long
             with pytest.raises(SpoolBusy) as caught:
-                receiver.store_instance(data, header, now=T0)
+                StudyMachine(receiver).store_instance(data, header, now=T0)
         assert caught.value.retryable and receiver.get_study(header.study_instance_uid) is None
         # Not acknowledged, so the PACS sends it again; or the next start indexes the file.
-        assert receiver.recover(now=T0 + 1).reindexed_sop_instance_uids == (header.sop_instance_uid,)
+        assert StudyMachine(receiver).recover(now=T0 + 1).reindexed_sop_instance_uids == (header.sop_instance_uid,)
 
 
 # --- headers ------------------------------------------------------------------------
@@ -367,23 +367,23 @@ def test_header_from_a_real_highdicom_seg_lists_the_ct_it_was_drawn_on(tmp_path)
 def test_recover_indexes_a_file_renamed_but_never_committed(spool):
     """The crash point between rename and commit: a complete file, no row."""
     study = StudyBuilder(1)
-    spool.store_instance(*study.ct(0), now=T0)
+    StudyMachine(spool).store_instance(*study.ct(0), now=T0)
     data, header = study.ct(1)
     place_file_atomically(spool.path_of(spool.instance_relative_path(header)), data, root=spool.directory)
     assert {r.sop_instance_uid for r in spool.study_instances(study.study_uid)} == {study.ct_uids[0]}
 
-    report = spool.recover(now=T0 + 5)
+    report = StudyMachine(spool).recover(now=T0 + 5)
 
     assert report.reindexed_sop_instance_uids == (study.ct_uids[1],)
     assert {r.sop_instance_uid for r in spool.study_instances(study.study_uid)} == set(study.ct_uids[:2])
-    assert spool.store_instance(data, header, now=T0 + 6) is StoreOutcome.DUPLICATE
+    assert StudyMachine(spool).store_instance(data, header, now=T0 + 6) is StoreOutcome.DUPLICATE
 
 
 def test_recover_indexes_an_orphan_of_an_unknown_study_and_creates_it(spool):
     study = StudyBuilder(2)
     data, header = study.seg()
     place_file_atomically(spool.path_of(spool.instance_relative_path(header)), data, root=spool.directory)
-    spool.recover(now=T0)
+    StudyMachine(spool).recover(now=T0)
     record = spool.get_study(study.study_uid)
     assert record.state is StudyState.RECEIVING and record.instance_count == 1
     [seg] = spool.study_instances(study.study_uid)
@@ -392,12 +392,12 @@ def test_recover_indexes_an_orphan_of_an_unknown_study_and_creates_it(spool):
 
 def test_recover_removes_temp_files_and_quarantines_unreadable_files(spool):
     study = StudyBuilder(1)
-    spool.store_instance(*study.ct(0), now=T0)
+    StudyMachine(spool).store_instance(*study.ct(0), now=T0)
     series_dir = spool.directory / "instances" / study.study_uid / study.series_uid
     (series_dir / f".{study.ct_uids[1]}.dcm.abc{TEMP_SUFFIX}").write_bytes(b"half a file")
     (series_dir / f"{study.ct_uids[2]}.dcm").write_bytes(b"not dicom at all")
 
-    report = spool.recover(now=T0)
+    report = StudyMachine(spool).recover(now=T0)
 
     assert report.temp_files_removed == 1 and len(report.quarantined) == 1
     assert report.quarantined[0].read_bytes() == b"not dicom at all"
@@ -410,7 +410,7 @@ def test_recover_reports_indexed_files_that_disappeared(spool):
     study.store_all(spool, now=T0)
     [first, *_] = spool.study_instances(study.study_uid)
     first.path.unlink()
-    assert spool.recover(now=T0).missing_files == (first.sop_instance_uid,)
+    assert StudyMachine(spool).recover(now=T0).missing_files == (first.sop_instance_uid,)
 
 
 _STORE_LOOP = textwrap.dedent(
@@ -422,6 +422,7 @@ _STORE_LOOP = textwrap.dedent(
     from sclc_risk_node.node.logs import configure_logging
     from sclc_risk_node.node.records import InstanceHeader
     from sclc_risk_node.node.spool import Spool
+    from sclc_risk_node.node.study_machine import StudyMachine
 
     configure_logging("WARNING", stream=sys.stderr)
 
@@ -438,7 +439,7 @@ _STORE_LOOP = textwrap.dedent(
         ds.add_new(0x00091011, "OB", os.urandom(64 * 1024))
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
-        spool.store_instance(buffer.getvalue(), InstanceHeader.from_dataset(ds), now=1.0e9 + k)
+        StudyMachine(spool).store_instance(buffer.getvalue(), InstanceHeader.from_dataset(ds), now=1.0e9 + k)
         print("ACK", ds.SOPInstanceUID, flush=True)  # printed only once store_instance returned
     """
 )
@@ -468,7 +469,7 @@ def test_every_acknowledged_instance_survives_sigkill(tmp_path):
         assert child.returncode == -signal.SIGKILL
 
         with open_spool(directory) as spool:
-            report = spool.recover(now=2.0e9)
+            report = StudyMachine(spool).recover(now=2.0e9)
             assert report.quarantined == () and report.missing_files == ()
             indexed = {r.sop_instance_uid: r for r in spool.study_instances(f"{UID_ROOT}.5")}
             assert set(acknowledged) <= set(indexed)
@@ -503,7 +504,7 @@ def test_clinical_match_falls_back_to_patient_and_study_uid_when_accession_is_ab
     study = StudyBuilder(1)
     study.accession = None
     ct_data, ct_header = ct_instance(study.study_uid, study.series_uid, study.ct_uids[0], accession=None)
-    spool.store_instance(ct_data, ct_header, now=T0)
+    StudyMachine(spool).store_instance(ct_data, ct_header, now=T0)
     study.clinical(spool, now=T0, accession_number="SOMETHING-ELSE", patient_id="PAT-2")
     assert spool.clinical_record_for(study.study_uid) is None  # wrong patient
     study.clinical(spool, now=T0, accession_number="SOMETHING-ELSE")
@@ -513,12 +514,12 @@ def test_clinical_match_falls_back_to_patient_and_study_uid_when_accession_is_ab
 def test_clinical_record_attaches_when_a_later_instance_brings_the_accession_number(spool):
     study = StudyBuilder(1)
     first, header = ct_instance(study.study_uid, study.series_uid, study.ct_uids[0], accession=None)
-    spool.store_instance(first, header, now=T0)
+    StudyMachine(spool).store_instance(first, header, now=T0)
     study.clinical(spool, now=T0, patient_id=None, study_instance_uid=None)  # keyed by accession only
     assert spool.clinical_record_for(study.study_uid) is None
-    spool.store_instance(*study.ct(1), now=T0 + 1)
+    StudyMachine(spool).store_instance(*study.ct(1), now=T0 + 1)
     assert spool.clinical_record_for(study.study_uid) is not None
-    assert spool.attach_clinical_records(now=T0 + 2) == []  # the sweep finds nothing left to do
+    assert StudyMachine(spool).attach_clinical_records(now=T0 + 2) == []  # the sweep finds nothing left to do
 
 
 def test_clinical_records_with_a_different_accession_do_not_match(spool):
@@ -531,10 +532,10 @@ def test_clinical_records_with_a_different_accession_do_not_match(spool):
 def test_the_newest_clinical_record_wins_until_scoring(spool):
     study = StudyBuilder(1)
     study.store_all(spool, now=T0)
-    spool.add_clinical_record(
+    StudyMachine(spool).add_clinical_record(
         '{"ecog": 1}', accession_number=study.accession, patient_id=None, study_instance_uid=None, now=T0
     )
-    spool.add_clinical_record(
+    StudyMachine(spool).add_clinical_record(
         '{"ecog": 2}', accession_number=study.accession, patient_id=None, study_instance_uid=None, now=T0
     )
     assert json.loads(spool.clinical_record_for(study.study_uid).record_json) == {"ecog": 2}
@@ -542,9 +543,13 @@ def test_the_newest_clinical_record_wins_until_scoring(spool):
 
 def test_clinical_record_needs_match_keys_and_a_json_object(spool):
     with pytest.raises(ValueError, match="accession number"):
-        spool.add_clinical_record("{}", accession_number=None, patient_id="P", study_instance_uid=None, now=T0)
+        StudyMachine(spool).add_clinical_record(
+            "{}", accession_number=None, patient_id="P", study_instance_uid=None, now=T0
+        )
     with pytest.raises(ValueError, match="JSON object"):
-        spool.add_clinical_record("[1]", accession_number="A", patient_id=None, study_instance_uid=None, now=T0)
+        StudyMachine(spool).add_clinical_record(
+            "[1]", accession_number="A", patient_id=None, study_instance_uid=None, now=T0
+        )
 
 
 # --- outbox --------------------------------------------------------------------------
@@ -598,9 +603,9 @@ def test_study_is_delivered_only_when_every_destination_accepted(spool):
     study, _ = scored_study(spool, 1)
     first, second = spool.due_deliveries(now=T0 + 30)
     spool.start_delivery(first.item_id, now=T0 + 30, hold_s=60)
-    assert spool.mark_delivered(first.item_id, now=T0 + 31) is None
+    assert StudyMachine(spool).mark_delivered(first.item_id, now=T0 + 31) is None
     assert spool.get_study(study.study_uid).state is StudyState.SCORED
-    transition = spool.mark_delivered(second.item_id, now=T0 + 32)
+    transition = StudyMachine(spool).mark_delivered(second.item_id, now=T0 + 32)
     assert transition.to_state is StudyState.DELIVERED
     assert spool.get_study(study.study_uid).state is StudyState.DELIVERED and spool.outbox_depth() == 0
 
@@ -619,12 +624,14 @@ def test_a_delivery_taken_by_one_sender_is_not_due_for_another_until_its_hold_en
 def test_failed_attempts_back_off_then_give_up_and_fail_the_study(spool):
     study, _ = scored_study(spool, 1, destinations=("pacs-a",))
     [item] = spool.due_deliveries(now=T0 + 30)
-    after = spool.mark_attempt_failed(
+    after = StudyMachine(spool).mark_attempt_failed(
         item.item_id, now=T0 + 30, error="association rejected", backoff_s=60, max_attempts=2
     )
     assert (after.state, after.attempts, after.next_attempt_at) == (OutboxState.PENDING, 1, T0 + 90)
     assert spool.due_deliveries(now=T0 + 89) == []
-    spool.mark_attempt_failed(item.item_id, now=T0 + 90, error="association rejected", backoff_s=120, max_attempts=2)
+    StudyMachine(spool).mark_attempt_failed(
+        item.item_id, now=T0 + 90, error="association rejected", backoff_s=120, max_attempts=2
+    )
     record = spool.get_study(study.study_uid)
     assert record.state is StudyState.FAILED
     assert record.failure_reason == "SR delivery to pacs-a gave up after 2 attempts: association rejected"
@@ -635,7 +642,9 @@ def test_max_attempts_zero_retries_forever(spool):
     study, _ = scored_study(spool, 1, destinations=("pacs-a",))
     [item] = spool.due_deliveries(now=T0 + 30)
     for attempt in range(10):
-        spool.mark_attempt_failed(item.item_id, now=T0 + 30 + attempt, error="down", backoff_s=1, max_attempts=0)
+        StudyMachine(spool).mark_attempt_failed(
+            item.item_id, now=T0 + 30 + attempt, error="down", backoff_s=1, max_attempts=0
+        )
     assert spool.study_deliveries(study.study_uid)[0].attempts == 10
     assert spool.get_study(study.study_uid).state is StudyState.SCORED
 
@@ -668,7 +677,7 @@ def test_list_studies_filters_by_state_and_shows_reasons(spool):
 def test_retention_removes_files_but_keeps_rows_state_and_history(spool):
     delivered, _ = scored_study(spool, 1, destinations=("pacs-a",))
     [item] = spool.due_deliveries(now=T0 + 30)
-    spool.mark_delivered(item.item_id, now=T0 + 30)
+    StudyMachine(spool).mark_delivered(item.item_id, now=T0 + 30)
     StudyBuilder(2).store_all(spool, now=T0)  # still receiving: never due
 
     assert spool.studies_due_for_cleanup(now=T0 + 100, retention_s=100) == []
@@ -698,7 +707,7 @@ def test_an_expired_purged_study_sent_again_is_stored_again(spool):
     spool.remove_study_files(study.study_uid, now=T0 + 20)
 
     data, header = study.ct(0)
-    assert spool.store_instance(data, header, now=T0 + 30) is StoreOutcome.STORED
+    assert StudyMachine(spool).store_instance(data, header, now=T0 + 30) is StoreOutcome.STORED
     record = spool.get_study(study.study_uid)
     assert record.state is StudyState.RECEIVING and record.purged_at is None and record.instance_count == 1
     assert spool.path_of(spool.instance_relative_path(header)).read_bytes() == data
@@ -713,7 +722,7 @@ def test_recover_finishes_a_purge_interrupted_after_its_commit(spool):
         tx.execute("mark_study_purged", study_uid=study.study_uid, states='["expired"]', now=T0 + 20)
         tx.execute("mark_instances_purged", study_uid=study.study_uid, now=T0 + 20)
     assert spooled_files(spool) == files_before
-    assert spool.recover(now=T0 + 30).purges_finished == 4
+    assert StudyMachine(spool).recover(now=T0 + 30).purges_finished == 4
     assert spooled_files(spool) == set()
 
 
@@ -726,7 +735,7 @@ def test_no_log_line_carries_the_patient_id(spool):
     with capture_logs() as logs:
         study, _ = scored_study(spool, 1)
         data, header = study.ct(0)
-        spool.store_instance(data, header, now=T0 + 40)
-        spool.recover(now=T0 + 50)
+        StudyMachine(spool).store_instance(data, header, now=T0 + 40)
+        StudyMachine(spool).recover(now=T0 + 50)
     assert logs and any(entry["event"] == "study_transition" for entry in logs)
     assert "PAT-1" not in repr(logs)

@@ -47,9 +47,9 @@ def drive_to(spool, state: StudyState) -> StudyBuilder:
         return study
     [item] = spool.study_deliveries(uid)
     if state is S.FAILED:
-        spool.mark_attempt_failed(item.item_id, now=T0 + 5, error="refused", backoff_s=1, max_attempts=1)
+        StudyMachine(spool).mark_attempt_failed(item.item_id, now=T0 + 5, error="refused", backoff_s=1, max_attempts=1)
     else:
-        spool.mark_delivered(item.item_id, now=T0 + 5)
+        StudyMachine(spool).mark_delivered(item.item_id, now=T0 + 5)
     assert spool.get_study(uid).state is state
     return study
 
@@ -296,12 +296,12 @@ def test_the_lifecycle_from_first_instance_to_ready(spool):
     machine = StudyMachine(spool)
     study = StudyBuilder(1)
     uid = study.study_uid
-    spool.store_instance(*study.ct(0), now=T0)
-    spool.store_instance(*study.seg(), now=T0 + 1)
-    spool.store_instance(*study.ct(1), now=T0 + 2)
+    StudyMachine(spool).store_instance(*study.ct(0), now=T0)
+    StudyMachine(spool).store_instance(*study.seg(), now=T0 + 1)
+    StudyMachine(spool).store_instance(*study.ct(1), now=T0 + 2)
     assert machine.advance(uid, now=T0 + 100, settings=SETTINGS) == []  # one referenced CT still missing
 
-    spool.store_instance(*study.ct(2), now=T0 + 200)
+    StudyMachine(spool).store_instance(*study.ct(2), now=T0 + 200)
     assert machine.advance(uid, now=T0 + 204, settings=SETTINGS) == []  # within the grace period
     [complete] = machine.advance(uid, now=T0 + 205, settings=SETTINGS)
     assert complete.to_state is S.WAITING_FOR_CLINICAL
@@ -329,8 +329,8 @@ def test_advance_all_completes_and_expires_with_reasons(spool):
     complete = StudyBuilder(1)
     complete.store_all(spool, now=T0)
     incomplete = StudyBuilder(2)
-    spool.store_instance(*incomplete.seg(), now=T0)
-    spool.store_instance(*incomplete.ct(0), now=T0)
+    StudyMachine(spool).store_instance(*incomplete.seg(), now=T0)
+    StudyMachine(spool).store_instance(*incomplete.ct(0), now=T0)
 
     transitions = machine.advance_all(now=T0 + 3600, settings=SETTINGS)
 
@@ -374,8 +374,8 @@ def test_retry_after_a_delivery_failure_resends_only_what_gave_up(spool):
         now=T0 + 10,
     )
     a, b = spool.study_deliveries(study.study_uid)
-    spool.mark_delivered(a.item_id, now=T0 + 11)
-    spool.mark_attempt_failed(b.item_id, now=T0 + 12, error="refused", backoff_s=1, max_attempts=1)
+    StudyMachine(spool).mark_delivered(a.item_id, now=T0 + 11)
+    StudyMachine(spool).mark_attempt_failed(b.item_id, now=T0 + 12, error="refused", backoff_s=1, max_attempts=1)
     assert spool.get_study(study.study_uid).state is S.FAILED
 
     transition = machine.retry(study.study_uid, now=T0 + 20)
@@ -383,7 +383,7 @@ def test_retry_after_a_delivery_failure_resends_only_what_gave_up(spool):
     assert (transition.event, transition.to_state) == (E.RESEND, S.SCORED)
     states = {item.destination: (item.state, item.attempts) for item in spool.study_deliveries(study.study_uid)}
     assert states == {"pacs-a": (OutboxState.DELIVERED, 0), "pacs-b": (OutboxState.PENDING, 0)}
-    spool.mark_delivered(b.item_id, now=T0 + 21)
+    StudyMachine(spool).mark_delivered(b.item_id, now=T0 + 21)
     assert spool.get_study(study.study_uid).state is S.DELIVERED
 
 
