@@ -76,7 +76,7 @@ from sclc_risk_node.dicom_io.ct_series import read_ct_series
 from sclc_risk_node.dicom_io.seg import read_tumour_segment
 from sclc_risk_node.node.errors import NodeError
 from sclc_risk_node.node.files import write_atomically
-from sclc_risk_node.node.training.cohort import Cohort, ImageInputs
+from sclc_risk_node.research.cohort import Cohort, ImageInputs
 from sclc_risk_node.scoring.errors import InputError, MaskError
 from sclc_risk_node.scoring.features import check_pyradiomics_version, extract_all_features, settings_hash
 from sclc_risk_node.scoring.ring import peritumoral_ring

@@ -1,14 +1,14 @@
 """The training report: ``report.json``, PNG figures, one self-contained ``report.html`` and the model card.
 
 `write_report(report_dir, report, model_mapping=...)` takes the run's data as
-assembled by `node.training_cli.run_training` (plain JSON data, see below),
+assembled by `research.training_cli.run_training` (plain JSON data, see below),
 draws the figures with matplotlib's Agg canvas (no display, no pyplot state),
 and writes into ``report_dir``::
 
     report.json        the data below, plus "figures" and "files"
     report.html        tables (the paper's Table 3 and more) and every figure, embedded
                        as base64 data URIs: one file, no external link or resource
-    model-card.md      `node.training.model_card.render_model_card`
+    model-card.md      `research.model_card.render_model_card`
     figures/*.png      the figures (the folder is emptied of PNGs first)
 
 ``report.json`` top-level keys (`REPORT_KEYS`): ``report_format``, ``created``,
@@ -1650,7 +1650,7 @@ def write_report(
     ``timings_update``, called once the figures are drawn, adds to
     ``timings_seconds``.
     """
-    from sclc_risk_node.node.training.model_card import render_model_card
+    from sclc_risk_node.research.model_card import render_model_card
 
     report_dir = Path(report_dir)
     folder = report_dir / FIGURES_FOLDER

@@ -2,7 +2,7 @@
 
 SIMULATED DATA, NOT PATIENTS.  `simulate_cohort` writes, per patient, a
 synthetic chest CT phantom (DICOM CT series) and its tumour SEG (DICOM SEG),
-a cohort CSV that `node.training.cohort.load_cohort` reads, and
+a cohort CSV that `research.cohort.load_cohort` reads, and
 ``simulation_truth.json`` with everything needed to check what a fitted model
 recovers.  `simulate_patients` is the pure part (no images, no files), for
 checking the calibration on large samples.
@@ -19,7 +19,7 @@ stage: brain or liver metastases occur only in stage IV and make it M1b
 stage III or IV, as extensive-stage SCLC is.
 
 Images (``phantom="chest-ct"``, the default): a cropped synthetic chest CT
-around the tumour (`node.training.chest_phantom`): chest wall with fat,
+around the tumour (`scoring.training.chest_phantom`): chest wall with fat,
 muscle and ribs, mediastinum with heart, great vessels and trachea, lungs
 with branching vessels and bronchi, correlated CT noise and partial volume,
 and a lobulated heterogeneous tumour, most often hilar-mediastinal; each
@@ -90,14 +90,14 @@ from sclc_risk_node.dicom_io.synthetic import (
 )
 from sclc_risk_node.node.errors import NodeError
 from sclc_risk_node.node.files import write_atomically
-from sclc_risk_node.node.training.chest_phantom import (
+from sclc_risk_node.scoring.clinical import clinical_record_from_mapping
+from sclc_risk_node.scoring.errors import InputError
+from sclc_risk_node.scoring.training.chest_phantom import (
     IN_PLANE_SPACING_RANGE_MM,
     NOISE_SD_RANGE_HU,
     SLICE_THICKNESSES_MM,
     chest_ct_phantom,
 )
-from sclc_risk_node.scoring.clinical import clinical_record_from_mapping
-from sclc_risk_node.scoring.errors import InputError
 
 PAPER_SPLIT_SIZES: Mapping[str, int] = MappingProxyType(
     {"train": 253, "validation_1": 51, "validation_2": 75, "control": 57}
@@ -213,7 +213,7 @@ IMAGE_PARAMETERS: Mapping[str, ImageParameter] = MappingProxyType(
 #: Each semi-axis is the radius times a ratio uniform on this range (normalised to geometric mean 1).
 AXIS_RATIO_RANGE = (0.85, 1.15)
 HALO_MM = 3.0
-#: Phantom kinds: "chest-ct" (node.training.chest_phantom: anatomy, clinical spacings, the default) or
+#: Phantom kinds: "chest-ct" (scoring.training.chest_phantom: anatomy, clinical spacings, the default) or
 #: "box" (the small lung box of dicom_io.synthetic on a fixed grid: fast, for tests of the plumbing).
 PHANTOM_KINDS = ("chest-ct", "box")
 #: The box phantom maps the radius range onto this one, so its tumours fit a small grid (same z-scores).
@@ -582,7 +582,7 @@ def simulate_cohort(
     CSV is written last, so a CSV present means a complete cohort.
 
     ``phantom`` is "chest-ct" (the default: cropped chest CT with anatomy,
-    spacings drawn per patient; `node.training.chest_phantom`) or "box" (the
+    spacings drawn per patient; `scoring.training.chest_phantom`) or "box" (the
     small lung box of ``image_size`` voxels of ``spacing_mm``; the default
     when ``image_size`` is given).  ``workers`` processes write the
     phantoms (default: the CPU count).
@@ -746,7 +746,7 @@ def _cohort_csv(rows: Sequence[dict[str, object]]) -> str:
 def _truth(patients, *, seed, scale, counts, kind, image_size, spacing_mm, layouts) -> dict[str, object]:
     arms = (CHEMOIMMUNOTHERAPY, CHEMOTHERAPY)
     return {
-        "description": "SIMULATED cohort (node.training.simulate): synthetic phantoms, simulated clinical data "
+        "description": "SIMULATED cohort (research.simulate): synthetic phantoms, simulated clinical data "
         "and outcomes; no real patient.  Model and calibration: see the module docstring.",
         "seed": seed,
         "scale": scale,
@@ -761,7 +761,7 @@ def _truth(patients, *, seed, scale, counts, kind, image_size, spacing_mm, layou
             }
             if kind == "box"
             else {
-                "generator": "sclc_risk_node.node.training.chest_phantom.chest_ct_phantom",
+                "generator": "sclc_risk_node.scoring.training.chest_phantom.chest_ct_phantom",
                 "slice_thicknesses_mm": list(SLICE_THICKNESSES_MM),
                 "in_plane_spacing_range_mm": list(IN_PLANE_SPACING_RANGE_MM),
                 "noise_sd_range_hu": list(NOISE_SD_RANGE_HU),

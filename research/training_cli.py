@@ -4,14 +4,13 @@
                     [--cache DIR] [--scheduler tcp://HOST:8786] [--workers N] [--no-progress] [--force]
     sclc-node simulate-cohort OUT_DIR [--seed N] [--scale F] [--no-progress]
 
-Wiring only: the cohort CSV is `node.training.cohort`, the features
-`node.training.extraction`, the method `scoring.training.method`, the
-evaluation `scoring.training.evaluation`, the report `node.training.report`
-and the model card `node.training.model_card` (docs/training.md walks
+Wiring only: the cohort CSV is `research.cohort`, the features
+`research.extraction`, the method `scoring.training.method`, the
+evaluation `scoring.training.evaluation`, the report `research.report`
+and the model card `research.model_card` (docs/training.md walks
 through all of it).  `run_training` is the whole ``train`` command without
-argparse.  The lead's ``node/cli.py`` registers both commands with
-``add_training_parsers(sub)``; until then ``python -m node.training_cli ...``
-runs them with the same exit statuses (bad input: one line on stderr, 2).
+argparse.  `research/cli.py` registers both commands with
+``add_training_parsers(sub)`` and runs them with ``sclc-node``'s exit statuses.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ class TrainingRun:
     model_path: Path
     model: Any  # scoring.model.FrozenModel
     report: dict[str, Any]
-    files: Any  # node.training.report.ReportFiles
+    files: Any  # research.report.ReportFiles
 
 
 # --------------------------------------------------------------------------- helpers
@@ -164,7 +163,7 @@ def _usable(patients, features, failed, model) -> tuple[list, list[dict[str, Any
 def _evaluate_split(split, cohort, features, failed, model, spec, train_time, train_event, notes):
     import numpy as np
 
-    from sclc_risk_node.node.training.report import at_risk_table, time_ticks
+    from sclc_risk_node.research.report import at_risk_table, time_ticks
     from sclc_risk_node.scoring.errors import InputError
     from sclc_risk_node.scoring.training.evaluation import evaluate_split, risk_group_survival
 
@@ -245,7 +244,7 @@ def stability_subsample(train, failed: Mapping[str, str], spec) -> list:
 
 def _perturbed_extractions(cohort, train, failed, spec, stages, *, cache_dir, scheduler, workers, progress):
     """(perturbation name -> features of the subsample, report entry) for the stability screen."""
-    from sclc_risk_node.node.training.extraction import Perturbation, extract_perturbed_features
+    from sclc_risk_node.research.extraction import Perturbation, extract_perturbed_features
 
     stability = spec.stability
     entry: dict[str, Any] = {
@@ -397,9 +396,9 @@ def run_training(
     """
     import numpy as np
 
-    from sclc_risk_node.node.training.cohort import TRAIN_SPLIT, load_cohort
-    from sclc_risk_node.node.training.extraction import extract_cohort_features
-    from sclc_risk_node.node.training.report import REPORT_FORMAT, coefficient_path, write_report
+    from sclc_risk_node.research.cohort import TRAIN_SPLIT, load_cohort
+    from sclc_risk_node.research.extraction import extract_cohort_features
+    from sclc_risk_node.research.report import REPORT_FORMAT, coefficient_path, write_report
     from sclc_risk_node.scoring.model import FrozenModel
     from sclc_risk_node.scoring.training.method import TrainingDataError, fit_integrated_model
     from sclc_risk_node.scoring.training.spec import TrainingSpec
@@ -754,7 +753,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate_cohort(args: argparse.Namespace) -> int:
-    from sclc_risk_node.node.training.simulate import simulate_cohort
+    from sclc_risk_node.research.simulate import simulate_cohort
 
     csv_path = simulate_cohort(args.out_dir, seed=args.seed, scale=args.scale, progress=not args.no_progress)
     print(csv_path)
@@ -824,27 +823,3 @@ def add_training_parsers(subparsers) -> None:
     )
     simulate.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     simulate.set_defaults(handler=cmd_simulate_cohort)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m node.training_cli``: these two commands alone, with ``sclc-node``'s exit statuses."""
-    from sclc_risk_node.node.cli import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_TRY_AGAIN
-    from sclc_risk_node.scoring.errors import SclcNodeError
-
-    parser = argparse.ArgumentParser(prog="sclc-node")
-    add_training_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except SclcNodeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_TRY_AGAIN if exc.retryable else EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # noqa: BLE001 - one readable line
-        print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,9 +19,9 @@ cut-off) side by side:
   the horizon is beyond the split's follow-up, when there is no case or no
   control, or when the training censoring distribution does not reach a case.
 * **Kaplan-Meier by risk group** (HIGH if score > cut-off, as the node):
-  step curves for plotting, median PFS with 95% CI (`scoring.stats.kaplan_meier`,
-  R's ``print(survfit)``), the log-rank p (`scoring.stats.logrank`) and the Cox
-  hazard ratio of HIGH vs LOW with 95% CI and Wald p (`scoring.stats.cox_fit`);
+  step curves for plotting, median PFS with 95% CI (`scoring.training.stats.kaplan_meier`,
+  R's ``print(survfit)``), the log-rank p (`scoring.training.stats.logrank`) and the Cox
+  hazard ratio of HIGH vs LOW with 95% CI and Wald p (`scoring.training.stats.cox_fit`);
   the paper quotes LOW vs HIGH, which is given too (the reciprocal).
 * **Calibration** at each horizon: patients are ranked by predicted PFS
   probability S(t | x) and cut into equal-sized groups (deciles when n >= 200,
@@ -87,11 +87,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sclc_risk_node.scoring import stats
 from sclc_risk_node.scoring.clinical import ClinicalRecord
 from sclc_risk_node.scoring.errors import ClinicalRecordError, InputError
 from sclc_risk_node.scoring.model import BaselineSurvival, FrozenModel
 from sclc_risk_node.scoring.risk import apply_model
+from sclc_risk_node.scoring.training import stats
 from sclc_risk_node.scoring.training.spec import EvaluationSettings
 from sclc_risk_node.scoring.types import FeatureVector
 

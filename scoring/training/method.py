@@ -37,7 +37,7 @@ The steps, in order (`fit_integrated_model`):
    The non-zero coefficients define the radiomics score = sum(coef * z); its
    cut-off is the training median.  No non-zero coefficient is an error.
 3. **Clinical screening.**  Each spec candidate is encoded exactly as the
-   frozen model will encode it.  A univariate Cox model (`scoring.stats.cox_fit`,
+   frozen model will encode it.  A univariate Cox model (`scoring.training.stats.cox_fit`,
    Efron ties, Wald p) per candidate; those with p < ``univariate_p`` enter a
    multivariate Cox model; those with p < ``multivariate_p`` there survive.
    ``multivariate_elimination = "single-pass"`` (the paper) judges all of them
@@ -49,7 +49,7 @@ The steps, in order (`fit_integrated_model`):
    candidate, and the variance inflation factor of the radiomics score and the
    surviving clinical variables (`variance_inflation_factors`).
 5. **Integrated model**: Cox (Efron) of the radiomics score plus the surviving
-   clinical variables (`scoring.stats.cox_fit`, i.e. scikit-survival's
+   clinical variables (`scoring.training.stats.cox_fit`, i.e. scikit-survival's
    ``CoxPHSurvivalAnalysis`` with one Newton polish step, so its coefficients
    and Wald table agree with R's ``coxph``).  Risk score = its linear predictor;
    cut-off = training median; Breslow baseline survival (scikit-survival
@@ -84,7 +84,6 @@ from scipy import stats as sps
 from sklearn.base import BaseEstimator
 from sklearn.model_selection import StratifiedKFold
 
-from sclc_risk_node.scoring import stats
 from sclc_risk_node.scoring.clinical import ClinicalRecord
 from sclc_risk_node.scoring.domain import DomainRule, domain_from_training, transform_array
 from sclc_risk_node.scoring.errors import ClinicalRecordError, InputError
@@ -99,6 +98,7 @@ from sclc_risk_node.scoring.model import (
 # The model file's rule for which image types an extraction produces; reused so
 # training refuses a feature the frozen model could never be given.
 from sclc_risk_node.scoring.model import _produced_image_type_problem as model_image_type_problem
+from sclc_risk_node.scoring.training import stats
 from sclc_risk_node.scoring.training.spec import ClinicalCandidate, LassoSpec, PreprocessingSpec, TrainingSpec
 from sclc_risk_node.scoring.training.stability import StabilityScreen, stability_screen
 from sclc_risk_node.scoring.types import FeatureSpec
@@ -648,7 +648,7 @@ def fit_integrated_model(
     ``training_summary``; ``created`` (ISO 8601) defaults to now (UTC).
     ``perturbed``: perturbation name -> raw features of the stability
     subsample, indexed by labels of ``features.index`` (see
-    `node.training.extraction.extract_perturbed_features`); with
+    `research.extraction.extract_perturbed_features`); with
     ``[stability] enabled`` and no ``perturbed`` the screen is recorded as not run.
     Raises `TrainingDataError` (or `NoFeatureSelectedError`) with the reason.
     """

@@ -52,9 +52,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sclc_risk_node.scoring import stats
 from sclc_risk_node.scoring.domain import transform_array
 from sclc_risk_node.scoring.model import RADIOMICS_SCORE_TERM
+from sclc_risk_node.scoring.training import stats
 from sclc_risk_node.scoring.training.spec import TrainingSpec
 
 __all__ = ["optimism_corrected", "proportional_hazards_test"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sclc_risk_node.node.training.cohort import CohortError, load_cohort, parse_cohort_csv
+from sclc_risk_node.research.cohort import CohortError, load_cohort, parse_cohort_csv
 from sclc_risk_node.scoring.clinical import Lipi
 from sclc_risk_node.scoring.errors import InputError
 

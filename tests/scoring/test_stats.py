@@ -1,4 +1,4 @@
-"""scoring.stats against published R `survival` output on public data sets.
+"""scoring.training.stats against published R `survival` output on public data sets.
 
 Data:
 * NCCTG lung cancer data (R `survival::lung`), from the lifelines wheel's
@@ -63,7 +63,7 @@ import pandas as pd
 import pytest
 
 from sclc_risk_node.scoring.errors import InputError
-from sclc_risk_node.scoring.stats import (
+from sclc_risk_node.scoring.training.stats import (
     CoxFitError,
     SurvivalDataError,
     cox_fit,

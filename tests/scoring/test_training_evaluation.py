@@ -10,19 +10,21 @@ import pandas as pd
 import pytest
 from sksurv.nonparametric import kaplan_meier_estimator
 
-from sclc_risk_node.scoring import stats
 from sclc_risk_node.scoring.clinical import ClinicalRecord, Lipi
 from sclc_risk_node.scoring.model import FrozenModel
 from sclc_risk_node.scoring.risk import apply_model
-from sclc_risk_node.scoring.training import EvaluationSettings, TrainingSpec, evaluate_split, fit_integrated_model
+from sclc_risk_node.scoring.training import stats
 from sclc_risk_node.scoring.training.evaluation import (
     EvaluationDataError,
     bootstrap_c_index,
     calibration,
     decision_curve,
+    evaluate_split,
     kaplan_meier_at,
     time_dependent_auc,
 )
+from sclc_risk_node.scoring.training.method import fit_integrated_model
+from sclc_risk_node.scoring.training.spec import EvaluationSettings, TrainingSpec
 from sclc_risk_node.scoring.types import FeatureVector
 from tests.scoring.model_fixtures import FIXTURE_FEATURES, sealed_model
 from tests.scoring.test_training_method import N_TRAIN, SPEC_TOML, simulate_cohort

@@ -23,15 +23,14 @@ from sksurv.util import Surv
 from sclc_risk_node.scoring.clinical import ClinicalRecord, Lipi
 from sclc_risk_node.scoring.model import FrozenModel, seal
 from sclc_risk_node.scoring.risk import apply_model
-from sclc_risk_node.scoring.training import (
+from sclc_risk_node.scoring.training.method import (
     LassoCoxSelector,
     NoFeatureSelectedError,
     TrainingDataError,
-    TrainingSpec,
-    TrainingSpecError,
     fit_integrated_model,
     variance_inflation_factors,
 )
+from sclc_risk_node.scoring.training.spec import TrainingSpec, TrainingSpecError
 from sclc_risk_node.scoring.types import FeatureVector
 
 SIGNAL_FEATURES = (
