@@ -141,12 +141,6 @@ def plain_json(value: Any) -> Any:
 # --------------------------------------------------------------------------- survival helpers
 
 
-def _survival_y(time: np.ndarray, event: np.ndarray) -> np.ndarray:
-    from sksurv.util import Surv
-
-    return Surv.from_arrays(event=event, time=time)
-
-
 def kaplan_meier_at(time: np.ndarray, event: np.ndarray, months: float) -> tuple[float, float | None, float | None]:
     """Kaplan-Meier PFS at ``months`` with its 95% log-log CI (None where undefined).
 
@@ -269,11 +263,14 @@ def integrated_brier_score(
     reference = np.where(steps == 0, 1.0, km_survival[np.maximum(steps - 1, 0)])
     try:
         result["model"] = float(
-            sksurv_ibs(_survival_y(train_time, train_event), _survival_y(time, event), predicted, grid)
+            sksurv_ibs(stats.survival_y(train_time, train_event), stats.survival_y(time, event), predicted, grid)
         )
         result["kaplan_meier"] = float(
             sksurv_ibs(
-                _survival_y(train_time, train_event), _survival_y(time, event), np.tile(reference, (len(time), 1)), grid
+                stats.survival_y(train_time, train_event),
+                stats.survival_y(time, event),
+                np.tile(reference, (len(time), 1)),
+                grid,
             )
         )
     except ValueError as exc:
@@ -396,19 +393,6 @@ def predictive_analysis(
     return result
 
 
-def _harrell_c(time: np.ndarray, event: np.ndarray, score: np.ndarray) -> float | None:
-    from sksurv.exceptions import NoComparablePairException
-    from sksurv.metrics import concordance_index_censored
-
-    if not np.any(event):
-        return None  # every patient censored (e.g. a small bootstrap resample): C is undefined
-    try:
-        value = float(concordance_index_censored(event, time, score)[0])
-    except NoComparablePairException:
-        return None
-    return value if np.isfinite(value) else None
-
-
 def bootstrap_c_index(
     time: np.ndarray, event: np.ndarray, scores: Mapping[str, np.ndarray], resamples: int, seed: int
 ) -> dict[str, dict[str, Any]]:
@@ -421,8 +405,8 @@ def bootstrap_c_index(
     indices = rng.integers(0, len(time), size=(resamples, len(time)))
     result = {}
     for name, score in scores.items():
-        estimate = _harrell_c(time, event, score)
-        replicates = [_harrell_c(time[index], event[index], score[index]) for index in indices]
+        estimate = stats.harrell_c(time, event, score)
+        replicates = [stats.harrell_c(time[index], event[index], score[index]) for index in indices]
         used = np.array([value for value in replicates if value is not None], dtype=float)
         low, high = np.percentile(used, [2.5, 97.5]) if used.size else (None, None)
         result[name] = {
@@ -461,7 +445,7 @@ def time_dependent_auc(
     masked_event = event & (time <= months)
     try:
         auc, _ = cumulative_dynamic_auc(
-            _survival_y(train_time, train_event), _survival_y(time, masked_event), score, [months]
+            stats.survival_y(train_time, train_event), stats.survival_y(time, masked_event), score, [months]
         )
     except ValueError as exc:
         return None, f"censoring weights from the training split are undefined here ({exc})"

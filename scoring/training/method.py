@@ -166,18 +166,6 @@ def _finite_or_none(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def _survival_y(time: np.ndarray, event: np.ndarray) -> np.ndarray:
-    from sksurv.util import Surv
-
-    return Surv.from_arrays(event=event, time=time)
-
-
-def _harrell_c(time: np.ndarray, event: np.ndarray, score: np.ndarray) -> float:
-    from sksurv.metrics import concordance_index_censored
-
-    return float(concordance_index_censored(event, time, score)[0])
-
-
 def choose_log_transforms(raw: np.ndarray, names: Sequence[str], spec: PreprocessingSpec) -> dict[str, str]:
     """``{name: "none" | "signed_log1p"}`` for every column of ``raw`` (finite, training rows), by the spec's rule."""
     if spec.log_transform == "none":
@@ -339,12 +327,8 @@ class LassoCoxSelector(BaseEstimator):
 
     @staticmethod
     def _fold_c_index(time: np.ndarray, event: np.ndarray, score: np.ndarray) -> float:
-        from sksurv.exceptions import NoComparablePairException
-
-        try:
-            return _harrell_c(time, event, score)
-        except NoComparablePairException:
-            return math.nan
+        c = stats.harrell_c(time, event, score)
+        return math.nan if c is None else c
 
     def standardise(self, X) -> np.ndarray:
         return (np.asarray(X, dtype=float) - self.mean_) / self.scale_
@@ -395,6 +379,13 @@ class FittedIntegratedModel:
 
 
 # --------------------------------------------------------------------------- input checks
+
+
+def _training_c(time: np.ndarray, event: np.ndarray, score: np.ndarray) -> float:
+    c = stats.harrell_c(time, event, score)
+    if c is None:
+        raise TrainingDataError("Harrell's C is undefined on the training split: no comparable pair of patients")
+    return c
 
 
 def _check_survival(time, event, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -700,7 +691,7 @@ def fit_integrated_model(
     x_lasso = transformed[:, stable]
 
     # 2. LASSO-Cox
-    y = _survival_y(time, event)
+    y = stats.survival_y(time, event)
     usable_names = [name for name, keep in zip(finite_names, stable) if keep]
     try:
         selector = LassoCoxSelector.from_spec(spec.lasso).fit(pd.DataFrame(x_lasso, columns=usable_names), y)
@@ -764,8 +755,8 @@ def fit_integrated_model(
 
     km = stats.kaplan_meier(pd.DataFrame({"time": time, "event": event}), "time", "event")["groups"]["all"]
     reverse = stats.kaplan_meier(pd.DataFrame({"time": time, "censored": ~event}), "time", "censored")
-    c_radiomics = _harrell_c(time, event, radiomics_score)
-    c_integrated = _harrell_c(time, event, risk_score)
+    c_radiomics = _training_c(time, event, radiomics_score)
+    c_integrated = _training_c(time, event, risk_score)
     candidates_by_name = {candidate.name: candidate for candidate in spec.clinical.candidates}
     best = int(np.argmax(np.where(selector.cv_folds_scored_ == folds, selector.cv_mean_c_index_, -np.inf)))
     cv_summary = {

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from numpy.typing import NDArray
 from scipy import stats as sps
 
 from sclc_risk_node.scoring.errors import InputError
@@ -72,8 +73,10 @@ __all__ = [
     "SurvivalDataError",
     "cox_fit",
     "cox_information",
+    "harrell_c",
     "kaplan_meier",
     "logrank",
+    "survival_y",
 ]
 
 #: Two-sided 95% normal quantile, R's qnorm(0.975).
@@ -342,6 +345,32 @@ def _score_and_covariance(x, time, event, beta, ties) -> tuple[np.ndarray, np.nd
         return score, np.linalg.inv(info)
     except np.linalg.LinAlgError:
         raise CoxFitError("the information matrix is singular: the coefficients are not identifiable") from None
+
+
+def survival_y(time: NDArray[np.float64], event: NDArray[np.bool_]) -> NDArray[np.void]:
+    """scikit-survival's structured outcome (fields ``event``, ``time``): the ``y`` of its estimators and metrics."""
+    from sksurv.util import Surv
+
+    y: NDArray[np.void] = Surv.from_arrays(event=event, time=time)
+    return y
+
+
+def harrell_c(time: NDArray[np.float64], event: NDArray[np.bool_], score: NDArray[np.float64]) -> float | None:
+    """Harrell's C of a risk score (higher = earlier event): scikit-survival's ``concordance_index_censored``.
+
+    None where C is undefined: every patient censored (a small bootstrap resample, a fold), no
+    comparable pair, or a non-finite value.
+    """
+    from sksurv.exceptions import NoComparablePairException
+    from sksurv.metrics import concordance_index_censored
+
+    if not np.any(event):
+        return None
+    try:
+        value = float(concordance_index_censored(event, time, score)[0])
+    except NoComparablePairException:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def cox_fit(df: pd.DataFrame, time: str, event: str, covariates: Sequence[str], ties: str = "efron") -> CoxResult:

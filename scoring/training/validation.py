@@ -44,7 +44,6 @@ Pure: arrays in, plain values out.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -63,16 +62,10 @@ _TIME, _EVENT = "_time", "_event"
 
 
 def _harrell_c(time: np.ndarray, event: np.ndarray, score: np.ndarray) -> float | None:
-    from sksurv.exceptions import NoComparablePairException
-    from sksurv.metrics import concordance_index_censored
-
-    if not event.any() or np.ptp(score) == 0:
-        return 0.5 if event.any() and np.ptp(score) == 0 else None
-    try:
-        value = float(concordance_index_censored(event, time, score)[0])
-    except NoComparablePairException:
-        return None
-    return value if math.isfinite(value) else None
+    # A constant score ties every pair: C = 0.5 by definition, also where no pair is comparable.
+    if event.any() and np.ptp(score) == 0:
+        return 0.5
+    return stats.harrell_c(time, event, score)
 
 
 def _cox_slope(time: np.ndarray, event: np.ndarray, linear_predictor: np.ndarray) -> float | None:
@@ -94,7 +87,6 @@ def _refit_fixed_alpha(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(radiomics score on the resample, on the original, integrated lp on the resample, on the original)."""
     from sksurv.linear_model import CoxnetSurvivalAnalysis
-    from sksurv.util import Surv
 
     x, time, event = design["x"], design["time"], design["event"]
     xb, tb, eb = x[index], time[index], event[index]
@@ -110,7 +102,7 @@ def _refit_fixed_alpha(
         try:
             path = CoxnetSurvivalAnalysis(
                 l1_ratio=1.0, alphas=design["alphas"], normalize=False, fit_baseline_model=False
-            ).fit(zb, Surv.from_arrays(event=eb, time=tb))
+            ).fit(zb, stats.survival_y(tb, eb))
         except (ArithmeticError, ValueError) as exc:
             raise _Skip(f"LASSO-Cox failed ({exc})") from None
     coef = np.asarray(path.coef_, dtype=float)[:, -1]
