@@ -398,7 +398,7 @@ def run_training(
 
     from sclc_risk_node.research.cohort import TRAIN_SPLIT, load_cohort
     from sclc_risk_node.research.extraction import extract_cohort_features
-    from sclc_risk_node.research.report import REPORT_FORMAT, coefficient_path, write_report
+    from sclc_risk_node.research.report import REPORT_FORMAT, write_report
     from sclc_risk_node.scoring.model import FrozenModel
     from sclc_risk_node.scoring.training.method import TrainingDataError, fit_integrated_model
     from sclc_risk_node.scoring.training.spec import TrainingSpec
@@ -468,12 +468,6 @@ def run_training(
             cohort=f"{cohort_path.name}, split '{TRAIN_SPLIT}': {len(train)} patients with features",
             perturbed=perturbed,
         )
-        try:  # only a figure: its failure must not cost the researcher the fitted model
-            path, path_note = coefficient_path(
-                train_features, train_time, train_event, spec.lasso, fitted.diagnostics, fitted.model_mapping
-            )
-        except Exception as exc:  # noqa: BLE001
-            path, path_note = None, f"the path could not be recomputed ({type(exc).__name__}: {exc})"
 
     # 3b. internal validation, recorded in the model's training summary (so the model card has it)
     with warnings.catch_warnings(record=True) as caught_internal:
@@ -527,8 +521,6 @@ def run_training(
     # 6. report
     summary = sealed["training_summary"]
     diagnostics = plain_json(fitted.diagnostics)
-    diagnostics["lasso"]["coefficient_path"] = plain_json(path)
-    diagnostics["lasso"]["coefficient_path_note"] = path_note
     import matplotlib
 
     report: dict[str, Any] = {

@@ -222,7 +222,8 @@ class LassoCoxSelector(BaseEstimator):
     fold are eligible),
     ``n_nonzero_`` (per alpha); ``alpha_min_``, ``alpha_1se_``, ``alpha_``
     (chosen by ``selection``), ``alpha_index_``; ``coef_`` (per input column, at
-    ``alpha_``); ``selected_features_`` (names with non-zero coefficient, in
+    ``alpha_``); ``coef_path_`` (input columns x alphas: the whole path, which the
+    report draws); ``selected_features_`` (names with non-zero coefficient, in
     input order); ``fit_warnings_`` (distinct warning texts from the fits).
     """
 
@@ -310,7 +311,8 @@ class LassoCoxSelector(BaseEstimator):
         self.alpha_min_, self.alpha_1se_ = float(alphas[best]), float(alphas[one_se])
         self.alpha_index_ = chosen
         self.alpha_ = float(alphas[chosen])
-        self.coef_ = np.asarray(path.coef_[:, chosen], dtype=float)
+        self.coef_path_ = np.asarray(path.coef_, dtype=float)
+        self.coef_ = self.coef_path_[:, chosen]
         self.selected_features_ = [name for name, coef in zip(names, self.coef_) if coef != 0.0]
         self.fit_warnings_ = caught
         return self
@@ -911,6 +913,16 @@ def fit_integrated_model(
                 )
             ],
             "fit_warnings": selector.fit_warnings_,
+            # The path as fitted (not refitted for the figure): the features non-zero somewhere on it.
+            "coefficient_path": {
+                "alphas": [float(alpha) for alpha in selector.alphas_],
+                "chosen_alpha": selector.alpha_,
+                "features": {
+                    name: [float(v) for v in selector.coef_path_[j]]
+                    for j, name in enumerate(usable_names)
+                    if np.any(selector.coef_path_[j] != 0.0)
+                },
+            },
         },
         "radiomics_cutoff": radiomics_cutoff,
         "risk_cutoff": risk_cutoff,

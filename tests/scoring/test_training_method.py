@@ -414,3 +414,20 @@ def re_escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_the_fit_records_the_lasso_path_it_chose_from(fitted):
+    """The report draws this path (research/report.py), so it must be the fitted one: at the chosen alpha
+    exactly the model's coefficients, and per alpha exactly the curve's count of non-zero coefficients."""
+    lasso = fitted.diagnostics["lasso"]
+    path = lasso["coefficient_path"]
+    assert path["alphas"] == [row["alpha"] for row in lasso["curve"]]
+    assert path["chosen_alpha"] == lasso["alpha"]
+    chosen = path["alphas"].index(lasso["alpha"])
+    coefficients = {
+        f"{f['region']}.{f['image_type']}_{f['feature_class']}_{f['feature']}": f["coefficient"]
+        for f in fitted.model_mapping["radiomics"]["features"]
+    }
+    assert {name: values[chosen] for name, values in path["features"].items() if values[chosen] != 0.0} == coefficients
+    for k, row in enumerate(lasso["curve"]):
+        assert sum(values[k] != 0.0 for values in path["features"].values()) == row["n_nonzero"]
