@@ -23,7 +23,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,17 +118,27 @@ def _check_outputs(model_path: Path, report_dir: Path, force: bool) -> None:
         raise InputError(f"--report: {report_dir} is a file (allowed: a folder, created if missing)")
 
 
-def _patient_scores(model, features, patients) -> tuple[list[float], list[float]]:
-    from sclc_risk_node.scoring.risk import apply_model
-    from sclc_risk_node.scoring.types import FeatureVector
+class _ScoreOnce:
+    """Each patient scored once (`score_patients`), reused by the split's evaluation, its at-risk tables and
+    overall survival, and the treatment comparison (Figure 7)."""
 
-    radiomics, risk = [], []
-    for patient in patients:
-        values = {name: float(features.at[patient.id, name]) for name in model.feature_names}
-        result = apply_model(model, FeatureVector(values), patient.clinical)
-        radiomics.append(result.radiomics_score)
-        risk.append(result.risk_score)
-    return radiomics, risk
+    def __init__(self, model: Any, features: Any) -> None:
+        self._model, self._features = model, features
+        self._by_id: dict[str, tuple[float, float]] = {}
+
+    def of(self, patients: Sequence[Any]) -> Any:  # scoring.training.evaluation.PatientScores
+        import numpy as np
+
+        from sclc_risk_node.scoring.training.evaluation import PatientScores, score_patients
+
+        new = list({p.id: p for p in patients if p.id not in self._by_id}.values())
+        if new:
+            scored = score_patients(self._model, self._features.loc[[p.id for p in new]], [p.clinical for p in new])
+            self._by_id.update(zip((p.id for p in new), zip(scored.radiomics.tolist(), scored.risk.tolist())))
+        return PatientScores(
+            radiomics=np.array([self._by_id[p.id][0] for p in patients], dtype=float),
+            risk=np.array([self._by_id[p.id][1] for p in patients], dtype=float),
+        )
 
 
 def _usable(patients, features, failed, model) -> tuple[list, list[dict[str, Any]]]:
@@ -160,7 +170,7 @@ def _usable(patients, features, failed, model) -> tuple[list, list[dict[str, Any
     return used, excluded
 
 
-def _evaluate_split(split, cohort, features, failed, model, spec, train_time, train_event, notes):
+def _evaluate_split(split, cohort, features, failed, model, spec, train_time, train_event, notes, scores: _ScoreOnce):
     import numpy as np
 
     from sclc_risk_node.research.report import at_risk_table, time_ticks
@@ -187,6 +197,7 @@ def _evaluate_split(split, cohort, features, failed, model, spec, train_time, tr
         return entry
     ids = [p.id for p in used]
     try:
+        patient_scores = scores.of(used)
         evaluation = evaluate_split(
             model,
             features.loc[ids],
@@ -197,6 +208,7 @@ def _evaluate_split(split, cohort, features, failed, model, spec, train_time, tr
             train_event=train_event,
             settings=spec.evaluation,
             split=split,
+            scores=patient_scores,
         )
     except InputError as exc:
         entry["error"] = str(exc)
@@ -206,7 +218,7 @@ def _evaluate_split(split, cohort, features, failed, model, spec, train_time, tr
         notes.append(f"split {split}: evaluation failed ({exc}); see docs/training.md, 'Small splits'")
         return entry
     entry["evaluation"] = evaluation.as_dict()
-    radiomics, risk = _patient_scores(model, features, used)
+    radiomics, risk = patient_scores.radiomics, patient_scores.risk
     ticks = time_ticks(float(time_.max()))
     entry["at_risk"] = {
         "radiomics": at_risk_table(time_, np.array(radiomics) > model.radiomics_cutoff, ticks),
@@ -305,7 +317,7 @@ def _perturbed_extractions(cohort, train, failed, spec, stages, *, cache_dir, sc
 CONTROL_SPLIT = "control"
 
 
-def _predictive(cohort, features, failed, model, spec, notes) -> dict[str, Any] | None:
+def _predictive(cohort, features, failed, model, spec, notes, scores: _ScoreOnce) -> dict[str, Any] | None:
     """The paper's Figure 7: treated risk groups vs the control split, and the interaction test (PFS; OS too)."""
     import numpy as np
 
@@ -332,8 +344,8 @@ def _predictive(cohort, features, failed, model, spec, notes) -> dict[str, Any] 
     if len(treated) < 2 or len(control) < 2:
         entry["reason"] = f"{len(treated)} treated and {len(control)} control patients with features (need 2 each)"
         return entry
-    high_t = np.array(_patient_scores(model, features, treated)[1]) > model.risk_cutoff
-    high_c = np.array(_patient_scores(model, features, control)[1]) > model.risk_cutoff
+    high_t = scores.of(treated).risk > model.risk_cutoff
+    high_c = scores.of(control).risk > model.risk_cutoff
     for endpoint, time_of, event_of in (("pfs", "pfs_months", "pfs_event"), ("os", "os_months", "os_event")):
         if any(getattr(p, time_of) is None for p in treated + control):
             continue
@@ -508,13 +520,14 @@ def run_training(
     with warnings.catch_warnings(record=True) as caught_evaluation:
         warnings.simplefilter("always")
         start = time.perf_counter()
+        scores = _ScoreOnce(model, features)
         for split in cohort.splits:
             if progress:
                 print(f"evaluating {split} …", file=sys.stderr, flush=True)
             splits[split] = _evaluate_split(
-                split, cohort, features, failed, model, spec, train_time, train_event, notes
+                split, cohort, features, failed, model, spec, train_time, train_event, notes, scores
             )
-        predictive = _predictive(cohort, features, failed, model, spec, notes)
+        predictive = _predictive(cohort, features, failed, model, spec, notes, scores)
         stages.seconds["evaluation"] = round(time.perf_counter() - start, 3)
     warning_texts = list(dict.fromkeys(_warning_text(w) for w in [*caught, *caught_evaluation]))
 

@@ -86,6 +86,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import NDArray
 
 from sclc_risk_node.scoring.clinical import ClinicalRecord
 from sclc_risk_node.scoring.errors import ClinicalRecordError, InputError
@@ -108,7 +109,9 @@ __all__ = [
     "decision_curve",
     "evaluate_split",
     "kaplan_meier_at",
+    "PatientScores",
     "risk_group_survival",
+    "score_patients",
     "time_dependent_auc",
 ]
 
@@ -621,7 +624,20 @@ def _check_survival(time, event, n: int, what: str) -> tuple[np.ndarray, np.ndar
     return time, raw_event.astype(bool)
 
 
-def _scores(model: FrozenModel, features: pd.DataFrame, clinical: Sequence[ClinicalRecord]):
+@dataclass(frozen=True)
+class PatientScores:
+    """The patients' radiomics scores and integrated risk scores (`scoring.risk.apply_model`), in row order."""
+
+    radiomics: NDArray[np.float64]
+    risk: NDArray[np.float64]
+
+
+def score_patients(model: FrozenModel, features: pd.DataFrame, clinical: Sequence[ClinicalRecord]) -> PatientScores:
+    """Score each patient (a row of ``features`` with the clinical record at the same position) as the node does.
+
+    A caller that needs the scores beyond `evaluate_split` (at-risk tables, the treatment comparison)
+    scores once here and hands them to `evaluate_split` (``scores=``).
+    """
     missing = [name for name in model.feature_names if name not in features.columns]
     if missing:
         raise EvaluationDataError(
@@ -639,7 +655,7 @@ def _scores(model: FrozenModel, features: pd.DataFrame, clinical: Sequence[Clini
         except ClinicalRecordError as exc:
             raise EvaluationDataError(f"clinical record at row {row}: {exc}") from None
         radiomics[row], risk[row] = result.radiomics_score, result.risk_score
-    return radiomics, risk
+    return PatientScores(radiomics=radiomics, risk=risk)
 
 
 def _radiomics_only_baseline(model: FrozenModel) -> tuple[float, BaselineSurvival] | None:
@@ -691,12 +707,14 @@ def evaluate_split(
     train_event: Sequence[bool],
     settings: EvaluationSettings,
     split: str = "split",
+    scores: PatientScores | None = None,
 ) -> SplitEvaluation:
     """Evaluate ``model`` on one split (rows of ``features``, ``clinical``, ``time``, ``event`` match by position).
 
     ``train_time``/``train_event`` are the training split's PFS data (for the
     censoring weights of the time-dependent AUC); pass the split's own data
-    when evaluating the training split.
+    when evaluating the training split.  ``scores``: `score_patients` of the same
+    rows when the caller has them already (the patients are not scored again).
     """
     if not isinstance(features, pd.DataFrame):
         raise EvaluationDataError(f"features must be a pandas DataFrame, got {type(features).__name__}")
@@ -707,7 +725,11 @@ def evaluate_split(
         raise EvaluationDataError(f"a split needs at least 2 patients, got {n}")
     time, event = _check_survival(time, event, n, split)
     train_time, train_event = _check_survival(train_time, train_event, len(np.asarray(train_time)), "training split")
-    radiomics_score, risk_score = _scores(model, features, clinical)
+    if scores is None:
+        scores = score_patients(model, features, clinical)
+    elif len(scores.radiomics) != n or len(scores.risk) != n:
+        raise EvaluationDataError(f"{len(scores.risk)} patient scores for {n} feature rows (need one per patient)")
+    radiomics_score, risk_score = scores.radiomics, scores.risk
     horizons = tuple(float(h) for h in settings.horizons_months)
 
     c_index = bootstrap_c_index(
