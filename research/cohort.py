@@ -67,7 +67,6 @@ _IMAGE_FILE_ALLOWED = "NRRD, NIfTI or MetaImage: " + ", ".join(IMAGE_FILE_SUFFIX
 
 _EVENT_WORDS = {"1": True, "true": True, "0": False, "false": False}
 _SHOWN_VALUE_LENGTH = 40
-_PART10_MAGIC_OFFSET = 128
 
 
 class CohortError(NodeError, InputError):
@@ -480,19 +479,19 @@ def _resolve_seg(text: str, base_dir: Path, problems: list[str]) -> Path | None:
         state = "is a folder" if path.is_dir() else "does not exist"
         problems.append(f"seg: {shown} {state} (allowed: {allowed}; relative to the CSV's folder)")
         return None
-    if not is_image_file(path) and not _has_part10_magic(path):
+    if not is_image_file(path) and not _is_dicom_file(path):
         problems.append(f"seg: {shown} is not a DICOM file (no DICM preamble) (allowed: {allowed})")
         return None
     return path.resolve()
 
 
-def _has_part10_magic(path: Path) -> bool:
+def _is_dicom_file(path: Path) -> bool:
+    from pydicom.misc import is_dicom
+
     try:
-        with path.open("rb") as stream:
-            head = stream.read(_PART10_MAGIC_OFFSET + 4)
-    except OSError:
+        return is_dicom(path)
+    except OSError:  # unreadable: refused like a file without the preamble
         return False
-    return head[_PART10_MAGIC_OFFSET:] == b"DICM"
 
 
 def _withhold(problem: str, patient_id: str) -> str:
