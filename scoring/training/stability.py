@@ -82,7 +82,7 @@ def icc(table: np.ndarray | Sequence[Sequence[float]], kind: str = "ICC(1,1)") -
     return None if not math.isfinite(result) else float(result)
 
 
-def _icc_from_squares(msr, msw, mse, k: int, kind: str) -> np.ndarray:
+def _icc_from_squares(msr: np.ndarray, msw: np.ndarray, mse: np.ndarray, k: int, kind: str) -> np.ndarray:
     if kind not in ICC_FORMULAS:
         raise ValueError(f"ICC kind {kind!r} is not one of {', '.join(ICC_FORMULAS)}")
     error = msw if kind == "ICC(1,1)" else mse
