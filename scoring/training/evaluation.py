@@ -86,7 +86,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from sclc_risk_node.scoring.clinical import ClinicalRecord
 from sclc_risk_node.scoring.errors import ClinicalRecordError, InputError
@@ -476,7 +476,7 @@ def risk_group_survival(time: np.ndarray, event: np.ndarray, high: np.ndarray) -
         {"time": time, "event": event, "group": np.where(high, "high", "low"), "high_risk": high.astype(float)}
     )
     km = stats.kaplan_meier(frame, "time", "event", "group")["groups"]
-    groups = {}
+    groups: dict[str, dict[str, Any]] = {}
     for label in ("low", "high"):
         members = frame["group"].to_numpy() == label
         if not members.any():
@@ -596,7 +596,7 @@ class SplitEvaluation:
     comparison: Mapping[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
-        return plain_json(
+        as_plain: dict[str, Any] = plain_json(
             {
                 "split": self.split,
                 "n": self.n,
@@ -610,9 +610,12 @@ class SplitEvaluation:
                 "comparison": self.comparison,
             }
         )
+        return as_plain
 
 
-def _check_survival(time, event, n: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_survival(
+    time: ArrayLike, event: ArrayLike, n: int, what: str
+) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     time = np.asarray(time, dtype=float).reshape(-1)
     raw_event = np.asarray(event).reshape(-1)
     if len(time) != n or len(raw_event) != n:
@@ -675,9 +678,15 @@ def _predicted_pfs(baseline: BaselineSurvival, linear_predictor: np.ndarray, mon
 
 
 def _probability_curves(
-    time, event, baseline: BaselineSurvival | None, linear_predictor, horizons, unavailable: str
-) -> tuple[list, list]:
-    calibrations, decisions = [], []
+    time: NDArray[np.float64],
+    event: NDArray[np.bool_],
+    baseline: BaselineSurvival | None,
+    linear_predictor: NDArray[np.float64] | None,
+    horizons: Sequence[float],
+    unavailable: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    calibrations: list[dict[str, Any]] = []
+    decisions: list[dict[str, Any]] = []
     for months in horizons:
         reason = None
         if baseline is None:
@@ -686,7 +695,8 @@ def _probability_curves(
             reason = f"the model's baseline survival ends at {baseline.valid_until:g} months"
         elif months > time.max():
             reason = f"horizon {months:g} months is beyond this split's follow-up (longest {time.max():g} months)"
-        if reason:
+        # (baseline and linear predictor are None together, with the reason ``unavailable``)
+        if reason or baseline is None or linear_predictor is None:
             calibrations.append({"months": months, "groups": None, "reason": reason})
             decisions.append({"months": months, "reason": reason})
             continue
@@ -700,11 +710,11 @@ def evaluate_split(
     model: FrozenModel,
     features: pd.DataFrame,
     clinical: Sequence[ClinicalRecord],
-    time: Sequence[float],
-    event: Sequence[bool],
+    time: Sequence[float] | NDArray[np.float64],
+    event: Sequence[bool] | NDArray[np.bool_],
     *,
-    train_time: Sequence[float],
-    train_event: Sequence[bool],
+    train_time: Sequence[float] | NDArray[np.float64],
+    train_event: Sequence[bool] | NDArray[np.bool_],
     settings: EvaluationSettings,
     split: str = "split",
     scores: PatientScores | None = None,
@@ -772,7 +782,7 @@ def evaluate_split(
             horizons,
             "the model file has no radiomics-only baseline survival (training_summary.radiomics_only_cox)",
         )
-        if baseline is None:
+        if baseline is None or linear_predictor is None:  # None together: no radiomics-only baseline
             reason = "the model file has no radiomics-only baseline survival"
             summary_block = {"reason": reason}
             brier = {"model": None, "kaplan_meier": None, "reason": reason}

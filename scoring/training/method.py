@@ -80,6 +80,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike, NDArray
 from scipy import stats as sps
 from sklearn.base import BaseEstimator
 from sklearn.model_selection import StratifiedKFold
@@ -207,7 +208,7 @@ def _transformed_frame(table: pd.DataFrame, names: Sequence[str], transforms: Ma
 # --------------------------------------------------------------------------- LASSO-Cox
 
 
-class LassoCoxSelector(BaseEstimator):
+class LassoCoxSelector(BaseEstimator):  # type: ignore[misc]  # scikit-learn ships no type information
     """LASSO-Cox with a cross-validated alpha; ``predict`` gives the radiomics score.
 
     ``fit(X, y)`` takes the raw candidate features (DataFrame or array; rows =
@@ -251,14 +252,17 @@ class LassoCoxSelector(BaseEstimator):
             selection=spec.selection,
         )
 
-    def fit(self, X, y) -> LassoCoxSelector:
+    def fit(self, X: pd.DataFrame | ArrayLike, y: NDArray[np.void]) -> LassoCoxSelector:
         from sksurv.linear_model import CoxnetSurvivalAnalysis
 
         if self.selection not in ("min", "1se"):
             raise ValueError(f"selection must be 'min' or '1se', not {self.selection!r}")
         names = [str(c) for c in X.columns] if isinstance(X, pd.DataFrame) else [f"x{j}" for j in range(np.shape(X)[1])]
         x = np.asarray(X, dtype=float)
-        event, time = y[y.dtype.names[0]].astype(bool), y[y.dtype.names[1]].astype(float)
+        fields = y.dtype.names
+        if fields is None or len(fields) != 2:
+            raise ValueError("y must be scikit-survival's structured (event, time) array (Surv.from_arrays)")
+        event, time = y[fields[0]].astype(bool), y[fields[1]].astype(float)
         if not np.isfinite(x).all():
             raise TrainingDataError("LASSO-Cox input has non-finite values; screen the features first")
         mean = x.mean(axis=0)
@@ -317,7 +321,7 @@ class LassoCoxSelector(BaseEstimator):
         self.fit_warnings_ = caught
         return self
 
-    def _coxnet(self, estimator_class, alphas):
+    def _coxnet(self, estimator_class: type[Any], alphas: NDArray[np.float64] | None) -> Any:
         return estimator_class(
             l1_ratio=1.0,
             n_alphas=self.n_alphas,
@@ -332,14 +336,16 @@ class LassoCoxSelector(BaseEstimator):
         c = stats.harrell_c(time, event, score)
         return math.nan if c is None else c
 
-    def standardise(self, X) -> np.ndarray:
-        return (np.asarray(X, dtype=float) - self.mean_) / self.scale_
+    def standardise(self, X: pd.DataFrame | ArrayLike) -> NDArray[np.float64]:
+        z: NDArray[np.float64] = (np.asarray(X, dtype=float) - self.mean_) / self.scale_
+        return z
 
-    def predict(self, X) -> np.ndarray:
+    def predict(self, X: pd.DataFrame | ArrayLike) -> NDArray[np.float64]:
         """The radiomics score sum(coef * z) of each row (X has the columns seen in ``fit``)."""
         if isinstance(X, pd.DataFrame):
             X = X.loc[:, list(self.feature_names_in_)]
-        return self.standardise(X) @ self.coef_
+        score: NDArray[np.float64] = self.standardise(X) @ self.coef_
+        return score
 
 
 # --------------------------------------------------------------------------- result
@@ -367,11 +373,13 @@ class FittedIntegratedModel:
 
     @property
     def radiomics_cutoff(self) -> float:
-        return self.model_mapping["radiomics"]["cutoff"]
+        cutoff: float = self.model_mapping["radiomics"]["cutoff"]
+        return cutoff
 
     @property
     def risk_cutoff(self) -> float:
-        return self.model_mapping["risk_cutoff"]
+        cutoff: float = self.model_mapping["risk_cutoff"]
+        return cutoff
 
     def sealed_mapping(self) -> dict[str, Any]:
         return seal(self.model_mapping)
@@ -390,7 +398,7 @@ def _training_c(time: np.ndarray, event: np.ndarray, score: np.ndarray) -> float
     return c
 
 
-def _check_survival(time, event, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _check_survival(time: ArrayLike, event: ArrayLike, n: int) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     time = np.asarray(time, dtype=float).reshape(-1)
     raw_event = np.asarray(event).reshape(-1)
     if len(time) != n or len(raw_event) != n:
@@ -482,7 +490,9 @@ def _cox_table(result: stats.CoxResult) -> list[dict[str, Any]]:
     ]
 
 
-def _univariate_screen(frame: pd.DataFrame, candidates, threshold: float) -> tuple[list[dict], list[str]]:
+def _univariate_screen(
+    frame: pd.DataFrame, candidates: Sequence[ClinicalCandidate], threshold: float
+) -> tuple[list[dict[str, Any]], list[str]]:
     table, kept = [], []
     for candidate in candidates:
         row: dict[str, Any] = {"name": candidate.name, "field": candidate.field}
@@ -499,7 +509,9 @@ def _univariate_screen(frame: pd.DataFrame, candidates, threshold: float) -> tup
     return table, kept
 
 
-def _multivariate_screen(frame: pd.DataFrame, names: list[str], threshold: float, elimination: str):
+def _multivariate_screen(
+    frame: pd.DataFrame, names: list[str], threshold: float, elimination: str
+) -> tuple[list[dict[str, Any]], list[str]]:
     """(steps, survivors): each step is one multivariate Cox table."""
     steps: list[dict[str, Any]] = []
     remaining = list(names)
@@ -523,7 +535,7 @@ def _multivariate_screen(frame: pd.DataFrame, names: list[str], threshold: float
 
 
 def _spearman(radiomics_score: np.ndarray, encoded: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, values in encoded.items():
         if np.ptp(values) == 0 or np.ptp(radiomics_score) == 0:
             rows.append({"name": name, "rho": None, "p": None, "note": "constant in training"})
@@ -619,14 +631,14 @@ def _applicability_domain(
         for f in mapping["radiomics"]["features"]
     ]
     training = {name: pd.to_numeric(features.iloc[:, columns[name]]).to_numpy(dtype=float) for name in model_features}
-    return domain_from_training(training, radiomics_score, risk_score, DOMAIN_RULE).to_mapping()
+    return domain_from_training(training, radiomics_score.tolist(), risk_score.tolist(), DOMAIN_RULE).to_mapping()
 
 
 def fit_integrated_model(
     features: pd.DataFrame,
     clinical: Sequence[ClinicalRecord],
-    time: Sequence[float],
-    event: Sequence[bool],
+    time: Sequence[float] | NDArray[np.float64],
+    event: Sequence[bool] | NDArray[np.bool_],
     spec: TrainingSpec,
     *,
     cohort: str | None = None,
