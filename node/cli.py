@@ -8,6 +8,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sclc_risk_node.node.clinical_files import load_clinical_file
 from sclc_risk_node.node.exit_status import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_OK, EXIT_TRY_AGAIN
@@ -227,7 +228,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     with open_spool_for_cli(config) as spool:
         studies = spool.list_studies(limit=-1 if args.all else 200)
         now = time.time()
-        rows = []
+        rows: list[dict[str, Any]] = []  # the JSON of `status --json`
         for study in studies:
             deliveries = spool.study_deliveries(study.study_instance_uid)
             waiting_for = _waiting_for(spool, study, fhir_enabled=config.fhir.enabled)

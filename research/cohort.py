@@ -328,7 +328,8 @@ def _parse_row(
             )
     clinical = _parse_clinical(values, patient_id, problems)
     images, features = _parse_inputs(values, feature_columns, base_dir, problems)
-    if problems:
+    # A parser that gives None has reported why in ``problems``.
+    if problems or split is None or pfs_months is None or pfs_event is None or clinical is None:
         return None
     return CohortPatient(
         id=patient_id,
@@ -381,7 +382,7 @@ def _parse_event(name: str, value: str, problems: list[str]) -> bool | None:
 
 
 def _parse_clinical(values: dict[str, str], patient_id: str, problems: list[str]) -> ClinicalRecord | None:
-    mapping = {name: values[name] for name in CLINICAL_FIELDS if name in values}
+    mapping: dict[object, object] = {name: values[name] for name in CLINICAL_FIELDS if name in values}
     if patient_id and not any(mapping.get(name) for name in IDENTIFIER_FIELDS):
         mapping["patient_id"] = patient_id
     try:

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from sclc_risk_node.node.files import write_atomically
 
@@ -183,14 +184,14 @@ def time_ticks(max_time: float) -> list[float]:
     return [step * k for k in range(max(count, 2))]
 
 
-def at_risk_table(time: Sequence[float], high: Sequence[bool], ticks: Sequence[float]) -> dict[str, list]:
+def at_risk_table(time: ArrayLike, high: ArrayLike, ticks: Sequence[float]) -> dict[str, list[float] | list[int]]:
     """Numbers at risk (time >= tick) in the low and high group at each tick."""
-    time = np.asarray(time, dtype=float)
-    high = np.asarray(high, dtype=bool)
+    months = np.asarray(time, dtype=float)
+    is_high = np.asarray(high, dtype=bool)
     return {
         "ticks": [float(t) for t in ticks],
-        "low": [int(np.sum((time >= t) & ~high)) for t in ticks],
-        "high": [int(np.sum((time >= t) & high)) for t in ticks],
+        "low": [int(np.sum((months >= t) & ~is_high)) for t in ticks],
+        "high": [int(np.sum((months >= t) & is_high)) for t in ticks],
     }
 
 

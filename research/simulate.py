@@ -71,11 +71,12 @@ import math
 import multiprocessing
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -99,14 +100,16 @@ from sclc_risk_node.scoring.training.chest_phantom import (
     chest_ct_phantom,
 )
 
+_T = TypeVar("_T")
+
 PAPER_SPLIT_SIZES: Mapping[str, int] = MappingProxyType(
     {"train": 253, "validation_1": 51, "validation_2": 75, "control": 57}
 )
 CHEMOIMMUNOTHERAPY = "chemoimmunotherapy"
 CHEMOTHERAPY = "chemotherapy"
 
-#: Published figures the simulation is calibrated to (months, proportions).
-PAPER_TARGETS: Mapping[str, object] = MappingProxyType(
+#: Published figures the simulation is calibrated to (months, proportions; numbers and month -> proportion tables).
+PAPER_TARGETS: Mapping[str, Any] = MappingProxyType(
     {
         "median_pfs_months": 7.1,
         "pfs_at_months": {6: 0.607, 9: 0.382, 12: 0.283},
@@ -254,7 +257,8 @@ class PhantomParameters:
 
     @property
     def radii_mm(self) -> tuple[float, float, float]:
-        return tuple(self.radius_mm * ratio for ratio in self.axis_ratios)
+        x, y, z = self.axis_ratios
+        return self.radius_mm * x, self.radius_mm * y, self.radius_mm * z
 
     @property
     def box_radii_mm(self) -> tuple[float, float, float]:
@@ -262,7 +266,8 @@ class PhantomParameters:
         low, high = IMAGE_PARAMETERS["radius_mm"].low, IMAGE_PARAMETERS["radius_mm"].high
         box_low, box_high = BOX_RADIUS_RANGE_MM
         radius = box_low + (self.radius_mm - low) * (box_high - box_low) / (high - low)
-        return tuple(radius * ratio for ratio in self.axis_ratios)
+        x, y, z = self.axis_ratios
+        return radius * x, radius * y, radius * z
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +277,7 @@ class SimulatedPatient:
     id: str
     split: str
     arm: str
-    clinical: Mapping[str, object]
+    clinical: Mapping[str, ClinicalValue]
     phantom: PhantomParameters
     linear_predictor: float
     pfs_months: float
@@ -360,7 +365,7 @@ def simulate_patients(counts: Mapping[str, int], *, seed: int = 2023) -> tuple[S
                         texture_hu=float(draws["texture_hu"][i]),
                         halo_hu=float(draws["halo_hu"][i]),
                         radius_mm=float(draws["radius_mm"][i]),
-                        axis_ratios=tuple(float(r) for r in draws["axis_ratios"][i]),
+                        axis_ratios=_triple(float(r) for r in draws["axis_ratios"][i]),
                         seed=int(seeds[i]),
                     ),
                     linear_predictor=float(lp[i]),
@@ -446,7 +451,11 @@ def _linear_predictor(draws: Mapping[str, np.ndarray], arm: str) -> np.ndarray:
 
 def _os_linear_predictor(draws: Mapping[str, np.ndarray]) -> np.ndarray:
     design = clinical_design(draws)
-    return sum(beta * design[name] for name, beta in OS_EFFECTS.items())
+    terms = [beta * design[name] for name, beta in OS_EFFECTS.items()]
+    lp = terms[0]
+    for term in terms[1:]:  # the same sums, in the same order, as sum(terms)
+        lp = lp + term
+    return lp
 
 
 def _draw_outcomes(draws, lp: np.ndarray, arm: str, rng: np.random.Generator):
@@ -472,7 +481,11 @@ def _weibull_times(exponential: np.ndarray, lp: np.ndarray, model: OsModel) -> n
     return model.scale_months * (exponential * np.exp(-lp)) ** (1 / model.shape)
 
 
-def _clinical_fields(draws: Mapping[str, np.ndarray], i: int) -> dict[str, object]:
+#: A clinical value as the cohort CSV's field: a code, a count (ECOG, age) or a yes/no.
+ClinicalValue = str | int | bool
+
+
+def _clinical_fields(draws: Mapping[str, np.ndarray], i: int) -> dict[str, ClinicalValue]:
     return {
         "t_stage": str(draws["t_stage"][i]),
         "n_stage": str(draws["n_stage"][i]),
@@ -595,7 +608,7 @@ def simulate_cohort(
         raise SimulationError(
             "image_size: the chest-ct phantom draws its own grid (allowed: image_size only with phantom='box')"
         )
-    image_size = tuple(image_size or DEFAULT_IMAGE_SIZE)
+    image_size = _triple(image_size or DEFAULT_IMAGE_SIZE)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SimulationError(f"{out_dir} exists and is not an empty folder (allowed: a new or empty folder)")
     counts = split_sizes(scale)
@@ -665,6 +678,12 @@ def _check_field_of_view(patients, image_size, spacing_mm) -> None:
             )
 
 
+def _triple(values: Iterable[_T]) -> tuple[_T, _T, _T]:
+    """(x, y, z) from any iterable of three (a list from JSON, a generator)."""
+    x, y, z = values
+    return x, y, z
+
+
 def phantom_images(
     phantom: PhantomParameters,
     kind: str = "chest-ct",
@@ -683,8 +702,8 @@ def phantom_images(
         )
         return image, mask, {name: getattr(layout, name) for name in layout.__slots__}
     image, mask = synthetic_chest_phantom(
-        size=tuple(image_size),
-        spacing_mm=tuple(spacing_mm),
+        size=_triple(image_size),
+        spacing_mm=_triple(spacing_mm),
         tumour_radii_mm=phantom.box_radii_mm,
         texture_hu=phantom.texture_hu,
         halo_hu=phantom.halo_hu,
@@ -717,7 +736,9 @@ def _write_patient(out_dir: Path, patient: SimulatedPatient, kind, image_size, s
     build_tumour_seg(datasets, mask).save_as(folder / "seg.dcm", enforce_file_format=True)
     clinical = dict(patient.clinical)
     # Fail here, not in the researcher's training run, if the simulator ever drifts from the schema.
-    clinical_record_from_mapping({**clinical, "patient_id": patient.id})
+    record: dict[object, object] = {name: value for name, value in clinical.items()}
+    record["patient_id"] = patient.id
+    clinical_record_from_mapping(record)
     return {
         "id": patient.id,
         "split": patient.split,
