@@ -85,6 +85,17 @@ def test_the_extra_lists_exactly_the_blocked_modules():
     assert set(TRAIN_EXTRA_MODULES) == {"sksurv", "sklearn", "pandas", "tqdm", "dask", "distributed", "lifelines"}
 
 
+def test_the_test_command_installs_the_extra():
+    """README's test command is scripts/test.sh, which installs [test]; [test] brings [train]."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[2]
+    extras = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "sclc-risk-node[train]" in extras["test"]
+    assert "pip install -q -e '.[test]'" in (repo / "scripts" / "test.sh").read_text()
+    assert "bash scripts/test.sh" in (repo / "README.md").read_text()
+
+
 def test_demo_scores_the_demo_study_without_the_extra(without_train_extra, tmp_path):
     proc = sclc_node("demo", "--workdir", tmp_path / "demo")
     assert proc.returncode == 0, proc.stderr
