@@ -10,9 +10,8 @@ refits).  One validation patient's SEG is swapped for
 another patient's, so its extraction fails and the run must go on.  The
 frozen model then scores one simulated study through `sclc-node score`.
 
-Until the lead registers `add_training_parsers` in node/cli.py, the commands
-run as ``python -m sclc_risk_node.research.training_cli`` (same parsers, same exit statuses);
-afterwards as ``python -m node.cli``.
+The commands run as ``python -m sclc_risk_node.node.cli`` (`sclc-node`), which hands them to
+research/cli.py (``python -m sclc_risk_node.research.cli``: same parsers, same exit statuses).
 """
 
 from __future__ import annotations
@@ -269,7 +268,7 @@ def test_an_extraction_failure_is_reported_by_csv_line_and_the_run_goes_on(train
 def test_the_lasso_diagnostics_and_coefficient_path_agree_with_the_model(trained):
     lasso = trained["report"]["training"]["lasso"]
     assert len(lasso["curve"]) == lasso["cv"]["n_alphas"]
-    assert lasso["coefficient_path"] is not None, lasso["coefficient_path_note"]
+    assert lasso["coefficient_path"] is not None, "the fit records the LASSO path"
     path = lasso["coefficient_path"]
     chosen = min(range(len(path["alphas"])), key=lambda k: abs(path["alphas"][k] - lasso["alpha"]))
     for feature in trained["report"]["training"]["selected_features"]:
