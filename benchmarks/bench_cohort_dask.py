@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cohort_dask.py [--patients 8] [--repeats 1]
 
-A simulated cohort (``node.training.simulate``, 64x64x32 CTs) is extracted
+A simulated cohort (``research.simulate``, 64x64x32 CTs) is extracted
 with ``extract_cohort_features`` (full pyradiomics, original + wavelet,
 first-order/shape/GLSZM) on a local ``distributed.LocalCluster`` of 1 and of
 2 single-threaded worker processes, each run with an empty cache.  Prints
@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sclc_risk_node.node.training.cohort import load_cohort  # noqa: E402
-from sclc_risk_node.node.training.extraction import extract_cohort_features  # noqa: E402
-from sclc_risk_node.node.training.simulate import simulate_cohort  # noqa: E402
+from sclc_risk_node.research.cohort import load_cohort  # noqa: E402
+from sclc_risk_node.research.extraction import extract_cohort_features  # noqa: E402
+from sclc_risk_node.research.simulate import simulate_cohort  # noqa: E402
 from sclc_risk_node.scoring.features import installed_pyradiomics_version  # noqa: E402
 from sclc_risk_node.scoring.types import ExtractionSettings  # noqa: E402
 

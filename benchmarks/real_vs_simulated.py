@@ -3,7 +3,7 @@
 Extracts the candidate features of a training spec (default: the demonstration
 model's) on real CT — pyradiomics' ``lung1`` and ``lung2`` cases
 (``tests/realdata.py``) — and on a sample of simulated patients (the phantoms
-of ``node.training.simulate``, generated in memory, not written as DICOM), and
+of ``research.simulate``, generated in memory, not written as DICOM), and
 prints per feature where each real value falls: its percentile among the
 simulated values and its z-score (training mean and SD), then a summary: the
 share of features inside the simulated [min, max] and inside [1 %, 99 %].
@@ -36,7 +36,7 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sclc_risk_node.node.training.simulate import phantom_images, simulate_patients, split_sizes  # noqa: E402
+from sclc_risk_node.research.simulate import phantom_images, simulate_patients, split_sizes  # noqa: E402
 from sclc_risk_node.scoring.features import extract_all_features, settings_hash  # noqa: E402
 from sclc_risk_node.scoring.ring import peritumoral_ring  # noqa: E402
 from sclc_risk_node.scoring.training.spec import TrainingSpec  # noqa: E402
@@ -99,8 +99,8 @@ def cohort_features(csv_path: Path, cache: Path, spec: TrainingSpec, workers: in
     """The training split's features of a written cohort, from (or into) the training feature cache."""
     import dataclasses
 
-    from sclc_risk_node.node.training.cohort import load_cohort
-    from sclc_risk_node.node.training.extraction import extract_cohort_features
+    from sclc_risk_node.research.cohort import load_cohort
+    from sclc_risk_node.research.extraction import extract_cohort_features
 
     cohort = load_cohort(csv_path)
     train = dataclasses.replace(cohort, patients=cohort.in_split("train"))

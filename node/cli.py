@@ -8,15 +8,23 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sclc_risk_node.node.clinical_files import load_clinical_file
+from sclc_risk_node.node.exit_status import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_OK, EXIT_TRY_AGAIN
 from sclc_risk_node.node.logs import configure_logging, get_logger
 
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
-EXIT_INTERNAL_ERROR = 3
-#: sysexits' EX_TEMPFAIL: the same command may succeed later (e.g. the database was busy).
-EXIT_TRY_AGAIN = 75
+#: The research commands (sclc_risk_node.research, installed with the [train] extra).  `sclc-node --help`
+#: lists them; research/cli.py parses and runs them, imported only when one of them is invoked, so the
+#: service never imports the research side or its dependencies.  The help texts are research/cli.py's own
+#: (tests/research/test_cli_dispatch.py).
+RESEARCH_COMMANDS = {
+    "train": "fit, freeze and evaluate an integrated model on your cohort (writes MODEL.json and a report)",
+    "simulate-cohort": "write a SIMULATED cohort (phantom CTs, SEGs, cohort.csv) to try `train` on",
+    "stats": "survival statistics on a CSV file (Cox model, Kaplan-Meier, log-rank), matching R's survival package",
+}
+#: The top-level modules of the [train] extra's distributions (pyproject.toml).
+TRAIN_EXTRA_MODULES = ("pandas", "sksurv", "sklearn", "lifelines", "tqdm", "dask", "distributed")
 
 
 def _version() -> str:
@@ -220,7 +228,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     with open_spool_for_cli(config) as spool:
         studies = spool.list_studies(limit=-1 if args.all else 200)
         now = time.time()
-        rows = []
+        rows: list[dict[str, Any]] = []  # the JSON of `status --json`
         for study in studies:
             deliveries = spool.study_deliveries(study.study_instance_uid)
             waiting_for = _waiting_for(spool, study, fhir_enabled=config.fhir.enabled)
@@ -403,6 +411,34 @@ def cmd_config_defaults(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _missing_train_modules() -> list[str]:
+    import importlib.util
+
+    missing = []
+    for name in TRAIN_EXTRA_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ImportError:  # an import hook that refuses the module, or a broken parent package
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def cmd_research(args: argparse.Namespace) -> int:
+    missing = _missing_train_modules()
+    if missing:
+        print(
+            f"error: `sclc-node {args.command}` is a research command and needs the [train] extra "
+            f"({', '.join(missing)} not installed): pip install 'sclc-risk-node[train]'",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    from sclc_risk_node.research.cli import main as research_main
+
+    return research_main([args.command, *args.research_argv])
+
+
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
@@ -552,11 +588,11 @@ def build_parser() -> argparse.ArgumentParser:
     config_defaults = config_sub.add_parser("defaults", help="print the embedded default configuration")
     config_defaults.set_defaults(handler=cmd_config_defaults)
 
-    from sclc_risk_node.node.stats_cli import add_stats_parser
-    from sclc_risk_node.node.training_cli import add_training_parsers
-
-    add_training_parsers(sub)
-    add_stats_parser(sub)
+    for command, help_text in RESEARCH_COMMANDS.items():
+        # No options of its own (prefix_chars: none): every argument, --help included, goes to research/cli.py.
+        research = sub.add_parser(command, help=help_text, add_help=False, prefix_chars="\0")
+        research.add_argument("research_argv", nargs=argparse.REMAINDER)
+        research.set_defaults(handler=cmd_research)
     from sclc_risk_node.node.ibsi_cli import add_ibsi_parser
 
     add_ibsi_parser(sub)

@@ -1,7 +1,7 @@
 """The bundled demonstration study: a synthetic chest CT phantom, its tumour SEG and a clinical record.
 
 Generated on demand (nothing binary is shipped), deterministic for a given seed.
-The phantom is the simulated training cohort's kind (`node.training.chest_phantom`:
+The phantom is the simulated training cohort's kind (`scoring.training.chest_phantom`:
 a cropped chest CT with anatomy around a 14 mm-radius, 11.5 ml tumour), so the
 demonstration model scores it inside its applicability domain.
 """
@@ -18,7 +18,7 @@ from sclc_risk_node.dicom_io.synthetic import (
     synthetic_chest_phantom,
     write_ct_series,
 )
-from sclc_risk_node.node.training.chest_phantom import chest_ct_phantom
+from sclc_risk_node.scoring.training.chest_phantom import chest_ct_phantom
 
 DEMO_PATIENT = SyntheticPatient(
     patient_id="DEMO-0001",

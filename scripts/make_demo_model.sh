@@ -6,6 +6,7 @@
 # Environment: SCALE (cohort size as a fraction of the paper's 436 patients; default 1.0),
 # WORKERS (extraction processes; default: the CPU count).  Rerunning with the same WORKDIR
 # resumes: a complete cohort (its cohort.csv) is reused and so are the features already cached.
+# Needs the research commands: pip install -e '.[train]'.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="${1:-$(mktemp -d -t sclc-demo-model-XXXXXX)}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quality gate (CI runs it before the tests; `pre-commit` runs the same tools):
-#   ruff check, ruff format --check, mypy --strict on scoring/ and dicom_io/, mypy on node/.
+#   ruff check, ruff format --check, mypy --strict on scoring/ and dicom_io/, mypy on node/ and research/.
 #   --mypy-only: the mypy part alone (pre-commit runs ruff itself).
 # Configuration: pyproject.toml ([tool.ruff], [tool.mypy]).
 set -euo pipefail
@@ -18,7 +18,7 @@ fi
 view="$(mktemp -d)"
 trap 'rm -rf "$view"' EXIT
 mkdir "$view/sclc_risk_node"
-for folder in node dicom_io scoring models config; do
+for folder in node dicom_io scoring models config research; do
     ln -s "$repo/$folder" "$view/sclc_risk_node/$folder"
 done
 mypy_run() {
@@ -26,4 +26,4 @@ mypy_run() {
         --cache-dir "$repo/.mypy_cache" "$@")
 }
 mypy_run --strict sclc_risk_node/scoring sclc_risk_node/dicom_io
-mypy_run sclc_risk_node/node
+mypy_run sclc_risk_node/node sclc_risk_node/research

@@ -10,33 +10,12 @@
   score, and the treatment comparison with a control split (`predictive_analysis`);
 * `scoring.training.stability` -- the ICC perturbation stability screen before LASSO;
 * `scoring.training.validation` -- internal validation: Harrell's bootstrap
-  optimism-corrected C-index and calibration slope, the proportional-hazards test.
+  optimism-corrected C-index and calibration slope, the proportional-hazards test;
+* `scoring.training.stats` -- Cox model, Kaplan-Meier, log-rank test matching R's ``survival``;
+* `scoring.training.chest_phantom` -- the simulated cohort's chest CT phantom (also the demo study's).
 
-Pure like the rest of `scoring`: arrays and tables in, plain values out.
+Pure like the rest of `scoring`: arrays and tables in, plain values out.  Everything but `spec` and
+`chest_phantom` needs the ``[train]`` extra (pandas, scikit-survival, lifelines), so this package
+imports none of its modules itself: import them by name (``from sclc_risk_node.scoring.training.method
+import fit_integrated_model``), and the service's demo study loads the phantom without them.
 """
-
-from sclc_risk_node.scoring.training.evaluation import SplitEvaluation, evaluate_split
-from sclc_risk_node.scoring.training.method import (
-    FittedIntegratedModel,
-    LassoCoxSelector,
-    NoFeatureSelectedError,
-    TrainingDataError,
-    fit_integrated_model,
-    variance_inflation_factors,
-)
-from sclc_risk_node.scoring.training.spec import ClinicalCandidate, EvaluationSettings, TrainingSpec, TrainingSpecError
-
-__all__ = [
-    "ClinicalCandidate",
-    "EvaluationSettings",
-    "FittedIntegratedModel",
-    "LassoCoxSelector",
-    "NoFeatureSelectedError",
-    "SplitEvaluation",
-    "TrainingDataError",
-    "TrainingSpec",
-    "TrainingSpecError",
-    "evaluate_split",
-    "fit_integrated_model",
-    "variance_inflation_factors",
-]

@@ -19,9 +19,9 @@ cut-off) side by side:
   the horizon is beyond the split's follow-up, when there is no case or no
   control, or when the training censoring distribution does not reach a case.
 * **Kaplan-Meier by risk group** (HIGH if score > cut-off, as the node):
-  step curves for plotting, median PFS with 95% CI (`scoring.stats.kaplan_meier`,
-  R's ``print(survfit)``), the log-rank p (`scoring.stats.logrank`) and the Cox
-  hazard ratio of HIGH vs LOW with 95% CI and Wald p (`scoring.stats.cox_fit`);
+  step curves for plotting, median PFS with 95% CI (`scoring.training.stats.kaplan_meier`,
+  R's ``print(survfit)``), the log-rank p (`scoring.training.stats.logrank`) and the Cox
+  hazard ratio of HIGH vs LOW with 95% CI and Wald p (`scoring.training.stats.cox_fit`);
   the paper quotes LOW vs HIGH, which is given too (the reciprocal).
 * **Calibration** at each horizon: patients are ranked by predicted PFS
   probability S(t | x) and cut into equal-sized groups (deciles when n >= 200,
@@ -86,12 +86,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike, NDArray
 
-from sclc_risk_node.scoring import stats
 from sclc_risk_node.scoring.clinical import ClinicalRecord
 from sclc_risk_node.scoring.errors import ClinicalRecordError, InputError
 from sclc_risk_node.scoring.model import BaselineSurvival, FrozenModel
 from sclc_risk_node.scoring.risk import apply_model
+from sclc_risk_node.scoring.training import stats
 from sclc_risk_node.scoring.training.spec import EvaluationSettings
 from sclc_risk_node.scoring.types import FeatureVector
 
@@ -108,7 +109,9 @@ __all__ = [
     "decision_curve",
     "evaluate_split",
     "kaplan_meier_at",
+    "PatientScores",
     "risk_group_survival",
+    "score_patients",
     "time_dependent_auc",
 ]
 
@@ -139,12 +142,6 @@ def plain_json(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- survival helpers
-
-
-def _survival_y(time: np.ndarray, event: np.ndarray) -> np.ndarray:
-    from sksurv.util import Surv
-
-    return Surv.from_arrays(event=event, time=time)
 
 
 def kaplan_meier_at(time: np.ndarray, event: np.ndarray, months: float) -> tuple[float, float | None, float | None]:
@@ -269,11 +266,14 @@ def integrated_brier_score(
     reference = np.where(steps == 0, 1.0, km_survival[np.maximum(steps - 1, 0)])
     try:
         result["model"] = float(
-            sksurv_ibs(_survival_y(train_time, train_event), _survival_y(time, event), predicted, grid)
+            sksurv_ibs(stats.survival_y(train_time, train_event), stats.survival_y(time, event), predicted, grid)
         )
         result["kaplan_meier"] = float(
             sksurv_ibs(
-                _survival_y(train_time, train_event), _survival_y(time, event), np.tile(reference, (len(time), 1)), grid
+                stats.survival_y(train_time, train_event),
+                stats.survival_y(time, event),
+                np.tile(reference, (len(time), 1)),
+                grid,
             )
         )
     except ValueError as exc:
@@ -396,19 +396,6 @@ def predictive_analysis(
     return result
 
 
-def _harrell_c(time: np.ndarray, event: np.ndarray, score: np.ndarray) -> float | None:
-    from sksurv.exceptions import NoComparablePairException
-    from sksurv.metrics import concordance_index_censored
-
-    if not np.any(event):
-        return None  # every patient censored (e.g. a small bootstrap resample): C is undefined
-    try:
-        value = float(concordance_index_censored(event, time, score)[0])
-    except NoComparablePairException:
-        return None
-    return value if np.isfinite(value) else None
-
-
 def bootstrap_c_index(
     time: np.ndarray, event: np.ndarray, scores: Mapping[str, np.ndarray], resamples: int, seed: int
 ) -> dict[str, dict[str, Any]]:
@@ -421,8 +408,8 @@ def bootstrap_c_index(
     indices = rng.integers(0, len(time), size=(resamples, len(time)))
     result = {}
     for name, score in scores.items():
-        estimate = _harrell_c(time, event, score)
-        replicates = [_harrell_c(time[index], event[index], score[index]) for index in indices]
+        estimate = stats.harrell_c(time, event, score)
+        replicates = [stats.harrell_c(time[index], event[index], score[index]) for index in indices]
         used = np.array([value for value in replicates if value is not None], dtype=float)
         low, high = np.percentile(used, [2.5, 97.5]) if used.size else (None, None)
         result[name] = {
@@ -461,7 +448,7 @@ def time_dependent_auc(
     masked_event = event & (time <= months)
     try:
         auc, _ = cumulative_dynamic_auc(
-            _survival_y(train_time, train_event), _survival_y(time, masked_event), score, [months]
+            stats.survival_y(train_time, train_event), stats.survival_y(time, masked_event), score, [months]
         )
     except ValueError as exc:
         return None, f"censoring weights from the training split are undefined here ({exc})"
@@ -489,7 +476,7 @@ def risk_group_survival(time: np.ndarray, event: np.ndarray, high: np.ndarray) -
         {"time": time, "event": event, "group": np.where(high, "high", "low"), "high_risk": high.astype(float)}
     )
     km = stats.kaplan_meier(frame, "time", "event", "group")["groups"]
-    groups = {}
+    groups: dict[str, dict[str, Any]] = {}
     for label in ("low", "high"):
         members = frame["group"].to_numpy() == label
         if not members.any():
@@ -609,7 +596,7 @@ class SplitEvaluation:
     comparison: Mapping[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
-        return plain_json(
+        as_plain: dict[str, Any] = plain_json(
             {
                 "split": self.split,
                 "n": self.n,
@@ -623,9 +610,12 @@ class SplitEvaluation:
                 "comparison": self.comparison,
             }
         )
+        return as_plain
 
 
-def _check_survival(time, event, n: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_survival(
+    time: ArrayLike, event: ArrayLike, n: int, what: str
+) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     time = np.asarray(time, dtype=float).reshape(-1)
     raw_event = np.asarray(event).reshape(-1)
     if len(time) != n or len(raw_event) != n:
@@ -637,7 +627,20 @@ def _check_survival(time, event, n: int, what: str) -> tuple[np.ndarray, np.ndar
     return time, raw_event.astype(bool)
 
 
-def _scores(model: FrozenModel, features: pd.DataFrame, clinical: Sequence[ClinicalRecord]):
+@dataclass(frozen=True)
+class PatientScores:
+    """The patients' radiomics scores and integrated risk scores (`scoring.risk.apply_model`), in row order."""
+
+    radiomics: NDArray[np.float64]
+    risk: NDArray[np.float64]
+
+
+def score_patients(model: FrozenModel, features: pd.DataFrame, clinical: Sequence[ClinicalRecord]) -> PatientScores:
+    """Score each patient (a row of ``features`` with the clinical record at the same position) as the node does.
+
+    A caller that needs the scores beyond `evaluate_split` (at-risk tables, the treatment comparison)
+    scores once here and hands them to `evaluate_split` (``scores=``).
+    """
     missing = [name for name in model.feature_names if name not in features.columns]
     if missing:
         raise EvaluationDataError(
@@ -655,7 +658,7 @@ def _scores(model: FrozenModel, features: pd.DataFrame, clinical: Sequence[Clini
         except ClinicalRecordError as exc:
             raise EvaluationDataError(f"clinical record at row {row}: {exc}") from None
         radiomics[row], risk[row] = result.radiomics_score, result.risk_score
-    return radiomics, risk
+    return PatientScores(radiomics=radiomics, risk=risk)
 
 
 def _radiomics_only_baseline(model: FrozenModel) -> tuple[float, BaselineSurvival] | None:
@@ -675,9 +678,15 @@ def _predicted_pfs(baseline: BaselineSurvival, linear_predictor: np.ndarray, mon
 
 
 def _probability_curves(
-    time, event, baseline: BaselineSurvival | None, linear_predictor, horizons, unavailable: str
-) -> tuple[list, list]:
-    calibrations, decisions = [], []
+    time: NDArray[np.float64],
+    event: NDArray[np.bool_],
+    baseline: BaselineSurvival | None,
+    linear_predictor: NDArray[np.float64] | None,
+    horizons: Sequence[float],
+    unavailable: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    calibrations: list[dict[str, Any]] = []
+    decisions: list[dict[str, Any]] = []
     for months in horizons:
         reason = None
         if baseline is None:
@@ -686,7 +695,8 @@ def _probability_curves(
             reason = f"the model's baseline survival ends at {baseline.valid_until:g} months"
         elif months > time.max():
             reason = f"horizon {months:g} months is beyond this split's follow-up (longest {time.max():g} months)"
-        if reason:
+        # (baseline and linear predictor are None together, with the reason ``unavailable``)
+        if reason or baseline is None or linear_predictor is None:
             calibrations.append({"months": months, "groups": None, "reason": reason})
             decisions.append({"months": months, "reason": reason})
             continue
@@ -700,19 +710,21 @@ def evaluate_split(
     model: FrozenModel,
     features: pd.DataFrame,
     clinical: Sequence[ClinicalRecord],
-    time: Sequence[float],
-    event: Sequence[bool],
+    time: Sequence[float] | NDArray[np.float64],
+    event: Sequence[bool] | NDArray[np.bool_],
     *,
-    train_time: Sequence[float],
-    train_event: Sequence[bool],
+    train_time: Sequence[float] | NDArray[np.float64],
+    train_event: Sequence[bool] | NDArray[np.bool_],
     settings: EvaluationSettings,
     split: str = "split",
+    scores: PatientScores | None = None,
 ) -> SplitEvaluation:
     """Evaluate ``model`` on one split (rows of ``features``, ``clinical``, ``time``, ``event`` match by position).
 
     ``train_time``/``train_event`` are the training split's PFS data (for the
     censoring weights of the time-dependent AUC); pass the split's own data
-    when evaluating the training split.
+    when evaluating the training split.  ``scores``: `score_patients` of the same
+    rows when the caller has them already (the patients are not scored again).
     """
     if not isinstance(features, pd.DataFrame):
         raise EvaluationDataError(f"features must be a pandas DataFrame, got {type(features).__name__}")
@@ -723,7 +735,11 @@ def evaluate_split(
         raise EvaluationDataError(f"a split needs at least 2 patients, got {n}")
     time, event = _check_survival(time, event, n, split)
     train_time, train_event = _check_survival(train_time, train_event, len(np.asarray(train_time)), "training split")
-    radiomics_score, risk_score = _scores(model, features, clinical)
+    if scores is None:
+        scores = score_patients(model, features, clinical)
+    elif len(scores.radiomics) != n or len(scores.risk) != n:
+        raise EvaluationDataError(f"{len(scores.risk)} patient scores for {n} feature rows (need one per patient)")
+    radiomics_score, risk_score = scores.radiomics, scores.risk
     horizons = tuple(float(h) for h in settings.horizons_months)
 
     c_index = bootstrap_c_index(
@@ -766,7 +782,7 @@ def evaluate_split(
             horizons,
             "the model file has no radiomics-only baseline survival (training_summary.radiomics_only_cox)",
         )
-        if baseline is None:
+        if baseline is None or linear_predictor is None:  # None together: no radiomics-only baseline
             reason = "the model file has no radiomics-only baseline survival"
             summary_block = {"reason": reason}
             brier = {"model": None, "kaplan_meier": None, "reason": reason}

@@ -37,7 +37,7 @@ The steps, in order (`fit_integrated_model`):
    The non-zero coefficients define the radiomics score = sum(coef * z); its
    cut-off is the training median.  No non-zero coefficient is an error.
 3. **Clinical screening.**  Each spec candidate is encoded exactly as the
-   frozen model will encode it.  A univariate Cox model (`scoring.stats.cox_fit`,
+   frozen model will encode it.  A univariate Cox model (`scoring.training.stats.cox_fit`,
    Efron ties, Wald p) per candidate; those with p < ``univariate_p`` enter a
    multivariate Cox model; those with p < ``multivariate_p`` there survive.
    ``multivariate_elimination = "single-pass"`` (the paper) judges all of them
@@ -49,7 +49,7 @@ The steps, in order (`fit_integrated_model`):
    candidate, and the variance inflation factor of the radiomics score and the
    surviving clinical variables (`variance_inflation_factors`).
 5. **Integrated model**: Cox (Efron) of the radiomics score plus the surviving
-   clinical variables (`scoring.stats.cox_fit`, i.e. scikit-survival's
+   clinical variables (`scoring.training.stats.cox_fit`, i.e. scikit-survival's
    ``CoxPHSurvivalAnalysis`` with one Newton polish step, so its coefficients
    and Wald table agree with R's ``coxph``).  Risk score = its linear predictor;
    cut-off = training median; Breslow baseline survival (scikit-survival
@@ -80,11 +80,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike, NDArray
 from scipy import stats as sps
 from sklearn.base import BaseEstimator
 from sklearn.model_selection import StratifiedKFold
 
-from sclc_risk_node.scoring import stats
 from sclc_risk_node.scoring.clinical import ClinicalRecord
 from sclc_risk_node.scoring.domain import DomainRule, domain_from_training, transform_array
 from sclc_risk_node.scoring.errors import ClinicalRecordError, InputError
@@ -99,6 +99,7 @@ from sclc_risk_node.scoring.model import (
 # The model file's rule for which image types an extraction produces; reused so
 # training refuses a feature the frozen model could never be given.
 from sclc_risk_node.scoring.model import _produced_image_type_problem as model_image_type_problem
+from sclc_risk_node.scoring.training import stats
 from sclc_risk_node.scoring.training.spec import ClinicalCandidate, LassoSpec, PreprocessingSpec, TrainingSpec
 from sclc_risk_node.scoring.training.stability import StabilityScreen, stability_screen
 from sclc_risk_node.scoring.types import FeatureSpec
@@ -166,18 +167,6 @@ def _finite_or_none(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def _survival_y(time: np.ndarray, event: np.ndarray) -> np.ndarray:
-    from sksurv.util import Surv
-
-    return Surv.from_arrays(event=event, time=time)
-
-
-def _harrell_c(time: np.ndarray, event: np.ndarray, score: np.ndarray) -> float:
-    from sksurv.metrics import concordance_index_censored
-
-    return float(concordance_index_censored(event, time, score)[0])
-
-
 def choose_log_transforms(raw: np.ndarray, names: Sequence[str], spec: PreprocessingSpec) -> dict[str, str]:
     """``{name: "none" | "signed_log1p"}`` for every column of ``raw`` (finite, training rows), by the spec's rule."""
     if spec.log_transform == "none":
@@ -219,7 +208,7 @@ def _transformed_frame(table: pd.DataFrame, names: Sequence[str], transforms: Ma
 # --------------------------------------------------------------------------- LASSO-Cox
 
 
-class LassoCoxSelector(BaseEstimator):
+class LassoCoxSelector(BaseEstimator):  # type: ignore[misc]  # scikit-learn ships no type information
     """LASSO-Cox with a cross-validated alpha; ``predict`` gives the radiomics score.
 
     ``fit(X, y)`` takes the raw candidate features (DataFrame or array; rows =
@@ -234,7 +223,8 @@ class LassoCoxSelector(BaseEstimator):
     fold are eligible),
     ``n_nonzero_`` (per alpha); ``alpha_min_``, ``alpha_1se_``, ``alpha_``
     (chosen by ``selection``), ``alpha_index_``; ``coef_`` (per input column, at
-    ``alpha_``); ``selected_features_`` (names with non-zero coefficient, in
+    ``alpha_``); ``coef_path_`` (input columns x alphas: the whole path, which the
+    report draws); ``selected_features_`` (names with non-zero coefficient, in
     input order); ``fit_warnings_`` (distinct warning texts from the fits).
     """
 
@@ -262,14 +252,17 @@ class LassoCoxSelector(BaseEstimator):
             selection=spec.selection,
         )
 
-    def fit(self, X, y) -> LassoCoxSelector:
+    def fit(self, X: pd.DataFrame | ArrayLike, y: NDArray[np.void]) -> LassoCoxSelector:
         from sksurv.linear_model import CoxnetSurvivalAnalysis
 
         if self.selection not in ("min", "1se"):
             raise ValueError(f"selection must be 'min' or '1se', not {self.selection!r}")
         names = [str(c) for c in X.columns] if isinstance(X, pd.DataFrame) else [f"x{j}" for j in range(np.shape(X)[1])]
         x = np.asarray(X, dtype=float)
-        event, time = y[y.dtype.names[0]].astype(bool), y[y.dtype.names[1]].astype(float)
+        fields = y.dtype.names
+        if fields is None or len(fields) != 2:
+            raise ValueError("y must be scikit-survival's structured (event, time) array (Surv.from_arrays)")
+        event, time = y[fields[0]].astype(bool), y[fields[1]].astype(float)
         if not np.isfinite(x).all():
             raise TrainingDataError("LASSO-Cox input has non-finite values; screen the features first")
         mean = x.mean(axis=0)
@@ -322,12 +315,13 @@ class LassoCoxSelector(BaseEstimator):
         self.alpha_min_, self.alpha_1se_ = float(alphas[best]), float(alphas[one_se])
         self.alpha_index_ = chosen
         self.alpha_ = float(alphas[chosen])
-        self.coef_ = np.asarray(path.coef_[:, chosen], dtype=float)
+        self.coef_path_ = np.asarray(path.coef_, dtype=float)
+        self.coef_ = self.coef_path_[:, chosen]
         self.selected_features_ = [name for name, coef in zip(names, self.coef_) if coef != 0.0]
         self.fit_warnings_ = caught
         return self
 
-    def _coxnet(self, estimator_class, alphas):
+    def _coxnet(self, estimator_class: type[Any], alphas: NDArray[np.float64] | None) -> Any:
         return estimator_class(
             l1_ratio=1.0,
             n_alphas=self.n_alphas,
@@ -339,21 +333,19 @@ class LassoCoxSelector(BaseEstimator):
 
     @staticmethod
     def _fold_c_index(time: np.ndarray, event: np.ndarray, score: np.ndarray) -> float:
-        from sksurv.exceptions import NoComparablePairException
+        c = stats.harrell_c(time, event, score)
+        return math.nan if c is None else c
 
-        try:
-            return _harrell_c(time, event, score)
-        except NoComparablePairException:
-            return math.nan
+    def standardise(self, X: pd.DataFrame | ArrayLike) -> NDArray[np.float64]:
+        z: NDArray[np.float64] = (np.asarray(X, dtype=float) - self.mean_) / self.scale_
+        return z
 
-    def standardise(self, X) -> np.ndarray:
-        return (np.asarray(X, dtype=float) - self.mean_) / self.scale_
-
-    def predict(self, X) -> np.ndarray:
+    def predict(self, X: pd.DataFrame | ArrayLike) -> NDArray[np.float64]:
         """The radiomics score sum(coef * z) of each row (X has the columns seen in ``fit``)."""
         if isinstance(X, pd.DataFrame):
             X = X.loc[:, list(self.feature_names_in_)]
-        return self.standardise(X) @ self.coef_
+        score: NDArray[np.float64] = self.standardise(X) @ self.coef_
+        return score
 
 
 # --------------------------------------------------------------------------- result
@@ -381,11 +373,13 @@ class FittedIntegratedModel:
 
     @property
     def radiomics_cutoff(self) -> float:
-        return self.model_mapping["radiomics"]["cutoff"]
+        cutoff: float = self.model_mapping["radiomics"]["cutoff"]
+        return cutoff
 
     @property
     def risk_cutoff(self) -> float:
-        return self.model_mapping["risk_cutoff"]
+        cutoff: float = self.model_mapping["risk_cutoff"]
+        return cutoff
 
     def sealed_mapping(self) -> dict[str, Any]:
         return seal(self.model_mapping)
@@ -397,7 +391,14 @@ class FittedIntegratedModel:
 # --------------------------------------------------------------------------- input checks
 
 
-def _check_survival(time, event, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _training_c(time: np.ndarray, event: np.ndarray, score: np.ndarray) -> float:
+    c = stats.harrell_c(time, event, score)
+    if c is None:
+        raise TrainingDataError("Harrell's C is undefined on the training split: no comparable pair of patients")
+    return c
+
+
+def _check_survival(time: ArrayLike, event: ArrayLike, n: int) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     time = np.asarray(time, dtype=float).reshape(-1)
     raw_event = np.asarray(event).reshape(-1)
     if len(time) != n or len(raw_event) != n:
@@ -489,7 +490,9 @@ def _cox_table(result: stats.CoxResult) -> list[dict[str, Any]]:
     ]
 
 
-def _univariate_screen(frame: pd.DataFrame, candidates, threshold: float) -> tuple[list[dict], list[str]]:
+def _univariate_screen(
+    frame: pd.DataFrame, candidates: Sequence[ClinicalCandidate], threshold: float
+) -> tuple[list[dict[str, Any]], list[str]]:
     table, kept = [], []
     for candidate in candidates:
         row: dict[str, Any] = {"name": candidate.name, "field": candidate.field}
@@ -506,7 +509,9 @@ def _univariate_screen(frame: pd.DataFrame, candidates, threshold: float) -> tup
     return table, kept
 
 
-def _multivariate_screen(frame: pd.DataFrame, names: list[str], threshold: float, elimination: str):
+def _multivariate_screen(
+    frame: pd.DataFrame, names: list[str], threshold: float, elimination: str
+) -> tuple[list[dict[str, Any]], list[str]]:
     """(steps, survivors): each step is one multivariate Cox table."""
     steps: list[dict[str, Any]] = []
     remaining = list(names)
@@ -530,7 +535,7 @@ def _multivariate_screen(frame: pd.DataFrame, names: list[str], threshold: float
 
 
 def _spearman(radiomics_score: np.ndarray, encoded: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, values in encoded.items():
         if np.ptp(values) == 0 or np.ptp(radiomics_score) == 0:
             rows.append({"name": name, "rho": None, "p": None, "note": "constant in training"})
@@ -626,14 +631,14 @@ def _applicability_domain(
         for f in mapping["radiomics"]["features"]
     ]
     training = {name: pd.to_numeric(features.iloc[:, columns[name]]).to_numpy(dtype=float) for name in model_features}
-    return domain_from_training(training, radiomics_score, risk_score, DOMAIN_RULE).to_mapping()
+    return domain_from_training(training, radiomics_score.tolist(), risk_score.tolist(), DOMAIN_RULE).to_mapping()
 
 
 def fit_integrated_model(
     features: pd.DataFrame,
     clinical: Sequence[ClinicalRecord],
-    time: Sequence[float],
-    event: Sequence[bool],
+    time: Sequence[float] | NDArray[np.float64],
+    event: Sequence[bool] | NDArray[np.bool_],
     spec: TrainingSpec,
     *,
     cohort: str | None = None,
@@ -648,7 +653,7 @@ def fit_integrated_model(
     ``training_summary``; ``created`` (ISO 8601) defaults to now (UTC).
     ``perturbed``: perturbation name -> raw features of the stability
     subsample, indexed by labels of ``features.index`` (see
-    `node.training.extraction.extract_perturbed_features`); with
+    `research.extraction.extract_perturbed_features`); with
     ``[stability] enabled`` and no ``perturbed`` the screen is recorded as not run.
     Raises `TrainingDataError` (or `NoFeatureSelectedError`) with the reason.
     """
@@ -700,7 +705,7 @@ def fit_integrated_model(
     x_lasso = transformed[:, stable]
 
     # 2. LASSO-Cox
-    y = _survival_y(time, event)
+    y = stats.survival_y(time, event)
     usable_names = [name for name, keep in zip(finite_names, stable) if keep]
     try:
         selector = LassoCoxSelector.from_spec(spec.lasso).fit(pd.DataFrame(x_lasso, columns=usable_names), y)
@@ -764,8 +769,8 @@ def fit_integrated_model(
 
     km = stats.kaplan_meier(pd.DataFrame({"time": time, "event": event}), "time", "event")["groups"]["all"]
     reverse = stats.kaplan_meier(pd.DataFrame({"time": time, "censored": ~event}), "time", "censored")
-    c_radiomics = _harrell_c(time, event, radiomics_score)
-    c_integrated = _harrell_c(time, event, risk_score)
+    c_radiomics = _training_c(time, event, radiomics_score)
+    c_integrated = _training_c(time, event, risk_score)
     candidates_by_name = {candidate.name: candidate for candidate in spec.clinical.candidates}
     best = int(np.argmax(np.where(selector.cv_folds_scored_ == folds, selector.cv_mean_c_index_, -np.inf)))
     cv_summary = {
@@ -920,6 +925,16 @@ def fit_integrated_model(
                 )
             ],
             "fit_warnings": selector.fit_warnings_,
+            # The path as fitted (not refitted for the figure): the features non-zero somewhere on it.
+            "coefficient_path": {
+                "alphas": [float(alpha) for alpha in selector.alphas_],
+                "chosen_alpha": selector.alpha_,
+                "features": {
+                    name: [float(v) for v in selector.coef_path_[j]]
+                    for j, name in enumerate(usable_names)
+                    if np.any(selector.coef_path_[j] != 0.0)
+                },
+            },
         },
         "radiomics_cutoff": radiomics_cutoff,
         "risk_cutoff": risk_cutoff,

@@ -4,7 +4,7 @@ After Zwanenburg et al., "Assessing robustness of radiomic features by image
 perturbation", Sci Rep 2019;9:614.  A subsample of training patients is
 re-extracted under each perturbation (the mask grown and shrunk by one voxel,
 added Gaussian noise, a sub-voxel shift of the sampling grid;
-`node.training.extraction.Perturbation`).  For every candidate feature, the
+`research.extraction.Perturbation`).  For every candidate feature, the
 original and the perturbed values of those patients form a patients x
 extractions table, and its intraclass correlation coefficient decides: a
 feature with ICC >= the spec's ``icc_threshold`` (default 0.75) goes on to
@@ -82,7 +82,7 @@ def icc(table: np.ndarray | Sequence[Sequence[float]], kind: str = "ICC(1,1)") -
     return None if not math.isfinite(result) else float(result)
 
 
-def _icc_from_squares(msr, msw, mse, k: int, kind: str) -> np.ndarray:
+def _icc_from_squares(msr: np.ndarray, msw: np.ndarray, mse: np.ndarray, k: int, kind: str) -> np.ndarray:
     if kind not in ICC_FORMULAS:
         raise ValueError(f"ICC kind {kind!r} is not one of {', '.join(ICC_FORMULAS)}")
     error = msw if kind == "ICC(1,1)" else mse

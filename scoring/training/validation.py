@@ -44,18 +44,21 @@ Pure: arrays in, plain values out.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from sclc_risk_node.scoring import stats
+from sclc_risk_node.scoring.clinical import ClinicalRecord
 from sclc_risk_node.scoring.domain import transform_array
 from sclc_risk_node.scoring.model import RADIOMICS_SCORE_TERM
+from sclc_risk_node.scoring.training import stats
 from sclc_risk_node.scoring.training.spec import TrainingSpec
+
+if TYPE_CHECKING:  # for the annotation only: the full refit imports method where it runs
+    from sclc_risk_node.scoring.training.method import FittedIntegratedModel
 
 __all__ = ["optimism_corrected", "proportional_hazards_test"]
 
@@ -63,16 +66,10 @@ _TIME, _EVENT = "_time", "_event"
 
 
 def _harrell_c(time: np.ndarray, event: np.ndarray, score: np.ndarray) -> float | None:
-    from sksurv.exceptions import NoComparablePairException
-    from sksurv.metrics import concordance_index_censored
-
-    if not event.any() or np.ptp(score) == 0:
-        return 0.5 if event.any() and np.ptp(score) == 0 else None
-    try:
-        value = float(concordance_index_censored(event, time, score)[0])
-    except NoComparablePairException:
-        return None
-    return value if math.isfinite(value) else None
+    # A constant score ties every pair: C = 0.5 by definition, also where no pair is comparable.
+    if event.any() and np.ptp(score) == 0:
+        return 0.5
+    return stats.harrell_c(time, event, score)
 
 
 def _cox_slope(time: np.ndarray, event: np.ndarray, linear_predictor: np.ndarray) -> float | None:
@@ -94,7 +91,6 @@ def _refit_fixed_alpha(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(radiomics score on the resample, on the original, integrated lp on the resample, on the original)."""
     from sksurv.linear_model import CoxnetSurvivalAnalysis
-    from sksurv.util import Surv
 
     x, time, event = design["x"], design["time"], design["event"]
     xb, tb, eb = x[index], time[index], event[index]
@@ -110,7 +106,7 @@ def _refit_fixed_alpha(
         try:
             path = CoxnetSurvivalAnalysis(
                 l1_ratio=1.0, alphas=design["alphas"], normalize=False, fit_baseline_model=False
-            ).fit(zb, Surv.from_arrays(event=eb, time=tb))
+            ).fit(zb, stats.survival_y(tb, eb))
         except (ArithmeticError, ValueError) as exc:
             raise _Skip(f"LASSO-Cox failed ({exc})") from None
     coef = np.asarray(path.coef_, dtype=float)[:, -1]
@@ -156,7 +152,7 @@ def _refit_full(
     design: Mapping[str, Any],
     index: np.ndarray,
     spec: TrainingSpec,
-    clinical_records: Sequence,
+    clinical_records: Sequence[ClinicalRecord],
     encoded_all: Mapping[str, np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from sclc_risk_node.scoring.training.method import TrainingDataError, fit_integrated_model
@@ -184,7 +180,9 @@ def _refit_full(
     return score_b, score, lp_b, lp
 
 
-def optimism_corrected(fitted, spec: TrainingSpec, clinical_records: Sequence | None = None) -> dict[str, Any]:
+def optimism_corrected(
+    fitted: FittedIntegratedModel, spec: TrainingSpec, clinical_records: Sequence[ClinicalRecord] | None = None
+) -> dict[str, Any]:
     """Harrell's optimism-corrected C-index (radiomics score and integrated risk score) and calibration slope.
 
     ``fitted`` is the `FittedIntegratedModel` of the whole training split
@@ -212,6 +210,7 @@ def optimism_corrected(fitted, spec: TrainingSpec, clinical_records: Sequence | 
         return result
     if settings.refit == "full" and clinical_records is None:
         raise ValueError("refit = 'full' needs the training clinical records")
+    records = clinical_records if clinical_records is not None else ()
     time, event = np.asarray(design["time"], dtype=float), np.asarray(design["event"], dtype=bool)
     apparent = {
         "radiomics": _harrell_c(time, event, np.asarray(fitted.radiomics_score)),
@@ -228,14 +227,15 @@ def optimism_corrected(fitted, spec: TrainingSpec, clinical_records: Sequence | 
         index = rng.integers(0, n, size=n)
         try:
             if settings.refit == "full":
-                score_b, score, lp_b, lp = _refit_full(design, index, spec, clinical_records, encoded_all)
+                score_b, score, lp_b, lp = _refit_full(design, index, spec, records, encoded_all)
             else:
                 score_b, score, lp_b, lp = _refit_fixed_alpha(design, index)
-            values = {
+            pairs = {
                 "radiomics": (_harrell_c(time[index], event[index], score_b), _harrell_c(time, event, score)),
                 "integrated": (_harrell_c(time[index], event[index], lp_b), _harrell_c(time, event, lp)),
             }
-            if any(value is None for pair in values.values() for value in pair):
+            values = {name: (b, o) for name, (b, o) in pairs.items() if b is not None and o is not None}
+            if len(values) < len(pairs):
                 raise _Skip("a C-index is undefined (no comparable pair)")
         except _Skip as exc:
             reason = str(exc)
@@ -255,10 +255,11 @@ def optimism_corrected(fitted, spec: TrainingSpec, clinical_records: Sequence | 
         return result
     for name in ("radiomics", "integrated"):
         optimism = float(np.mean(np.array(boot[name]) - np.array(test[name])))
+        apparent_c = apparent[name]
         result[name] = {
-            "apparent": apparent[name],
+            "apparent": apparent_c,
             "optimism": optimism,
-            "corrected": None if apparent[name] is None else apparent[name] - optimism,
+            "corrected": None if apparent_c is None else apparent_c - optimism,
             "mean_bootstrap_apparent": float(np.mean(boot[name])),
             "mean_bootstrap_test": float(np.mean(test[name])),
         }

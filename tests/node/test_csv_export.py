@@ -37,7 +37,7 @@ def test_csv_text_neutralises_every_cell_and_header():
 
 
 def test_the_simulated_cohort_csv_goes_through_the_neutraliser():
-    from sclc_risk_node.node.training.simulate import _cohort_csv
+    from sclc_risk_node.research.simulate import _cohort_csv
 
     text = _cohort_csv([{"id": "=cmd()", "split": "train", "pfs_months": "-0.0"}])
     assert text.splitlines() == ["id,split,pfs_months", "'=cmd(),train,-0.0"]

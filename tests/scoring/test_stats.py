@@ -1,4 +1,4 @@
-"""scoring.stats against published R `survival` output on public data sets.
+"""scoring.training.stats against published R `survival` output on public data sets.
 
 Data:
 * NCCTG lung cancer data (R `survival::lung`), from the lifelines wheel's
@@ -63,7 +63,7 @@ import pandas as pd
 import pytest
 
 from sclc_risk_node.scoring.errors import InputError
-from sclc_risk_node.scoring.stats import (
+from sclc_risk_node.scoring.training.stats import (
     CoxFitError,
     SurvivalDataError,
     cox_fit,
@@ -504,3 +504,34 @@ def test_all_messages_are_one_line(lung):
         with pytest.raises(InputError) as excinfo:
             call()
         assert str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+# --------------------------------------------------------------------------- Harrell's C: one implementation
+
+
+def test_harrell_c_is_scikit_survivals_on_the_lung_data_in_every_caller(lung):
+    """One Harrell's C (scoring.training.stats.harrell_c) for the fit, the CV folds, the evaluation and the
+    internal validation, equal to scikit-survival's concordance_index_censored on real data (ties included)."""
+    from sksurv.metrics import concordance_index_censored
+
+    from sclc_risk_node.scoring.training import evaluation, method, validation
+    from sclc_risk_node.scoring.training.stats import harrell_c, survival_y
+
+    data = lung.dropna(subset=["ph.ecog", "age"])
+    time = data["time"].to_numpy(dtype=float)
+    event = data["status"].to_numpy() == 1  # lifelines recodes R's 1/2 as 0/1
+    for score in (data["age"].to_numpy(dtype=float), data["ph.ecog"].to_numpy(dtype=float)):
+        expected = concordance_index_censored(event, time, score)[0]
+        assert 0.5 < expected < 0.7
+        assert harrell_c(time, event, score) == expected
+        assert method.LassoCoxSelector._fold_c_index(time, event, score) == expected
+        assert evaluation.bootstrap_c_index(time, event, {"s": score}, resamples=2, seed=1)["s"]["estimate"] == expected
+        assert validation._harrell_c(time, event, score) == expected
+    y = survival_y(time, event)
+    assert y.dtype.names == ("event", "time")
+    assert (y["event"] == event).all() and (y["time"] == time).all()
+    # Undefined, not a number: every patient censored.
+    assert harrell_c(time, np.zeros(len(time), dtype=bool), time) is None
+    for module in (method, evaluation, validation):
+        assert not hasattr(module, "_survival_y")
+    assert not hasattr(method, "_harrell_c") and not hasattr(evaluation, "_harrell_c")

@@ -10,19 +10,21 @@ import pandas as pd
 import pytest
 from sksurv.nonparametric import kaplan_meier_estimator
 
-from sclc_risk_node.scoring import stats
 from sclc_risk_node.scoring.clinical import ClinicalRecord, Lipi
 from sclc_risk_node.scoring.model import FrozenModel
 from sclc_risk_node.scoring.risk import apply_model
-from sclc_risk_node.scoring.training import EvaluationSettings, TrainingSpec, evaluate_split, fit_integrated_model
+from sclc_risk_node.scoring.training import stats
 from sclc_risk_node.scoring.training.evaluation import (
     EvaluationDataError,
     bootstrap_c_index,
     calibration,
     decision_curve,
+    evaluate_split,
     kaplan_meier_at,
     time_dependent_auc,
 )
+from sclc_risk_node.scoring.training.method import fit_integrated_model
+from sclc_risk_node.scoring.training.spec import EvaluationSettings, TrainingSpec
 from sclc_risk_node.scoring.types import FeatureVector
 from tests.scoring.model_fixtures import FIXTURE_FEATURES, sealed_model
 from tests.scoring.test_training_method import N_TRAIN, SPEC_TOML, simulate_cohort
@@ -342,3 +344,40 @@ def test_bootstrap_survives_resamples_without_events_or_comparable_pairs():
     assert all(r is None or 0.0 <= r <= 1.0 for r in result["replicates"])
     assert result["resamples_used"] == sum(r is not None for r in result["replicates"])
     assert result["ci_low"] is not None and result["ci_low"] <= result["ci_high"]
+
+
+def test_scores_given_once_give_the_same_evaluation(evaluation, model, cohort):
+    """A caller that scored the patients (score_patients) hands the scores in; nothing is scored twice."""
+    from sclc_risk_node.scoring.training.evaluation import score_patients
+
+    train_time, train_event = cohort[2][:N_TRAIN], cohort[3][:N_TRAIN]
+    features, records, time, event = held_out(cohort)
+    given = score_patients(model, features, records)
+    radiomics, risk = scores(model, features, records)
+    np.testing.assert_array_equal(given.radiomics, radiomics)
+    np.testing.assert_array_equal(given.risk, risk)
+    again = evaluate_split(
+        model,
+        features,
+        records,
+        time,
+        event,
+        train_time=train_time,
+        train_event=train_event,
+        settings=SETTINGS,
+        split="held-out",
+        scores=given,
+    )
+    assert again.as_dict() == evaluation.as_dict()
+    with pytest.raises(EvaluationDataError, match="patient scores for"):
+        evaluate_split(
+            model,
+            features,
+            records,
+            time,
+            event,
+            train_time=train_time,
+            train_event=train_event,
+            settings=SETTINGS,
+            scores=type(given)(radiomics=given.radiomics[1:], risk=given.risk[1:]),
+        )

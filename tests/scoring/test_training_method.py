@@ -23,15 +23,14 @@ from sksurv.util import Surv
 from sclc_risk_node.scoring.clinical import ClinicalRecord, Lipi
 from sclc_risk_node.scoring.model import FrozenModel, seal
 from sclc_risk_node.scoring.risk import apply_model
-from sclc_risk_node.scoring.training import (
+from sclc_risk_node.scoring.training.method import (
     LassoCoxSelector,
     NoFeatureSelectedError,
     TrainingDataError,
-    TrainingSpec,
-    TrainingSpecError,
     fit_integrated_model,
     variance_inflation_factors,
 )
+from sclc_risk_node.scoring.training.spec import TrainingSpec, TrainingSpecError
 from sclc_risk_node.scoring.types import FeatureVector
 
 SIGNAL_FEATURES = (
@@ -415,3 +414,20 @@ def re_escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_the_fit_records_the_lasso_path_it_chose_from(fitted):
+    """The report draws this path (research/report.py), so it must be the fitted one: at the chosen alpha
+    exactly the model's coefficients, and per alpha exactly the curve's count of non-zero coefficients."""
+    lasso = fitted.diagnostics["lasso"]
+    path = lasso["coefficient_path"]
+    assert path["alphas"] == [row["alpha"] for row in lasso["curve"]]
+    assert path["chosen_alpha"] == lasso["alpha"]
+    chosen = path["alphas"].index(lasso["alpha"])
+    coefficients = {
+        f"{f['region']}.{f['image_type']}_{f['feature_class']}_{f['feature']}": f["coefficient"]
+        for f in fitted.model_mapping["radiomics"]["features"]
+    }
+    assert {name: values[chosen] for name, values in path["features"].items() if values[chosen] != 0.0} == coefficients
+    for k, row in enumerate(lasso["curve"]):
+        assert sum(values[k] != 0.0 for values in path["features"].values()) == row["n_nonzero"]

@@ -18,9 +18,8 @@ from scipy import stats as sps
 
 from sclc_risk_node.scoring.model import FrozenModel
 from sclc_risk_node.scoring.risk import apply_model
-from sclc_risk_node.scoring.training import TrainingDataError, TrainingSpec, TrainingSpecError, fit_integrated_model
-from sclc_risk_node.scoring.training.method import choose_log_transforms
-from sclc_risk_node.scoring.training.spec import PreprocessingSpec
+from sclc_risk_node.scoring.training.method import TrainingDataError, choose_log_transforms, fit_integrated_model
+from sclc_risk_node.scoring.training.spec import PreprocessingSpec, TrainingSpec, TrainingSpecError
 from sclc_risk_node.scoring.training.stability import icc, icc_per_feature, stability_screen
 from sclc_risk_node.scoring.types import FeatureVector
 from tests.scoring.test_training_method import SIGNAL_FEATURES, SPEC_TOML, simulate_cohort, training_split

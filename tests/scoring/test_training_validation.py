@@ -1,7 +1,7 @@
 """Internal validation (Harrell's optimism, calibration slope/intercept, IBS, PH test) and the predictive analysis.
 
 The predictive analysis is checked against lifelines' CoxPHFitter on the
-simulated cohort of `node.training.simulate` (its clinical and outcome part,
+simulated cohort of `research.simulate` (its clinical and outcome part,
 no images): risk groups from the simulation's true log-hazard (clinical +
 image terms, computed for both arms, cut at the treated median), treatment =
 chemoimmunotherapy vs the chemotherapy-only control group.
@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sclc_risk_node.node.training import simulate as sim
+from sclc_risk_node.research import simulate as sim
 from sclc_risk_node.scoring.model import BaselineSurvival
-from sclc_risk_node.scoring.training import TrainingSpec, fit_integrated_model
 from sclc_risk_node.scoring.training.evaluation import calibration_summary, integrated_brier_score, predictive_analysis
+from sclc_risk_node.scoring.training.method import fit_integrated_model
+from sclc_risk_node.scoring.training.spec import TrainingSpec
 from sclc_risk_node.scoring.training.validation import optimism_corrected, proportional_hazards_test
 from tests.scoring.test_training_method import SPEC_TOML, simulate_cohort, training_split
 

@@ -4,14 +4,13 @@
                     [--cache DIR] [--scheduler tcp://HOST:8786] [--workers N] [--no-progress] [--force]
     sclc-node simulate-cohort OUT_DIR [--seed N] [--scale F] [--no-progress]
 
-Wiring only: the cohort CSV is `node.training.cohort`, the features
-`node.training.extraction`, the method `scoring.training.method`, the
-evaluation `scoring.training.evaluation`, the report `node.training.report`
-and the model card `node.training.model_card` (docs/training.md walks
+Wiring only: the cohort CSV is `research.cohort`, the features
+`research.extraction`, the method `scoring.training.method`, the
+evaluation `scoring.training.evaluation`, the report `research.report`
+and the model card `research.model_card` (docs/training.md walks
 through all of it).  `run_training` is the whole ``train`` command without
-argparse.  The lead's ``node/cli.py`` registers both commands with
-``add_training_parsers(sub)``; until then ``python -m node.training_cli ...``
-runs them with the same exit statuses (bad input: one line on stderr, 2).
+argparse.  `research/cli.py` registers both commands with
+``add_training_parsers(sub)`` and runs them with ``sclc-node``'s exit statuses.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ class TrainingRun:
     model_path: Path
     model: Any  # scoring.model.FrozenModel
     report: dict[str, Any]
-    files: Any  # node.training.report.ReportFiles
+    files: Any  # research.report.ReportFiles
 
 
 # --------------------------------------------------------------------------- helpers
@@ -119,17 +118,27 @@ def _check_outputs(model_path: Path, report_dir: Path, force: bool) -> None:
         raise InputError(f"--report: {report_dir} is a file (allowed: a folder, created if missing)")
 
 
-def _patient_scores(model, features, patients) -> tuple[list[float], list[float]]:
-    from sclc_risk_node.scoring.risk import apply_model
-    from sclc_risk_node.scoring.types import FeatureVector
+class _ScoreOnce:
+    """Each patient scored once (`score_patients`), reused by the split's evaluation, its at-risk tables and
+    overall survival, and the treatment comparison (Figure 7)."""
 
-    radiomics, risk = [], []
-    for patient in patients:
-        values = {name: float(features.at[patient.id, name]) for name in model.feature_names}
-        result = apply_model(model, FeatureVector(values), patient.clinical)
-        radiomics.append(result.radiomics_score)
-        risk.append(result.risk_score)
-    return radiomics, risk
+    def __init__(self, model: Any, features: Any) -> None:
+        self._model, self._features = model, features
+        self._by_id: dict[str, tuple[float, float]] = {}
+
+    def of(self, patients: Sequence[Any]) -> Any:  # scoring.training.evaluation.PatientScores
+        import numpy as np
+
+        from sclc_risk_node.scoring.training.evaluation import PatientScores, score_patients
+
+        new = list({p.id: p for p in patients if p.id not in self._by_id}.values())
+        if new:
+            scored = score_patients(self._model, self._features.loc[[p.id for p in new]], [p.clinical for p in new])
+            self._by_id.update(zip((p.id for p in new), zip(scored.radiomics.tolist(), scored.risk.tolist())))
+        return PatientScores(
+            radiomics=np.array([self._by_id[p.id][0] for p in patients], dtype=float),
+            risk=np.array([self._by_id[p.id][1] for p in patients], dtype=float),
+        )
 
 
 def _usable(patients, features, failed, model) -> tuple[list, list[dict[str, Any]]]:
@@ -161,10 +170,10 @@ def _usable(patients, features, failed, model) -> tuple[list, list[dict[str, Any
     return used, excluded
 
 
-def _evaluate_split(split, cohort, features, failed, model, spec, train_time, train_event, notes):
+def _evaluate_split(split, cohort, features, failed, model, spec, train_time, train_event, notes, scores: _ScoreOnce):
     import numpy as np
 
-    from sclc_risk_node.node.training.report import at_risk_table, time_ticks
+    from sclc_risk_node.research.report import at_risk_table, time_ticks
     from sclc_risk_node.scoring.errors import InputError
     from sclc_risk_node.scoring.training.evaluation import evaluate_split, risk_group_survival
 
@@ -188,6 +197,7 @@ def _evaluate_split(split, cohort, features, failed, model, spec, train_time, tr
         return entry
     ids = [p.id for p in used]
     try:
+        patient_scores = scores.of(used)
         evaluation = evaluate_split(
             model,
             features.loc[ids],
@@ -198,6 +208,7 @@ def _evaluate_split(split, cohort, features, failed, model, spec, train_time, tr
             train_event=train_event,
             settings=spec.evaluation,
             split=split,
+            scores=patient_scores,
         )
     except InputError as exc:
         entry["error"] = str(exc)
@@ -207,7 +218,7 @@ def _evaluate_split(split, cohort, features, failed, model, spec, train_time, tr
         notes.append(f"split {split}: evaluation failed ({exc}); see docs/training.md, 'Small splits'")
         return entry
     entry["evaluation"] = evaluation.as_dict()
-    radiomics, risk = _patient_scores(model, features, used)
+    radiomics, risk = patient_scores.radiomics, patient_scores.risk
     ticks = time_ticks(float(time_.max()))
     entry["at_risk"] = {
         "radiomics": at_risk_table(time_, np.array(radiomics) > model.radiomics_cutoff, ticks),
@@ -245,7 +256,7 @@ def stability_subsample(train, failed: Mapping[str, str], spec) -> list:
 
 def _perturbed_extractions(cohort, train, failed, spec, stages, *, cache_dir, scheduler, workers, progress):
     """(perturbation name -> features of the subsample, report entry) for the stability screen."""
-    from sclc_risk_node.node.training.extraction import Perturbation, extract_perturbed_features
+    from sclc_risk_node.research.extraction import Perturbation, extract_perturbed_features
 
     stability = spec.stability
     entry: dict[str, Any] = {
@@ -306,7 +317,7 @@ def _perturbed_extractions(cohort, train, failed, spec, stages, *, cache_dir, sc
 CONTROL_SPLIT = "control"
 
 
-def _predictive(cohort, features, failed, model, spec, notes) -> dict[str, Any] | None:
+def _predictive(cohort, features, failed, model, spec, notes, scores: _ScoreOnce) -> dict[str, Any] | None:
     """The paper's Figure 7: treated risk groups vs the control split, and the interaction test (PFS; OS too)."""
     import numpy as np
 
@@ -333,8 +344,8 @@ def _predictive(cohort, features, failed, model, spec, notes) -> dict[str, Any] 
     if len(treated) < 2 or len(control) < 2:
         entry["reason"] = f"{len(treated)} treated and {len(control)} control patients with features (need 2 each)"
         return entry
-    high_t = np.array(_patient_scores(model, features, treated)[1]) > model.risk_cutoff
-    high_c = np.array(_patient_scores(model, features, control)[1]) > model.risk_cutoff
+    high_t = scores.of(treated).risk > model.risk_cutoff
+    high_c = scores.of(control).risk > model.risk_cutoff
     for endpoint, time_of, event_of in (("pfs", "pfs_months", "pfs_event"), ("os", "os_months", "os_event")):
         if any(getattr(p, time_of) is None for p in treated + control):
             continue
@@ -397,9 +408,9 @@ def run_training(
     """
     import numpy as np
 
-    from sclc_risk_node.node.training.cohort import TRAIN_SPLIT, load_cohort
-    from sclc_risk_node.node.training.extraction import extract_cohort_features
-    from sclc_risk_node.node.training.report import REPORT_FORMAT, coefficient_path, write_report
+    from sclc_risk_node.research.cohort import TRAIN_SPLIT, load_cohort
+    from sclc_risk_node.research.extraction import extract_cohort_features
+    from sclc_risk_node.research.report import REPORT_FORMAT, write_report
     from sclc_risk_node.scoring.model import FrozenModel
     from sclc_risk_node.scoring.training.method import TrainingDataError, fit_integrated_model
     from sclc_risk_node.scoring.training.spec import TrainingSpec
@@ -469,12 +480,6 @@ def run_training(
             cohort=f"{cohort_path.name}, split '{TRAIN_SPLIT}': {len(train)} patients with features",
             perturbed=perturbed,
         )
-        try:  # only a figure: its failure must not cost the researcher the fitted model
-            path, path_note = coefficient_path(
-                train_features, train_time, train_event, spec.lasso, fitted.diagnostics, fitted.model_mapping
-            )
-        except Exception as exc:  # noqa: BLE001
-            path, path_note = None, f"the path could not be recomputed ({type(exc).__name__}: {exc})"
 
     # 3b. internal validation, recorded in the model's training summary (so the model card has it)
     with warnings.catch_warnings(record=True) as caught_internal:
@@ -515,21 +520,20 @@ def run_training(
     with warnings.catch_warnings(record=True) as caught_evaluation:
         warnings.simplefilter("always")
         start = time.perf_counter()
+        scores = _ScoreOnce(model, features)
         for split in cohort.splits:
             if progress:
                 print(f"evaluating {split} …", file=sys.stderr, flush=True)
             splits[split] = _evaluate_split(
-                split, cohort, features, failed, model, spec, train_time, train_event, notes
+                split, cohort, features, failed, model, spec, train_time, train_event, notes, scores
             )
-        predictive = _predictive(cohort, features, failed, model, spec, notes)
+        predictive = _predictive(cohort, features, failed, model, spec, notes, scores)
         stages.seconds["evaluation"] = round(time.perf_counter() - start, 3)
     warning_texts = list(dict.fromkeys(_warning_text(w) for w in [*caught, *caught_evaluation]))
 
     # 6. report
     summary = sealed["training_summary"]
     diagnostics = plain_json(fitted.diagnostics)
-    diagnostics["lasso"]["coefficient_path"] = plain_json(path)
-    diagnostics["lasso"]["coefficient_path_note"] = path_note
     import matplotlib
 
     report: dict[str, Any] = {
@@ -754,7 +758,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate_cohort(args: argparse.Namespace) -> int:
-    from sclc_risk_node.node.training.simulate import simulate_cohort
+    from sclc_risk_node.research.simulate import simulate_cohort
 
     csv_path = simulate_cohort(args.out_dir, seed=args.seed, scale=args.scale, progress=not args.no_progress)
     print(csv_path)
@@ -824,27 +828,3 @@ def add_training_parsers(subparsers) -> None:
     )
     simulate.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     simulate.set_defaults(handler=cmd_simulate_cohort)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m node.training_cli``: these two commands alone, with ``sclc-node``'s exit statuses."""
-    from sclc_risk_node.node.cli import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_TRY_AGAIN
-    from sclc_risk_node.scoring.errors import SclcNodeError
-
-    parser = argparse.ArgumentParser(prog="sclc-node")
-    add_training_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except SclcNodeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_TRY_AGAIN if exc.retryable else EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # noqa: BLE001 - one readable line
-        print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`sclc-node stats cox|km|logrank` through node.stats_cli's parser and handlers.
+"""`sclc-node stats cox|km|logrank` through research.stats_cli's parser and handlers.
 
 The parser is built exactly as node/cli.py does (``add_stats_parser(sub)``), the
 data is written to a CSV in tmp_path and the JSON the handler writes is checked
@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sclc_risk_node.node.stats_cli import add_stats_parser
+from sclc_risk_node.research.stats_cli import add_stats_parser
 from sclc_risk_node.scoring.errors import InputError
 
 

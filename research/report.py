@@ -1,14 +1,14 @@
 """The training report: ``report.json``, PNG figures, one self-contained ``report.html`` and the model card.
 
 `write_report(report_dir, report, model_mapping=...)` takes the run's data as
-assembled by `node.training_cli.run_training` (plain JSON data, see below),
+assembled by `research.training_cli.run_training` (plain JSON data, see below),
 draws the figures with matplotlib's Agg canvas (no display, no pyplot state),
 and writes into ``report_dir``::
 
     report.json        the data below, plus "figures" and "files"
     report.html        tables (the paper's Table 3 and more) and every figure, embedded
                        as base64 data URIs: one file, no external link or resource
-    model-card.md      `node.training.model_card.render_model_card`
+    model-card.md      `research.model_card.render_model_card`
     figures/*.png      the figures (the folder is emptied of PNGs first)
 
 ``report.json`` top-level keys (`REPORT_KEYS`): ``report_format``, ``created``,
@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from sclc_risk_node.node.files import write_atomically
 
@@ -70,7 +71,7 @@ __all__ = [
     "SPLIT_KEYS",
     "ReportFiles",
     "at_risk_table",
-    "coefficient_path",
+    "lasso_path_figure",
     "time_ticks",
     "write_report",
 ]
@@ -183,83 +184,15 @@ def time_ticks(max_time: float) -> list[float]:
     return [step * k for k in range(max(count, 2))]
 
 
-def at_risk_table(time: Sequence[float], high: Sequence[bool], ticks: Sequence[float]) -> dict[str, list]:
+def at_risk_table(time: ArrayLike, high: ArrayLike, ticks: Sequence[float]) -> dict[str, list[float] | list[int]]:
     """Numbers at risk (time >= tick) in the low and high group at each tick."""
-    time = np.asarray(time, dtype=float)
-    high = np.asarray(high, dtype=bool)
+    months = np.asarray(time, dtype=float)
+    is_high = np.asarray(high, dtype=bool)
     return {
         "ticks": [float(t) for t in ticks],
-        "low": [int(np.sum((time >= t) & ~high)) for t in ticks],
-        "high": [int(np.sum((time >= t) & high)) for t in ticks],
+        "low": [int(np.sum((months >= t) & ~is_high)) for t in ticks],
+        "high": [int(np.sum((months >= t) & is_high)) for t in ticks],
     }
-
-
-def coefficient_path(
-    features, time, event, lasso_spec, diagnostics: Mapping[str, Any], model_mapping: Mapping[str, Any]
-) -> tuple[dict[str, Any] | None, str | None]:
-    """The LASSO-Cox coefficient path on the training features, or (None, reason).
-
-    `scoring.training.method` keeps only the cross-validation curve, so the
-    path is recomputed here the way the method computes it: the columns it
-    did not drop (non-finite, constant, unstable), through their log transforms,
-    z-scored with the training mean and sample SD, scikit-survival
-    ``CoxnetSurvivalAnalysis(l1_ratio=1)`` on the same alphas.  It is used only
-    when it reproduces the model's coefficients at the chosen alpha (else the
-    reason says so), so the figure cannot disagree with the model file.
-    Returns ``{"alphas", "chosen_alpha", "features": {name: [coef per alpha]}}``
-    holding only the features that are non-zero somewhere on the path.
-    """
-    import warnings
-
-    from sksurv.linear_model import CoxnetSurvivalAnalysis
-    from sksurv.util import Surv
-
-    from sclc_risk_node.scoring.domain import transform_array
-
-    curve = diagnostics.get("lasso", {}).get("curve") or []
-    if not curve:
-        return None, "the fit reported no LASSO curve"
-    dropped = diagnostics.get("dropped_features", {})
-    skip = set(dropped.get("non_finite", ())) | set(dropped.get("zero_variance", ())) | set(dropped.get("unstable", ()))
-    names = [str(c) for c in features.columns if str(c) not in skip]
-    x = features.loc[:, names].to_numpy(dtype=float)
-    transforms = diagnostics.get("transforms") or {}
-    for j, name in enumerate(names):
-        if transforms.get(name, "none") != "none":
-            x[:, j] = transform_array(transforms[name], x[:, j])
-    if not np.isfinite(x).all():
-        return None, "the training features are not all finite"
-    z = (x - x.mean(axis=0)) / x.std(axis=0, ddof=1)
-    alphas = np.array([point["alpha"] for point in curve], dtype=float)
-    ratio = lasso_spec.alpha_min_ratio
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = CoxnetSurvivalAnalysis(
-            l1_ratio=1.0, alphas=alphas, alpha_min_ratio=ratio, normalize=False, fit_baseline_model=False
-        ).fit(z, Surv.from_arrays(event=np.asarray(event, dtype=bool), time=np.asarray(time, dtype=float)))
-    coef = np.asarray(path.coef_, dtype=float)
-    reached = np.asarray(path.alphas_, dtype=float)
-    chosen = float(diagnostics["lasso"]["alpha"])
-    index = int(np.argmin(np.abs(reached - chosen)))
-    if not math.isclose(reached[index], chosen, rel_tol=1e-9):
-        return None, "the recomputed path does not reach the chosen alpha"
-    expected = {
-        f"{f['region']}.{f['image_type']}_{f['feature_class']}_{f['feature']}": f["coefficient"]
-        for f in model_mapping["radiomics"]["features"]
-    }
-    for j, name in enumerate(names):
-        want = expected.get(name, 0.0)
-        if not math.isclose(coef[j, index], want, rel_tol=1e-6, abs_tol=1e-9):
-            return None, (
-                f"the recomputed path gives {name} = {coef[j, index]:.6g} at the chosen alpha, "
-                f"the model {want:.6g}; the path is not shown"
-            )
-    nonzero = np.flatnonzero(np.any(coef != 0.0, axis=1))
-    return {
-        "alphas": [float(a) for a in reached],
-        "chosen_alpha": chosen,
-        "features": {names[j]: [float(f"{v:.6g}") for v in coef[j]] for j in nonzero},
-    }, None
 
 
 # --------------------------------------------------------------------------- figures
@@ -709,6 +642,11 @@ def _lasso_cv_figure(lasso: Mapping[str, Any], path: Path) -> Path:
 
 
 def _lasso_path_figure(path_data: Mapping[str, Any], selected: Sequence[str], path: Path) -> Path:
+    return _save(lasso_path_figure(path_data, selected), path)
+
+
+def lasso_path_figure(path_data: Mapping[str, Any], selected: Sequence[str]) -> Any:
+    """The LASSO-Cox coefficient path as fitted (``training.lasso.coefficient_path``), a matplotlib Figure."""
     log_alpha = np.log(path_data["alphas"])
     chosen = math.log(path_data["chosen_alpha"])
     # Past the chosen alpha the path soon over-fits and its large coefficients would dwarf the
@@ -751,7 +689,7 @@ def _lasso_path_figure(path_data: Mapping[str, Any], selected: Sequence[str], pa
     ax.set_title("LASSO-Cox coefficient path (selected features in colour)", fontsize=11, loc="left")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
     figure.subplots_adjust(left=0.09, right=0.6, top=0.92, bottom=0.11)
-    return _save(figure, path)
+    return figure
 
 
 def _forest_figure(rows: Sequence[Mapping[str, Any]], title: str, path: Path) -> Path:
@@ -1650,7 +1588,7 @@ def write_report(
     ``timings_update``, called once the figures are drawn, adds to
     ``timings_seconds``.
     """
-    from sclc_risk_node.node.training.model_card import render_model_card
+    from sclc_risk_node.research.model_card import render_model_card
 
     report_dir = Path(report_dir)
     folder = report_dir / FIGURES_FOLDER

@@ -65,6 +65,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -76,7 +77,7 @@ from sclc_risk_node.dicom_io.ct_series import read_ct_series
 from sclc_risk_node.dicom_io.seg import read_tumour_segment
 from sclc_risk_node.node.errors import NodeError
 from sclc_risk_node.node.files import write_atomically
-from sclc_risk_node.node.training.cohort import Cohort, ImageInputs
+from sclc_risk_node.research.cohort import Cohort, ImageInputs
 from sclc_risk_node.scoring.errors import InputError, MaskError
 from sclc_risk_node.scoring.features import check_pyradiomics_version, extract_all_features, settings_hash
 from sclc_risk_node.scoring.ring import peritumoral_ring
@@ -127,7 +128,7 @@ class Perturbation:
         return {"kind": self.kind, "radius_voxels": 1, "structuring_element": "ball"}
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, object]) -> Perturbation:
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> Perturbation:  # JSON values
         return cls(
             kind=str(mapping["kind"]),
             noise_sd_hu=float(mapping.get("noise_sd_hu", 0.0)),
@@ -353,7 +354,7 @@ def _extract(
         for outcome in stream:
             run = runs[outcome.run]
             if outcome.features is not None:
-                run.cache.store(outcome)
+                run.cache.store(outcome, outcome.features)
                 run.found[outcome.patient_id] = outcome.features
                 run.computed.append(outcome.patient_id)
             else:
@@ -488,12 +489,12 @@ def _path_fingerprint(path: Path) -> list[list]:
                 file = Path(root) / name
                 entries.append(_file_entry(file, file.relative_to(path).as_posix()))
         return entries
-    files = [path]
+    paths = [path]
     if path.name.lower().endswith((".mhd", ".nhdr")):
         # Detached headers: the voxels live in a sibling data file of the same stem.
         stem = path.name[: path.name.rfind(".")]
-        files += sorted(p for p in path.parent.iterdir() if p != path and p.name.startswith(stem + "."))
-    return [_file_entry(file, file.name) for file in files]
+        paths += sorted(p for p in path.parent.iterdir() if p != path and p.name.startswith(stem + "."))
+    return [_file_entry(file, file.name) for file in paths]
 
 
 def _file_entry(path: Path, name: str) -> list:
@@ -583,7 +584,8 @@ class _Cache:
             return None
         return {name: math.nan if value is None else float(value) for name, value in document["features"].items()}
 
-    def store(self, outcome: _Outcome) -> None:
+    def store(self, outcome: _Outcome, features: Mapping[str, float]) -> None:
+        """Cache an extracted patient's ``features`` (``outcome.features``; failures are not cached)."""
         document = {
             "format": CACHE_FORMAT,
             "patient_id": outcome.patient_id,
@@ -592,7 +594,7 @@ class _Cache:
             "seconds": round(outcome.seconds, 3),
             "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
             # JSON has no NaN; null stands for "pyradiomics could not compute it".
-            "features": {k: (None if math.isnan(v) else v) for k, v in outcome.features.items()},
+            "features": {k: (None if math.isnan(v) else v) for k, v in features.items()},
         }
         write_atomically(self.path(outcome.patient_id), json.dumps(document, allow_nan=False))
 
@@ -652,7 +654,7 @@ def _plain_settings(settings: ExtractionSettings) -> dict[str, object]:
     }
 
 
-def _settings_from_plain(plain: Mapping[str, object]) -> ExtractionSettings:
+def _settings_from_plain(plain: Mapping[str, Any]) -> ExtractionSettings:  # JSON values
     return ExtractionSettings(
         pyradiomics_version=plain["pyradiomics_version"],
         settings=plain["settings"],

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+from numpy.typing import NDArray
 from scipy import ndimage
 
 #: Plausible clinical reconstructions (slice thickness, mm) and their relative frequency.
@@ -147,15 +148,16 @@ def chest_ct_phantom(
     hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
     image = sitk.GetImageFromArray(hu)
-    image.SetSpacing((spacing_xy, spacing_xy, thickness))
-    image.SetOrigin((origin[0], origin[1], centre[2] - n_slices * thickness / 2 + thickness / 2))
+    # SimpleITK's methods carry no annotations.
+    image.SetSpacing((spacing_xy, spacing_xy, thickness))  # type: ignore[no-untyped-call]
+    image.SetOrigin((origin[0], origin[1], centre[2] - n_slices * thickness / 2 + thickness / 2))  # type: ignore[no-untyped-call]
     mask_image = sitk.GetImageFromArray(mask.astype(np.uint8))
-    mask_image.CopyInformation(image)
+    mask_image.CopyInformation(image)  # type: ignore[no-untyped-call]
     volume_ml = float(mask.sum()) * spacing_xy * spacing_xy * thickness / 1000.0
     layout = ChestPhantomLayout(
         location=location,
         side=side,
-        centre_mm=tuple(float(c) for c in centre),
+        centre_mm=(float(centre[0]), float(centre[1]), float(centre[2])),
         in_plane_spacing_mm=spacing_xy,
         slice_thickness_mm=thickness,
         noise_sd_hu=noise_sd,
@@ -176,7 +178,7 @@ class _Grid:
     def shape(self) -> tuple[int, int, int]:  # array order z, y, x
         return (len(self.axes[2]), len(self.axes[1]), len(self.axes[0]))
 
-    def box(self, low_mm, high_mm) -> tuple[slice, slice, slice] | None:
+    def box(self, low_mm: NDArray[np.float64], high_mm: NDArray[np.float64]) -> tuple[slice, slice, slice] | None:
         """Array slices (z, y, x) of the voxels inside [low, high] (x, y, z mm), or None if empty."""
         out = []
         for axis in (2, 1, 0):
@@ -186,9 +188,9 @@ class _Grid:
             if hi <= lo:
                 return None
             out.append(slice(lo, hi))
-        return tuple(out)
+        return out[0], out[1], out[2]
 
-    def coordinates(self, box) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def coordinates(self, box: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Broadcastable z, y, x coordinate arrays (mm) of ``box``."""
         z = self.axes[2][box[0]][:, None, None]
         y = self.axes[1][box[1]][None, :, None]
@@ -196,7 +198,9 @@ class _Grid:
         return z, y, x
 
 
-def _tumour_centre(rng, radius_mm, radii, fat_mm) -> tuple[str, str, np.ndarray]:
+def _tumour_centre(
+    rng: np.random.Generator, radius_mm: float, radii: NDArray[np.float64], fat_mm: float
+) -> tuple[str, str, NDArray[np.float64]]:
     side_sign = 1.0 if rng.random() < 0.45 else -1.0  # x > 0 is the patient's left
     side = "left" if side_sign > 0 else "right"
     # Small primaries are more often peripheral; large ES-SCLC masses are hilar-mediastinal.
@@ -224,7 +228,7 @@ def _tumour_centre(rng, radius_mm, radii, fat_mm) -> tuple[str, str, np.ndarray]
     return location, side, np.array([x, y, z])
 
 
-def _anatomy(grid: _Grid, rng, fat_mm: float) -> tuple[np.ndarray, np.ndarray]:
+def _anatomy(grid: _Grid, rng: np.random.Generator, fat_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Body wall, mediastinum, spine and lung background (HU, float32) and the lung mask."""
     box = (slice(None),) * 3
     z, y, x = grid.coordinates(box)
@@ -285,9 +289,9 @@ def _anatomy(grid: _Grid, rng, fat_mm: float) -> tuple[np.ndarray, np.ndarray]:
     return hu, lung
 
 
-def _vessels_and_airways(grid: _Grid, hu: np.ndarray, lung: np.ndarray, rng) -> None:
+def _vessels_and_airways(grid: _Grid, hu: np.ndarray, lung: np.ndarray, rng: np.random.Generator) -> None:
     """Pulmonary vessel trees from both hila, with bronchi beside the larger branches, drawn into the lung."""
-    segments = []
+    segments: list[_Segment] = []
     for side in (-1.0, 1.0):
         for root_z, dz in ((15.0, 0.6), (0.0, 0.0), (-15.0, -0.6)):
             start = np.array([side * HILUM_X_MM, 5.0 + rng.uniform(-8, 8), root_z])
@@ -319,7 +323,7 @@ def _vessels_and_airways(grid: _Grid, hu: np.ndarray, lung: np.ndarray, rng) -> 
         region = hu[box]
         if generation <= 4:
             # The bronchus runs beside the artery: offset perpendicular to the branch.
-            axis = (end - start) / max(np.linalg.norm(end - start), 1e-6)
+            axis = (end - start) / max(float(np.linalg.norm(end - start)), 1e-6)
             perpendicular = np.cross(axis, [0.0, 0.0, 1.0])
             if np.linalg.norm(perpendicular) < 1e-3:
                 perpendicular = np.array([1.0, 0.0, 0.0])
@@ -333,7 +337,19 @@ def _vessels_and_airways(grid: _Grid, hu: np.ndarray, lung: np.ndarray, rng) -> 
         region[(distance < radius) & region_lung] = _BLOOD_HU
 
 
-def _grow(segments, start, direction, radius, length, generation, rng) -> None:
+#: A vessel segment: start and end (x, y, z mm), radius (mm), generation (0 at the hilum).
+_Segment = tuple[NDArray[np.float64], NDArray[np.float64], float, int]
+
+
+def _grow(
+    segments: list[_Segment],
+    start: NDArray[np.float64],
+    direction: NDArray[np.float64],
+    radius: float,
+    length: float,
+    generation: int,
+    rng: np.random.Generator,
+) -> None:
     if generation > 8 or radius < 0.45:
         return
     end = start + direction * length * rng.uniform(0.75, 1.2)
@@ -345,24 +361,46 @@ def _grow(segments, start, direction, radius, length, generation, rng) -> None:
         _grow(segments, end, child, radius * rng.uniform(0.66, 0.78), length * 0.78, generation + 1, rng)
 
 
-def _distance_to_segment(x, y, z, a, b) -> np.ndarray:
+def _distance_to_segment(
+    x: np.ndarray, y: np.ndarray, z: np.ndarray, a: NDArray[np.float64], b: NDArray[np.float64]
+) -> np.ndarray:
     ab = b - a
     denominator = float(ab @ ab) or 1e-12
     t = ((x - a[0]) * ab[0] + (y - a[1]) * ab[1] + (z - a[2]) * ab[2]) / denominator
     t = np.clip(t, 0.0, 1.0)
-    return np.sqrt((x - a[0] - t * ab[0]) ** 2 + (y - a[1] - t * ab[1]) ** 2 + (z - a[2] - t * ab[2]) ** 2)
+    distance: np.ndarray = np.sqrt(
+        (x - a[0] - t * ab[0]) ** 2 + (y - a[1] - t * ab[1]) ** 2 + (z - a[2] - t * ab[2]) ** 2
+    )
+    return distance
 
 
-def _smooth_field(rng, shape, sigma_voxels) -> np.ndarray:
-    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_voxels, mode="wrap")
+def _smooth_field(
+    rng: np.random.Generator, shape: tuple[int, ...], sigma_voxels: NDArray[np.float64]
+) -> NDArray[np.float32]:
+    field: NDArray[np.float32] = ndimage.gaussian_filter(
+        rng.standard_normal(shape).astype(np.float32), sigma_voxels, mode="wrap"
+    )
     return field / (field.std() or 1.0)
 
 
-def _tumour(grid, hu, lung, rng, centre, radii, radius_mm, texture_hu, halo_hu, halo_mm):
+def _tumour(
+    grid: _Grid,
+    hu: np.ndarray,
+    lung: np.ndarray,
+    rng: np.random.Generator,
+    centre: NDArray[np.float64],
+    radii: NDArray[np.float64],
+    radius_mm: float,
+    texture_hu: float,
+    halo_hu: float,
+    halo_mm: float,
+) -> tuple[NDArray[np.float32], float, float]:
     """Draw the tumour into ``hu`` (and its halo into the lung); return its fine-grid mask and necrosis drop."""
     fine_spacing = np.array(grid.spacing[::-1])  # z, y, x
     reach = radii.max() * 1.45 + halo_mm + 2.0
     box = grid.box(centre - reach, centre + reach)
+    if box is None:  # the grid is built around the tumour: cannot happen
+        raise ValueError("chest_ct_phantom: the tumour lies outside the phantom's grid")
     z, y, x = grid.coordinates(box)
     shape = hu[box].shape
     # Random orientation of the ellipsoid about z.
@@ -405,11 +443,13 @@ def _tumour(grid, hu, lung, rng, centre, radii, radius_mm, texture_hu, halo_hu, 
     return mask, necrosis, rim_hu
 
 
-def _ct_noise(rng, shape, sd_hu: float, thickness_mm: float, spacing_mm: float) -> np.ndarray:
+def _ct_noise(
+    rng: np.random.Generator, shape: tuple[int, ...], sd_hu: float, thickness_mm: float, spacing_mm: float
+) -> NDArray[np.float32]:
     """Correlated CT noise: white noise band-passed in-plane (a ramp-like kernel's mottle, grain ~1-2 mm)."""
     white = rng.standard_normal(shape).astype(np.float32)
     z_sigma = 0.5 if thickness_mm <= 1.5 else 0.0  # thin overlapping slices share some noise
     fine = ndimage.gaussian_filter(white, (z_sigma, 0.75 / spacing_mm, 0.75 / spacing_mm))
     coarse = ndimage.gaussian_filter(white, (z_sigma, 2.2 / spacing_mm, 2.2 / spacing_mm))
-    noise = fine - 0.5 * coarse
-    return noise * (sd_hu / (noise.std() or 1.0))
+    noise: NDArray[np.float32] = fine - 0.5 * coarse
+    return noise * np.float32(sd_hu / (noise.std() or 1.0))

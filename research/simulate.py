@@ -2,7 +2,7 @@
 
 SIMULATED DATA, NOT PATIENTS.  `simulate_cohort` writes, per patient, a
 synthetic chest CT phantom (DICOM CT series) and its tumour SEG (DICOM SEG),
-a cohort CSV that `node.training.cohort.load_cohort` reads, and
+a cohort CSV that `research.cohort.load_cohort` reads, and
 ``simulation_truth.json`` with everything needed to check what a fitted model
 recovers.  `simulate_patients` is the pure part (no images, no files), for
 checking the calibration on large samples.
@@ -19,7 +19,7 @@ stage: brain or liver metastases occur only in stage IV and make it M1b
 stage III or IV, as extensive-stage SCLC is.
 
 Images (``phantom="chest-ct"``, the default): a cropped synthetic chest CT
-around the tumour (`node.training.chest_phantom`): chest wall with fat,
+around the tumour (`scoring.training.chest_phantom`): chest wall with fat,
 muscle and ribs, mediastinum with heart, great vessels and trachea, lungs
 with branching vessels and bronchi, correlated CT noise and partial volume,
 and a lobulated heterogeneous tumour, most often hilar-mediastinal; each
@@ -71,11 +71,12 @@ import math
 import multiprocessing
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -90,14 +91,16 @@ from sclc_risk_node.dicom_io.synthetic import (
 )
 from sclc_risk_node.node.errors import NodeError
 from sclc_risk_node.node.files import write_atomically
-from sclc_risk_node.node.training.chest_phantom import (
+from sclc_risk_node.scoring.clinical import clinical_record_from_mapping
+from sclc_risk_node.scoring.errors import InputError
+from sclc_risk_node.scoring.training.chest_phantom import (
     IN_PLANE_SPACING_RANGE_MM,
     NOISE_SD_RANGE_HU,
     SLICE_THICKNESSES_MM,
     chest_ct_phantom,
 )
-from sclc_risk_node.scoring.clinical import clinical_record_from_mapping
-from sclc_risk_node.scoring.errors import InputError
+
+_T = TypeVar("_T")
 
 PAPER_SPLIT_SIZES: Mapping[str, int] = MappingProxyType(
     {"train": 253, "validation_1": 51, "validation_2": 75, "control": 57}
@@ -105,8 +108,8 @@ PAPER_SPLIT_SIZES: Mapping[str, int] = MappingProxyType(
 CHEMOIMMUNOTHERAPY = "chemoimmunotherapy"
 CHEMOTHERAPY = "chemotherapy"
 
-#: Published figures the simulation is calibrated to (months, proportions).
-PAPER_TARGETS: Mapping[str, object] = MappingProxyType(
+#: Published figures the simulation is calibrated to (months, proportions; numbers and month -> proportion tables).
+PAPER_TARGETS: Mapping[str, Any] = MappingProxyType(
     {
         "median_pfs_months": 7.1,
         "pfs_at_months": {6: 0.607, 9: 0.382, 12: 0.283},
@@ -213,7 +216,7 @@ IMAGE_PARAMETERS: Mapping[str, ImageParameter] = MappingProxyType(
 #: Each semi-axis is the radius times a ratio uniform on this range (normalised to geometric mean 1).
 AXIS_RATIO_RANGE = (0.85, 1.15)
 HALO_MM = 3.0
-#: Phantom kinds: "chest-ct" (node.training.chest_phantom: anatomy, clinical spacings, the default) or
+#: Phantom kinds: "chest-ct" (scoring.training.chest_phantom: anatomy, clinical spacings, the default) or
 #: "box" (the small lung box of dicom_io.synthetic on a fixed grid: fast, for tests of the plumbing).
 PHANTOM_KINDS = ("chest-ct", "box")
 #: The box phantom maps the radius range onto this one, so its tumours fit a small grid (same z-scores).
@@ -254,7 +257,8 @@ class PhantomParameters:
 
     @property
     def radii_mm(self) -> tuple[float, float, float]:
-        return tuple(self.radius_mm * ratio for ratio in self.axis_ratios)
+        x, y, z = self.axis_ratios
+        return self.radius_mm * x, self.radius_mm * y, self.radius_mm * z
 
     @property
     def box_radii_mm(self) -> tuple[float, float, float]:
@@ -262,7 +266,8 @@ class PhantomParameters:
         low, high = IMAGE_PARAMETERS["radius_mm"].low, IMAGE_PARAMETERS["radius_mm"].high
         box_low, box_high = BOX_RADIUS_RANGE_MM
         radius = box_low + (self.radius_mm - low) * (box_high - box_low) / (high - low)
-        return tuple(radius * ratio for ratio in self.axis_ratios)
+        x, y, z = self.axis_ratios
+        return radius * x, radius * y, radius * z
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +277,7 @@ class SimulatedPatient:
     id: str
     split: str
     arm: str
-    clinical: Mapping[str, object]
+    clinical: Mapping[str, ClinicalValue]
     phantom: PhantomParameters
     linear_predictor: float
     pfs_months: float
@@ -360,7 +365,7 @@ def simulate_patients(counts: Mapping[str, int], *, seed: int = 2023) -> tuple[S
                         texture_hu=float(draws["texture_hu"][i]),
                         halo_hu=float(draws["halo_hu"][i]),
                         radius_mm=float(draws["radius_mm"][i]),
-                        axis_ratios=tuple(float(r) for r in draws["axis_ratios"][i]),
+                        axis_ratios=_triple(float(r) for r in draws["axis_ratios"][i]),
                         seed=int(seeds[i]),
                     ),
                     linear_predictor=float(lp[i]),
@@ -446,7 +451,11 @@ def _linear_predictor(draws: Mapping[str, np.ndarray], arm: str) -> np.ndarray:
 
 def _os_linear_predictor(draws: Mapping[str, np.ndarray]) -> np.ndarray:
     design = clinical_design(draws)
-    return sum(beta * design[name] for name, beta in OS_EFFECTS.items())
+    terms = [beta * design[name] for name, beta in OS_EFFECTS.items()]
+    lp = terms[0]
+    for term in terms[1:]:  # the same sums, in the same order, as sum(terms)
+        lp = lp + term
+    return lp
 
 
 def _draw_outcomes(draws, lp: np.ndarray, arm: str, rng: np.random.Generator):
@@ -472,7 +481,11 @@ def _weibull_times(exponential: np.ndarray, lp: np.ndarray, model: OsModel) -> n
     return model.scale_months * (exponential * np.exp(-lp)) ** (1 / model.shape)
 
 
-def _clinical_fields(draws: Mapping[str, np.ndarray], i: int) -> dict[str, object]:
+#: A clinical value as the cohort CSV's field: a code, a count (ECOG, age) or a yes/no.
+ClinicalValue = str | int | bool
+
+
+def _clinical_fields(draws: Mapping[str, np.ndarray], i: int) -> dict[str, ClinicalValue]:
     return {
         "t_stage": str(draws["t_stage"][i]),
         "n_stage": str(draws["n_stage"][i]),
@@ -582,7 +595,7 @@ def simulate_cohort(
     CSV is written last, so a CSV present means a complete cohort.
 
     ``phantom`` is "chest-ct" (the default: cropped chest CT with anatomy,
-    spacings drawn per patient; `node.training.chest_phantom`) or "box" (the
+    spacings drawn per patient; `scoring.training.chest_phantom`) or "box" (the
     small lung box of ``image_size`` voxels of ``spacing_mm``; the default
     when ``image_size`` is given).  ``workers`` processes write the
     phantoms (default: the CPU count).
@@ -595,7 +608,7 @@ def simulate_cohort(
         raise SimulationError(
             "image_size: the chest-ct phantom draws its own grid (allowed: image_size only with phantom='box')"
         )
-    image_size = tuple(image_size or DEFAULT_IMAGE_SIZE)
+    image_size = _triple(image_size or DEFAULT_IMAGE_SIZE)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SimulationError(f"{out_dir} exists and is not an empty folder (allowed: a new or empty folder)")
     counts = split_sizes(scale)
@@ -665,6 +678,12 @@ def _check_field_of_view(patients, image_size, spacing_mm) -> None:
             )
 
 
+def _triple(values: Iterable[_T]) -> tuple[_T, _T, _T]:
+    """(x, y, z) from any iterable of three (a list from JSON, a generator)."""
+    x, y, z = values
+    return x, y, z
+
+
 def phantom_images(
     phantom: PhantomParameters,
     kind: str = "chest-ct",
@@ -683,8 +702,8 @@ def phantom_images(
         )
         return image, mask, {name: getattr(layout, name) for name in layout.__slots__}
     image, mask = synthetic_chest_phantom(
-        size=tuple(image_size),
-        spacing_mm=tuple(spacing_mm),
+        size=_triple(image_size),
+        spacing_mm=_triple(spacing_mm),
         tumour_radii_mm=phantom.box_radii_mm,
         texture_hu=phantom.texture_hu,
         halo_hu=phantom.halo_hu,
@@ -717,7 +736,9 @@ def _write_patient(out_dir: Path, patient: SimulatedPatient, kind, image_size, s
     build_tumour_seg(datasets, mask).save_as(folder / "seg.dcm", enforce_file_format=True)
     clinical = dict(patient.clinical)
     # Fail here, not in the researcher's training run, if the simulator ever drifts from the schema.
-    clinical_record_from_mapping({**clinical, "patient_id": patient.id})
+    record: dict[object, object] = {name: value for name, value in clinical.items()}
+    record["patient_id"] = patient.id
+    clinical_record_from_mapping(record)
     return {
         "id": patient.id,
         "split": patient.split,
@@ -746,7 +767,7 @@ def _cohort_csv(rows: Sequence[dict[str, object]]) -> str:
 def _truth(patients, *, seed, scale, counts, kind, image_size, spacing_mm, layouts) -> dict[str, object]:
     arms = (CHEMOIMMUNOTHERAPY, CHEMOTHERAPY)
     return {
-        "description": "SIMULATED cohort (node.training.simulate): synthetic phantoms, simulated clinical data "
+        "description": "SIMULATED cohort (research.simulate): synthetic phantoms, simulated clinical data "
         "and outcomes; no real patient.  Model and calibration: see the module docstring.",
         "seed": seed,
         "scale": scale,
@@ -761,7 +782,7 @@ def _truth(patients, *, seed, scale, counts, kind, image_size, spacing_mm, layou
             }
             if kind == "box"
             else {
-                "generator": "sclc_risk_node.node.training.chest_phantom.chest_ct_phantom",
+                "generator": "sclc_risk_node.scoring.training.chest_phantom.chest_ct_phantom",
                 "slice_thicknesses_mm": list(SLICE_THICKNESSES_MM),
                 "in_plane_spacing_range_mm": list(IN_PLANE_SPACING_RANGE_MM),
                 "noise_sd_range_hu": list(NOISE_SD_RANGE_HU),

@@ -16,7 +16,7 @@ transforms and the stability screen (settings, features kept), and the
 internal validation (optimism-corrected C-index, calibration slope, the
 proportional-hazards test) when the fit recorded them.
 
-    python -m node.training.model_card MODEL.json [--report report.json] [--out CARD.md]
+    python -m sclc_risk_node.research.model_card MODEL.json [--report report.json] [--out CARD.md]
 
 prints (or writes) the card of any model file, e.g. to regenerate
 ``docs/model-card-demo.md``.
@@ -457,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sclc_risk_node.scoring.model import FrozenModel
 
     parser = argparse.ArgumentParser(
-        prog="python -m node.training.model_card", description="Write the markdown model card of a frozen model file."
+        prog="python -m sclc_risk_node.research.model_card",
+        description="Write the markdown model card of a frozen model file.",
     )
     parser.add_argument("model", type=Path, metavar="MODEL.json")
     parser.add_argument(

@@ -15,8 +15,8 @@ from lifelines import CoxPHFitter, KaplanMeierFitter
 
 from sclc_risk_node.dicom_io.ct_series import read_ct_series
 from sclc_risk_node.dicom_io.seg import read_tumour_segment
-from sclc_risk_node.node.training.cohort import load_cohort
-from sclc_risk_node.node.training.simulate import (
+from sclc_risk_node.research.cohort import load_cohort
+from sclc_risk_node.research.simulate import (
     CHEMOIMMUNOTHERAPY,
     CHEMOTHERAPY,
     CLINICAL_EFFECTS,

@@ -10,9 +10,8 @@ refits).  One validation patient's SEG is swapped for
 another patient's, so its extraction fails and the run must go on.  The
 frozen model then scores one simulated study through `sclc-node score`.
 
-Until the lead registers `add_training_parsers` in node/cli.py, the commands
-run as ``python -m sclc_risk_node.node.training_cli`` (same parsers, same exit statuses);
-afterwards as ``python -m node.cli``.
+The commands run as ``python -m sclc_risk_node.node.cli`` (`sclc-node`), which hands them to
+research/cli.py (``python -m sclc_risk_node.research.cli``: same parsers, same exit statuses).
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from sclc_risk_node.node.training.report import FIGURE_KINDS, REPORT_KEYS, SPLIT_KEYS
-from sclc_risk_node.node.training.simulate import simulate_cohort
-from sclc_risk_node.node.training_cli import add_training_parsers
+from sclc_risk_node.research.report import FIGURE_KINDS, REPORT_KEYS, SPLIT_KEYS
+from sclc_risk_node.research.simulate import simulate_cohort
+from sclc_risk_node.research.training_cli import add_training_parsers
 from sclc_risk_node.scoring.model import FrozenModel, canonical_sha256
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -110,7 +109,7 @@ def _registered_in_sclc_node() -> bool:
     return "train" in commands.choices
 
 
-ENTRY = "sclc_risk_node.node.cli" if _registered_in_sclc_node() else "sclc_risk_node.node.training_cli"
+ENTRY = "sclc_risk_node.node.cli" if _registered_in_sclc_node() else "sclc_risk_node.research.cli"
 
 
 def sclc_node(*args, module: str = ENTRY) -> subprocess.CompletedProcess:
@@ -269,7 +268,7 @@ def test_an_extraction_failure_is_reported_by_csv_line_and_the_run_goes_on(train
 def test_the_lasso_diagnostics_and_coefficient_path_agree_with_the_model(trained):
     lasso = trained["report"]["training"]["lasso"]
     assert len(lasso["curve"]) == lasso["cv"]["n_alphas"]
-    assert lasso["coefficient_path"] is not None, lasso["coefficient_path_note"]
+    assert lasso["coefficient_path"] is not None, "the fit records the LASSO path"
     path = lasso["coefficient_path"]
     chosen = min(range(len(path["alphas"])), key=lambda k: abs(path["alphas"][k] - lasso["alpha"]))
     for feature in trained["report"]["training"]["selected_features"]:
@@ -393,7 +392,7 @@ def test_the_treatment_comparison_with_the_control_split(trained):
 def test_the_model_card_renders_the_shipped_demo_model():
     from sclc_risk_node.node.scoring_job import default_model_path
 
-    proc = sclc_node(default_model_path(), module="sclc_risk_node.node.training.model_card")
+    proc = sclc_node(default_model_path(), module="sclc_risk_node.research.model_card")
     assert proc.returncode == 0, proc.stderr
     model = json.loads(Path(default_model_path()).read_text())
     assert proc.stdout.startswith(f"# Model card: {model['name']} {model['version']}")

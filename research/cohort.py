@@ -67,7 +67,6 @@ _IMAGE_FILE_ALLOWED = "NRRD, NIfTI or MetaImage: " + ", ".join(IMAGE_FILE_SUFFIX
 
 _EVENT_WORDS = {"1": True, "true": True, "0": False, "false": False}
 _SHOWN_VALUE_LENGTH = 40
-_PART10_MAGIC_OFFSET = 128
 
 
 class CohortError(NodeError, InputError):
@@ -329,7 +328,8 @@ def _parse_row(
             )
     clinical = _parse_clinical(values, patient_id, problems)
     images, features = _parse_inputs(values, feature_columns, base_dir, problems)
-    if problems:
+    # A parser that gives None has reported why in ``problems``.
+    if problems or split is None or pfs_months is None or pfs_event is None or clinical is None:
         return None
     return CohortPatient(
         id=patient_id,
@@ -382,7 +382,7 @@ def _parse_event(name: str, value: str, problems: list[str]) -> bool | None:
 
 
 def _parse_clinical(values: dict[str, str], patient_id: str, problems: list[str]) -> ClinicalRecord | None:
-    mapping = {name: values[name] for name in CLINICAL_FIELDS if name in values}
+    mapping: dict[object, object] = {name: values[name] for name in CLINICAL_FIELDS if name in values}
     if patient_id and not any(mapping.get(name) for name in IDENTIFIER_FIELDS):
         mapping["patient_id"] = patient_id
     try:
@@ -480,19 +480,19 @@ def _resolve_seg(text: str, base_dir: Path, problems: list[str]) -> Path | None:
         state = "is a folder" if path.is_dir() else "does not exist"
         problems.append(f"seg: {shown} {state} (allowed: {allowed}; relative to the CSV's folder)")
         return None
-    if not is_image_file(path) and not _has_part10_magic(path):
+    if not is_image_file(path) and not _is_dicom_file(path):
         problems.append(f"seg: {shown} is not a DICOM file (no DICM preamble) (allowed: {allowed})")
         return None
     return path.resolve()
 
 
-def _has_part10_magic(path: Path) -> bool:
+def _is_dicom_file(path: Path) -> bool:
+    from pydicom.misc import is_dicom
+
     try:
-        with path.open("rb") as stream:
-            head = stream.read(_PART10_MAGIC_OFFSET + 4)
-    except OSError:
+        return is_dicom(path)
+    except OSError:  # unreadable: refused like a file without the preamble
         return False
-    return head[_PART10_MAGIC_OFFSET:] == b"DICM"
 
 
 def _withhold(problem: str, patient_id: str) -> str:

@@ -1,6 +1,6 @@
 """`sclc-node stats ...`: Cox model, Kaplan-Meier and log-rank test on a CSV file.
 
-Wiring only: the statistics live in :mod:`scoring.stats` (which documents how
+Wiring only: the statistics live in :mod:`scoring.training.stats` (which documents how
 each number matches R's ``survival`` package); this module reads the CSV,
 calls it, prints a readable table and writes the JSON.
 
@@ -8,7 +8,7 @@ calls it, prints a readable table and writes the JSON.
     sclc-node stats km CSV --time COL --event COL [--group COL] [--json OUT]
     sclc-node stats logrank CSV --time COL --event COL --group COL [--json OUT]
 
-The lead's ``node/cli.py`` registers these with ``add_stats_parser(sub)``.
+`research/cli.py` registers these with ``add_stats_parser(sub)``.
 Bad input raises :class:`scoring.errors.InputError` (one line, exit status 2).
 """
 
@@ -30,7 +30,7 @@ _COMMON_EPILOG = (
 def _read_csv(path: Path):
     import pandas as pd
 
-    from sclc_risk_node.scoring.stats import SurvivalDataError
+    from sclc_risk_node.scoring.training.stats import SurvivalDataError
 
     path = Path(path)
     try:
@@ -79,7 +79,7 @@ def _covariate_list(text: str) -> list[str]:
 
 
 def cmd_stats_cox(args: argparse.Namespace) -> int:
-    from sclc_risk_node.scoring.stats import cox_fit
+    from sclc_risk_node.scoring.training.stats import cox_fit
 
     df = _read_csv(args.csv)
     result = cox_fit(df, args.time, args.event, args.covariates, ties=args.ties)
@@ -103,7 +103,7 @@ def cmd_stats_cox(args: argparse.Namespace) -> int:
 
 
 def cmd_stats_km(args: argparse.Namespace) -> int:
-    from sclc_risk_node.scoring.stats import kaplan_meier
+    from sclc_risk_node.scoring.training.stats import kaplan_meier
 
     df = _read_csv(args.csv)
     result = kaplan_meier(df, args.time, args.event, group=args.group)
@@ -125,7 +125,7 @@ def cmd_stats_km(args: argparse.Namespace) -> int:
 
 
 def cmd_stats_logrank(args: argparse.Namespace) -> int:
-    from sclc_risk_node.scoring.stats import logrank
+    from sclc_risk_node.scoring.training.stats import logrank
 
     df = _read_csv(args.csv)
     result = logrank(df, args.time, args.event, args.group)

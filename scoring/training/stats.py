@@ -58,9 +58,11 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike, NDArray
 from scipy import stats as sps
 
 from sclc_risk_node.scoring.errors import InputError
@@ -72,8 +74,10 @@ __all__ = [
     "SurvivalDataError",
     "cox_fit",
     "cox_information",
+    "harrell_c",
     "kaplan_meier",
     "logrank",
+    "survival_y",
 ]
 
 #: Two-sided 95% normal quantile, R's qnorm(0.975).
@@ -122,10 +126,11 @@ def _complete_rows(df: pd.DataFrame, columns: Sequence[str]) -> tuple[pd.DataFra
     return complete, n_dropped
 
 
-def _event_indicator(values: pd.Series, column: str) -> np.ndarray:
+def _event_indicator(values: pd.Series, column: str) -> NDArray[np.bool_]:
     """0/1, booleans or true/false/yes/no strings -> bool array; anything else is refused."""
     if pd.api.types.is_bool_dtype(values):
-        return values.to_numpy(dtype=bool)
+        as_bool: NDArray[np.bool_] = values.to_numpy(dtype=bool)
+        return as_bool
     out = np.empty(len(values), dtype=bool)
     for i, value in enumerate(values.tolist()):
         if isinstance(value, (bool, np.bool_)):
@@ -154,9 +159,11 @@ def _event_indicator(values: pd.Series, column: str) -> np.ndarray:
     return out
 
 
-def _numeric_column(values: pd.Series, column: str, role: str) -> np.ndarray:
+def _numeric_column(values: pd.Series, column: str, role: str) -> NDArray[np.float64]:
+    array: NDArray[np.float64]
     if pd.api.types.is_bool_dtype(values):
-        return values.to_numpy(dtype=float)
+        array = values.to_numpy(dtype=float)
+        return array
     if pd.api.types.is_numeric_dtype(values):
         array = values.to_numpy(dtype=float)
     else:
@@ -178,14 +185,14 @@ def _numeric_column(values: pd.Series, column: str, role: str) -> np.ndarray:
     return array
 
 
-def _time_column(values: pd.Series, column: str) -> np.ndarray:
+def _time_column(values: pd.Series, column: str) -> NDArray[np.float64]:
     times = _numeric_column(values, column, "time")
     if (times < 0).any():
         raise SurvivalDataError(f"time column {column!r}: value {_show(times[times < 0][0])} is negative")
     return times
 
 
-def _is_number(value) -> bool:
+def _is_number(value: Any) -> bool:  # any cell of a CSV column: probed, not trusted
     try:
         float(value)
     except (TypeError, ValueError):
@@ -193,7 +200,7 @@ def _is_number(value) -> bool:
     return not isinstance(value, (bool, np.bool_))
 
 
-def _show(value) -> str:
+def _show(value: object) -> str:
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return str(int(value))
     if isinstance(value, str):
@@ -201,7 +208,7 @@ def _show(value) -> str:
     return repr(value) if not isinstance(value, (int, float, np.number)) else str(value)
 
 
-def _group_label(value) -> str:
+def _group_label(value: object) -> str:
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return str(int(value))
     if isinstance(value, np.generic):
@@ -209,7 +216,9 @@ def _group_label(value) -> str:
     return str(value).strip() if isinstance(value, str) else str(value)
 
 
-def _survival_arrays(df: pd.DataFrame, time: str, event: str, others: Sequence[str]):
+def _survival_arrays(
+    df: pd.DataFrame, time: str, event: str, others: Sequence[str]
+) -> tuple[pd.DataFrame, NDArray[np.float64], NDArray[np.bool_], int]:
     _require_columns(df, [time, event, *others])
     complete, n_dropped = _complete_rows(df, [time, event, *others])
     times = _time_column(complete[time], time)
@@ -246,7 +255,7 @@ class CoxResult:
     ties: str
     covariance: tuple[tuple[float, ...], ...]
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """The JSON shape of ``sclc-node stats cox``."""
         return {
             "coefficients": {
@@ -269,7 +278,9 @@ class CoxResult:
         }
 
 
-def cox_information(x, time, event, beta, ties: str = "efron") -> np.ndarray:
+def cox_information(
+    x: ArrayLike, time: ArrayLike, event: ArrayLike, beta: ArrayLike, ties: str = "efron"
+) -> NDArray[np.float64]:
     """Observed information matrix (minus the Hessian) of the Cox log partial likelihood.
 
     scikit-survival estimates the coefficients but exposes no variance, so this
@@ -286,7 +297,9 @@ def cox_information(x, time, event, beta, ties: str = "efron") -> np.ndarray:
     return _cox_score_information(x, time, event, beta, ties)[1]
 
 
-def _cox_score_information(x, time, event, beta, ties: str) -> tuple[np.ndarray, np.ndarray]:
+def _cox_score_information(
+    x: ArrayLike, time: ArrayLike, event: ArrayLike, beta: ArrayLike, ties: str
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Score vector and observed information of the log partial likelihood (see cox_information)."""
     if ties not in ("efron", "breslow"):
         raise ValueError(f"ties must be 'efron' or 'breslow', not {ties!r}")
@@ -336,12 +349,40 @@ def _cox_score_information(x, time, event, beta, ties: str) -> tuple[np.ndarray,
     return score, np.einsum("k,kij->ij", mult, terms)
 
 
-def _score_and_covariance(x, time, event, beta, ties) -> tuple[np.ndarray, np.ndarray]:
+def _score_and_covariance(
+    x: ArrayLike, time: ArrayLike, event: ArrayLike, beta: ArrayLike, ties: str
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     score, info = _cox_score_information(x, time, event, beta, ties)
     try:
-        return score, np.linalg.inv(info)
+        return score, np.asarray(np.linalg.inv(info), dtype=np.float64)
     except np.linalg.LinAlgError:
         raise CoxFitError("the information matrix is singular: the coefficients are not identifiable") from None
+
+
+def survival_y(time: NDArray[np.float64], event: NDArray[np.bool_]) -> NDArray[np.void]:
+    """scikit-survival's structured outcome (fields ``event``, ``time``): the ``y`` of its estimators and metrics."""
+    from sksurv.util import Surv
+
+    y: NDArray[np.void] = Surv.from_arrays(event=event, time=time)
+    return y
+
+
+def harrell_c(time: NDArray[np.float64], event: NDArray[np.bool_], score: NDArray[np.float64]) -> float | None:
+    """Harrell's C of a risk score (higher = earlier event): scikit-survival's ``concordance_index_censored``.
+
+    None where C is undefined: every patient censored (a small bootstrap resample, a fold), no
+    comparable pair, or a non-finite value.
+    """
+    from sksurv.exceptions import NoComparablePairException
+    from sksurv.metrics import concordance_index_censored
+
+    if not np.any(event):
+        return None
+    try:
+        value = float(concordance_index_censored(event, time, score)[0])
+    except NoComparablePairException:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def cox_fit(df: pd.DataFrame, time: str, event: str, covariates: Sequence[str], ties: str = "efron") -> CoxResult:
@@ -463,7 +504,7 @@ def _print_survfit_median(curve: np.ndarray, times: np.ndarray) -> float | None:
     return float(x[0])
 
 
-def _km_summary(times: np.ndarray, events: np.ndarray) -> dict:
+def _km_summary(times: NDArray[np.float64], events: NDArray[np.bool_]) -> dict[str, Any]:
     from sksurv.nonparametric import kaplan_meier_estimator
 
     unique_times, surv = kaplan_meier_estimator(events, times)
@@ -489,7 +530,7 @@ def _km_summary(times: np.ndarray, events: np.ndarray) -> dict:
     }
 
 
-def kaplan_meier(df: pd.DataFrame, time: str, event: str, group: str | None = None) -> dict:
+def kaplan_meier(df: pd.DataFrame, time: str, event: str, group: str | None = None) -> dict[str, Any]:
     """Kaplan-Meier median survival with its 95% CI per group, like ``print(survfit(...))``.
 
     Returns ``{"groups": {label: {"n", "events", "median", "ci_low", "ci_high"}},
@@ -500,7 +541,7 @@ def kaplan_meier(df: pd.DataFrame, time: str, event: str, group: str | None = No
     """
     others = [group] if group is not None else []
     complete, times, events, n_dropped = _survival_arrays(df, time, event, others)
-    groups: dict[str, dict] = {}
+    groups: dict[str, dict[str, Any]] = {}
     if group is None:
         groups["all"] = _km_summary(times, events)
     else:
@@ -529,7 +570,7 @@ def _group_indices(values: pd.Series) -> list[tuple[str, np.ndarray]]:
 # --------------------------------------------------------------------------- log-rank
 
 
-def logrank(df: pd.DataFrame, time: str, event: str, group: str) -> dict:
+def logrank(df: pd.DataFrame, time: str, event: str, group: str) -> dict[str, Any]:
     """The log-rank test of ``survdiff(Surv(time, event) ~ group)`` (rho = 0).
 
     Returns ``{"chi2", "df", "p", "groups": {label: {"n", "observed", "expected"}},

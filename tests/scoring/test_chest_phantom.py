@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from sclc_risk_node.node.training.chest_phantom import (
+from sclc_risk_node.scoring.training.chest_phantom import (
     IN_PLANE_SPACING_RANGE_MM,
     SLICE_THICKNESSES_MM,
     chest_ct_phantom,

@@ -29,9 +29,9 @@ import SimpleITK as sitk
 
 from sclc_risk_node.dicom_io.ct_series import read_ct_series
 from sclc_risk_node.dicom_io.seg import read_tumour_segment
-from sclc_risk_node.node.training.cohort import load_cohort
-from sclc_risk_node.node.training.extraction import ExtractionError, extract_cohort_features, extract_patient_features
-from sclc_risk_node.node.training.simulate import simulate_cohort
+from sclc_risk_node.research.cohort import load_cohort
+from sclc_risk_node.research.extraction import ExtractionError, extract_cohort_features, extract_patient_features
+from sclc_risk_node.research.simulate import simulate_cohort
 from sclc_risk_node.scoring.errors import FeatureExtractionError
 from sclc_risk_node.scoring.features import extract_all_features
 from sclc_risk_node.scoring.ring import peritumoral_ring
@@ -231,9 +231,9 @@ def test_a_killed_run_resumes_with_the_patients_not_yet_done(cohort, baseline, t
     script = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from node.training.cohort import load_cohort\n"
-        "from node.training.extraction import extract_cohort_features\n"
-        "from scoring.types import ExtractionSettings\n"
+        "from sclc_risk_node.research.cohort import load_cohort\n"
+        "from sclc_risk_node.research.extraction import extract_cohort_features\n"
+        "from sclc_risk_node.scoring.types import ExtractionSettings\n"
         "settings = ExtractionSettings(**json.loads(sys.argv[1]))\n"
         "extract_cohort_features(load_cohort(Path(sys.argv[2])), settings, feature_classes=json.loads(sys.argv[3]),\n"
         "                        cache_dir=Path(sys.argv[4]), workers=1, progress=False)\n"
@@ -327,7 +327,7 @@ def test_one_region_only(cohort):
 
 @pytest.fixture(scope="module")
 def perturbed(cohort, baseline, tmp_path_factory):
-    from sclc_risk_node.node.training.extraction import Perturbation
+    from sclc_risk_node.research.extraction import Perturbation
 
     patients = [
         p
@@ -341,7 +341,7 @@ def perturbed(cohort, baseline, tmp_path_factory):
         "noise": Perturbation("noise", noise_sd_hu=20.0, seed=3),
         "shift": Perturbation("shift", shift_voxels=0.5),
     }
-    from sclc_risk_node.node.training.extraction import extract_perturbed_features
+    from sclc_risk_node.research.extraction import extract_perturbed_features
 
     # All four perturbations in one pool of workers.
     results = extract_perturbed_features(
@@ -405,7 +405,7 @@ def test_each_perturbation_has_its_own_cache_and_a_rerun_reads_it(cohort, pertur
 
 
 def test_noise_is_reproducible_per_patient_and_erosion_of_a_tiny_mask_is_a_clear_error():
-    from sclc_risk_node.node.training.extraction import Perturbation, perturb_inputs
+    from sclc_risk_node.research.extraction import Perturbation, perturb_inputs
     from sclc_risk_node.scoring.errors import MaskError
 
     image = sitk.GetImageFromArray(np.full((10, 10, 10), -800, dtype=np.int16))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sclc_risk_node.node.training.cohort import CohortError, load_cohort, parse_cohort_csv
+from sclc_risk_node.research.cohort import CohortError, load_cohort, parse_cohort_csv
 from sclc_risk_node.scoring.clinical import Lipi
 from sclc_risk_node.scoring.errors import InputError
 
@@ -286,3 +286,31 @@ def test_parse_cohort_csv_takes_paths_relative_to_the_given_folder(tmp_path):
         base_dir=tmp_path,
     )
     assert cohort.patients[0].images.seg == (tmp_path / "p1" / "seg.dcm").resolve()
+
+
+def test_the_seg_check_is_pydicoms_is_dicom(tmp_path):
+    """The cohort's "is this a DICOM file" is pydicom.misc.is_dicom (no hand-written preamble check)."""
+    import os
+
+    from pydicom import examples
+    from pydicom.misc import is_dicom
+
+    from sclc_risk_node.research.cohort import _is_dicom_file
+
+    files = {
+        "real.dcm": None,
+        "preamble.dcm": b"\0" * 128 + b"DICM",
+        "short.dcm": b"\0" * 128 + b"DIC",
+        "plain.dcm": b"not a DICOM file\n" * 20,
+        "empty.dcm": b"",
+    }
+    for name, data in files.items():
+        if data is None:
+            examples.ct.save_as(tmp_path / name, enforce_file_format=True)
+        else:
+            (tmp_path / name).write_bytes(data)
+        assert _is_dicom_file(tmp_path / name) == is_dicom(tmp_path / name), name
+    assert [name for name in files if _is_dicom_file(tmp_path / name)] == ["real.dcm", "preamble.dcm"]
+    if os.geteuid() != 0:  # root reads a mode-000 file
+        (tmp_path / "preamble.dcm").chmod(0)
+        assert _is_dicom_file(tmp_path / "preamble.dcm") is False

@@ -1,1 +1,0 @@
-"""Training data side: the cohort CSV (`cohort`), cohort feature extraction (`extraction`), a simulated cohort (`simulate`)."""
