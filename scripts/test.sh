@@ -3,8 +3,9 @@
 #   Debian tools: Orthanc (test PACS), DCMTK (storescu, dsrdump, dcmcjpeg...),
 #   dicom3tools (dciodvfy), PixelMed (SR template validator), GNU time (benchmarks: peak RSS); for the browser
 #   tests (tests/viewer) Orthanc's DICOMweb plugin, Chromium and a font.
-#   Python: the node itself (editable) plus the test extras (Playwright drives
-#   Debian's Chromium; it never downloads a browser of its own).
+#   Python: the node itself (editable) plus the test extras (which include [train] and the
+#   pinned quality-gate tools ruff and mypy; Playwright drives
+#   Debian's Chromium, it never downloads a browser of its own).
 #   npm: OHIF Viewer's built app (@ohif/app ships dist/), version pinned in
 #   tests/viewer/ohif-version.txt, unpacked into the user's cache, not the repo.
 set -euo pipefail
@@ -37,5 +38,8 @@ if [ ! -f "$OHIF_DIR/dist/index.html" ]; then
     rm -rf "$OHIF_DIR/dist" && mv "$download/package/dist" "$OHIF_DIR/dist"
     rm -rf "$download"
 fi
+
+# The quality gate (ruff, mypy; docs/development.md) before any test: a red gate stops here.
+bash scripts/quality.sh
 
 exec python3 -m pytest "$@"

@@ -97,7 +97,7 @@ def test_code_imports_its_own_packages_only_through_the_namespace():
 # --- no import cycles -------------------------------------------------------------------
 
 #: The folders whose modules form the graph; each installs as sclc_risk_node.<folder>.
-GRAPH_PACKAGES = ("node", "dicom_io", "scoring")
+GRAPH_PACKAGES = ("node", "dicom_io", "scoring", "research")
 
 
 def module_files(root: Path = REPO, packages: tuple[str, ...] = GRAPH_PACKAGES) -> dict[str, Path]:

@@ -149,10 +149,10 @@ def chest_ct_phantom(
 
     image = sitk.GetImageFromArray(hu)
     # SimpleITK's methods carry no annotations.
-    image.SetSpacing((spacing_xy, spacing_xy, thickness))  # type: ignore[no-untyped-call]
-    image.SetOrigin((origin[0], origin[1], centre[2] - n_slices * thickness / 2 + thickness / 2))  # type: ignore[no-untyped-call]
+    image.SetSpacing((spacing_xy, spacing_xy, thickness))
+    image.SetOrigin((origin[0], origin[1], centre[2] - n_slices * thickness / 2 + thickness / 2))
     mask_image = sitk.GetImageFromArray(mask.astype(np.uint8))
-    mask_image.CopyInformation(image)  # type: ignore[no-untyped-call]
+    mask_image.CopyInformation(image)
     volume_ml = float(mask.sum()) * spacing_xy * spacing_xy * thickness / 1000.0
     layout = ChestPhantomLayout(
         location=location,

@@ -368,10 +368,10 @@ class TrainingSpec:
     validation: ValidationSpec = field(default_factory=lambda: ValidationSpec(seed=0))
 
     @classmethod
-    def from_toml(cls, text: str) -> TrainingSpec:
+    def from_toml(cls, text: str | bytes) -> TrainingSpec:
         if isinstance(text, (bytes, bytearray)):
             try:
-                text = text.decode("utf-8")
+                text = bytes(text).decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise TrainingSpecError(f"training spec is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         try:
