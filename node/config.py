@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import errno
-import functools
 import ipaddress
 import math
 import os
@@ -51,7 +50,7 @@ import types
 from collections.abc import Callable, Iterator, Mapping
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 from pydantic import (
     AfterValidator,
@@ -67,6 +66,7 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
 from sclc_risk_node.scoring.errors import InputError
+from sclc_risk_node.scoring.validated import raising_on_invalid
 
 DEFAULTS_PACKAGE = "sclc_risk_node.config"
 DEFAULTS_FILENAME = "node.toml"
@@ -340,22 +340,8 @@ SECTION_CONFIG = ConfigDict(extra="forbid")
 #: Fields of `NodeConfig` that the loader sets; a TOML file may not.
 DERIVED_KEYS = ("state_directory", "source")
 
-_S = TypeVar("_S")
-
-
-def _config_errors(cls: type[_S]) -> type[_S]:
-    """Direct construction (and `dataclasses.replace`) raises `ConfigError`, as loading does."""
-    init = cls.__init__
-
-    @functools.wraps(init)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            init(self, *args, **kwargs)
-        except ValidationError as exc:
-            raise ConfigError(_problems(exc, cls)) from None
-
-    cls.__init__ = __init__  # type: ignore[method-assign]
-    return cls
+#: Direct construction (and `dataclasses.replace`) raises `ConfigError`, as loading does.
+_config_errors = raising_on_invalid(lambda exc, cls: ConfigError(_problems(exc, cls)))
 
 
 class _Section:

@@ -194,6 +194,19 @@ def _guard_failure(
     return InvalidTransition(f"study {study_uid}: {event} was pre-empted by a concurrent change", **context)
 
 
+def _claim_in(tx: Transaction, study_uid: str, *, worker_id: str, now: float, lease_s: float) -> StudyRecord:
+    apply_event(
+        tx,
+        study_uid,
+        StudyEvent.CLAIMED,
+        now=now,
+        worker_id=worker_id,
+        lease_s=lease_s,
+        reason=f"worker {worker_id}",
+    )
+    return StudyRecord.from_row(_study_row(tx, study_uid))
+
+
 def _study_row(tx: Transaction, study_uid: str) -> dict[str, Any]:
     row = tx.one("study_by_uid", study_uid=study_uid)
     if row is None:
@@ -565,16 +578,7 @@ class StudyMachine:
     def claim(self, study_uid: str, *, worker_id: str, now: float, lease_s: float) -> StudyRecord:
         """Take a ready study for scoring until ``now + lease_s``; `InvalidTransition` if someone else did."""
         with self.spool.transaction() as tx:
-            apply_event(
-                tx,
-                study_uid,
-                StudyEvent.CLAIMED,
-                now=now,
-                worker_id=worker_id,
-                lease_s=lease_s,
-                reason=f"worker {worker_id}",
-            )
-            return StudyRecord.from_row(_study_row(tx, study_uid))
+            return _claim_in(tx, study_uid, worker_id=worker_id, now=now, lease_s=lease_s)
 
     def claim_next(self, *, worker_id: str, now: float, lease_s: float) -> StudyRecord | None:
         """Claim the study that has been ready longest, or return None."""
@@ -583,16 +587,7 @@ class StudyMachine:
             if not rows:
                 return None
             study_uid = rows[0]["study_instance_uid"]
-            apply_event(
-                tx,
-                study_uid,
-                StudyEvent.CLAIMED,
-                now=now,
-                worker_id=worker_id,
-                lease_s=lease_s,
-                reason=f"worker {worker_id}",
-            )
-            return StudyRecord.from_row(_study_row(tx, study_uid))
+            return _claim_in(tx, study_uid, worker_id=worker_id, now=now, lease_s=lease_s)
 
     def renew_lease(self, study_uid: str, *, worker_id: str, now: float, lease_s: float) -> None:
         """Heartbeat of a long scoring run.  `LeaseLost` if the study was reclaimed meanwhile."""

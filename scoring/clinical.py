@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import enum
-import functools
 import io
 import math
 import re
@@ -30,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass as stdlib_dataclass
 from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 from pydantic import (
     AfterValidator,
@@ -48,6 +47,7 @@ from pydantic_core import PydanticCustomError
 
 from sclc_risk_node.scoring.errors import ClinicalRecordError
 from sclc_risk_node.scoring.strict_json import loads_strict
+from sclc_risk_node.scoring.validated import raising_on_invalid
 
 
 class Lipi(enum.IntEnum):
@@ -141,22 +141,8 @@ def _construction_problems(error: ValidationError, cls: type) -> list[str]:
     return problems
 
 
-_T = TypeVar("_T")
-
-
-def _clinical_errors(cls: type[_T]) -> type[_T]:
-    """Direct construction raises `ClinicalRecordError` listing every problem, as parsing does."""
-    init = cls.__init__
-
-    @functools.wraps(init)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            init(self, *args, **kwargs)
-        except ValidationError as exc:
-            raise ClinicalRecordError(_construction_problems(exc, cls)) from None
-
-    cls.__init__ = __init__  # type: ignore[method-assign]
-    return cls
+#: Direct construction raises `ClinicalRecordError` listing every problem, as parsing does.
+_clinical_errors = raising_on_invalid(lambda exc, cls: ClinicalRecordError(_construction_problems(exc, cls)))
 
 
 @_clinical_errors

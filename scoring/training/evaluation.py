@@ -368,19 +368,7 @@ def predictive_analysis(
     except (stats.CoxFitError, stats.SurvivalDataError) as exc:
         result["reason"] = f"interaction model not estimable: {exc}"
         return result
-    table = [
-        {
-            "name": name,
-            "coef": c.coef,
-            "hr": c.hr,
-            "ci_low": c.ci_low,
-            "ci_high": c.ci_high,
-            "se": c.se,
-            "z": c.z,
-            "p": c.p,
-        }
-        for name, c in fit.coefficients.items()
-    ]
+    table = fit.table()
     term = fit.coefficients["high_risk:treated"]
     result["interaction"] = {
         "model": "Cox (Efron ties): high_risk + treated + high_risk:treated",

@@ -474,22 +474,6 @@ def _encode_candidates(
 # --------------------------------------------------------------------------- clinical screening
 
 
-def _cox_table(result: stats.CoxResult) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": name,
-            "coef": c.coef,
-            "hr": c.hr,
-            "ci_low": c.ci_low,
-            "ci_high": c.ci_high,
-            "se": c.se,
-            "z": c.z,
-            "p": c.p,
-        }
-        for name, c in result.coefficients.items()
-    ]
-
-
 def _univariate_screen(
     frame: pd.DataFrame, candidates: Sequence[ClinicalCandidate], threshold: float
 ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -501,7 +485,7 @@ def _univariate_screen(
         except stats.CoxFitError as exc:
             row.update(kept=False, note=str(exc))
         else:
-            row.update(_cox_table(result)[0], kept=result.coefficients[candidate.name].p < threshold)
+            row.update(result.table()[0], kept=result.coefficients[candidate.name].p < threshold)
             row["name"] = candidate.name
         table.append(row)
         if row["kept"]:
@@ -524,7 +508,7 @@ def _multivariate_screen(
                 " (remove or merge the collinear candidates in [clinical])"
             ) from None
         p = {name: result.coefficients[name].p for name in remaining}
-        steps.append({"terms": list(remaining), "table": _cox_table(result)})
+        steps.append({"terms": list(remaining), "table": result.table()})
         failing = [name for name in remaining if p[name] >= threshold]
         if not failing:
             return steps, remaining
@@ -764,7 +748,7 @@ def fit_integrated_model(
     radiomics_only = {
         "coefficient": radiomics_coef,
         **_breslow(radiomics_lp, float(radiomics_lp.mean()), time, event),
-        "table": _cox_table(radiomics_cox),
+        "table": radiomics_cox.table(),
     }
 
     km = stats.kaplan_meier(pd.DataFrame({"time": time, "event": event}), "time", "event")["groups"]["all"]
@@ -837,7 +821,7 @@ def fit_integrated_model(
         "clinical": clinical_summary,
         "spearman_radiomics_score": spearman,
         "vif": {name: _finite_or_none(value) for name, value in vif.items()},
-        "integrated_cox": {"ties": integrated.ties, "table": _cox_table(integrated)},
+        "integrated_cox": {"ties": integrated.ties, "table": integrated.table()},
         "risk_cutoff_rule": "training median",
         "radiomics_only_cox": radiomics_only,
         "spec": spec_mapping,

@@ -242,6 +242,18 @@ class CoxCoefficient:
     z: float
     p: float
 
+    def as_dict(self) -> dict[str, float]:
+        """The row's numbers as JSON (every field but the name)."""
+        return {
+            "coef": self.coef,
+            "hr": self.hr,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "se": self.se,
+            "z": self.z,
+            "p": self.p,
+        }
+
 
 @dataclass(frozen=True)
 class CoxResult:
@@ -255,21 +267,14 @@ class CoxResult:
     ties: str
     covariance: tuple[tuple[float, ...], ...]
 
+    def table(self) -> list[dict[str, Any]]:
+        """One JSON row per coefficient, named (the training report's tables)."""
+        return [{"name": name, **c.as_dict()} for name, c in self.coefficients.items()]
+
     def as_dict(self) -> dict[str, Any]:
         """The JSON shape of ``sclc-node stats cox``."""
         return {
-            "coefficients": {
-                name: {
-                    "coef": c.coef,
-                    "hr": c.hr,
-                    "ci_low": c.ci_low,
-                    "ci_high": c.ci_high,
-                    "se": c.se,
-                    "z": c.z,
-                    "p": c.p,
-                }
-                for name, c in self.coefficients.items()
-            },
+            "coefficients": {name: c.as_dict() for name, c in self.coefficients.items()},
             "concordance": self.concordance,
             "n": self.n,
             "events": self.events,
