@@ -105,7 +105,7 @@ def test_the_worker_initialiser_imports_and_loads_the_model_once():
     # Run in a fresh interpreter: this process has imported everything already.
     code = (
         "import os, sys, time\n"
-        "from node.worker import _worker_initialiser, _load_model\n"
+        "from sclc_risk_node.node.worker import _worker_initialiser, _load_model\n"
         "from sclc_risk_node.models import shipped_model_path\n"
         "path = shipped_model_path('demo-integrated-cox-2.0.0.json')\n"
         "assert 'radiomics' not in sys.modules\n"
