@@ -8,7 +8,7 @@ median MB/s (file bytes / wall time of the storescu run) is printed as JSON,
 with the ratio to storescp.  All receivers run with ``TCP_NODELAY=1`` and the
 same maximum PDU.  A ratio, not an absolute: before answering, the node syncs
 every file (fdatasync) and its folder and commits a SQLite row
-(``synchronous=NORMAL``: ``Spool.recover`` rebuilds it from the synced file),
+(``synchronous=NORMAL``: ``node.recovery.recover`` rebuilds it from the synced file),
 while storescp only writes.  A diagnostic run of the node without the syncs
 (not durable) shows what they cost per instance.  ``storescp +B`` also skips
 re-encoding, as the node does.  ``--spool`` puts the node's spool on another

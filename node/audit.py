@@ -49,7 +49,7 @@ from typing import Any, Protocol
 
 
 class Statements(Protocol):
-    """What `record_in` needs of `node.spool.Transaction`: named statements.
+    """What `record_in` needs of `node.database.Transaction`: named statements.
 
     A protocol rather than an import: the spool reads audit events back with
     `AuditEvent.from_row`, so importing the spool here would close a cycle.

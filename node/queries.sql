@@ -1,4 +1,4 @@
--- Every SQL statement the node runs, by name.  node/spool.py parses this file:
+-- Every SQL statement the node runs, by name.  node/database.py parses this file:
 -- a block starts at "-- name: <name>" and runs to the next one.  Parameters are
 -- :named.  Lists of states are passed as JSON arrays (json_each) so the state
 -- vocabulary lives only in node/states.py.

@@ -415,7 +415,7 @@ class OutboxItem:
 
 @dataclass(frozen=True, slots=True)
 class RecoveryReport:
-    """What `Spool.recover` found and did on startup."""
+    """What `node.recovery.recover` found and did on startup."""
 
     temp_files_removed: int = 0
     reindexed_sop_instance_uids: tuple[str, ...] = ()

@@ -1,4 +1,4 @@
--- The node's whole persistent state (schema version 2).  Applied by node/spool.py when
+-- The node's whole persistent state (schema version 2).  Applied by node/database.py when
 -- PRAGMA user_version is below that; every statement is IF NOT EXISTS, so on a version-1
 -- database (no audit_events) it only adds what is new.  Times are REAL epoch seconds (UTC).
 --

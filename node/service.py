@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from apscheduler.executors.pool import ThreadPoolExecutor as SchedulerThreadPool
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from sclc_risk_node.node import retention
 from sclc_risk_node.node.clinical_inbox import ClinicalInbox
 from sclc_risk_node.node.config import NodeConfig
 from sclc_risk_node.node.fhir_lookup import FhirLookup
@@ -151,18 +152,19 @@ class NodeService:
         delivered_states = {StudyState.DELIVERED}
         if not self.config.destinations:
             delivered_states.add(StudyState.SCORED)  # nothing to send: scored is the end of the line
-        due = self.spool.studies_due_for_cleanup(
-            now=now, retention_s=self.config.spool.retention_after_delivery_s, states=delivered_states
-        ) + self.spool.studies_due_for_cleanup(
+        due = retention.studies_due_for_cleanup(
+            self.spool, now=now, retention_s=self.config.spool.retention_after_delivery_s, states=delivered_states
+        ) + retention.studies_due_for_cleanup(
+            self.spool,
             now=now,
             retention_s=self.config.spool.retention_failed_s,
             states={StudyState.FAILED, StudyState.EXPIRED},
         )
         for study in due:
-            removed = self.spool.remove_study_files(study.study_instance_uid, now=now)
+            removed = retention.remove_study_files(self.spool, study.study_instance_uid, now=now)
             self.log.info("study_files_removed", study_uid=study.study_instance_uid, files=removed)
-        self.spool.expire_unmatched_clinical_records(
-            now=now, retention_s=self.config.clinical.unmatched_record_retention_s
+        retention.expire_unmatched_clinical_records(
+            self.spool, now=now, retention_s=self.config.clinical.unmatched_record_retention_s
         )
         removed = self.inbox.remove_old_files(
             now=now,

@@ -1,4 +1,4 @@
-"""The durable spool: received files on disk, all state in SQLite.  The only module that imports sqlite3.
+"""The durable spool: received files on disk, all state in SQLite.
 
 The spool is files plus named queries: it places and removes files, runs
 transactions, and reads.  It never changes a study's state: ``studies.state``
@@ -9,67 +9,55 @@ calls into the spool (never the other way round).  Where a file operation
 and a transition must commit together (receiving an instance, re-indexing
 one at recovery) the spool takes an ``on_indexed`` callable from the machine.
 
+`Spool` is the facade over these modules, each focused on one thing:
+
+* `node.durable_files`: placing a file durably (fdatasync, rename, fsync of
+  the folder) and removing empty folders, OS errors as `SpoolFull` / `SpoolIOError`;
+* `node.database`: the SQLite connections (WAL, one per thread) and
+  `Transaction` over the named queries of ``queries.sql``; ``schema.sql``;
+* `node.retention`: finished studies due for cleanup, removing their files,
+  expiring unmatched clinical records (functions over a `Spool`);
+* `node.recovery`: bringing files and index back in line at start-up.
+
 Durability before acknowledgement.  `Spool.place_instance` writes the bytes it
 was given to a temp file in the destination folder, fsyncs it, renames it over
 the final name, fsyncs the folder, and only then commits the index row (with
 the study row and, when the study changes state, its event row) in one
 transaction.  It returns after the commit, so anything it acknowledged survives
 ``kill -9`` and power loss.  A crash between rename and commit leaves a complete
-file without a row; `Spool.recover` indexes it on the next start and removes
-leftover temp files.
+file without a row; `node.recovery.recover` indexes it on the next start and
+removes leftover temp files.  The index commit is the one ``reconstructible``
+transaction (``synchronous=NORMAL``, see `Spool.transaction`).
 
-SQLite runs in WAL mode with ``synchronous=FULL`` (a commit is on disk when it
-returns) and a busy timeout.  The one exception is the received instance's
-index commit (``synchronous=NORMAL``): its file is already fsynced and
-`Spool.recover` rebuilds the row from it, so acknowledging before the WAL
-reaches the disk loses nothing.  Every write transaction is ``BEGIN IMMEDIATE``:
-it takes the write lock up front, so two writers queue on the busy timeout
-instead of failing later with a lock upgrade error, and a read-then-update
-inside one transaction cannot interleave with another writer.
-
-Each thread gets its own connection (pynetdicom handles each association in a
-thread).  Work on one study's files (store, purge) is serialised by a lock
-striped over `LOCK_STRIPES` lock files, which also holds across processes.
+Work on one study's files (store, purge) is serialised by a lock striped over
+`LOCK_STRIPES` lock files, which also holds across processes.
 
 Layout under the spool directory (every path component is a validated UID):
 
     instances/<study_uid>/<series_uid>/<sop_uid>.dcm
     sr/<study_uid>/<sr_sop_uid>.dcm
-    quarantine/                 unreadable orphan files found by recover()
+    quarantine/                 unreadable orphan files found by recovery
     locks/NN.lock
-
-All SQL is in ``queries.sql`` (named queries) and ``schema.sql``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
-import sqlite3
-import stat
-import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from sclc_risk_node.node import audit
-from sclc_risk_node.node.errors import (
-    InvalidTransition,
-    NotPart10,
-    SpoolBusy,
-    SpoolFull,
-    SpoolIOError,
-    SpoolSchemaError,
-    UnknownStudy,
-)
-from sclc_risk_node.node.files import write_atomically
+from sclc_risk_node.node.database import Connection, Database, Transaction
+from sclc_risk_node.node.durable_files import place_file_atomically
+from sclc_risk_node.node.errors import InvalidTransition, NotPart10, SpoolBusy, SpoolFull, UnknownStudy
+from sclc_risk_node.node.files import fsync_directory
 from sclc_risk_node.node.logs import get_logger
 from sclc_risk_node.node.records import (
     ClinicalRecordRow,
@@ -77,7 +65,6 @@ from sclc_risk_node.node.records import (
     InstanceHeader,
     InstanceRecord,
     OutboxItem,
-    RecoveryReport,
     SegmentationRefs,
     StoreOutcome,
     StudyRecord,
@@ -85,17 +72,14 @@ from sclc_risk_node.node.records import (
     Transition,
     safe_uid,
 )
-from sclc_risk_node.node.states import FINISHED_STATES, StudyState
+from sclc_risk_node.node.states import StudyState
 
-SCHEMA_VERSION = 2
 DATABASE_FILENAME = "node.sqlite3"
 INSTANCES_DIR = "instances"
 SR_DIR = "sr"
 QUARANTINE_DIR = "quarantine"
 LOCKS_DIR = "locks"
 SERVICE_LOCK_FILENAME = "service.lock"
-#: Temp files are hidden and carry this suffix so recover() can tell them from spooled files.
-TEMP_SUFFIX = ".partial"
 #: Bounded number of lock files; two studies sharing a stripe only wait for each other briefly.
 LOCK_STRIPES = 64
 #: A Part-10 file is a 128-byte preamble, then these four bytes, then the file meta group.
@@ -114,192 +98,14 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def parse_named_queries(text: str) -> dict[str, str]:
-    """``-- name: x`` blocks of a SQL file, by name."""
-    queries: dict[str, str] = {}
-    name: str | None = None
-    lines: list[str] = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("-- name:"):
-            if name:
-                queries[name] = "\n".join(lines).strip()
-            name = stripped.removeprefix("-- name:").strip()
-            if name in queries:
-                raise ValueError(f"query {name!r} is defined twice")
-            lines = []
-        elif name:
-            lines.append(line)
-    if name:
-        queries[name] = "\n".join(lines).strip()
-    return queries
-
-
-def _package_text(filename: str) -> str:
-    return files("sclc_risk_node.node").joinpath(filename).read_text(encoding="utf-8")
-
-
-_QUERIES = parse_named_queries(_package_text("queries.sql"))
-
-
-def _states_json(states: Iterable[StudyState] | None) -> str | None:
+def states_json(states: Iterable[StudyState] | None) -> str | None:
+    """The ``:states`` parameter of the named queries that filter by state (``None``: any state)."""
     return None if states is None else json.dumps(sorted(str(s) for s in states))
-
-
-# --- files -------------------------------------------------------------------------
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_directories_durably(directory: Path, root: Path) -> None:
-    """Create ``directory`` (under ``root``) and fsync each parent that gained an entry.
-
-    Without the parent fsync a new folder can vanish in a power loss, taking
-    the fsynced file inside it along.
-    """
-    if directory.is_dir():
-        return
-    missing = []
-    current = directory
-    while not current.is_dir():
-        missing.append(current)
-        if current == root or current.parent == current:
-            break
-        current = current.parent
-    for path in reversed(missing):
-        try:
-            path.mkdir(mode=0o700)
-        except FileExistsError:
-            continue
-        _fsync_directory(path.parent)
-
-
-def _os_error(exc: OSError, what: str) -> Exception:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return SpoolFull(f"{what}: {exc.strerror}")
-    return SpoolIOError(f"{what}: {exc}")
-
-
-def place_file_atomically(final_path: Path, data: bytes, *, root: Path) -> None:
-    """Make ``final_path`` hold exactly ``data``, durably, or leave it as it was.
-
-    Temp file in the same folder (so the rename cannot cross file systems),
-    fdatasync, atomic rename, fsync of the folder.  fdatasync writes the data
-    and the metadata needed to read it back (the size), not the timestamps,
-    which saves ~0.7 ms per instance (ext4, issue 9).  Files are created 0600:
-    they hold patient data.
-    """
-    directory = final_path.parent
-    try:
-        _make_directories_durably(directory, root)
-    except OSError as exc:
-        raise _os_error(exc, f"cannot create a file in {directory}") from exc
-    try:
-        write_atomically(final_path, data, mode=0o600, durable=True, temp_suffix=TEMP_SUFFIX)
-    except OSError as exc:
-        raise _os_error(exc, f"cannot write {final_path.name}") from exc
-
-
-def _make_database_private(database: Path) -> None:
-    """Create the database file 0600 before SQLite does, and tighten it and its -wal/-shm if looser.
-
-    SQLite creates a new database with 0644 & ~umask, and gives the -wal and
-    -shm files the mode of the database file; so a 0600 database means 0600
-    companions whatever the umask.  They hold patient IDs and clinical values.
-    """
-    try:
-        fd = os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        os.close(fd)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise _os_error(exc, f"cannot create the database {database}") from exc
-    for path in (database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")):
-        try:
-            mode = stat.S_IMODE(os.lstat(path).st_mode)
-            if mode & 0o077:
-                os.chmod(path, mode & 0o700)
-        except FileNotFoundError:
-            continue
-        except PermissionError:
-            continue  # someone else's file (a CLI run as another user); SQLite will say if it cannot open it
-
-
-def _remove_empty_directories(directory: Path, stop_at: Path) -> None:
-    while directory != stop_at and stop_at in directory.parents:
-        try:
-            directory.rmdir()
-        except OSError:
-            return
-        _fsync_directory(directory.parent)
-        directory = directory.parent
-
-
-# --- database ----------------------------------------------------------------------
-
-
-class Transaction:
-    """One open SQLite transaction, offering the named queries.  Rows come back as plain dicts.
-
-    ``applied`` collects the study transitions made in it; the spool logs them
-    once the transaction has committed, so no log line describes a change
-    that was rolled back.
-    """
-
-    def __init__(self, connection: sqlite3.Connection, queries: Mapping[str, str]):
-        self._connection = connection
-        self._queries = queries
-        self.applied: list[Transition] = []
-
-    def _run(self, name: str, params: Mapping[str, Any]) -> sqlite3.Cursor:
-        return self._connection.execute(self._queries[name], dict(params))
-
-    def execute(self, name: str, **params: Any) -> int:
-        """Run a statement; return how many rows it changed."""
-        return self._run(name, params).rowcount
-
-    def insert(self, name: str, **params: Any) -> int:
-        """Run an INSERT; return the new row's id."""
-        row_id = self._run(name, params).lastrowid
-        if row_id is None:
-            raise LookupError(f"query {name} inserted no row")
-        return row_id
-
-    def one(self, name: str, **params: Any) -> dict[str, Any] | None:
-        row = self._run(name, params).fetchone()
-        return dict(row) if row is not None else None
-
-    def row(self, name: str, **params: Any) -> dict[str, Any]:
-        """`one` for a query that always finds its row (an aggregate, a row this transaction just read or wrote)."""
-        row = self.one(name, **params)
-        if row is None:
-            raise LookupError(f"query {name} found no row for {params}")
-        return row
-
-    def all(self, name: str, **params: Any) -> list[dict[str, Any]]:
-        return [dict(row) for row in self._run(name, params).fetchall()]
 
 
 #: Runs inside the transaction that indexed a new instance (``tx, header, now``): the study
 #: machine creates or advances its study there (`StudyMachine.store_instance`, `StudyMachine.recover`).
 InstanceIndexed = Callable[[Transaction, InstanceHeader, float], None]
-
-
-def _translate_sqlite_error(exc: sqlite3.Error) -> Exception | None:
-    name = getattr(exc, "sqlite_errorname", "")
-    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-        return SpoolBusy(f"spool database stayed locked: {exc}")
-    if name.startswith("SQLITE_FULL"):
-        return SpoolFull(f"spool database: {exc}")
-    if name.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_READONLY")):
-        return SpoolIOError(f"spool database: {exc}")
-    return None
 
 
 class Spool:
@@ -321,9 +127,7 @@ class Spool:
         self.database = Path(database)
         self.min_free_bytes = int(min_free_bytes)
         self.busy_timeout_s = float(busy_timeout_s)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
+        self._database = Database(self.database, busy_timeout_s=self.busy_timeout_s)
         self._service_lock_fd: int | None = None
 
     @classmethod
@@ -335,7 +139,7 @@ class Spool:
         min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
         busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
     ) -> Spool:
-        """Create the folders and the schema if needed.  Call `recover` before receiving."""
+        """Create the folders and the schema if needed.  Run `StudyMachine.recover` before receiving."""
         directory = Path(directory)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         for name in (INSTANCES_DIR, SR_DIR, QUARANTINE_DIR, LOCKS_DIR):
@@ -346,15 +150,11 @@ class Spool:
             min_free_bytes=min_free_bytes,
             busy_timeout_s=busy_timeout_s,
         )
-        spool._ensure_schema()
+        spool._database.ensure_schema()
         return spool
 
     def close(self) -> None:
-        with self._connections_lock:
-            for connection in self._connections:
-                connection.close()
-            self._connections.clear()
-        self._local = threading.local()
+        self._database.close()
 
     def __enter__(self) -> Spool:
         return self
@@ -364,41 +164,9 @@ class Spool:
 
     # --- connections and transactions ---
 
-    def _connection(self) -> sqlite3.Connection:
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            _make_database_private(self.database)
-            try:
-                connection = sqlite3.connect(
-                    self.database,
-                    timeout=self.busy_timeout_s,
-                    isolation_level=None,  # we issue BEGIN/COMMIT ourselves
-                    check_same_thread=False,  # thread-local anyway; close() may run elsewhere
-                )
-                connection.row_factory = sqlite3.Row
-                connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-                mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise SpoolIOError(f"{self.database}: SQLite refused WAL mode ({mode}); use a local disk, not NFS")
-                connection.execute("PRAGMA synchronous = FULL")
-                connection.execute("PRAGMA foreign_keys = ON")
-            except sqlite3.Error as exc:
-                raise _translate_sqlite_error(exc) or SpoolIOError(f"{self.database}: {exc}") from exc
-            self._local.connection = connection
-            with self._connections_lock:
-                self._connections.append(connection)
-        return connection
-
-    def _ensure_schema(self) -> None:
-        connection = self._connection()
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise SpoolSchemaError(
-                f"{self.database} has schema version {version}; this node knows up to {SCHEMA_VERSION}"
-            )
-        if version < SCHEMA_VERSION:
-            # Two processes starting together both run this; IF NOT EXISTS makes the second a no-op.
-            connection.executescript("BEGIN IMMEDIATE;\n" + _package_text("schema.sql") + "\nCOMMIT;")
+    def _connection(self) -> Connection:
+        """This thread's SQLite connection (tests read its pragmas and trace its statements)."""
+        return self._database.connection()
 
     @contextlib.contextmanager
     def transaction(self, *, write: bool = True, reconstructible: bool = False) -> Iterator[Transaction]:
@@ -406,36 +174,13 @@ class Spool:
 
         ``write=False`` gives a consistent read snapshot without taking the write lock.
         ``reconstructible=True`` commits with ``synchronous=NORMAL`` (no WAL fsync):
-        only for rows that `recover` rebuilds from an fsynced file, so a power
+        only for rows that `node.recovery.recover` rebuilds from an fsynced file, so a power
         loss can lose the row but not what it records.  Any later FULL commit
         fsyncs the WAL up to and including it.
         Not re-entrant: pass the `Transaction` down instead of opening another.
         """
-        connection = self._connection()
-        if getattr(self._local, "in_transaction", False):
-            raise RuntimeError("Spool.transaction() is not re-entrant; pass the open Transaction down")
-        tx = Transaction(connection, _QUERIES)
-        self._local.in_transaction = True
-        if reconstructible:
-            connection.execute("PRAGMA synchronous = NORMAL")
-        try:
-            try:
-                connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                yield tx
-                connection.execute("COMMIT")
-            except BaseException:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            translated = _translate_sqlite_error(exc)
-            if translated is None:
-                raise
-            raise translated from exc
-        finally:
-            self._local.in_transaction = False
-            if reconstructible:
-                connection.execute("PRAGMA synchronous = FULL")
+        with self._database.transaction(write=write, reconstructible=reconstructible) as tx:
+            yield tx
         for transition in tx.applied:
             _log().info(
                 "study_transition",
@@ -447,7 +192,8 @@ class Spool:
             )
 
     @contextlib.contextmanager
-    def _study_lock(self, study_uid: str) -> Iterator[None]:
+    def study_lock(self, study_uid: str) -> Iterator[None]:
+        """Hold the lock on ``study_uid``'s files (shared by the studies of one stripe), also across processes."""
         stripe = zlib.crc32(study_uid.encode()) % LOCK_STRIPES
         fd = os.open(self.directory / LOCKS_DIR / f"{stripe:02d}.lock", os.O_CREAT | os.O_RDWR, 0o600)
         try:
@@ -552,17 +298,17 @@ class Spool:
         self.ensure_free_space(len(encoded_bytes))
         digest = hashlib.sha256(encoded_bytes).hexdigest()
         relative_path = self.instance_relative_path(header)
-        with self._study_lock(header.study_instance_uid):
+        with self.study_lock(header.study_instance_uid):
             with self.transaction(write=False) as tx:
                 existing = tx.one("instance_by_sop", sop_uid=header.sop_instance_uid)
             if existing is not None and existing["purged_at"] is None:
                 outcome = self._duplicate_outcome(existing, header, digest)
             else:
                 place_file_atomically(self.path_of(relative_path), encoded_bytes, root=self.directory)
-                # The file and its folder entry are fsynced: `recover` rebuilds this row from them,
+                # The file and its folder entry are fsynced: recovery rebuilds this row from them,
                 # so the commit need not wait for the disk (issue 9: a third fsync per instance).
                 with self.transaction(reconstructible=True) as tx:
-                    outcome = self._index_instance(
+                    outcome = self.index_instance_in(
                         tx, header, relative_path, len(encoded_bytes), digest, now, on_indexed
                     )
                 if outcome is not StoreOutcome.STORED:
@@ -587,7 +333,7 @@ class Spool:
         )
         return StoreOutcome.DUPLICATE_KEPT_FIRST
 
-    def _index_instance(
+    def index_instance_in(
         self,
         tx: Transaction,
         header: InstanceHeader,
@@ -597,6 +343,10 @@ class Spool:
         now: float,
         on_indexed: InstanceIndexed,
     ) -> StoreOutcome:
+        """Insert the index row of a file already in place, inside ``tx``; ``on_indexed`` runs if the row is new.
+
+        The caller holds `study_lock` (`place_instance`, and recovery for a file found without its row).
+        """
         inserted = tx.execute(
             "upsert_instance",
             sop_uid=header.sop_instance_uid,
@@ -623,7 +373,7 @@ class Spool:
         path = self.path_of(relative_path)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-            _fsync_directory(path.parent)
+            fsync_directory(path.parent)
 
     # --- clinical records ---
 
@@ -660,7 +410,7 @@ class Spool:
     def list_studies(self, *, states: Iterable[StudyState] | None = None, limit: int = 200) -> list[StudyRecord]:
         """Newest first.  ``limit=-1`` for all."""
         with self.transaction(write=False) as tx:
-            rows = tx.all("list_studies", states=_states_json(states), limit=limit)
+            rows = tx.all("list_studies", states=states_json(states), limit=limit)
         return [StudyRecord.from_row(row) for row in rows]
 
     def counts_by_state(self) -> dict[StudyState, int]:
@@ -817,202 +567,3 @@ class Spool:
         """Deliveries not yet accepted (pending, sending or given up)."""
         with self.transaction(write=False) as tx:
             return int(tx.row("outbox_depth")["n"])
-
-    # --- retention ---
-
-    def studies_due_for_cleanup(
-        self, *, now: float, retention_s: float, states: Iterable[StudyState] = FINISHED_STATES
-    ) -> list[StudyRecord]:
-        """Finished studies (by default delivered, failed, expired) whose files are older than ``retention_s``.
-
-        Age counts from the last state change.  Call once per retention
-        period, e.g. ``states={DELIVERED}`` and ``states={FAILED, EXPIRED}``.
-        ``scored`` may be asked for too (a node with no destinations): only
-        studies with no pending or in-flight delivery are returned.
-        """
-        unfinished = set(states) - FINISHED_STATES - {StudyState.SCORED}
-        if unfinished:
-            raise ValueError(f"only finished studies may be cleaned up, not {sorted(map(str, unfinished))}")
-        with self.transaction(write=False) as tx:
-            rows = tx.all("studies_due_for_cleanup", states=_states_json(states), changed_before=now - retention_s)
-        return [StudyRecord.from_row(row) for row in rows]
-
-    def remove_study_files(self, study_uid: str, *, now: float) -> int:
-        """Delete a finished study's instance and SR files and forget its patient data; keep its state and history.
-
-        Patient data: the study row's Patient ID and Accession Number, and
-        the clinical records that were its (linked or superseded), unless
-        another study still uses one.  What stays is the Study Instance UID,
-        states, event history and file index rows (UIDs, sizes, hashes).
-
-        Rows are marked purged first, files deleted after: a crash in between
-        leaves purged rows with files, which `recover` deletes.  Raises
-        `InvalidTransition` if the study is not finished (e.g. new instances
-        revived it) or already purged.  Returns the number of files deleted.
-        """
-        with self._study_lock(safe_uid(study_uid, "StudyInstanceUID")):
-            with self.transaction() as tx:
-                if not tx.execute(
-                    "mark_study_purged", study_uid=study_uid, states=_states_json(FINISHED_STATES), now=now
-                ):
-                    study = tx.one("study_by_uid", study_uid=study_uid)
-                    if study is None:
-                        raise UnknownStudy(f"no study {study_uid} in the spool")
-                    raise InvalidTransition(
-                        f"study {study_uid} is {study['state']}"
-                        + (" and already purged" if study["purged_at"] is not None else ", not finished"),
-                        study_uid=study_uid,
-                        state=study["state"],
-                    )
-                paths = [
-                    r["relative_path"] for r in tx.all("study_instances", study_uid=study_uid, include_purged=False)
-                ]
-                paths += [r["relative_path"] for r in tx.all("study_sr_files", study_uid=study_uid)]
-                tx.execute("mark_instances_purged", study_uid=study_uid, now=now)
-                tx.execute("mark_srs_purged", study_uid=study_uid, now=now)
-                # The patient data goes with the files: identifiers and clinical values.
-                record_ids = [r["id"] for r in tx.all("clinical_records_of_study", study_uid=study_uid)]
-                tx.execute("forget_study_identifiers", study_uid=study_uid)
-                records_deleted = tx.execute("delete_unlinked_clinical_records", ids=json.dumps(record_ids))
-            removed = 0
-            for relative_path in paths:
-                path = self.path_of(relative_path)
-                try:
-                    path.unlink()
-                    removed += 1
-                except FileNotFoundError:
-                    pass
-            for relative_path in paths:
-                top = self.directory / relative_path.split("/", 1)[0]  # instances/ or sr/ stay
-                _remove_empty_directories(self.path_of(relative_path).parent, top)
-        _log().info("study_files_removed", study_uid=study_uid, files=removed, clinical_records_deleted=records_deleted)
-        return removed
-
-    def expire_unmatched_clinical_records(self, *, now: float, retention_s: float) -> int:
-        """Delete clinical records no study uses that arrived more than ``retention_s`` ago; returns how many.
-
-        A record whose study never arrives (or that a correction superseded)
-        would otherwise keep a patient's identifiers and clinical values forever.
-        """
-        with self.transaction() as tx:
-            deleted = tx.execute("expire_unmatched_clinical_records", received_before=now - retention_s)
-        if deleted:
-            _log().info("clinical_records_expired", count=deleted)
-        return deleted
-
-    # --- crash recovery ---
-
-    def recover(self, *, now: float, on_indexed: InstanceIndexed) -> RecoveryReport:
-        """Bring files and index back in line after a crash.  Run at startup, before receiving.
-
-        `StudyMachine.recover` runs it, with the ``on_indexed`` that files a
-        re-indexed instance under its study (as `place_instance` does).
-
-        * temp files (``*.partial``) are deleted: their store never returned;
-        * a spooled file without a row (crash between rename and commit) is
-          read and indexed, as if it had just arrived;
-        * a file whose row is purged (crash during a purge) is deleted;
-        * a file that lost a duplicate race, or cannot be read as the DICOM
-          file its path names, is removed or moved to ``quarantine/``;
-        * rows whose file is missing are reported (and logged), not deleted.
-
-        Study states need no repair: they are only ever changed by committed
-        transactions, and expired scoring leases / delivery holds are picked
-        up by `StudyMachine.reclaim_stale_leases` and `due_deliveries`.
-        """
-        import pydicom  # only recovery parses files; the SCP hands us a parsed header
-
-        temp_removed = 0
-        for base in (INSTANCES_DIR, SR_DIR):
-            for temp in (self.directory / base).rglob("*" + TEMP_SUFFIX):
-                temp.unlink(missing_ok=True)
-                temp_removed += 1
-
-        with self.transaction(write=False) as tx:
-            instance_rows = tx.all("all_instance_files")
-            sr_rows = tx.all("all_sr_files")
-        by_path = {row["relative_path"]: row for row in instance_rows}
-        by_sop = {row["sop_instance_uid"]: row for row in instance_rows}
-
-        reindexed: list[str] = []
-        quarantined: list[Path] = []
-        purges_finished = 0
-        losers_removed = 0
-        for path in sorted((self.directory / INSTANCES_DIR).rglob("*.dcm")):
-            relative_path = path.relative_to(self.directory).as_posix()
-            row = by_path.get(relative_path)
-            if row is not None:
-                if row["purged_at"] is not None:
-                    path.unlink(missing_ok=True)
-                    purges_finished += 1
-                continue
-            try:
-                header = InstanceHeader.from_dataset(pydicom.dcmread(path, stop_before_pixels=True))
-            except Exception as exc:  # noqa: BLE001 - any unreadable file goes to quarantine, never deleted
-                quarantined.append(self._quarantine(path, f"unreadable: {exc}"))
-                continue
-            if self.instance_relative_path(header) != relative_path:
-                quarantined.append(self._quarantine(path, "its UIDs do not match its path"))
-                continue
-            known = by_sop.get(header.sop_instance_uid)
-            if known is not None and known["purged_at"] is None:
-                path.unlink()
-                losers_removed += 1
-                continue
-            data = path.read_bytes()
-            with self._study_lock(header.study_instance_uid):
-                with self.transaction() as tx:
-                    outcome = self._index_instance(
-                        tx,
-                        header,
-                        relative_path,
-                        len(data),
-                        hashlib.sha256(data).hexdigest(),
-                        now,
-                        on_indexed,
-                    )
-            if outcome is StoreOutcome.STORED:
-                reindexed.append(header.sop_instance_uid)
-
-        for row in sr_rows:
-            if row["purged_at"] is not None and self.path_of(row["relative_path"]).exists():
-                self.path_of(row["relative_path"]).unlink()
-                purges_finished += 1
-
-        missing = tuple(
-            row["sop_instance_uid"]
-            for row in instance_rows
-            if row["purged_at"] is None and not self.path_of(row["relative_path"]).exists()
-        )
-        report = RecoveryReport(
-            temp_files_removed=temp_removed,
-            reindexed_sop_instance_uids=tuple(reindexed),
-            purges_finished=purges_finished,
-            losing_duplicates_removed=losers_removed,
-            quarantined=tuple(quarantined),
-            missing_files=missing,
-        )
-        log = _log()
-        if missing:
-            log.error("spool_files_missing", count=len(missing), first_sop_uids=list(missing[:10]))
-        log.info(
-            "spool_recovered",
-            temp_files_removed=temp_removed,
-            reindexed=len(reindexed),
-            purges_finished=purges_finished,
-            losing_duplicates_removed=losers_removed,
-            quarantined=len(quarantined),
-            missing_files=len(missing),
-        )
-        return report
-
-    def _quarantine(self, path: Path, why: str) -> Path:
-        target = self.directory / QUARANTINE_DIR / f"{path.parent.name}-{path.name}"
-        suffix = 0
-        while target.exists():
-            suffix += 1
-            target = target.with_name(f"{path.parent.name}-{path.name}.{suffix}")
-        os.replace(path, target)
-        _fsync_directory(target.parent)
-        _log().warning("spool_file_quarantined", file=target.name, why=why)
-        return target

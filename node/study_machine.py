@@ -30,8 +30,8 @@ record (``clinical_attached``), and the outbox's results (``delivered``,
 ``delivery_failed``).
 
 This module runs SQL only through the `Transaction` it is handed (named
-queries in ``queries.sql``); `node.spool` owns the connection and the files,
-and never imports this module.  `StudyMachine` wraps the common operations,
+queries in ``queries.sql``); `node.spool` owns the connection (through
+`node.database`) and the files, and never imports this module.  `StudyMachine` wraps the common operations,
 each in a transaction of its own.
 """
 
@@ -42,7 +42,8 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sclc_risk_node.node import audit, completion
+from sclc_risk_node.node import audit, completion, recovery
+from sclc_risk_node.node.database import Transaction
 from sclc_risk_node.node.errors import InvalidTransition, LeaseLost, UnknownStudy
 from sclc_risk_node.node.logs import get_logger
 from sclc_risk_node.node.records import (
@@ -54,7 +55,7 @@ from sclc_risk_node.node.records import (
     StudyRecord,
     Transition,
 )
-from sclc_risk_node.node.spool import Spool, Transaction
+from sclc_risk_node.node.spool import Spool
 from sclc_risk_node.node.states import (
     CLINICAL_LINKABLE_STATES,
     LEASE_HOLDER_EVENTS,
@@ -71,7 +72,7 @@ from sclc_risk_node.scoring.errors import InputError
 DEFAULT_MAX_CLAIM_ATTEMPTS = 3
 #: Events that end one particular claim: they apply only while ``claimed_by`` is the worker_id given.
 CLAIMANT_GUARDED_EVENTS = LEASE_HOLDER_EVENTS | {StudyEvent.WORKER_LOST, StudyEvent.SERVICE_RESTARTED}
-#: The audit trail's ``who`` for an instance that `Spool.recover` found on disk without its row.
+#: The audit trail's ``who`` for an instance that recovery (`node.recovery`) found on disk without its row.
 RECOVERY_SOURCE = "spool recovery (a received file indexed at start-up)"
 
 
@@ -385,8 +386,10 @@ class StudyMachine:
         )
 
     def recover(self, *, now: float) -> RecoveryReport:
-        """`Spool.recover` at start-up: an instance file found without its row is filed as if just received."""
-        return self.spool.recover(now=now, on_indexed=functools.partial(instance_indexed, source=RECOVERY_SOURCE))
+        """`node.recovery.recover` at start-up: an instance file found without its row is filed as if just received."""
+        return recovery.recover(
+            self.spool, now=now, on_indexed=functools.partial(instance_indexed, source=RECOVERY_SOURCE)
+        )
 
     # --- clinical records ---
 

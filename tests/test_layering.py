@@ -60,11 +60,13 @@ def test_the_service_imports_the_research_side_only_to_hand_it_a_research_comman
     assert importers in ({}, {"node/cli.py": [("sclc_risk_node.research.cli", "in a function")]})
 
 
-def test_only_the_spool_imports_sqlite3():
+def test_only_the_database_module_imports_sqlite3():
+    """node/database.py is the spool's SQLite layer (connections, transactions, named queries);
+    everything else reaches the database through `Spool` and the `Transaction` it hands out."""
     importers = sorted(
         str(path.relative_to(REPO)) for path in (REPO / "node").rglob("*.py") if "sqlite3" in imported_modules(path)
     )
-    assert importers in ([], ["node/spool.py"])
+    assert importers in ([], ["node/database.py"])
 
 
 def test_every_python_package_is_installed():
@@ -282,7 +284,7 @@ def studies_columns_written(sql: str) -> set[str]:
 
 
 def named_queries() -> dict[str, str]:
-    from sclc_risk_node.node.spool import parse_named_queries
+    from sclc_risk_node.node.database import parse_named_queries
 
     return parse_named_queries((REPO / "node" / "queries.sql").read_text(encoding="utf-8"))
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from sclc_risk_node.node.durable_files import TEMP_SUFFIX, place_file_atomically
 from sclc_risk_node.node.errors import SpoolFull, SpoolIOError
 from sclc_risk_node.node.fhir_lookup import WaitingReasons
 from sclc_risk_node.node.files import write_atomically
-from sclc_risk_node.node.spool import TEMP_SUFFIX, place_file_atomically
 
 
 @dataclass

@@ -23,9 +23,11 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
+from sclc_risk_node.node.durable_files import TEMP_SUFFIX, place_file_atomically
 from sclc_risk_node.node.errors import InvalidTransition, NotPart10, SpoolBusy, SpoolFull, UnsafeUid
 from sclc_risk_node.node.records import SEGMENTATION_STORAGE, InstanceHeader, StoreOutcome
-from sclc_risk_node.node.spool import TEMP_SUFFIX, Spool, free_bytes, place_file_atomically
+from sclc_risk_node.node.retention import remove_study_files, studies_due_for_cleanup
+from sclc_risk_node.node.spool import Spool, free_bytes
 from sclc_risk_node.node.states import OutboxState, StudyEvent, StudyState
 from sclc_risk_node.node.study_machine import StudyMachine
 
@@ -680,12 +682,12 @@ def test_retention_removes_files_but_keeps_rows_state_and_history(spool):
     StudyMachine(spool).mark_delivered(item.item_id, now=T0 + 30)
     StudyBuilder(2).store_all(spool, now=T0)  # still receiving: never due
 
-    assert spool.studies_due_for_cleanup(now=T0 + 100, retention_s=100) == []
-    [due] = spool.studies_due_for_cleanup(now=T0 + 130, retention_s=100)
+    assert studies_due_for_cleanup(spool, now=T0 + 100, retention_s=100) == []
+    [due] = studies_due_for_cleanup(spool, now=T0 + 130, retention_s=100)
     assert due.study_instance_uid == delivered.study_uid
 
     history = spool.study_events(delivered.study_uid)
-    assert spool.remove_study_files(delivered.study_uid, now=T0 + 130) == 5  # 3 CT + SEG + SR
+    assert remove_study_files(spool, delivered.study_uid, now=T0 + 130) == 5  # 3 CT + SEG + SR
     record = spool.get_study(delivered.study_uid)
     assert record.state is StudyState.DELIVERED and record.purged_at == T0 + 130 and record.instance_count == 0
     assert spool.study_events(delivered.study_uid) == history
@@ -693,18 +695,18 @@ def test_retention_removes_files_but_keeps_rows_state_and_history(spool):
     assert not (spool.directory / "sr" / delivered.study_uid).exists()
     assert (spool.directory / "instances").is_dir() and (spool.directory / "sr").is_dir()
     assert len(spool.study_instances(delivered.study_uid, include_purged=True)) == 4
-    assert spool.studies_due_for_cleanup(now=T0 + 1000, retention_s=100) == []
+    assert studies_due_for_cleanup(spool, now=T0 + 1000, retention_s=100) == []
     with pytest.raises(InvalidTransition, match="already purged"):
-        spool.remove_study_files(delivered.study_uid, now=T0 + 131)
+        remove_study_files(spool, delivered.study_uid, now=T0 + 131)
     with pytest.raises(InvalidTransition, match="not finished"):
-        spool.remove_study_files(StudyBuilder(2).study_uid, now=T0 + 131)
+        remove_study_files(spool, StudyBuilder(2).study_uid, now=T0 + 131)
 
 
 def test_an_expired_purged_study_sent_again_is_stored_again(spool):
     study = StudyBuilder(1)
     study.store_all(spool, now=T0)
     StudyMachine(spool).apply(study.study_uid, StudyEvent.EXPIRED, now=T0 + 10, reason="no clinical record")
-    spool.remove_study_files(study.study_uid, now=T0 + 20)
+    remove_study_files(spool, study.study_uid, now=T0 + 20)
 
     data, header = study.ct(0)
     assert StudyMachine(spool).store_instance(data, header, now=T0 + 30) is StoreOutcome.STORED

@@ -33,7 +33,7 @@ from tests.node.peers import peers, requires_storescp  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 NODE = REPO / "node"
-SPOOL = NODE / "spool.py"
+DATABASE = NODE / "database.py"
 #: `Transaction` runs every statement for its callers; the writer is whoever called it.
 TRANSACTION_METHODS = {"_run", "execute", "insert", "one", "row", "all"}
 
@@ -48,7 +48,7 @@ class StateWrite:
 def _writer(stack: traceback.StackSummary) -> tuple[str, str]:
     for frame in reversed(stack):
         path = Path(frame.filename).resolve()
-        if (path == SPOOL and frame.name in TRANSACTION_METHODS) or REPO not in path.parents:
+        if (path == DATABASE and frame.name in TRANSACTION_METHODS) or REPO not in path.parents:
             continue
         return path.relative_to(REPO).as_posix(), frame.name
     return "<no project frame>", ""

@@ -9,6 +9,7 @@ import pytest
 
 from sclc_risk_node.node.config import CompletionConfig
 from sclc_risk_node.node.errors import InvalidTransition, LeaseLost, UnknownStudy
+from sclc_risk_node.node.retention import remove_study_files
 from sclc_risk_node.node.states import TRANSITIONS, OutboxState, StudyEvent, StudyState
 from sclc_risk_node.node.study_machine import StudyMachine
 from tests.node.test_spool import T0, StudyBuilder, ct_instance, open_spool
@@ -396,7 +397,7 @@ def test_retry_of_a_delivered_study_sends_its_sr_again(spool):
 
 def test_retry_refuses_a_purged_study(spool):
     study = drive_to(spool, S.EXPIRED)
-    spool.remove_study_files(study.study_uid, now=T0 + 10)
+    remove_study_files(spool, study.study_uid, now=T0 + 10)
     with pytest.raises(InvalidTransition, match="purged"):
         StudyMachine(spool).retry(study.study_uid, now=T0 + 20)
 
