@@ -201,27 +201,9 @@ def test_dciodvfy_reports_no_errors_on_roi_sr_and_kos(which, request):
 @pytest.mark.external
 @pytest.mark.slow
 def test_pixelmed_finds_no_template_errors_in_the_roi_sr(roi_sr_path):
-    import shutil
+    from tests.dicom_io.test_sr_writer import run_pixelmed_sr_validator
 
-    from tests.dicom_io.test_sr_writer import PIXELMED_JAR
-
-    java = shutil.which("java")
-    if java is None or not PIXELMED_JAR.exists():
-        pytest.skip("java or PixelMed is not installed")
-    run = _run(
-        [
-            java,
-            "-Djdk.xml.xpathExprOpLimit=0",
-            "-Djdk.xml.xpathExprGrpLimit=0",
-            "-Djdk.xml.xpathTotalOpLimit=0",
-            "-cp",
-            PIXELMED_JAR,
-            "com.pixelmed.validate.DicomSRValidator",
-            roi_sr_path,
-        ],
-        timeout_s=300,
-    )
-    lines = (run.stdout + run.stderr).splitlines()
+    lines = run_pixelmed_sr_validator(roi_sr_path)
     assert "IOD validation complete" in lines
     assert "Found Root Template TID_1500 (MeasurementReport)" in lines
     assert [line for line in lines if line.startswith("Error")] == []

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import highdicom as hd
 import numpy as np
 import pytest
@@ -13,12 +11,12 @@ from sclc_risk_node.dicom_io.sr_writer import build_key_slice_roi_sr, build_risk
 from tests.dicom_io.test_sr_writer import (
     DCIODVFY,
     PIXELMED_ITEMS_NOT_IN_TEMPLATE,
-    PIXELMED_JAR,
     WHEN,
     _require,
     _run,
     make_clinical,
     make_result,
+    run_pixelmed_sr_validator,
     study,  # noqa: F401 (fixture)
     write,
 )
@@ -92,23 +90,7 @@ def test_dciodvfy_reports_no_errors(rtstruct_sr_path):
 
 @pytest.mark.external
 def test_pixelmed_finds_no_template_errors(rtstruct_sr_path):
-    java = shutil.which("java")
-    if java is None or not PIXELMED_JAR.exists():
-        pytest.skip("java or PixelMed is not installed")
-    run = _run(
-        [
-            java,
-            "-Djdk.xml.xpathExprOpLimit=0",
-            "-Djdk.xml.xpathExprGrpLimit=0",
-            "-Djdk.xml.xpathTotalOpLimit=0",
-            "-cp",
-            PIXELMED_JAR,
-            "com.pixelmed.validate.DicomSRValidator",
-            rtstruct_sr_path,
-        ],
-        timeout_s=300,
-    )
-    lines = (run.stdout + run.stderr).splitlines()
+    lines = run_pixelmed_sr_validator(rtstruct_sr_path)
     assert "IOD validation complete" in lines
     assert [line for line in lines if line.startswith("Error")] == [], "\n".join(lines[-40:])
     assert not [

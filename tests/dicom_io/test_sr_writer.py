@@ -441,6 +441,31 @@ def _require(tool: Path) -> None:
         pytest.skip(f"{tool} is not installed")
 
 
+def run_pixelmed_sr_validator(path) -> list[str]:
+    """PixelMed's DicomSRValidator (IOD and template checks) on ``path``: its output lines.
+
+    Skips the calling test where Java or PixelMed is not installed.  The JDK's XPath limits are
+    lifted for PixelMed's template rules.
+    """
+    java = shutil.which("java")
+    if java is None or not PIXELMED_JAR.exists():
+        pytest.skip("java or PixelMed is not installed")
+    run = _run(
+        [
+            java,
+            "-Djdk.xml.xpathExprOpLimit=0",
+            "-Djdk.xml.xpathExprGrpLimit=0",
+            "-Djdk.xml.xpathTotalOpLimit=0",
+            "-cp",
+            PIXELMED_JAR,
+            "com.pixelmed.validate.DicomSRValidator",
+            path,
+        ],
+        timeout_s=300,
+    )
+    return (run.stdout + run.stderr).splitlines()
+
+
 @pytest.mark.external
 def test_dciodvfy_reports_no_errors(demo_high_sr_path):
     _require(DCIODVFY)
@@ -533,23 +558,7 @@ PIXELMED_ITEMS_NOT_IN_TEMPLATE = {
 @pytest.mark.external
 @pytest.mark.slow
 def test_pixelmed_finds_no_template_errors(demo_high_sr_path):
-    java = shutil.which("java")
-    if java is None or not PIXELMED_JAR.exists():
-        pytest.skip("java or PixelMed is not installed")
-    run = _run(
-        [
-            java,
-            "-Djdk.xml.xpathExprOpLimit=0",
-            "-Djdk.xml.xpathExprGrpLimit=0",
-            "-Djdk.xml.xpathTotalOpLimit=0",
-            "-cp",
-            PIXELMED_JAR,
-            "com.pixelmed.validate.DicomSRValidator",
-            demo_high_sr_path,
-        ],
-        timeout_s=300,
-    )
-    lines = (run.stdout + run.stderr).splitlines()
+    lines = run_pixelmed_sr_validator(demo_high_sr_path)
     assert "IOD validation complete" in lines
     assert [line for line in lines if line.startswith("Error")] == []
     not_in_template = {
