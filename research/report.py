@@ -816,15 +816,15 @@ def _draw_figures(report: Mapping[str, Any], folder: Path) -> list[dict[str, Any
         if stability.get("ran") and stability.get("features"):
             add("stability-icc", None, "Stability screen: ICC of every candidate feature", _stability_figure, stability)
         add("lasso-cv", None, "LASSO-Cox cross-validation curve", _lasso_cv_figure, lasso)
-        if lasso.get("coefficient_path"):
-            add(
-                "lasso-path",
-                None,
-                "LASSO-Cox coefficient path",
-                _lasso_path_figure,
-                lasso["coefficient_path"],
-                [f["name"] for f in lasso["selected_features"]],
-            )
+        # The fit always records its path (scoring.training.method), so the figure is always drawn.
+        add(
+            "lasso-path",
+            None,
+            "LASSO-Cox coefficient path",
+            _lasso_path_figure,
+            lasso["coefficient_path"],
+            [f["name"] for f in lasso["selected_features"]],
+        )
         clinical = training["clinical"]
         if clinical["univariate"]:
             add(
@@ -1194,13 +1194,7 @@ def _render_html(report: Mapping[str, Any], folder: Path) -> str:
         f"{_num(training['radiomics_cutoff'], 4)}.</p>"
     )
     add(_figures_of(report, folder, "lasso-cv"))
-    if lasso.get("coefficient_path"):
-        add(_figures_of(report, folder, "lasso-path"))
-    else:
-        add(
-            f'<p class="note">Coefficient path not shown: {_e(lasso.get("coefficient_path_note") or "not available")}'
-            "</p>"
-        )
+    add(_figures_of(report, folder, "lasso-path"))
 
     # Clinical
     add('<h2 id="clinical">Clinical variables</h2>')
